@@ -1,0 +1,33 @@
+# jetspool's everyday commands. `just` alone lists them.
+
+venv := ".venv/bin"
+
+default:
+    @just --list
+
+# --- run -------------------------------------------------------------------------------
+
+# the whole stack with demo functions, embedded NATS (data in ./jetspool-data)
+run *args:
+    {{venv}}/jetspool up --demo {{args}}
+
+# --- check -----------------------------------------------------------------------------
+
+# everything CI runs: install, lint, type-check, test
+ci:
+    bash .ci/run
+
+# the test suite (pass pytest arguments, e.g. `just test -k callback`)
+test *args:
+    {{venv}}/pytest {{args}}
+
+# ruff and mypy
+lint:
+    {{venv}}/ruff check services tests
+    {{venv}}/ruff format --check services tests
+    {{venv}}/mypy
+
+# apply ruff's fixes and formatting
+fmt:
+    {{venv}}/ruff check --fix services tests
+    {{venv}}/ruff format services tests

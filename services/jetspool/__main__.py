@@ -1,0 +1,3 @@
+from jetspool.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,58 @@
+"""What a callback carries, per kind (SPEC §6): OpenFaaS raw response + headers, or fal webhook JSON."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import orjson
+
+from jetspool.domain import names
+from jetspool.domain.outcomes import JSON, completed_answer
+
+if TYPE_CHECKING:
+    from jetspool.domain.messages import CallbackKind, StoredResult
+    from jetspool.domain.status import StatusRecord
+
+
+@dataclass(frozen=True, slots=True)
+class CallbackRequest:
+    body: bytes
+    headers: dict[str, str]
+
+
+def build(kind: CallbackKind, record: StatusRecord, result: StoredResult | None) -> CallbackRequest:
+    if kind == "fal":
+        return _fal(record, result)
+    return _openfaas(record, result)
+
+
+def _openfaas(record: StatusRecord, result: StoredResult | None) -> CallbackRequest:
+    answer = completed_answer(record, result)
+    started = record.started_at or record.submitted_at
+    headers = {
+        **answer.headers,
+        names.H_CALL_ID: record.request_id,
+        names.H_FUNCTION_NAME: record.function,
+        names.H_FUNCTION_STATUS: str(answer.status_code),
+        names.H_DURATION_SECONDS: f"{record.inference_time or 0.0:.6f}",
+        names.H_START_TIME: str(int(started.timestamp() * 1_000_000_000)),
+    }
+    if answer.content_type:
+        headers["Content-Type"] = answer.content_type
+    return CallbackRequest(answer.body, headers)
+
+
+def _fal(record: StatusRecord, result: StoredResult | None) -> CallbackRequest:
+    answer = completed_answer(record, result)
+    ok = record.error_type is None
+    body: dict[str, object] = {"request_id": record.request_id, "gateway_request_id": record.request_id}
+    body["status"] = "OK" if ok else "ERROR"
+    try:
+        body["payload"] = orjson.loads(answer.body) if answer.body else None
+    except orjson.JSONDecodeError:
+        body["payload"] = None
+        body["payload_error"] = "the function's output is not JSON"
+    if not ok:
+        body["error"] = record.error or (record.error_type.value if record.error_type else "error")
+    return CallbackRequest(orjson.dumps(body), {"Content-Type": JSON, names.H_REQUEST_ID: record.request_id})

@@ -1,0 +1,143 @@
+"""The `jetspool` command (SPEC §8).
+
+Exit codes: 0 done; 1 failed; 2 usage or config error; 3 not found; 4 gave up waiting;
+5 gateway unreachable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from jetspool import __version__
+from jetspool.domain.errors import ConfigError
+from jetspool.settings import Settings, load
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+log = logging.getLogger("jetspool")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jetspool", description="A durable async request queue for HTTP functions.")
+    parser.add_argument("--version", action="version", version=f"jetspool {__version__}")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = commands.add_parser("up", help="run the whole stack: embedded NATS, gateway, worker(s)")
+    _common(up)
+    _http(up)
+    up.add_argument("--data-dir", type=Path, default=Path("jetspool-data"), help="embedded NATS data dir")
+    up.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    up.add_argument("--demo", action="store_true", help="also serve and register demo functions")
+
+    gateway = commands.add_parser("gateway", help="run the HTTP gateway against --nats-url")
+    _common(gateway)
+    _http(gateway)
+
+    worker = commands.add_parser("worker", help="run function and callback delivery against --nats-url")
+    _common(worker)
+
+    demo = commands.add_parser("demo-functions", help="serve the demo functions (echo, sleep, flaky)")
+    demo.add_argument("--host", default="127.0.0.1")
+    demo.add_argument("--port", type=int, default=9000)
+    return parser
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML config file (or JETSPOOL_CONFIG)")
+    parser.add_argument("--nats-url", help="NATS server URL(s), comma-separated")
+
+
+def _http(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", help="gateway bind address (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="gateway port (default 8080)")
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    flags: dict[str, Any] = {"nats.url": args.nats_url}
+    if hasattr(args, "host"):
+        flags |= {"gateway.host": args.host, "gateway.port": args.port}
+    return load(args.config, flags=flags)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    try:
+        return _dispatch(args)
+    except ConfigError as exc:
+        sys.stderr.write(f"jetspool: {exc}\n")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "demo-functions":
+        return _serve_demo(args.host, args.port)
+    settings = _settings(args)
+    if args.command == "up":
+        from jetspool.supervisor import UpOptions, run_up  # noqa: PLC0415 - keeps other commands light
+
+        if args.workers < 1:
+            raise ConfigError("--workers must be at least 1")
+        return run_up(settings, UpOptions(args.config, args.data_dir, args.workers, args.demo))
+    if args.command == "gateway":
+        return _serve_gateway(settings)
+    return _run_worker(settings)
+
+
+def _serve_gateway(settings: Settings) -> int:
+    import uvicorn  # noqa: PLC0415
+
+    from jetspool.gateway.app import create_app  # noqa: PLC0415
+
+    gateway = settings.gateway
+    config = uvicorn.Config(
+        create_app(settings),
+        host=gateway.host,
+        port=gateway.port,
+        log_level="warning",
+        lifespan="on",
+        timeout_graceful_shutdown=5,
+        ssl_certfile=gateway.tls_cert,
+        ssl_keyfile=gateway.tls_key,
+    )
+    server = uvicorn.Server(config)
+    server.run()
+    return EXIT_OK if server.started else EXIT_FAILED
+
+
+def _run_worker(settings: Settings) -> int:
+    from jetspool.worker.main import run  # noqa: PLC0415
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await run(settings, stop)
+
+    asyncio.run(main())
+    return EXIT_OK
+
+
+def _serve_demo(host: str, port: int) -> int:
+    import uvicorn  # noqa: PLC0415
+
+    from jetspool.demo import create_app  # noqa: PLC0415
+
+    uvicorn.run(create_app(), host=host, port=port, log_level="warning")
+    return EXIT_OK

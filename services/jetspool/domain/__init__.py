@@ -1,0 +1,1 @@
+"""The domain every service shares: names, wire messages, status, functions, errors."""

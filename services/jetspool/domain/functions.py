@@ -1,0 +1,62 @@
+"""A function: a named HTTP endpoint requests are delivered to (SPEC §1)."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Final
+
+import msgspec
+
+from jetspool.domain.errors import DecodeError
+
+NAME_PATTERN: Final = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+_NAME = re.compile(NAME_PATTERN)
+
+FunctionName = Annotated[str, msgspec.Meta(pattern=NAME_PATTERN)]
+
+
+def is_valid_name(name: str) -> bool:
+    """Whether `name` may be used as a function name (and so in subjects and consumer names)."""
+    return _NAME.match(name) is not None
+
+
+class Function(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Registry entry of one function, as stored in the functions KV bucket and shown by the admin API."""
+
+    name: FunctionName
+    url: str
+    timeout: Annotated[float, msgspec.Meta(gt=0)] = 3600.0
+    """Seconds one invocation may run (exec timeout)."""
+    max_attempts: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 10
+    """Deliveries before giving up; 1 means no retries."""
+    concurrency: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 8
+    """Requests in flight to this function per worker process."""
+    cancel_path: str | None = None
+    headers: dict[str, str] = msgspec.field(default_factory=dict)
+    """Extra headers added to every invocation (e.g. auth to the function)."""
+    result_ttl: Annotated[float, msgspec.Meta(gt=0)] = 604_800.0
+    """Seconds status and result are kept after completion."""
+
+    def __post_init__(self) -> None:
+        if not re.match(r"^https?://[^/\s]+", self.url):
+            raise ValueError("url must be an absolute http:// or https:// URL")
+        if self.cancel_path is not None and not self.cancel_path.startswith("/"):
+            raise ValueError("cancel_path must start with /")
+
+    def endpoint(self, path: str) -> str:
+        """The URL a request with sub-path `path` is delivered to."""
+        base = self.url.rstrip("/")
+        return f"{base}/{path.lstrip('/')}" if path else base
+
+    def encode(self) -> bytes:
+        return msgspec.json.encode(self)
+
+
+def decode_function(data: bytes) -> Function:
+    """Decode a registry entry; raises DecodeError."""
+    try:
+        return msgspec.json.decode(data, type=Function)
+    except msgspec.ValidationError as exc:
+        raise DecodeError(f"invalid function entry: {exc}") from exc
+    except msgspec.DecodeError as exc:
+        raise DecodeError(f"function entry is not JSON: {exc}") from exc

@@ -1,0 +1,102 @@
+"""Wire messages: typed, versioned, encoded and decoded here and nowhere else.
+
+- `QueuedRequest`: a waiting request on the queue stream (JSON; the body base64-encoded,
+  or `body_ref` naming an object when the body is too large for one NATS message).
+- `CallbackJob`: a callback to deliver, on the callbacks stream.
+- `StoredResult`: a function's response kept for the result route (msgpack in the results bucket).
+
+`schemas/` holds the JSON Schema of the JSON ones; `tests/test_schemas.py` keeps them in agreement.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal, TypeVar
+
+import msgspec
+
+from jetspool.domain.errors import DecodeError
+from jetspool.domain.names import Priority
+
+WIRE_VERSION = 1
+CallbackKind = Literal["openfaas", "fal"]
+
+
+class _Wire(msgspec.Struct, frozen=True, kw_only=True):
+    v: int = WIRE_VERSION
+
+
+class QueuedRequest(_Wire, frozen=True, kw_only=True):
+    """A request as it waits on `jetspool.queue.<function>.<priority>`."""
+
+    request_id: str
+    function: str
+    priority: Priority = "normal"
+    method: str = "POST"
+    path: str = ""
+    """Sub-path below the function's URL, without a leading slash."""
+    query: str = ""
+    """Raw query string forwarded to the function, without `?`."""
+    headers: list[tuple[str, str]] = msgspec.field(default_factory=list)
+    body: bytes = b""
+    body_ref: str | None = None
+    """Object-store name of the body when it is stored out of line; `body` is then empty."""
+    submitted_at: datetime
+    callback_url: str | None = None
+    """OpenFaaS-style callback (`X-Callback-Url`)."""
+    webhook_url: str | None = None
+    """fal-style webhook (`?fal_webhook=`)."""
+    no_retry: bool = False
+
+    def callbacks(self) -> list[tuple[CallbackKind, str]]:
+        """Every callback target of this request, with its kind."""
+        targets: list[tuple[CallbackKind, str]] = []
+        if self.callback_url:
+            targets.append(("openfaas", self.callback_url))
+        if self.webhook_url:
+            targets.append(("fal", self.webhook_url))
+        return targets
+
+
+class CallbackJob(_Wire, frozen=True, kw_only=True):
+    """One callback delivery, on `jetspool.callbacks.<kind>`."""
+
+    request_id: str
+    function: str
+    kind: CallbackKind
+    url: str
+
+
+class StoredResult(_Wire, frozen=True, kw_only=True):
+    """A function's final response, kept for `result_ttl`."""
+
+    status_code: int
+    content_type: str | None = None
+    body: bytes = b""
+    body_ref: str | None = None
+
+
+_T = TypeVar("_T", bound=_Wire)
+_json_encoder = msgspec.json.Encoder()
+_msgpack_encoder = msgspec.msgpack.Encoder()
+
+
+def encode(message: _Wire) -> bytes:
+    """Encode a wire message: msgpack for stored results, JSON for everything else."""
+    if isinstance(message, StoredResult):
+        return _msgpack_encoder.encode(message)
+    return _json_encoder.encode(message)
+
+
+def decode(data: bytes, kind: type[_T]) -> _T:
+    """Decode a wire message of type `kind`; any failure is a DecodeError."""
+    try:
+        if kind is StoredResult:
+            message = msgspec.msgpack.decode(data, type=kind)
+        else:
+            message = msgspec.json.decode(data, type=kind)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise DecodeError(f"cannot decode {kind.__name__}: {exc}") from exc
+    if message.v != WIRE_VERSION:
+        raise DecodeError(f"{kind.__name__} has version {message.v}, this jetspool reads {WIRE_VERSION}")
+    return message

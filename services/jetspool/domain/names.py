@@ -1,0 +1,90 @@
+"""Every name that crosses a process boundary, defined once.
+
+Streams, subjects, consumers, KV buckets, object stores and HTTP headers. Code, `schemas/`,
+`infra/` and the docs all use these; `tests/test_names.py` keeps them in agreement.
+"""
+
+from __future__ import annotations
+
+from typing import Final, Literal
+
+Priority = Literal["high", "normal", "low"]
+PRIORITIES: Final[tuple[Priority, ...]] = ("high", "normal", "low")
+"""Strict order: a lower class starts only when no higher-class request waits."""
+
+# --- JetStream -------------------------------------------------------------------------
+
+QUEUE_STREAM: Final = "JETSPOOL_QUEUE"
+QUEUE_SUBJECTS: Final = "jetspool.queue.>"
+
+CALLBACK_STREAM: Final = "JETSPOOL_CALLBACKS"
+CALLBACK_SUBJECTS: Final = "jetspool.callbacks.>"
+CALLBACK_CONSUMER: Final = "jetspool-callbacks"
+
+COUNTER_STREAM: Final = "JETSPOOL_COUNTERS"
+COUNTER_SUBJECTS: Final = "jetspool.counters.>"
+
+STATUS_BUCKET: Final = "jetspool-status"
+FUNCTIONS_BUCKET: Final = "jetspool-functions"
+RESULTS_BUCKET: Final = "jetspool-results"
+BLOB_STORE: Final = "jetspool-blobs"
+
+WAKE_SUBJECTS: Final = "jetspool.wake.>"
+
+
+def queue_subject(function: str, priority: Priority) -> str:
+    """Subject a waiting request of `function` is stored on."""
+    return f"jetspool.queue.{function}.{priority}"
+
+
+def queue_consumer(function: str, priority: Priority) -> str:
+    """Durable pull consumer that feeds one priority class of one function to the workers."""
+    return f"jetspool-{function}-{priority}"
+
+
+def wake_subject(function: str) -> str:
+    """Core NATS subject that tells idle workers new work of `function` waits."""
+    return f"jetspool.wake.{function}"
+
+
+def callback_subject(kind: str) -> str:
+    """Subject a pending callback delivery of `kind` (openfaas, fal) is stored on."""
+    return f"jetspool.callbacks.{kind}"
+
+
+def counter_subject(function: str, counter: str) -> str:
+    """Subject of a server-side counter (completed, failed) of one function."""
+    return f"jetspool.counters.{function}.{counter}"
+
+
+def body_object(request_id: str) -> str:
+    """Object-store name of a request body too large for one NATS message."""
+    return f"body-{request_id}"
+
+
+def result_object(request_id: str) -> str:
+    """Object-store name of a result too large for one KV value."""
+    return f"result-{request_id}"
+
+
+# --- HTTP headers ------------------------------------------------------------------------
+
+H_CALL_ID: Final = "X-Call-Id"
+H_REQUEST_ID: Final = "X-Request-Id"
+H_ATTEMPT: Final = "X-Attempt"
+H_CALLBACK_URL: Final = "X-Callback-Url"
+H_FUNCTION_NAME: Final = "X-Function-Name"
+H_FUNCTION_STATUS: Final = "X-Function-Status"
+H_DURATION_SECONDS: Final = "X-Duration-Seconds"
+H_START_TIME: Final = "X-Start-Time"
+H_ERROR_TYPE: Final = "X-Error-Type"
+H_QUEUE_PRIORITY: Final = "X-Queue-Priority"
+H_FAL_QUEUE_PRIORITY: Final = "X-Fal-Queue-Priority"
+H_RETRY_AFTER: Final = "Retry-After"
+
+# --- NATS message headers ----------------------------------------------------------------
+
+NATS_MSG_ID: Final = "Nats-Msg-Id"
+NATS_EXPECTED_LAST_SUBJECT_SEQ: Final = "Nats-Expected-Last-Subject-Sequence"
+NATS_TTL: Final = "Nats-TTL"
+NATS_INCR: Final = "Nats-Incr"

@@ -1,0 +1,56 @@
+"""What a completed request answers (SPEC §5), shared by the result route and callbacks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import orjson
+
+from jetspool.domain import names
+from jetspool.domain.status import ErrorType, StatusRecord
+
+if TYPE_CHECKING:
+    from jetspool.domain.messages import StoredResult
+
+JSON = "application/json"
+
+_STATUS_BY_ERROR: dict[ErrorType, int] = {
+    ErrorType.RUNNER_UNAVAILABLE: 503,
+    ErrorType.FUNCTION_TIMEOUT: 504,
+    ErrorType.REQUEST_TIMEOUT: 504,
+    ErrorType.CANCELLED: 400,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """An HTTP answer: status, body, content type and extra headers."""
+
+    status_code: int
+    body: bytes
+    content_type: str | None
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def completed_answer(record: StatusRecord, result: StoredResult | None) -> Answer:
+    """The answer for a COMPLETED request: the function's response, or the JSON error of its outcome."""
+    headers = {names.H_REQUEST_ID: record.request_id}
+    error_type = record.error_type
+    if error_type is None or error_type is ErrorType.FUNCTION_ERROR:
+        if result is None:
+            return _json_error(503, "the result of this request is no longer stored", None, headers)
+        if error_type is not None:
+            headers[names.H_ERROR_TYPE] = error_type.value
+        return Answer(result.status_code, result.body, result.content_type, headers)
+    if error_type is ErrorType.REQUEST_TIMEOUT:
+        headers["X-Request-Timeout-Type"] = "user"
+    return _json_error(_STATUS_BY_ERROR[error_type], record.error or error_type.value, error_type, headers)
+
+
+def _json_error(status: int, detail: str, error_type: ErrorType | None, headers: dict[str, str]) -> Answer:
+    body: dict[str, str] = {"detail": detail}
+    if error_type is not None:
+        body["error_type"] = error_type.value
+        headers[names.H_ERROR_TYPE] = error_type.value
+    return Answer(status, orjson.dumps(body), JSON, headers)

@@ -1,0 +1,135 @@
+"""The status of a request: the record kept in the status bucket, its transitions, its public view.
+
+    IN_QUEUE ──▶ IN_PROGRESS ──▶ COMPLETED
+        ▲             │
+        └── retried ──┘
+
+Nothing leaves COMPLETED. Every write is fenced by the KV revision it was read at (see
+`jetstream/status_store.py`), so a stale writer can never overwrite a newer state.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+import msgspec
+
+from jetspool.domain.errors import DecodeError
+from jetspool.domain.messages import WIRE_VERSION
+from jetspool.domain.names import Priority
+
+
+class State(StrEnum):
+    IN_QUEUE = "IN_QUEUE"
+    IN_PROGRESS = "IN_PROGRESS"
+    COMPLETED = "COMPLETED"
+
+
+class ErrorType(StrEnum):
+    """Machine-readable outcome of a request that did not succeed (SPEC §5)."""
+
+    FUNCTION_ERROR = "function_error"
+    RUNNER_UNAVAILABLE = "runner_unavailable"
+    FUNCTION_TIMEOUT = "function_timeout"
+    REQUEST_TIMEOUT = "request_timeout"
+    CANCELLED = "cancelled"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class StatusRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """What the status bucket holds under a request id."""
+
+    v: int = WIRE_VERSION
+    request_id: str
+    function: str
+    status: State = State.IN_QUEUE
+    priority: Priority = "normal"
+    attempts: int = 0
+    submitted_at: datetime
+    started_at: datetime | None = None
+    completed_at: datetime | None = None
+    inference_time: float | None = None
+    """Seconds the final attempt ran."""
+    function_status: int | None = None
+    """HTTP status of the function's final response, when there was one."""
+    error: str | None = None
+    error_type: ErrorType | None = None
+
+    @property
+    def is_completed(self) -> bool:
+        return self.status is State.COMPLETED
+
+    def started(self, attempt: int, at: datetime) -> StatusRecord:
+        """The request's attempt number `attempt` has begun."""
+        return msgspec.structs.replace(self, status=State.IN_PROGRESS, attempts=attempt, started_at=at)
+
+    def requeued(self, error: str) -> StatusRecord:
+        """An attempt failed in a way worth retrying; the request waits again."""
+        return msgspec.structs.replace(self, status=State.IN_QUEUE, error=error)
+
+    def completed(
+        self,
+        at: datetime,
+        *,
+        function_status: int | None,
+        inference_time: float | None,
+        error: str | None = None,
+        error_type: ErrorType | None = None,
+    ) -> StatusRecord:
+        """The request's final outcome."""
+        return msgspec.structs.replace(
+            self,
+            status=State.COMPLETED,
+            completed_at=at,
+            function_status=function_status,
+            inference_time=inference_time,
+            error=error,
+            error_type=error_type,
+        )
+
+    def encode(self) -> bytes:
+        return _encoder.encode(self)
+
+
+_encoder = msgspec.json.Encoder()
+
+
+def decode_status(data: bytes) -> StatusRecord:
+    try:
+        return msgspec.json.decode(data, type=StatusRecord)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise DecodeError(f"cannot decode status record: {exc}") from exc
+
+
+def _rfc3339(at: datetime | None) -> str | None:
+    return None if at is None else at.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def public_status(record: StatusRecord, base_url: str, *, logs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The status object of SPEC §3, with absolute URLs under `base_url`."""
+    prefix = f"{base_url}/queue/{record.function}/requests/{record.request_id}"
+    view: dict[str, Any] = {
+        "status": record.status.value,
+        "request_id": record.request_id,
+        "response_url": prefix,
+        "status_url": f"{prefix}/status",
+        "cancel_url": f"{prefix}/cancel",
+        "logs": logs,
+        "function": record.function,
+        "priority": record.priority,
+        "attempts": record.attempts,
+        "submitted_at": _rfc3339(record.submitted_at),
+        "started_at": _rfc3339(record.started_at),
+        "completed_at": _rfc3339(record.completed_at),
+    }
+    if record.status is State.COMPLETED:
+        view["metrics"] = {"inference_time": record.inference_time}
+        if record.error_type is not None:
+            view["error"] = record.error
+            view["error_type"] = record.error_type.value
+    return view

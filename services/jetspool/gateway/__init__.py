@@ -1,0 +1,1 @@
+"""The HTTP gateway: one door, `create_app(settings)`."""

@@ -1,0 +1,126 @@
+"""The gateway's one door: `create_app(settings)` builds the Litestar application.
+
+Connections are made in the lifespan and handed to handlers as one `Gateway` object
+(dependency `gateway`); nothing global.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+from litestar import Litestar, Request, Response
+from litestar.datastructures import State
+from litestar.di import Provide
+from litestar.exceptions import HTTPException
+from litestar.openapi import OpenAPIConfig
+from nats.errors import Error as NatsError
+
+from jetspool import __version__
+from jetspool.domain import names
+from jetspool.domain.errors import RequestError
+from jetspool.gateway.intake import Intake
+from jetspool.gateway.routes import openfaas, queue, system
+from jetspool.gateway.state import Gateway
+from jetspool.jetstream.connection import connect
+from jetspool.jetstream.provision import ensure_function_consumers, provision
+from jetspool.jetstream.queue import RequestQueue
+from jetspool.jetstream.registry import FunctionRegistry, RegistryView
+from jetspool.jetstream.results import ResultStore
+from jetspool.jetstream.stats import StatsReader
+from jetspool.jetstream.status_store import StatusStore
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+    from jetspool.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings) -> Litestar:
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        conn = await connect(settings.nats, "jetspool-gateway")
+        try:
+            stores = await provision(conn, settings.nats.replicas)
+            registry = FunctionRegistry(stores.functions)
+            for function in settings.functions:
+                await registry.ensure(function)
+                await ensure_function_consumers(conn.js, function.name, settings.worker.ack_wait)
+            view = RegistryView(stores.functions)
+            await view.start()
+            status = StatusStore(conn.js, stores.status)
+            app.state.gateway = Gateway(
+                settings=settings,
+                conn=conn,
+                intake=Intake(status, RequestQueue(conn, stores.blobs)),
+                status=status,
+                results=ResultStore(conn.js, stores.results, stores.blobs, conn.inline_limit),
+                registry=registry,
+                view=view,
+                stats=StatsReader(conn.js),
+            )
+            if not settings.auth.api_keys and not settings.auth.admin_keys:
+                log.warning("no API keys configured: every route is open")
+            yield
+            await view.stop()
+        finally:
+            await conn.close()
+
+    return Litestar(
+        route_handlers=[
+            openfaas.async_function,
+            openfaas.async_function_path,
+            queue.request_status,
+            queue.request_result,
+            system.list_functions,
+            system.get_function,
+            system.create_function,
+            system.replace_function,
+            system.delete_function,
+            system.healthz,
+            system.readyz,
+        ],
+        dependencies={"gateway": Provide(_gateway, sync_to_thread=False)},
+        lifespan=[lifespan],
+        exception_handlers={
+            RequestError: _request_error,
+            NatsError: _nats_error,
+            HTTPException: _http_error,
+        },
+        request_max_body_size=settings.gateway.max_body_size,
+        openapi_config=OpenAPIConfig(title="jetspool", version=__version__, path="/schema"),
+        state=State(),
+        logging_config=None,
+    )
+
+
+def _gateway(state: State) -> Gateway:
+    gateway: Gateway = state.gateway
+    return gateway
+
+
+def _error(detail: str, status_code: int, error_type: str | None = None, extra: Any = None) -> Response[dict[str, Any]]:
+    body: dict[str, Any] = {"detail": detail}
+    if extra:
+        body["extra"] = extra
+    headers = {}
+    if error_type is not None:
+        body["error_type"] = error_type
+        headers[names.H_ERROR_TYPE] = error_type
+    return Response(body, status_code=status_code, headers=headers)
+
+
+def _request_error(_: Request[Any, Any, Any], exc: RequestError) -> Response[dict[str, Any]]:
+    return _error(exc.detail, exc.status_code, exc.error_type)
+
+
+def _nats_error(_: Request[Any, Any, Any], exc: NatsError) -> Response[dict[str, Any]]:
+    log.warning("NATS error while serving a request: %s", exc)
+    return _error(f"the queue is unavailable: {exc}", 503)
+
+
+def _http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[dict[str, Any]]:
+    return _error(str(exc.detail), exc.status_code, extra=exc.extra)

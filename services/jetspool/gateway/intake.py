@@ -1,0 +1,168 @@
+"""Taking a request in: read the submission options, store the status, queue it durably.
+
+`Intake.submit` answers only once the request is in JetStream: it creates the status record
+(`IN_QUEUE`, which also reserves the id), then publishes to the queue stream and waits for
+the stream's acknowledgement. If the publish fails the record is removed again and the client
+gets 503: nothing half-accepted is left behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import parse_qsl, unquote_plus, urlsplit
+
+from nats.errors import Error as NatsError
+
+from jetspool.domain import names
+from jetspool.domain.errors import InvalidInput, NotFound, Unavailable
+from jetspool.domain.functions import Function, is_valid_name
+from jetspool.domain.messages import QueuedRequest
+from jetspool.domain.status import StatusRecord, utcnow
+
+if TYPE_CHECKING:
+    from litestar import Request
+
+    from jetspool.jetstream.queue import RequestQueue
+    from jetspool.jetstream.registry import RegistryView
+    from jetspool.jetstream.status_store import StatusStore
+
+log = logging.getLogger(__name__)
+
+CONTROL_QUERY: Final = frozenset({"webhookEndpoint", "fal_webhook", "webhook"})
+"""Query parameters that steer jetspool and are not forwarded to the function."""
+
+_TRUE: Final = frozenset({"1", "true", "yes"})
+_PRIORITY_HEADERS: Final = (names.H_QUEUE_PRIORITY, names.H_FAL_QUEUE_PRIORITY)
+_NO_RETRY_HEADERS: Final = ("X-No-Retry", "X-Fal-No-Retry")
+
+
+@dataclass(frozen=True, slots=True)
+class Submission:
+    """Everything a submit route learned from the HTTP request."""
+
+    function: Function
+    method: str
+    path: str
+    query: str
+    headers: list[tuple[str, str]]
+    body: bytes
+    callback_url: str | None
+    webhook_url: str | None
+    priority: names.Priority
+    no_retry: bool
+
+
+def function_for(view: RegistryView, name: str) -> Function:
+    """The registered function `name`: 422 for an impossible name, 404 for an unknown one."""
+    if not is_valid_name(name):
+        raise InvalidInput(f"invalid function name {name!r}: lower-case letters, digits and '-', at most 63")
+    function = view.get(name)
+    if function is None:
+        raise NotFound(f"function {name!r} is not registered")
+    return function
+
+
+def parse_request_id(request_id: str) -> str:
+    """A request id in canonical form; 422 if it is not a UUID."""
+    try:
+        return str(uuid.UUID(request_id))
+    except ValueError as exc:
+        raise InvalidInput(f"malformed request id {request_id!r}: expected a UUID") from exc
+
+
+async def read_submission(request: Request[Any, Any, Any], function: Function, path: str) -> Submission:
+    """Read method, sub-path, query, headers, body and the submission options of SPEC §2."""
+    raw_query = request.scope.get("query_string", b"").decode("latin-1")
+    pairs = parse_qsl(raw_query, keep_blank_values=True)
+    query = dict(pairs)
+    headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.scope["headers"]]
+    body = await request.body()
+    return Submission(
+        function=function,
+        method=request.method,
+        path=path.lstrip("/"),
+        query=_forwarded_query(raw_query),
+        headers=headers,
+        body=body,
+        callback_url=_url_option(request.headers.get(names.H_CALLBACK_URL) or query.get("webhookEndpoint")),
+        webhook_url=_url_option(query.get("fal_webhook") or query.get("webhook")),
+        priority=_priority(request),
+        no_retry=any(request.headers.get(h, "").strip().lower() in _TRUE for h in _NO_RETRY_HEADERS),
+    )
+
+
+def _forwarded_query(raw: str) -> str:
+    """The query string without jetspool's own parameters, the rest byte for byte as the client sent it."""
+    kept = [part for part in raw.split("&") if part and unquote_plus(part.partition("=")[0]) not in CONTROL_QUERY]
+    return "&".join(kept)
+
+
+def _url_option(value: str | None) -> str | None:
+    if value is None or value == "":
+        return None
+    parts = urlsplit(value)
+    if parts.scheme not in {"http", "https"} or not parts.hostname:
+        raise InvalidInput(f"callback URL {value!r} must be an absolute http:// or https:// URL")
+    return value
+
+
+def _priority(request: Request[Any, Any, Any]) -> names.Priority:
+    for header in _PRIORITY_HEADERS:
+        value = request.headers.get(header)
+        if value is not None:
+            value = value.strip().lower()
+            for priority in names.PRIORITIES:
+                if value == priority:
+                    return priority
+            raise InvalidInput(f"{header} must be one of high, normal, low; got {value!r}")
+    return "normal"
+
+
+class Intake:
+    def __init__(self, status: StatusStore, queue: RequestQueue) -> None:
+        self._status = status
+        self._queue = queue
+
+    async def submit(self, submission: Submission) -> StatusRecord:
+        """Store the status and queue the request; returns once both are durable in JetStream."""
+        now = utcnow()
+        record = StatusRecord(
+            request_id=str(uuid.uuid4()),
+            function=submission.function.name,
+            priority=submission.priority,
+            submitted_at=now,
+        )
+        request = QueuedRequest(
+            request_id=record.request_id,
+            function=record.function,
+            priority=submission.priority,
+            method=submission.method,
+            path=submission.path,
+            query=submission.query,
+            headers=submission.headers,
+            body=submission.body,
+            submitted_at=now,
+            callback_url=submission.callback_url,
+            webhook_url=submission.webhook_url,
+            no_retry=submission.no_retry,
+        )
+        try:
+            revision = await self._status.create(record)
+        except NatsError as exc:
+            raise Unavailable(f"the queue is unavailable: {exc}") from exc
+        try:
+            await self._queue.enqueue(request)
+        except (NatsError, TimeoutError) as exc:
+            log.warning("queueing %s failed, withdrawing it: %s", record.request_id, exc)
+            await self._withdraw(record.request_id, revision)
+            raise Unavailable(f"the queue is unavailable: {exc}") from exc
+        return record
+
+    async def _withdraw(self, request_id: str, revision: int) -> None:
+        try:
+            await self._status.delete(request_id, revision)
+        except (NatsError, TimeoutError):
+            log.warning("could not withdraw the status of %s; it expires unseen", request_id, exc_info=True)

@@ -1,0 +1,1 @@
+"""Route handlers, one module per surface: OpenFaaS dialect, fal queue dialect, administration."""

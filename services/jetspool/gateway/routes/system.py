@@ -1,0 +1,96 @@
+"""Administration: the function registry, health and readiness."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from litestar import Request, Response, delete, get, post, put
+from litestar.params import FromPath
+
+from jetspool.domain.errors import BadRequest, InvalidInput
+from jetspool.domain.functions import Function
+from jetspool.domain.validation import describe
+from jetspool.gateway.intake import function_for
+from jetspool.gateway.state import Gateway, GatewayDep
+from jetspool.jetstream.provision import ensure_function_consumers
+
+
+async def _function_body(request: Request[Any, Any, Any], name: str | None = None) -> Function:
+    """The registry entry in the request body; 422 naming the bad field."""
+    raw = await request.body()
+    try:
+        data = msgspec.json.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise InvalidInput(f"body is not JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise InvalidInput("body must be a JSON object describing the function")
+    if name is not None:
+        if data.setdefault("name", name) != name:
+            raise BadRequest(f"the body names {data['name']!r} but the path names {name!r}")
+        data.pop("stats", None)
+    try:
+        return msgspec.convert(data, Function)
+    except msgspec.ValidationError as exc:
+        raise InvalidInput(describe(exc)) from exc
+
+
+async def _registered(gateway: Gateway, function: Function) -> None:
+    """Make `function` visible at once: its consumers exist (so its queue figures show) and this gateway knows it."""
+    await ensure_function_consumers(gateway.conn.js, function.name, gateway.settings.worker.ack_wait)
+    gateway.view.remember(function)
+
+
+async def _with_stats(gateway: GatewayDep, function: Function) -> dict[str, Any]:
+    entry: dict[str, Any] = msgspec.to_builtins(function)
+    entry["stats"] = await gateway.stats.for_function(function.name)
+    return entry
+
+
+@get("/system/functions")
+async def list_functions(gateway: GatewayDep) -> list[dict[str, Any]]:
+    return [await _with_stats(gateway, f) for f in gateway.view.all()]
+
+
+@get("/system/functions/{name:str}")
+async def get_function(gateway: GatewayDep, name: FromPath[str]) -> dict[str, Any]:
+    return await _with_stats(gateway, function_for(gateway.view, name))
+
+
+@post("/system/functions", status_code=201)
+async def create_function(request: Request[Any, Any, Any], gateway: GatewayDep) -> dict[str, Any]:
+    function = await _function_body(request)
+    await gateway.registry.create(function)
+    await _registered(gateway, function)
+    return await _with_stats(gateway, function)
+
+
+@put("/system/functions/{name:str}")
+async def replace_function(
+    request: Request[Any, Any, Any], gateway: GatewayDep, name: FromPath[str]
+) -> Response[dict[str, Any]]:
+    """Register or replace `name`: 201 when it is new, 200 when it replaced an entry."""
+    function = await _function_body(request, name)
+    created = await gateway.registry.put(function)
+    await _registered(gateway, function)
+    return Response(await _with_stats(gateway, function), status_code=201 if created else 200)
+
+
+@delete("/system/functions/{name:str}", status_code=204)
+async def delete_function(gateway: GatewayDep, name: FromPath[str]) -> None:
+    """Unregister `name`. Requests still waiting stay queued and run if it is registered again."""
+    function_for(gateway.view, name)
+    await gateway.registry.delete(name)
+    gateway.view.forget(name)
+
+
+@get("/healthz")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@get("/readyz")
+async def readyz(gateway: GatewayDep) -> Response[dict[str, str]]:
+    if gateway.conn.nc.is_connected:
+        return Response({"status": "ready"})
+    return Response({"status": "not ready", "detail": "not connected to NATS"}, status_code=503)

@@ -1,0 +1,53 @@
+"""What the gateway's handlers use, built once in the app's lifespan and passed down.
+
+A plain class on purpose: Litestar validates dataclass-typed handler arguments field by
+field on every request, and this object is wiring, not input.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from litestar.di import NamedDependency
+
+if TYPE_CHECKING:
+    from jetspool.gateway.intake import Intake
+    from jetspool.jetstream.connection import Nats
+    from jetspool.jetstream.registry import FunctionRegistry, RegistryView
+    from jetspool.jetstream.results import ResultStore
+    from jetspool.jetstream.stats import StatsReader
+    from jetspool.jetstream.status_store import StatusStore
+    from jetspool.settings import Settings
+
+
+class Gateway:
+    __slots__ = ("conn", "intake", "registry", "results", "settings", "stats", "status", "view")
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        conn: Nats,
+        intake: Intake,
+        status: StatusStore,
+        results: ResultStore,
+        registry: FunctionRegistry,
+        view: RegistryView,
+        stats: StatsReader,
+    ) -> None:
+        self.settings = settings
+        self.conn = conn
+        self.intake = intake
+        self.status = status
+        self.results = results
+        self.registry = registry
+        self.view = view
+        self.stats = stats
+
+    @property
+    def base_url(self) -> str:
+        return self.settings.gateway.base_url
+
+
+GatewayDep = NamedDependency[Gateway]
+"""How a handler asks for the gateway: `gateway: GatewayDep`."""

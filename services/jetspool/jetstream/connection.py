@@ -1,0 +1,94 @@
+"""Connecting to NATS with every option of `nats:` settings (servers, credentials, TLS)."""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import nats
+
+from jetspool.domain.errors import ConfigError
+
+if TYPE_CHECKING:
+    from nats.aio.client import Client
+    from nats.js.client import JetStreamContext
+
+    from jetspool.settings import NatsSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Nats:
+    """An open connection and its JetStream context, passed down to whoever needs them."""
+
+    nc: Client
+    js: JetStreamContext
+
+    @property
+    def inline_limit(self) -> int:
+        """Largest body or result kept inside a NATS message; larger ones go to the object store."""
+        return int(self.nc.max_payload) // 2
+
+    async def close(self) -> None:
+        if not self.nc.is_closed:
+            await self.nc.drain()
+
+
+def connect_options(settings: NatsSettings, name: str) -> dict[str, Any]:
+    """Keyword arguments for `nats.connect`, built from settings."""
+    servers = settings.servers
+    if not servers:
+        raise ConfigError("nats.url: no NATS server configured (jetspool up embeds one; gateway and worker need one)")
+    options: dict[str, Any] = {
+        "servers": servers,
+        "name": name,
+        "connect_timeout": settings.connect_timeout,
+        "max_reconnect_attempts": -1,
+        "reconnect_time_wait": 0.5,
+        "allow_reconnect": True,
+        "error_cb": _on_error,
+        "disconnected_cb": _on_disconnect,
+        "reconnected_cb": _on_reconnect,
+    }
+    if settings.credentials:
+        options["user_credentials"] = settings.credentials
+    if settings.nkey_seed:
+        options["nkeys_seed"] = settings.nkey_seed
+    if settings.user:
+        options["user"] = settings.user
+        options["password"] = settings.password
+    if settings.token:
+        options["token"] = settings.token
+    if settings.tls_ca or settings.tls_cert:
+        options["tls"] = _tls_context(settings)
+    return options
+
+
+def _tls_context(settings: NatsSettings) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=settings.tls_ca)
+    if settings.tls_cert:
+        if not settings.tls_key:
+            raise ConfigError("nats.tls_key: required with nats.tls_cert")
+        context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    return context
+
+
+async def connect(settings: NatsSettings, name: str) -> Nats:
+    """Open a connection; raises ConfigError for settings, OSError-like NATS errors when unreachable."""
+    nc = await nats.connect(**connect_options(settings, name))
+    return Nats(nc=nc, js=nc.jetstream())
+
+
+async def _on_error(exc: Exception) -> None:
+    log.warning("nats: %s", exc)
+
+
+async def _on_disconnect() -> None:
+    log.info("nats: disconnected")
+
+
+async def _on_reconnect() -> None:
+    log.info("nats: reconnected")

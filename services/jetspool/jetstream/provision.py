@@ -1,0 +1,217 @@
+"""Idempotent provisioning of every stream, bucket, object store and consumer.
+
+Every component calls `provision` at start: a second start, or a second gateway, changes
+nothing; a changed setting (replicas, ack wait) is applied with a log line naming it, and
+one the server cannot apply stops start-up with a message naming the setting.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from nats.js import api
+from nats.js.errors import APIError, NotFoundError
+
+from jetspool.domain import names
+from jetspool.domain.errors import ConfigError
+
+if TYPE_CHECKING:
+    from nats.js.client import JetStreamContext
+    from nats.js.kv import KeyValue
+    from nats.js.object_store import ObjectStore
+
+    from jetspool.jetstream.connection import Nats
+
+log = logging.getLogger(__name__)
+
+_KV_PREFIX = "KV_"
+_OBJ_PREFIX = "OBJ_"
+_DUPLICATE_WINDOW_S = 120.0
+_MAX_ACK_PENDING = 20_000
+
+
+@dataclass(frozen=True, slots=True)
+class Stores:
+    """Handles on the provisioned buckets and object store."""
+
+    status: KeyValue
+    functions: KeyValue
+    results: KeyValue
+    blobs: ObjectStore
+
+
+async def provision(conn: Nats, replicas: int) -> Stores:
+    """Create or reconcile every stream and bucket jetspool uses; return handles on the buckets."""
+    js = conn.js
+    await ensure_stream(js, _queue_stream(replicas))
+    await ensure_stream(js, _callback_stream(replicas))
+    await ensure_stream(js, _counter_stream(replicas))
+    await ensure_callback_consumer(js)
+    for bucket in (names.STATUS_BUCKET, names.FUNCTIONS_BUCKET, names.RESULTS_BUCKET):
+        await ensure_stream(js, _kv_stream(bucket, replicas))
+    blobs = await _ensure_object_store(js, replicas)
+    return Stores(
+        status=await js.key_value(names.STATUS_BUCKET),
+        functions=await js.key_value(names.FUNCTIONS_BUCKET),
+        results=await js.key_value(names.RESULTS_BUCKET),
+        blobs=blobs,
+    )
+
+
+async def ensure_function_consumers(js: JetStreamContext, function: str, ack_wait_s: float) -> None:
+    """One durable pull consumer per priority class of `function` (non-overlapping WorkQueue filters)."""
+    for priority in names.PRIORITIES:
+        await _ensure_consumer(
+            js,
+            names.QUEUE_STREAM,
+            api.ConsumerConfig(
+                durable_name=names.queue_consumer(function, priority),
+                filter_subject=names.queue_subject(function, priority),
+                ack_policy=api.AckPolicy.EXPLICIT,
+                deliver_policy=api.DeliverPolicy.ALL,
+                ack_wait=ack_wait_s,
+                max_deliver=-1,
+                max_ack_pending=_MAX_ACK_PENDING,
+                max_waiting=512,
+            ),
+        )
+
+
+async def ensure_callback_consumer(js: JetStreamContext) -> None:
+    await _ensure_consumer(
+        js,
+        names.CALLBACK_STREAM,
+        api.ConsumerConfig(
+            durable_name=names.CALLBACK_CONSUMER,
+            filter_subject=names.CALLBACK_SUBJECTS,
+            ack_policy=api.AckPolicy.EXPLICIT,
+            deliver_policy=api.DeliverPolicy.ALL,
+            ack_wait=60.0,
+            max_deliver=-1,
+            max_ack_pending=_MAX_ACK_PENDING,
+        ),
+    )
+
+
+def _queue_stream(replicas: int) -> api.StreamConfig:
+    return api.StreamConfig(
+        name=names.QUEUE_STREAM,
+        description="jetspool: requests waiting for a worker, one subject per function and priority",
+        subjects=[names.QUEUE_SUBJECTS],
+        retention=api.RetentionPolicy.WORK_QUEUE,
+        storage=api.StorageType.FILE,
+        num_replicas=replicas,
+        duplicate_window=_DUPLICATE_WINDOW_S,
+        allow_direct=True,
+    )
+
+
+def _callback_stream(replicas: int) -> api.StreamConfig:
+    return api.StreamConfig(
+        name=names.CALLBACK_STREAM,
+        description="jetspool: callbacks waiting for delivery",
+        subjects=[names.CALLBACK_SUBJECTS],
+        retention=api.RetentionPolicy.WORK_QUEUE,
+        storage=api.StorageType.FILE,
+        num_replicas=replicas,
+        duplicate_window=_DUPLICATE_WINDOW_S,
+    )
+
+
+def _counter_stream(replicas: int) -> api.StreamConfig:
+    return api.StreamConfig(
+        name=names.COUNTER_STREAM,
+        description="jetspool: per-function totals (completed, failed)",
+        subjects=[names.COUNTER_SUBJECTS],
+        storage=api.StorageType.FILE,
+        num_replicas=replicas,
+        allow_msg_counter=True,
+        duplicate_window=_DUPLICATE_WINDOW_S,
+        allow_direct=True,
+    )
+
+
+def _kv_stream(bucket: str, replicas: int) -> api.StreamConfig:
+    """The stream behind a KV bucket, as nats-py's `create_key_value` builds it, with per-key TTLs allowed."""
+    return api.StreamConfig(
+        name=f"{_KV_PREFIX}{bucket}",
+        subjects=[f"$KV.{bucket}.>"],
+        storage=api.StorageType.FILE,
+        num_replicas=replicas,
+        max_msgs_per_subject=1,
+        discard=api.DiscardPolicy.NEW,
+        allow_rollup_hdrs=True,
+        deny_delete=True,
+        allow_direct=True,
+        allow_msg_ttl=True,
+        duplicate_window=_DUPLICATE_WINDOW_S,
+        max_consumers=-1,
+        max_msgs=-1,
+    )
+
+
+async def ensure_stream(js: JetStreamContext, desired: api.StreamConfig) -> None:
+    """Create `desired`, or bring an existing stream in line with it, or explain why not."""
+    assert desired.name is not None  # noqa: S101 - every config above names its stream
+    try:
+        info = await js.stream_info(desired.name)
+    except NotFoundError:
+        await _apply(js.add_stream, desired, "create")
+        log.info("created stream %s", desired.name)
+        return
+    changes = _differences(info.config, desired)
+    if changes:
+        await _apply(js.update_stream, desired, "update")
+        log.info("updated stream %s: %s", desired.name, ", ".join(changes))
+
+
+async def _apply(call: Any, config: api.StreamConfig, verb: str) -> None:
+    try:
+        await call(config)
+    except APIError as exc:
+        hint = " (nats.replicas: the server cannot honour this replica count)" if "replica" in str(exc).lower() else ""
+        raise ConfigError(f"cannot {verb} stream {config.name}: {exc.description or exc}{hint}") from exc
+
+
+def _differences(current: api.StreamConfig, desired: api.StreamConfig) -> list[str]:
+    """Settings of `desired` that `current` does not have, as `field: old -> new`."""
+    changes = []
+    for field, wanted in desired.as_dict().items():
+        if field in {"name", "description"}:
+            continue
+        have = current.as_dict().get(field)
+        if have != wanted:
+            changes.append(f"{field}: {have!r} -> {wanted!r}")
+    return changes
+
+
+async def _ensure_consumer(js: JetStreamContext, stream: str, desired: api.ConsumerConfig) -> None:
+    assert desired.durable_name is not None  # noqa: S101
+    try:
+        info = await js.consumer_info(stream, desired.durable_name)
+    except NotFoundError:
+        await js.add_consumer(stream, desired)
+        log.info("created consumer %s on %s", desired.durable_name, stream)
+        return
+    have = info.config.as_dict()
+    changes = [f"{k}: {have.get(k)!r} -> {v!r}" for k, v in desired.as_dict().items() if have.get(k) != v]
+    if changes:
+        # add_consumer with the same durable name updates the mutable settings in place.
+        await js.add_consumer(stream, desired)
+        log.info("updated consumer %s: %s", desired.durable_name, ", ".join(changes))
+
+
+async def _ensure_object_store(js: JetStreamContext, replicas: int) -> ObjectStore:
+    try:
+        return await js.object_store(names.BLOB_STORE)
+    except NotFoundError:
+        return await js.create_object_store(
+            names.BLOB_STORE,
+            config=api.ObjectStoreConfig(
+                description="jetspool: bodies and results too large for one message",
+                storage=api.StorageType.FILE,
+                replicas=replicas,
+            ),
+        )

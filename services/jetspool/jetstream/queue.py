@@ -1,0 +1,47 @@
+"""The queue stream: putting a request on it durably, and waking idle workers."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import msgspec
+
+from jetspool.domain import names
+from jetspool.domain.messages import QueuedRequest, encode
+
+if TYPE_CHECKING:
+    from nats.js.object_store import ObjectStore
+
+    from jetspool.jetstream.connection import Nats
+
+
+class RequestQueue:
+    def __init__(self, conn: Nats, blobs: ObjectStore) -> None:
+        self._conn = conn
+        self._blobs = blobs
+
+    async def enqueue(self, request: QueuedRequest) -> int:
+        """Store `request` on its function's queue subject; returns once JetStream acknowledged it.
+
+        A body too large for one message is written to the object store first. The stream
+        sequence is returned; the request id is the message id, so a repeated publish inside
+        the duplicate window stores nothing twice.
+        """
+        if len(request.body) > self._conn.inline_limit:
+            ref = names.body_object(request.request_id)
+            await self._blobs.put(ref, request.body)
+            request = msgspec.structs.replace(request, body=b"", body_ref=ref)
+        ack = await self._conn.js.publish(
+            names.queue_subject(request.function, request.priority),
+            encode(request),
+            headers={names.NATS_MSG_ID: request.request_id},
+        )
+        await self._conn.nc.publish(names.wake_subject(request.function), b"")
+        return int(ack.seq)
+
+    async def load_body(self, request: QueuedRequest) -> bytes:
+        """The request's body, read from the object store when it was stored out of line."""
+        if request.body_ref is None:
+            return request.body
+        stored = await self._blobs.get(request.body_ref)
+        return stored.data or b""

@@ -1,0 +1,139 @@
+"""The function registry: functions stored in a KV bucket, and a live in-memory view of it.
+
+Every gateway and worker keeps a `RegistryView`: one watcher on the (small) functions bucket,
+so a lookup on the request path costs no round trip and a newly registered function reaches
+every worker without a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+
+from jetspool.domain.errors import BadRequest, DecodeError, NotFound
+from jetspool.domain.functions import Function, decode_function
+
+if TYPE_CHECKING:
+    from nats.js.kv import KeyValue
+
+log = logging.getLogger(__name__)
+
+OnChange = Callable[[str, Function | None], Awaitable[None]]
+"""Called with a function's name and its new entry (None when it was removed)."""
+
+
+class FunctionRegistry:
+    """Reads and writes registry entries; the authority every `RegistryView` follows."""
+
+    def __init__(self, kv: KeyValue) -> None:
+        self._kv = kv
+
+    async def get(self, name: str) -> Function:
+        try:
+            entry = await self._kv.get(name)
+        except KeyNotFoundError as exc:
+            raise NotFound(f"function {name!r} is not registered") from exc
+        if entry.value is None:  # pragma: no cover - a get never returns an empty put
+            raise NotFound(f"function {name!r} is not registered")
+        return decode_function(entry.value)
+
+    async def create(self, function: Function) -> None:
+        """Register a new function; BadRequest if the name is taken."""
+        try:
+            await self._kv.create(function.name, function.encode())
+        except KeyWrongLastSequenceError as exc:
+            raise BadRequest(f"function {function.name!r} is already registered; use PUT to update it") from exc
+
+    async def put(self, function: Function) -> bool:
+        """Register or replace; True when it was new."""
+        try:
+            await self._kv.get(function.name)
+        except KeyNotFoundError:
+            existed = False
+        else:
+            existed = True
+        await self._kv.put(function.name, function.encode())
+        return not existed
+
+    async def ensure(self, function: Function) -> None:
+        """Make the stored entry equal `function` (config-file functions at start), writing only on change."""
+        try:
+            current = await self.get(function.name)
+        except (NotFound, DecodeError):
+            current = None
+        if current != function:
+            await self._kv.put(function.name, function.encode())
+            log.info("registered function %s", function.name)
+
+    async def delete(self, name: str) -> None:
+        await self.get(name)
+        await self._kv.delete(name)
+
+
+class RegistryView:
+    """An in-memory copy of the registry, kept current by one KV watcher."""
+
+    def __init__(self, kv: KeyValue, on_change: OnChange | None = None) -> None:
+        self._kv = kv
+        self._functions: dict[str, Function] = {}
+        self.on_change = on_change
+        self._task: asyncio.Task[None] | None = None
+        self._ready = asyncio.Event()
+
+    def get(self, name: str) -> Function | None:
+        return self._functions.get(name)
+
+    def all(self) -> list[Function]:
+        return sorted(self._functions.values(), key=lambda f: f.name)
+
+    def remember(self, function: Function) -> None:
+        """Record a write this process just made, before the watcher brings it back."""
+        self._functions[function.name] = function
+
+    def forget(self, name: str) -> None:
+        self._functions.pop(name, None)
+
+    async def start(self) -> None:
+        """Load every entry and keep following changes; returns once the initial entries are in."""
+        watcher = await self._kv.watchall()
+        self._task = asyncio.create_task(self._follow(watcher), name="registry-view")
+        await self._ready.wait()
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _follow(self, watcher: KeyValue.KeyWatcher) -> None:
+        try:
+            async for entry in watcher:
+                if entry is None:  # end of the initial values
+                    self._ready.set()
+                    continue
+                await self._apply(entry)
+        finally:
+            self._ready.set()
+            with contextlib.suppress(Exception):
+                await watcher.stop()  # type: ignore[no-untyped-call]
+
+    async def _apply(self, entry: KeyValue.Entry) -> None:
+        name = entry.key
+        function: Function | None = None
+        if entry.operation is None and entry.value:
+            try:
+                function = decode_function(entry.value)
+            except DecodeError:
+                log.exception("ignoring unreadable registry entry %s", name)
+                return
+        if function is None:
+            self._functions.pop(name, None)
+        else:
+            self._functions[name] = function
+        if self.on_change is not None:
+            await self.on_change(name, function)

@@ -1,0 +1,50 @@
+"""The results bucket: a function's final response per request, kept for `result_ttl`.
+
+Results larger than one NATS message go to the object store, the bucket keeping a reference.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from nats.js.errors import KeyNotFoundError, NotFoundError
+
+from jetspool.domain import names
+from jetspool.domain.messages import StoredResult, decode, encode
+
+if TYPE_CHECKING:
+    from nats.js.client import JetStreamContext
+    from nats.js.kv import KeyValue
+    from nats.js.object_store import ObjectStore
+
+
+class ResultStore:
+    def __init__(self, js: JetStreamContext, kv: KeyValue, blobs: ObjectStore, inline_limit: int) -> None:
+        self._js = js
+        self._kv = kv
+        self._blobs = blobs
+        self._inline_limit = inline_limit
+        self._prefix = f"$KV.{names.RESULTS_BUCKET}."
+
+    async def put(self, request_id: str, result: StoredResult, ttl_s: float) -> None:
+        if len(result.body) > self._inline_limit:
+            ref = names.result_object(request_id)
+            await self._blobs.put(ref, result.body)
+            result = StoredResult(status_code=result.status_code, content_type=result.content_type, body_ref=ref)
+        await self._js.publish(f"{self._prefix}{request_id}", encode(result), msg_ttl=max(1, int(ttl_s)))
+
+    async def get(self, request_id: str) -> StoredResult | None:
+        try:
+            entry = await self._kv.get(request_id)
+        except KeyNotFoundError:
+            return None
+        if entry.value is None:  # pragma: no cover - a get never returns an empty put
+            return None
+        result = decode(entry.value, StoredResult)
+        if result.body_ref is None:
+            return result
+        try:
+            stored = await self._blobs.get(result.body_ref)
+        except NotFoundError:
+            return None
+        return StoredResult(status_code=result.status_code, content_type=result.content_type, body=stored.data or b"")

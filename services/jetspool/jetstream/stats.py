@@ -1,0 +1,48 @@
+"""Live queue figures per function: waiting per priority and in progress from the consumers,
+completed and failed totals from server-side counters (one message per counter subject)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from nats.js.errors import NotFoundError
+
+from jetspool.domain import names
+
+if TYPE_CHECKING:
+    from nats.js.client import JetStreamContext
+
+
+class StatsReader:
+    def __init__(self, js: JetStreamContext) -> None:
+        self._js = js
+
+    async def for_function(self, function: str) -> dict[str, Any]:
+        infos = await asyncio.gather(*(self._consumer(function, p) for p in names.PRIORITIES))
+        completed, failed = await asyncio.gather(
+            self._counter(function, "completed"), self._counter(function, "failed")
+        )
+        return {
+            "waiting": {p: pending for p, (pending, _) in zip(names.PRIORITIES, infos, strict=True)},
+            "in_progress": sum(in_flight for _, in_flight in infos),
+            "completed": completed,
+            "failed": failed,
+        }
+
+    async def _consumer(self, function: str, priority: names.Priority) -> tuple[int, int]:
+        try:
+            info = await self._js.consumer_info(names.QUEUE_STREAM, names.queue_consumer(function, priority))
+        except NotFoundError:
+            return 0, 0
+        return int(info.num_pending or 0), int(info.num_ack_pending or 0)
+
+    async def _counter(self, function: str, counter: str) -> int:
+        try:
+            msg = await self._js.get_msg(
+                names.COUNTER_STREAM, subject=names.counter_subject(function, counter), direct=True
+            )
+        except NotFoundError:
+            return 0
+        return int(orjson.loads(msg.data or b"{}").get("val", 0))

@@ -1,0 +1,77 @@
+"""The status bucket: one record per request, every write fenced by compare-and-set.
+
+`update` succeeds only if the record is still at the revision the writer read, so a stale
+writer (a worker paused past its ack wait, a duplicate delivery) can never overwrite a newer
+state; it gets `StaleStatus` and must read again. A completed record carries a per-key TTL
+(the function's `result_ttl`); records still waiting or running have none.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError
+
+from jetspool.domain import names
+from jetspool.domain.errors import JetspoolError
+from jetspool.domain.status import StatusRecord, decode_status
+
+if TYPE_CHECKING:
+    from nats.js.client import JetStreamContext
+    from nats.js.kv import KeyValue
+
+_WRONG_LAST_SEQUENCE = (10071, 10164)
+
+
+class StaleStatus(JetspoolError):
+    """The record changed since it was read."""
+
+
+@dataclass(frozen=True, slots=True)
+class Versioned:
+    record: StatusRecord
+    revision: int
+
+
+class StatusStore:
+    def __init__(self, js: JetStreamContext, kv: KeyValue) -> None:
+        self._js = js
+        self._kv = kv
+        self._prefix = f"$KV.{names.STATUS_BUCKET}."
+
+    async def create(self, record: StatusRecord) -> int:
+        """Store the first record of a request; StaleStatus if the id is already taken."""
+        try:
+            return int(await self._kv.create(record.request_id, record.encode()))
+        except KeyWrongLastSequenceError as exc:
+            raise StaleStatus(f"request {record.request_id} already exists") from exc
+
+    async def get(self, request_id: str) -> Versioned | None:
+        try:
+            entry = await self._kv.get(request_id)
+        except KeyNotFoundError:
+            return None
+        if entry.value is None:  # pragma: no cover - a get never returns an empty put
+            return None
+        return Versioned(decode_status(entry.value), int(entry.revision or 0))
+
+    async def update(self, record: StatusRecord, last: int, ttl_s: float | None = None) -> int:
+        """Write `record` if the stored revision is still `last`; returns the new revision."""
+        headers = {names.NATS_EXPECTED_LAST_SUBJECT_SEQ: str(last)}
+        try:
+            ack = await self._js.publish(
+                f"{self._prefix}{record.request_id}",
+                record.encode(),
+                headers=headers,
+                msg_ttl=None if ttl_s is None else max(1, int(ttl_s)),
+            )
+        except APIError as exc:
+            if exc.err_code in _WRONG_LAST_SEQUENCE:
+                raise StaleStatus(f"request {record.request_id} changed since revision {last}") from exc
+            raise
+        return int(ack.seq)
+
+    async def delete(self, request_id: str, last: int) -> None:
+        """Remove a record that never became visible to a client (a submit that could not be queued)."""
+        await self._kv.delete(request_id, last=last)

@@ -1,0 +1,221 @@
+"""Settings: one typed object for every component, validated at start.
+
+Sources, later ones winning: the YAML config file (`--config FILE` or `JETSPOOL_CONFIG`),
+`JETSPOOL_*` environment variables (`JETSPOOL_` + the key path in upper case joined by `__`,
+e.g. `JETSPOOL_NATS__URL`), then command-line flags. A bad value raises `ConfigError`
+naming the key, e.g. ``nats.replicas: Expected `int`, got `str```.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Final, get_args, get_origin
+
+import msgspec
+import yaml
+
+from jetspool.domain.errors import ConfigError
+from jetspool.domain.functions import Function
+from jetspool.domain.validation import describe
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+ENV_PREFIX: Final = "JETSPOOL_"
+_Positive = Annotated[float, msgspec.Meta(gt=0)]
+_Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+_SYNC_INTERVAL = re.compile(r"^(always|\d+(ms|s|m|h))$")
+
+
+class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Base of every settings section: immutable, unknown keys refused."""
+
+
+class NatsSettings(_Section, frozen=True, kw_only=True):
+    url: str | list[str] | None = None
+    """Server URL, a comma-separated string or a list of a cluster's servers; None: `up` embeds one."""
+    replicas: Annotated[int, msgspec.Meta(ge=1, le=5)] = 1
+    """Replicas of every stream, KV bucket and object store (3 on a cluster)."""
+    sync_interval: str = "always"
+    """Embedded server's fsync policy: `always` (an acknowledged request survives power loss) or e.g. `2m`."""
+    credentials: str | None = None
+    nkey_seed: str | None = None
+    user: str | None = None
+    password: str | None = None
+    token: str | None = None
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    connect_timeout: _Positive = 5.0
+
+    def __post_init__(self) -> None:
+        if not _SYNC_INTERVAL.match(self.sync_interval):
+            raise ValueError("sync_interval must be `always` or a duration such as `2m`")
+
+    @property
+    def servers(self) -> list[str]:
+        """The configured servers as a list (empty when none is configured)."""
+        if self.url is None:
+            return []
+        urls = self.url.split(",") if isinstance(self.url, str) else self.url
+        return [u.strip() for u in urls if u.strip()]
+
+
+class GatewaySettings(_Section, frozen=True, kw_only=True):
+    host: str = "127.0.0.1"
+    port: _Port = 8080
+    public_url: str | None = None
+    """Base of the absolute URLs handed to clients; default `http://{host}:{port}`."""
+    max_body_size: Annotated[int, msgspec.Meta(gt=0)] = 32 * 1024 * 1024
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+    @property
+    def base_url(self) -> str:
+        return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
+
+
+class AuthSettings(_Section, frozen=True, kw_only=True):
+    api_keys: list[str] = msgspec.field(default_factory=list)
+    admin_keys: list[str] = msgspec.field(default_factory=list)
+
+
+class WorkerSettings(_Section, frozen=True, kw_only=True):
+    ack_wait: _Positive = 30.0
+    """Seconds JetStream waits for an acknowledgement; running calls send in-progress acks every third of it."""
+    poll_interval: _Positive = 1.0
+    """Seconds an idle worker waits before looking for work that became due without a wake-up (retries)."""
+    shutdown_grace: Annotated[float, msgspec.Meta(ge=0)] = 30.0
+    """Seconds a stopping worker lets in-flight calls finish before handing them back."""
+
+
+class RetrySettings(_Section, frozen=True, kw_only=True):
+    initial_backoff: _Positive = 1.0
+    max_backoff: _Positive = 60.0
+    multiplier: Annotated[float, msgspec.Meta(ge=1)] = 2.0
+    jitter: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.2
+    max_retry_after: _Positive = 600.0
+
+
+class CallbackSettings(_Section, frozen=True, kw_only=True):
+    signing_secret: str | None = None
+    max_attempts: Annotated[int, msgspec.Meta(ge=1)] = 10
+    initial_backoff: _Positive = 5.0
+    max_backoff: _Positive = 1800.0
+    deny_private: bool = False
+    timeout: _Positive = 10.0
+    """Seconds one delivery attempt may take."""
+
+
+class Settings(_Section, frozen=True, kw_only=True):
+    nats: NatsSettings = msgspec.field(default_factory=NatsSettings)
+    gateway: GatewaySettings = msgspec.field(default_factory=GatewaySettings)
+    auth: AuthSettings = msgspec.field(default_factory=AuthSettings)
+    worker: WorkerSettings = msgspec.field(default_factory=WorkerSettings)
+    retry: RetrySettings = msgspec.field(default_factory=RetrySettings)
+    callbacks: CallbackSettings = msgspec.field(default_factory=CallbackSettings)
+    functions: list[Function] = msgspec.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        names = [f.name for f in self.functions]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"function names must be unique, repeated: {', '.join(duplicates)}")
+
+
+_SECTIONS: Final = {f.name: f.type for f in msgspec.structs.fields(Settings) if f.name != "functions"}
+
+
+def load(
+    config_file: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Merge the config file, the environment and flags (dotted keys, e.g. `nats.url`) and validate."""
+    env = os.environ if env is None else env
+    config_file = config_file or env.get(f"{ENV_PREFIX}CONFIG") or None
+    merged = _read_file(Path(config_file)) if config_file else {}
+    _deep_merge(merged, _from_env(env))
+    _deep_merge(merged, _from_flags(flags or {}))
+    return validate(merged)
+
+
+def validate(raw: Mapping[str, Any]) -> Settings:
+    """Convert a raw mapping into `Settings`, or raise `ConfigError` naming the bad key."""
+    try:
+        return msgspec.convert(raw, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(describe(exc)) from exc
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: {exc.strerror or exc}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path}: not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: the top level must be a mapping of sections")
+    return data
+
+
+def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
+    """`JETSPOOL_SECTION__KEY=value` for every known section; other `JETSPOOL_*` names are not settings."""
+    tree: dict[str, Any] = {}
+    for name, text in env.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        section, _, key = name.removeprefix(ENV_PREFIX).lower().partition("__")
+        if section not in _SECTIONS:
+            raise ConfigError(f"{name}: unknown section `{section}` (one of {', '.join(sorted(_SECTIONS))})")
+        path = key.split("__")
+        _set_path(tree, [section, *path], _env_value(section, path, text))
+    return tree
+
+
+def _env_value(section: str, path: list[str], text: str) -> Any:
+    """Read an environment value as YAML (numbers, booleans, lists); a list field also takes `a,b`."""
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    if isinstance(value, str) and len(path) == 1 and _is_list_field(section, path[0]):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+def _is_list_field(section: str, key: str) -> bool:
+    for field in msgspec.structs.fields(_SECTIONS[section]):
+        if field.name == key:
+            return get_origin(field.type) is list or any(get_origin(a) is list for a in get_args(field.type))
+    return False
+
+
+def _from_flags(flags: Mapping[str, Any]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for dotted, value in flags.items():
+        if value is not None:
+            _set_path(tree, dotted.split("."), value)
+    return tree
+
+
+def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+    node[path[-1]] = value
+
+
+def _deep_merge(base: dict[str, Any], top: Mapping[str, Any]) -> None:
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_merge(base[key], value)
+        else:
+            base[key] = value

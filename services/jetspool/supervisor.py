@@ -1,0 +1,182 @@
+"""`jetspool up`: the whole stack on one machine.
+
+Starts an embedded nats-server (unless a NATS URL is configured), then the gateway and the
+worker process(es) (each a `jetspool gateway` / `jetspool worker` child), and with `--demo`
+the demo functions. Prints the gateway URL once it is ready. On SIGINT or SIGTERM, or when a
+child dies, it stops the children and then the NATS server, last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import httpx
+
+from jetspool.domain.errors import ConfigError
+from jetspool.embedded import EmbeddedNats, die_with_parent
+from jetspool.jetstream.connection import connect
+from jetspool.jetstream.provision import provision
+from jetspool.jetstream.registry import FunctionRegistry
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from jetspool.domain.functions import Function
+    from jetspool.settings import Settings
+
+_READY_TIMEOUT_S = 60.0
+_POLL_S = 0.2
+
+
+@dataclass(frozen=True, slots=True)
+class UpOptions:
+    config: str | None
+    data_dir: Path
+    workers: int
+    demo: bool
+
+
+class Supervisor:
+    def __init__(self, settings: Settings, options: UpOptions) -> None:
+        self._settings = settings
+        self._options = options
+        self._nats: EmbeddedNats | None = None
+        self._children: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self._stop = threading.Event()
+
+    def run(self) -> int:
+        """Run until a signal or a child's death; 0 on a requested stop, 1 when a child died."""
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: self._stop.set())
+        try:
+            nats_url = self._start_nats()
+            self._start_children(nats_url)
+            base_url = self._settings.gateway.base_url
+            self._wait_ready(base_url)
+            self._announce(base_url, nats_url)
+            return self._watch()
+        finally:
+            self._stop_children()
+            if self._nats is not None:
+                self._nats.stop()
+
+    def _start_nats(self) -> str:
+        servers = self._settings.nats.servers
+        if servers:
+            return ",".join(servers)
+        self._nats = EmbeddedNats(self._options.data_dir, self._settings.nats.sync_interval)
+        return self._nats.start()
+
+    def _start_children(self, nats_url: str) -> None:
+        common = ["--nats-url", nats_url]
+        if self._options.config:
+            common += ["--config", self._options.config]
+        if self._options.demo:
+            port = _free_port()
+            self._spawn("demo functions", ["demo-functions", "--port", str(port)])
+            demo_url = f"http://127.0.0.1:{port}"
+            self._wait_http(f"{demo_url}/healthz", "demo functions")
+            from jetspool import demo  # noqa: PLC0415 - only `--demo` needs it
+
+            asyncio.run(_register(self._settings, nats_url, demo.functions(demo_url)))
+        gateway = self._settings.gateway
+        self._spawn("gateway", ["gateway", *common, "--host", gateway.host, "--port", str(gateway.port)])
+        for index in range(self._options.workers):
+            self._spawn(f"worker {index + 1}", ["worker", *common])
+
+    def _spawn(self, name: str, args: list[str]) -> None:
+        process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+            [sys.executable, "-m", "jetspool", *args],
+            preexec_fn=die_with_parent,  # noqa: PLW1509 - only sets the death signal
+        )
+        self._children.append((name, process))
+
+    def _wait_ready(self, base_url: str) -> None:
+        self._wait_http(f"{base_url}/readyz", "gateway")
+
+    def _wait_http(self, url: str, what: str) -> None:
+        deadline = time.monotonic() + _READY_TIMEOUT_S
+        while time.monotonic() < deadline and not self._stop.is_set():
+            self._check_children()
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url, timeout=1.0).status_code == 200:  # noqa: PLR2004
+                    return
+            self._stop.wait(_POLL_S)
+        if not self._stop.is_set():
+            raise ConfigError(f"the {what} did not become ready within {_READY_TIMEOUT_S:g} s ({url})")
+
+    def _announce(self, base_url: str, nats_url: str) -> None:
+        lines = [f"jetspool is up: {base_url}"]
+        where = f"embedded, data in {self._options.data_dir.resolve()}" if self._nats else "external"
+        lines.append(f"  nats:    {nats_url} ({where})")
+        lines.append(f"  workers: {self._options.workers}")
+        if self._options.demo:
+            lines.append("  demo functions: echo, sleep, flaky")
+        lines.append("Press Ctrl-C to stop.")
+        sys.stdout.write("\n".join(lines) + "\n")
+        sys.stdout.flush()
+
+    def _watch(self) -> int:
+        while not self._stop.wait(_POLL_S):
+            died = self._check_children(raise_on_death=False)
+            if died:
+                sys.stderr.write(f"jetspool: {died} stopped unexpectedly; stopping everything\n")
+                return 1
+        return 0
+
+    def _check_children(self, *, raise_on_death: bool = True) -> str | None:
+        for name, process in self._children:
+            if process.poll() is not None:
+                if raise_on_death:
+                    raise ConfigError(f"the {name} exited with code {process.returncode} during start-up")
+                return name
+        return None
+
+    def _stop_children(self) -> None:
+        for _, process in self._children:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + self._settings.worker.shutdown_grace + 10
+        for _, process in self._children:
+            try:
+                process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self._children.clear()
+
+
+async def _register(settings: Settings, nats_url: str, functions: list[Function]) -> None:
+    """Register the demo functions (and provision everything, so children start on a ready layout)."""
+    import msgspec  # noqa: PLC0415
+
+    nats_settings = msgspec.structs.replace(settings.nats, url=nats_url)
+    conn = await connect(nats_settings, "jetspool-up")
+    try:
+        stores = await provision(conn, settings.nats.replicas)
+        registry = FunctionRegistry(stores.functions)
+        for function in functions:
+            await registry.ensure(function)
+    finally:
+        await conn.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def run_up(settings: Settings, options: UpOptions) -> int:
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    return Supervisor(settings, options).run()

@@ -1,0 +1,1 @@
+"""The queue-worker: pulls requests, invokes functions, records outcomes, acknowledges."""

@@ -1,0 +1,98 @@
+"""The worker process: function delivery and callback delivery, until told to stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+import httpx
+
+from jetspool.callbacks.delivery import CallbackDelivery
+from jetspool.jetstream.connection import connect
+from jetspool.jetstream.provision import ensure_function_consumers, provision
+from jetspool.jetstream.queue import RequestQueue
+from jetspool.jetstream.registry import FunctionRegistry, RegistryView
+from jetspool.jetstream.results import ResultStore
+from jetspool.jetstream.status_store import StatusStore
+from jetspool.worker.handler import RequestHandler, Services
+from jetspool.worker.runner import FunctionRunner
+
+if TYPE_CHECKING:
+    from nats.aio.client import Client
+
+    from jetspool.domain.functions import Function
+    from jetspool.settings import Settings
+
+log = logging.getLogger(__name__)
+
+_HTTP_LIMITS = httpx.Limits(max_connections=1000, max_keepalive_connections=200)
+_CONNECT_TIMEOUT_S = 10.0
+
+
+class RunnerPool:
+    """One `FunctionRunner` per registered function, following the registry."""
+
+    def __init__(self, nc: Client, handler: RequestHandler, settings: Settings) -> None:
+        self._nc = nc
+        self._handler = handler
+        self._settings = settings
+        self._runners: dict[str, FunctionRunner] = {}
+        self._lock = asyncio.Lock()
+
+    async def on_change(self, name: str, function: Function | None) -> None:
+        async with self._lock:
+            runner = self._runners.get(name)
+            if function is None:
+                if runner is not None:
+                    del self._runners[name]
+                    await runner.stop(self._settings.worker.shutdown_grace)
+                    log.info("stopped delivering to %s (unregistered)", name)
+                return
+            if runner is not None:
+                runner.update(function)
+                return
+            await ensure_function_consumers(self._nc.jetstream(), name, self._settings.worker.ack_wait)
+            runner = FunctionRunner(self._nc, function, self._handler, self._settings.worker.poll_interval)
+            await runner.start()
+            self._runners[name] = runner
+            log.info("delivering to %s at %s (concurrency %d)", name, function.url, function.concurrency)
+
+    async def stop(self) -> None:
+        async with self._lock:
+            runners, self._runners = list(self._runners.values()), {}
+        await asyncio.gather(*(r.stop(self._settings.worker.shutdown_grace) for r in runners))
+
+
+async def run(settings: Settings, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
+    """Deliver requests and callbacks until `stop` is set, then shut down gracefully.
+
+    `ready` is set once every registered function has its runner and callbacks flow.
+    """
+    conn = await connect(settings.nats, "jetspool-worker")
+    try:
+        stores = await provision(conn, settings.nats.replicas)
+        registry = FunctionRegistry(stores.functions)
+        for function in settings.functions:
+            await registry.ensure(function)
+        timeout = httpx.Timeout(None, connect=_CONNECT_TIMEOUT_S)
+        async with httpx.AsyncClient(timeout=timeout, limits=_HTTP_LIMITS, follow_redirects=False) as http:
+            status = StatusStore(conn.js, stores.status)
+            results = ResultStore(conn.js, stores.results, stores.blobs, conn.inline_limit)
+            view = RegistryView(stores.functions)
+            services = Services(conn, status, results, RequestQueue(conn, stores.blobs), view, http)
+            pool = RunnerPool(conn.nc, RequestHandler(services, settings.worker, settings.retry), settings)
+            view.on_change = pool.on_change
+            callbacks = CallbackDelivery(conn.js, status, results, settings.callbacks, http)
+            await view.start()
+            await callbacks.start()
+            log.info("worker ready")
+            if ready is not None:
+                ready.set()
+            await stop.wait()
+            log.info("worker stopping")
+            await pool.stop()
+            await callbacks.stop(settings.worker.shutdown_grace)
+            await view.stop()
+    finally:
+        await conn.close()

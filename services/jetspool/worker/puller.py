@@ -1,0 +1,95 @@
+"""Pulling a function's waiting requests, highest priority class first.
+
+Each pull is a `no_wait` request to one class's durable consumer, answered on this puller's
+own inbox: JetStream sends what is waiting and then a 404 status, at once. Classes are asked
+in order (high, normal, low) and a lower class only for the slots the higher ones left, so
+a low-priority request starts only when no higher-class request waits.
+
+Every data message that reaches the inbox is a delivery this worker owns, even one that
+arrives after its pull timed out: it is kept and handed out by the next pull.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections import deque
+from typing import TYPE_CHECKING
+
+import orjson
+
+from jetspool.domain import names
+
+if TYPE_CHECKING:
+    from nats.aio.client import Client
+    from nats.aio.msg import Msg
+    from nats.aio.subscription import Subscription
+
+_PULL_TIMEOUT_S = 2.0
+_HEARTBEAT = "100"
+
+
+class _Pull:
+    def __init__(self, batch: int) -> None:
+        self.remaining = batch
+        self.done = asyncio.Event()
+
+
+class PriorityPuller:
+    def __init__(self, nc: Client, function: str) -> None:
+        self._nc = nc
+        self._function = function
+        self._inbox = nc.new_inbox()
+        self._tokens = itertools.count()
+        self._pulls: dict[str, _Pull] = {}
+        self._ready: deque[Msg] = deque()
+        self._sub: Subscription | None = None
+
+    async def start(self) -> None:
+        self._sub = await self._nc.subscribe(f"{self._inbox}.*", cb=self._on_message)
+
+    async def stop(self) -> list[Msg]:
+        """Stop listening; returns deliveries received but never handed out (the caller hands them back)."""
+        if self._sub is not None:
+            await self._sub.unsubscribe()
+            self._sub = None
+        left = list(self._ready)
+        self._ready.clear()
+        return left
+
+    async def pull(self, batch: int) -> list[Msg]:
+        """Up to `batch` waiting requests, higher classes first; empty when nothing waits."""
+        for priority in names.PRIORITIES:
+            if len(self._ready) >= batch:
+                break
+            await self._pull_class(priority, batch - len(self._ready))
+        return [self._ready.popleft() for _ in range(min(batch, len(self._ready)))]
+
+    async def _pull_class(self, priority: names.Priority, batch: int) -> None:
+        token = str(next(self._tokens))
+        pull = _Pull(batch)
+        self._pulls[token] = pull
+        consumer = names.queue_consumer(self._function, priority)
+        try:
+            await self._nc.publish(
+                f"$JS.API.CONSUMER.MSG.NEXT.{names.QUEUE_STREAM}.{consumer}",
+                orjson.dumps({"batch": batch, "no_wait": True}),
+                reply=f"{self._inbox}.{token}",
+            )
+            await asyncio.wait_for(pull.done.wait(), _PULL_TIMEOUT_S)
+        except TimeoutError:
+            pass  # whatever this pull still brings lands in _ready and goes out with the next pull
+        finally:
+            del self._pulls[token]
+
+    async def _on_message(self, msg: Msg) -> None:
+        pull = self._pulls.get(msg.subject.rpartition(".")[2])
+        status = msg.headers.get("Status") if msg.headers else None
+        if status is None and msg.reply:
+            self._ready.append(msg)
+            if pull is not None:
+                pull.remaining -= 1
+                if pull.remaining <= 0:
+                    pull.done.set()
+        elif status != _HEARTBEAT and pull is not None:
+            pull.done.set()  # 404 no messages, 408 expired, 409 consumer gone: this pull is over

@@ -1,0 +1,122 @@
+"""One function's pull loop: fetch as many requests as there are free slots, handle each in a task.
+
+A boring loop: pull (highest priority first); if nothing waits, sleep until a wake-up on
+`jetspool.wake.<function>` or the poll interval (retries become due without a wake-up);
+back off on NATS errors. In-flight tasks are held strongly in `_inflight`; their count never
+exceeds the function's `concurrency`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import TYPE_CHECKING
+
+from nats.errors import Error as NatsError
+
+from jetspool.domain import names
+from jetspool.worker.handler import Settle, settle
+from jetspool.worker.puller import PriorityPuller
+
+if TYPE_CHECKING:
+    from nats.aio.client import Client
+    from nats.aio.msg import Msg
+    from nats.aio.subscription import Subscription
+
+    from jetspool.domain.functions import Function
+    from jetspool.worker.handler import RequestHandler
+
+log = logging.getLogger(__name__)
+
+_ERROR_BACKOFF_S = 1.0
+
+
+class FunctionRunner:
+    def __init__(self, nc: Client, function: Function, handler: RequestHandler, poll_interval_s: float) -> None:
+        self._nc = nc
+        self._function = function
+        self._handler = handler
+        self._poll_interval_s = poll_interval_s
+        self._puller = PriorityPuller(nc, function.name)
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._slot_freed = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._wake_sub: Subscription | None = None
+        self._loop_task: asyncio.Task[None] | None = None
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._inflight)
+
+    def update(self, function: Function) -> None:
+        """Take a changed registry entry (URL, concurrency, ...) into use for the next requests."""
+        self._function = function
+        self._slot_freed.set()
+
+    async def start(self) -> None:
+        await self._puller.start()
+        self._wake_sub = await self._nc.subscribe(names.wake_subject(self._function.name), cb=self._on_wake)
+        self._loop_task = asyncio.create_task(self._loop(), name=f"runner-{self._function.name}")
+
+    async def stop(self, grace_s: float) -> None:
+        """Stop pulling, let in-flight calls finish for `grace_s`, hand the rest back to the queue."""
+        if self._wake_sub is not None:
+            await self._wake_sub.unsubscribe()
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+        for msg in await self._puller.stop():
+            await settle(msg, Settle("nak"))
+        if self._inflight:
+            _, pending = await asyncio.wait(self._inflight, timeout=grace_s)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _on_wake(self, _msg: Msg) -> None:
+        self._wake.set()
+
+    async def _loop(self) -> None:
+        while True:
+            free = self._function.concurrency - len(self._inflight)
+            if free <= 0:
+                self._slot_freed.clear()
+                await self._slot_freed.wait()
+                continue
+            self._wake.clear()
+            try:
+                msgs = await self._puller.pull(free)
+            except NatsError:
+                log.warning("pull for %s failed; retrying", self._function.name, exc_info=True)
+                await asyncio.sleep(_ERROR_BACKOFF_S)
+                continue
+            for msg in msgs:
+                self._spawn(msg)
+            if not msgs:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self._poll_interval_s)
+
+    def _spawn(self, msg: Msg) -> None:
+        task = asyncio.create_task(self._handle(msg))
+        self._inflight.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._inflight.discard(task)
+        self._slot_freed.set()
+
+    async def _handle(self, msg: Msg) -> None:
+        try:
+            decision = await self._handler.handle(msg)
+        except asyncio.CancelledError:
+            await asyncio.shield(settle(msg, Settle("nak")))  # shutting down: another worker takes it at once
+            raise
+        except Exception:
+            log.exception("handling %s failed; it will be redelivered", msg.subject)
+            decision = Settle("nak", self._poll_interval_s)
+        try:
+            await settle(msg, decision)
+        except NatsError:
+            log.warning("acknowledging %s failed; JetStream will redeliver it", msg.subject, exc_info=True)

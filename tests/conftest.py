@@ -1,0 +1,38 @@
+"""Fixtures on real processes: a nats-server per test (temp store, free port) and whole stacks."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pytest
+
+from jetspool.embedded import EmbeddedNats
+from tests.support.stack import Stack, start_stack
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Iterator
+    from pathlib import Path
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[EmbeddedNats]:
+    server = EmbeddedNats(tmp_path / "nats", sync_interval="always")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def stack(nats_server: EmbeddedNats) -> AsyncIterator[Stack]:
+    """A gateway, a worker, a recording function server and a callback receiver."""
+    running = await start_stack(nats_server)
+    yield running
+    await running.close()
+
+
+@pytest.fixture
+async def stack_without_worker(nats_server: EmbeddedNats) -> AsyncIterator[Stack]:
+    """Like `stack`, with no worker: requests stay queued."""
+    running = await start_stack(nats_server, worker=False)
+    yield running
+    await running.close()

@@ -1,0 +1,135 @@
+"""Real HTTP servers on 127.0.0.1 free ports, served by uvicorn inside the test's event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import uvicorn
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+App = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+_START_TIMEOUT_S = 10.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class AsgiServer:
+    """A real uvicorn server for `app` on a free loopback port."""
+
+    def __init__(self, app: Any, port: int | None = None) -> None:  # any ASGI application
+        self._sock = socket.socket()
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind(("127.0.0.1", port or 0))
+        self.port = int(self._sock.getsockname()[1])
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, log_level="warning", lifespan="auto", timeout_graceful_shutdown=2)
+        self._server = uvicorn.Server(config)
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._server.serve(sockets=[self._sock]))
+        async with asyncio.timeout(_START_TIMEOUT_S):
+            while not self._server.started:
+                if self._task.done():
+                    self._task.result()
+                    raise RuntimeError("server stopped during start-up")
+                await asyncio.sleep(0.01)
+
+    async def stop(self) -> None:
+        self._server.should_exit = True
+        if self._task is not None:
+            async with asyncio.timeout(_START_TIMEOUT_S):
+                await self._task
+        self._sock.close()
+
+
+@dataclass(frozen=True)
+class Seen:
+    """One HTTP request as the server received it."""
+
+    method: str
+    path: str
+    query: str
+    headers: list[tuple[str, str]]
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        return next((v for k, v in self.headers if k.lower() == name.lower()), None)
+
+
+@dataclass(frozen=True)
+class Reply:
+    status: int = 200
+    body: bytes = b'{"ok": true}'
+    content_type: str = "application/json"
+    headers: tuple[tuple[str, str], ...] = ()
+    delay_s: float = 0.0
+
+
+@dataclass
+class RecordingApp:
+    """An HTTP function (or callback receiver) that records every request and answers by script.
+
+    `script(path, replies)` queues replies for a path, consumed in order; after them (or for an
+    unscripted path) it answers `default`, or echoes the body back when `default` is None.
+    """
+
+    seen: list[Seen] = field(default_factory=list)
+    default: Reply | None = None
+    _scripts: dict[str, list[Reply]] = field(default_factory=dict)
+    _arrived: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def script(self, path: str, replies: list[Reply]) -> None:
+        self._scripts.setdefault(path, []).extend(replies)
+
+    def on(self, path: str) -> list[Seen]:
+        return [s for s in self.seen if s.path == path]
+
+    async def wait_for(self, path: str, count: int = 1, timeout_s: float = 10.0) -> list[Seen]:
+        """Wait until `count` requests reached `path`; returns them."""
+        async with asyncio.timeout(timeout_s):
+            while len(self.on(path)) < count:
+                self._arrived.clear()
+                await self._arrived.wait()
+        return self.on(path)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
+        seen = Seen(scope["method"], scope["path"], scope["query_string"].decode("latin-1"), headers, body)
+        self.seen.append(seen)
+        self._arrived.set()
+        reply = self._next_reply(seen)
+        if reply.delay_s:
+            await asyncio.sleep(reply.delay_s)
+        response_headers = [(b"content-type", reply.content_type.encode())]
+        response_headers += [(k.encode(), v.encode()) for k, v in reply.headers]
+        await send({"type": "http.response.start", "status": reply.status, "headers": response_headers})
+        await send({"type": "http.response.body", "body": reply.body})
+
+    def _next_reply(self, seen: Seen) -> Reply:
+        queued = self._scripts.get(seen.path)
+        if queued:
+            return queued.pop(0)
+        if self.default is not None:
+            return self.default
+        content_type = seen.header("content-type") or "application/octet-stream"
+        return Reply(200, seen.body, content_type)

@@ -1,0 +1,150 @@
+"""A whole jetspool on real parts: nats-server process, uvicorn gateway, in-process worker,
+recording HTTP functions and a recording callback receiver."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import httpx
+
+from jetspool.gateway.app import create_app
+from jetspool.settings import Settings, validate
+from jetspool.worker.main import run as run_worker
+from tests.support.servers import AsgiServer, RecordingApp, free_port
+
+if TYPE_CHECKING:
+    from jetspool.embedded import EmbeddedNats
+
+_WAIT_S = 15.0
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in top.items():
+        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and key in merged else value
+    return merged
+
+
+def stack_settings(nats_url: str, gateway_port: int, overrides: dict[str, Any] | None = None) -> Settings:
+    raw: dict[str, Any] = {
+        "nats": {"url": nats_url},
+        "gateway": {"port": gateway_port},
+        "worker": {"ack_wait": 5.0, "poll_interval": 0.2, "shutdown_grace": 2.0},
+        "retry": {"initial_backoff": 0.05, "max_backoff": 0.2},
+        "callbacks": {"initial_backoff": 0.05, "max_backoff": 0.2},
+    }
+    return validate(_merge(raw, overrides or {}))
+
+
+@dataclass
+class Worker:
+    settings: Settings
+    stop_event: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        ready = asyncio.Event()
+        self.task = asyncio.create_task(run_worker(self.settings, self.stop_event, ready))
+        ready_wait = asyncio.create_task(ready.wait())
+        done, _ = await asyncio.wait({self.task, ready_wait}, timeout=_WAIT_S, return_when=asyncio.FIRST_COMPLETED)
+        if self.task in done:
+            ready_wait.cancel()
+            self.task.result()
+        if ready_wait not in done:
+            ready_wait.cancel()
+            raise TimeoutError("worker did not become ready")
+
+    async def stop(self) -> None:
+        self.stop_event.set()
+        if self.task is not None:
+            async with asyncio.timeout(_WAIT_S):
+                await self.task
+
+
+@dataclass
+class Stack:
+    nats: EmbeddedNats
+    settings: Settings
+    gateway: AsgiServer
+    functions: RecordingApp
+    function_server: AsgiServer
+    receiver: RecordingApp
+    receiver_server: AsgiServer
+    client: httpx.AsyncClient
+    worker: Worker | None = None
+    _stack: contextlib.AsyncExitStack = field(default_factory=contextlib.AsyncExitStack)
+
+    @property
+    def url(self) -> str:
+        return self.gateway.url
+
+    def function_url(self, path: str) -> str:
+        return f"{self.function_server.url}{path}"
+
+    def callback_url(self, path: str = "/callback") -> str:
+        return f"{self.receiver_server.url}{path}"
+
+    async def register(self, name: str, path: str | None = None, **fields: Any) -> dict[str, Any]:
+        """Register function `name` served by the recording app at `path` (default `/<name>`)."""
+        body = {"name": name, "url": self.function_url(path or f"/{name}"), **fields}
+        response = await self.client.post("/system/functions", json=body)
+        assert response.status_code == 201, response.text
+        result: dict[str, Any] = response.json()
+        return result
+
+    async def submit(self, name: str, path: str = "", **kwargs: Any) -> str:
+        """POST /async-function/<name>[/<path>]; returns the X-Call-Id."""
+        url = f"/async-function/{name}" + (f"/{path}" if path else "")
+        response = await self.client.post(url, **kwargs)
+        assert response.status_code == 202, response.text
+        return response.headers["x-call-id"]
+
+    async def status(self, name: str, request_id: str) -> dict[str, Any]:
+        response = await self.client.get(f"/queue/{name}/requests/{request_id}/status")
+        assert response.status_code in (200, 202), response.text
+        result: dict[str, Any] = response.json()
+        return result
+
+    async def wait_for_status(
+        self, name: str, request_id: str, status: str = "COMPLETED", timeout_s: float = _WAIT_S
+    ) -> dict[str, Any]:
+        """Poll the status route until the request reaches `status`."""
+        async with asyncio.timeout(timeout_s):
+            while True:
+                current = await self.status(name, request_id)
+                if current["status"] == status:
+                    return current
+                await asyncio.sleep(0.02)
+
+    async def start_worker(self) -> Worker:
+        worker = Worker(self.settings)
+        await worker.start()
+        self.worker = worker
+        return worker
+
+    async def close(self) -> None:
+        if self.worker is not None:
+            await self.worker.stop()
+        await self.client.aclose()
+        await self.gateway.stop()
+        await self.function_server.stop()
+        await self.receiver_server.stop()
+
+
+async def start_stack(nats: EmbeddedNats, *, worker: bool = True, overrides: dict[str, Any] | None = None) -> Stack:
+    functions, receiver = RecordingApp(), RecordingApp(default=None)
+    function_server, receiver_server = AsgiServer(functions), AsgiServer(receiver)
+    await function_server.start()
+    await receiver_server.start()
+    port = free_port()  # the gateway's own settings name its port, for the absolute URLs it hands out
+    settings = stack_settings(nats.url, port, overrides)
+    gateway = AsgiServer(create_app(settings), port=port)
+    await gateway.start()
+    client = httpx.AsyncClient(base_url=gateway.url, timeout=_WAIT_S)
+    stack = Stack(nats, settings, gateway, functions, function_server, receiver, receiver_server, client)
+    if worker:
+        await stack.start_worker()
+    return stack

@@ -1,0 +1,218 @@
+"""The OpenFaaS async path end to end: submit, queue, deliver, record, result, callback."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import orjson
+import pytest
+
+from tests.support.servers import Reply
+
+if TYPE_CHECKING:
+    from tests.support.stack import Stack
+
+
+async def test_function_sees_exact_method_path_query_body_and_headers(stack: Stack) -> None:
+    await stack.register("echo", path="/echo")
+    body = b'{"prompt": "a cat", "n": 2}'
+    request_id = await stack.submit(
+        "echo",
+        "sub/path",
+        params={"a": "1", "b": "x y"},
+        content=body,
+        headers={"Content-Type": "application/json", "X-Custom": "kept", "Authorization": "Bearer secret"},
+    )
+    final = await stack.wait_for_status("echo", request_id)
+
+    assert final["status"] == "COMPLETED"
+    assert "error_type" not in final
+    [seen] = stack.functions.on("/echo/sub/path")
+    assert seen.method == "POST"
+    assert seen.query == "a=1&b=x+y"
+    assert seen.body == body
+    assert seen.header("content-type") == "application/json"
+    assert seen.header("x-custom") == "kept"
+    assert seen.header("x-call-id") == request_id
+    assert seen.header("x-request-id") == request_id
+    assert seen.header("x-attempt") == "1"
+    assert seen.header("authorization") is None, "the caller's credentials are not forwarded"
+
+
+async def test_result_route_returns_the_functions_response(stack: Stack) -> None:
+    await stack.register("echo")
+    stack.functions.script("/echo", [Reply(200, b"<p>hi</p>", "text/html; charset=utf-8")])
+    request_id = await stack.submit("echo", content=b"x")
+    await stack.wait_for_status("echo", request_id)
+
+    response = await stack.client.get(f"/queue/echo/requests/{request_id}")
+
+    assert response.status_code == 200
+    assert response.content == b"<p>hi</p>"
+    assert response.headers["content-type"] == "text/html; charset=utf-8"
+    assert response.headers["x-request-id"] == request_id
+
+
+async def test_callback_receives_the_response_with_openfaas_headers(stack: Stack) -> None:
+    await stack.register("echo")
+    stack.functions.script("/echo", [Reply(201, b'{"made": 1}', "application/json")])
+    request_id = await stack.submit("echo", content=b"in", headers={"X-Callback-Url": stack.callback_url("/hook")})
+
+    [callback] = await stack.receiver.wait_for("/hook")
+
+    assert callback.method == "POST"
+    assert callback.body == b'{"made": 1}'
+    assert callback.header("content-type") == "application/json"
+    assert callback.header("x-call-id") == request_id
+    assert callback.header("x-function-name") == "echo"
+    assert callback.header("x-function-status") == "201"
+    assert float(callback.header("x-duration-seconds") or "-1") >= 0
+    assert int(callback.header("x-start-time") or "0") > 1_600_000_000 * 10**9
+
+
+async def test_submit_answers_202_only_once_the_request_waits_in_jetstream(stack_without_worker: Stack) -> None:
+    stack = stack_without_worker
+    await stack.register("echo")
+
+    response = await stack.client.post("/async-function/echo", content=b"payload")
+
+    assert response.status_code == 202
+    assert response.content == b""
+    request_id = response.headers["x-call-id"]
+    assert response.headers["x-request-id"] == request_id
+    status = await stack.status("echo", request_id)
+    assert status["status"] == "IN_QUEUE"
+    listing = (await stack.client.get("/system/functions/echo")).json()
+    assert listing["stats"]["waiting"]["normal"] == 1
+
+
+async def test_queued_request_is_delivered_when_a_worker_starts(stack_without_worker: Stack) -> None:
+    stack = stack_without_worker
+    await stack.register("echo")
+    request_id = await stack.submit("echo", content=b"later")
+
+    await stack.start_worker()
+
+    await stack.wait_for_status("echo", request_id)
+    assert [s.body for s in stack.functions.on("/echo")] == [b"later"]
+
+
+async def test_function_error_is_recorded_and_returned_as_is(stack: Stack) -> None:
+    await stack.register("echo")
+    stack.functions.script("/echo", [Reply(500, b'{"boom": true}')])
+    request_id = await stack.submit("echo", content=b"x")
+
+    final = await stack.wait_for_status("echo", request_id)
+    response = await stack.client.get(f"/queue/echo/requests/{request_id}")
+
+    assert final["error_type"] == "function_error"
+    assert len(stack.functions.on("/echo")) == 1, "a 500 is an outcome, not retried"
+    assert response.status_code == 500
+    assert response.content == b'{"boom": true}'
+    assert response.headers["x-error-type"] == "function_error"
+
+
+async def test_unavailable_function_is_retried_until_it_answers(stack: Stack) -> None:
+    await stack.register("echo")
+    stack.functions.script("/echo", [Reply(503), Reply(503), Reply(200, b"third time")])
+    request_id = await stack.submit("echo", content=b"x")
+
+    final = await stack.wait_for_status("echo", request_id)
+
+    assert final["attempts"] == 3
+    assert [s.header("x-attempt") for s in stack.functions.on("/echo")] == ["1", "2", "3"]
+    assert (await stack.client.get(f"/queue/echo/requests/{request_id}")).content == b"third time"
+
+
+async def test_body_larger_than_one_nats_message_arrives_intact(stack: Stack) -> None:
+    await stack.register("echo")
+    body = bytes(range(256)) * (5 * 4096)  # 5 MiB: above half of the server's 8 MiB max payload
+    request_id = await stack.submit("echo", content=body, headers={"Content-Type": "application/octet-stream"})
+
+    await stack.wait_for_status("echo", request_id, timeout_s=30)
+    result = await stack.client.get(f"/queue/echo/requests/{request_id}")
+
+    assert stack.functions.on("/echo")[0].body == body
+    assert result.content == body
+
+
+async def test_result_of_unfinished_request_is_400_with_its_status(stack_without_worker: Stack) -> None:
+    stack = stack_without_worker
+    await stack.register("echo")
+    request_id = await stack.submit("echo")
+
+    response = await stack.client.get(f"/queue/echo/requests/{request_id}")
+
+    assert response.status_code == 400
+    assert response.json()["status"] == "IN_QUEUE"
+    assert response.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    ("path", "expected_status"),
+    [("/async-function/nobody", 404), ("/async-function/Bad_Name", 422), ("/async-function/a.b", 422)],
+)
+async def test_submit_to_unknown_or_invalid_function_is_refused(stack: Stack, path: str, expected_status: int) -> None:
+    response = await stack.client.post(path, content=b"x")
+
+    assert response.status_code == expected_status
+    assert response.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    ("headers", "params"),
+    [
+        ({"X-Callback-Url": "ftp://example.invalid/x"}, {}),
+        ({"X-Callback-Url": "not a url"}, {}),
+        ({}, {"webhookEndpoint": "file:///etc/passwd"}),
+        ({"X-Queue-Priority": "urgent"}, {}),
+    ],
+)
+async def test_bad_submission_options_are_refused_and_nothing_is_queued(
+    stack_without_worker: Stack, headers: dict[str, str], params: dict[str, str]
+) -> None:
+    stack = stack_without_worker
+    await stack.register("echo")
+
+    response = await stack.client.post("/async-function/echo", content=b"x", headers=headers, params=params)
+
+    assert response.status_code == 422
+    assert response.json()["detail"]
+    stats = (await stack.client.get("/system/functions/echo")).json()["stats"]
+    assert stats["waiting"] == {"high": 0, "normal": 0, "low": 0}
+
+
+async def test_status_route_refuses_malformed_and_unknown_ids(stack: Stack) -> None:
+    await stack.register("echo")
+    request_id = await stack.submit("echo")
+
+    malformed = await stack.client.get("/queue/echo/requests/not-a-uuid/status")
+    unknown = await stack.client.get("/queue/echo/requests/00000000-0000-4000-8000-000000000000/status")
+    other_function = await stack.client.get(f"/queue/other/requests/{request_id}/status")
+    bad_flag = await stack.client.get(f"/queue/echo/requests/{request_id}/status", params={"logs": "maybe"})
+
+    assert malformed.status_code == 422
+    assert unknown.status_code == 404
+    assert other_function.status_code == 404
+    assert bad_flag.status_code == 422
+    for response in (malformed, unknown, other_function, bad_flag):
+        assert orjson.loads(response.content)["detail"]
+
+
+async def test_status_object_has_the_spec_fields(stack_without_worker: Stack) -> None:
+    stack = stack_without_worker
+    await stack.register("echo")
+    request_id = await stack.submit("echo")
+
+    response = await stack.client.get(f"/queue/echo/requests/{request_id}/status", params={"logs": "1"})
+
+    assert response.status_code == 202
+    assert response.headers["x-request-id"] == request_id
+    body = response.json()
+    prefix = f"{stack.url}/queue/echo/requests/{request_id}"
+    assert body["request_id"] == request_id
+    assert body["response_url"] == prefix
+    assert body["status_url"] == f"{prefix}/status"
+    assert body["cancel_url"] == f"{prefix}/cancel"
+    assert body["logs"] == []
+    assert body["submitted_at"].endswith("Z")
