@@ -181,21 +181,32 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
 
 
 def _env_value(section: str, path: list[str], text: str) -> Any:
-    """Read an environment value as YAML (numbers, booleans, lists); a list field also takes `a,b`."""
+    """An environment value as its setting wants it.
+
+    Text settings keep the text as it is (a password of digits stays text); list settings take
+    `a,b` or a YAML list; everything else is read as a YAML scalar (numbers, booleans).
+    """
+    if not text.strip():
+        return None
+    kinds = _field_kinds(section, path[0]) if len(path) == 1 else set()
+    if list in kinds and not text.lstrip().startswith(("[", "- ")):
+        return [part.strip() for part in text.split(",") if part.strip()]
+    if kinds and kinds <= {str, type(None)}:
+        return text
     try:
-        value = yaml.safe_load(text) if text.strip() else None
+        return yaml.safe_load(text)
     except yaml.YAMLError:
-        value = text
-    if isinstance(value, str) and len(path) == 1 and _is_list_field(section, path[0]):
-        return [part.strip() for part in value.split(",") if part.strip()]
-    return value
+        return text
 
 
-def _is_list_field(section: str, key: str) -> bool:
+def _field_kinds(section: str, key: str) -> set[object]:
+    """The plain types a setting accepts (`str | list[str] | None` gives {str, list, NoneType})."""
     for field in msgspec.structs.fields(_SECTIONS[section]):
         if field.name == key:
-            return get_origin(field.type) is list or any(get_origin(a) is list for a in get_args(field.type))
-    return False
+            annotation = get_args(field.type)[0] if get_origin(field.type) is Annotated else field.type
+            members = get_args(annotation) if get_origin(annotation) is not list else ()
+            return {get_origin(t) or t for t in (members or (annotation,))}
+    return set()
 
 
 def _from_flags(flags: Mapping[str, Any]) -> dict[str, Any]:

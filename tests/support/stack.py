@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
+import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -59,9 +61,22 @@ class Worker:
 
     async def stop(self) -> None:
         self.stop_event.set()
-        if self.task is not None:
-            async with asyncio.timeout(_WAIT_S):
-                await self.task
+        if self.task is None:
+            return
+        done, _ = await asyncio.wait({self.task}, timeout=_WAIT_S)
+        if not done:
+            _dump_tasks()
+            self.task.cancel()
+            raise TimeoutError("the worker did not stop")
+        self.task.result()
+
+
+def _dump_tasks() -> None:
+    """Print where every task waits, to diagnose a hang."""
+    out = io.StringIO()
+    for task in asyncio.all_tasks():
+        task.print_stack(file=out)
+    sys.stderr.write(out.getvalue())
 
 
 @dataclass

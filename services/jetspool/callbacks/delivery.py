@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 from typing import TYPE_CHECKING
@@ -12,6 +11,7 @@ import httpx
 from nats.errors import Error as NatsError
 from nats.errors import TimeoutError as NatsTimeoutError
 
+from jetspool.aio import stop_task
 from jetspool.callbacks.payloads import build
 from jetspool.domain import names
 from jetspool.domain.errors import DecodeError
@@ -60,14 +60,10 @@ class CallbackDelivery:
 
     async def stop(self, grace_s: float) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await stop_task(self._task)
         if self._inflight:
             _, pending = await asyncio.wait(self._inflight, timeout=grace_s)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+            await asyncio.gather(*(stop_task(task) for task in pending))
 
     async def _loop(self, sub: JetStreamContext.PullSubscription) -> None:
         while True:

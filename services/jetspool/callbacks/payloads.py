@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 import orjson
 
 from jetspool.domain import names
 from jetspool.domain.outcomes import JSON, completed_answer
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 if TYPE_CHECKING:
     from jetspool.domain.messages import CallbackKind, StoredResult
@@ -36,7 +39,7 @@ def _openfaas(record: StatusRecord, result: StoredResult | None) -> CallbackRequ
         names.H_FUNCTION_NAME: record.function,
         names.H_FUNCTION_STATUS: str(answer.status_code),
         names.H_DURATION_SECONDS: f"{record.inference_time or 0.0:.6f}",
-        names.H_START_TIME: str(int(started.timestamp() * 1_000_000_000)),
+        names.H_START_TIME: str(_unix_ns(started)),
     }
     if answer.content_type:
         headers["Content-Type"] = answer.content_type
@@ -44,15 +47,20 @@ def _openfaas(record: StatusRecord, result: StoredResult | None) -> CallbackRequ
 
 
 def _fal(record: StatusRecord, result: StoredResult | None) -> CallbackRequest:
-    answer = completed_answer(record, result)
     ok = record.error_type is None
     body: dict[str, object] = {"request_id": record.request_id, "gateway_request_id": record.request_id}
     body["status"] = "OK" if ok else "ERROR"
+    output = result.body if result is not None else b""
     try:
-        body["payload"] = orjson.loads(answer.body) if answer.body else None
+        body["payload"] = orjson.loads(output) if output else None
     except orjson.JSONDecodeError:
         body["payload"] = None
         body["payload_error"] = "the function's output is not JSON"
     if not ok:
         body["error"] = record.error or (record.error_type.value if record.error_type else "error")
     return CallbackRequest(orjson.dumps(body), {"Content-Type": JSON, names.H_REQUEST_ID: record.request_id})
+
+
+def _unix_ns(at: datetime) -> int:
+    """Exact Unix time in nanoseconds (a float timestamp would lose the last digits)."""
+    return (at - _EPOCH) // timedelta(microseconds=1) * 1000

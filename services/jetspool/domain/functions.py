@@ -17,7 +17,7 @@ FunctionName = Annotated[str, msgspec.Meta(pattern=NAME_PATTERN)]
 
 def is_valid_name(name: str) -> bool:
     """Whether `name` may be used as a function name (and so in subjects and consumer names)."""
-    return _NAME.match(name) is not None
+    return _NAME.fullmatch(name) is not None
 
 
 class Function(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -38,6 +38,8 @@ class Function(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     """Seconds status and result are kept after completion."""
 
     def __post_init__(self) -> None:
+        if not is_valid_name(self.name):  # the pattern's `$` alone would let a trailing newline through
+            raise ValueError(f"invalid function name {self.name!r}")
         if not re.match(r"^https?://[^/\s]+", self.url):
             raise ValueError("url must be an absolute http:// or https:// URL")
         if self.cancel_path is not None and not self.cancel_path.startswith("/"):

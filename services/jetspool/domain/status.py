@@ -101,9 +101,12 @@ _encoder = msgspec.json.Encoder()
 
 def decode_status(data: bytes) -> StatusRecord:
     try:
-        return msgspec.json.decode(data, type=StatusRecord)
+        record = msgspec.json.decode(data, type=StatusRecord)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         raise DecodeError(f"cannot decode status record: {exc}") from exc
+    if record.v != WIRE_VERSION:
+        raise DecodeError(f"status record has version {record.v}, this jetspool reads {WIRE_VERSION}")
+    return record
 
 
 def _rfc3339(at: datetime | None) -> str | None:

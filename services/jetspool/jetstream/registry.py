@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
+from jetspool.aio import stop_task
 from jetspool.domain.errors import BadRequest, DecodeError, NotFound
 from jetspool.domain.functions import Function, decode_function
 
@@ -106,9 +107,7 @@ class RegistryView:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await stop_task(self._task)
 
     async def _follow(self, watcher: KeyValue.KeyWatcher) -> None:
         try:

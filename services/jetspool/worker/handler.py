@@ -10,12 +10,12 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
+from jetspool.aio import stop_task
 from jetspool.domain import names
 from jetspool.domain.errors import DecodeError, PermanentDelivery, RetryableDelivery
 from jetspool.domain.messages import CallbackJob, QueuedRequest, StoredResult, decode, encode
@@ -140,9 +140,7 @@ class RequestHandler:
         try:
             return await invoke(self._s.http, function, request, body, attempt)
         finally:
-            keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await keeper
+            await stop_task(keeper)
 
     async def _keep_in_progress(self, msg: Msg) -> None:
         interval = self._worker.ack_wait / 3

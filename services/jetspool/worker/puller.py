@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import orjson
 
+from jetspool.aio import wait_event
 from jetspool.domain import names
 
 if TYPE_CHECKING:
@@ -76,9 +77,8 @@ class PriorityPuller:
                 orjson.dumps({"batch": batch, "no_wait": True}),
                 reply=f"{self._inbox}.{token}",
             )
-            await asyncio.wait_for(pull.done.wait(), _PULL_TIMEOUT_S)
-        except TimeoutError:
-            pass  # whatever this pull still brings lands in _ready and goes out with the next pull
+            # On a time-out, whatever this pull still brings lands in _ready and goes out with the next pull.
+            await wait_event(pull.done, _PULL_TIMEOUT_S)
         finally:
             del self._pulls[token]
 

@@ -9,12 +9,12 @@ exceeds the function's `concurrency`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from typing import TYPE_CHECKING
 
 from nats.errors import Error as NatsError
 
+from jetspool.aio import stop_task, wait_event
 from jetspool.domain import names
 from jetspool.worker.handler import Settle, settle
 from jetspool.worker.puller import PriorityPuller
@@ -64,16 +64,12 @@ class FunctionRunner:
         if self._wake_sub is not None:
             await self._wake_sub.unsubscribe()
         if self._loop_task is not None:
-            self._loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop_task
+            await stop_task(self._loop_task)
         for msg in await self._puller.stop():
             await settle(msg, Settle("nak"))
         if self._inflight:
             _, pending = await asyncio.wait(self._inflight, timeout=grace_s)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+            await asyncio.gather(*(stop_task(task) for task in pending))
 
     async def _on_wake(self, _msg: Msg) -> None:
         self._wake.set()
@@ -95,8 +91,7 @@ class FunctionRunner:
             for msg in msgs:
                 self._spawn(msg)
             if not msgs:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self._poll_interval_s)
+                await wait_event(self._wake, self._poll_interval_s)
 
     def _spawn(self, msg: Msg) -> None:
         task = asyncio.create_task(self._handle(msg))

@@ -1,0 +1,173 @@
+"""The function registry through /system/functions, and workers following it without restart."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from tests.support.servers import AsgiServer, RecordingApp, Reply
+from tests.support.stack import start_stack
+
+if TYPE_CHECKING:
+    from jetspool.embedded import EmbeddedNats
+    from tests.support.stack import Stack
+
+
+async def test_registered_function_is_listed_with_defaults_and_live_stats(stack: Stack) -> None:
+    created = await stack.register("echo", concurrency=2)
+
+    listed = (await stack.client.get("/system/functions")).json()
+    one = (await stack.client.get("/system/functions/echo")).json()
+
+    assert [f["name"] for f in listed] == ["echo"]
+    assert one == created
+    assert one["concurrency"] == 2
+    assert one["timeout"] == 3600
+    assert one["max_attempts"] == 10
+    assert one["result_ttl"] == 604800
+    assert one["stats"] == {
+        "waiting": {"high": 0, "normal": 0, "low": 0},
+        "in_progress": 0,
+        "completed": 0,
+        "failed": 0,
+    }
+
+
+async def test_stats_count_completed_and_failed_requests(stack: Stack) -> None:
+    await stack.register("echo")
+    stack.functions.script("/echo", [Reply(400, b"no")])
+    failed = await stack.submit("echo")
+    await stack.wait_for_status("echo", failed)
+    done = await stack.submit("echo")
+    await stack.wait_for_status("echo", done)
+
+    stats = (await stack.client.get("/system/functions/echo")).json()["stats"]
+
+    assert (stats["completed"], stats["failed"]) == (1, 1)
+
+
+async def test_a_function_registered_after_the_worker_started_is_served(stack: Stack) -> None:
+    assert stack.worker is not None, "the worker runs before the function exists"
+    await stack.register("late")
+
+    request_id = await stack.submit("late", content=b"hello")
+
+    await stack.wait_for_status("late", request_id)
+    assert [s.body for s in stack.functions.on("/late")] == [b"hello"]
+
+
+async def test_an_update_reaches_the_worker_without_restart(stack: Stack) -> None:
+    await stack.register("echo", path="/old")
+    first = await stack.submit("echo")
+    await stack.wait_for_status("echo", first)
+
+    response = await stack.client.put(
+        "/system/functions/echo", json={"name": "echo", "url": stack.function_url("/new")}
+    )
+    assert response.status_code == 200
+    second = await stack.submit("echo")
+    await stack.wait_for_status("echo", second)
+
+    assert len(stack.functions.on("/old")) == 1
+    assert len(stack.functions.on("/new")) == 1
+
+
+async def test_put_creates_an_unknown_function(stack: Stack) -> None:
+    response = await stack.client.put("/system/functions/fresh", json={"url": stack.function_url("/fresh")})
+
+    assert response.status_code == 201
+    assert response.json()["name"] == "fresh"
+
+
+async def test_deleted_function_refuses_new_requests(stack: Stack) -> None:
+    await stack.register("echo")
+
+    deleted = await stack.client.delete("/system/functions/echo")
+    submit = await stack.client.post("/async-function/echo", content=b"x")
+    again = await stack.client.delete("/system/functions/echo")
+
+    assert deleted.status_code == 204
+    assert submit.status_code == 404
+    assert again.status_code == 404
+    assert (await stack.client.get("/system/functions")).json() == []
+
+
+async def test_registering_a_taken_name_is_refused_without_409(stack: Stack) -> None:
+    await stack.register("echo")
+
+    response = await stack.client.post("/system/functions", json={"name": "echo", "url": stack.function_url("/x")})
+
+    assert response.status_code == 400
+    assert "PUT" in response.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    ("body", "named"),
+    [
+        ({"name": "Bad_Name", "url": "http://127.0.0.1:1"}, "name"),
+        ({"name": "ok"}, "url"),
+        ({"name": "ok", "url": "ftp://127.0.0.1:1"}, "url"),
+        ({"name": "ok", "url": "http://127.0.0.1:1", "concurrency": 0}, "concurrency"),
+        ({"name": "ok", "url": "http://127.0.0.1:1", "timeout": "soon"}, "timeout"),
+        ({"name": "ok", "url": "http://127.0.0.1:1", "colour": "red"}, "colour"),
+        ({"name": "ok", "url": "http://127.0.0.1:1", "cancel_path": "cancel"}, "cancel_path"),
+    ],
+)
+async def test_invalid_registry_entry_is_refused_naming_the_field(
+    stack: Stack, body: dict[str, Any], named: str
+) -> None:
+    response = await stack.client.post("/system/functions", json=body)
+
+    assert response.status_code == 422
+    assert named in response.json()["detail"]
+    assert (await stack.client.get("/system/functions")).json() == [], "nothing was registered"
+
+
+async def test_non_json_registry_body_is_refused(stack: Stack) -> None:
+    for body in (b"not json", b"[1, 2]"):
+        response = await stack.client.post("/system/functions", content=body)
+        assert response.status_code == 422
+        assert response.json()["detail"]
+
+
+async def test_put_with_a_different_name_in_the_body_is_refused(stack: Stack) -> None:
+    response = await stack.client.put("/system/functions/one", json={"name": "two", "url": stack.function_url("/x")})
+
+    assert response.status_code == 400
+    assert (await stack.client.get("/system/functions")).json() == []
+
+
+@pytest.mark.parametrize(("path", "status"), [("/system/functions/nobody", 404), ("/system/functions/No_Pe", 422)])
+async def test_unknown_or_invalid_function_lookup(stack: Stack, path: str, status: int) -> None:
+    response = await stack.client.get(path)
+
+    assert response.status_code == status
+    assert response.json()["detail"]
+
+
+async def test_functions_from_the_config_file_are_registered_at_start(nats_server: EmbeddedNats) -> None:
+    function = RecordingApp()
+    server = AsgiServer(function)
+    await server.start()
+    stack = await start_stack(
+        nats_server, overrides={"functions": [{"name": "configured", "url": f"{server.url}/c", "concurrency": 3}]}
+    )
+    try:
+        listed = (await stack.client.get("/system/functions/configured")).json()
+        request_id = await stack.submit("configured", content=b"x")
+        await stack.wait_for_status("configured", request_id)
+    finally:
+        await stack.close()
+        await server.stop()
+
+    assert listed["concurrency"] == 3
+    assert [s.body for s in function.on("/c")] == [b"x"]
+
+
+async def test_health_and_readiness(stack: Stack) -> None:
+    health = await stack.client.get("/healthz")
+    ready = await stack.client.get("/readyz")
+
+    assert (health.status_code, ready.status_code) == (200, 200)
+    assert ready.json()["status"] == "ready"

@@ -1,0 +1,89 @@
+"""Provisioning is idempotent: a second start changes nothing; a changed setting is applied or explained."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import pytest
+
+from jetspool.domain import names
+from jetspool.domain.errors import ConfigError
+from jetspool.jetstream.connection import Nats, connect
+from jetspool.jetstream.provision import ensure_function_consumers, provision
+from jetspool.settings import NatsSettings
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+    from jetspool.embedded import EmbeddedNats
+
+_STREAMS = (
+    names.QUEUE_STREAM,
+    names.CALLBACK_STREAM,
+    names.COUNTER_STREAM,
+    f"KV_{names.STATUS_BUCKET}",
+    f"KV_{names.FUNCTIONS_BUCKET}",
+    f"KV_{names.RESULTS_BUCKET}",
+    f"OBJ_{names.BLOB_STORE}",
+)
+
+
+@pytest.fixture
+async def conn(nats_server: EmbeddedNats) -> AsyncIterator[Nats]:
+    connection = await connect(NatsSettings(url=nats_server.url), "test")
+    yield connection
+    await connection.close()
+
+
+async def _snapshot(conn: Nats) -> dict[str, object]:
+    configs: dict[str, object] = {}
+    for stream in _STREAMS:
+        info = await conn.js.stream_info(stream)
+        configs[stream] = info.config.as_dict()
+    for priority in names.PRIORITIES:
+        consumer = names.queue_consumer("echo", priority)
+        configs[consumer] = (await conn.js.consumer_info(names.QUEUE_STREAM, consumer)).config.as_dict()
+    return configs
+
+
+async def test_second_provisioning_changes_nothing(conn: Nats, caplog: pytest.LogCaptureFixture) -> None:
+    await provision(conn, replicas=1)
+    await ensure_function_consumers(conn.js, "echo", ack_wait_s=30.0)
+    before = await _snapshot(conn)
+
+    with caplog.at_level(logging.INFO, logger="jetspool.jetstream.provision"):
+        await provision(conn, replicas=1)
+        await ensure_function_consumers(conn.js, "echo", ack_wait_s=30.0)
+
+    assert await _snapshot(conn) == before
+    assert [r.getMessage() for r in caplog.records] == [], "nothing was created or updated the second time"
+
+
+async def test_a_changed_ack_wait_is_applied_to_existing_consumers(
+    conn: Nats, caplog: pytest.LogCaptureFixture
+) -> None:
+    await provision(conn, replicas=1)
+    await ensure_function_consumers(conn.js, "echo", ack_wait_s=30.0)
+
+    with caplog.at_level(logging.INFO, logger="jetspool.jetstream.provision"):
+        await ensure_function_consumers(conn.js, "echo", ack_wait_s=12.0)
+
+    for priority in names.PRIORITIES:
+        info = await conn.js.consumer_info(names.QUEUE_STREAM, names.queue_consumer("echo", priority))
+        assert info.config.ack_wait == 12.0
+    assert any("ack_wait" in r.getMessage() for r in caplog.records)
+
+
+async def test_provisioning_keeps_what_is_stored(conn: Nats) -> None:
+    stores = await provision(conn, replicas=1)
+    await stores.functions.put("kept", b"{}")
+
+    again = await provision(conn, replicas=1)
+
+    assert (await again.functions.get("kept")).value == b"{}"
+
+
+async def test_replicas_a_single_server_cannot_honour_stop_startup_naming_the_setting(conn: Nats) -> None:
+    with pytest.raises(ConfigError, match=r"nats\.replicas"):
+        await provision(conn, replicas=3)

@@ -1,0 +1,466 @@
+"""Settings (SPEC §8, §9) and function entries (SPEC §1): pure logic, no server."""
+
+from __future__ import annotations
+
+import operator
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from jetspool.domain.errors import ConfigError, DecodeError
+from jetspool.domain.functions import Function, decode_function, is_valid_name
+from jetspool.settings import load, validate
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+
+def _config(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "jetspool.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+# --- defaults ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("key", "expected"),
+    [
+        ("nats.url", None),
+        ("nats.replicas", 1),
+        ("nats.sync_interval", "always"),
+        ("nats.credentials", None),
+        ("nats.tls_ca", None),
+        ("gateway.host", "127.0.0.1"),
+        ("gateway.port", 8080),
+        ("gateway.public_url", None),
+        ("gateway.max_body_size", 33554432),
+        ("gateway.tls_cert", None),
+        ("gateway.tls_key", None),
+        ("auth.api_keys", []),
+        ("auth.admin_keys", []),
+        ("worker.ack_wait", 30.0),
+        ("retry.initial_backoff", 1.0),
+        ("retry.max_backoff", 60.0),
+        ("retry.multiplier", 2.0),
+        ("retry.jitter", 0.2),
+        ("retry.max_retry_after", 600.0),
+        ("callbacks.signing_secret", None),
+        ("callbacks.max_attempts", 10),
+        ("callbacks.initial_backoff", 5.0),
+        ("callbacks.max_backoff", 1800.0),
+        ("callbacks.deny_private", False),
+        ("functions", []),
+    ],
+)
+def test_defaults_follow_the_spec(key: str, expected: object) -> None:
+    settings = load(None, env={})
+    assert operator.attrgetter(key)(settings) == expected
+
+
+def test_defaults_name_no_nats_server_so_up_embeds_one() -> None:
+    assert load(None, env={}).nats.servers == []
+
+
+def test_max_body_size_default_is_32_mib() -> None:
+    assert load(None, env={}).gateway.max_body_size == 32 * 1024 * 1024
+
+
+# --- the config file -----------------------------------------------------------------------
+
+
+def test_config_file_values_are_read(tmp_path: Path) -> None:
+    path = _config(
+        tmp_path,
+        """
+nats:
+  url: nats://10.0.0.1:4222
+  replicas: 3
+  sync_interval: 2m
+gateway:
+  port: 9000
+  public_url: https://queue.example.com
+auth:
+  api_keys: [k1, k2]
+  admin_keys:
+    - admin
+worker:
+  ack_wait: 12.5
+callbacks:
+  deny_private: true
+functions:
+  - name: echo
+    url: http://127.0.0.1:9000
+    timeout: 30
+    max_attempts: 3
+    concurrency: 2
+    cancel_path: /cancel
+    headers:
+      Authorization: Bearer fn-secret
+""",
+    )
+    settings = load(path, env={})
+    assert settings.nats.servers == ["nats://10.0.0.1:4222"]
+    assert settings.nats.replicas == 3
+    assert settings.nats.sync_interval == "2m"
+    assert settings.gateway.port == 9000
+    assert settings.gateway.base_url == "https://queue.example.com"
+    assert settings.auth.api_keys == ["k1", "k2"]
+    assert settings.auth.admin_keys == ["admin"]
+    assert settings.worker.ack_wait == 12.5
+    assert settings.callbacks.deny_private is True
+    assert settings.functions == [
+        Function(
+            name="echo",
+            url="http://127.0.0.1:9000",
+            timeout=30,
+            max_attempts=3,
+            concurrency=2,
+            cancel_path="/cancel",
+            headers={"Authorization": "Bearer fn-secret"},
+        )
+    ]
+
+
+def test_keys_missing_from_the_config_file_keep_their_defaults(tmp_path: Path) -> None:
+    settings = load(_config(tmp_path, "gateway:\n  port: 9000\n"), env={})
+    assert settings.gateway.host == "127.0.0.1"
+    assert settings.nats.replicas == 1
+    assert settings.retry.max_backoff == 60.0
+
+
+def test_empty_config_file_gives_the_defaults(tmp_path: Path) -> None:
+    assert load(_config(tmp_path, ""), env={}) == load(None, env={})
+
+
+def test_config_file_is_found_through_jetspool_config(tmp_path: Path) -> None:
+    path = _config(tmp_path, "gateway:\n  port: 9100\n")
+    assert load(None, env={"JETSPOOL_CONFIG": str(path)}).gateway.port == 9100
+
+
+def test_config_file_argument_wins_over_jetspool_config(tmp_path: Path) -> None:
+    chosen = _config(tmp_path, "gateway:\n  port: 9100\n")
+    other = tmp_path / "other.yaml"
+    other.write_text("gateway:\n  port: 9200\n", encoding="utf-8")
+    assert load(chosen, env={"JETSPOOL_CONFIG": str(other)}).gateway.port == 9100
+
+
+# --- precedence: flags > env > file --------------------------------------------------------
+
+
+def test_env_value_wins_over_the_config_file(tmp_path: Path) -> None:
+    path = _config(tmp_path, "nats:\n  url: nats://from-file:4222\n")
+    settings = load(path, env={"JETSPOOL_NATS__URL": "nats://from-env:4222"})
+    assert settings.nats.servers == ["nats://from-env:4222"]
+
+
+def test_flag_wins_over_env_and_config_file(tmp_path: Path) -> None:
+    path = _config(tmp_path, "nats:\n  url: nats://from-file:4222\n")
+    settings = load(
+        path,
+        env={"JETSPOOL_NATS__URL": "nats://from-env:4222"},
+        flags={"nats.url": "nats://from-flag:4222"},
+    )
+    assert settings.nats.servers == ["nats://from-flag:4222"]
+
+
+def test_flag_left_unset_does_not_hide_the_env_value() -> None:
+    settings = load(None, env={"JETSPOOL_GATEWAY__PORT": "9300"}, flags={"gateway.port": None})
+    assert settings.gateway.port == 9300
+
+
+def test_env_value_merges_into_a_file_section_without_dropping_its_other_keys(tmp_path: Path) -> None:
+    path = _config(tmp_path, "gateway:\n  host: 0.0.0.0\n  port: 9000\n")
+    settings = load(path, env={"JETSPOOL_GATEWAY__PORT": "9500"}, flags={"gateway.max_body_size": 1024})
+    assert settings.gateway.host == "0.0.0.0"
+    assert settings.gateway.port == 9500
+    assert settings.gateway.max_body_size == 1024
+
+
+def test_jetspool_variables_without_a_section_are_not_settings() -> None:
+    settings = load(None, env={"JETSPOOL_URL": "http://gateway:8080", "JETSPOOL_API_KEY": "k"})
+    assert settings == load(None, env={})
+
+
+def test_variables_without_the_jetspool_prefix_are_ignored() -> None:
+    assert load(None, env={"NATS__URL": "nats://x:4222", "PATH": "/bin"}).nats.url is None
+
+
+# --- environment values --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "key", "expected"),
+    [
+        ("JETSPOOL_GATEWAY__PORT", "9000", "gateway.port", 9000),
+        ("JETSPOOL_NATS__REPLICAS", "3", "nats.replicas", 3),
+        ("JETSPOOL_WORKER__ACK_WAIT", "12.5", "worker.ack_wait", 12.5),
+        ("JETSPOOL_CALLBACKS__DENY_PRIVATE", "true", "callbacks.deny_private", True),
+        ("JETSPOOL_CALLBACKS__DENY_PRIVATE", "false", "callbacks.deny_private", False),
+        ("JETSPOOL_NATS__SYNC_INTERVAL", "2m", "nats.sync_interval", "2m"),
+        ("JETSPOOL_CALLBACKS__SIGNING_SECRET", "whsec_abc", "callbacks.signing_secret", "whsec_abc"),
+        ("JETSPOOL_GATEWAY__PUBLIC_URL", "", "gateway.public_url", None),
+    ],
+)
+def test_env_values_are_read_as_yaml_scalars(name: str, text: str, key: str, expected: object) -> None:
+    value = operator.attrgetter(key)(load(None, env={name: text}))
+    assert value == expected
+    assert type(value) is type(expected)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("k1,k2", ["k1", "k2"]),
+        ("k1, k2 ,", ["k1", "k2"]),
+        ("k1", ["k1"]),
+        ("[k1, k2]", ["k1", "k2"]),
+        ("- k1\n- k2", ["k1", "k2"]),
+    ],
+)
+def test_env_list_field_accepts_comma_lists_and_yaml_lists(text: str, expected: list[str]) -> None:
+    assert load(None, env={"JETSPOOL_AUTH__API_KEYS": text}).auth.api_keys == expected
+
+
+def test_env_comma_list_does_not_split_a_plain_string_field() -> None:
+    settings = load(None, env={"JETSPOOL_NATS__PASSWORD": "a,b"})
+    assert settings.nats.password == "a,b"
+
+
+@pytest.mark.parametrize(
+    ("name", "key", "expected"),
+    [
+        ("JETSPOOL_NATS__PASSWORD", "nats.password", "123456"),
+        ("JETSPOOL_AUTH__API_KEYS", "auth.api_keys", ["123456"]),
+    ],
+)
+def test_env_value_that_looks_like_a_number_is_kept_as_text_for_a_text_setting(
+    name: str, key: str, expected: object
+) -> None:
+    assert operator.attrgetter(key)(load(None, env={name: "123456"})) == expected
+
+
+# --- NATS servers and the gateway's base URL -----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "servers"),
+    [
+        (None, []),
+        ("nats://a:4222", ["nats://a:4222"]),
+        ("nats://a:4222,nats://b:4222", ["nats://a:4222", "nats://b:4222"]),
+        (" nats://a:4222 , nats://b:4222 ,", ["nats://a:4222", "nats://b:4222"]),
+        (["nats://a:4222", "nats://b:4222", "nats://c:4222"], ["nats://a:4222", "nats://b:4222", "nats://c:4222"]),
+    ],
+)
+def test_nats_url_gives_the_list_of_servers(url: str | list[str] | None, servers: list[str]) -> None:
+    assert validate({"nats": {"url": url}}).nats.servers == servers
+
+
+def test_nats_url_from_env_may_name_a_cluster() -> None:
+    settings = load(None, env={"JETSPOOL_NATS__URL": "nats://a:4222,nats://b:4222"})
+    assert settings.nats.servers == ["nats://a:4222", "nats://b:4222"]
+
+
+def test_nats_url_from_a_yaml_list_in_the_config_file(tmp_path: Path) -> None:
+    path = _config(tmp_path, "nats:\n  url:\n    - nats://a:4222\n    - nats://b:4222\n")
+    assert load(path, env={}).nats.servers == ["nats://a:4222", "nats://b:4222"]
+
+
+def test_base_url_defaults_to_host_and_port() -> None:
+    assert validate({}).gateway.base_url == "http://127.0.0.1:8080"
+    assert validate({"gateway": {"host": "0.0.0.0", "port": 9000}}).gateway.base_url == "http://0.0.0.0:9000"
+
+
+@pytest.mark.parametrize(
+    ("public_url", "base_url"),
+    [
+        ("https://queue.example.com", "https://queue.example.com"),
+        ("https://queue.example.com/", "https://queue.example.com"),
+        ("https://example.com/jetspool/", "https://example.com/jetspool"),
+    ],
+)
+def test_base_url_is_the_public_url_without_trailing_slash(public_url: str, base_url: str) -> None:
+    assert validate({"gateway": {"public_url": public_url}}).gateway.base_url == base_url
+
+
+@pytest.mark.parametrize("interval", ["always", "2m", "500ms", "30s", "1h"])
+def test_sync_interval_accepts_always_or_a_duration(interval: str) -> None:
+    assert validate({"nats": {"sync_interval": interval}}).nats.sync_interval == interval
+
+
+# --- errors name the bad key ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "fragments"),
+    [
+        ({"nats": {"replicas": "three"}}, ["nats.replicas"]),
+        ({"nats": {"replicas": 0}}, ["nats.replicas"]),
+        ({"nats": {"replicaz": 3}}, ["nats.replicaz"]),
+        ({"gateway": {"port": 70000}}, ["gateway.port"]),
+        ({"gateway": {"max_body_size": 0}}, ["gateway.max_body_size"]),
+        ({"retry": {"jitter": 1.5}}, ["retry.jitter"]),
+        ({"callbacks": {"max_attempts": "many"}}, ["callbacks.max_attempts"]),
+        ({"auth": {"api_keys": "k1"}}, ["auth.api_keys"]),
+        ({"nope": {"x": 1}}, ["nope"]),
+        ({"nats": {"sync_interval": "sometimes"}}, ["nats", "sync_interval"]),
+        ({"nats": {"sync_interval": "2 minutes"}}, ["nats", "sync_interval"]),
+        ({"functions": [{"name": "Echo", "url": "http://f"}]}, ["functions[0].name"]),
+        (
+            {"functions": [{"name": "echo", "url": "http://f"}, {"name": "a_b", "url": "http://f"}]},
+            ["functions[1].name"],
+        ),
+        ({"functions": [{"name": "echo", "url": "ftp://f"}]}, ["functions[0]", "url"]),
+        ({"functions": [{"name": "echo", "url": "f.example.com"}]}, ["functions[0]", "url"]),
+        (
+            {"functions": [{"name": "echo", "url": "http://f", "cancel_path": "cancel"}]},
+            ["functions[0]", "cancel_path"],
+        ),
+        ({"functions": [{"name": "echo", "url": "http://f", "timout": 3}]}, ["functions[0].timout"]),
+        ({"functions": [{"name": "echo", "url": "http://f", "concurrency": 0}]}, ["functions[0].concurrency"]),
+        ({"functions": [{"url": "http://f"}]}, ["functions[0]", "name"]),
+    ],
+)
+def test_invalid_setting_raises_config_error_naming_the_key(raw: dict[str, Any], fragments: list[str]) -> None:
+    with pytest.raises(ConfigError) as caught:
+        validate(raw)
+    for fragment in fragments:
+        assert fragment in str(caught.value)
+
+
+def test_duplicate_function_names_are_refused() -> None:
+    raw = {"functions": [{"name": "echo", "url": "http://a"}, {"name": "echo", "url": "http://b"}]}
+    with pytest.raises(ConfigError, match="unique") as caught:
+        validate(raw)
+    assert "echo" in str(caught.value)
+
+
+def test_wrong_type_in_the_config_file_names_the_key(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"nats\.replicas"):
+        load(_config(tmp_path, "nats:\n  replicas: three\n"), env={})
+
+
+def test_unknown_key_in_the_config_file_names_the_key(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"nats\.replicaz"):
+        load(_config(tmp_path, "nats:\n  replicaz: 3\n"), env={})
+
+
+def test_invalid_function_name_in_the_config_file_names_its_index(tmp_path: Path) -> None:
+    path = _config(tmp_path, "functions:\n  - name: Not_Valid\n    url: http://127.0.0.1:9000\n")
+    with pytest.raises(ConfigError, match=r"functions\[0\]\.name"):
+        load(path, env={})
+
+
+def test_unknown_section_in_env_is_refused_naming_the_variable() -> None:
+    with pytest.raises(ConfigError, match="JETSPOOL_NOPE__X") as caught:
+        load(None, env={"JETSPOOL_NOPE__X": "1"})
+    assert "nope" in str(caught.value)
+
+
+def test_unknown_key_in_env_names_the_key() -> None:
+    with pytest.raises(ConfigError, match=r"nats\.replicaz"):
+        load(None, env={"JETSPOOL_NATS__REPLICAZ": "3"})
+
+
+def test_wrong_type_in_env_names_the_key() -> None:
+    with pytest.raises(ConfigError, match=r"nats\.replicas"):
+        load(None, env={"JETSPOOL_NATS__REPLICAS": "three"})
+
+
+def test_wrong_type_in_a_flag_names_the_key() -> None:
+    with pytest.raises(ConfigError, match=r"gateway\.port"):
+        load(None, env={}, flags={"gateway.port": "eighty"})
+
+
+@pytest.mark.parametrize("text", ["- nats\n- gateway\n", "just a string\n", "42\n"])
+def test_config_file_whose_top_level_is_not_a_mapping_is_refused(tmp_path: Path, text: str) -> None:
+    with pytest.raises(ConfigError, match="mapping"):
+        load(_config(tmp_path, text), env={})
+
+
+def test_config_file_that_is_not_yaml_is_refused_naming_the_file(tmp_path: Path) -> None:
+    path = _config(tmp_path, "nats: [unclosed\n  url: :\n")
+    with pytest.raises(ConfigError, match="not valid YAML") as caught:
+        load(path, env={})
+    assert str(path) in str(caught.value)
+
+
+def test_missing_config_file_is_refused_naming_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "absent.yaml"
+    with pytest.raises(ConfigError) as caught:
+        load(path, env={})
+    assert str(path) in str(caught.value)
+
+
+def test_missing_config_file_named_by_jetspool_config_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"absent\.yaml"):
+        load(None, env={"JETSPOOL_CONFIG": str(tmp_path / "absent.yaml")})
+
+
+# --- functions -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["a", "7", "echo", "my-fn-2", "a" * 63, "a" + "-" * 61 + "b"])
+def test_valid_function_names_are_accepted(name: str) -> None:
+    assert is_valid_name(name)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["", "-a", "a-", "A", "Echo", "a_b", "a.b", "a*", "a>", "a b", " a", "a/b", "a" * 64],
+)
+def test_invalid_function_names_are_refused(name: str) -> None:
+    assert not is_valid_name(name)
+
+
+def test_function_name_with_a_trailing_newline_is_refused() -> None:
+    assert not is_valid_name("echo\n")
+
+
+def test_function_defaults_follow_the_spec() -> None:
+    function = Function(name="echo", url="http://127.0.0.1:9000")
+    assert function.timeout == 3600
+    assert function.max_attempts == 10
+    assert function.concurrency == 8
+    assert function.cancel_path is None
+    assert function.headers == {}
+    assert function.result_ttl == 604800
+
+
+@pytest.mark.parametrize(
+    ("url", "path", "endpoint"),
+    [
+        ("http://f:9000", "", "http://f:9000"),
+        ("http://f:9000/", "", "http://f:9000"),
+        ("http://f:9000", "run", "http://f:9000/run"),
+        ("http://f:9000", "/run", "http://f:9000/run"),
+        ("http://f:9000/", "/run", "http://f:9000/run"),
+        ("http://f:9000/", "run", "http://f:9000/run"),
+        ("https://f.example.com/api/v1", "models/a/predict", "https://f.example.com/api/v1/models/a/predict"),
+        ("https://f.example.com/api/v1/", "/models/a", "https://f.example.com/api/v1/models/a"),
+    ],
+)
+def test_endpoint_joins_url_and_sub_path_with_one_slash(url: str, path: str, endpoint: str) -> None:
+    assert Function(name="f", url=url).endpoint(path) == endpoint
+
+
+@pytest.mark.parametrize("url", ["ftp://f", "f:9000", "/relative", "http://", "http:// f"])
+def test_function_url_must_be_absolute_http_or_https(url: str) -> None:
+    with pytest.raises(ValueError, match="url"):
+        Function(name="f", url=url)
+
+
+def test_function_entry_round_trips_through_its_encoding() -> None:
+    function = Function(name="echo", url="https://f", timeout=5, headers={"X-Key": "v"}, cancel_path="/stop")
+    assert decode_function(function.encode()) == function
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"not json", b"{}", b'{"name": "Echo", "url": "http://f"}', b'{"name": "echo", "url": "http://f", "x": 1}'],
+)
+def test_unreadable_function_entry_raises_decode_error(data: bytes) -> None:
+    with pytest.raises(DecodeError):
+        decode_function(data)
