@@ -60,7 +60,7 @@ class EmbeddedNats:
         for stale in run_dir.glob("*.ports"):
             stale.unlink()
         config = self.data_dir / "nats-server.conf"
-        config.write_text(self._config(), encoding="utf-8")
+        config.write_text(self.config(), encoding="utf-8")
         log_file = (self.data_dir / "nats-server.log").open("ab")
         self._process = subprocess.Popen(  # noqa: S603 - our own binary and arguments
             [str(server_binary()), "-c", str(config), "--ports_file_dir", str(run_dir)],
@@ -72,7 +72,8 @@ class EmbeddedNats:
         self.url = self._wait_for_ports(run_dir)
         return self.url
 
-    def _config(self) -> str:
+    def config(self) -> str:
+        """The server configuration this embedded server runs with."""
         store = json.dumps(str(self.data_dir / "jetstream"))
         return (
             f"listen: 127.0.0.1:{self.port}\n"

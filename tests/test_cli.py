@@ -1,0 +1,160 @@
+"""`jetspool` as a user runs it: `up --demo` as a real process tree, the README walkthrough, stop, restart."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import httpx
+import pytest
+
+from tests.support.processes import JetspoolProcess, alive, descendants
+from tests.support.servers import free_port
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+BASH = shutil.which("bash") or "/bin/bash"
+README = Path(__file__).resolve().parents[1] / "README.md"
+_FAST_STOP = {"JETSPOOL_WORKER__SHUTDOWN_GRACE": "1", "JETSPOOL_WORKER__POLL_INTERVAL": "0.2"}
+
+
+class Up:
+    def __init__(self, data_dir: Path, port: int) -> None:
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc = JetspoolProcess(
+            ["up", "--demo", "--port", str(port), "--data-dir", str(data_dir)], env=_FAST_STOP, cwd=data_dir.parent
+        )
+        self.announced = self.proc.wait_for_line("jetspool is up:")
+
+    def stop(self) -> int:
+        return self.proc.terminate()
+
+
+@pytest.fixture
+def up(tmp_path: Path) -> Iterator[Up]:
+    running = Up(tmp_path / "data", free_port())
+    yield running
+    running.proc.kill_tree()
+
+
+def _walkthrough(port: int) -> str:
+    text = README.read_text(encoding="utf-8")
+    block = re.search(r"<!-- walkthrough:start -->\s*```bash\n(.*?)```\s*<!-- walkthrough:end -->", text, re.S)
+    assert block is not None, "README has a walkthrough block"
+    return block.group(1).replace("127.0.0.1:8080", f"127.0.0.1:{port}")
+
+
+def _wait_completed(client: httpx.Client, name: str, request_id: str, timeout_s: float = 30.0) -> dict[str, object]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status: dict[str, object] = client.get(f"/queue/{name}/requests/{request_id}/status").json()
+        if status["status"] == "COMPLETED":
+            return status
+        time.sleep(0.05)
+    raise TimeoutError(f"{name} request {request_id} did not complete")
+
+
+@pytest.mark.timeout(120)
+def test_up_prints_the_gateway_url_and_the_readme_walkthrough_works_as_printed(up: Up) -> None:
+    assert up.announced == f"jetspool is up: {up.url}"
+
+    result = subprocess.run(
+        [BASH, "-eu", "-c", _walkthrough(up.port)], capture_output=True, text=True, timeout=60, check=False
+    )
+
+    assert result.returncode == 0, result.stderr + result.stdout
+    out = result.stdout
+    assert re.search(r"request id: [0-9a-f-]{36}", out)
+    assert '"status":"COMPLETED"' in out
+    assert '"path":"/echo/hello"' in out
+    assert '"query":"lang=en"' in out
+    assert '\\"text\\": \\"hi\\"' in out
+    assert '"attempts":3' in out
+    assert "HTTP/1.1 202 Accepted" in out
+    assert '"name":"mine"' in out
+    assert '"concurrency":4' in out
+    assert out.rstrip().endswith("204")
+    with httpx.Client(base_url=up.url) as client:  # the callback chain: sleep's answer was queued into echo
+        deadline = time.monotonic() + 30
+        while client.get("/system/functions/echo").json()["stats"]["completed"] < 2:
+            assert time.monotonic() < deadline, "the callback from sleep reached echo"
+            time.sleep(0.1)
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_stops_every_process_it_started(up: Up) -> None:
+    tree = descendants(up.proc.process.pid)
+    assert len(tree) >= 4, "embedded nats-server, demo functions, gateway and a worker run as children"
+
+    code = up.stop()
+
+    assert code == 0
+    assert [pid for pid in tree if alive(pid)] == []
+    assert "Traceback" not in up.proc.output
+
+
+@pytest.mark.timeout(180)
+def test_restart_on_the_same_data_dir_keeps_requests_and_statuses(tmp_path: Path) -> None:
+    data_dir, port = tmp_path / "data", free_port()
+    first = Up(data_dir, port)
+    try:
+        with httpx.Client(base_url=first.url, timeout=10) as client:
+            done = client.post("/async-function/echo", content=b"before restart").headers["x-call-id"]
+            _wait_completed(client, "echo", done)
+            waiting = [
+                client.post("/async-function/sleep", params={"seconds": "2"}).headers["x-call-id"] for _ in range(6)
+            ]
+        assert first.stop() == 0
+    finally:
+        first.proc.kill_tree()
+
+    second = Up(data_dir, port)
+    try:
+        with httpx.Client(base_url=second.url, timeout=10) as client:
+            kept = client.get(f"/queue/echo/requests/{done}/status").json()
+            result = client.get(f"/queue/echo/requests/{done}").json()
+            finished = [_wait_completed(client, "sleep", request_id, timeout_s=60) for request_id in waiting]
+        assert second.stop() == 0
+    finally:
+        second.proc.kill_tree()
+
+    assert kept["status"] == "COMPLETED"
+    assert result["body"] == "before restart"
+    assert all("error_type" not in status for status in finished)
+
+
+def test_a_bad_config_file_stops_with_the_key_and_exit_code_2(tmp_path: Path) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text("nats:\n  url: nats://127.0.0.1:4222\n  replicas: many\n", encoding="utf-8")
+
+    proc = JetspoolProcess(["gateway", "--config", str(config)])
+    code = proc.wait(30)
+
+    assert code == 2
+    assert "nats.replicas" in proc.output
+    assert "Traceback" not in proc.output
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "named"),
+    [
+        (["worker"], {}, "nats.url"),
+        (["gateway", "--nats-url", "nats://127.0.0.1:1"], {"JETSPOOL_GATEWAY__PORT": "eighty"}, "gateway.port"),
+        (["up", "--workers", "0"], {}, "--workers"),
+    ],
+)
+def test_bad_settings_from_flags_or_environment_exit_2_naming_them(
+    args: list[str], env: dict[str, str], named: str
+) -> None:
+    proc = JetspoolProcess(args, env={"JETSPOOL_CONFIG": "", **env})
+    code = proc.wait(30)
+
+    assert code == 2
+    assert named in proc.output
+    assert "Traceback" not in proc.output

@@ -1,0 +1,70 @@
+"""schemas/ agrees with the wire types, and real payloads from a running stack validate against it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import jsonschema
+import orjson
+import pytest
+
+from jetspool.domain import names
+from jetspool.domain.schemas import generate, render
+from jetspool.jetstream.connection import connect
+from jetspool.settings import NatsSettings
+from tests.support.servers import Reply
+
+if TYPE_CHECKING:
+    from tests.support.stack import Stack
+
+SCHEMAS = Path(__file__).resolve().parents[1] / "schemas"
+
+
+@pytest.mark.parametrize(("filename", "schema"), sorted(generate().items()))
+def test_committed_schema_matches_the_wire_type(filename: str, schema: dict[str, Any]) -> None:
+    committed = (SCHEMAS / filename).read_bytes()
+    assert committed == render(schema), f"regenerate: python -m jetspool.domain.schemas schemas/ ({filename})"
+
+
+def test_every_committed_schema_is_generated() -> None:
+    assert sorted(p.name for p in SCHEMAS.glob("*.schema.json")) == sorted(generate())
+
+
+def _status_key(request_id: str) -> tuple[str, str]:
+    return f"KV_{names.STATUS_BUCKET}", f"$KV.{names.STATUS_BUCKET}.{request_id}"
+
+
+def _validate(filename: str, payload: bytes) -> None:
+    schema = orjson.loads((SCHEMAS / filename).read_bytes())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    jsonschema.validate(orjson.loads(payload), schema, cls=jsonschema.Draft202012Validator)
+
+
+async def test_real_payloads_validate_against_the_schemas(stack_without_worker: Stack) -> None:
+    stack = stack_without_worker
+    await stack.register("echo")
+    stack.receiver.default = Reply(500)  # the callback job stays on its stream, retried, so it can be read
+    request_id = await stack.submit(
+        "echo", content=b"\x00\xffbinary", headers={"X-Callback-Url": stack.callback_url("/hook")}
+    )
+    conn = await connect(NatsSettings(url=stack.nats.url), "schema-test")
+    try:
+        queued = await conn.js.get_msg(names.QUEUE_STREAM, subject=names.queue_subject("echo", "normal"))
+        stream, subject = _status_key(request_id)
+        waiting_status = await conn.js.get_msg(stream, subject=subject)
+        function = await conn.js.get_msg(f"KV_{names.FUNCTIONS_BUCKET}", subject=f"$KV.{names.FUNCTIONS_BUCKET}.echo")
+        await stack.start_worker()
+        await stack.wait_for_status("echo", request_id)
+        await stack.receiver.wait_for("/hook")
+        job = await conn.js.get_msg(names.CALLBACK_STREAM, subject=names.callback_subject("openfaas"))
+        done_status = await conn.js.get_msg(stream, subject=subject)
+    finally:
+        await conn.close()
+
+    _validate("queue-request.schema.json", queued.data or b"")
+    _validate("status-record.schema.json", waiting_status.data or b"")
+    _validate("status-record.schema.json", done_status.data or b"")
+    _validate("function.schema.json", function.data or b"")
+    _validate("callback-job.schema.json", job.data or b"")
+    assert orjson.loads(done_status.data or b"")["status"] == "COMPLETED"
