@@ -8,6 +8,7 @@ import random
 from typing import TYPE_CHECKING
 
 import httpx
+from nats.errors import ConnectionClosedError
 from nats.errors import Error as NatsError
 from nats.errors import TimeoutError as NatsTimeoutError
 
@@ -75,6 +76,8 @@ class CallbackDelivery:
                 msgs = await sub.fetch(free, timeout=_FETCH_TIMEOUT_S)
             except (TimeoutError, NatsTimeoutError):
                 continue
+            except ConnectionClosedError:
+                return
             except NatsError:
                 log.warning("callback fetch failed; retrying", exc_info=True)
                 await asyncio.sleep(1.0)

@@ -30,6 +30,7 @@ RESULTS_BUCKET: Final = "jetspool-results"
 BLOB_STORE: Final = "jetspool-blobs"
 
 WAKE_SUBJECTS: Final = "jetspool.wake.>"
+CANCEL_SUBJECTS: Final = "jetspool.cancel.>"
 
 
 def queue_subject(function: str, priority: Priority) -> str:
@@ -45,6 +46,11 @@ def queue_consumer(function: str, priority: Priority) -> str:
 def wake_subject(function: str) -> str:
     """Core NATS subject that tells idle workers new work of `function` waits."""
     return f"jetspool.wake.{function}"
+
+
+def cancel_subject(function: str) -> str:
+    """Core NATS subject that tells workers to abort a running request of `function` (payload: its id)."""
+    return f"jetspool.cancel.{function}"
 
 
 def callback_subject(kind: str) -> str:

@@ -17,7 +17,7 @@ from typing import Any
 import msgspec
 
 from jetspool.domain.errors import DecodeError
-from jetspool.domain.messages import WIRE_VERSION
+from jetspool.domain.messages import WIRE_VERSION, QueuedRequest
 from jetspool.domain.names import Priority
 
 
@@ -51,6 +51,8 @@ class StatusRecord(msgspec.Struct, frozen=True, kw_only=True):
     priority: Priority = "normal"
     attempts: int = 0
     submitted_at: datetime
+    queue_seq: int | None = None
+    """Stream sequence of the request's message on the queue stream (for its queue position)."""
     started_at: datetime | None = None
     completed_at: datetime | None = None
     inference_time: float | None = None
@@ -63,6 +65,17 @@ class StatusRecord(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def is_completed(self) -> bool:
         return self.status is State.COMPLETED
+
+    @classmethod
+    def waiting(cls, request: QueuedRequest, queue_seq: int) -> StatusRecord:
+        """The first record of a request just stored on the queue stream at `queue_seq`."""
+        return cls(
+            request_id=request.request_id,
+            function=request.function,
+            priority=request.priority,
+            submitted_at=request.submitted_at,
+            queue_seq=queue_seq,
+        )
 
     def started(self, attempt: int, at: datetime) -> StatusRecord:
         """The request's attempt number `attempt` has begun."""

@@ -7,7 +7,7 @@ Connections are made in the lifespan and handed to handlers as one `Gateway` obj
 from __future__ import annotations
 
 import logging
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 from litestar import Litestar, Request, Response
@@ -34,6 +34,8 @@ from jetspool.jetstream.status_store import StatusStore
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
+    from jetspool.jetstream.connection import Nats
+    from jetspool.jetstream.provision import Stores
     from jetspool.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -42,8 +44,9 @@ log = logging.getLogger(__name__)
 def create_app(settings: Settings) -> Litestar:
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        conn = await connect(settings.nats, "jetspool-gateway")
-        try:
+        async with AsyncExitStack() as started:
+            conn = await connect(settings.nats, "jetspool-gateway")
+            started.push_async_callback(conn.close)
             stores = await provision(conn, settings.nats.replicas)
             registry = FunctionRegistry(stores.functions)
             for function in settings.functions:
@@ -51,23 +54,11 @@ def create_app(settings: Settings) -> Litestar:
                 await ensure_function_consumers(conn.js, function.name, settings.worker.ack_wait)
             view = RegistryView(stores.functions)
             await view.start()
-            status = StatusStore(conn.js, stores.status)
-            app.state.gateway = Gateway(
-                settings=settings,
-                conn=conn,
-                intake=Intake(status, RequestQueue(conn, stores.blobs)),
-                status=status,
-                results=ResultStore(conn.js, stores.results, stores.blobs, conn.inline_limit),
-                registry=registry,
-                view=view,
-                stats=StatsReader(conn.js),
-            )
+            started.push_async_callback(view.stop)
+            app.state.gateway = _wire(settings, conn, stores, registry, view)
             if not settings.auth.api_keys and not settings.auth.admin_keys:
                 log.warning("no API keys configured: every route is open")
             yield
-            await view.stop()
-        finally:
-            await conn.close()
 
     return Litestar(
         route_handlers=[
@@ -94,6 +85,20 @@ def create_app(settings: Settings) -> Litestar:
         openapi_config=OpenAPIConfig(title="jetspool", version=__version__, path="/schema"),
         state=State(),
         logging_config=None,
+    )
+
+
+def _wire(settings: Settings, conn: Nats, stores: Stores, registry: FunctionRegistry, view: RegistryView) -> Gateway:
+    status = StatusStore(conn.js, stores.status)
+    return Gateway(
+        settings=settings,
+        conn=conn,
+        intake=Intake(status, RequestQueue(conn, stores.blobs)),
+        status=status,
+        results=ResultStore(conn.js, stores.results, stores.blobs, conn.inline_limit),
+        registry=registry,
+        view=view,
+        stats=StatsReader(conn.js),
     )
 
 

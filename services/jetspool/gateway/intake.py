@@ -1,9 +1,7 @@
-"""Taking a request in: read the submission options, store the status, queue it durably.
+"""Taking a request in: read the submission options, queue the request durably, record its status.
 
-`Intake.submit` answers only once the request is in JetStream: it creates the status record
-(`IN_QUEUE`, which also reserves the id), then publishes to the queue stream and waits for
-the stream's acknowledgement. If the publish fails the record is removed again and the client
-gets 503: nothing half-accepted is left behind.
+`Intake.submit` answers only once JetStream has acknowledged the request's message; the
+`IN_QUEUE` status record follows, carrying the message's stream sequence.
 """
 
 from __future__ import annotations
@@ -21,6 +19,7 @@ from jetspool.domain.errors import InvalidInput, NotFound, Unavailable
 from jetspool.domain.functions import Function, is_valid_name
 from jetspool.domain.messages import QueuedRequest
 from jetspool.domain.status import StatusRecord, utcnow
+from jetspool.jetstream.status_store import StaleStatus
 
 if TYPE_CHECKING:
     from litestar import Request
@@ -127,42 +126,36 @@ class Intake:
         self._queue = queue
 
     async def submit(self, submission: Submission) -> StatusRecord:
-        """Store the status and queue the request; returns once both are durable in JetStream."""
-        now = utcnow()
-        record = StatusRecord(
+        """Queue the request, then record its status; returns once both are durable in JetStream.
+
+        The message goes first, so its stream sequence is in the status record from the start
+        (the queue position needs it). A worker that receives the message before the record
+        exists creates the same record itself from the message; either way exactly one is stored.
+        """
+        request = QueuedRequest(
             request_id=str(uuid.uuid4()),
             function=submission.function.name,
-            priority=submission.priority,
-            submitted_at=now,
-        )
-        request = QueuedRequest(
-            request_id=record.request_id,
-            function=record.function,
             priority=submission.priority,
             method=submission.method,
             path=submission.path,
             query=submission.query,
             headers=submission.headers,
             body=submission.body,
-            submitted_at=now,
+            submitted_at=utcnow(),
             callback_url=submission.callback_url,
             webhook_url=submission.webhook_url,
             no_retry=submission.no_retry,
         )
         try:
-            revision = await self._status.create(record)
-        except NatsError as exc:
-            raise Unavailable(f"the queue is unavailable: {exc}") from exc
-        try:
-            await self._queue.enqueue(request)
+            seq = await self._queue.enqueue(request)
         except (NatsError, TimeoutError) as exc:
-            log.warning("queueing %s failed, withdrawing it: %s", record.request_id, exc)
-            await self._withdraw(record.request_id, revision)
             raise Unavailable(f"the queue is unavailable: {exc}") from exc
-        return record
-
-    async def _withdraw(self, request_id: str, revision: int) -> None:
+        record = StatusRecord.waiting(request, seq)
         try:
-            await self._status.delete(request_id, revision)
-        except (NatsError, TimeoutError):
-            log.warning("could not withdraw the status of %s; it expires unseen", request_id, exc_info=True)
+            await self._status.create(record)
+        except StaleStatus:
+            pass  # a worker already picked the message up and recorded it
+        except (NatsError, TimeoutError) as exc:
+            # The request is queued and will run; a worker records its status when it takes it.
+            log.warning("request %s is queued but its status could not be stored yet: %s", request.request_id, exc)
+        return record

@@ -71,7 +71,3 @@ class StatusStore:
                 raise StaleStatus(f"request {record.request_id} changed since revision {last}") from exc
             raise
         return int(ack.seq)
-
-    async def delete(self, request_id: str, last: int) -> None:
-        """Remove a record that never became visible to a client (a submit that could not be queued)."""
-        await self._kv.delete(request_id, last=last)

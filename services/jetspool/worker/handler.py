@@ -15,10 +15,12 @@ import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
+import httpx
+
 from jetspool.aio import stop_task
 from jetspool.domain import names
 from jetspool.domain.errors import DecodeError, PermanentDelivery, RetryableDelivery
-from jetspool.domain.messages import CallbackJob, QueuedRequest, StoredResult, decode, encode
+from jetspool.domain.messages import QueuedRequest, StoredResult, decode
 from jetspool.domain.status import ErrorType, StatusRecord, utcnow
 from jetspool.jetstream.status_store import StaleStatus, StatusStore, Versioned
 from jetspool.worker.invoke import FunctionAnswer, invoke
@@ -27,10 +29,10 @@ from jetspool.worker.policy import backoff_s
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    import httpx
     from nats.aio.msg import Msg
 
     from jetspool.domain.functions import Function
+    from jetspool.jetstream.callbacks import CallbackQueue
     from jetspool.jetstream.connection import Nats
     from jetspool.jetstream.queue import RequestQueue
     from jetspool.jetstream.registry import RegistryView
@@ -48,6 +50,11 @@ class Settle:
     delay_s: float | None = None
 
 
+class Aborted(Exception):
+    """The running call was aborted because the request was cancelled."""
+
+
+_CANCEL_TIMEOUT_S = 10.0
 ACK = Settle("ack")
 TERM = Settle("term")
 
@@ -72,6 +79,7 @@ class Services:
     queue: RequestQueue
     registry: RegistryView
     http: httpx.AsyncClient
+    callbacks: CallbackQueue
 
 
 class RequestHandler:
@@ -80,6 +88,7 @@ class RequestHandler:
         self._worker = worker
         self._retry = retry
         self._rng = random.Random()  # noqa: S311 - jitter, not cryptography
+        self._running: dict[str, asyncio.Task[FunctionAnswer]] = {}
 
     async def handle(self, msg: Msg) -> Settle:
         try:
@@ -91,17 +100,25 @@ class RequestHandler:
         if function is None:
             log.warning("request %s: function %s is not registered; waiting", request.request_id, request.function)
             return Settle("nak", self._worker.poll_interval)
-        current = await self._s.status.get(request.request_id)
-        if current is None:
-            log.warning("request %s has no status record (expired or removed); dropping it", request.request_id)
-            return ACK
+        current = await self._current(msg, request)
         return await self._run(msg, request, function, current)
+
+    async def _current(self, msg: Msg, request: QueuedRequest) -> Versioned:
+        """The request's status record; created here when the gateway has not stored it yet."""
+        current = await self._s.status.get(request.request_id)
+        while current is None:
+            record = StatusRecord.waiting(request, int(msg.metadata.sequence.stream))
+            try:
+                return Versioned(record, await self._s.status.create(record))
+            except StaleStatus:
+                current = await self._s.status.get(request.request_id)
+        return current
 
     async def _run(self, msg: Msg, request: QueuedRequest, function: Function, current: Versioned) -> Settle:
         attempt = int(msg.metadata.num_delivered)
         allowed = 1 if request.no_retry else function.max_attempts
         if current.record.is_completed:
-            await self._emit_callbacks(request)  # a crash may have come between completion and callbacks
+            await self._s.callbacks.emit(request)  # a crash may have come between completion and callbacks
             return ACK
         if attempt > allowed:
             await self._complete(
@@ -125,6 +142,9 @@ class RequestHandler:
             )
         except PermanentDelivery as exc:
             await self._complete(request, function, None, ErrorType(exc.error_type), str(exc))
+        except Aborted:
+            await self._notify_cancel(function, request)
+            await self._complete(request, function, None, ErrorType.CANCELLED, "cancelled while running")
         else:
             error_type = None if 200 <= answer.status_code < 300 else ErrorType.FUNCTION_ERROR  # noqa: PLR2004
             error = None if error_type is None else f"function answered {answer.status_code}"
@@ -137,10 +157,46 @@ class RequestHandler:
         """Invoke the function while telling JetStream, every third of the ack wait, that the work goes on."""
         body = await self._s.queue.load_body(request)
         keeper = asyncio.create_task(self._keep_in_progress(msg), name=f"in-progress-{request.request_id}")
+        call = asyncio.create_task(invoke(self._s.http, function, request, body, attempt))
+        self._running[request.request_id] = call
         try:
-            return await invoke(self._s.http, function, request, body, attempt)
+            return await call
+        except asyncio.CancelledError:
+            this = asyncio.current_task()
+            if this is not None and this.cancelling():
+                raise  # the worker is stopping: hand the message back
+            raise Aborted from None
         finally:
+            self._running.pop(request.request_id, None)
             await stop_task(keeper)
+
+    async def on_cancel(self, msg: Msg) -> None:
+        """A `jetspool.cancel.<function>` signal: abort the call if this worker runs it."""
+        request_id = msg.data.decode(errors="replace")
+        if self.abort(request_id):
+            log.info("aborting %s: cancelled while running", request_id)
+
+    def abort(self, request_id: str) -> bool:
+        """Abort the running call of `request_id`, if this worker holds it."""
+        call = self._running.get(request_id)
+        if call is None:
+            return False
+        call.cancel()
+        return True
+
+    async def _notify_cancel(self, function: Function, request: QueuedRequest) -> None:
+        """POST `{"request_id"}` to the function's cancel_path, if it has one; failures are only logged."""
+        if function.cancel_path is None:
+            return
+        try:
+            await self._s.http.post(
+                function.endpoint(function.cancel_path),
+                json={"request_id": request.request_id},
+                headers={names.H_CALL_ID: request.request_id, **function.headers},
+                timeout=_CANCEL_TIMEOUT_S,
+            )
+        except httpx.HTTPError as exc:
+            log.warning("cancel_path of %s failed for %s: %s", function.name, request.request_id, exc)
 
     async def _keep_in_progress(self, msg: Msg) -> None:
         interval = self._worker.ack_wait / 3
@@ -183,7 +239,7 @@ class RequestHandler:
         await self._s.conn.nc.publish(
             names.counter_subject(request.function, counter), b"", headers={names.NATS_INCR: "+1"}
         )
-        await self._emit_callbacks(request)
+        await self._s.callbacks.emit(request)
 
     async def _transition(
         self,
@@ -205,13 +261,3 @@ class RequestHandler:
                 current = reread
                 continue
             return Versioned(record, revision)
-
-    async def _emit_callbacks(self, request: QueuedRequest) -> None:
-        """Queue the request's callbacks on their own stream (message ids make a repeat harmless)."""
-        for kind, url in request.callbacks():
-            job = CallbackJob(request_id=request.request_id, function=request.function, kind=kind, url=url)
-            await self._s.conn.js.publish(
-                names.callback_subject(kind),
-                encode(job),
-                headers={names.NATS_MSG_ID: f"{request.request_id}.{kind}"},
-            )

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import TYPE_CHECKING
 
 import httpx
 
 from jetspool.callbacks.delivery import CallbackDelivery
+from jetspool.domain import names
+from jetspool.jetstream.callbacks import CallbackQueue
 from jetspool.jetstream.connection import connect
 from jetspool.jetstream.provision import ensure_function_consumers, provision
 from jetspool.jetstream.queue import RequestQueue
@@ -67,32 +70,40 @@ class RunnerPool:
 async def run(settings: Settings, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
     """Deliver requests and callbacks until `stop` is set, then shut down gracefully.
 
-    `ready` is set once every registered function has its runner and callbacks flow.
+    `ready` is set once every registered function has its runner and callbacks flow. Whatever
+    has started is stopped again, in reverse order, however `run` ends.
     """
-    conn = await connect(settings.nats, "jetspool-worker")
-    try:
+    async with contextlib.AsyncExitStack() as started:
+        conn = await connect(settings.nats, "jetspool-worker")
+        started.push_async_callback(conn.close)
         stores = await provision(conn, settings.nats.replicas)
         registry = FunctionRegistry(stores.functions)
         for function in settings.functions:
             await registry.ensure(function)
         timeout = httpx.Timeout(None, connect=_CONNECT_TIMEOUT_S)
-        async with httpx.AsyncClient(timeout=timeout, limits=_HTTP_LIMITS, follow_redirects=False) as http:
-            status = StatusStore(conn.js, stores.status)
-            results = ResultStore(conn.js, stores.results, stores.blobs, conn.inline_limit)
-            view = RegistryView(stores.functions)
-            services = Services(conn, status, results, RequestQueue(conn, stores.blobs), view, http)
-            pool = RunnerPool(conn.nc, RequestHandler(services, settings.worker, settings.retry), settings)
-            view.on_change = pool.on_change
-            callbacks = CallbackDelivery(conn.js, status, results, settings.callbacks, http)
-            await view.start()
-            await callbacks.start()
-            log.info("worker ready")
-            if ready is not None:
-                ready.set()
-            await stop.wait()
-            log.info("worker stopping")
-            await pool.stop()
-            await callbacks.stop(settings.worker.shutdown_grace)
-            await view.stop()
-    finally:
-        await conn.close()
+        http = await started.enter_async_context(
+            httpx.AsyncClient(timeout=timeout, limits=_HTTP_LIMITS, follow_redirects=False)
+        )
+        status = StatusStore(conn.js, stores.status)
+        results = ResultStore(conn.js, stores.results, stores.blobs, conn.inline_limit)
+        view = RegistryView(stores.functions)
+        queue = RequestQueue(conn, stores.blobs)
+        services = Services(conn, status, results, queue, view, http, CallbackQueue(conn.js))
+        handler = RequestHandler(services, settings.worker, settings.retry)
+        pool = RunnerPool(conn.nc, handler, settings)
+        view.on_change = pool.on_change
+
+        await view.start()
+        started.push_async_callback(view.stop)
+        started.push_async_callback(pool.stop)
+        callbacks = CallbackDelivery(conn.js, status, results, settings.callbacks, http)
+        await callbacks.start()
+        started.push_async_callback(callbacks.stop, settings.worker.shutdown_grace)
+        cancels = await conn.nc.subscribe(names.CANCEL_SUBJECTS, cb=handler.on_cancel)
+        started.push_async_callback(cancels.unsubscribe)
+
+        log.info("worker ready")
+        if ready is not None:
+            ready.set()
+        await stop.wait()
+        log.info("worker stopping")

@@ -12,6 +12,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
+from nats.errors import ConnectionClosedError
 from nats.errors import Error as NatsError
 
 from jetspool.aio import stop_task, wait_event
@@ -84,6 +85,8 @@ class FunctionRunner:
             self._wake.clear()
             try:
                 msgs = await self._puller.pull(free)
+            except ConnectionClosedError:
+                return
             except NatsError:
                 log.warning("pull for %s failed; retrying", self._function.name, exc_info=True)
                 await asyncio.sleep(_ERROR_BACKOFF_S)

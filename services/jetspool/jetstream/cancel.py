@@ -1,0 +1,85 @@
+"""Cancelling a request (SPEC §2, §4).
+
+- Waiting (`IN_QUEUE`, including a retry waiting out its backoff): the status becomes
+  COMPLETED/cancelled by compare-and-set, then its message is deleted from the queue stream, so
+  it is never delivered and every position behind it moves up at once. Its callbacks are queued.
+- Running (`IN_PROGRESS`): the workers are told on `jetspool.cancel.<function>`; the one holding
+  it aborts the call, POSTs the function's `cancel_path` if configured, and records `cancelled`.
+- Completed: nothing changes; the caller answers ALREADY_COMPLETED.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from enum import Enum
+from typing import TYPE_CHECKING
+
+from nats.js.errors import NotFoundError
+
+from jetspool.domain import names
+from jetspool.domain.errors import DecodeError
+from jetspool.domain.messages import QueuedRequest, decode
+from jetspool.domain.status import ErrorType, State, utcnow
+from jetspool.jetstream.status_store import StaleStatus
+
+if TYPE_CHECKING:
+    from jetspool.domain.functions import Function
+    from jetspool.jetstream.callbacks import CallbackQueue
+    from jetspool.jetstream.connection import Nats
+    from jetspool.jetstream.status_store import StatusStore, Versioned
+
+log = logging.getLogger(__name__)
+
+
+class CancelOutcome(Enum):
+    CANCELLED = "cancelled"
+    SIGNALLED = "signalled"
+    ALREADY_COMPLETED = "already completed"
+    NOT_FOUND = "not found"
+
+
+class Canceller:
+    def __init__(self, conn: Nats, status: StatusStore, callbacks: CallbackQueue) -> None:
+        self._conn = conn
+        self._status = status
+        self._callbacks = callbacks
+
+    async def cancel(self, current: Versioned, function: Function | None) -> CancelOutcome:
+        """Cancel the request `current` describes, re-reading it when it changes underneath."""
+        while True:
+            record = current.record
+            if record.status is State.COMPLETED:
+                return CancelOutcome.ALREADY_COMPLETED
+            if record.status is State.IN_PROGRESS:
+                await self._conn.nc.publish(names.cancel_subject(record.function), record.request_id.encode())
+                return CancelOutcome.SIGNALLED
+            cancelled = record.completed(
+                utcnow(), function_status=None, inference_time=None, error="cancelled", error_type=ErrorType.CANCELLED
+            )
+            ttl_s = function.result_ttl if function is not None else None
+            try:
+                await self._status.update(cancelled, current.revision, ttl_s)
+            except StaleStatus:
+                reread = await self._status.get(record.request_id)
+                if reread is None:
+                    return CancelOutcome.NOT_FOUND
+                current = reread
+                continue
+            await self._withdraw(record.queue_seq)
+            return CancelOutcome.CANCELLED
+
+    async def _withdraw(self, seq: int | None) -> None:
+        """Delete the cancelled request's message, queueing its callbacks first."""
+        if seq is None:
+            return
+        try:
+            msg = await self._conn.js.get_msg(names.QUEUE_STREAM, seq=seq)
+        except NotFoundError:
+            return  # taken meanwhile: the worker sees the cancelled status and drops it
+        try:
+            await self._callbacks.emit(decode(msg.data or b"", QueuedRequest))
+        except DecodeError:
+            log.exception("cancelled message %d is unreadable; no callbacks for it", seq)
+        with contextlib.suppress(NotFoundError):
+            await self._conn.js.delete_msg(names.QUEUE_STREAM, seq)

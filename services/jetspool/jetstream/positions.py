@@ -1,0 +1,82 @@
+"""Exact queue positions from JetStream's own state, at a cost that does not grow with the backlog.
+
+A waiting request R of class c, stored at stream sequence s, starts after
+
+    every undelivered request of the higher classes   Σ num_pending of their consumers
+  + the undelivered requests of c stored before s       num_pending(c) - 1 - after(R)
+
+where `after(R)`, the messages on R's subject stored after s, comes from a direct get of R's
+own message: the server answers it with `Nats-Num-Pending`, computed from per-block subject
+state (bounded by one block's scan, not by the backlog). Cancelled requests are deleted from
+the stream, so neither figure counts them. A request waiting out a retry backoff has been
+delivered already: it is redelivered before any new message, so only higher classes precede it.
+
+The figures are read concurrently, not atomically: while requests start, a reading may be one
+off for an instant, never more than the starts in between.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+import orjson
+from nats.errors import NoRespondersError
+from nats.js.errors import NotFoundError
+
+from jetspool.domain import names
+
+if TYPE_CHECKING:
+    from jetspool.domain.status import StatusRecord
+    from jetspool.jetstream.connection import Nats
+
+_TIMEOUT_S = 5.0
+
+
+class QueuePositions:
+    def __init__(self, conn: Nats) -> None:
+        self._conn = conn
+
+    async def waiting(self, function: str) -> dict[names.Priority, int]:
+        """Undelivered requests of `function` per priority class."""
+        counts = await asyncio.gather(*(self._pending(function, p) for p in names.PRIORITIES))
+        return dict(zip(names.PRIORITIES, counts, strict=True))
+
+    async def position(self, record: StatusRecord) -> int:
+        """How many requests of the same function will start before `record` (which is IN_QUEUE)."""
+        classes = names.PRIORITIES[: names.PRIORITIES.index(record.priority) + 1]
+        delivered_before = record.attempts > 0 or record.queue_seq is None
+        own_after = None if delivered_before else self._after(record)
+        pending = await asyncio.gather(*(self._pending(record.function, p) for p in classes))
+        higher = sum(pending[:-1])
+        if own_after is None:
+            return higher
+        after = await own_after
+        if after is None:
+            return higher  # its message was taken a moment ago
+        return higher + max(0, pending[-1] - 1 - after)
+
+    async def _pending(self, function: str, priority: names.Priority) -> int:
+        try:
+            info = await self._conn.js.consumer_info(names.QUEUE_STREAM, names.queue_consumer(function, priority))
+        except NotFoundError:
+            return 0
+        return int(info.num_pending or 0)
+
+    async def _after(self, record: StatusRecord) -> int | None:
+        """Messages on the record's subject stored after its own; None when its message is gone."""
+        request = {
+            "seq": record.queue_seq,
+            "next_by_subj": names.queue_subject(record.function, record.priority),
+            "batch": 1,
+        }
+        try:
+            reply = await self._conn.nc.request(
+                f"$JS.API.DIRECT.GET.{names.QUEUE_STREAM}", orjson.dumps(request), timeout=_TIMEOUT_S
+            )
+        except NoRespondersError:
+            return None
+        headers = reply.headers or {}
+        if headers.get("Nats-Sequence") != str(record.queue_seq):
+            return None  # gone: the next message on the subject answered instead, or none (404)
+        return int(headers.get("Nats-Num-Pending", "0"))
