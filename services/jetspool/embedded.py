@@ -67,6 +67,7 @@ class EmbeddedNats:
             stdout=log_file,
             stderr=subprocess.STDOUT,
             preexec_fn=die_with_parent,  # noqa: PLW1509 - only sets the death signal
+            start_new_session=True,  # Ctrl-C reaches the supervisor alone; it stops NATS last
         )
         log_file.close()
         self.url = self._wait_for_ports(run_dir)

@@ -98,6 +98,7 @@ class Supervisor:
         process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
             [sys.executable, "-m", "jetspool", *args],
             preexec_fn=die_with_parent,  # noqa: PLW1509 - only sets the death signal
+            start_new_session=True,  # Ctrl-C reaches the supervisor alone; it stops NATS last
         )
         self._children.append((name, process))
 

@@ -89,6 +89,16 @@ class RecordingApp:
     default: Reply | None = None
     _scripts: dict[str, list[Reply]] = field(default_factory=dict)
     _arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    _gates: dict[str, asyncio.Semaphore] = field(default_factory=dict)
+
+    def hold(self, path: str) -> None:
+        """Hold every request to `path` before it is answered, until `release(path)` lets it go."""
+        self._gates[path] = asyncio.Semaphore(0)
+
+    def release(self, path: str, count: int = 1) -> None:
+        """Let `count` held requests to `path` be answered, in arrival order."""
+        for _ in range(count):
+            self._gates[path].release()
 
     def script(self, path: str, replies: list[Reply]) -> None:
         self._scripts.setdefault(path, []).extend(replies)
@@ -117,6 +127,9 @@ class RecordingApp:
         seen = Seen(scope["method"], scope["path"], scope["query_string"].decode("latin-1"), headers, body)
         self.seen.append(seen)
         self._arrived.set()
+        gate = self._gates.get(seen.path)
+        if gate is not None:
+            await gate.acquire()
         reply = self._next_reply(seen)
         if reply.delay_s:
             await asyncio.sleep(reply.delay_s)

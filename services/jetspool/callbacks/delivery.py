@@ -108,11 +108,14 @@ class CallbackDelivery:
         if current is None:
             log.warning("callback for %s: the request is gone; dropping it", job.request_id)
             return Settle("term")
-        request = build(job.kind, current.record, await self._results.get(job.request_id))
+        result = await self._results.get(job.request_id, current.record.attempts)
+        request = build(job.kind, current.record, result)
         attempt = int(msg.metadata.num_delivered)
         retry_after: float | None = None
         try:
-            response = await self._http.post(job.url, content=request.body, headers=request.headers)
+            response = await self._http.post(
+                job.url, content=request.body, headers=request.headers, timeout=self._settings.timeout
+            )
         except httpx.HTTPError as exc:
             reason = f"{exc.__class__.__name__}: {exc}"
         else:

@@ -68,9 +68,14 @@ def body_object(request_id: str) -> str:
     return f"body-{request_id}"
 
 
-def result_object(request_id: str) -> str:
+def result_key(request_id: str, attempt: int) -> str:
+    """Results-bucket key of the answer of one attempt (only the latest attempt's is ever read)."""
+    return f"{request_id}.{attempt}"
+
+
+def result_object(request_id: str, attempt: int) -> str:
     """Object-store name of a result too large for one KV value."""
-    return f"result-{request_id}"
+    return f"result-{request_id}-{attempt}"
 
 
 # --- HTTP headers ------------------------------------------------------------------------

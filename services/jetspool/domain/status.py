@@ -61,6 +61,8 @@ class StatusRecord(msgspec.Struct, frozen=True, kw_only=True):
     """HTTP status of the function's final response, when there was one."""
     error: str | None = None
     error_type: ErrorType | None = None
+    cancel_requested: bool = False
+    """Set when a cancel arrives while the request runs; a redelivery then completes it as cancelled."""
 
     @property
     def is_completed(self) -> bool:
@@ -126,15 +128,24 @@ def _rfc3339(at: datetime | None) -> str | None:
     return None if at is None else at.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
-def public_status(record: StatusRecord, base_url: str, *, logs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+def request_urls(base_url: str, function: str, request_id: str) -> dict[str, str]:
+    """The absolute response, status and cancel URLs of a request."""
+    prefix = f"{base_url}/queue/{function}/requests/{request_id}"
+    return {"response_url": prefix, "status_url": f"{prefix}/status", "cancel_url": f"{prefix}/cancel"}
+
+
+def public_status(
+    record: StatusRecord,
+    base_url: str,
+    *,
+    logs: list[dict[str, Any]] | None = None,
+    queue_position: int | None = None,
+) -> dict[str, Any]:
     """The status object of SPEC §3, with absolute URLs under `base_url`."""
-    prefix = f"{base_url}/queue/{record.function}/requests/{record.request_id}"
     view: dict[str, Any] = {
         "status": record.status.value,
         "request_id": record.request_id,
-        "response_url": prefix,
-        "status_url": f"{prefix}/status",
-        "cancel_url": f"{prefix}/cancel",
+        **request_urls(base_url, record.function, record.request_id),
         "logs": logs,
         "function": record.function,
         "priority": record.priority,
@@ -143,6 +154,8 @@ def public_status(record: StatusRecord, base_url: str, *, logs: list[dict[str, A
         "started_at": _rfc3339(record.started_at),
         "completed_at": _rfc3339(record.completed_at),
     }
+    if record.status is State.IN_QUEUE and queue_position is not None:
+        view["queue_position"] = queue_position
     if record.status is State.COMPLETED:
         view["metrics"] = {"inference_time": record.inference_time}
         if record.error_type is not None:

@@ -23,7 +23,10 @@ from jetspool.domain.errors import RequestError
 from jetspool.gateway.intake import Intake
 from jetspool.gateway.routes import openfaas, queue, system
 from jetspool.gateway.state import Gateway
+from jetspool.jetstream.callbacks import CallbackQueue
+from jetspool.jetstream.cancel import Canceller
 from jetspool.jetstream.connection import connect
+from jetspool.jetstream.positions import QueuePositions
 from jetspool.jetstream.provision import ensure_function_consumers, provision
 from jetspool.jetstream.queue import RequestQueue
 from jetspool.jetstream.registry import FunctionRegistry, RegistryView
@@ -64,7 +67,10 @@ def create_app(settings: Settings) -> Litestar:
         route_handlers=[
             openfaas.async_function,
             openfaas.async_function_path,
+            queue.submit,
+            queue.submit_path,
             queue.request_status,
+            queue.cancel_request,
             queue.request_result,
             system.list_functions,
             system.get_function,
@@ -99,6 +105,8 @@ def _wire(settings: Settings, conn: Nats, stores: Stores, registry: FunctionRegi
         registry=registry,
         view=view,
         stats=StatsReader(conn.js),
+        positions=QueuePositions(conn),
+        canceller=Canceller(conn, status, CallbackQueue(conn.js)),
     )
 
 

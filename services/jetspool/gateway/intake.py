@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 CONTROL_QUERY: Final = frozenset({"webhookEndpoint", "fal_webhook", "webhook"})
 """Query parameters that steer jetspool and are not forwarded to the function."""
 
+_STATUS_ATTEMPTS: Final = 3
 _TRUE: Final = frozenset({"1", "true", "yes"})
 _PRIORITY_HEADERS: Final = (names.H_QUEUE_PRIORITY, names.H_FAL_QUEUE_PRIORITY)
 _NO_RETRY_HEADERS: Final = ("X-No-Retry", "X-Fal-No-Retry")
@@ -151,11 +152,16 @@ class Intake:
         except (NatsError, TimeoutError) as exc:
             raise Unavailable(f"the queue is unavailable: {exc}") from exc
         record = StatusRecord.waiting(request, seq)
-        try:
-            await self._status.create(record)
-        except StaleStatus:
-            pass  # a worker already picked the message up and recorded it
-        except (NatsError, TimeoutError) as exc:
-            # The request is queued and will run; a worker records its status when it takes it.
-            log.warning("request %s is queued but its status could not be stored yet: %s", request.request_id, exc)
-        return record
+        for attempt in range(1, _STATUS_ATTEMPTS + 1):
+            try:
+                await self._status.create(record)
+            except StaleStatus:
+                return record  # a worker already picked the message up and recorded it
+            except (NatsError, TimeoutError) as exc:
+                # The request is queued and will run (a worker records its status when it takes
+                # it), but a client could not follow it yet: say so rather than hand out an id.
+                if attempt == _STATUS_ATTEMPTS:
+                    raise Unavailable(f"the request is queued but its status could not be stored: {exc}") from exc
+            else:
+                return record
+        return record  # pragma: no cover - the loop always returns or raises

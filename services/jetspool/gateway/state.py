@@ -12,7 +12,9 @@ from litestar.di import NamedDependency
 
 if TYPE_CHECKING:
     from jetspool.gateway.intake import Intake
+    from jetspool.jetstream.cancel import Canceller
     from jetspool.jetstream.connection import Nats
+    from jetspool.jetstream.positions import QueuePositions
     from jetspool.jetstream.registry import FunctionRegistry, RegistryView
     from jetspool.jetstream.results import ResultStore
     from jetspool.jetstream.stats import StatsReader
@@ -21,7 +23,18 @@ if TYPE_CHECKING:
 
 
 class Gateway:
-    __slots__ = ("conn", "intake", "registry", "results", "settings", "stats", "status", "view")
+    __slots__ = (
+        "canceller",
+        "conn",
+        "intake",
+        "positions",
+        "registry",
+        "results",
+        "settings",
+        "stats",
+        "status",
+        "view",
+    )
 
     def __init__(
         self,
@@ -34,6 +47,8 @@ class Gateway:
         registry: FunctionRegistry,
         view: RegistryView,
         stats: StatsReader,
+        positions: QueuePositions,
+        canceller: Canceller,
     ) -> None:
         self.settings = settings
         self.conn = conn
@@ -43,6 +58,8 @@ class Gateway:
         self.registry = registry
         self.view = view
         self.stats = stats
+        self.positions = positions
+        self.canceller = canceller
 
     @property
     def base_url(self) -> str:

@@ -3,8 +3,10 @@
 - Waiting (`IN_QUEUE`, including a retry waiting out its backoff): the status becomes
   COMPLETED/cancelled by compare-and-set, then its message is deleted from the queue stream, so
   it is never delivered and every position behind it moves up at once. Its callbacks are queued.
-- Running (`IN_PROGRESS`): the workers are told on `jetspool.cancel.<function>`; the one holding
-  it aborts the call, POSTs the function's `cancel_path` if configured, and records `cancelled`.
+- Running (`IN_PROGRESS`): the record is marked `cancel_requested` (so a redelivery after a worker
+  crash completes it as cancelled), then the workers are told on `jetspool.cancel.<function>`; the
+  one holding it aborts the call, POSTs the function's `cancel_path` if configured, and records
+  `cancelled`.
 - Completed: nothing changes; the caller answers ALREADY_COMPLETED.
 """
 
@@ -15,6 +17,7 @@ import logging
 from enum import Enum
 from typing import TYPE_CHECKING
 
+import msgspec
 from nats.js.errors import NotFoundError
 
 from jetspool.domain import names
@@ -51,21 +54,30 @@ class Canceller:
             record = current.record
             if record.status is State.COMPLETED:
                 return CancelOutcome.ALREADY_COMPLETED
-            if record.status is State.IN_PROGRESS:
-                await self._conn.nc.publish(names.cancel_subject(record.function), record.request_id.encode())
-                return CancelOutcome.SIGNALLED
-            cancelled = record.completed(
-                utcnow(), function_status=None, inference_time=None, error="cancelled", error_type=ErrorType.CANCELLED
-            )
-            ttl_s = function.result_ttl if function is not None else None
+            running = record.status is State.IN_PROGRESS
+            if running:
+                changed = msgspec.structs.replace(record, cancel_requested=True)
+                ttl_s = None
+            else:
+                changed = record.completed(
+                    utcnow(),
+                    function_status=None,
+                    inference_time=None,
+                    error="cancelled",
+                    error_type=ErrorType.CANCELLED,
+                )
+                ttl_s = function.result_ttl if function is not None else None
             try:
-                await self._status.update(cancelled, current.revision, ttl_s)
+                await self._status.update(changed, current.revision, ttl_s)
             except StaleStatus:
                 reread = await self._status.get(record.request_id)
                 if reread is None:
                     return CancelOutcome.NOT_FOUND
                 current = reread
                 continue
+            if running:
+                await self._conn.nc.publish(names.cancel_subject(record.function), record.request_id.encode())
+                return CancelOutcome.SIGNALLED
             await self._withdraw(record.queue_seq)
             return CancelOutcome.CANCELLED
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import ssl
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import nats
+from nats.errors import Error as NatsError
 
 from jetspool.domain.errors import ConfigError
 
@@ -18,6 +20,8 @@ if TYPE_CHECKING:
     from jetspool.settings import NatsSettings
 
 log = logging.getLogger(__name__)
+
+_FLUSH_TIMEOUT_S = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,8 +37,13 @@ class Nats:
         return int(self.nc.max_payload) // 2
 
     async def close(self) -> None:
-        if not self.nc.is_closed:
-            await self.nc.drain()
+        """Flush what was published and close. (Not drain: every user has stopped by now, and a
+        drain can wait forever on a subscription whose consumer task is gone.)"""
+        if self.nc.is_closed:
+            return
+        with contextlib.suppress(NatsError, TimeoutError):
+            await self.nc.flush(timeout=_FLUSH_TIMEOUT_S)
+        await self.nc.close()
 
 
 def connect_options(settings: NatsSettings, name: str) -> dict[str, Any]:

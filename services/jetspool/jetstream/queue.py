@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING
 
 import msgspec
+from nats.errors import Error as NatsError
+from nats.errors import TimeoutError as NatsTimeoutError
 
 from jetspool.domain import names
 from jetspool.domain.messages import QueuedRequest, encode
@@ -13,6 +16,9 @@ if TYPE_CHECKING:
     from nats.js.object_store import ObjectStore
 
     from jetspool.jetstream.connection import Nats
+
+
+_PUBLISH_ATTEMPTS = 3
 
 
 class RequestQueue:
@@ -31,12 +37,17 @@ class RequestQueue:
             ref = names.body_object(request.request_id)
             await self._blobs.put(ref, request.body)
             request = msgspec.structs.replace(request, body=b"", body_ref=ref)
-        ack = await self._conn.js.publish(
-            names.queue_subject(request.function, request.priority),
-            encode(request),
-            headers={names.NATS_MSG_ID: request.request_id},
-        )
-        await self._conn.nc.publish(names.wake_subject(request.function), b"")
+        subject, payload = names.queue_subject(request.function, request.priority), encode(request)
+        for attempt in range(1, _PUBLISH_ATTEMPTS + 1):
+            try:
+                ack = await self._conn.js.publish(subject, payload, headers={names.NATS_MSG_ID: request.request_id})
+                break
+            except (NatsTimeoutError, TimeoutError):
+                # Stored or not, a repeat with the same message id stores it exactly once.
+                if attempt == _PUBLISH_ATTEMPTS:
+                    raise
+        with contextlib.suppress(NatsError):  # a missed wake-up only delays the start to the next poll
+            await self._conn.nc.publish(names.wake_subject(request.function), b"")
         return int(ack.seq)
 
     async def load_body(self, request: QueuedRequest) -> bytes:

@@ -24,6 +24,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+_APPLY_ATTEMPTS = 5
+_APPLY_BACKOFF_S = 1.0
+
 OnChange = Callable[[str, Function | None], Awaitable[None]]
 """Called with a function's name and its new entry (None when it was removed)."""
 
@@ -134,5 +137,13 @@ class RegistryView:
             self._functions.pop(name, None)
         else:
             self._functions[name] = function
-        if self.on_change is not None:
-            await self.on_change(name, function)
+        if self.on_change is None:
+            return
+        for attempt in range(1, _APPLY_ATTEMPTS + 1):
+            try:
+                await self.on_change(name, function)
+            except Exception:  # the follower must outlive one failed change
+                log.exception("applying the registry change of %s failed (attempt %d)", name, attempt)
+                await asyncio.sleep(_APPLY_BACKOFF_S * attempt)
+            else:
+                return

@@ -26,16 +26,17 @@ class ResultStore:
         self._inline_limit = inline_limit
         self._prefix = f"$KV.{names.RESULTS_BUCKET}."
 
-    async def put(self, request_id: str, result: StoredResult, ttl_s: float) -> None:
+    async def put(self, request_id: str, attempt: int, result: StoredResult, ttl_s: float) -> None:
         if len(result.body) > self._inline_limit:
-            ref = names.result_object(request_id)
+            ref = names.result_object(request_id, attempt)
             await self._blobs.put(ref, result.body)
             result = StoredResult(status_code=result.status_code, content_type=result.content_type, body_ref=ref)
-        await self._js.publish(f"{self._prefix}{request_id}", encode(result), msg_ttl=max(1, int(ttl_s)))
+        key = names.result_key(request_id, attempt)
+        await self._js.publish(f"{self._prefix}{key}", encode(result), msg_ttl=max(1, int(ttl_s)))
 
-    async def get(self, request_id: str) -> StoredResult | None:
+    async def get(self, request_id: str, attempt: int) -> StoredResult | None:
         try:
-            entry = await self._kv.get(request_id)
+            entry = await self._kv.get(names.result_key(request_id, attempt))
         except KeyNotFoundError:
             return None
         if entry.value is None:  # pragma: no cover - a get never returns an empty put

@@ -54,6 +54,19 @@ class Aborted(Exception):
     """The running call was aborted because the request was cancelled."""
 
 
+@dataclass(slots=True)
+class _Call:
+    """A call this worker runs or is about to run, so a cancel signal can reach it at any moment."""
+
+    task: asyncio.Task[FunctionAnswer] | None = None
+    aborted: bool = False
+
+
+_CANCELLED_RUNNING = "cancelled while running"
+_SPARE_DELIVERIES = 20
+"""Deliveries beyond max_attempts that never reached the function (hand-backs, errors) before giving up."""
+
+
 _CANCEL_TIMEOUT_S = 10.0
 ACK = Settle("ack")
 TERM = Settle("term")
@@ -88,7 +101,7 @@ class RequestHandler:
         self._worker = worker
         self._retry = retry
         self._rng = random.Random()  # noqa: S311 - jitter, not cryptography
-        self._running: dict[str, asyncio.Task[FunctionAnswer]] = {}
+        self._running: dict[str, _Call] = {}
 
     async def handle(self, msg: Msg) -> Settle:
         try:
@@ -115,59 +128,73 @@ class RequestHandler:
         return current
 
     async def _run(self, msg: Msg, request: QueuedRequest, function: Function, current: Versioned) -> Settle:
-        attempt = int(msg.metadata.num_delivered)
-        allowed = 1 if request.no_retry else function.max_attempts
         if current.record.is_completed:
             await self._s.callbacks.emit(request)  # a crash may have come between completion and callbacks
             return ACK
-        if attempt > allowed:
-            await self._complete(
-                request, function, None, ErrorType.RUNNER_UNAVAILABLE, f"gave up after {allowed} deliveries"
-            )
+        allowed = 1 if request.no_retry else function.max_attempts
+        attempt = current.record.attempts + 1
+        if current.record.cancel_requested:
+            await self._complete(request, function, None, ErrorType.CANCELLED, _CANCELLED_RUNNING)
             return ACK
-        started = await self._transition(current, lambda r: r.started(attempt, utcnow()))
-        if started is None:
-            return ACK  # completed (e.g. cancelled) meanwhile
+        if attempt > allowed or int(msg.metadata.num_delivered) > allowed + _SPARE_DELIVERIES:
+            gave_up = f"gave up after {current.record.attempts} attempts"
+            await self._complete(request, function, None, ErrorType.RUNNER_UNAVAILABLE, gave_up)
+            return ACK
+        call = _Call()
+        self._running[request.request_id] = call  # before IN_PROGRESS shows: no cancel signal can be missed
         try:
-            answer = await self._invoke_keeping_message(msg, function, request, attempt)
+            started = await self._transition(current, lambda r: r.started(attempt, utcnow()))
+            if started is None:
+                return ACK  # completed (e.g. cancelled) meanwhile
+            return await self._attempt(msg, request, function, call=call, attempt=attempt, allowed=allowed)
+        finally:
+            self._running.pop(request.request_id, None)
+
+    async def _attempt(
+        self, msg: Msg, request: QueuedRequest, function: Function, *, call: _Call, attempt: int, allowed: int
+    ) -> Settle:
+        """One invocation and its outcome: retry later, or complete."""
+        try:
+            answer = await self._invoke_keeping_message(msg, function, request, call, attempt)
         except RetryableDelivery as exc:
             if attempt < allowed:
                 reason = str(exc)
                 delay = backoff_s(attempt, self._retry, exc.retry_after_s, self._rng)
                 log.info("request %s attempt %d: %s; retrying in %.1f s", request.request_id, attempt, reason, delay)
-                await self._transition(started, lambda r: r.requeued(reason))
+                await self._update(request, attempt, lambda r: r.requeued(reason))
                 return Settle("nak", delay)
-            await self._complete(
-                request, function, None, ErrorType.RUNNER_UNAVAILABLE, f"gave up after {attempt} attempts: {exc}"
-            )
+            gave_up = f"gave up after {attempt} attempts: {exc}"
+            await self._complete(request, function, None, ErrorType.RUNNER_UNAVAILABLE, gave_up, attempt=attempt)
         except PermanentDelivery as exc:
-            await self._complete(request, function, None, ErrorType(exc.error_type), str(exc))
+            await self._complete(request, function, None, ErrorType(exc.error_type), str(exc), attempt=attempt)
         except Aborted:
             await self._notify_cancel(function, request)
-            await self._complete(request, function, None, ErrorType.CANCELLED, "cancelled while running")
+            await self._complete(
+                request, function, None, ErrorType.CANCELLED, "cancelled while running", attempt=attempt
+            )
         else:
             error_type = None if 200 <= answer.status_code < 300 else ErrorType.FUNCTION_ERROR  # noqa: PLR2004
             error = None if error_type is None else f"function answered {answer.status_code}"
-            await self._complete(request, function, answer, error_type, error)
+            await self._complete(request, function, answer, error_type, error, attempt=attempt)
         return ACK
 
     async def _invoke_keeping_message(
-        self, msg: Msg, function: Function, request: QueuedRequest, attempt: int
+        self, msg: Msg, function: Function, request: QueuedRequest, call: _Call, attempt: int
     ) -> FunctionAnswer:
         """Invoke the function while telling JetStream, every third of the ack wait, that the work goes on."""
         body = await self._s.queue.load_body(request)
         keeper = asyncio.create_task(self._keep_in_progress(msg), name=f"in-progress-{request.request_id}")
-        call = asyncio.create_task(invoke(self._s.http, function, request, body, attempt))
-        self._running[request.request_id] = call
+        call.task = asyncio.create_task(invoke(self._s.http, function, request, body, attempt))
+        if call.aborted:
+            call.task.cancel()
         try:
-            return await call
+            return await call.task
         except asyncio.CancelledError:
             this = asyncio.current_task()
             if this is not None and this.cancelling():
                 raise  # the worker is stopping: hand the message back
             raise Aborted from None
         finally:
-            self._running.pop(request.request_id, None)
             await stop_task(keeper)
 
     async def on_cancel(self, msg: Msg) -> None:
@@ -181,7 +208,9 @@ class RequestHandler:
         call = self._running.get(request_id)
         if call is None:
             return False
-        call.cancel()
+        call.aborted = True
+        if call.task is not None:
+            call.task.cancel()
         return True
 
     async def _notify_cancel(self, function: Function, request: QueuedRequest) -> None:
@@ -214,16 +243,21 @@ class RequestHandler:
         answer: FunctionAnswer | None,
         error_type: ErrorType | None,
         error: str | None,
+        *,
+        attempt: int | None = None,
     ) -> None:
-        """Record the final outcome: result first, then status (with its TTL), then counters and callbacks."""
-        if answer is not None:
-            stored = StoredResult(status_code=answer.status_code, content_type=answer.content_type, body=answer.body)
-            await self._s.results.put(request.request_id, stored, function.result_ttl)
-        current = await self._s.status.get(request.request_id)
-        if current is None:
-            return
+        """Record the final outcome of `attempt` (None: of no attempt): result, then status, then callbacks.
 
-        def complete(record: StatusRecord) -> StatusRecord:
+        The result is stored under its attempt, and the status only completes while that attempt
+        is still the latest: a stale worker's late answer can never replace a newer outcome.
+        """
+        if answer is not None and attempt is not None:
+            stored = StoredResult(status_code=answer.status_code, content_type=answer.content_type, body=answer.body)
+            await self._s.results.put(request.request_id, attempt, stored, function.result_ttl)
+
+        def complete(record: StatusRecord) -> StatusRecord | None:
+            if attempt is not None and record.attempts != attempt:
+                return None  # a newer attempt owns the record
             return record.completed(
                 utcnow(),
                 function_status=None if answer is None else answer.status_code,
@@ -232,8 +266,7 @@ class RequestHandler:
                 error_type=error_type,
             )
 
-        done = await self._transition(current, complete, ttl_s=function.result_ttl)
-        if done is None:
+        if await self._update(request, attempt, complete, ttl_s=function.result_ttl) is None:
             return
         counter = "completed" if error_type is None else "failed"
         await self._s.conn.nc.publish(
@@ -241,17 +274,41 @@ class RequestHandler:
         )
         await self._s.callbacks.emit(request)
 
+    async def _update(
+        self,
+        request: QueuedRequest,
+        attempt: int | None,
+        change: Callable[[StatusRecord], StatusRecord | None],
+        ttl_s: float | None = None,
+    ) -> Versioned | None:
+        """Read the record and apply `change` to it, but only while `attempt` is its latest attempt."""
+        current = await self._s.status.get(request.request_id)
+        if current is None:
+            return None
+
+        def fenced(record: StatusRecord) -> StatusRecord | None:
+            if attempt is not None and record.attempts != attempt:
+                return None
+            return change(record)
+
+        return await self._transition(current, fenced, ttl_s)
+
     async def _transition(
         self,
         current: Versioned,
-        change: Callable[[StatusRecord], StatusRecord],
+        change: Callable[[StatusRecord], StatusRecord | None],
         ttl_s: float | None = None,
     ) -> Versioned | None:
-        """Apply `change` with compare-and-set, re-reading on conflict; None once the record is final or gone."""
+        """Apply `change` with compare-and-set, re-reading on conflict.
+
+        None once the record is final or gone, or when `change` declines (returns None).
+        """
         while True:
             if current.record.is_completed:
                 return None
             record = change(current.record)
+            if record is None:
+                return None
             try:
                 revision = await self._s.status.update(record, current.revision, ttl_s)
             except StaleStatus:

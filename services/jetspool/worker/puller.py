@@ -43,6 +43,7 @@ class PriorityPuller:
         self._inbox = nc.new_inbox()
         self._tokens = itertools.count()
         self._pulls: dict[str, _Pull] = {}
+        self._current: _Pull | None = None
         self._ready: deque[Msg] = deque()
         self._sub: Subscription | None = None
 
@@ -70,6 +71,7 @@ class PriorityPuller:
         token = str(next(self._tokens))
         pull = _Pull(batch)
         self._pulls[token] = pull
+        self._current = pull
         consumer = names.queue_consumer(self._function, priority)
         try:
             await self._nc.publish(
@@ -81,15 +83,19 @@ class PriorityPuller:
             await wait_event(pull.done, _PULL_TIMEOUT_S)
         finally:
             del self._pulls[token]
+            self._current = None
 
     async def _on_message(self, msg: Msg) -> None:
-        pull = self._pulls.get(msg.subject.rpartition(".")[2])
         status = msg.headers.get("Status") if msg.headers else None
         if status is None and msg.reply:
+            # A delivery shows the message's own subject, not our inbox token: it counts against the
+            # pull in flight (pulls are made one at a time).
             self._ready.append(msg)
-            if pull is not None:
-                pull.remaining -= 1
-                if pull.remaining <= 0:
-                    pull.done.set()
-        elif status != _HEARTBEAT and pull is not None:
+            if self._current is not None:
+                self._current.remaining -= 1
+                if self._current.remaining <= 0:
+                    self._current.done.set()
+            return
+        pull = self._pulls.get(msg.subject.rpartition(".")[2])  # status replies do come on the token
+        if status != _HEARTBEAT and pull is not None:
             pull.done.set()  # 404 no messages, 408 expired, 409 consumer gone: this pull is over

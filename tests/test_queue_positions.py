@@ -1,0 +1,148 @@
+"""Queue positions are exact, priority is strict, cancelling removes a request at once (SPEC §2 to §4)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tests.support.stack import Stack
+
+
+async def _queue(stack: Stack, name: str, priority: str | None = None) -> dict[str, Any]:
+    headers = {"X-Queue-Priority": priority} if priority else {}
+    response = await stack.client.post(f"/queue/{name}", json={"n": 1}, headers=headers)
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+async def _positions(stack: Stack, name: str, ids: list[str]) -> list[int | None]:
+    return [(await stack.status(name, request_id)).get("queue_position") for request_id in ids]
+
+
+async def _busy_function(stack: Stack) -> str:
+    """A function with concurrency 1 whose first request is running and held."""
+    await stack.register("busy", concurrency=1)
+    stack.functions.hold("/busy")
+    first = await _queue(stack, "busy")
+    await stack.functions.wait_for("/busy")
+    await stack.wait_for_status("busy", first["request_id"], "IN_PROGRESS")
+    return str(first["request_id"])
+
+
+async def test_submit_answers_with_absolute_urls_and_position(stack: Stack) -> None:
+    await stack.register("echo")
+
+    body = await _queue(stack, "echo")
+
+    prefix = f"{stack.url}/queue/echo/requests/{body['request_id']}"
+    assert body["response_url"] == prefix
+    assert body["status_url"] == f"{prefix}/status"
+    assert body["cancel_url"] == f"{prefix}/cancel"
+    assert body["queue_position"] == 0
+
+
+async def test_positions_count_the_requests_ahead(stack: Stack) -> None:
+    await _busy_function(stack)
+
+    submitted = [await _queue(stack, "busy") for _ in range(5)]
+
+    assert [s["queue_position"] for s in submitted] == [0, 1, 2, 3, 4]
+    ids = [s["request_id"] for s in submitted]
+    assert await _positions(stack, "busy", ids) == [0, 1, 2, 3, 4]
+    running = await stack.status("busy", (await stack.functions.wait_for("/busy"))[0].header("x-call-id") or "")
+    assert "queue_position" not in running
+
+
+async def test_low_waits_behind_later_normal_and_high_goes_first(stack: Stack) -> None:
+    await _busy_function(stack)
+    normal_1 = (await _queue(stack, "busy"))["request_id"]
+    low = (await _queue(stack, "busy", "low"))["request_id"]
+    normal_2 = (await _queue(stack, "busy"))["request_id"]
+    high = (await _queue(stack, "busy", "high"))["request_id"]
+
+    assert await _positions(stack, "busy", [high, normal_1, normal_2, low]) == [0, 1, 2, 3]
+
+    stack.functions.release("/busy", 5)
+    for request_id in (high, normal_1, normal_2, low):
+        await stack.wait_for_status("busy", request_id)
+    order = [seen.header("x-call-id") for seen in stack.functions.on("/busy")[1:]]
+    assert order == [high, normal_1, normal_2, low]
+
+
+async def test_positions_move_up_after_a_cancel_and_after_each_start(stack: Stack) -> None:
+    await _busy_function(stack)
+    ids = [(await _queue(stack, "busy"))["request_id"] for _ in range(4)]
+
+    cancel = await stack.client.put(f"/queue/busy/requests/{ids[1]}/cancel")
+    assert cancel.status_code == 202
+    assert await _positions(stack, "busy", [ids[0], ids[2], ids[3]]) == [0, 1, 2]
+
+    stack.functions.release("/busy")  # the running one finishes, ids[0] starts
+    await stack.wait_for_status("busy", ids[0], "IN_PROGRESS")
+    assert await _positions(stack, "busy", [ids[2], ids[3]]) == [0, 1]
+
+    stack.functions.release("/busy", 3)
+    for request_id in (ids[0], ids[2], ids[3]):
+        await stack.wait_for_status("busy", request_id)
+    called = [seen.header("x-call-id") for seen in stack.functions.on("/busy")]
+    assert ids[1] not in called, "a cancelled request is never delivered"
+
+
+async def test_cancelled_waiting_request_completes_as_cancelled(stack: Stack) -> None:
+    await _busy_function(stack)
+    request_id = (await _queue(stack, "busy"))["request_id"]
+
+    cancel = await stack.client.put(f"/queue/busy/requests/{request_id}/cancel")
+    status = await stack.status("busy", request_id)
+    result = await stack.client.get(f"/queue/busy/requests/{request_id}")
+    again = await stack.client.put(f"/queue/busy/requests/{request_id}/cancel")
+
+    assert (cancel.status_code, cancel.json()["status"]) == (202, "CANCELLATION_REQUESTED")
+    assert (status["status"], status["error_type"]) == ("COMPLETED", "cancelled")
+    assert result.status_code == 400
+    assert result.json()["error_type"] == "cancelled"
+    assert result.headers["x-error-type"] == "cancelled"
+    assert (again.status_code, again.json()["status"]) == (400, "ALREADY_COMPLETED")
+    stats = (await stack.client.get("/system/functions/busy")).json()["stats"]
+    assert stats["waiting"]["normal"] == 0
+
+
+async def test_cancelling_a_running_request_aborts_the_call_and_posts_cancel_path(stack: Stack) -> None:
+    await stack.register("busy", concurrency=1, cancel_path="/cancel")
+    stack.functions.hold("/busy")
+    request_id = (await _queue(stack, "busy"))["request_id"]
+    await stack.functions.wait_for("/busy")
+    await stack.wait_for_status("busy", request_id, "IN_PROGRESS")
+
+    cancel = await stack.client.put(f"/queue/busy/requests/{request_id}/cancel")
+    final = await stack.wait_for_status("busy", request_id)
+    [notice] = await stack.functions.wait_for("/busy/cancel")  # url + cancel_path
+
+    assert (cancel.status_code, cancel.json()["status"]) == (202, "CANCELLATION_REQUESTED")
+    assert final["error_type"] == "cancelled"
+    assert notice.body == f'{{"request_id":"{request_id}"}}'.encode()
+    assert notice.header("x-call-id") == request_id
+    stack.functions.release("/busy")
+
+
+async def test_cancel_of_unknown_or_malformed_ids(stack: Stack) -> None:
+    await stack.register("echo")
+
+    unknown = await stack.client.put("/queue/echo/requests/00000000-0000-4000-8000-000000000000/cancel")
+    malformed = await stack.client.put("/queue/echo/requests/nope/cancel")
+
+    assert (unknown.status_code, unknown.json()["status"]) == (404, "NOT_FOUND")
+    assert unknown.json()["detail"]
+    assert malformed.status_code == 422
+
+
+async def test_cancel_of_a_completed_request_is_already_completed(stack: Stack) -> None:
+    await stack.register("echo")
+    request_id = (await _queue(stack, "echo"))["request_id"]
+    await stack.wait_for_status("echo", request_id)
+
+    response = await stack.client.put(f"/queue/echo/requests/{request_id}/cancel")
+
+    assert (response.status_code, response.json()["status"]) == (400, "ALREADY_COMPLETED")
+    assert response.json()["detail"]
