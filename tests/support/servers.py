@@ -146,3 +146,12 @@ class RecordingApp:
             return self.default
         content_type = seen.header("content-type") or "application/octet-stream"
         return Reply(200, seen.body, content_type)
+
+
+async def eventually(predicate: Callable[[], bool], timeout_s: float = 10.0, interval_s: float = 0.02) -> None:
+    """Wait until `predicate()` holds, checking every `interval_s`; TimeoutError after `timeout_s`."""
+    async with asyncio.timeout(timeout_s):
+        while True:
+            if predicate():
+                return
+            await asyncio.sleep(interval_s)

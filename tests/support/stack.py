@@ -18,6 +18,8 @@ from jetspool.worker.main import run as run_worker
 from tests.support.servers import AsgiServer, RecordingApp, free_port
 
 if TYPE_CHECKING:
+    from litestar import Litestar
+
     from jetspool.embedded import EmbeddedNats
 
 _WAIT_S = 15.0
@@ -89,6 +91,7 @@ class Stack:
     receiver: RecordingApp
     receiver_server: AsgiServer
     client: httpx.AsyncClient
+    app: Litestar
     worker: Worker | None = None
     _stack: contextlib.AsyncExitStack = field(default_factory=contextlib.AsyncExitStack)
 
@@ -156,10 +159,11 @@ async def start_stack(nats: EmbeddedNats, *, worker: bool = True, overrides: dic
     await receiver_server.start()
     port = free_port()  # the gateway's own settings name its port, for the absolute URLs it hands out
     settings = stack_settings(nats.url, port, overrides)
-    gateway = AsgiServer(create_app(settings), port=port)
+    app = create_app(settings)
+    gateway = AsgiServer(app, port=port)
     await gateway.start()
     client = httpx.AsyncClient(base_url=gateway.url, timeout=_WAIT_S)
-    stack = Stack(nats, settings, gateway, functions, function_server, receiver, receiver_server, client)
+    stack = Stack(nats, settings, gateway, functions, function_server, receiver, receiver_server, client, app)
     if worker:
         await stack.start_worker()
     return stack

@@ -30,6 +30,8 @@ RESULTS_BUCKET: Final = "jetspool-results"
 BLOB_STORE: Final = "jetspool-blobs"
 
 WAKE_SUBJECTS: Final = "jetspool.wake.>"
+STATUS_CHANGE_SUBJECTS: Final = "jetspool.status.>"
+"""Every write to the status bucket is republished here as `jetspool.status.<request id>`."""
 CANCEL_SUBJECTS: Final = "jetspool.cancel.>"
 
 

@@ -20,6 +20,7 @@ from nats.errors import Error as NatsError
 from jetspool import __version__
 from jetspool.domain import names
 from jetspool.domain.errors import RequestError
+from jetspool.gateway.feed import StatusFeed
 from jetspool.gateway.intake import Intake
 from jetspool.gateway.routes import openfaas, queue, system
 from jetspool.gateway.state import Gateway
@@ -58,7 +59,10 @@ def create_app(settings: Settings) -> Litestar:
             view = RegistryView(stores.functions)
             await view.start()
             started.push_async_callback(view.stop)
-            app.state.gateway = _wire(settings, conn, stores, registry, view)
+            feed = StatusFeed(conn.nc)
+            await feed.start()
+            started.push_async_callback(feed.stop)
+            app.state.gateway = _wire(settings, conn, stores, registry=registry, view=view, feed=feed)
             if not settings.auth.api_keys and not settings.auth.admin_keys:
                 log.warning("no API keys configured: every route is open")
             yield
@@ -70,6 +74,7 @@ def create_app(settings: Settings) -> Litestar:
             queue.submit,
             queue.submit_path,
             queue.request_status,
+            queue.status_stream,
             queue.cancel_request,
             queue.request_result,
             system.list_functions,
@@ -94,7 +99,9 @@ def create_app(settings: Settings) -> Litestar:
     )
 
 
-def _wire(settings: Settings, conn: Nats, stores: Stores, registry: FunctionRegistry, view: RegistryView) -> Gateway:
+def _wire(
+    settings: Settings, conn: Nats, stores: Stores, *, registry: FunctionRegistry, view: RegistryView, feed: StatusFeed
+) -> Gateway:
     status = StatusStore(conn.js, stores.status)
     return Gateway(
         settings=settings,
@@ -107,6 +114,7 @@ def _wire(settings: Settings, conn: Nats, stores: Stores, registry: FunctionRegi
         stats=StatsReader(conn.js),
         positions=QueuePositions(conn),
         canceller=Canceller(conn, status, CallbackQueue(conn.js)),
+        feed=feed,
     )
 
 

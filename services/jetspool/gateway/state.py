@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from litestar.di import NamedDependency
 
 if TYPE_CHECKING:
+    from jetspool.gateway.feed import StatusFeed
     from jetspool.gateway.intake import Intake
     from jetspool.jetstream.cancel import Canceller
     from jetspool.jetstream.connection import Nats
@@ -26,6 +27,7 @@ class Gateway:
     __slots__ = (
         "canceller",
         "conn",
+        "feed",
         "intake",
         "positions",
         "registry",
@@ -49,6 +51,7 @@ class Gateway:
         stats: StatsReader,
         positions: QueuePositions,
         canceller: Canceller,
+        feed: StatusFeed,
     ) -> None:
         self.settings = settings
         self.conn = conn
@@ -60,6 +63,7 @@ class Gateway:
         self.stats = stats
         self.positions = positions
         self.canceller = canceller
+        self.feed = feed
 
     @property
     def base_url(self) -> str:

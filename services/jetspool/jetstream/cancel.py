@@ -79,6 +79,8 @@ class Canceller:
                 await self._conn.nc.publish(names.cancel_subject(record.function), record.request_id.encode())
                 return CancelOutcome.SIGNALLED
             await self._withdraw(record.queue_seq)
+            # The queue changed only now: positions behind it move up, and watchers recompute them.
+            await self._conn.nc.publish(names.wake_subject(record.function), b"")
             return CancelOutcome.CANCELLED
 
     async def _withdraw(self, seq: int | None) -> None:

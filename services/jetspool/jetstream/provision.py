@@ -49,7 +49,9 @@ async def provision(conn: Nats, replicas: int) -> Stores:
     await ensure_stream(js, _callback_stream(replicas))
     await ensure_stream(js, _counter_stream(replicas))
     await ensure_callback_consumer(js)
-    for bucket in (names.STATUS_BUCKET, names.FUNCTIONS_BUCKET, names.RESULTS_BUCKET):
+    status_changes = api.RePublish(src=f"$KV.{names.STATUS_BUCKET}.>", dest=names.STATUS_CHANGE_SUBJECTS)
+    await ensure_stream(js, _kv_stream(names.STATUS_BUCKET, replicas, republish=status_changes))
+    for bucket in (names.FUNCTIONS_BUCKET, names.RESULTS_BUCKET):
         await ensure_stream(js, _kv_stream(bucket, replicas))
     blobs = await _ensure_object_store(js, replicas)
     return Stores(
@@ -133,7 +135,7 @@ def _counter_stream(replicas: int) -> api.StreamConfig:
     )
 
 
-def _kv_stream(bucket: str, replicas: int) -> api.StreamConfig:
+def _kv_stream(bucket: str, replicas: int, republish: api.RePublish | None = None) -> api.StreamConfig:
     """The stream behind a KV bucket, as nats-py's `create_key_value` builds it, with per-key TTLs allowed."""
     return api.StreamConfig(
         name=f"{_KV_PREFIX}{bucket}",
@@ -149,6 +151,7 @@ def _kv_stream(bucket: str, replicas: int) -> api.StreamConfig:
         duplicate_window=_DUPLICATE_WINDOW_S,
         max_consumers=-1,
         max_msgs=-1,
+        republish=republish,
     )
 
 

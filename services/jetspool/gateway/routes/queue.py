@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
+import orjson
 from litestar import Request, Response, get, post, put
 from litestar.params import FromPath, FromQuery
+from litestar.response import ServerSentEvent, ServerSentEventMessage
 
+from jetspool.aio import wait_event
 from jetspool.domain import names
 from jetspool.domain.errors import InvalidInput, NotFound
 from jetspool.domain.outcomes import completed_answer
@@ -17,6 +23,9 @@ from jetspool.jetstream.cancel import CancelOutcome
 from jetspool.jetstream.status_store import Versioned
 
 _FLAGS = {"1": True, "true": True, "0": False, "false": False}
+_MAX_WAIT_S = 600.0
+_PING_S = 15.0
+_EVENT_IDS_PER_REVISION = 1_000_000
 
 
 @post("/queue/{name:str}", status_code=200)
@@ -76,8 +85,7 @@ async def request_status(
     """The status object (SPEC §3): 202 while waiting or running, 200 once completed."""
     with_logs = _flag("logs", logs)
     record = await _record(gateway, name, request_id)
-    position = await gateway.positions.position(record) if record.status is State.IN_QUEUE else None
-    body = public_status(record, gateway.base_url, logs=[] if with_logs else None, queue_position=position)
+    body = await _view(gateway, record, with_logs=with_logs)
     return Response(
         body,
         status_code=200 if record.status is State.COMPLETED else 202,
@@ -86,9 +94,15 @@ async def request_status(
 
 
 @get("/queue/{name:str}/requests/{request_id:str}")
-async def request_result(gateway: GatewayDep, name: FromPath[str], request_id: FromPath[str]) -> Response[Any]:
-    """The function's response once completed; 400 with the status while it is not."""
+async def request_result(
+    gateway: GatewayDep, name: FromPath[str], request_id: FromPath[str], wait: FromQuery[str | None] = None
+) -> Response[Any]:
+    """The function's response once completed (with `?wait=S`, first wait up to S seconds for it);
+    400 with the status while it is not."""
+    wait_s = _seconds("wait", wait)
     record = await _record(gateway, name, request_id)
+    if record.status is not State.COMPLETED and wait_s > 0:
+        record = await _wait_for_completion(gateway, record, wait_s)
     if record.status is not State.COMPLETED:
         return Response(
             {"detail": f"request is {record.status.value}, not completed yet", "status": record.status.value},
@@ -126,3 +140,86 @@ async def cancel_request(
     status_code, status, detail = _CANCEL_ANSWERS[outcome]
     headers = {names.H_REQUEST_ID: parse_request_id(request_id)}
     return Response({"status": status, "detail": detail}, status_code=status_code, headers=headers)
+
+
+def _seconds(name: str, value: str | None) -> float:
+    if value is None:
+        return 0.0
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds <= _MAX_WAIT_S:
+        raise InvalidInput(f"{name} must be a number of seconds from 0 to {_MAX_WAIT_S:g}; got {value!r}")
+    return seconds
+
+
+async def _wait_for_completion(gateway: Gateway, record: StatusRecord, wait_s: float) -> StatusRecord:
+    """The record once COMPLETED, or as it is after `wait_s` seconds."""
+    async with gateway.feed.watch(record.request_id, record.function) as watch:
+        current = await gateway.status.get(record.request_id)  # read after subscribing: nothing falls between
+        if current is None:
+            return record
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(wait_s):
+                while not current.record.is_completed:
+                    current = watch.latest(await watch.records.get())
+        return current.record
+
+
+@get("/queue/{name:str}/requests/{request_id:str}/status/stream")
+async def status_stream(
+    request: Request[Any, Any, Any],
+    gateway: GatewayDep,
+    name: FromPath[str],
+    request_id: FromPath[str],
+    logs: FromQuery[str | None] = None,
+) -> ServerSentEvent:
+    """Server-Sent Events: the status object at once, then one per change (status, queue position,
+    log lines), ending after COMPLETED; a `: ping` comment every 15 s of quiet."""
+    with_logs = _flag("logs", logs)
+    current = await _current(gateway, name, request_id)
+    if current is None:
+        raise NotFound(f"request {request_id} not found for function {name!r}")
+    last_id = _event_id(request.headers.get("last-event-id"))
+    headers = {names.H_REQUEST_ID: current.record.request_id, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return ServerSentEvent(_events(gateway, current, with_logs=with_logs, last_id=last_id), headers=headers)
+
+
+def _event_id(value: str | None) -> int | None:
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+async def _events(
+    gateway: Gateway, current: Versioned, *, with_logs: bool, last_id: int | None
+) -> AsyncIterator[ServerSentEventMessage]:
+    """Event ids are `revision * 1e6 + n`: monotonic, and a reconnect with Last-Event-ID continues them."""
+    record = current.record
+    async with gateway.feed.watch(record.request_id, record.function) as watch:
+        current = await gateway.status.get(record.request_id) or current
+        revision, count, sent = current.revision, 0, None
+        if last_id is not None and last_id // _EVENT_IDS_PER_REVISION == revision:
+            count = last_id % _EVENT_IDS_PER_REVISION + 1
+        while not gateway.feed.closing:
+            watch.queue_moved.clear()  # before reading: a change from now on wakes the wait below
+            current = watch.latest(current)
+            view = await _view(gateway, current.record, with_logs=with_logs)
+            if view != sent:
+                if current.revision != revision:
+                    revision, count = current.revision, 0
+                yield ServerSentEventMessage(
+                    data=orjson.dumps(view).decode(), id=revision * _EVENT_IDS_PER_REVISION + count
+                )
+                count, sent = count + 1, view
+            if current.record.is_completed:
+                return
+            if not await wait_event(watch.queue_moved, _PING_S):
+                yield ServerSentEventMessage(comment="ping")
+
+
+async def _view(gateway: Gateway, record: StatusRecord, *, with_logs: bool) -> dict[str, Any]:
+    position = await gateway.positions.position(record) if record.status is State.IN_QUEUE else None
+    return public_status(record, gateway.base_url, logs=[] if with_logs else None, queue_position=position)

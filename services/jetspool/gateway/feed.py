@@ -1,0 +1,120 @@
+"""Status changes of every request, from one subscription per gateway, fanned out in memory.
+
+The status bucket republishes each write on `jetspool.status.<request id>`; enqueues wake
+`jetspool.wake.<function>`. One subscription each feeds every long-poll and SSE stream of this
+process, so a thousand open streams cost no more NATS consumers than one.
+
+A watcher subscribes first and reads the current record after, so no change can fall between.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import defaultdict
+from typing import TYPE_CHECKING
+
+from jetspool.domain import names
+from jetspool.domain.errors import DecodeError
+from jetspool.domain.status import decode_status
+from jetspool.jetstream.status_store import Versioned
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+    from nats.aio.client import Client
+    from nats.aio.msg import Msg
+    from nats.aio.subscription import Subscription
+
+log = logging.getLogger(__name__)
+
+_QUEUE_LIMIT = 64
+
+
+class Watch:
+    """What one waiting client hears: its request's new records, and that its function's queue moved."""
+
+    def __init__(self, request_id: str, function: str) -> None:
+        self.request_id = request_id
+        self.function = function
+        self.records: asyncio.Queue[Versioned] = asyncio.Queue(_QUEUE_LIMIT)
+        self.queue_moved = asyncio.Event()
+        """Set on any change of the function's queue (this request's own changes included)."""
+
+    def offer(self, current: Versioned) -> None:
+        if self.records.full():  # a slow reader only needs the newest state
+            self.records.get_nowait()
+        self.records.put_nowait(current)
+
+    def latest(self, current: Versioned) -> Versioned:
+        """The newest record heard since `current` (or `current` itself)."""
+        while not self.records.empty():
+            heard = self.records.get_nowait()
+            if heard.revision > current.revision:
+                current = heard
+        return current
+
+
+class StatusFeed:
+    def __init__(self, nc: Client) -> None:
+        self._nc = nc
+        self._by_request: dict[str, set[Watch]] = defaultdict(set)
+        self._by_function: dict[str, set[Watch]] = defaultdict(set)
+        self._subs: list[Subscription] = []
+        self.closing = False
+        """Set at shutdown: streams end so the server can stop."""
+
+    @property
+    def watching(self) -> int:
+        return sum(len(w) for w in self._by_request.values())
+
+    async def start(self) -> None:
+        self._subs.append(await self._nc.subscribe(names.STATUS_CHANGE_SUBJECTS, cb=self._on_status))
+        self._subs.append(await self._nc.subscribe(names.WAKE_SUBJECTS, cb=self._on_wake))
+
+    async def stop(self) -> None:
+        self.closing = True
+        for watches in self._by_function.values():
+            for watch in watches:
+                watch.queue_moved.set()
+        for sub in self._subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        self._subs.clear()
+
+    @contextlib.asynccontextmanager
+    async def watch(self, request_id: str, function: str) -> AsyncIterator[Watch]:
+        watch = Watch(request_id, function)
+        self._by_request[request_id].add(watch)
+        self._by_function[function].add(watch)
+        try:
+            yield watch
+        finally:
+            self._discard(self._by_request, request_id, watch)
+            self._discard(self._by_function, function, watch)
+
+    @staticmethod
+    def _discard(index: dict[str, set[Watch]], key: str, watch: Watch) -> None:
+        watches = index.get(key)
+        if watches is not None:
+            watches.discard(watch)
+            if not watches:
+                del index[key]
+
+    async def _on_status(self, msg: Msg) -> None:
+        try:
+            record = decode_status(msg.data)
+        except DecodeError:
+            return  # a delete or purge marker, or a record this version cannot read
+        revision = int((msg.headers or {}).get("Nats-Sequence", "0"))
+        for watch in self._by_request.get(record.request_id, ()):
+            watch.offer(Versioned(record, revision))
+        self._queue_moved(record.function)
+
+    async def _on_wake(self, msg: Msg) -> None:
+        self._queue_moved(msg.subject.rpartition(".")[2])
+
+    def _queue_moved(self, function: str) -> None:
+        for watch in self._by_function.get(function, ()):
+            watch.queue_moved.set()

@@ -1,0 +1,187 @@
+"""Following a request: result long-poll (`?wait=S`) and the SSE status stream (SPEC §2, §3)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import TYPE_CHECKING, Any
+
+import orjson
+import pytest
+
+from tests.support.servers import Reply, eventually
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+    import httpx
+
+    from tests.support.stack import Stack
+
+
+async def _queue(stack: Stack, name: str) -> str:
+    response = await stack.client.post(f"/queue/{name}", json={})
+    assert response.status_code == 200, response.text
+    return str(response.json()["request_id"])
+
+
+async def _busy(stack: Stack) -> str:
+    await stack.register("busy", concurrency=1)
+    stack.functions.hold("/busy")
+    running = await _queue(stack, "busy")
+    await stack.wait_for_status("busy", running, "IN_PROGRESS")
+    return running
+
+
+class Events:
+    """Reads Server-Sent Events from a streaming response."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        self.response = response
+        self._lines = response.aiter_lines()
+        self.comments: list[str] = []
+
+    async def next(self, timeout_s: float = 10.0) -> tuple[int, dict[str, Any]]:
+        event_id, data = None, None
+        async with asyncio.timeout(timeout_s):
+            async for line in self._lines:
+                if line.startswith(":"):
+                    self.comments.append(line)
+                elif line.startswith("id:"):
+                    event_id = int(line[3:].strip())
+                elif line.startswith("data:"):
+                    data = orjson.loads(line[5:].strip())
+                elif line == "" and data is not None:
+                    assert event_id is not None
+                    return event_id, data
+        raise EOFError("the stream ended")
+
+    async def ended(self, timeout_s: float = 10.0) -> bool:
+        with contextlib.suppress(EOFError):
+            await self.next(timeout_s)
+            return False
+        return True
+
+
+@contextlib.asynccontextmanager
+async def _stream(stack: Stack, name: str, request_id: str, **headers: str) -> AsyncIterator[Events]:
+    async with stack.client.stream("GET", f"/queue/{name}/requests/{request_id}/status/stream", headers=headers) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        assert r.headers["x-request-id"] == request_id
+        yield Events(r)
+
+
+async def test_stream_shows_every_change_until_completed(stack: Stack) -> None:
+    await _busy(stack)
+    ahead = await _queue(stack, "busy")
+    request_id = await _queue(stack, "busy")
+
+    async with _stream(stack, "busy", request_id) as events:
+        ids, states = [], []
+        first_id, first = await events.next()
+        ids.append(first_id)
+        states.append((first["status"], first.get("queue_position")))
+        assert (await stack.client.put(f"/queue/busy/requests/{ahead}/cancel")).status_code == 202
+        moved_id, moved = await events.next()
+        ids.append(moved_id)
+        states.append((moved["status"], moved.get("queue_position")))
+        stack.functions.release("/busy", 2)
+        while states[-1][0] != "COMPLETED":
+            event_id, event = await events.next()
+            ids.append(event_id)
+            states.append((event["status"], event.get("queue_position")))
+        assert await events.ended()
+
+    assert states[:2] == [("IN_QUEUE", 1), ("IN_QUEUE", 0)]
+    assert ("IN_PROGRESS", None) in states
+    assert ids == sorted(set(ids)), "event ids are unique and increase"
+
+
+async def test_stream_of_a_completed_request_sends_one_event_and_ends(stack: Stack) -> None:
+    await stack.register("echo")
+    request_id = await _queue(stack, "echo")
+    await stack.wait_for_status("echo", request_id)
+
+    async with _stream(stack, "echo", request_id) as events:
+        _, event = await events.next()
+        assert event["status"] == "COMPLETED"
+        assert event["logs"] is None
+        assert await events.ended()
+
+
+async def test_reconnecting_with_last_event_id_continues_the_ids(stack: Stack) -> None:
+    await _busy(stack)
+    request_id = await _queue(stack, "busy")
+    async with _stream(stack, "busy", request_id) as events:
+        first_id, _ = await events.next()
+
+    async with _stream(stack, "busy", request_id, **{"Last-Event-ID": str(first_id)}) as events:
+        again_id, again = await events.next()
+
+    assert again_id > first_id
+    assert again["status"] == "IN_QUEUE"
+    stack.functions.release("/busy", 2)
+
+
+async def test_closing_the_stream_leaves_no_watcher_behind(stack: Stack) -> None:
+    await _busy(stack)
+    request_id = await _queue(stack, "busy")
+    feed = stack.app.state.gateway.feed
+
+    async with _stream(stack, "busy", request_id, logs="1") as events:
+        await events.next()
+        assert feed.watching == 1
+
+    await eventually(lambda: feed.watching == 0)
+    stack.functions.release("/busy", 2)
+
+
+@pytest.mark.parametrize(("request_id", "status"), [("00000000-0000-4000-8000-000000000000", 404), ("x", 422)])
+async def test_stream_of_unknown_or_malformed_id_fails_before_streaming(
+    stack: Stack, request_id: str, status: int
+) -> None:
+    await stack.register("echo")
+
+    response = await stack.client.get(f"/queue/echo/requests/{request_id}/status/stream")
+
+    assert response.status_code == status
+    assert response.json()["detail"]
+
+
+async def test_result_wait_returns_once_the_request_completes(stack: Stack) -> None:
+    await stack.register("echo")
+    stack.functions.hold("/echo")
+    stack.functions.script("/echo", [Reply(200, b"done", "text/plain")])
+    request_id = await _queue(stack, "echo")
+
+    waiting = asyncio.create_task(stack.client.get(f"/queue/echo/requests/{request_id}", params={"wait": "20"}))
+    await stack.wait_for_status("echo", request_id, "IN_PROGRESS")
+    assert not waiting.done()
+    stack.functions.release("/echo")
+    response = await waiting
+
+    assert response.status_code == 200
+    assert response.content == b"done"
+
+
+async def test_result_wait_gives_up_with_the_current_status(stack: Stack) -> None:
+    await _busy(stack)
+    request_id = await _queue(stack, "busy")
+
+    response = await stack.client.get(f"/queue/busy/requests/{request_id}", params={"wait": "0.3"})
+
+    assert response.status_code == 400
+    assert response.json()["status"] == "IN_QUEUE"
+    stack.functions.release("/busy", 2)
+
+
+@pytest.mark.parametrize("wait", ["soon", "-1", "601"])
+async def test_result_wait_must_be_a_sensible_number_of_seconds(stack: Stack, wait: str) -> None:
+    await stack.register("echo")
+    request_id = await _queue(stack, "echo")
+
+    response = await stack.client.get(f"/queue/echo/requests/{request_id}", params={"wait": wait})
+
+    assert response.status_code == 422
+    assert "wait" in response.json()["detail"]
