@@ -8,6 +8,7 @@
     │   ├── BadRequest          400
     │   ├── NotFound            404
     │   ├── PayloadTooLarge     413
+    │   ├── QueueFull           429
     │   └── Unavailable         503
     └── DeliveryError          one invocation of a function failed (worker side)
         ├── RetryableDelivery   connection errors, 429, 502, 503, 504: try again later
@@ -59,6 +60,10 @@ class NotFound(RequestError):
 
 class PayloadTooLarge(RequestError):
     status_code = 413
+
+
+class QueueFull(RequestError):
+    status_code = 429
 
 
 class Unavailable(RequestError):

@@ -10,6 +10,7 @@ import logging
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
+import httpx
 from litestar import Litestar, Request, Response
 from litestar.datastructures import State
 from litestar.di import Provide
@@ -22,7 +23,7 @@ from jetspool.domain import names
 from jetspool.domain.errors import RequestError
 from jetspool.gateway.feed import StatusFeed
 from jetspool.gateway.intake import Intake
-from jetspool.gateway.routes import openfaas, queue, system
+from jetspool.gateway.routes import function, openfaas, queue, system
 from jetspool.gateway.state import Gateway
 from jetspool.jetstream.callbacks import CallbackQueue
 from jetspool.jetstream.cancel import Canceller
@@ -62,13 +63,18 @@ def create_app(settings: Settings) -> Litestar:
             feed = StatusFeed(conn.nc)
             await feed.start()
             started.push_async_callback(feed.stop)
-            app.state.gateway = _wire(settings, conn, stores, registry=registry, view=view, feed=feed)
+            http = await started.enter_async_context(
+                httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10.0), follow_redirects=False)
+            )
+            app.state.gateway = _wire(settings, conn, stores, registry=registry, view=view, feed=feed, http=http)
             if not settings.auth.api_keys and not settings.auth.admin_keys:
                 log.warning("no API keys configured: every route is open")
             yield
 
     return Litestar(
         route_handlers=[
+            function.call_function,
+            function.call_function_path,
             openfaas.async_function,
             openfaas.async_function_path,
             queue.submit,
@@ -76,6 +82,11 @@ def create_app(settings: Settings) -> Litestar:
             queue.request_status,
             queue.status_stream,
             queue.cancel_request,
+            queue.legacy_submit,
+            queue.legacy_submit_path,
+            queue.legacy_status,
+            queue.legacy_cancel,
+            system.purge_function,
             queue.request_result,
             system.list_functions,
             system.get_function,
@@ -100,21 +111,30 @@ def create_app(settings: Settings) -> Litestar:
 
 
 def _wire(
-    settings: Settings, conn: Nats, stores: Stores, *, registry: FunctionRegistry, view: RegistryView, feed: StatusFeed
+    settings: Settings,
+    conn: Nats,
+    stores: Stores,
+    *,
+    registry: FunctionRegistry,
+    view: RegistryView,
+    feed: StatusFeed,
+    http: httpx.AsyncClient,
 ) -> Gateway:
     status = StatusStore(conn.js, stores.status)
+    positions = QueuePositions(conn)
     return Gateway(
         settings=settings,
         conn=conn,
-        intake=Intake(status, RequestQueue(conn, stores.blobs)),
+        intake=Intake(status, RequestQueue(conn, stores.blobs), positions),
         status=status,
         results=ResultStore(conn.js, stores.results, stores.blobs, conn.inline_limit),
         registry=registry,
         view=view,
         stats=StatsReader(conn.js),
-        positions=QueuePositions(conn),
+        positions=positions,
         canceller=Canceller(conn, status, CallbackQueue(conn.js)),
         feed=feed,
+        http=http,
     )
 
 

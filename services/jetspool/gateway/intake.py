@@ -15,7 +15,7 @@ from urllib.parse import parse_qsl, unquote_plus, urlsplit
 from nats.errors import Error as NatsError
 
 from jetspool.domain import names
-from jetspool.domain.errors import InvalidInput, NotFound, Unavailable
+from jetspool.domain.errors import InvalidInput, NotFound, QueueFull, Unavailable
 from jetspool.domain.functions import Function, is_valid_name
 from jetspool.domain.messages import QueuedRequest
 from jetspool.domain.status import StatusRecord, utcnow
@@ -24,13 +24,16 @@ from jetspool.jetstream.status_store import StaleStatus
 if TYPE_CHECKING:
     from litestar import Request
 
+    from jetspool.jetstream.positions import QueuePositions
     from jetspool.jetstream.queue import RequestQueue
     from jetspool.jetstream.registry import RegistryView
     from jetspool.jetstream.status_store import StatusStore
 
 log = logging.getLogger(__name__)
 
-CONTROL_QUERY: Final = frozenset({"webhookEndpoint", "fal_webhook", "webhook"})
+CONTROL_QUERY: Final = frozenset(
+    {"webhookEndpoint", "fal_webhook", "webhook", "max_queue_length", "fal_max_queue_length"}
+)
 """Query parameters that steer jetspool and are not forwarded to the function."""
 
 _STATUS_ATTEMPTS: Final = 3
@@ -53,6 +56,7 @@ class Submission:
     webhook_url: str | None
     priority: names.Priority
     no_retry: bool
+    max_queue_length: int | None = None
 
 
 def function_for(view: RegistryView, name: str) -> Function:
@@ -73,8 +77,15 @@ def parse_request_id(request_id: str) -> str:
         raise InvalidInput(f"malformed request id {request_id!r}: expected a UUID") from exc
 
 
-async def read_submission(request: Request[Any, Any, Any], function: Function, path: str) -> Submission:
-    """Read method, sub-path, query, headers, body and the submission options of SPEC §2."""
+async def read_submission(
+    request: Request[Any, Any, Any],
+    function: Function,
+    path: str,
+    also_control: frozenset[str] | set[str] = frozenset(),
+) -> Submission:
+    """Read method, sub-path, query, headers, body and the submission options of SPEC §2.
+
+    `also_control` names further query parameters of the route that are not forwarded."""
     raw_query = request.scope.get("query_string", b"").decode("latin-1")
     pairs = parse_qsl(raw_query, keep_blank_values=True)
     query = dict(pairs)
@@ -84,19 +95,28 @@ async def read_submission(request: Request[Any, Any, Any], function: Function, p
         function=function,
         method=request.method,
         path=path.lstrip("/"),
-        query=_forwarded_query(raw_query),
+        query=_forwarded_query(raw_query, CONTROL_QUERY | also_control),
         headers=headers,
         body=body,
         callback_url=_url_option(request.headers.get(names.H_CALLBACK_URL) or query.get("webhookEndpoint")),
         webhook_url=_url_option(query.get("fal_webhook") or query.get("webhook")),
         priority=_priority(request),
         no_retry=any(request.headers.get(h, "").strip().lower() in _TRUE for h in _NO_RETRY_HEADERS),
+        max_queue_length=_max_queue_length(query.get("max_queue_length") or query.get("fal_max_queue_length")),
     )
 
 
-def _forwarded_query(raw: str) -> str:
+def _max_queue_length(value: str | None) -> int | None:
+    if value is None:
+        return None
+    if not value.isascii() or not value.isdigit():
+        raise InvalidInput(f"max_queue_length must be a whole number; got {value!r}")
+    return int(value)
+
+
+def _forwarded_query(raw: str, control: frozenset[str]) -> str:
     """The query string without jetspool's own parameters, the rest byte for byte as the client sent it."""
-    kept = [part for part in raw.split("&") if part and unquote_plus(part.partition("=")[0]) not in CONTROL_QUERY]
+    kept = [part for part in raw.split("&") if part and unquote_plus(part.partition("=")[0]) not in control]
     return "&".join(kept)
 
 
@@ -122,9 +142,10 @@ def _priority(request: Request[Any, Any, Any]) -> names.Priority:
 
 
 class Intake:
-    def __init__(self, status: StatusStore, queue: RequestQueue) -> None:
+    def __init__(self, status: StatusStore, queue: RequestQueue, positions: QueuePositions) -> None:
         self._status = status
         self._queue = queue
+        self._positions = positions
 
     async def submit(self, submission: Submission) -> StatusRecord:
         """Queue the request, then record its status; returns once both are durable in JetStream.
@@ -133,6 +154,11 @@ class Intake:
         (the queue position needs it). A worker that receives the message before the record
         exists creates the same record itself from the message; either way exactly one is stored.
         """
+        limit = submission.max_queue_length
+        if limit is not None:
+            waiting = sum((await self._positions.waiting(submission.function.name)).values())
+            if waiting >= limit:
+                raise QueueFull(f"{waiting} requests of {submission.function.name!r} wait (max_queue_length {limit})")
         request = QueuedRequest(
             request_id=str(uuid.uuid4()),
             function=submission.function.name,

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 from litestar.di import NamedDependency
 
 if TYPE_CHECKING:
+    import httpx
+
     from jetspool.gateway.feed import StatusFeed
     from jetspool.gateway.intake import Intake
     from jetspool.jetstream.cancel import Canceller
@@ -28,6 +30,7 @@ class Gateway:
         "canceller",
         "conn",
         "feed",
+        "http",
         "intake",
         "positions",
         "registry",
@@ -52,6 +55,7 @@ class Gateway:
         positions: QueuePositions,
         canceller: Canceller,
         feed: StatusFeed,
+        http: httpx.AsyncClient,
     ) -> None:
         self.settings = settings
         self.conn = conn
@@ -64,6 +68,7 @@ class Gateway:
         self.positions = positions
         self.canceller = canceller
         self.feed = feed
+        self.http = http
 
     @property
     def base_url(self) -> str:

@@ -97,3 +97,28 @@ class Canceller:
             log.exception("cancelled message %d is unreadable; no callbacks for it", seq)
         with contextlib.suppress(NotFoundError):
             await self._conn.js.delete_msg(names.QUEUE_STREAM, seq)
+
+
+async def purge(conn: Nats, status: StatusStore, canceller: Canceller, function: Function) -> int:
+    """Cancel every waiting request of `function` (running ones go on); returns how many were dropped.
+
+    Walks the function's queue subjects message by message (an administrative operation, linear
+    in the backlog by nature); each waiting request is cancelled as by the cancel route.
+    """
+    purged = 0
+    for priority in names.PRIORITIES:
+        subject, seq = names.queue_subject(function.name, priority), 1
+        while True:
+            try:
+                msg = await conn.js.get_msg(names.QUEUE_STREAM, seq=seq, subject=subject, next=True)
+            except NotFoundError:
+                break
+            seq = int(msg.seq or seq) + 1
+            try:
+                request_id = decode(msg.data or b"", QueuedRequest).request_id
+            except DecodeError:
+                continue
+            current = await status.get(request_id)
+            if current is not None and current.record.status is State.IN_QUEUE:
+                purged += (await canceller.cancel(current, function)) is CancelOutcome.CANCELLED
+    return purged

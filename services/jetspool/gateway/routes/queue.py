@@ -53,16 +53,18 @@ async def _submit(request: Request[Any, Any, Any], gateway: Gateway, name: str, 
     return Response(body, headers={names.H_REQUEST_ID: record.request_id})
 
 
-async def _current(gateway: Gateway, name: str, request_id: str) -> Versioned | None:
-    """The status of `request_id` under function `name` (None when unknown); 422 for a malformed id."""
+async def _current(gateway: Gateway, name: str | None, request_id: str) -> Versioned | None:
+    """The status of `request_id` under function `name` (any function when None); None when unknown.
+
+    422 for a malformed id."""
     request_id = parse_request_id(request_id)
     current = await gateway.status.get(request_id)
-    if current is None or current.record.function != name:
+    if current is None or (name is not None and current.record.function != name):
         return None
     return current
 
 
-async def _record(gateway: Gateway, name: str, request_id: str) -> StatusRecord:
+async def _record(gateway: Gateway, name: str | None, request_id: str) -> StatusRecord:
     current = await _current(gateway, name, request_id)
     if current is None:
         raise NotFound(f"request {request_id} not found for function {name!r}")
@@ -83,6 +85,10 @@ async def request_status(
     gateway: GatewayDep, name: FromPath[str], request_id: FromPath[str], logs: FromQuery[str | None] = None
 ) -> Response[dict[str, Any]]:
     """The status object (SPEC §3): 202 while waiting or running, 200 once completed."""
+    return await _status(gateway, name, request_id, logs)
+
+
+async def _status(gateway: Gateway, name: str | None, request_id: str, logs: str | None) -> Response[dict[str, Any]]:
     with_logs = _flag("logs", logs)
     record = await _record(gateway, name, request_id)
     body = await _view(gateway, record, with_logs=with_logs)
@@ -132,6 +138,10 @@ async def cancel_request(
     gateway: GatewayDep, name: FromPath[str], request_id: FromPath[str]
 ) -> Response[dict[str, str]]:
     """202 CANCELLATION_REQUESTED · 400 ALREADY_COMPLETED · 404 NOT_FOUND (SPEC §2)."""
+    return await _cancel(gateway, name, request_id)
+
+
+async def _cancel(gateway: Gateway, name: str | None, request_id: str) -> Response[dict[str, str]]:
     current = await _current(gateway, name, request_id)
     if current is None:
         outcome = CancelOutcome.NOT_FOUND
@@ -223,3 +233,34 @@ async def _events(
 async def _view(gateway: Gateway, record: StatusRecord, *, with_logs: bool) -> dict[str, Any]:
     position = await gateway.positions.position(record) if record.status is State.IN_QUEUE else None
     return public_status(record, gateway.base_url, logs=[] if with_logs else None, queue_position=position)
+
+
+# --- legacy fal-serverless aliases (seed 000): the request id alone identifies the request ----------
+
+
+@post("/fal/queue/submit/{name:str}", status_code=200)
+async def legacy_submit(request: Request[Any, Any, Any], gateway: GatewayDep, name: FromPath[str]) -> Response[Any]:
+    """= POST /queue/{name}."""
+    return await _submit(request, gateway, name, "")
+
+
+@post("/fal/queue/submit/{name:str}/{path:path}", status_code=200)
+async def legacy_submit_path(
+    request: Request[Any, Any, Any], gateway: GatewayDep, name: FromPath[str], path: FromPath[str]
+) -> Response[Any]:
+    """= POST /queue/{name}/{path}."""
+    return await _submit(request, gateway, name, path)
+
+
+@get("/fal/queue/{request_id:str}/get")
+async def legacy_status(
+    gateway: GatewayDep, request_id: FromPath[str], logs: FromQuery[str | None] = None
+) -> Response[dict[str, Any]]:
+    """= GET /queue/{name}/requests/{id}/status."""
+    return await _status(gateway, None, request_id, logs)
+
+
+@put("/fal/queue/{request_id:str}/cancel", status_code=202)
+async def legacy_cancel(gateway: GatewayDep, request_id: FromPath[str]) -> Response[dict[str, str]]:
+    """= PUT /queue/{name}/requests/{id}/cancel."""
+    return await _cancel(gateway, None, request_id)

@@ -13,6 +13,7 @@ from jetspool.domain.functions import Function
 from jetspool.domain.validation import describe
 from jetspool.gateway.intake import function_for
 from jetspool.gateway.state import Gateway, GatewayDep
+from jetspool.jetstream.cancel import purge
 from jetspool.jetstream.provision import ensure_function_consumers
 
 
@@ -82,6 +83,13 @@ async def delete_function(gateway: GatewayDep, name: FromPath[str]) -> None:
     function_for(gateway.view, name)
     await gateway.registry.delete(name)
     gateway.view.forget(name)
+
+
+@post("/system/functions/{name:str}/purge", status_code=200)
+async def purge_function(gateway: GatewayDep, name: FromPath[str]) -> dict[str, int]:
+    """Drop every waiting request of `name`; each completes as cancelled. Running ones go on."""
+    function = function_for(gateway.view, name)
+    return {"purged": await purge(gateway.conn, gateway.status, gateway.canceller, function)}
 
 
 @get("/healthz")

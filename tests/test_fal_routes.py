@@ -1,0 +1,119 @@
+"""More of the fal dialect: legacy aliases, max_queue_length, purge, and the /function proxy."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pytest
+
+from tests.support.servers import Reply
+
+if TYPE_CHECKING:
+    from tests.support.stack import Stack
+
+
+async def _busy(stack: Stack) -> None:
+    await stack.register("busy", concurrency=1)
+    stack.functions.hold("/busy")
+    response = await stack.client.post("/queue/busy", json={})
+    await stack.wait_for_status("busy", response.json()["request_id"], "IN_PROGRESS")
+
+
+async def test_legacy_fal_serverless_paths_are_aliases(stack: Stack) -> None:
+    await _busy(stack)
+
+    submitted = await stack.client.post("/fal/queue/submit/busy/sub/path", json={"x": 1})
+    request_id = submitted.json()["request_id"]
+    status = await stack.client.get(f"/fal/queue/{request_id}/get")
+    cancelled = await stack.client.put(f"/fal/queue/{request_id}/cancel")
+    again = await stack.client.put(f"/fal/queue/{request_id}/cancel")
+    unknown = await stack.client.get("/fal/queue/00000000-0000-4000-8000-000000000000/get")
+
+    assert submitted.status_code == 200
+    assert submitted.json()["queue_position"] == 0
+    assert (status.status_code, status.json()["status"], status.json()["queue_position"]) == (202, "IN_QUEUE", 0)
+    assert (cancelled.status_code, cancelled.json()["status"]) == (202, "CANCELLATION_REQUESTED")
+    assert (again.status_code, again.json()["status"]) == (400, "ALREADY_COMPLETED")
+    assert unknown.status_code == 404
+    stack.functions.release("/busy")
+
+
+async def test_max_queue_length_refuses_with_429_and_queues_nothing(stack: Stack) -> None:
+    await _busy(stack)
+    for _ in range(2):
+        assert (await stack.client.post("/queue/busy", params={"max_queue_length": "2"})).status_code == 200
+
+    refused = await stack.client.post("/queue/busy", params={"max_queue_length": "2"})
+    alias = await stack.client.post("/async-function/busy", params={"fal_max_queue_length": "2"})
+    bad = await stack.client.post("/queue/busy", params={"max_queue_length": "two"})
+
+    assert refused.status_code == 429
+    assert refused.json()["detail"]
+    assert alias.status_code == 429
+    assert bad.status_code == 422
+    stats = (await stack.client.get("/system/functions/busy")).json()["stats"]
+    assert stats["waiting"]["normal"] == 2
+    stack.functions.release("/busy", 3)
+
+
+async def test_purge_cancels_every_waiting_request_and_spares_the_running_one(stack: Stack) -> None:
+    await _busy(stack)
+    waiting = [
+        (await stack.client.post("/queue/busy", json={}, headers={"X-Queue-Priority": p})).json()["request_id"]
+        for p in ("high", "normal", "low", "normal")
+    ]
+
+    response = await stack.client.post("/system/functions/busy/purge")
+
+    assert response.json() == {"purged": 4}
+    for request_id in waiting:
+        assert (await stack.status("busy", request_id))["error_type"] == "cancelled"
+    assert len(stack.functions.on("/busy")) == 1, "only the running request reached the function"
+    stack.functions.release("/busy")
+
+
+async def test_function_route_calls_the_function_synchronously(stack: Stack) -> None:
+    await stack.register("echo")
+    stack.functions.script("/echo/sub", [Reply(201, b"made", "text/plain", headers=(("X-Made", "yes"),))])
+
+    response = await stack.client.put("/function/echo/sub", params={"a": "1"}, content=b"body")
+
+    assert response.status_code == 201
+    assert response.content == b"made"
+    assert response.headers["x-made"] == "yes"
+    [seen] = stack.functions.on("/echo/sub")
+    assert (seen.method, seen.query, seen.body) == ("PUT", "a=1", b"body")
+
+
+async def test_function_route_with_async_true_queues_like_cerebrium(stack: Stack) -> None:
+    await stack.register("echo")
+
+    response = await stack.client.post(
+        "/function/echo",
+        params={"async": "true", "keep": "me", "webhookEndpoint": stack.callback_url("/hook")},
+        content=b"later",
+    )
+
+    assert response.status_code == 202
+    body = response.json()
+    assert body["run_id"] == body["request_id"]
+    assert body["status_url"].endswith(f"/queue/echo/requests/{body['request_id']}/status")
+    await stack.wait_for_status("echo", body["request_id"])
+    [seen] = stack.functions.on("/echo")
+    assert seen.query == "keep=me", "jetspool's own parameters are not forwarded"
+    [callback] = await stack.receiver.wait_for("/hook")
+    assert callback.body == b"later"
+
+
+@pytest.mark.parametrize(("path", "status"), [("/function/nobody", 404), ("/function/Bad_Name", 422)])
+async def test_function_route_refuses_unknown_or_invalid_names(stack: Stack, path: str, status: int) -> None:
+    assert (await stack.client.get(path)).status_code == status
+
+
+async def test_function_route_answers_502_when_the_function_is_down(stack: Stack) -> None:
+    await stack.client.post("/system/functions", json={"name": "down", "url": "http://127.0.0.1:9"})
+
+    response = await stack.client.get("/function/down")
+
+    assert response.status_code == 502
+    assert response.json()["detail"]
