@@ -155,3 +155,14 @@ async def eventually(predicate: Callable[[], bool], timeout_s: float = 10.0, int
             if predicate():
                 return
             await asyncio.sleep(interval_s)
+
+
+async def eventually_true(
+    check: Callable[[], Awaitable[bool]], timeout_s: float = 10.0, interval_s: float = 0.05
+) -> None:
+    """Like `eventually`, for a check that has to ask a server."""
+    async with asyncio.timeout(timeout_s):
+        while True:
+            if await check():
+                return
+            await asyncio.sleep(interval_s)

@@ -3,6 +3,7 @@
 - `QueuedRequest`: a waiting request on the queue stream (JSON; the body base64-encoded,
   or `body_ref` naming an object when the body is too large for one NATS message).
 - `CallbackJob`: a callback to deliver, on the callbacks stream.
+- `DeadlineJob`: a start deadline to enforce, on the timers stream.
 - `StoredResult`: a function's response kept for the result route (msgpack in the results bucket).
 
 `schemas/` holds the JSON Schema of the JSON ones; `tests/test_schemas.py` keeps them in agreement.
@@ -47,6 +48,8 @@ class QueuedRequest(_Wire, frozen=True, kw_only=True):
     webhook_url: str | None = None
     """fal-style webhook (`?fal_webhook=`)."""
     no_retry: bool = False
+    start_deadline: datetime | None = None
+    """No attempt may start after this (`X-Request-Timeout`); the request then completes as request_timeout."""
 
     def callbacks(self) -> list[tuple[CallbackKind, str]]:
         """Every callback target of this request, with its kind."""
@@ -65,6 +68,14 @@ class CallbackJob(_Wire, frozen=True, kw_only=True):
     function: str
     kind: CallbackKind
     url: str
+
+
+class DeadlineJob(_Wire, frozen=True, kw_only=True):
+    """A start deadline to enforce, on `jetspool.timers.deadline` (held back by delayed naks until due)."""
+
+    request_id: str
+    function: str
+    due_at: datetime
 
 
 class StoredResult(_Wire, frozen=True, kw_only=True):

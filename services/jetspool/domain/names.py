@@ -21,6 +21,11 @@ CALLBACK_STREAM: Final = "JETSPOOL_CALLBACKS"
 CALLBACK_SUBJECTS: Final = "jetspool.callbacks.>"
 CALLBACK_CONSUMER: Final = "jetspool-callbacks"
 
+TIMER_STREAM: Final = "JETSPOOL_TIMERS"
+TIMER_SUBJECTS: Final = "jetspool.timers.>"
+DEADLINE_SUBJECT: Final = "jetspool.timers.deadline"
+TIMER_CONSUMER: Final = "jetspool-timers"
+
 COUNTER_STREAM: Final = "JETSPOOL_COUNTERS"
 COUNTER_SUBJECTS: Final = "jetspool.counters.>"
 
@@ -93,6 +98,8 @@ H_START_TIME: Final = "X-Start-Time"
 H_ERROR_TYPE: Final = "X-Error-Type"
 H_QUEUE_PRIORITY: Final = "X-Queue-Priority"
 H_FAL_QUEUE_PRIORITY: Final = "X-Fal-Queue-Priority"
+H_REQUEST_TIMEOUT: Final = "X-Request-Timeout"
+H_FAL_REQUEST_TIMEOUT: Final = "X-Fal-Request-Timeout"
 H_RETRY_AFTER: Final = "Retry-After"
 
 # --- NATS message headers ----------------------------------------------------------------

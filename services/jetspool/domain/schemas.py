@@ -14,13 +14,21 @@ from typing import Any, Final
 import msgspec
 
 from jetspool.domain.functions import Function
-from jetspool.domain.messages import CallbackJob, QueuedRequest
-from jetspool.domain.names import CALLBACK_STREAM, FUNCTIONS_BUCKET, QUEUE_STREAM, STATUS_BUCKET
+from jetspool.domain.messages import CallbackJob, DeadlineJob, QueuedRequest
+from jetspool.domain.names import (
+    CALLBACK_STREAM,
+    DEADLINE_SUBJECT,
+    FUNCTIONS_BUCKET,
+    QUEUE_STREAM,
+    STATUS_BUCKET,
+    TIMER_STREAM,
+)
 from jetspool.domain.status import StatusRecord
 
 WIRE_TYPES: Final[dict[str, tuple[type, str]]] = {
     "queue-request": (QueuedRequest, f"message on stream {QUEUE_STREAM}, subject jetspool.queue.<function>.<priority>"),
     "callback-job": (CallbackJob, f"message on stream {CALLBACK_STREAM}, subject jetspool.callbacks.<kind>"),
+    "deadline-job": (DeadlineJob, f"message on stream {TIMER_STREAM}, subject {DEADLINE_SUBJECT}"),
     "status-record": (StatusRecord, f"value in KV bucket {STATUS_BUCKET}, key <request id>"),
     "function": (Function, f"value in KV bucket {FUNCTIONS_BUCKET}, key <function name>"),
 }

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import uuid
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import parse_qsl, unquote_plus, urlsplit
 
@@ -17,7 +18,7 @@ from nats.errors import Error as NatsError
 from jetspool.domain import names
 from jetspool.domain.errors import InvalidInput, NotFound, QueueFull, Unavailable
 from jetspool.domain.functions import Function, is_valid_name
-from jetspool.domain.messages import QueuedRequest
+from jetspool.domain.messages import DeadlineJob, QueuedRequest
 from jetspool.domain.status import StatusRecord, utcnow
 from jetspool.jetstream.status_store import StaleStatus
 
@@ -37,6 +38,7 @@ CONTROL_QUERY: Final = frozenset(
 """Query parameters that steer jetspool and are not forwarded to the function."""
 
 _STATUS_ATTEMPTS: Final = 3
+_MAX_START_TIMEOUT_S: Final = 366 * 86400.0
 _TRUE: Final = frozenset({"1", "true", "yes"})
 _PRIORITY_HEADERS: Final = (names.H_QUEUE_PRIORITY, names.H_FAL_QUEUE_PRIORITY)
 _NO_RETRY_HEADERS: Final = ("X-No-Retry", "X-Fal-No-Retry")
@@ -57,6 +59,7 @@ class Submission:
     priority: names.Priority
     no_retry: bool
     max_queue_length: int | None = None
+    start_timeout_s: float | None = None
 
 
 def function_for(view: RegistryView, name: str) -> Function:
@@ -103,7 +106,23 @@ async def read_submission(
         priority=_priority(request),
         no_retry=any(request.headers.get(h, "").strip().lower() in _TRUE for h in _NO_RETRY_HEADERS),
         max_queue_length=_max_queue_length(query.get("max_queue_length") or query.get("fal_max_queue_length")),
+        start_timeout_s=_start_timeout(request),
     )
+
+
+def _start_timeout(request: Request[Any, Any, Any]) -> float | None:
+    for header in (names.H_REQUEST_TIMEOUT, names.H_FAL_REQUEST_TIMEOUT):
+        value = request.headers.get(header)
+        if value is None:
+            continue
+        try:
+            seconds = float(value)
+        except ValueError:
+            seconds = 0.0
+        if not 0 < seconds < _MAX_START_TIMEOUT_S:
+            raise InvalidInput(f"{header} must be a positive number of seconds; got {value!r}")
+        return seconds
+    return None
 
 
 def _max_queue_length(value: str | None) -> int | None:
@@ -159,6 +178,8 @@ class Intake:
             waiting = sum((await self._positions.waiting(submission.function.name)).values())
             if waiting >= limit:
                 raise QueueFull(f"{waiting} requests of {submission.function.name!r} wait (max_queue_length {limit})")
+        now = utcnow()
+        deadline = None if submission.start_timeout_s is None else now + timedelta(seconds=submission.start_timeout_s)
         request = QueuedRequest(
             request_id=str(uuid.uuid4()),
             function=submission.function.name,
@@ -168,26 +189,35 @@ class Intake:
             query=submission.query,
             headers=submission.headers,
             body=submission.body,
-            submitted_at=utcnow(),
+            submitted_at=now,
             callback_url=submission.callback_url,
             webhook_url=submission.webhook_url,
             no_retry=submission.no_retry,
+            start_deadline=deadline,
         )
         try:
             seq = await self._queue.enqueue(request)
         except (NatsError, TimeoutError) as exc:
             raise Unavailable(f"the queue is unavailable: {exc}") from exc
         record = StatusRecord.waiting(request, seq)
+        await self._record_status(record)
+        if deadline is not None:
+            await self._queue.set_deadline(
+                DeadlineJob(request_id=request.request_id, function=request.function, due_at=deadline)
+            )
+        return record
+
+    async def _record_status(self, record: StatusRecord) -> None:
+        """Store the first status record, retrying; a worker may have stored it first, which is fine."""
         for attempt in range(1, _STATUS_ATTEMPTS + 1):
             try:
                 await self._status.create(record)
             except StaleStatus:
-                return record  # a worker already picked the message up and recorded it
+                return  # a worker already picked the message up and recorded it
             except (NatsError, TimeoutError) as exc:
                 # The request is queued and will run (a worker records its status when it takes
                 # it), but a client could not follow it yet: say so rather than hand out an id.
                 if attempt == _STATUS_ATTEMPTS:
                     raise Unavailable(f"the request is queued but its status could not be stored: {exc}") from exc
             else:
-                return record
-        return record  # pragma: no cover - the loop always returns or raises
+                return

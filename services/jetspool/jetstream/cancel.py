@@ -38,8 +38,16 @@ log = logging.getLogger(__name__)
 class CancelOutcome(Enum):
     CANCELLED = "cancelled"
     SIGNALLED = "signalled"
+    STARTED = "started"
+    """Running, left alone (`only_waiting`)."""
     ALREADY_COMPLETED = "already completed"
     NOT_FOUND = "not found"
+
+
+_ERRORS = {
+    ErrorType.CANCELLED: "cancelled",
+    ErrorType.REQUEST_TIMEOUT: "no attempt started before the request's start deadline",
+}
 
 
 class Canceller:
@@ -48,13 +56,32 @@ class Canceller:
         self._status = status
         self._callbacks = callbacks
 
-    async def cancel(self, current: Versioned, function: Function | None) -> CancelOutcome:
-        """Cancel the request `current` describes, re-reading it when it changes underneath."""
+    async def expire(self, current: Versioned, function: Function | None) -> bool:
+        """Complete a request still waiting at its start deadline as `request_timeout`; whether it did."""
+        return (
+            await self.cancel(current, function, error_type=ErrorType.REQUEST_TIMEOUT, only_waiting=True)
+            is CancelOutcome.CANCELLED
+        )
+
+    async def cancel(
+        self,
+        current: Versioned,
+        function: Function | None,
+        *,
+        error_type: ErrorType = ErrorType.CANCELLED,
+        only_waiting: bool = False,
+    ) -> CancelOutcome:
+        """Cancel the request `current` describes, re-reading it when it changes underneath.
+
+        A waiting request completes with `error_type`; a running one is signalled, unless `only_waiting`.
+        """
         while True:
             record = current.record
             if record.status is State.COMPLETED:
                 return CancelOutcome.ALREADY_COMPLETED
             running = record.status is State.IN_PROGRESS
+            if running and only_waiting:
+                return CancelOutcome.STARTED
             if running:
                 changed = msgspec.structs.replace(record, cancel_requested=True)
                 ttl_s = None
@@ -63,8 +90,8 @@ class Canceller:
                     utcnow(),
                     function_status=None,
                     inference_time=None,
-                    error="cancelled",
-                    error_type=ErrorType.CANCELLED,
+                    error=_ERRORS[error_type],
+                    error_type=error_type,
                 )
                 ttl_s = function.result_ttl if function is not None else None
             try:

@@ -30,6 +30,8 @@ _KV_PREFIX = "KV_"
 _OBJ_PREFIX = "OBJ_"
 _DUPLICATE_WINDOW_S = 120.0
 _MAX_ACK_PENDING = 20_000
+_MAX_TIMERS = 1_000_000
+"""Every pending timer is a delayed nak holding an ack-pending slot."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +49,20 @@ async def provision(conn: Nats, replicas: int) -> Stores:
     js = conn.js
     await ensure_stream(js, _queue_stream(replicas))
     await ensure_stream(js, _callback_stream(replicas))
+    await ensure_stream(js, _timer_stream(replicas))
+    await _ensure_consumer(
+        js,
+        names.TIMER_STREAM,
+        api.ConsumerConfig(
+            durable_name=names.TIMER_CONSUMER,
+            filter_subject=names.TIMER_SUBJECTS,
+            ack_policy=api.AckPolicy.EXPLICIT,
+            deliver_policy=api.DeliverPolicy.ALL,
+            ack_wait=30.0,
+            max_deliver=-1,
+            max_ack_pending=_MAX_TIMERS,
+        ),
+    )
     await ensure_stream(js, _counter_stream(replicas))
     await ensure_callback_consumer(js)
     status_changes = api.RePublish(src=f"$KV.{names.STATUS_BUCKET}.>", dest=names.STATUS_CHANGE_SUBJECTS)
@@ -115,6 +131,18 @@ def _callback_stream(replicas: int) -> api.StreamConfig:
         name=names.CALLBACK_STREAM,
         description="jetspool: callbacks waiting for delivery",
         subjects=[names.CALLBACK_SUBJECTS],
+        retention=api.RetentionPolicy.WORK_QUEUE,
+        storage=api.StorageType.FILE,
+        num_replicas=replicas,
+        duplicate_window=_DUPLICATE_WINDOW_S,
+    )
+
+
+def _timer_stream(replicas: int) -> api.StreamConfig:
+    return api.StreamConfig(
+        name=names.TIMER_STREAM,
+        description="jetspool: timers (start deadlines), held back by delayed naks until due",
+        subjects=[names.TIMER_SUBJECTS],
         retention=api.RetentionPolicy.WORK_QUEUE,
         storage=api.StorageType.FILE,
         num_replicas=replicas,

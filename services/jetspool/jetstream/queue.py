@@ -10,7 +10,7 @@ from nats.errors import Error as NatsError
 from nats.errors import TimeoutError as NatsTimeoutError
 
 from jetspool.domain import names
-from jetspool.domain.messages import QueuedRequest, encode
+from jetspool.domain.messages import DeadlineJob, QueuedRequest, encode
 
 if TYPE_CHECKING:
     from nats.js.object_store import ObjectStore
@@ -49,6 +49,12 @@ class RequestQueue:
         with contextlib.suppress(NatsError):  # a missed wake-up only delays the start to the next poll
             await self._conn.nc.publish(names.wake_subject(request.function), b"")
         return int(ack.seq)
+
+    async def set_deadline(self, job: DeadlineJob) -> None:
+        """Arm the start deadline of a queued request (the worker also checks it on receipt)."""
+        await self._conn.js.publish(
+            names.DEADLINE_SUBJECT, encode(job), headers={names.NATS_MSG_ID: f"{job.request_id}.deadline"}
+        )
 
     async def load_body(self, request: QueuedRequest) -> bytes:
         """The request's body, read from the object store when it was stored out of line."""

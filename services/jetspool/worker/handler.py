@@ -63,6 +63,7 @@ class _Call:
 
 
 _CANCELLED_RUNNING = "cancelled while running"
+_LATE = "no attempt started before the request's start deadline"
 _SPARE_DELIVERIES = 20
 """Deliveries beyond max_attempts that never reached the function (hand-backs, errors) before giving up."""
 
@@ -135,6 +136,9 @@ class RequestHandler:
         attempt = current.record.attempts + 1
         if current.record.cancel_requested:
             await self._complete(request, function, None, ErrorType.CANCELLED, _CANCELLED_RUNNING)
+            return ACK
+        if request.start_deadline is not None and utcnow() >= request.start_deadline:
+            await self._complete(request, function, None, ErrorType.REQUEST_TIMEOUT, _LATE)
             return ACK
         if attempt > allowed or int(msg.metadata.num_delivered) > allowed + _SPARE_DELIVERIES:
             gave_up = f"gave up after {current.record.attempts} attempts"

@@ -12,12 +12,14 @@ import httpx
 from jetspool.callbacks.delivery import CallbackDelivery
 from jetspool.domain import names
 from jetspool.jetstream.callbacks import CallbackQueue
+from jetspool.jetstream.cancel import Canceller
 from jetspool.jetstream.connection import connect
 from jetspool.jetstream.provision import ensure_function_consumers, provision
 from jetspool.jetstream.queue import RequestQueue
 from jetspool.jetstream.registry import FunctionRegistry, RegistryView
 from jetspool.jetstream.results import ResultStore
 from jetspool.jetstream.status_store import StatusStore
+from jetspool.worker.deadlines import DeadlineKeeper
 from jetspool.worker.handler import RequestHandler, Services
 from jetspool.worker.runner import FunctionRunner
 
@@ -99,6 +101,10 @@ async def run(settings: Settings, stop: asyncio.Event, ready: asyncio.Event | No
         callbacks = CallbackDelivery(conn.js, status, results, settings.callbacks, http)
         await callbacks.start()
         started.push_async_callback(callbacks.stop, settings.worker.shutdown_grace)
+        canceller = Canceller(conn, status, CallbackQueue(conn.js))
+        deadlines = DeadlineKeeper(conn.js, status, canceller, view)
+        await deadlines.start()
+        started.push_async_callback(deadlines.stop)
         cancels = await conn.nc.subscribe(names.CANCEL_SUBJECTS, cb=handler.on_cancel)
         started.push_async_callback(cancels.unsubscribe)
 

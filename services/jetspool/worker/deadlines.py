@@ -1,0 +1,87 @@
+"""Enforcing start deadlines on time, whether or not a worker is free.
+
+Each deadline is a job on the timers stream. This loop takes a job, and while it is not due
+gives it back with a delayed nak, so JetStream itself holds it until the deadline (durably:
+a restart loses none). When due, a request still waiting completes as `request_timeout` and
+its message is deleted, so it is never delivered. Workers also check the deadline when they
+receive a request, for the case where the job could not be stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from nats.errors import ConnectionClosedError
+from nats.errors import Error as NatsError
+from nats.errors import TimeoutError as NatsTimeoutError
+
+from jetspool.aio import stop_task
+from jetspool.domain import names
+from jetspool.domain.errors import DecodeError
+from jetspool.domain.messages import DeadlineJob, decode
+from jetspool.domain.status import utcnow
+from jetspool.worker.handler import ACK, TERM, Settle, settle
+
+if TYPE_CHECKING:
+    from nats.aio.msg import Msg
+    from nats.js.client import JetStreamContext
+
+    from jetspool.jetstream.cancel import Canceller
+    from jetspool.jetstream.registry import RegistryView
+    from jetspool.jetstream.status_store import StatusStore
+
+log = logging.getLogger(__name__)
+
+_BATCH = 256
+_FETCH_TIMEOUT_S = 1.0
+
+
+class DeadlineKeeper:
+    def __init__(self, js: JetStreamContext, status: StatusStore, canceller: Canceller, registry: RegistryView) -> None:
+        self._js = js
+        self._status = status
+        self._canceller = canceller
+        self._registry = registry
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        sub = await self._js.pull_subscribe_bind(names.TIMER_CONSUMER, stream=names.TIMER_STREAM)
+        self._task = asyncio.create_task(self._loop(sub), name="deadlines")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            await stop_task(self._task)
+
+    async def _loop(self, sub: JetStreamContext.PullSubscription) -> None:
+        while True:
+            try:
+                msgs = await sub.fetch(_BATCH, timeout=_FETCH_TIMEOUT_S)
+            except (TimeoutError, NatsTimeoutError):
+                continue
+            except ConnectionClosedError:
+                return
+            except NatsError:
+                log.warning("timer fetch failed; retrying", exc_info=True)
+                await asyncio.sleep(1.0)
+                continue
+            for msg in msgs:
+                try:
+                    await settle(msg, await self._check(msg))
+                except NatsError:
+                    log.warning("a deadline check failed; JetStream will bring it back", exc_info=True)
+
+    async def _check(self, msg: Msg) -> Settle:
+        try:
+            job = decode(msg.data, DeadlineJob)
+        except DecodeError:
+            log.exception("dropping an unreadable deadline job")
+            return TERM
+        remaining_s = (job.due_at - utcnow()).total_seconds()
+        if remaining_s > 0:
+            return Settle("nak", remaining_s)
+        current = await self._status.get(job.request_id)
+        if current is not None and await self._canceller.expire(current, self._registry.get(job.function)):
+            log.info("request %s passed its start deadline waiting", job.request_id)
+        return ACK

@@ -1,0 +1,78 @@
+"""Start deadlines (X-Request-Timeout): a request that has not started in time completes as
+request_timeout within about a second, even while every worker is busy, and is never delivered."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pytest
+
+from jetspool.domain import names
+from jetspool.jetstream.connection import connect
+from jetspool.settings import NatsSettings
+from tests.support.servers import eventually_true
+
+if TYPE_CHECKING:
+    from tests.support.stack import Stack
+
+
+async def _busy(stack: Stack) -> None:
+    await stack.register("busy", concurrency=1)
+    stack.functions.hold("/busy")
+    response = await stack.client.post("/queue/busy", json={})
+    await stack.wait_for_status("busy", response.json()["request_id"], "IN_PROGRESS")
+
+
+@pytest.mark.parametrize("header", ["X-Request-Timeout", "X-Fal-Request-Timeout"])
+async def test_a_request_not_started_by_its_deadline_times_out_and_is_never_delivered(
+    stack: Stack, header: str
+) -> None:
+    await _busy(stack)
+    late = (await stack.client.post("/queue/busy", json={}, headers={header: "0.5"})).json()["request_id"]
+
+    final = await stack.wait_for_status("busy", late, timeout_s=5)
+    result = await stack.client.get(f"/queue/busy/requests/{late}")
+    stack.functions.release("/busy", 2)
+    after = (await stack.client.post("/queue/busy", json={})).json()["request_id"]
+    await stack.wait_for_status("busy", after)
+
+    assert final["error_type"] == "request_timeout"
+    assert result.status_code == 504
+    assert result.headers["x-request-timeout-type"] == "user"
+    assert result.json()["error_type"] == "request_timeout"
+    called = [seen.header("x-call-id") for seen in stack.functions.on("/busy")]
+    assert late not in called
+    assert after in called
+
+
+async def test_a_request_that_started_in_time_may_run_past_its_deadline(stack: Stack) -> None:
+    await stack.register("slow", concurrency=1)
+    stack.functions.hold("/slow")
+    submitted = await stack.client.post("/queue/slow", json={}, headers={"X-Request-Timeout": "0.3"})
+    request_id = submitted.json()["request_id"]
+    await stack.wait_for_status("slow", request_id, "IN_PROGRESS")
+    conn = await connect(NatsSettings(url=stack.nats.url), "deadline-test")
+    try:
+
+        async def deadline_has_fired() -> bool:
+            return int((await conn.js.stream_info(names.TIMER_STREAM)).state.messages) == 0
+
+        await eventually_true(deadline_has_fired)
+    finally:
+        await conn.close()
+
+    stack.functions.release("/slow")
+    final = await stack.wait_for_status("slow", request_id)
+
+    assert "error_type" not in final
+
+
+@pytest.mark.parametrize("value", ["soon", "0", "-1"])
+async def test_a_bad_start_deadline_is_refused(stack: Stack, value: str) -> None:
+    await stack.register("echo")
+
+    response = await stack.client.post("/queue/echo", headers={"X-Request-Timeout": value})
+
+    assert response.status_code == 422
+    assert "X-Request-Timeout" in response.json()["detail"]
+    assert (await stack.client.get("/system/functions/echo")).json()["stats"]["waiting"]["normal"] == 0
