@@ -185,3 +185,24 @@ async def test_result_wait_must_be_a_sensible_number_of_seconds(stack: Stack, wa
 
     assert response.status_code == 422
     assert "wait" in response.json()["detail"]
+
+
+async def test_stream_with_logs_sends_an_event_for_each_new_line(stack: Stack) -> None:
+    await stack.register("busy")
+    stack.functions.hold("/busy")
+    request_id = await _queue(stack, "busy")
+    [seen] = await stack.functions.wait_for("/busy")
+    logs_url = seen.header("x-logs-url") or ""
+
+    async with stack.client.stream(
+        "GET", f"/queue/busy/requests/{request_id}/status/stream", params={"logs": "1"}
+    ) as response:
+        events = Events(response)
+        _, first = await events.next()
+        while first["status"] != "IN_PROGRESS":
+            _, first = await events.next()
+        assert (await stack.client.post(logs_url, json={"message": "halfway"})).status_code == 202
+        _, event = await events.next()
+
+    assert [line["message"] for line in event["logs"]][-1] == "halfway"
+    stack.functions.release("/busy")

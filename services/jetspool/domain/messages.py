@@ -4,6 +4,7 @@
   or `body_ref` naming an object when the body is too large for one NATS message).
 - `CallbackJob`: a callback to deliver, on the callbacks stream.
 - `DeadlineJob`: a start deadline to enforce, on the timers stream.
+- `LogLine`: a request's log line, on the logs stream.
 - `StoredResult`: a function's response kept for the result route (msgpack in the results bucket).
 
 `schemas/` holds the JSON Schema of the JSON ones; `tests/test_schemas.py` keeps them in agreement.
@@ -68,6 +69,18 @@ class CallbackJob(_Wire, frozen=True, kw_only=True):
     function: str
     kind: CallbackKind
     url: str
+
+
+LogLevel = Literal["STDERR", "STDOUT", "ERROR", "INFO", "WARN", "DEBUG"]
+
+
+class LogLine(_Wire, frozen=True, kw_only=True):
+    """One log line of a request, on `jetspool.logs.<request id>` (SPEC §3)."""
+
+    message: str
+    level: LogLevel = "INFO"
+    source: str = "function"
+    timestamp: datetime
 
 
 class DeadlineJob(_Wire, frozen=True, kw_only=True):

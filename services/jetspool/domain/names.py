@@ -21,6 +21,9 @@ CALLBACK_STREAM: Final = "JETSPOOL_CALLBACKS"
 CALLBACK_SUBJECTS: Final = "jetspool.callbacks.>"
 CALLBACK_CONSUMER: Final = "jetspool-callbacks"
 
+LOG_STREAM: Final = "JETSPOOL_LOGS"
+LOG_SUBJECTS: Final = "jetspool.logs.>"
+
 TIMER_STREAM: Final = "JETSPOOL_TIMERS"
 TIMER_SUBJECTS: Final = "jetspool.timers.>"
 DEADLINE_SUBJECT: Final = "jetspool.timers.deadline"
@@ -53,6 +56,11 @@ def queue_consumer(function: str, priority: Priority) -> str:
 def wake_subject(function: str) -> str:
     """Core NATS subject that tells idle workers new work of `function` waits."""
     return f"jetspool.wake.{function}"
+
+
+def log_subject(request_id: str) -> str:
+    """Subject of the log lines of one request."""
+    return f"jetspool.logs.{request_id}"
 
 
 def cancel_subject(function: str) -> str:
@@ -98,6 +106,7 @@ H_START_TIME: Final = "X-Start-Time"
 H_ERROR_TYPE: Final = "X-Error-Type"
 H_QUEUE_PRIORITY: Final = "X-Queue-Priority"
 H_FAL_QUEUE_PRIORITY: Final = "X-Fal-Queue-Priority"
+H_LOGS_URL: Final = "X-Logs-Url"
 H_REQUEST_TIMEOUT: Final = "X-Request-Timeout"
 H_FAL_REQUEST_TIMEOUT: Final = "X-Fal-Request-Timeout"
 H_RETRY_AFTER: Final = "Retry-After"

@@ -10,6 +10,7 @@ Nothing leaves COMPLETED. Every write is fenced by the KV revision it was read a
 
 from __future__ import annotations
 
+import secrets
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
@@ -62,6 +63,8 @@ class StatusRecord(msgspec.Struct, frozen=True, kw_only=True):
     error: str | None = None
     error_type: ErrorType | None = None
     cancel_requested: bool = False
+    logs_token: str = ""
+    """Secret of the request's X-Logs-Url (never shown in the status object)."""
     """Set when a cancel arrives while the request runs; a redelivery then completes it as cancelled."""
 
     @property
@@ -77,6 +80,7 @@ class StatusRecord(msgspec.Struct, frozen=True, kw_only=True):
             priority=request.priority,
             submitted_at=request.submitted_at,
             queue_seq=queue_seq,
+            logs_token=secrets.token_urlsafe(16),
         )
 
     def started(self, attempt: int, at: datetime) -> StatusRecord:

@@ -23,11 +23,12 @@ from jetspool.domain import names
 from jetspool.domain.errors import RequestError
 from jetspool.gateway.feed import StatusFeed
 from jetspool.gateway.intake import Intake
-from jetspool.gateway.routes import function, openfaas, queue, system
+from jetspool.gateway.routes import function, logs, openfaas, queue, system
 from jetspool.gateway.state import Gateway
 from jetspool.jetstream.callbacks import CallbackQueue
 from jetspool.jetstream.cancel import Canceller
 from jetspool.jetstream.connection import connect
+from jetspool.jetstream.logs import RequestLogs
 from jetspool.jetstream.positions import QueuePositions
 from jetspool.jetstream.provision import ensure_function_consumers, provision
 from jetspool.jetstream.queue import RequestQueue
@@ -81,6 +82,7 @@ def create_app(settings: Settings) -> Litestar:
             queue.submit_path,
             queue.request_status,
             queue.status_stream,
+            logs.append_logs,
             queue.cancel_request,
             queue.legacy_submit,
             queue.legacy_submit_path,
@@ -135,6 +137,7 @@ def _wire(
         canceller=Canceller(conn, status, CallbackQueue(conn.js)),
         feed=feed,
         http=http,
+        logs=RequestLogs(conn),
     )
 
 

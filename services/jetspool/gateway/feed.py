@@ -40,7 +40,7 @@ class Watch:
         self.function = function
         self.records: asyncio.Queue[Versioned] = asyncio.Queue(_QUEUE_LIMIT)
         self.queue_moved = asyncio.Event()
-        """Set on any change of the function's queue (this request's own changes included)."""
+        """Set on any change of the function's queue (this request's own changes and log lines included)."""
 
     def offer(self, current: Versioned) -> None:
         if self.records.full():  # a slow reader only needs the newest state
@@ -72,6 +72,7 @@ class StatusFeed:
     async def start(self) -> None:
         self._subs.append(await self._nc.subscribe(names.STATUS_CHANGE_SUBJECTS, cb=self._on_status))
         self._subs.append(await self._nc.subscribe(names.WAKE_SUBJECTS, cb=self._on_wake))
+        self._subs.append(await self._nc.subscribe(names.LOG_SUBJECTS, cb=self._on_log))
 
     async def stop(self) -> None:
         self.closing = True
@@ -114,6 +115,10 @@ class StatusFeed:
 
     async def _on_wake(self, msg: Msg) -> None:
         self._queue_moved(msg.subject.rpartition(".")[2])
+
+    async def _on_log(self, msg: Msg) -> None:
+        for watch in self._by_request.get(msg.subject.rpartition(".")[2], ()):
+            watch.queue_moved.set()
 
     def _queue_moved(self, function: str) -> None:
         for watch in self._by_function.get(function, ()):

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from jetspool.gateway.intake import Intake
     from jetspool.jetstream.cancel import Canceller
     from jetspool.jetstream.connection import Nats
+    from jetspool.jetstream.logs import RequestLogs
     from jetspool.jetstream.positions import QueuePositions
     from jetspool.jetstream.registry import FunctionRegistry, RegistryView
     from jetspool.jetstream.results import ResultStore
@@ -32,6 +33,7 @@ class Gateway:
         "feed",
         "http",
         "intake",
+        "logs",
         "positions",
         "registry",
         "results",
@@ -56,6 +58,7 @@ class Gateway:
         canceller: Canceller,
         feed: StatusFeed,
         http: httpx.AsyncClient,
+        logs: RequestLogs,
     ) -> None:
         self.settings = settings
         self.conn = conn
@@ -69,6 +72,7 @@ class Gateway:
         self.canceller = canceller
         self.feed = feed
         self.http = http
+        self.logs = logs
 
     @property
     def base_url(self) -> str:

@@ -31,6 +31,9 @@ _OBJ_PREFIX = "OBJ_"
 _DUPLICATE_WINDOW_S = 120.0
 _MAX_ACK_PENDING = 20_000
 _MAX_TIMERS = 1_000_000
+_LOG_MAX_AGE_S = 7 * 86400.0
+_MAX_LOG_LINES = 1000
+"""Log lines kept per request (the oldest go first)."""
 """Every pending timer is a delayed nak holding an ack-pending slot."""
 
 
@@ -50,6 +53,7 @@ async def provision(conn: Nats, replicas: int) -> Stores:
     await ensure_stream(js, _queue_stream(replicas))
     await ensure_stream(js, _callback_stream(replicas))
     await ensure_stream(js, _timer_stream(replicas))
+    await ensure_stream(js, _log_stream(replicas))
     await _ensure_consumer(
         js,
         names.TIMER_STREAM,
@@ -134,6 +138,20 @@ def _callback_stream(replicas: int) -> api.StreamConfig:
         retention=api.RetentionPolicy.WORK_QUEUE,
         storage=api.StorageType.FILE,
         num_replicas=replicas,
+        duplicate_window=_DUPLICATE_WINDOW_S,
+    )
+
+
+def _log_stream(replicas: int) -> api.StreamConfig:
+    return api.StreamConfig(
+        name=names.LOG_STREAM,
+        description="jetspool: log lines of requests, one subject per request",
+        subjects=[names.LOG_SUBJECTS],
+        storage=api.StorageType.FILE,
+        num_replicas=replicas,
+        max_age=_LOG_MAX_AGE_S,
+        max_msgs_per_subject=_MAX_LOG_LINES,
+        allow_direct=True,
         duplicate_window=_DUPLICATE_WINDOW_S,
     )
 

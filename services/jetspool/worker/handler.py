@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from jetspool.domain.functions import Function
     from jetspool.jetstream.callbacks import CallbackQueue
     from jetspool.jetstream.connection import Nats
+    from jetspool.jetstream.logs import RequestLogs
     from jetspool.jetstream.queue import RequestQueue
     from jetspool.jetstream.registry import RegistryView
     from jetspool.jetstream.results import ResultStore
@@ -60,6 +61,7 @@ class _Call:
 
     task: asyncio.Task[FunctionAnswer] | None = None
     aborted: bool = False
+    logs_url: str = ""
 
 
 _CANCELLED_RUNNING = "cancelled while running"
@@ -94,6 +96,9 @@ class Services:
     registry: RegistryView
     http: httpx.AsyncClient
     callbacks: CallbackQueue
+    logs: RequestLogs
+    base_url: str
+    """The gateway's public base URL, for the X-Logs-Url handed to functions."""
 
 
 class RequestHandler:
@@ -150,6 +155,8 @@ class RequestHandler:
             started = await self._transition(current, lambda r: r.started(attempt, utcnow()))
             if started is None:
                 return ACK  # completed (e.g. cancelled) meanwhile
+            await self._s.logs.write(request.request_id, f"attempt {attempt} of {allowed} started")
+            call.logs_url = self._logs_url(started.record)
             return await self._attempt(msg, request, function, call=call, attempt=attempt, allowed=allowed)
         finally:
             self._running.pop(request.request_id, None)
@@ -165,6 +172,9 @@ class RequestHandler:
                 reason = str(exc)
                 delay = backoff_s(attempt, self._retry, exc.retry_after_s, self._rng)
                 log.info("request %s attempt %d: %s; retrying in %.1f s", request.request_id, attempt, reason, delay)
+                await self._s.logs.write(
+                    request.request_id, f"attempt {attempt}: {reason}; retrying in {delay:.1f} s", level="WARN"
+                )
                 await self._update(request, attempt, lambda r: r.requeued(reason))
                 return Settle("nak", delay)
             gave_up = f"gave up after {attempt} attempts: {exc}"
@@ -188,7 +198,9 @@ class RequestHandler:
         """Invoke the function while telling JetStream, every third of the ack wait, that the work goes on."""
         body = await self._s.queue.load_body(request)
         keeper = asyncio.create_task(self._keep_in_progress(msg), name=f"in-progress-{request.request_id}")
-        call.task = asyncio.create_task(invoke(self._s.http, function, request, body, attempt))
+        call.task = asyncio.create_task(
+            invoke(self._s.http, function, request, body, attempt=attempt, logs_url=call.logs_url)
+        )
         if call.aborted:
             call.task.cancel()
         try:
@@ -206,6 +218,10 @@ class RequestHandler:
         request_id = msg.data.decode(errors="replace")
         if self.abort(request_id):
             log.info("aborting %s: cancelled while running", request_id)
+
+    def _logs_url(self, record: StatusRecord) -> str:
+        prefix = f"{self._s.base_url}/queue/{record.function}/requests/{record.request_id}"
+        return f"{prefix}/logs?token={record.logs_token}"
 
     def abort(self, request_id: str) -> bool:
         """Abort the running call of `request_id`, if this worker holds it."""
@@ -272,6 +288,10 @@ class RequestHandler:
 
         if await self._update(request, attempt, complete, ttl_s=function.result_ttl) is None:
             return
+        outcome = "succeeded" if error_type is None else f"failed: {error}"
+        await self._s.logs.write(
+            request.request_id, f"completed, {outcome}", level="INFO" if error_type is None else "ERROR"
+        )
         counter = "completed" if error_type is None else "failed"
         await self._s.conn.nc.publish(
             names.counter_subject(request.function, counter), b"", headers={names.NATS_INCR: "+1"}

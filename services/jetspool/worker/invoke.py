@@ -52,7 +52,7 @@ class FunctionAnswer:
 
 
 async def invoke(
-    client: httpx.AsyncClient, function: Function, request: QueuedRequest, body: bytes, attempt: int
+    client: httpx.AsyncClient, function: Function, request: QueuedRequest, body: bytes, *, attempt: int, logs_url: str
 ) -> FunctionAnswer:
     """One delivery of `request` to `function`; raises RetryableDelivery or PermanentDelivery."""
     headers = [
@@ -60,6 +60,7 @@ async def invoke(
         (names.H_CALL_ID, request.request_id),
         (names.H_REQUEST_ID, request.request_id),
         (names.H_ATTEMPT, str(attempt)),
+        (names.H_LOGS_URL, logs_url),
         *function.headers.items(),
     ]
     url = function.endpoint(request.path)

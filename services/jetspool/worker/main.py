@@ -14,6 +14,7 @@ from jetspool.domain import names
 from jetspool.jetstream.callbacks import CallbackQueue
 from jetspool.jetstream.cancel import Canceller
 from jetspool.jetstream.connection import connect
+from jetspool.jetstream.logs import RequestLogs
 from jetspool.jetstream.provision import ensure_function_consumers, provision
 from jetspool.jetstream.queue import RequestQueue
 from jetspool.jetstream.registry import FunctionRegistry, RegistryView
@@ -90,7 +91,17 @@ async def run(settings: Settings, stop: asyncio.Event, ready: asyncio.Event | No
         results = ResultStore(conn.js, stores.results, stores.blobs, conn.inline_limit)
         view = RegistryView(stores.functions)
         queue = RequestQueue(conn, stores.blobs)
-        services = Services(conn, status, results, queue, view, http, CallbackQueue(conn.js))
+        services = Services(
+            conn,
+            status,
+            results,
+            queue,
+            view,
+            http,
+            CallbackQueue(conn.js),
+            RequestLogs(conn),
+            settings.gateway.base_url,
+        )
         handler = RequestHandler(services, settings.worker, settings.retry)
         pool = RunnerPool(conn.nc, handler, settings)
         view.on_change = pool.on_change

@@ -232,7 +232,8 @@ async def _events(
 
 async def _view(gateway: Gateway, record: StatusRecord, *, with_logs: bool) -> dict[str, Any]:
     position = await gateway.positions.position(record) if record.status is State.IN_QUEUE else None
-    return public_status(record, gateway.base_url, logs=[] if with_logs else None, queue_position=position)
+    lines = await gateway.logs.read(record.request_id) if with_logs else None
+    return public_status(record, gateway.base_url, logs=lines, queue_position=position)
 
 
 # --- legacy fal-serverless aliases (seed 000): the request id alone identifies the request ----------

@@ -1,0 +1,79 @@
+"""Log lines of requests: one subject per request on the logs stream (SPEC §3).
+
+Writes are plain publishes into the stream (no round trip on the worker's path: a log line
+is worth less than a request). Reads take every line of a request in one batched direct get.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import TYPE_CHECKING, Any, Final
+
+import msgspec
+import orjson
+from nats.errors import Error as NatsError
+
+from jetspool.domain import names
+from jetspool.domain.errors import DecodeError
+from jetspool.domain.messages import LogLevel, LogLine, decode, encode
+from jetspool.domain.status import utcnow
+
+if TYPE_CHECKING:
+    from nats.aio.msg import Msg
+
+    from jetspool.jetstream.connection import Nats
+
+MAX_LINES: Final = 1000
+MAX_MESSAGE_CHARS: Final = 8192
+_READ_TIMEOUT_S = 5.0
+
+
+class RequestLogs:
+    def __init__(self, conn: Nats) -> None:
+        self._conn = conn
+
+    async def write(self, request_id: str, message: str, *, level: LogLevel = "INFO", source: str = "worker") -> None:
+        line = LogLine(message=message[:MAX_MESSAGE_CHARS], level=level, source=source, timestamp=utcnow())
+        with contextlib.suppress(NatsError):
+            await self._conn.nc.publish(names.log_subject(request_id), encode(line))
+
+    async def write_acked(self, request_id: str, lines: list[LogLine]) -> None:
+        """Store lines and wait for the stream to take them (for lines a function sends us)."""
+        for line in lines:
+            await self._conn.js.publish(names.log_subject(request_id), encode(line))
+
+    async def read(self, request_id: str) -> list[dict[str, Any]]:
+        """Every stored line of the request, oldest first, as status-object entries."""
+        inbox = self._conn.nc.new_inbox()
+        received: list[Msg] = []
+        done = asyncio.Event()
+
+        async def collect(msg: Msg) -> None:
+            status = (msg.headers or {}).get("Status")
+            if status is None:
+                received.append(msg)
+            else:  # 204 end of batch, or 404 none at all
+                done.set()
+
+        sub = await self._conn.nc.subscribe(inbox, cb=collect)
+        try:
+            query = {"seq": 1, "next_by_subj": names.log_subject(request_id), "batch": MAX_LINES}
+            await self._conn.nc.publish(f"$JS.API.DIRECT.GET.{names.LOG_STREAM}", orjson.dumps(query), reply=inbox)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_READ_TIMEOUT_S):
+                    await done.wait()
+        finally:
+            await sub.unsubscribe()
+        return [_entry(msg) for msg in received if msg.data]
+
+
+def _entry(msg: Msg) -> dict[str, Any]:
+    try:
+        line = decode(msg.data, LogLine)
+    except DecodeError:
+        return {"message": msg.data.decode(errors="replace"), "level": "INFO", "source": "unknown", "timestamp": None}
+    entry: dict[str, Any] = msgspec.to_builtins(line)
+    entry.pop("v", None)
+    entry["timestamp"] = line.timestamp.isoformat().replace("+00:00", "Z")
+    return entry

@@ -1,0 +1,110 @@
+"""Request logs: the worker's own steps and lines a running function POSTs to its X-Logs-Url (SPEC §3)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from tests.support.servers import Reply
+
+if TYPE_CHECKING:
+    from tests.support.stack import Stack
+
+
+async def _running(stack: Stack) -> tuple[str, str]:
+    """A request whose function call is held open; its id and X-Logs-Url."""
+    await stack.register("busy")
+    stack.functions.hold("/busy")
+    request_id = (await stack.client.post("/queue/busy", json={})).json()["request_id"]
+    [seen] = await stack.functions.wait_for("/busy")
+    logs_url = seen.header("x-logs-url")
+    assert logs_url is not None
+    assert logs_url.startswith(f"{stack.url}/queue/busy/requests/{request_id}/logs?token=")
+    return request_id, logs_url
+
+
+async def _logs(stack: Stack, request_id: str) -> list[dict[str, Any]]:
+    response = await stack.client.get(f"/queue/busy/requests/{request_id}/status", params={"logs": "1"})
+    lines: list[dict[str, Any]] = response.json()["logs"]
+    return lines
+
+
+async def test_a_running_function_appends_lines_in_every_accepted_form(stack: Stack) -> None:
+    request_id, logs_url = await _running(stack)
+
+    one = await stack.client.post(logs_url, json={"message": "loading model", "level": "DEBUG"})
+    many = await stack.client.post(logs_url, json=[{"message": "step 1"}, {"message": "oops", "level": "STDERR"}])
+    plain = await stack.client.post(
+        logs_url, content=b"line a\nline b\n", headers={"Content-Type": "text/plain; charset=utf-8"}
+    )
+
+    assert [r.status_code for r in (one, many, plain)] == [202, 202, 202]
+    assert many.json() == {"accepted": 2}
+    lines = await _logs(stack, request_id)
+    worker = [line for line in lines if line["source"] == "worker"]
+    posted = [(line["message"], line["level"]) for line in lines if line["source"] == "function"]
+    assert worker[0]["message"] == "attempt 1 of 10 started"
+    assert posted == [
+        ("loading model", "DEBUG"),
+        ("step 1", "INFO"),
+        ("oops", "STDERR"),
+        ("line a", "INFO"),
+        ("line b", "INFO"),
+    ]
+    assert all(line["timestamp"].endswith("Z") for line in lines)
+    stack.functions.release("/busy")
+
+
+async def test_the_worker_logs_retries_and_the_outcome(stack: Stack) -> None:
+    await stack.register("echo")
+    stack.functions.script("/echo", [Reply(503)])
+    request_id = (await stack.client.post("/queue/echo", json={})).json()["request_id"]
+    await stack.wait_for_status("echo", request_id)
+
+    response = await stack.client.get(f"/queue/echo/requests/{request_id}/status", params={"logs": "true"})
+    messages = [line["message"] for line in response.json()["logs"]]
+
+    assert messages[0] == "attempt 1 of 10 started"
+    assert messages[1].startswith("attempt 1: function answered 503; retrying in")
+    assert messages[2] == "attempt 2 of 10 started"
+    assert messages[-1] == "completed, succeeded"
+
+
+async def test_logs_are_null_unless_asked_for(stack: Stack) -> None:
+    request_id, _ = await _running(stack)
+
+    assert (await stack.status("busy", request_id))["logs"] is None
+    stack.functions.release("/busy")
+
+
+_UNKNOWN = "00000000-0000-4000-8000-000000000000"
+
+
+@pytest.mark.parametrize(("case", "status"), [("no token", 401), ("wrong token", 401), ("unknown request", 404)])
+async def test_log_url_needs_its_token_and_a_known_request(stack: Stack, case: str, status: int) -> None:
+    request_id, logs_url = await _running(stack)
+    url = {
+        "no token": logs_url.split("?")[0],
+        "wrong token": logs_url + "x",
+        "unknown request": logs_url.replace(request_id, _UNKNOWN),
+    }[case]
+
+    response = await stack.client.post(url, json={"message": "x"})
+
+    assert response.status_code == status
+    assert response.json()["detail"]
+    assert not [line for line in await _logs(stack, request_id) if line["source"] == "function"]
+    stack.functions.release("/busy")
+
+
+@pytest.mark.parametrize("body", [{"message": "x", "level": "LOUD"}, {"text": "x"}, [1, 2]])
+async def test_invalid_log_lines_are_refused_and_nothing_is_stored(stack: Stack, body: Any) -> None:
+    request_id, logs_url = await _running(stack)
+
+    response = await stack.client.post(logs_url, json=body)
+
+    assert response.status_code == 422
+    assert response.json()["detail"]
+    assert not [line for line in await _logs(stack, request_id) if line["source"] == "function"]
+    stack.functions.release("/busy")
