@@ -146,3 +146,18 @@ async def test_cancel_of_a_completed_request_is_already_completed(stack: Stack) 
 
     assert (response.status_code, response.json()["status"]) == (400, "ALREADY_COMPLETED")
     assert response.json()["detail"]
+
+
+async def test_eta_comes_from_recent_run_times_position_and_concurrency(stack: Stack) -> None:
+    await _busy_function(stack)
+    first = (await _queue(stack, "busy"))["request_id"]
+    second = (await _queue(stack, "busy"))["request_id"]
+    assert (await stack.status("busy", second))["eta_seconds"] is None, "no run seen yet"
+
+    stack.functions.release("/busy")  # the held request completes; `first` starts
+    await stack.wait_for_status("busy", first, "IN_PROGRESS")
+    status = await stack.status("busy", second)
+
+    assert status["queue_position"] == 0
+    assert status["eta_seconds"] > 0
+    stack.functions.release("/busy", 2)

@@ -233,7 +233,20 @@ async def _events(
 async def _view(gateway: Gateway, record: StatusRecord, *, with_logs: bool) -> dict[str, Any]:
     position = await gateway.positions.position(record) if record.status is State.IN_QUEUE else None
     lines = await gateway.logs.read(record.request_id) if with_logs else None
-    return public_status(record, gateway.base_url, logs=lines, queue_position=position)
+    view = public_status(record, gateway.base_url, logs=lines, queue_position=position)
+    if position is not None:
+        view["eta_seconds"] = _eta_s(gateway, record.function, position)
+    return view
+
+
+def _eta_s(gateway: Gateway, function: str, position: int) -> float | None:
+    """(position + 1) runs of the recent mean run time, spread over the function's concurrency;
+    None until this gateway has seen the function complete something."""
+    mean_s = gateway.feed.run_times.get(function)
+    registered = gateway.view.get(function)
+    if mean_s is None or registered is None:
+        return None
+    return round((position + 1) * mean_s / registered.concurrency, 3)
 
 
 # --- legacy fal-serverless aliases (seed 000): the request id alone identifies the request ----------
