@@ -16,18 +16,11 @@ if TYPE_CHECKING:
     from tests.support.stack import Stack
 
 
-async def _busy(stack: Stack) -> None:
-    await stack.register("busy", concurrency=1)
-    stack.functions.hold("/busy")
-    response = await stack.client.post("/queue/busy", json={})
-    await stack.wait_for_status("busy", response.json()["request_id"], "IN_PROGRESS")
-
-
 @pytest.mark.parametrize("header", ["X-Request-Timeout", "X-Fal-Request-Timeout"])
 async def test_a_request_not_started_by_its_deadline_times_out_and_is_never_delivered(
     stack: Stack, header: str
 ) -> None:
-    await _busy(stack)
+    await stack.occupy()
     late = (await stack.client.post("/queue/busy", json={}, headers={header: "0.5"})).json()["request_id"]
 
     final = await stack.wait_for_status("busy", late, timeout_s=5)

@@ -12,15 +12,8 @@ if TYPE_CHECKING:
     from tests.support.stack import Stack
 
 
-async def _busy(stack: Stack) -> None:
-    await stack.register("busy", concurrency=1)
-    stack.functions.hold("/busy")
-    response = await stack.client.post("/queue/busy", json={})
-    await stack.wait_for_status("busy", response.json()["request_id"], "IN_PROGRESS")
-
-
 async def test_legacy_fal_serverless_paths_are_aliases(stack: Stack) -> None:
-    await _busy(stack)
+    await stack.occupy()
 
     submitted = await stack.client.post("/fal/queue/submit/busy/sub/path", json={"x": 1})
     request_id = submitted.json()["request_id"]
@@ -39,7 +32,7 @@ async def test_legacy_fal_serverless_paths_are_aliases(stack: Stack) -> None:
 
 
 async def test_max_queue_length_refuses_with_429_and_queues_nothing(stack: Stack) -> None:
-    await _busy(stack)
+    await stack.occupy()
     for _ in range(2):
         assert (await stack.client.post("/queue/busy", params={"max_queue_length": "2"})).status_code == 200
 
@@ -57,7 +50,7 @@ async def test_max_queue_length_refuses_with_429_and_queues_nothing(stack: Stack
 
 
 async def test_purge_cancels_every_waiting_request_and_spares_the_running_one(stack: Stack) -> None:
-    await _busy(stack)
+    await stack.occupy()
     waiting = [
         (await stack.client.post("/queue/busy", json={}, headers={"X-Queue-Priority": p})).json()["request_id"]
         for p in ("high", "normal", "low", "normal")

@@ -20,16 +20,6 @@ async def _positions(stack: Stack, name: str, ids: list[str]) -> list[int | None
     return [(await stack.status(name, request_id)).get("queue_position") for request_id in ids]
 
 
-async def _busy_function(stack: Stack) -> str:
-    """A function with concurrency 1 whose first request is running and held."""
-    await stack.register("busy", concurrency=1)
-    stack.functions.hold("/busy")
-    first = await _queue(stack, "busy")
-    await stack.functions.wait_for("/busy")
-    await stack.wait_for_status("busy", first["request_id"], "IN_PROGRESS")
-    return str(first["request_id"])
-
-
 async def test_submit_answers_with_absolute_urls_and_position(stack: Stack) -> None:
     await stack.register("echo")
 
@@ -43,7 +33,7 @@ async def test_submit_answers_with_absolute_urls_and_position(stack: Stack) -> N
 
 
 async def test_positions_count_the_requests_ahead(stack: Stack) -> None:
-    await _busy_function(stack)
+    await stack.occupy()
 
     submitted = [await _queue(stack, "busy") for _ in range(5)]
 
@@ -55,7 +45,7 @@ async def test_positions_count_the_requests_ahead(stack: Stack) -> None:
 
 
 async def test_low_waits_behind_later_normal_and_high_goes_first(stack: Stack) -> None:
-    await _busy_function(stack)
+    await stack.occupy()
     normal_1 = (await _queue(stack, "busy"))["request_id"]
     low = (await _queue(stack, "busy", "low"))["request_id"]
     normal_2 = (await _queue(stack, "busy"))["request_id"]
@@ -71,7 +61,7 @@ async def test_low_waits_behind_later_normal_and_high_goes_first(stack: Stack) -
 
 
 async def test_positions_move_up_after_a_cancel_and_after_each_start(stack: Stack) -> None:
-    await _busy_function(stack)
+    await stack.occupy()
     ids = [(await _queue(stack, "busy"))["request_id"] for _ in range(4)]
 
     cancel = await stack.client.put(f"/queue/busy/requests/{ids[1]}/cancel")
@@ -90,7 +80,7 @@ async def test_positions_move_up_after_a_cancel_and_after_each_start(stack: Stac
 
 
 async def test_cancelled_waiting_request_completes_as_cancelled(stack: Stack) -> None:
-    await _busy_function(stack)
+    await stack.occupy()
     request_id = (await _queue(stack, "busy"))["request_id"]
 
     cancel = await stack.client.put(f"/queue/busy/requests/{request_id}/cancel")
@@ -149,7 +139,7 @@ async def test_cancel_of_a_completed_request_is_already_completed(stack: Stack) 
 
 
 async def test_eta_comes_from_recent_run_times_position_and_concurrency(stack: Stack) -> None:
-    await _busy_function(stack)
+    await stack.occupy()
     first = (await _queue(stack, "busy"))["request_id"]
     second = (await _queue(stack, "busy"))["request_id"]
     assert (await stack.status("busy", second))["eta_seconds"] is None, "no run seen yet"

@@ -25,14 +25,6 @@ async def _queue(stack: Stack, name: str) -> str:
     return str(response.json()["request_id"])
 
 
-async def _busy(stack: Stack) -> str:
-    await stack.register("busy", concurrency=1)
-    stack.functions.hold("/busy")
-    running = await _queue(stack, "busy")
-    await stack.wait_for_status("busy", running, "IN_PROGRESS")
-    return running
-
-
 class Events:
     """Reads Server-Sent Events from a streaming response."""
 
@@ -73,7 +65,7 @@ async def _stream(stack: Stack, name: str, request_id: str, **headers: str) -> A
 
 
 async def test_stream_shows_every_change_until_completed(stack: Stack) -> None:
-    await _busy(stack)
+    await stack.occupy()
     ahead = await _queue(stack, "busy")
     request_id = await _queue(stack, "busy")
 
@@ -111,7 +103,7 @@ async def test_stream_of_a_completed_request_sends_one_event_and_ends(stack: Sta
 
 
 async def test_reconnecting_with_last_event_id_continues_the_ids(stack: Stack) -> None:
-    await _busy(stack)
+    await stack.occupy()
     request_id = await _queue(stack, "busy")
     async with _stream(stack, "busy", request_id) as events:
         first_id, _ = await events.next()
@@ -125,7 +117,7 @@ async def test_reconnecting_with_last_event_id_continues_the_ids(stack: Stack) -
 
 
 async def test_closing_the_stream_leaves_no_watcher_behind(stack: Stack) -> None:
-    await _busy(stack)
+    await stack.occupy()
     request_id = await _queue(stack, "busy")
     feed = stack.app.state.gateway.feed
 
@@ -166,7 +158,7 @@ async def test_result_wait_returns_once_the_request_completes(stack: Stack) -> N
 
 
 async def test_result_wait_gives_up_with_the_current_status(stack: Stack) -> None:
-    await _busy(stack)
+    await stack.occupy()
     request_id = await _queue(stack, "busy")
 
     response = await stack.client.get(f"/queue/busy/requests/{request_id}", params={"wait": "0.3"})

@@ -137,6 +137,18 @@ class Stack:
                     return current
                 await asyncio.sleep(0.02)
 
+    async def occupy(self, name: str = "busy") -> str:
+        """Register `name` with concurrency 1 and hold its first request running; returns that request's id.
+
+        Requests queued after it wait; `self.functions.release(f"/{name}")` lets held calls answer."""
+        await self.register(name, concurrency=1)
+        self.functions.hold(f"/{name}")
+        response = await self.client.post(f"/queue/{name}", json={})
+        assert response.status_code == 200, response.text
+        request_id = str(response.json()["request_id"])
+        await self.wait_for_status(name, request_id, "IN_PROGRESS")
+        return request_id
+
     async def start_worker(self) -> Worker:
         worker = Worker(self.settings)
         await worker.start()

@@ -8,9 +8,6 @@ import random
 from typing import TYPE_CHECKING
 
 import httpx
-from nats.errors import ConnectionClosedError
-from nats.errors import Error as NatsError
-from nats.errors import TimeoutError as NatsTimeoutError
 
 from jetspool.aio import stop_task
 from jetspool.callbacks.payloads import build
@@ -18,6 +15,7 @@ from jetspool.domain import names
 from jetspool.domain.errors import DecodeError
 from jetspool.domain.messages import CallbackJob, decode
 from jetspool.domain.status import utcnow
+from jetspool.jetstream.pulling import ConnectionGone, fetch
 from jetspool.settings import RetrySettings
 from jetspool.worker.handler import Settle, settle
 from jetspool.worker.policy import backoff_s, parse_retry_after
@@ -73,15 +71,9 @@ class CallbackDelivery:
                 await asyncio.wait(self._inflight, return_when=asyncio.FIRST_COMPLETED)
                 continue
             try:
-                msgs = await sub.fetch(free, timeout=_FETCH_TIMEOUT_S)
-            except (TimeoutError, NatsTimeoutError):
-                continue
-            except ConnectionClosedError:
+                msgs = await fetch(sub, free, _FETCH_TIMEOUT_S, "callback")
+            except ConnectionGone:
                 return
-            except NatsError:
-                log.warning("callback fetch failed; retrying", exc_info=True)
-                await asyncio.sleep(1.0)
-                continue
             for msg in msgs:
                 task = asyncio.create_task(self._deliver(msg))
                 self._inflight.add(task)

@@ -13,15 +13,14 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
-from nats.errors import ConnectionClosedError
 from nats.errors import Error as NatsError
-from nats.errors import TimeoutError as NatsTimeoutError
 
 from jetspool.aio import stop_task
 from jetspool.domain import names
 from jetspool.domain.errors import DecodeError
 from jetspool.domain.messages import DeadlineJob, decode
 from jetspool.domain.status import utcnow
+from jetspool.jetstream.pulling import ConnectionGone, fetch
 from jetspool.worker.handler import ACK, TERM, Settle, settle
 
 if TYPE_CHECKING:
@@ -57,15 +56,9 @@ class DeadlineKeeper:
     async def _loop(self, sub: JetStreamContext.PullSubscription) -> None:
         while True:
             try:
-                msgs = await sub.fetch(_BATCH, timeout=_FETCH_TIMEOUT_S)
-            except (TimeoutError, NatsTimeoutError):
-                continue
-            except ConnectionClosedError:
+                msgs = await fetch(sub, _BATCH, _FETCH_TIMEOUT_S, "timer")
+            except ConnectionGone:
                 return
-            except NatsError:
-                log.warning("timer fetch failed; retrying", exc_info=True)
-                await asyncio.sleep(1.0)
-                continue
             for msg in msgs:
                 try:
                     await settle(msg, await self._check(msg))

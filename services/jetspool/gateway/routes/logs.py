@@ -14,11 +14,11 @@ from litestar import Request, Response, post
 from litestar.params import FromPath, FromQuery
 
 from jetspool.domain import names
-from jetspool.domain.errors import InvalidInput, NotFound, RequestError
+from jetspool.domain.errors import InvalidInput, RequestError
 from jetspool.domain.messages import LogLevel, LogLine
 from jetspool.domain.status import utcnow
 from jetspool.domain.validation import describe
-from jetspool.gateway.intake import parse_request_id
+from jetspool.gateway.lookup import require_request
 from jetspool.gateway.state import GatewayDep
 from jetspool.jetstream.logs import MAX_LINES, MAX_MESSAGE_CHARS
 
@@ -45,15 +45,12 @@ async def append_logs(
     token: FromQuery[str | None] = None,
 ) -> Response[dict[str, int]]:
     """Append log lines to a request; 202 with how many were stored."""
-    request_id = parse_request_id(request_id)
-    current = await gateway.status.get(request_id)
-    if current is None or current.record.function != name:
-        raise NotFound(f"request {request_id} not found for function {name!r}")
-    if token is None or not hmac.compare_digest(token.encode(), current.record.logs_token.encode()):
+    record = await require_request(gateway, name, request_id)
+    if token is None or not hmac.compare_digest(token.encode(), record.logs_token.encode()):
         raise Unauthorized("a valid token for this request's logs is required (use the X-Logs-Url as given)")
     lines = _lines(await request.body(), request.headers.get("content-type", ""))
-    await gateway.logs.write_acked(request_id, lines)
-    return Response({"accepted": len(lines)}, status_code=202, headers={names.H_REQUEST_ID: request_id})
+    await gateway.logs.write_acked(record.request_id, lines)
+    return Response({"accepted": len(lines)}, status_code=202, headers={names.H_REQUEST_ID: record.request_id})
 
 
 def _lines(body: bytes, content_type: str) -> list[LogLine]:

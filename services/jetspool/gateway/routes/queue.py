@@ -18,6 +18,7 @@ from jetspool.domain.errors import InvalidInput, NotFound
 from jetspool.domain.outcomes import completed_answer
 from jetspool.domain.status import State, StatusRecord, public_status, request_urls
 from jetspool.gateway.intake import function_for, parse_request_id, read_submission
+from jetspool.gateway.lookup import find_request, require_request
 from jetspool.gateway.state import Gateway, GatewayDep
 from jetspool.jetstream.cancel import CancelOutcome
 from jetspool.jetstream.status_store import Versioned
@@ -53,24 +54,6 @@ async def _submit(request: Request[Any, Any, Any], gateway: Gateway, name: str, 
     return Response(body, headers={names.H_REQUEST_ID: record.request_id})
 
 
-async def _current(gateway: Gateway, name: str | None, request_id: str) -> Versioned | None:
-    """The status of `request_id` under function `name` (any function when None); None when unknown.
-
-    422 for a malformed id."""
-    request_id = parse_request_id(request_id)
-    current = await gateway.status.get(request_id)
-    if current is None or (name is not None and current.record.function != name):
-        return None
-    return current
-
-
-async def _record(gateway: Gateway, name: str | None, request_id: str) -> StatusRecord:
-    current = await _current(gateway, name, request_id)
-    if current is None:
-        raise NotFound(f"request {request_id} not found for function {name!r}")
-    return current.record
-
-
 def _flag(name: str, value: str | None) -> bool:
     if value is None:
         return False
@@ -90,7 +73,7 @@ async def request_status(
 
 async def _status(gateway: Gateway, name: str | None, request_id: str, logs: str | None) -> Response[dict[str, Any]]:
     with_logs = _flag("logs", logs)
-    record = await _record(gateway, name, request_id)
+    record = await require_request(gateway, name, request_id)
     body = await _view(gateway, record, with_logs=with_logs)
     return Response(
         body,
@@ -106,7 +89,7 @@ async def request_result(
     """The function's response once completed (with `?wait=S`, first wait up to S seconds for it);
     400 with the status while it is not."""
     wait_s = _seconds("wait", wait)
-    record = await _record(gateway, name, request_id)
+    record = await require_request(gateway, name, request_id)
     if record.status is not State.COMPLETED and wait_s > 0:
         record = await _wait_for_completion(gateway, record, wait_s)
     if record.status is not State.COMPLETED:
@@ -142,7 +125,7 @@ async def cancel_request(
 
 
 async def _cancel(gateway: Gateway, name: str | None, request_id: str) -> Response[dict[str, str]]:
-    current = await _current(gateway, name, request_id)
+    current = await find_request(gateway, name, request_id)
     if current is None:
         outcome = CancelOutcome.NOT_FOUND
     else:
@@ -188,7 +171,7 @@ async def status_stream(
     """Server-Sent Events: the status object at once, then one per change (status, queue position,
     log lines), ending after COMPLETED; a `: ping` comment every 15 s of quiet."""
     with_logs = _flag("logs", logs)
-    current = await _current(gateway, name, request_id)
+    current = await find_request(gateway, name, request_id)
     if current is None:
         raise NotFound(f"request {request_id} not found for function {name!r}")
     last_id = _event_id(request.headers.get("last-event-id"))
