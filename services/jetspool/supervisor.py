@@ -21,12 +21,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import httpx
+import msgspec
 
 from jetspool.domain.errors import ConfigError
 from jetspool.embedded import EmbeddedNats, die_with_parent
-from jetspool.jetstream.connection import connect
-from jetspool.jetstream.provision import provision
-from jetspool.jetstream.registry import FunctionRegistry
+from jetspool.jetstream.startup import open_jetstream
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -159,17 +158,9 @@ class Supervisor:
 
 async def _register(settings: Settings, nats_url: str, functions: list[Function]) -> None:
     """Register the demo functions (and provision everything, so children start on a ready layout)."""
-    import msgspec  # noqa: PLC0415
-
-    nats_settings = msgspec.structs.replace(settings.nats, url=nats_url)
-    conn = await connect(nats_settings, "jetspool-up")
-    try:
-        stores = await provision(conn, settings.nats.replicas)
-        registry = FunctionRegistry(stores.functions)
-        for function in functions:
-            await registry.ensure(function)
-    finally:
-        await conn.close()
+    settings = msgspec.structs.replace(settings, nats=msgspec.structs.replace(settings.nats, url=nats_url))
+    async with contextlib.AsyncExitStack() as started:
+        await open_jetstream(settings, "jetspool-up", started, functions)
 
 
 def _free_port() -> int:

@@ -24,11 +24,11 @@ WIRE_VERSION = 1
 CallbackKind = Literal["openfaas", "fal"]
 
 
-class _Wire(msgspec.Struct, frozen=True, kw_only=True):
+class WireMessage(msgspec.Struct, frozen=True, kw_only=True):
     v: int = WIRE_VERSION
 
 
-class QueuedRequest(_Wire, frozen=True, kw_only=True):
+class QueuedRequest(WireMessage, frozen=True, kw_only=True):
     """A request as it waits on `jetspool.queue.<function>.<priority>`."""
 
     request_id: str
@@ -62,7 +62,7 @@ class QueuedRequest(_Wire, frozen=True, kw_only=True):
         return targets
 
 
-class CallbackJob(_Wire, frozen=True, kw_only=True):
+class CallbackJob(WireMessage, frozen=True, kw_only=True):
     """One callback delivery, on `jetspool.callbacks.<kind>`."""
 
     request_id: str
@@ -74,7 +74,7 @@ class CallbackJob(_Wire, frozen=True, kw_only=True):
 LogLevel = Literal["STDERR", "STDOUT", "ERROR", "INFO", "WARN", "DEBUG"]
 
 
-class LogLine(_Wire, frozen=True, kw_only=True):
+class LogLine(WireMessage, frozen=True, kw_only=True):
     """One log line of a request, on `jetspool.logs.<request id>` (SPEC §3)."""
 
     message: str
@@ -83,7 +83,7 @@ class LogLine(_Wire, frozen=True, kw_only=True):
     timestamp: datetime
 
 
-class DeadlineJob(_Wire, frozen=True, kw_only=True):
+class DeadlineJob(WireMessage, frozen=True, kw_only=True):
     """A start deadline to enforce, on `jetspool.timers.deadline` (held back by delayed naks until due)."""
 
     request_id: str
@@ -91,7 +91,7 @@ class DeadlineJob(_Wire, frozen=True, kw_only=True):
     due_at: datetime
 
 
-class StoredResult(_Wire, frozen=True, kw_only=True):
+class StoredResult(WireMessage, frozen=True, kw_only=True):
     """A function's final response, kept for `result_ttl`."""
 
     status_code: int
@@ -100,12 +100,12 @@ class StoredResult(_Wire, frozen=True, kw_only=True):
     body_ref: str | None = None
 
 
-_T = TypeVar("_T", bound=_Wire)
+_T = TypeVar("_T", bound=WireMessage)
 _json_encoder = msgspec.json.Encoder()
 _msgpack_encoder = msgspec.msgpack.Encoder()
 
 
-def encode(message: _Wire) -> bytes:
+def encode(message: WireMessage) -> bytes:
     """Encode a wire message: msgpack for stored results, JSON for everything else."""
     if isinstance(message, StoredResult):
         return _msgpack_encoder.encode(message)

@@ -17,8 +17,7 @@ from typing import Any
 
 import msgspec
 
-from jetspool.domain.errors import DecodeError
-from jetspool.domain.messages import WIRE_VERSION, QueuedRequest
+from jetspool.domain.messages import QueuedRequest, WireMessage, decode, encode
 from jetspool.domain.names import Priority
 
 
@@ -42,10 +41,9 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-class StatusRecord(msgspec.Struct, frozen=True, kw_only=True):
+class StatusRecord(WireMessage, frozen=True, kw_only=True):
     """What the status bucket holds under a request id."""
 
-    v: int = WIRE_VERSION
     request_id: str
     function: str
     status: State = State.IN_QUEUE
@@ -112,20 +110,11 @@ class StatusRecord(msgspec.Struct, frozen=True, kw_only=True):
         )
 
     def encode(self) -> bytes:
-        return _encoder.encode(self)
-
-
-_encoder = msgspec.json.Encoder()
+        return encode(self)
 
 
 def decode_status(data: bytes) -> StatusRecord:
-    try:
-        record = msgspec.json.decode(data, type=StatusRecord)
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-        raise DecodeError(f"cannot decode status record: {exc}") from exc
-    if record.v != WIRE_VERSION:
-        raise DecodeError(f"status record has version {record.v}, this jetspool reads {WIRE_VERSION}")
-    return record
+    return decode(data, StatusRecord)
 
 
 def _rfc3339(at: datetime | None) -> str | None:

@@ -27,13 +27,12 @@ from jetspool.gateway.routes import function, logs, openfaas, queue, system
 from jetspool.gateway.state import Gateway
 from jetspool.jetstream.callbacks import CallbackQueue
 from jetspool.jetstream.cancel import Canceller
-from jetspool.jetstream.connection import connect
 from jetspool.jetstream.logs import RequestLogs
 from jetspool.jetstream.positions import QueuePositions
-from jetspool.jetstream.provision import ensure_function_consumers, provision
 from jetspool.jetstream.queue import RequestQueue
 from jetspool.jetstream.registry import FunctionRegistry, RegistryView
 from jetspool.jetstream.results import ResultStore
+from jetspool.jetstream.startup import open_jetstream
 from jetspool.jetstream.stats import StatsReader
 from jetspool.jetstream.status_store import StatusStore
 
@@ -51,13 +50,7 @@ def create_app(settings: Settings) -> Litestar:
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         async with AsyncExitStack() as started:
-            conn = await connect(settings.nats, "jetspool-gateway")
-            started.push_async_callback(conn.close)
-            stores = await provision(conn, settings.nats.replicas)
-            registry = FunctionRegistry(stores.functions)
-            for function in settings.functions:
-                await registry.ensure(function)
-                await ensure_function_consumers(conn.js, function.name, settings.worker.ack_wait)
+            conn, stores, registry = await open_jetstream(settings, "jetspool-gateway", started)
             view = RegistryView(stores.functions)
             await view.start()
             started.push_async_callback(view.stop)

@@ -13,12 +13,12 @@ from jetspool.callbacks.delivery import CallbackDelivery
 from jetspool.domain import names
 from jetspool.jetstream.callbacks import CallbackQueue
 from jetspool.jetstream.cancel import Canceller
-from jetspool.jetstream.connection import connect
 from jetspool.jetstream.logs import RequestLogs
-from jetspool.jetstream.provision import ensure_function_consumers, provision
+from jetspool.jetstream.provision import ensure_function_consumers
 from jetspool.jetstream.queue import RequestQueue
-from jetspool.jetstream.registry import FunctionRegistry, RegistryView
+from jetspool.jetstream.registry import RegistryView
 from jetspool.jetstream.results import ResultStore
+from jetspool.jetstream.startup import open_jetstream
 from jetspool.jetstream.status_store import StatusStore
 from jetspool.worker.deadlines import DeadlineKeeper
 from jetspool.worker.handler import RequestHandler, Services
@@ -77,12 +77,7 @@ async def run(settings: Settings, stop: asyncio.Event, ready: asyncio.Event | No
     has started is stopped again, in reverse order, however `run` ends.
     """
     async with contextlib.AsyncExitStack() as started:
-        conn = await connect(settings.nats, "jetspool-worker")
-        started.push_async_callback(conn.close)
-        stores = await provision(conn, settings.nats.replicas)
-        registry = FunctionRegistry(stores.functions)
-        for function in settings.functions:
-            await registry.ensure(function)
+        conn, stores, _ = await open_jetstream(settings, "jetspool-worker", started)
         timeout = httpx.Timeout(None, connect=_CONNECT_TIMEOUT_S)
         http = await started.enter_async_context(
             httpx.AsyncClient(timeout=timeout, limits=_HTTP_LIMITS, follow_redirects=False)

@@ -1,0 +1,32 @@
+"""What every component does first: connect, provision, and register the configured functions."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from jetspool.jetstream.connection import connect
+from jetspool.jetstream.provision import Stores, ensure_function_consumers, provision
+from jetspool.jetstream.registry import FunctionRegistry
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+    from contextlib import AsyncExitStack
+
+    from jetspool.domain.functions import Function
+    from jetspool.jetstream.connection import Nats
+    from jetspool.settings import Settings
+
+
+async def open_jetstream(
+    settings: Settings, name: str, started: AsyncExitStack, extra_functions: Iterable[Function] = ()
+) -> tuple[Nats, Stores, FunctionRegistry]:
+    """Connect as `name` (closed when `started` unwinds), provision every stream and bucket, and
+    write the config file's functions (and `extra_functions`) to the registry with their consumers."""
+    conn = await connect(settings.nats, name)
+    started.push_async_callback(conn.close)
+    stores = await provision(conn, settings.nats.replicas)
+    registry = FunctionRegistry(stores.functions)
+    for function in [*settings.functions, *extra_functions]:
+        await registry.ensure(function)
+        await ensure_function_consumers(conn.js, function.name, settings.worker.ack_wait)
+    return conn, stores, registry
