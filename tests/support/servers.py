@@ -6,9 +6,12 @@ import asyncio
 import socket
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -27,13 +30,21 @@ def free_port() -> int:
 class AsgiServer:
     """A real uvicorn server for `app` on a free loopback port."""
 
-    def __init__(self, app: Any, port: int | None = None) -> None:  # any ASGI application
+    def __init__(self, app: Any, port: int | None = None, tls: tuple[Path, Path] | None = None) -> None:
+        """`app`: any ASGI application; `tls`: (cert, key) PEM files to serve HTTPS."""
         self._sock = socket.socket()
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind(("127.0.0.1", port or 0))
         self.port = int(self._sock.getsockname()[1])
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, log_level="warning", lifespan="auto", timeout_graceful_shutdown=2)
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
+        config = uvicorn.Config(
+            app,
+            log_level="warning",
+            lifespan="auto",
+            timeout_graceful_shutdown=2,
+            ssl_certfile=str(tls[0]) if tls else None,
+            ssl_keyfile=str(tls[1]) if tls else None,
+        )
         self._server = uvicorn.Server(config)
         self._task: asyncio.Task[None] | None = None
 

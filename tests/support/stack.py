@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import ssl
 import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -18,6 +19,8 @@ from jetspool.worker.main import run as run_worker
 from tests.support.servers import AsgiServer, RecordingApp, free_port
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from litestar import Litestar
 
     from jetspool.embedded import EmbeddedNats
@@ -164,17 +167,26 @@ class Stack:
         await self.receiver_server.stop()
 
 
-async def start_stack(nats: EmbeddedNats, *, worker: bool = True, overrides: dict[str, Any] | None = None) -> Stack:
+async def start_stack(
+    nats: EmbeddedNats,
+    *,
+    worker: bool = True,
+    overrides: dict[str, Any] | None = None,
+    tls: tuple[Path, Path] | None = None,
+) -> Stack:
     functions, receiver = RecordingApp(), RecordingApp(default=None)
     function_server, receiver_server = AsgiServer(functions), AsgiServer(receiver)
     await function_server.start()
     await receiver_server.start()
     port = free_port()  # the gateway's own settings name its port, for the absolute URLs it hands out
+    if tls is not None:
+        overrides = _merge(overrides or {}, {"gateway": {"public_url": f"https://127.0.0.1:{port}"}})
     settings = stack_settings(nats.url, port, overrides)
     app = create_app(settings)
-    gateway = AsgiServer(app, port=port)
+    gateway = AsgiServer(app, port=port, tls=tls)
     await gateway.start()
-    client = httpx.AsyncClient(base_url=gateway.url, timeout=_WAIT_S)
+    verify = ssl.create_default_context(cafile=str(tls[0])) if tls else True
+    client = httpx.AsyncClient(base_url=gateway.url, timeout=_WAIT_S, verify=verify)
     stack = Stack(nats, settings, gateway, functions, function_server, receiver, receiver_server, client, app)
     if worker:
         await stack.start_worker()
