@@ -31,3 +31,9 @@ lint:
 fmt:
     {{venv}}/ruff check --fix services tests
     {{venv}}/ruff format services tests
+
+# --- measure ---------------------------------------------------------------------------
+
+# benchmarks (not tests): status latency at 100 vs 100,000 waiting requests
+bench *args:
+    {{venv}}/python -m tests.bench.status_latency {{args}}
