@@ -216,3 +216,44 @@ async def test_status_object_has_the_spec_fields(stack_without_worker: Stack) ->
     assert body["cancel_url"] == f"{prefix}/cancel"
     assert body["logs"] == []
     assert body["submitted_at"].endswith("Z")
+
+
+async def test_retries_exhausted_complete_as_runner_unavailable(stack: Stack) -> None:
+    await stack.register("echo", max_attempts=2)
+    stack.functions.script("/echo", [Reply(503), Reply(502)])
+    request_id = await stack.submit("echo")
+
+    final = await stack.wait_for_status("echo", request_id)
+    result = await stack.client.get(f"/queue/echo/requests/{request_id}")
+
+    assert (final["error_type"], final["attempts"]) == ("runner_unavailable", 2)
+    assert len(stack.functions.on("/echo")) == 2, "never more than max_attempts deliveries"
+    assert result.status_code == 503
+    assert result.headers["x-error-type"] == "runner_unavailable"
+    assert result.json()["detail"]
+
+
+async def test_no_retry_gives_exactly_one_attempt(stack: Stack) -> None:
+    await stack.register("echo")
+    stack.functions.script("/echo", [Reply(503)])
+    request_id = await stack.submit("echo", headers={"X-No-Retry": "true"})
+
+    final = await stack.wait_for_status("echo", request_id)
+
+    assert final["error_type"] == "runner_unavailable"
+    assert len(stack.functions.on("/echo")) == 1
+
+
+async def test_exec_timeout_completes_as_function_timeout_without_retry(stack: Stack) -> None:
+    await stack.register("echo", timeout=0.3)
+    stack.functions.hold("/echo")
+    request_id = await stack.submit("echo")
+
+    final = await stack.wait_for_status("echo", request_id)
+    result = await stack.client.get(f"/queue/echo/requests/{request_id}")
+    stack.functions.release("/echo")
+
+    assert final["error_type"] == "function_timeout"
+    assert len(stack.functions.on("/echo")) == 1
+    assert result.status_code == 504
+    assert result.headers["x-error-type"] == "function_timeout"
