@@ -6,6 +6,7 @@ Streams, subjects, consumers, KV buckets, object stores and HTTP headers. Code, 
 
 from __future__ import annotations
 
+import hashlib
 from typing import Final, Literal
 
 Priority = Literal["high", "normal", "low"]
@@ -35,6 +36,7 @@ COUNTER_SUBJECTS: Final = "jetspool.counters.>"
 STATUS_BUCKET: Final = "jetspool-status"
 FUNCTIONS_BUCKET: Final = "jetspool-functions"
 RESULTS_BUCKET: Final = "jetspool-results"
+IDEMPOTENCY_BUCKET: Final = "jetspool-idempotency"
 BLOB_STORE: Final = "jetspool-blobs"
 
 WAKE_SUBJECTS: Final = "jetspool.wake.>"
@@ -76,6 +78,11 @@ def callback_subject(kind: str) -> str:
 def counter_subject(function: str, counter: str) -> str:
     """Subject of a server-side counter (completed, failed) of one function."""
     return f"jetspool.counters.{function}.{counter}"
+
+
+def idempotency_key(function: str, key: str) -> str:
+    """Idempotency-bucket key of a client's Idempotency-Key for one function (hashed: any text is safe)."""
+    return f"{function}.{hashlib.sha256(key.encode()).hexdigest()}"
 
 
 def body_object(request_id: str) -> str:

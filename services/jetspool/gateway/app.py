@@ -27,6 +27,7 @@ from jetspool.gateway.routes import function, logs, openfaas, queue, system
 from jetspool.gateway.state import Gateway
 from jetspool.jetstream.callbacks import CallbackQueue
 from jetspool.jetstream.cancel import Canceller
+from jetspool.jetstream.idempotency import IdempotencyKeys
 from jetspool.jetstream.logs import RequestLogs
 from jetspool.jetstream.positions import QueuePositions
 from jetspool.jetstream.queue import RequestQueue
@@ -120,7 +121,7 @@ def _wire(
     return Gateway(
         settings=settings,
         conn=conn,
-        intake=Intake(status, RequestQueue(conn, stores.blobs), positions),
+        intake=Intake(status, RequestQueue(conn, stores.blobs), positions, IdempotencyKeys(stores.idempotency, status)),
         status=status,
         results=ResultStore(conn.js, stores.results, stores.blobs, conn.inline_limit),
         registry=registry,

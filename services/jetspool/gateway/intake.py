@@ -25,6 +25,7 @@ from jetspool.jetstream.status_store import StaleStatus
 if TYPE_CHECKING:
     from litestar import Request
 
+    from jetspool.jetstream.idempotency import IdempotencyKeys
     from jetspool.jetstream.positions import QueuePositions
     from jetspool.jetstream.queue import RequestQueue
     from jetspool.jetstream.registry import RegistryView
@@ -39,6 +40,7 @@ CONTROL_QUERY: Final = frozenset(
 
 _STATUS_ATTEMPTS: Final = 3
 _MAX_START_TIMEOUT_S: Final = 366 * 86400.0
+_MAX_IDEMPOTENCY_KEY: Final = 256
 _TRUE: Final = frozenset({"1", "true", "yes"})
 _PRIORITY_HEADERS: Final = (names.H_QUEUE_PRIORITY, names.H_FAL_QUEUE_PRIORITY)
 _NO_RETRY_HEADERS: Final = ("X-No-Retry", "X-Fal-No-Retry")
@@ -60,6 +62,7 @@ class Submission:
     no_retry: bool
     max_queue_length: int | None = None
     start_timeout_s: float | None = None
+    idempotency_key: str | None = None
 
 
 def function_for(view: RegistryView, name: str) -> Function:
@@ -107,7 +110,16 @@ async def read_submission(
         no_retry=any(request.headers.get(h, "").strip().lower() in _TRUE for h in _NO_RETRY_HEADERS),
         max_queue_length=_max_queue_length(query.get("max_queue_length") or query.get("fal_max_queue_length")),
         start_timeout_s=_start_timeout(request),
+        idempotency_key=_idempotency_key(request.headers.get("Idempotency-Key")),
     )
+
+
+def _idempotency_key(value: str | None) -> str | None:
+    if value is None:
+        return None
+    if not value.strip() or len(value) > _MAX_IDEMPOTENCY_KEY:
+        raise InvalidInput(f"Idempotency-Key must be 1 to {_MAX_IDEMPOTENCY_KEY} characters")
+    return value
 
 
 def _start_timeout(request: Request[Any, Any, Any]) -> float | None:
@@ -161,10 +173,13 @@ def _priority(request: Request[Any, Any, Any]) -> names.Priority:
 
 
 class Intake:
-    def __init__(self, status: StatusStore, queue: RequestQueue, positions: QueuePositions) -> None:
+    def __init__(
+        self, status: StatusStore, queue: RequestQueue, positions: QueuePositions, keys: IdempotencyKeys
+    ) -> None:
         self._status = status
         self._queue = queue
         self._positions = positions
+        self._keys = keys
 
     async def submit(self, submission: Submission) -> StatusRecord:
         """Queue the request, then record its status; returns once both are durable in JetStream.
@@ -180,8 +195,14 @@ class Intake:
                 raise QueueFull(f"{waiting} requests of {submission.function.name!r} wait (max_queue_length {limit})")
         now = utcnow()
         deadline = None if submission.start_timeout_s is None else now + timedelta(seconds=submission.start_timeout_s)
+        request_id = str(uuid.uuid4())
+        key, function = submission.idempotency_key, submission.function
+        if key is not None:
+            first = await self._keys.claim(function.name, key, request_id, function.result_ttl)
+            if first is not None:
+                return first  # the same key was used before: that request stands
         request = QueuedRequest(
-            request_id=str(uuid.uuid4()),
+            request_id=request_id,
             function=submission.function.name,
             priority=submission.priority,
             method=submission.method,
@@ -198,6 +219,8 @@ class Intake:
         try:
             seq = await self._queue.enqueue(request)
         except (NatsError, TimeoutError) as exc:
+            if key is not None:
+                await self._keys.release(function.name, key)
             raise Unavailable(f"the queue is unavailable: {exc}") from exc
         record = StatusRecord.waiting(request, seq)
         await self._record_status(record)

@@ -44,6 +44,7 @@ class Stores:
     status: KeyValue
     functions: KeyValue
     results: KeyValue
+    idempotency: KeyValue
     blobs: ObjectStore
 
 
@@ -71,13 +72,14 @@ async def provision(conn: Nats, replicas: int) -> Stores:
     await ensure_callback_consumer(js)
     status_changes = api.RePublish(src=f"$KV.{names.STATUS_BUCKET}.>", dest=names.STATUS_CHANGE_SUBJECTS)
     await ensure_stream(js, _kv_stream(names.STATUS_BUCKET, replicas, republish=status_changes))
-    for bucket in (names.FUNCTIONS_BUCKET, names.RESULTS_BUCKET):
+    for bucket in (names.FUNCTIONS_BUCKET, names.RESULTS_BUCKET, names.IDEMPOTENCY_BUCKET):
         await ensure_stream(js, _kv_stream(bucket, replicas))
     blobs = await _ensure_object_store(js, replicas)
     return Stores(
         status=await js.key_value(names.STATUS_BUCKET),
         functions=await js.key_value(names.FUNCTIONS_BUCKET),
         results=await js.key_value(names.RESULTS_BUCKET),
+        idempotency=await js.key_value(names.IDEMPOTENCY_BUCKET),
         blobs=blobs,
     )
 

@@ -49,7 +49,7 @@ async def _submit(request: Request[Any, Any, Any], gateway: Gateway, name: str, 
     body = {
         "request_id": record.request_id,
         **request_urls(gateway.base_url, record.function, record.request_id),
-        "queue_position": await gateway.positions.position(record),
+        "queue_position": await gateway.positions.position(record) if record.status is State.IN_QUEUE else 0,
     }
     return Response(body, headers={names.H_REQUEST_ID: record.request_id})
 

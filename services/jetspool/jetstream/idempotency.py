@@ -1,0 +1,69 @@
+"""Idempotency keys: a second submit with the same key to the same function returns the first request.
+
+Each key has its own record (`jetspool-idempotency`, key = function + hash of the client's key)
+naming the request it created; `create` fails when the key is taken, so two concurrent submits
+cannot both win. The key holds for as long as the named request's status is kept: a record
+whose request is gone (its status expired) is replaced. The JetStream message-id window alone
+would forget a key after two minutes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import TYPE_CHECKING, Final
+
+from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError
+
+from jetspool.domain import names
+
+if TYPE_CHECKING:
+    from nats.js.kv import KeyValue
+
+    from jetspool.domain.status import StatusRecord
+    from jetspool.jetstream.status_store import StatusStore
+
+_IN_FLIGHT_CHECKS: Final = 40
+_IN_FLIGHT_WAIT_S: Final = 0.05
+_KEEP_S: Final = 30 * 86400.0
+"""Beyond the request's result_ttl, how long an unused key record may linger before it expires."""
+
+
+class IdempotencyKeys:
+    def __init__(self, kv: KeyValue, status: StatusStore) -> None:
+        self._kv = kv
+        self._status = status
+
+    async def claim(self, function: str, key: str, request_id: str, result_ttl_s: float) -> StatusRecord | None:
+        """Reserve `key` for `request_id`; None when reserved, or the first request's record when taken."""
+        entry = names.idempotency_key(function, key)
+        while True:
+            try:
+                await self._kv.create(entry, request_id.encode(), msg_ttl=result_ttl_s + _KEEP_S)
+            except KeyWrongLastSequenceError:
+                first = await self._first(entry)
+                if first is not None:
+                    return first
+                continue  # the record went stale and was removed: claim again
+            return None
+
+    async def release(self, function: str, key: str) -> None:
+        """Give a key back after the request it reserved could not be queued."""
+        with contextlib.suppress(KeyNotFoundError):
+            await self._kv.delete(names.idempotency_key(function, key))
+
+    async def _first(self, entry: str) -> StatusRecord | None:
+        """The request a taken key names; None (after removing the record) when that request is gone."""
+        try:
+            held = await self._kv.get(entry)
+        except KeyNotFoundError:
+            return None
+        request_id = (held.value or b"").decode()
+        for _ in range(_IN_FLIGHT_CHECKS):  # the first submit may still be storing its status
+            current = await self._status.get(request_id)
+            if current is not None:
+                return current.record
+            await asyncio.sleep(_IN_FLIGHT_WAIT_S)
+        with contextlib.suppress(APIError):  # changed meanwhile: someone else replaced it
+            await self._kv.delete(entry, last=held.revision)
+        return None
