@@ -9,13 +9,15 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import pytest
 
-from tests.support.servers import Reply, eventually
+from tests.support.servers import Reply, eventually, eventually_true
+from tests.support.stack import start_stack
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
     import httpx
 
+    from jetspool.embedded import EmbeddedNats
     from tests.support.stack import Stack
 
 
@@ -30,13 +32,13 @@ class Events:
 
     def __init__(self, response: httpx.Response) -> None:
         self.response = response
-        self._lines = response.aiter_lines()
+        self.lines = response.aiter_lines()
         self.comments: list[str] = []
 
     async def next(self, timeout_s: float = 10.0) -> tuple[int, dict[str, Any]]:
         event_id, data = None, None
         async with asyncio.timeout(timeout_s):
-            async for line in self._lines:
+            async for line in self.lines:
                 if line.startswith(":"):
                     self.comments.append(line)
                 elif line.startswith("id:"):
@@ -198,3 +200,24 @@ async def test_stream_with_logs_sends_an_event_for_each_new_line(stack: Stack) -
 
     assert [line["message"] for line in event["logs"]][-1] == "halfway"
     stack.functions.release("/busy")
+
+
+async def test_a_quiet_stream_sends_ping_comments(nats_server: EmbeddedNats) -> None:
+    stack = await start_stack(nats_server, overrides={"gateway": {"sse_ping_interval": 0.2}})
+    try:
+        request_id = await stack.occupy()
+        async with _stream(stack, "busy", request_id) as events:
+            await events.next()
+            await eventually_true(lambda: _read_until_comment(events))
+        stack.functions.release("/busy")
+    finally:
+        await stack.close()
+
+    assert events.comments[0] == ": ping"
+
+
+async def _read_until_comment(events: Events) -> bool:
+    line = await anext(events.lines)
+    if line.startswith(":"):
+        events.comments.append(line)
+    return bool(events.comments)

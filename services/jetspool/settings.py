@@ -71,6 +71,8 @@ class GatewaySettings(_Section, frozen=True, kw_only=True):
     max_body_size: Annotated[int, msgspec.Meta(gt=0)] = 32 * 1024 * 1024
     tls_cert: str | None = None
     tls_key: str | None = None
+    sse_ping_interval: _Positive = 15.0
+    """Seconds of quiet after which a status stream sends a `: ping` comment."""
 
     @property
     def base_url(self) -> str:

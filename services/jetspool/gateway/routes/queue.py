@@ -25,7 +25,6 @@ from jetspool.jetstream.status_store import Versioned
 
 _FLAGS = {"1": True, "true": True, "0": False, "false": False}
 _MAX_WAIT_S = 600.0
-_PING_S = 15.0
 _EVENT_IDS_PER_REVISION = 1_000_000
 
 
@@ -169,7 +168,7 @@ async def status_stream(
     logs: FromQuery[str | None] = None,
 ) -> ServerSentEvent:
     """Server-Sent Events: the status object at once, then one per change (status, queue position,
-    log lines), ending after COMPLETED; a `: ping` comment every 15 s of quiet."""
+    log lines), ending after COMPLETED; a `: ping` comment after `gateway.sse_ping_interval` (15 s) of quiet."""
     with_logs = _flag("logs", logs)
     current = await find_request(gateway, name, request_id)
     if current is None:
@@ -209,7 +208,7 @@ async def _events(
                 count, sent = count + 1, view
             if current.record.is_completed:
                 return
-            if not await wait_event(watch.queue_moved, _PING_S):
+            if not await wait_event(watch.queue_moved, gateway.settings.gateway.sse_ping_interval):
                 yield ServerSentEventMessage(comment="ping")
 
 
