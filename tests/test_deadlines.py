@@ -3,6 +3,7 @@ request_timeout within about a second, even while every worker is busy, and is n
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import TYPE_CHECKING
 
 import pytest
@@ -30,6 +31,8 @@ async def test_a_request_not_started_by_its_deadline_times_out_and_is_never_deli
     await stack.wait_for_status("busy", after)
 
     assert final["error_type"] == "request_timeout"
+    waited_s = datetime.fromisoformat(final["completed_at"]) - datetime.fromisoformat(final["submitted_at"])
+    assert 0.5 <= waited_s.total_seconds() < 0.5 + 1.5, "completes about a second after the deadline at most"
     assert result.status_code == 504
     assert result.headers["x-request-timeout-type"] == "user"
     assert result.json()["error_type"] == "request_timeout"
