@@ -183,9 +183,7 @@ class RequestHandler:
             await self._complete(request, function, None, ErrorType(exc.error_type), str(exc), attempt=attempt)
         except Aborted:
             await self._notify_cancel(function, request)
-            await self._complete(
-                request, function, None, ErrorType.CANCELLED, "cancelled while running", attempt=attempt
-            )
+            await self._complete(request, function, None, ErrorType.CANCELLED, _CANCELLED_RUNNING, attempt=attempt)
         else:
             error_type = None if 200 <= answer.status_code < 300 else ErrorType.FUNCTION_ERROR  # noqa: PLR2004
             error = None if error_type is None else f"function answered {answer.status_code}"
