@@ -101,9 +101,9 @@ async def run(settings: Settings, stop: asyncio.Event, ready: asyncio.Event | No
         pool = RunnerPool(conn.nc, handler, settings)
         view.on_change = pool.on_change
 
+        started.push_async_callback(pool.stop)  # unwinds after view.stop: no runner starts once the pool stopped
         await view.start()
         started.push_async_callback(view.stop)
-        started.push_async_callback(pool.stop)
         callbacks = CallbackDelivery(conn.js, status, results, settings.callbacks, http)
         await callbacks.start()
         started.push_async_callback(callbacks.stop, settings.worker.shutdown_grace)
