@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from jetspool.jetstream.connection import Nats
 
 MAX_LINES: Final = 1000
+"""Log lines kept per request (the oldest go first), and the most one POST may add."""
 MAX_MESSAGE_CHARS: Final = 8192
 _READ_TIMEOUT_S = 5.0
 

@@ -16,6 +16,7 @@ from nats.js.errors import APIError, NotFoundError
 
 from jetspool.domain import names
 from jetspool.domain.errors import ConfigError
+from jetspool.jetstream.logs import MAX_LINES as MAX_LOG_LINES
 
 if TYPE_CHECKING:
     from nats.js.client import JetStreamContext
@@ -31,10 +32,8 @@ _OBJ_PREFIX = "OBJ_"
 _DUPLICATE_WINDOW_S = 120.0
 _MAX_ACK_PENDING = 20_000
 _MAX_TIMERS = 1_000_000
-_LOG_MAX_AGE_S = 7 * 86400.0
-_MAX_LOG_LINES = 1000
-"""Log lines kept per request (the oldest go first)."""
 """Every pending timer is a delayed nak holding an ack-pending slot."""
+_LOG_MAX_AGE_S = 7 * 86400.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,17 +55,7 @@ async def provision(conn: Nats, replicas: int) -> Stores:
     await ensure_stream(js, _timer_stream(replicas))
     await ensure_stream(js, _log_stream(replicas))
     await _ensure_consumer(
-        js,
-        names.TIMER_STREAM,
-        api.ConsumerConfig(
-            durable_name=names.TIMER_CONSUMER,
-            filter_subject=names.TIMER_SUBJECTS,
-            ack_policy=api.AckPolicy.EXPLICIT,
-            deliver_policy=api.DeliverPolicy.ALL,
-            ack_wait=30.0,
-            max_deliver=-1,
-            max_ack_pending=_MAX_TIMERS,
-        ),
+        js, names.TIMER_STREAM, _work_consumer(names.TIMER_CONSUMER, names.TIMER_SUBJECTS, 30.0, _MAX_TIMERS)
     )
     await ensure_stream(js, _counter_stream(replicas))
     await ensure_callback_consumer(js)
@@ -87,60 +76,50 @@ async def provision(conn: Nats, replicas: int) -> Stores:
 async def ensure_function_consumers(js: JetStreamContext, function: str, ack_wait_s: float) -> None:
     """One durable pull consumer per priority class of `function` (non-overlapping WorkQueue filters)."""
     for priority in names.PRIORITIES:
-        await _ensure_consumer(
-            js,
-            names.QUEUE_STREAM,
-            api.ConsumerConfig(
-                durable_name=names.queue_consumer(function, priority),
-                filter_subject=names.queue_subject(function, priority),
-                ack_policy=api.AckPolicy.EXPLICIT,
-                deliver_policy=api.DeliverPolicy.ALL,
-                ack_wait=ack_wait_s,
-                max_deliver=-1,
-                max_ack_pending=_MAX_ACK_PENDING,
-                max_waiting=512,
-            ),
+        consumer = _work_consumer(
+            names.queue_consumer(function, priority),
+            names.queue_subject(function, priority),
+            ack_wait_s,
+            _MAX_ACK_PENDING,
+            max_waiting=512,
         )
+        await _ensure_consumer(js, names.QUEUE_STREAM, consumer)
 
 
 async def ensure_callback_consumer(js: JetStreamContext) -> None:
-    await _ensure_consumer(
-        js,
-        names.CALLBACK_STREAM,
-        api.ConsumerConfig(
-            durable_name=names.CALLBACK_CONSUMER,
-            filter_subject=names.CALLBACK_SUBJECTS,
-            ack_policy=api.AckPolicy.EXPLICIT,
-            deliver_policy=api.DeliverPolicy.ALL,
-            ack_wait=60.0,
-            max_deliver=-1,
-            max_ack_pending=_MAX_ACK_PENDING,
-        ),
+    consumer = _work_consumer(names.CALLBACK_CONSUMER, names.CALLBACK_SUBJECTS, 60.0, _MAX_ACK_PENDING)
+    await _ensure_consumer(js, names.CALLBACK_STREAM, consumer)
+
+
+def _work_consumer(
+    durable: str, filter_subject: str, ack_wait_s: float, max_ack_pending: int, max_waiting: int | None = None
+) -> api.ConsumerConfig:
+    """A durable pull consumer whose acknowledgements we decide: explicit acks, no delivery limit."""
+    return api.ConsumerConfig(
+        durable_name=durable,
+        filter_subject=filter_subject,
+        ack_policy=api.AckPolicy.EXPLICIT,
+        deliver_policy=api.DeliverPolicy.ALL,
+        ack_wait=ack_wait_s,
+        max_deliver=-1,
+        max_ack_pending=max_ack_pending,
+        max_waiting=max_waiting,
     )
 
 
 def _queue_stream(replicas: int) -> api.StreamConfig:
-    return api.StreamConfig(
-        name=names.QUEUE_STREAM,
-        description="jetspool: requests waiting for a worker, one subject per function and priority",
-        subjects=[names.QUEUE_SUBJECTS],
-        retention=api.RetentionPolicy.WORK_QUEUE,
-        storage=api.StorageType.FILE,
-        num_replicas=replicas,
-        duplicate_window=_DUPLICATE_WINDOW_S,
+    return _work_queue_stream(
+        names.QUEUE_STREAM,
+        names.QUEUE_SUBJECTS,
+        "jetspool: requests waiting for a worker, one subject per function and priority",
+        replicas,
         allow_direct=True,
     )
 
 
 def _callback_stream(replicas: int) -> api.StreamConfig:
-    return api.StreamConfig(
-        name=names.CALLBACK_STREAM,
-        description="jetspool: callbacks waiting for delivery",
-        subjects=[names.CALLBACK_SUBJECTS],
-        retention=api.RetentionPolicy.WORK_QUEUE,
-        storage=api.StorageType.FILE,
-        num_replicas=replicas,
-        duplicate_window=_DUPLICATE_WINDOW_S,
+    return _work_queue_stream(
+        names.CALLBACK_STREAM, names.CALLBACK_SUBJECTS, "jetspool: callbacks waiting for delivery", replicas
     )
 
 
@@ -152,21 +131,34 @@ def _log_stream(replicas: int) -> api.StreamConfig:
         storage=api.StorageType.FILE,
         num_replicas=replicas,
         max_age=_LOG_MAX_AGE_S,
-        max_msgs_per_subject=_MAX_LOG_LINES,
+        max_msgs_per_subject=MAX_LOG_LINES,
         allow_direct=True,
         duplicate_window=_DUPLICATE_WINDOW_S,
     )
 
 
 def _timer_stream(replicas: int) -> api.StreamConfig:
+    return _work_queue_stream(
+        names.TIMER_STREAM,
+        names.TIMER_SUBJECTS,
+        "jetspool: timers (start deadlines), held back by delayed naks until due",
+        replicas,
+    )
+
+
+def _work_queue_stream(
+    name: str, subjects: str, description: str, replicas: int, *, allow_direct: bool | None = None
+) -> api.StreamConfig:
+    """A stream whose messages are removed once a worker acknowledges them."""
     return api.StreamConfig(
-        name=names.TIMER_STREAM,
-        description="jetspool: timers (start deadlines), held back by delayed naks until due",
-        subjects=[names.TIMER_SUBJECTS],
+        name=name,
+        description=description,
+        subjects=[subjects],
         retention=api.RetentionPolicy.WORK_QUEUE,
         storage=api.StorageType.FILE,
         num_replicas=replicas,
         duplicate_window=_DUPLICATE_WINDOW_S,
+        allow_direct=allow_direct,
     )
 
 
