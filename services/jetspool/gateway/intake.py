@@ -83,6 +83,18 @@ def parse_request_id(request_id: str) -> str:
         raise InvalidInput(f"malformed request id {request_id!r}: expected a UUID") from exc
 
 
+def raw_query_and_headers(request: Request[Any, Any, Any]) -> tuple[str, list[tuple[str, str]]]:
+    """The query string and headers exactly as the client sent them (order and repeats kept)."""
+    query = request.scope.get("query_string", b"").decode("latin-1")
+    headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.scope["headers"]]
+    return query, headers
+
+
+def is_yes(value: str | None) -> bool:
+    """Whether a header or query flag says yes (`1`, `true`, `yes`, any case)."""
+    return value is not None and value.strip().lower() in _TRUE
+
+
 async def read_submission(
     request: Request[Any, Any, Any],
     function: Function,
@@ -92,10 +104,8 @@ async def read_submission(
     """Read method, sub-path, query, headers, body and the submission options of SPEC §2.
 
     `also_control` names further query parameters of the route that are not forwarded."""
-    raw_query = request.scope.get("query_string", b"").decode("latin-1")
-    pairs = parse_qsl(raw_query, keep_blank_values=True)
-    query = dict(pairs)
-    headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.scope["headers"]]
+    raw_query, headers = raw_query_and_headers(request)
+    query = dict(parse_qsl(raw_query, keep_blank_values=True))
     body = await request.body()
     return Submission(
         function=function,
@@ -107,7 +117,7 @@ async def read_submission(
         callback_url=_url_option(request.headers.get(names.H_CALLBACK_URL) or query.get("webhookEndpoint")),
         webhook_url=_url_option(query.get("fal_webhook") or query.get("webhook")),
         priority=_priority(request),
-        no_retry=any(request.headers.get(h, "").strip().lower() in _TRUE for h in _NO_RETRY_HEADERS),
+        no_retry=any(is_yes(request.headers.get(h)) for h in _NO_RETRY_HEADERS),
         max_queue_length=_max_queue_length(query.get("max_queue_length") or query.get("fal_max_queue_length")),
         start_timeout_s=_start_timeout(request),
         idempotency_key=_idempotency_key(request.headers.get("Idempotency-Key")),

@@ -8,7 +8,6 @@ from jetspool.domain.errors import NotFound
 from jetspool.gateway.intake import parse_request_id
 
 if TYPE_CHECKING:
-    from jetspool.domain.status import StatusRecord
     from jetspool.gateway.state import Gateway
     from jetspool.jetstream.status_store import Versioned
 
@@ -24,9 +23,9 @@ async def find_request(gateway: Gateway, name: str | None, request_id: str) -> V
     return current
 
 
-async def require_request(gateway: Gateway, name: str | None, request_id: str) -> StatusRecord:
+async def require_request(gateway: Gateway, name: str | None, request_id: str) -> Versioned:
     """Like `find_request`, 404 when unknown."""
     current = await find_request(gateway, name, request_id)
     if current is None:
         raise NotFound(f"request {request_id} not found for function {name!r}")
-    return current.record
+    return current

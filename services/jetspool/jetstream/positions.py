@@ -27,6 +27,8 @@ from nats.js.errors import NotFoundError
 from jetspool.domain import names
 
 if TYPE_CHECKING:
+    from nats.js.client import JetStreamContext
+
     from jetspool.domain.status import StatusRecord
     from jetspool.jetstream.connection import Nats
 
@@ -57,11 +59,8 @@ class QueuePositions:
         return higher + max(0, pending[-1] - 1 - after)
 
     async def _pending(self, function: str, priority: names.Priority) -> int:
-        try:
-            info = await self._conn.js.consumer_info(names.QUEUE_STREAM, names.queue_consumer(function, priority))
-        except NotFoundError:
-            return 0
-        return int(info.num_pending or 0)
+        waiting, _ = await consumer_figures(self._conn.js, function, priority)
+        return waiting
 
     async def _after(self, record: StatusRecord) -> int | None:
         """Messages on the record's subject stored after its own; None when its message is gone."""
@@ -80,3 +79,12 @@ class QueuePositions:
         if headers.get("Nats-Sequence") != str(record.queue_seq):
             return None  # gone: the next message on the subject answered instead, or none (404)
         return int(headers.get("Nats-Num-Pending", "0"))
+
+
+async def consumer_figures(js: JetStreamContext, function: str, priority: names.Priority) -> tuple[int, int]:
+    """(undelivered, delivered but not yet acknowledged) messages of one priority class of `function`."""
+    try:
+        info = await js.consumer_info(names.QUEUE_STREAM, names.queue_consumer(function, priority))
+    except NotFoundError:
+        return 0, 0
+    return int(info.num_pending or 0), int(info.num_ack_pending or 0)

@@ -10,6 +10,7 @@ import orjson
 from nats.js.errors import NotFoundError
 
 from jetspool.domain import names
+from jetspool.jetstream.positions import consumer_figures
 
 if TYPE_CHECKING:
     from nats.js.client import JetStreamContext
@@ -20,7 +21,7 @@ class StatsReader:
         self._js = js
 
     async def for_function(self, function: str) -> dict[str, Any]:
-        infos = await asyncio.gather(*(self._consumer(function, p) for p in names.PRIORITIES))
+        infos = await asyncio.gather(*(consumer_figures(self._js, function, p) for p in names.PRIORITIES))
         completed, failed = await asyncio.gather(
             self._counter(function, "completed"), self._counter(function, "failed")
         )
@@ -30,13 +31,6 @@ class StatsReader:
             "completed": completed,
             "failed": failed,
         }
-
-    async def _consumer(self, function: str, priority: names.Priority) -> tuple[int, int]:
-        try:
-            info = await self._js.consumer_info(names.QUEUE_STREAM, names.queue_consumer(function, priority))
-        except NotFoundError:
-            return 0, 0
-        return int(info.num_pending or 0), int(info.num_ack_pending or 0)
 
     async def _counter(self, function: str, counter: str) -> int:
         try:

@@ -12,7 +12,7 @@ from litestar.params import FromPath
 from jetspool.domain import names
 from jetspool.domain.errors import RequestError
 from jetspool.domain.status import request_urls
-from jetspool.gateway.intake import function_for, read_submission
+from jetspool.gateway.intake import function_for, is_yes, raw_query_and_headers, read_submission
 from jetspool.gateway.state import Gateway, GatewayDep
 from jetspool.worker.invoke import HOP_BY_HOP, forwardable
 
@@ -24,7 +24,6 @@ _METHODS: Final = [
     HttpMethod.DELETE,
     HttpMethod.OPTIONS,
 ]
-_TRUE: Final = frozenset({"1", "true", "yes"})
 _NOT_RELAYED: Final = HOP_BY_HOP | {"content-encoding"}  # httpx hands over the decoded body
 
 
@@ -53,15 +52,14 @@ async def call_function_path(
 
 async def _call(request: Request[Any, Any, Any], gateway: Gateway, name: str, path: str) -> Response[Any]:
     function = function_for(gateway.view, name)
-    if request.query_params.get("async", "").strip().lower() in _TRUE:
+    if is_yes(request.query_params.get("async")):
         submission = await read_submission(request, function, path, also_control=frozenset({"async"}))
         record = await gateway.intake.submit(submission)
         urls = request_urls(gateway.base_url, record.function, record.request_id)
         body = {"request_id": record.request_id, "run_id": record.request_id, **urls}
         return Response(body, status_code=202, headers={names.H_REQUEST_ID: record.request_id})
     url = function.endpoint(path.lstrip("/"))
-    query = request.scope.get("query_string", b"").decode("latin-1")
-    headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.scope["headers"]]
+    query, headers = raw_query_and_headers(request)
     try:
         answer = await gateway.http.request(
             request.method,

@@ -45,7 +45,7 @@ async def append_logs(
     token: FromQuery[str | None] = None,
 ) -> Response[dict[str, int]]:
     """Append log lines to a request; 202 with how many were stored."""
-    record = await require_request(gateway, name, request_id)
+    record = (await require_request(gateway, name, request_id)).record
     if token is None or not hmac.compare_digest(token.encode(), record.logs_token.encode()):
         raise Unauthorized("a valid token for this request's logs is required (use the X-Logs-Url as given)")
     lines = _lines(await request.body(), request.headers.get("content-type", ""))

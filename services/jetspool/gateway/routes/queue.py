@@ -14,7 +14,7 @@ from litestar.response import ServerSentEvent, ServerSentEventMessage
 
 from jetspool.aio import wait_event
 from jetspool.domain import names
-from jetspool.domain.errors import InvalidInput, NotFound
+from jetspool.domain.errors import InvalidInput
 from jetspool.domain.outcomes import completed_answer
 from jetspool.domain.status import State, StatusRecord, public_status, request_urls
 from jetspool.gateway.intake import function_for, parse_request_id, read_submission
@@ -72,7 +72,7 @@ async def request_status(
 
 async def _status(gateway: Gateway, name: str | None, request_id: str, logs: str | None) -> Response[dict[str, Any]]:
     with_logs = _flag("logs", logs)
-    record = await require_request(gateway, name, request_id)
+    record = (await require_request(gateway, name, request_id)).record
     body = await _view(gateway, record, with_logs=with_logs)
     return Response(
         body,
@@ -88,7 +88,7 @@ async def request_result(
     """The function's response once completed (with `?wait=S`, first wait up to S seconds for it);
     400 with the status while it is not."""
     wait_s = _seconds("wait", wait)
-    record = await require_request(gateway, name, request_id)
+    record = (await require_request(gateway, name, request_id)).record
     if record.status is not State.COMPLETED and wait_s > 0:
         record = await _wait_for_completion(gateway, record, wait_s)
     if record.status is not State.COMPLETED:
@@ -170,9 +170,7 @@ async def status_stream(
     """Server-Sent Events: the status object at once, then one per change (status, queue position,
     log lines), ending after COMPLETED; a `: ping` comment after `gateway.sse_ping_interval` (15 s) of quiet."""
     with_logs = _flag("logs", logs)
-    current = await find_request(gateway, name, request_id)
-    if current is None:
-        raise NotFound(f"request {request_id} not found for function {name!r}")
+    current = await require_request(gateway, name, request_id)
     last_id = _event_id(request.headers.get("last-event-id"))
     headers = {names.H_REQUEST_ID: current.record.request_id, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     return ServerSentEvent(_events(gateway, current, with_logs=with_logs, last_id=last_id), headers=headers)
