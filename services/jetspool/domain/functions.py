@@ -11,6 +11,7 @@ from jetspool.domain.errors import DecodeError
 
 NAME_PATTERN: Final = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
 _NAME = re.compile(NAME_PATTERN)
+DEFAULT_RESULT_TTL_S: Final = 604_800.0
 
 FunctionName = Annotated[str, msgspec.Meta(pattern=NAME_PATTERN)]
 
@@ -34,7 +35,7 @@ class Function(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     cancel_path: str | None = None
     headers: dict[str, str] = msgspec.field(default_factory=dict)
     """Extra headers added to every invocation (e.g. auth to the function)."""
-    result_ttl: Annotated[float, msgspec.Meta(gt=0)] = 604_800.0
+    result_ttl: Annotated[float, msgspec.Meta(gt=0)] = DEFAULT_RESULT_TTL_S
     """Seconds status and result are kept after completion."""
 
     def __post_init__(self) -> None:

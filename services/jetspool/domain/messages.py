@@ -4,6 +4,7 @@
   or `body_ref` naming an object when the body is too large for one NATS message).
 - `CallbackJob`: a callback to deliver, on the callbacks stream.
 - `DeadlineJob`: a start deadline to enforce, on the timers stream.
+- `SweepJob`: out-of-line bodies and results to delete once kept long enough, on the timers stream.
 - `LogLine`: a request's log line, on the logs stream.
 - `StoredResult`: a function's response kept for the result route (msgpack in the results bucket).
 
@@ -51,6 +52,8 @@ class QueuedRequest(WireMessage, frozen=True, kw_only=True):
     no_retry: bool = False
     start_deadline: datetime | None = None
     """No attempt may start after this (`X-Request-Timeout`); the request then completes as request_timeout."""
+    retry: int = 0
+    """Which run of the request this message is: 0 as submitted, n after the n-th use of the retry route."""
 
     def callbacks(self) -> list[tuple[CallbackKind, str]]:
         """Every callback target of this request, with its kind."""
@@ -89,6 +92,19 @@ class DeadlineJob(WireMessage, frozen=True, kw_only=True):
     request_id: str
     function: str
     due_at: datetime
+
+
+class SweepJob(WireMessage, frozen=True, kw_only=True):
+    """Objects to delete from the object store at `due_at`, on `jetspool.timers.sweep`.
+
+    With `unless_retried_after` set, the objects (a request body kept for the retry route) are
+    kept when the request was retried after run number `unless_retried_after`: the new run needs them.
+    """
+
+    request_id: str
+    objects: list[str]
+    due_at: datetime
+    unless_retried_after: int | None = None
 
 
 class StoredResult(WireMessage, frozen=True, kw_only=True):

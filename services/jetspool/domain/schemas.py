@@ -14,7 +14,7 @@ from typing import Any, Final
 import msgspec
 
 from jetspool.domain.functions import Function
-from jetspool.domain.messages import CallbackJob, DeadlineJob, LogLine, QueuedRequest
+from jetspool.domain.messages import CallbackJob, DeadlineJob, LogLine, QueuedRequest, SweepJob
 from jetspool.domain.names import (
     CALLBACK_STREAM,
     DEADLINE_SUBJECT,
@@ -22,6 +22,7 @@ from jetspool.domain.names import (
     LOG_STREAM,
     QUEUE_STREAM,
     STATUS_BUCKET,
+    SWEEP_SUBJECT,
     TIMER_STREAM,
 )
 from jetspool.domain.status import StatusRecord
@@ -30,6 +31,7 @@ WIRE_TYPES: Final[dict[str, tuple[type, str]]] = {
     "queue-request": (QueuedRequest, f"message on stream {QUEUE_STREAM}, subject jetspool.queue.<function>.<priority>"),
     "callback-job": (CallbackJob, f"message on stream {CALLBACK_STREAM}, subject jetspool.callbacks.<kind>"),
     "deadline-job": (DeadlineJob, f"message on stream {TIMER_STREAM}, subject {DEADLINE_SUBJECT}"),
+    "sweep-job": (SweepJob, f"message on stream {TIMER_STREAM}, subject {SWEEP_SUBJECT}"),
     "log-line": (LogLine, f"message on stream {LOG_STREAM}, subject jetspool.logs.<request id>"),
     "status-record": (StatusRecord, f"value in KV bucket {STATUS_BUCKET}, key <request id>"),
     "function": (Function, f"value in KV bucket {FUNCTIONS_BUCKET}, key <function name>"),

@@ -1,11 +1,14 @@
 """The status of a request: the record kept in the status bucket, its transitions, its public view.
 
     IN_QUEUE ──▶ IN_PROGRESS ──▶ COMPLETED
-        ▲             │
-        └── retried ──┘
+        ▲             │              │
+        └── retried ──┘              │
+        ▲                            │
+        └─ retry route (errors only) ┘
 
-Nothing leaves COMPLETED. Every write is fenced by the KV revision it was read at (see
-`jetstream/status_store.py`), so a stale writer can never overwrite a newer state.
+Only the retry route leaves COMPLETED, and only for an error or a cancellation. Every write is
+fenced by the KV revision it was read at (see `jetstream/status_store.py`), so a stale writer
+can never overwrite a newer state.
 """
 
 from __future__ import annotations
@@ -61,9 +64,13 @@ class StatusRecord(WireMessage, frozen=True, kw_only=True):
     error: str | None = None
     error_type: ErrorType | None = None
     cancel_requested: bool = False
+    """Set when a cancel arrives while the request runs; a redelivery then completes it as cancelled."""
     logs_token: str = ""
     """Secret of the request's X-Logs-Url (never shown in the status object)."""
-    """Set when a cancel arrives while the request runs; a redelivery then completes it as cancelled."""
+    retries: int = 0
+    """Times the retry route re-queued the request; its current run is the queue message with this `retry`."""
+    attempt_base: int = 0
+    """Attempts made before the current run: `max_attempts` counts from here."""
 
     @property
     def is_completed(self) -> bool:
@@ -107,6 +114,23 @@ class StatusRecord(WireMessage, frozen=True, kw_only=True):
             inference_time=inference_time,
             error=error,
             error_type=error_type,
+        )
+
+    def retried(self, queue_seq: int) -> StatusRecord:
+        """The retry route re-queued this completed request as run `retries + 1`, stored at `queue_seq`."""
+        return msgspec.structs.replace(
+            self,
+            status=State.IN_QUEUE,
+            retries=self.retries + 1,
+            attempt_base=self.attempts,
+            queue_seq=queue_seq,
+            started_at=None,
+            completed_at=None,
+            function_status=None,
+            inference_time=None,
+            error=None,
+            error_type=None,
+            cancel_requested=False,
         )
 
     def encode(self) -> bytes:

@@ -33,6 +33,8 @@ from jetspool.jetstream.positions import QueuePositions
 from jetspool.jetstream.queue import RequestQueue
 from jetspool.jetstream.registry import FunctionRegistry, RegistryView
 from jetspool.jetstream.results import ResultStore
+from jetspool.jetstream.retention import Retention
+from jetspool.jetstream.retry import Retrier
 from jetspool.jetstream.startup import open_jetstream
 from jetspool.jetstream.stats import StatsReader
 from jetspool.jetstream.status_store import StatusStore
@@ -78,6 +80,7 @@ def create_app(settings: Settings) -> Litestar:
             queue.status_stream,
             logs.append_logs,
             queue.cancel_request,
+            queue.retry_request,
             queue.legacy_submit,
             queue.legacy_submit_path,
             queue.legacy_status,
@@ -118,17 +121,20 @@ def _wire(
 ) -> Gateway:
     status = StatusStore(conn.js, stores.status)
     positions = QueuePositions(conn)
+    queue = RequestQueue(conn, stores.blobs)
+    retention = Retention(conn.js, stores.envelopes, stores.blobs)
     return Gateway(
         settings=settings,
         conn=conn,
-        intake=Intake(status, RequestQueue(conn, stores.blobs), positions, IdempotencyKeys(stores.idempotency, status)),
+        intake=Intake(status, queue, positions, IdempotencyKeys(stores.idempotency, status)),
         status=status,
-        results=ResultStore(conn.js, stores.results, stores.blobs, conn.inline_limit),
+        results=ResultStore(conn.js, stores.results, stores.blobs, retention, conn.inline_limit),
         registry=registry,
         view=view,
         stats=StatsReader(conn.js),
         positions=positions,
-        canceller=Canceller(conn, status, CallbackQueue(conn.js)),
+        canceller=Canceller(conn, status, CallbackQueue(conn.js), retention),
+        retrier=Retrier(status, retention, queue),
         feed=feed,
         http=http,
         logs=RequestLogs(conn),

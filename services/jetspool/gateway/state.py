@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from jetspool.jetstream.positions import QueuePositions
     from jetspool.jetstream.registry import FunctionRegistry, RegistryView
     from jetspool.jetstream.results import ResultStore
+    from jetspool.jetstream.retry import Retrier
     from jetspool.jetstream.stats import StatsReader
     from jetspool.jetstream.status_store import StatusStore
     from jetspool.settings import Settings
@@ -37,6 +38,7 @@ class Gateway:
         "positions",
         "registry",
         "results",
+        "retrier",
         "settings",
         "stats",
         "status",
@@ -56,6 +58,7 @@ class Gateway:
         stats: StatsReader,
         positions: QueuePositions,
         canceller: Canceller,
+        retrier: Retrier,
         feed: StatusFeed,
         http: httpx.AsyncClient,
         logs: RequestLogs,
@@ -70,6 +73,7 @@ class Gateway:
         self.stats = stats
         self.positions = positions
         self.canceller = canceller
+        self.retrier = retrier
         self.feed = feed
         self.http = http
         self.logs = logs

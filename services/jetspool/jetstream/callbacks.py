@@ -16,11 +16,12 @@ class CallbackQueue:
         self._js = js
 
     async def emit(self, request: QueuedRequest) -> None:
-        """One job per callback target; message ids make a repeat within the duplicate window harmless."""
+        """One job per callback target and run; message ids make a repeat within the duplicate window harmless."""
+        run = f".retry{request.retry}" if request.retry else ""
         for kind, url in request.callbacks():
             job = CallbackJob(request_id=request.request_id, function=request.function, kind=kind, url=url)
             await self._js.publish(
                 names.callback_subject(kind),
                 encode(job),
-                headers={names.NATS_MSG_ID: f"{request.request_id}.{kind}"},
+                headers={names.NATS_MSG_ID: f"{request.request_id}.{kind}{run}"},
             )

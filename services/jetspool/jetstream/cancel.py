@@ -2,7 +2,8 @@
 
 - Waiting (`IN_QUEUE`, including a retry waiting out its backoff): the status becomes
   COMPLETED/cancelled by compare-and-set, then its message is deleted from the queue stream, so
-  it is never delivered and every position behind it moves up at once. Its callbacks are queued.
+  it is never delivered and every position behind it moves up at once. Its callbacks are queued,
+  and its envelope is kept for the retry route.
 - Running (`IN_PROGRESS`): the record is marked `cancel_requested` (so a redelivery after a worker
   crash completes it as cancelled), then the workers are told on `jetspool.cancel.<function>`; the
   one holding it aborts the call, POSTs the function's `cancel_path` if configured, and records
@@ -22,6 +23,7 @@ from nats.js.errors import NotFoundError
 
 from jetspool.domain import names
 from jetspool.domain.errors import DecodeError
+from jetspool.domain.functions import DEFAULT_RESULT_TTL_S
 from jetspool.domain.messages import QueuedRequest, decode
 from jetspool.domain.status import ErrorType, State, utcnow
 from jetspool.jetstream.status_store import StaleStatus
@@ -30,6 +32,7 @@ if TYPE_CHECKING:
     from jetspool.domain.functions import Function
     from jetspool.jetstream.callbacks import CallbackQueue
     from jetspool.jetstream.connection import Nats
+    from jetspool.jetstream.retention import Retention
     from jetspool.jetstream.status_store import StatusStore, Versioned
 
 log = logging.getLogger(__name__)
@@ -51,10 +54,11 @@ _ERRORS = {
 
 
 class Canceller:
-    def __init__(self, conn: Nats, status: StatusStore, callbacks: CallbackQueue) -> None:
+    def __init__(self, conn: Nats, status: StatusStore, callbacks: CallbackQueue, retention: Retention) -> None:
         self._conn = conn
         self._status = status
         self._callbacks = callbacks
+        self._retention = retention
 
     async def expire(self, current: Versioned, function: Function | None) -> bool:
         """Complete a request still waiting at its start deadline as `request_timeout`; whether it did."""
@@ -82,9 +86,9 @@ class Canceller:
             running = record.status is State.IN_PROGRESS
             if running and only_waiting:
                 return CancelOutcome.STARTED
+            ttl_s = function.result_ttl if function is not None else DEFAULT_RESULT_TTL_S
             if running:
                 changed = msgspec.structs.replace(record, cancel_requested=True)
-                ttl_s = None
             else:
                 changed = record.completed(
                     utcnow(),
@@ -93,9 +97,8 @@ class Canceller:
                     error=_ERRORS[error_type],
                     error_type=error_type,
                 )
-                ttl_s = function.result_ttl if function is not None else None
             try:
-                await self._status.update(changed, current.revision, ttl_s)
+                await self._status.update(changed, current.revision, None if running else ttl_s)
             except StaleStatus:
                 reread = await self._status.get(record.request_id)
                 if reread is None:
@@ -105,13 +108,13 @@ class Canceller:
             if running:
                 await self._conn.nc.publish(names.cancel_subject(record.function), record.request_id.encode())
                 return CancelOutcome.SIGNALLED
-            await self._withdraw(record.queue_seq)
+            await self._withdraw(record.queue_seq, ttl_s)
             # The queue changed only now: positions behind it move up, and watchers recompute them.
             await self._conn.nc.publish(names.wake_subject(record.function), b"")
             return CancelOutcome.CANCELLED
 
-    async def _withdraw(self, seq: int | None) -> None:
-        """Delete the cancelled request's message, queueing its callbacks first."""
+    async def _withdraw(self, seq: int | None, ttl_s: float) -> None:
+        """Delete the cancelled request's message, first queueing its callbacks and keeping it for a retry."""
         if seq is None:
             return
         try:
@@ -119,9 +122,12 @@ class Canceller:
         except NotFoundError:
             return  # taken meanwhile: the worker sees the cancelled status and drops it
         try:
-            await self._callbacks.emit(decode(msg.data or b"", QueuedRequest))
+            request = decode(msg.data or b"", QueuedRequest)
         except DecodeError:
             log.exception("cancelled message %d is unreadable; no callbacks for it", seq)
+        else:
+            await self._retention.keep_for_retry(request, ttl_s)
+            await self._callbacks.emit(request)
         with contextlib.suppress(NotFoundError):
             await self._conn.js.delete_msg(names.QUEUE_STREAM, seq)
 

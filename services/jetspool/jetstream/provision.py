@@ -44,6 +44,7 @@ class Stores:
     functions: KeyValue
     results: KeyValue
     idempotency: KeyValue
+    envelopes: KeyValue
     blobs: ObjectStore
 
 
@@ -61,7 +62,7 @@ async def provision(conn: Nats, replicas: int) -> Stores:
     await ensure_callback_consumer(js)
     status_changes = api.RePublish(src=f"$KV.{names.STATUS_BUCKET}.>", dest=names.STATUS_CHANGE_SUBJECTS)
     await ensure_stream(js, _kv_stream(names.STATUS_BUCKET, replicas, republish=status_changes))
-    for bucket in (names.FUNCTIONS_BUCKET, names.RESULTS_BUCKET, names.IDEMPOTENCY_BUCKET):
+    for bucket in (names.FUNCTIONS_BUCKET, names.RESULTS_BUCKET, names.IDEMPOTENCY_BUCKET, names.ENVELOPE_BUCKET):
         await ensure_stream(js, _kv_stream(bucket, replicas))
     blobs = await _ensure_object_store(js, replicas)
     return Stores(
@@ -69,6 +70,7 @@ async def provision(conn: Nats, replicas: int) -> Stores:
         functions=await js.key_value(names.FUNCTIONS_BUCKET),
         results=await js.key_value(names.RESULTS_BUCKET),
         idempotency=await js.key_value(names.IDEMPOTENCY_BUCKET),
+        envelopes=await js.key_value(names.ENVELOPE_BUCKET),
         blobs=blobs,
     )
 
@@ -141,7 +143,7 @@ def _timer_stream(replicas: int) -> api.StreamConfig:
     return _work_queue_stream(
         names.TIMER_STREAM,
         names.TIMER_SUBJECTS,
-        "jetspool: timers (start deadlines), held back by delayed naks until due",
+        "jetspool: timers (start deadlines, object sweeps), held back by delayed naks until due",
         replicas,
     )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import uuid
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -30,17 +31,18 @@ class RequestQueue:
         """Store `request` on its function's queue subject; returns once JetStream acknowledged it.
 
         A body too large for one message is written to the object store first. The stream
-        sequence is returned; the request id is the message id, so a repeated publish inside
-        the duplicate window stores nothing twice.
+        sequence is returned. The message id is the request id (a run of the retry route adds a
+        nonce), so a repeated publish inside the duplicate window stores nothing twice.
         """
         if len(request.body) > self._conn.inline_limit:
             ref = names.body_object(request.request_id)
             await self._blobs.put(ref, request.body)
             request = msgspec.structs.replace(request, body=b"", body_ref=ref)
         subject, payload = names.queue_subject(request.function, request.priority), encode(request)
+        msg_id = request.request_id if request.retry == 0 else f"{request.request_id}.retry.{uuid.uuid4().hex}"
         for attempt in range(1, _PUBLISH_ATTEMPTS + 1):
             try:
-                ack = await self._conn.js.publish(subject, payload, headers={names.NATS_MSG_ID: request.request_id})
+                ack = await self._conn.js.publish(subject, payload, headers={names.NATS_MSG_ID: msg_id})
                 break
             except (NatsTimeoutError, TimeoutError):
                 # Stored or not, a repeat with the same message id stores it exactly once.

@@ -1,6 +1,7 @@
 """The results bucket: a function's final response per request, kept for `result_ttl`.
 
-Results larger than one NATS message go to the object store, the bucket keeping a reference.
+Results larger than one NATS message go to the object store, the bucket keeping a reference;
+a sweep job deletes the object when the result expires.
 """
 
 from __future__ import annotations
@@ -17,18 +18,24 @@ if TYPE_CHECKING:
     from nats.js.kv import KeyValue
     from nats.js.object_store import ObjectStore
 
+    from jetspool.jetstream.retention import Retention
+
 
 class ResultStore:
-    def __init__(self, js: JetStreamContext, kv: KeyValue, blobs: ObjectStore, inline_limit: int) -> None:
+    def __init__(
+        self, js: JetStreamContext, kv: KeyValue, blobs: ObjectStore, retention: Retention, inline_limit: int
+    ) -> None:
         self._js = js
         self._kv = kv
         self._blobs = blobs
+        self._retention = retention
         self._inline_limit = inline_limit
         self._prefix = f"$KV.{names.RESULTS_BUCKET}."
 
     async def put(self, request_id: str, attempt: int, result: StoredResult, ttl_s: float) -> None:
         if len(result.body) > self._inline_limit:
             ref = names.result_object(request_id, attempt)
+            await self._retention.sweep_later(request_id, [ref], ttl_s)  # first: no object is ever left behind
             await self._blobs.put(ref, result.body)
             result = StoredResult(status_code=result.status_code, content_type=result.content_type, body_ref=ref)
         key = names.result_key(request_id, attempt)

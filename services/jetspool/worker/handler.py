@@ -1,8 +1,9 @@
 """Handling one queue message, in named steps:
 
-    decode → check (completed already? attempts left?) → mark started → invoke (keeping the
-    message with in-progress acks) → classify → record result and status → emit callbacks
-    → decide the acknowledgement
+    decode → check (the request's current run? completed already? attempts left?) → mark
+    started → invoke (keeping the message with in-progress acks) → classify → record result
+    and status (keeping a failed request for the retry route) → emit callbacks → decide the
+    acknowledgement
 
 `handle` returns a `Settle`; `settle` is the one place a queue message is acknowledged.
 """
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
     from jetspool.jetstream.queue import RequestQueue
     from jetspool.jetstream.registry import RegistryView
     from jetspool.jetstream.results import ResultStore
+    from jetspool.jetstream.retention import Retention
     from jetspool.settings import RetrySettings, WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -75,6 +77,13 @@ ACK = Settle("ack")
 TERM = Settle("term")
 
 
+def _is_current_run(msg: Msg, request: QueuedRequest, record: StatusRecord) -> bool:
+    """Whether `msg` is the run of the request its record names (a run of the retry route: by sequence)."""
+    if request.retry != record.retries:
+        return False
+    return request.retry == 0 or int(msg.metadata.sequence.stream) == record.queue_seq
+
+
 async def settle(msg: Msg, decision: Settle) -> None:
     """Acknowledge a queue message: the only place that does."""
     if decision.verb == "ack":
@@ -97,6 +106,7 @@ class Services:
     http: httpx.AsyncClient
     callbacks: CallbackQueue
     logs: RequestLogs
+    retention: Retention
     base_url: str
     """The gateway's public base URL, for the X-Logs-Url handed to functions."""
 
@@ -120,11 +130,26 @@ class RequestHandler:
             log.warning("request %s: function %s is not registered; waiting", request.request_id, request.function)
             return Settle("nak", self._worker.poll_interval)
         current = await self._current(msg, request)
+        if current is None or not _is_current_run(msg, request, current.record):
+            return self._not_current(msg, request, current)
         return await self._run(msg, request, function, current)
 
-    async def _current(self, msg: Msg, request: QueuedRequest) -> Versioned:
-        """The request's status record; created here when the gateway has not stored it yet."""
+    def _not_current(self, msg: Msg, request: QueuedRequest, current: Versioned | None) -> Settle:
+        """A message that is not the request's current run: wait for the retry route to name it, or drop it."""
+        named_soon = current is not None and request.retry > current.record.retries
+        if named_soon and int(msg.metadata.num_delivered) <= _SPARE_DELIVERIES:
+            return Settle("nak", self._worker.poll_interval)
+        log.info("request %s: dropping a message of run %d, not its current run", request.request_id, request.retry)
+        return ACK
+
+    async def _current(self, msg: Msg, request: QueuedRequest) -> Versioned | None:
+        """The request's status record; created here when the gateway has not stored it yet.
+
+        None for a run of the retry route whose request is gone.
+        """
         current = await self._s.status.get(request.request_id)
+        if current is None and request.retry:
+            return None
         while current is None:
             record = StatusRecord.waiting(request, int(msg.metadata.sequence.stream))
             try:
@@ -134,10 +159,13 @@ class RequestHandler:
         return current
 
     async def _run(self, msg: Msg, request: QueuedRequest, function: Function, current: Versioned) -> Settle:
-        if current.record.is_completed:
-            await self._s.callbacks.emit(request)  # a crash may have come between completion and callbacks
+        if current.record.is_completed:  # a crash may have come between completion and what follows it
+            if current.record.error_type is not None:
+                await self._s.retention.keep_for_retry(request, function.result_ttl)
+            await self._s.callbacks.emit(request)
             return ACK
-        allowed = 1 if request.no_retry else function.max_attempts
+        per_run = 1 if request.no_retry else function.max_attempts
+        allowed = current.record.attempt_base + per_run
         attempt = current.record.attempts + 1
         if current.record.cancel_requested:
             await self._complete(request, function, None, ErrorType.CANCELLED, _CANCELLED_RUNNING)
@@ -145,7 +173,7 @@ class RequestHandler:
         if request.start_deadline is not None and utcnow() >= request.start_deadline:
             await self._complete(request, function, None, ErrorType.REQUEST_TIMEOUT, _LATE)
             return ACK
-        if attempt > allowed or int(msg.metadata.num_delivered) > allowed + _SPARE_DELIVERIES:
+        if attempt > allowed or int(msg.metadata.num_delivered) > per_run + _SPARE_DELIVERIES:
             gave_up = f"gave up after {current.record.attempts} attempts"
             await self._complete(request, function, None, ErrorType.RUNNER_UNAVAILABLE, gave_up)
             return ACK
@@ -267,8 +295,11 @@ class RequestHandler:
         """Record the final outcome of `attempt` (None: of no attempt): result, then status, then callbacks.
 
         The result is stored under its attempt, and the status only completes while that attempt
-        is still the latest: a stale worker's late answer can never replace a newer outcome.
+        is still the latest: a stale worker's late answer can never replace a newer outcome. A
+        failed request is kept for the retry route first; a successful one's out-of-line body goes.
         """
+        if error_type is not None:
+            await self._s.retention.keep_for_retry(request, function.result_ttl)
         if answer is not None and attempt is not None:
             stored = StoredResult(status_code=answer.status_code, content_type=answer.content_type, body=answer.body)
             await self._s.results.put(request.request_id, attempt, stored, function.result_ttl)
@@ -286,6 +317,8 @@ class RequestHandler:
 
         if await self._update(request, attempt, complete, ttl_s=function.result_ttl) is None:
             return
+        if error_type is None:
+            await self._s.retention.release_body(request)
         outcome = "succeeded" if error_type is None else f"failed: {error}"
         await self._s.logs.write(
             request.request_id, f"completed, {outcome}", level="INFO" if error_type is None else "ERROR"

@@ -18,11 +18,12 @@ from jetspool.jetstream.provision import ensure_function_consumers
 from jetspool.jetstream.queue import RequestQueue
 from jetspool.jetstream.registry import RegistryView
 from jetspool.jetstream.results import ResultStore
+from jetspool.jetstream.retention import Retention
 from jetspool.jetstream.startup import open_jetstream
 from jetspool.jetstream.status_store import StatusStore
-from jetspool.worker.deadlines import DeadlineKeeper
 from jetspool.worker.handler import RequestHandler, Services
 from jetspool.worker.runner import FunctionRunner
+from jetspool.worker.timers import Timers
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
@@ -83,7 +84,8 @@ async def run(settings: Settings, stop: asyncio.Event, ready: asyncio.Event | No
             httpx.AsyncClient(timeout=timeout, limits=_HTTP_LIMITS, follow_redirects=False)
         )
         status = StatusStore(conn.js, stores.status)
-        results = ResultStore(conn.js, stores.results, stores.blobs, conn.inline_limit)
+        retention = Retention(conn.js, stores.envelopes, stores.blobs)
+        results = ResultStore(conn.js, stores.results, stores.blobs, retention, conn.inline_limit)
         view = RegistryView(stores.functions)
         queue = RequestQueue(conn, stores.blobs)
         services = Services(
@@ -95,6 +97,7 @@ async def run(settings: Settings, stop: asyncio.Event, ready: asyncio.Event | No
             http,
             CallbackQueue(conn.js),
             RequestLogs(conn),
+            retention,
             settings.gateway.base_url,
         )
         handler = RequestHandler(services, settings.worker, settings.retry)
@@ -107,10 +110,10 @@ async def run(settings: Settings, stop: asyncio.Event, ready: asyncio.Event | No
         callbacks = CallbackDelivery(conn.js, status, results, settings.callbacks, http)
         await callbacks.start()
         started.push_async_callback(callbacks.stop, settings.worker.shutdown_grace)
-        canceller = Canceller(conn, status, CallbackQueue(conn.js))
-        deadlines = DeadlineKeeper(conn.js, status, canceller, view)
-        await deadlines.start()
-        started.push_async_callback(deadlines.stop)
+        canceller = Canceller(conn, status, CallbackQueue(conn.js), retention)
+        timers = Timers(conn.js, status, canceller, view, retention)
+        await timers.start()
+        started.push_async_callback(timers.stop)
         cancels = await conn.nc.subscribe(names.CANCEL_SUBJECTS, cb=handler.on_cancel)
         started.push_async_callback(cancels.unsubscribe)
 

@@ -14,13 +14,14 @@ from litestar.response import ServerSentEvent, ServerSentEventMessage
 
 from jetspool.aio import wait_event
 from jetspool.domain import names
-from jetspool.domain.errors import InvalidInput
+from jetspool.domain.errors import InvalidInput, NotFound
 from jetspool.domain.outcomes import completed_answer
 from jetspool.domain.status import State, StatusRecord, public_status, request_urls
 from jetspool.gateway.intake import function_for, parse_request_id, read_submission
 from jetspool.gateway.lookup import find_request, require_request
 from jetspool.gateway.state import Gateway, GatewayDep
 from jetspool.jetstream.cancel import CancelOutcome
+from jetspool.jetstream.retry import RetryOutcome
 from jetspool.jetstream.status_store import Versioned
 
 _FLAGS = {"1": True, "true": True, "0": False, "false": False}
@@ -45,12 +46,17 @@ async def submit_path(
 async def _submit(request: Request[Any, Any, Any], gateway: Gateway, name: str, path: str) -> Response[Any]:
     function = function_for(gateway.view, name)
     record = await gateway.intake.submit(await read_submission(request, function, path))
+    return await _queued(gateway, record, 200)
+
+
+async def _queued(gateway: Gateway, record: StatusRecord, status_code: int) -> Response[Any]:
+    """The submit response: the request's id, absolute URLs and queue position."""
     body = {
         "request_id": record.request_id,
         **request_urls(gateway.base_url, record.function, record.request_id),
         "queue_position": await gateway.positions.position(record) if record.status is State.IN_QUEUE else 0,
     }
-    return Response(body, headers={names.H_REQUEST_ID: record.request_id})
+    return Response(body, status_code=status_code, headers={names.H_REQUEST_ID: record.request_id})
 
 
 def _flag(name: str, value: str | None) -> bool:
@@ -132,6 +138,23 @@ async def _cancel(gateway: Gateway, name: str | None, request_id: str) -> Respon
     status_code, status, detail = _CANCEL_ANSWERS[outcome]
     headers = {names.H_REQUEST_ID: parse_request_id(request_id)}
     return Response({"status": status, "detail": detail}, status_code=status_code, headers=headers)
+
+
+@post("/queue/{name:str}/requests/{request_id:str}/retry", status_code=202)
+async def retry_request(gateway: GatewayDep, name: FromPath[str], request_id: FromPath[str]) -> Response[Any]:
+    """Run a request that ended in an error or was cancelled again, under its id: 202 with the
+    submit response; 400 for a request that succeeded, has not completed, or is no longer kept."""
+    answer = await gateway.retrier.retry(await require_request(gateway, name, request_id))
+    if answer.outcome is RetryOutcome.NOT_FOUND or answer.current is None:
+        raise NotFound(f"request {request_id} not found for function {name!r}")
+    record = answer.current.record
+    if answer.outcome is not RetryOutcome.REQUEUED:
+        return Response(
+            {"detail": answer.outcome.value, "status": record.status.value},
+            status_code=400,
+            headers={names.H_REQUEST_ID: record.request_id},
+        )
+    return await _queued(gateway, record, 202)
 
 
 def _seconds(name: str, value: str | None) -> float:

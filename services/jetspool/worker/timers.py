@@ -1,0 +1,107 @@
+"""Jobs due at a given time: start deadlines and object sweeps, whether or not a worker is free.
+
+Each is a job on the timers stream. This loop takes a job, and while it is not due gives it
+back with a delayed nak, so JetStream itself holds it until then (durably: a restart loses none).
+
+- A start deadline (`jetspool.timers.deadline`): a request still waiting completes as
+  `request_timeout` and its message is deleted, so it is never delivered. Workers also check the
+  deadline when they receive a request, for the case where the job could not be stored.
+- A sweep (`jetspool.timers.sweep`): out-of-line bodies and results whose time is up are deleted
+  from the object store (a body is kept when the request was retried since; see `retention`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from nats.errors import Error as NatsError
+
+from jetspool.aio import stop_task
+from jetspool.domain import names
+from jetspool.domain.errors import DecodeError
+from jetspool.domain.messages import DeadlineJob, SweepJob, decode
+from jetspool.domain.status import utcnow
+from jetspool.jetstream.pulling import ConnectionGone, fetch
+from jetspool.worker.handler import ACK, TERM, Settle, settle
+
+if TYPE_CHECKING:
+    from nats.aio.msg import Msg
+    from nats.js.client import JetStreamContext
+
+    from jetspool.jetstream.cancel import Canceller
+    from jetspool.jetstream.registry import RegistryView
+    from jetspool.jetstream.retention import Retention
+    from jetspool.jetstream.status_store import StatusStore
+
+log = logging.getLogger(__name__)
+
+_BATCH = 256
+_FETCH_TIMEOUT_S = 1.0
+
+
+class Timers:
+    def __init__(
+        self,
+        js: JetStreamContext,
+        status: StatusStore,
+        canceller: Canceller,
+        registry: RegistryView,
+        retention: Retention,
+    ) -> None:
+        self._js = js
+        self._status = status
+        self._canceller = canceller
+        self._registry = registry
+        self._retention = retention
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        sub = await self._js.pull_subscribe_bind(names.TIMER_CONSUMER, stream=names.TIMER_STREAM)
+        self._task = asyncio.create_task(self._loop(sub), name="timers")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            await stop_task(self._task)
+
+    async def _loop(self, sub: JetStreamContext.PullSubscription) -> None:
+        while True:
+            try:
+                msgs = await fetch(sub, _BATCH, _FETCH_TIMEOUT_S, "timer")
+            except ConnectionGone:
+                return
+            for msg in msgs:
+                try:
+                    await settle(msg, await self._check(msg))
+                except NatsError:
+                    log.warning("a timer job failed; JetStream will bring it back", exc_info=True)
+
+    async def _check(self, msg: Msg) -> Settle:
+        try:
+            job: SweepJob | DeadlineJob = (
+                decode(msg.data, SweepJob) if msg.subject == names.SWEEP_SUBJECT else decode(msg.data, DeadlineJob)
+            )
+        except DecodeError:
+            log.exception("dropping an unreadable timer job on %s", msg.subject)
+            return TERM
+        remaining_s = (job.due_at - utcnow()).total_seconds()
+        if remaining_s > 0:
+            return Settle("nak", remaining_s)
+        if isinstance(job, SweepJob):
+            await self._sweep(job)
+        else:
+            await self._expire(job)
+        return ACK
+
+    async def _sweep(self, job: SweepJob) -> None:
+        if job.unless_retried_after is not None:
+            current = await self._status.get(job.request_id)
+            if current is not None and current.record.retries > job.unless_retried_after:
+                return  # retried since: the new run owns the body, and keeps or deletes it
+        await self._retention.delete(job.objects)
+
+    async def _expire(self, job: DeadlineJob) -> None:
+        current = await self._status.get(job.request_id)
+        if current is not None and await self._canceller.expire(current, self._registry.get(job.function)):
+            log.info("request %s passed its start deadline waiting", job.request_id)

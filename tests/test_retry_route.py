@@ -1,0 +1,231 @@
+"""The retry route (SPEC §2): a request that ended in an error or was cancelled runs again under
+its id; what a finished request leaves in the object store is deleted in time."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+import pytest
+from nats.js.errors import NotFoundError
+
+from jetspool.domain import names
+from jetspool.domain.messages import QueuedRequest, encode
+from jetspool.jetstream.connection import Nats, connect
+from jetspool.settings import NatsSettings
+from tests.support.servers import Reply, eventually_true
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+    from jetspool.embedded import EmbeddedNats
+    from tests.support.stack import Stack
+
+_LARGE = bytes(range(256)) * (5 * 4096)  # 5 MiB: stored out of line (above half the 8 MiB max payload)
+
+
+@pytest.fixture
+async def conn(nats_server: EmbeddedNats) -> AsyncIterator[Nats]:
+    connection = await connect(NatsSettings(url=nats_server.url), "test")
+    yield connection
+    await connection.close()
+
+
+async def _retry(stack: Stack, request_id: str, name: str = "echo") -> dict[str, object]:
+    response = await stack.client.post(f"/queue/{name}/requests/{request_id}/retry")
+    assert response.status_code == 202, response.text
+    assert response.headers["x-request-id"] == request_id
+    body: dict[str, object] = response.json()
+    return body
+
+
+async def _has_object(conn: Nats, name: str) -> bool:
+    store = await conn.js.object_store(names.BLOB_STORE)
+    try:
+        await store.get_info(name)
+    except NotFoundError:
+        return False
+    return True
+
+
+async def test_a_function_error_runs_again_under_the_same_id(stack: Stack) -> None:
+    await stack.register("echo")
+    stack.functions.script("/echo/sub", [Reply(500, b"boom", "text/plain")])
+    request_id = await stack.submit(
+        "echo", "sub", params={"q": "1"}, content=b'{"n": 1}', headers={"Content-Type": "application/json"}
+    )
+    failed = await stack.wait_for_status("echo", request_id)
+    assert failed["error_type"] == "function_error"
+
+    answer = await _retry(stack, request_id)
+    final = await stack.wait_for_status("echo", request_id)
+
+    assert answer["request_id"] == request_id
+    assert answer["status_url"] == f"{stack.url}/queue/echo/requests/{request_id}/status"
+    assert answer["response_url"] == f"{stack.url}/queue/echo/requests/{request_id}"
+    assert answer["cancel_url"] == f"{stack.url}/queue/echo/requests/{request_id}/cancel"
+    assert isinstance(answer["queue_position"], int)
+    assert "error_type" not in final
+    assert final["attempts"] == 2
+    first, second = stack.functions.on("/echo/sub")
+    assert (second.method, second.query, second.body) == (first.method, first.query, first.body)
+    assert second.header("content-type") == "application/json"
+    assert [first.header("x-attempt"), second.header("x-attempt")] == ["1", "2"]
+    result = await stack.client.get(f"/queue/echo/requests/{request_id}")
+    assert (result.status_code, result.content) == (200, b'{"n": 1}')
+
+
+async def test_max_attempts_counts_again_for_each_run(stack: Stack) -> None:
+    await stack.register("down", max_attempts=2)
+    stack.functions.script("/down", [Reply(503, b"busy")] * 4)
+    request_id = await stack.submit("down")
+    first = await stack.wait_for_status("down", request_id)
+    assert first["error_type"] == "runner_unavailable"
+
+    await _retry(stack, request_id, "down")
+    await stack.wait_for_status("down", request_id, "IN_QUEUE", timeout_s=5)
+    second = await stack.wait_for_status("down", request_id)
+
+    assert second["error_type"] == "runner_unavailable"
+    assert second["attempts"] == 4
+    assert [s.header("x-attempt") for s in stack.functions.on("/down")] == ["1", "2", "3", "4"]
+
+
+async def test_a_cancelled_request_runs_again_and_calls_back_for_each_run(stack_without_worker: Stack) -> None:
+    stack = stack_without_worker
+    await stack.register("echo")
+    hook = stack.callback_url("/hook")
+    request_id = await stack.submit("echo", content=b"again", headers={"X-Callback-Url": hook})
+    cancelled = await stack.client.put(f"/queue/echo/requests/{request_id}/cancel")
+    assert cancelled.status_code == 202
+    await stack.start_worker()
+    await stack.receiver.wait_for("/hook")
+
+    await _retry(stack, request_id)
+    final = await stack.wait_for_status("echo", request_id)
+    first, second = await stack.receiver.wait_for("/hook", 2)
+
+    assert "error_type" not in final
+    assert [s.body for s in stack.functions.on("/echo")] == [b"again"]
+    assert first.header("x-function-status") == "400"
+    assert (second.header("x-function-status"), second.body) == ("200", b"again")
+
+
+async def test_only_a_failed_or_cancelled_request_can_be_retried(stack: Stack) -> None:
+    await stack.register("echo")
+    done = await stack.submit("echo", content=b"ok")
+    await stack.wait_for_status("echo", done)
+    running = await stack.occupy()
+
+    succeeded = await stack.client.post(f"/queue/echo/requests/{done}/retry")
+    in_progress = await stack.client.post(f"/queue/busy/requests/{running}/retry")
+    unknown = await stack.client.post(f"/queue/echo/requests/{uuid.uuid4()}/retry")
+    other_function = await stack.client.post(f"/queue/busy/requests/{done}/retry")
+    malformed = await stack.client.post("/queue/echo/requests/not-an-id/retry")
+    stack.functions.release("/busy")
+
+    assert succeeded.status_code == 400
+    assert succeeded.json()["status"] == "COMPLETED"
+    assert "succeeded" in succeeded.json()["detail"]
+    assert succeeded.headers["x-request-id"] == done
+    assert in_progress.status_code == 400
+    assert in_progress.json()["status"] == "IN_PROGRESS"
+    assert (unknown.status_code, other_function.status_code, malformed.status_code) == (404, 404, 422)
+    assert [s.body for s in stack.functions.on("/echo")] == [b"ok"], "nothing ran again"
+    assert "error_type" not in await stack.status("echo", done)
+
+
+async def test_a_request_retried_twice_at_once_runs_once(stack: Stack) -> None:
+    await stack.register("echo")
+    stack.functions.script("/echo", [Reply(500, b"boom")])
+    request_id = await stack.submit("echo", content=b"once")
+    await stack.wait_for_status("echo", request_id)
+    stack.functions.hold("/echo")
+
+    first = stack.client.post(f"/queue/echo/requests/{request_id}/retry")
+    second = stack.client.post(f"/queue/echo/requests/{request_id}/retry")
+    answers = sorted([(await first).status_code, (await second).status_code])
+    await stack.functions.wait_for("/echo", 2)
+    stack.functions.release("/echo", 2)
+    final = await stack.wait_for_status("echo", request_id)
+
+    assert answers == [202, 400]
+    assert final["attempts"] == 2
+    assert len(stack.functions.on("/echo")) == 2, "one call before the retry, one after"
+
+
+async def test_a_run_the_status_never_names_is_dropped_without_a_call(stack: Stack, conn: Nats) -> None:
+    """As when a gateway dies between queueing a retry and recording it: nobody was told, nothing runs."""
+    await stack.register("echo")
+    stack.functions.script("/echo", [Reply(500, b"boom")])
+    request_id = await stack.submit("echo", content=b"x")
+    await stack.wait_for_status("echo", request_id)
+    orphan = QueuedRequest(
+        request_id=request_id, function="echo", body=b"orphan", submitted_at=datetime.now(UTC), retry=1
+    )
+    ack = await conn.js.publish(names.queue_subject("echo", "normal"), encode(orphan))
+
+    async def gone() -> bool:
+        try:
+            await conn.js.get_msg(names.QUEUE_STREAM, seq=ack.seq)
+        except NotFoundError:
+            return True
+        return False
+
+    await eventually_true(gone, timeout_s=20)
+    final = await stack.status("echo", request_id)
+
+    assert final["status"] == "COMPLETED"
+    assert final["error_type"] == "function_error"
+    assert [s.body for s in stack.functions.on("/echo")] == [b"x"]
+
+
+async def test_a_large_body_is_kept_for_a_retry_and_deleted_after_success(stack: Stack, conn: Nats) -> None:
+    await stack.register("echo")
+    stack.functions.script("/echo", [Reply(500, b"boom")])
+    request_id = await stack.submit("echo", content=_LARGE, headers={"Content-Type": "application/octet-stream"})
+    await stack.wait_for_status("echo", request_id, timeout_s=30)
+    assert await _has_object(conn, names.body_object(request_id))
+
+    await _retry(stack, request_id)
+    await stack.wait_for_status("echo", request_id, timeout_s=30)
+
+    assert [s.body == _LARGE for s in stack.functions.on("/echo")] == [True, True]
+    assert not await _has_object(conn, names.body_object(request_id)), "a succeeded request's body is deleted"
+
+
+async def test_large_bodies_and_results_are_deleted_when_their_time_is_up(stack: Stack, conn: Nats) -> None:
+    await stack.register("echo", result_ttl=2)
+    stack.functions.script("/echo", [Reply(500, b"boom")])
+    failed = await stack.submit("echo", content=_LARGE)
+    await stack.wait_for_status("echo", failed, timeout_s=30)
+    succeeded = await stack.submit("echo", content=_LARGE)
+    await stack.wait_for_status("echo", succeeded, timeout_s=30)
+    body, result = names.body_object(failed), names.result_object(succeeded, 1)
+    assert await _has_object(conn, body)
+    assert await _has_object(conn, result)
+    assert (await stack.client.get(f"/queue/echo/requests/{succeeded}")).content == _LARGE
+
+    async def both_gone() -> bool:
+        return not await _has_object(conn, body) and not await _has_object(conn, result)
+
+    await eventually_true(both_gone, timeout_s=15, interval_s=0.2)
+    gone = await stack.client.get(f"/queue/echo/requests/{failed}/status")
+    assert gone.status_code == 404, "the status went with the same time to live"
+
+
+async def test_a_failed_request_no_longer_kept_is_refused(stack: Stack, conn: Nats) -> None:
+    await stack.register("echo")
+    stack.functions.script("/echo", [Reply(500, b"boom")])
+    request_id = await stack.submit("echo", content=b"x")
+    await stack.wait_for_status("echo", request_id)
+    envelopes = await conn.js.key_value(names.ENVELOPE_BUCKET)
+    await envelopes.purge(request_id)
+
+    response = await stack.client.post(f"/queue/echo/requests/{request_id}/retry")
+
+    assert response.status_code == 400
+    assert "no longer kept" in response.json()["detail"]
+    assert (await stack.status("echo", request_id))["error_type"] == "function_error"
+    assert [s.body for s in stack.functions.on("/echo")] == [b"x"], "nothing ran again"
