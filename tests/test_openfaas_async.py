@@ -219,15 +219,15 @@ async def test_status_object_has_the_spec_fields(stack_without_worker: Stack) ->
 
 
 async def test_retries_exhausted_complete_as_runner_unavailable(stack: Stack) -> None:
-    await stack.register("echo", max_attempts=2)
-    stack.functions.script("/echo", [Reply(503), Reply(502)])
+    await stack.register("echo", max_attempts=3)
+    stack.functions.script("/echo", [Reply(503), Reply(502), Reply(504), Reply(503), Reply(503)])
     request_id = await stack.submit("echo")
 
     final = await stack.wait_for_status("echo", request_id)
     result = await stack.client.get(f"/queue/echo/requests/{request_id}")
 
-    assert (final["error_type"], final["attempts"]) == ("runner_unavailable", 2)
-    assert len(stack.functions.on("/echo")) == 2, "never more than max_attempts deliveries"
+    assert (final["error_type"], final["attempts"]) == ("runner_unavailable", 3)
+    assert len(stack.functions.on("/echo")) == 3, "never more than max_attempts deliveries"
     assert result.status_code == 503
     assert result.headers["x-error-type"] == "runner_unavailable"
     assert result.json()["detail"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -77,6 +78,8 @@ class Seen:
     query: str
     headers: list[tuple[str, str]]
     body: bytes
+    at: float = field(default_factory=time.monotonic)
+    """When it arrived (time.monotonic)."""
 
     def header(self, name: str) -> str | None:
         return next((v for k, v in self.headers if k.lower() == name.lower()), None)
@@ -104,6 +107,9 @@ class RecordingApp:
     _scripts: dict[str, list[Reply]] = field(default_factory=dict)
     _arrived: asyncio.Event = field(default_factory=asyncio.Event)
     _gates: dict[str, asyncio.Semaphore] = field(default_factory=dict)
+    in_flight: int = 0
+    """Requests received and not yet answered."""
+    most_in_flight: int = 0
 
     def hold(self, path: str) -> None:
         """Hold every request to `path` before it is answered, until `release(path)` lets it go."""
@@ -141,6 +147,14 @@ class RecordingApp:
         seen = Seen(scope["method"], scope["path"], scope["query_string"].decode("latin-1"), headers, body)
         self.seen.append(seen)
         self._arrived.set()
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            await self._answer(seen, send)
+        finally:
+            self.in_flight -= 1
+
+    async def _answer(self, seen: Seen, send: Send) -> None:
         gate = self._gates.get(seen.path)
         if gate is not None:
             await gate.acquire()

@@ -1,0 +1,193 @@
+"""Delivery guarantees of SPEC §4 on a real stack: backoff and Retry-After, concurrency, large
+bodies and results, in-progress acks for long calls, graceful shutdown, workers sharing a queue."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+from typing import TYPE_CHECKING
+
+import pytest
+
+from tests.support.servers import Reply
+from tests.support.stack import Worker, start_stack
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+    from jetspool.embedded import EmbeddedNats
+    from tests.support.stack import Stack
+
+_MIB = 1024 * 1024
+_POLL_SLACK_S = 0.6
+"""Beyond a retry's wait: the idle worker's poll interval (0.2 s in tests) and scheduling noise."""
+
+
+@pytest.fixture
+async def paced_stack(nats_server: EmbeddedNats) -> AsyncIterator[Stack]:
+    """A stack whose backoff is long enough to measure: 0.5 s, doubling, ±20 % jitter."""
+    running = await start_stack(
+        nats_server, overrides={"retry": {"initial_backoff": 0.5, "max_backoff": 10.0, "jitter": 0.2}}
+    )
+    yield running
+    await running.close()
+
+
+def _gaps(stack: Stack, path: str) -> list[float]:
+    arrivals = [seen.at for seen in stack.functions.on(path)]
+    return [later - earlier for earlier, later in itertools.pairwise(arrivals)]
+
+
+async def test_503_twice_then_200_waits_out_the_backoff_between_attempts(paced_stack: Stack) -> None:
+    stack = paced_stack
+    await stack.register("echo")
+    stack.functions.script("/echo", [Reply(503), Reply(503), Reply(200, b"third time")])
+    request_id = await stack.submit("echo", content=b"x")
+
+    final = await stack.wait_for_status("echo", request_id)
+
+    assert (final["status"], final["attempts"]) == ("COMPLETED", 3)
+    assert "error_type" not in final
+    assert [s.header("x-attempt") for s in stack.functions.on("/echo")] == ["1", "2", "3"]
+    first, second = _gaps(stack, "/echo")
+    assert 0.5 * 0.8 <= first <= 0.5 * 1.2 + _POLL_SLACK_S, f"first wait {first:.3f} s, backoff 0.5 s ±20 %"
+    assert 1.0 * 0.8 <= second <= 1.0 * 1.2 + _POLL_SLACK_S, f"second wait {second:.3f} s, backoff 1 s ±20 %"
+
+
+async def test_retry_after_sets_the_wait_instead_of_the_backoff(paced_stack: Stack) -> None:
+    stack = paced_stack
+    await stack.register("echo")
+    stack.functions.script("/echo", [Reply(503, headers=(("Retry-After", "2"),)), Reply(200, b"ok")])
+    request_id = await stack.submit("echo", content=b"x")
+
+    final = await stack.wait_for_status("echo", request_id)
+
+    assert (final["status"], final["attempts"]) == ("COMPLETED", 2)
+    [gap] = _gaps(stack, "/echo")
+    assert 2.0 <= gap <= 2.0 + _POLL_SLACK_S, f"waited {gap:.3f} s for Retry-After: 2"
+
+
+async def test_concurrency_is_never_exceeded_under_a_burst(stack: Stack) -> None:
+    await stack.register("pair", concurrency=2)
+    stack.functions.script("/pair", [Reply(200, b"ok", delay_s=0.02)] * 200)
+    gate = asyncio.Semaphore(50)
+
+    async def submit(n: int) -> str:
+        async with gate:
+            return await stack.submit("pair", content=str(n).encode())
+
+    ids = await asyncio.gather(*(submit(n) for n in range(200)))
+    for request_id in ids:
+        await stack.wait_for_status("pair", request_id, timeout_s=30)
+
+    assert len(stack.functions.on("/pair")) == 200
+    assert stack.functions.most_in_flight == 2, "two at a time: never more, and the slots were used"
+
+
+async def test_a_slow_function_does_not_hold_up_the_others(stack: Stack) -> None:
+    held = await stack.occupy("slow")
+    waiting = await stack.submit("slow", content=b"behind")
+    await stack.register("fast")
+
+    fast = [await stack.submit("fast", content=str(n).encode()) for n in range(20)]
+    for request_id in fast:
+        await stack.wait_for_status("fast", request_id)
+
+    assert (await stack.status("slow", held))["status"] == "IN_PROGRESS"
+    assert (await stack.status("slow", waiting))["status"] == "IN_QUEUE"
+    stack.functions.release("/slow", 2)
+    await stack.wait_for_status("slow", waiting)
+
+
+@pytest.mark.timeout(120)
+async def test_a_20_mib_body_and_result_travel_byte_exact(stack: Stack) -> None:
+    await stack.register("echo")
+    body = os.urandom(20 * _MIB)
+    response = await stack.client.post(
+        "/queue/echo", content=body, headers={"Content-Type": "application/octet-stream"}
+    )
+    assert response.status_code == 200, response.text
+    request_id = response.json()["request_id"]
+
+    final = await stack.wait_for_status("echo", request_id, timeout_s=90)
+    result = await stack.client.get(f"/queue/echo/requests/{request_id}")
+
+    assert "error_type" not in final
+    [seen] = stack.functions.on("/echo")
+    assert seen.body == body, "the function got the body byte-exact"
+    assert result.status_code == 200
+    assert result.content == body, "the result came back byte-exact"
+    assert result.headers["content-type"] == "application/octet-stream"
+
+
+async def test_a_call_longer_than_the_ack_wait_is_delivered_once(nats_server: EmbeddedNats) -> None:
+    stack = await start_stack(nats_server, overrides={"worker": {"ack_wait": 1.0}})
+    try:
+        await stack.register("long")
+        stack.functions.script("/long", [Reply(200, b"done", delay_s=3.5)])
+        request_id = await stack.submit("long", content=b"x")
+
+        final = await stack.wait_for_status("long", request_id)
+    finally:
+        await stack.close()
+
+    assert (final["attempts"], final["status"]) == (1, "COMPLETED")
+    assert len(stack.functions.on("/long")) == 1, "in-progress acks kept the message through 3.5 ack waits"
+
+
+async def test_a_stopping_worker_finishes_a_call_within_its_grace(stack: Stack) -> None:
+    await stack.register("echo")
+    stack.functions.hold("/echo")
+    request_id = await stack.submit("echo", content=b"finish me")
+    await stack.functions.wait_for("/echo")
+    assert stack.worker is not None
+
+    stopping = asyncio.create_task(stack.worker.stop())
+    stack.functions.release("/echo")
+    await stopping
+    stack.worker = None
+    final = await stack.status("echo", request_id)
+
+    assert final["status"] == "COMPLETED"
+    assert "error_type" not in final
+    assert len(stack.functions.on("/echo")) == 1
+
+
+async def test_a_stopping_worker_hands_back_what_outlasts_its_grace(nats_server: EmbeddedNats) -> None:
+    stack = await start_stack(nats_server, overrides={"worker": {"shutdown_grace": 0.5, "ack_wait": 30.0}})
+    try:
+        await stack.register("echo")
+        stack.functions.hold("/echo")
+        request_id = await stack.submit("echo", content=b"hand me back")
+        await stack.functions.wait_for("/echo")
+        assert stack.worker is not None
+        await stack.worker.stop()
+
+        await stack.start_worker()
+        # Handed back, not left to the 30 s ack wait: the new worker receives it at once.
+        await stack.functions.wait_for("/echo", 2, timeout_s=10)
+        stack.functions.release("/echo", 2)
+        final = await stack.wait_for_status("echo", request_id)
+    finally:
+        await stack.close()
+
+    assert final["status"] == "COMPLETED"
+    assert [s.header("x-attempt") for s in stack.functions.on("/echo")] == ["1", "2"]
+
+
+async def test_several_workers_share_a_functions_queue(stack: Stack) -> None:
+    await stack.register("echo", concurrency=1)
+    second = Worker(stack.settings)
+    await second.start()
+    try:
+        stack.functions.hold("/echo")
+        ids = [await stack.submit("echo", content=str(n).encode()) for n in range(2)]
+        # Each worker may run one call at a time: two at once means both workers took one.
+        await stack.functions.wait_for("/echo", 2)
+        assert stack.functions.most_in_flight == 2
+        stack.functions.release("/echo", 2)
+        for request_id in ids:
+            await stack.wait_for_status("echo", request_id)
+    finally:
+        await second.stop()
