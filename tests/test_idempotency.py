@@ -4,12 +4,24 @@ first request instead of queueing again; the same key on another function is a n
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+import httpx
 import pytest
 
+from jetspool.domain import names
+from jetspool.embedded import EmbeddedNats
+from jetspool.jetstream.connection import connect
+from jetspool.settings import NatsSettings
+from tests.support.servers import free_port
+from tests.support.stack import start_stack
+
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from tests.support.stack import Stack
+
+_DUPLICATE_WINDOW_S = 120.0
 
 
 async def test_the_same_key_returns_the_first_request_through_either_dialect(stack: Stack) -> None:
@@ -58,3 +70,48 @@ async def test_an_unusable_key_is_refused(stack: Stack, key: str) -> None:
 
     assert response.status_code == 422
     assert "Idempotency-Key" in response.json()["detail"]
+
+
+async def _submit_once_reconnected(client: httpx.AsyncClient, key: str, timeout_s: float = 30.0) -> dict[str, Any]:
+    """POST with `key`, again while the gateway is still reconnecting to NATS (5xx or no answer)."""
+    async with asyncio.timeout(timeout_s):
+        while True:
+            try:
+                response = await client.post("/queue/echo", json={"n": 2}, headers={"Idempotency-Key": key})
+            except httpx.HTTPError:
+                response = None
+            if response is not None and response.status_code < 500:
+                assert response.status_code == 200, response.text
+                body: dict[str, Any] = response.json()
+                return body
+            await asyncio.sleep(0.1)
+
+
+@pytest.mark.timeout(240)
+async def test_the_key_holds_after_a_nats_restart_and_past_the_duplicate_window(tmp_path: Path) -> None:
+    nats = EmbeddedNats(tmp_path / "nats", port=free_port())
+    nats.start()
+    stack = await start_stack(nats)
+    try:
+        await stack.register("echo")
+        first = await stack.client.post("/queue/echo", json={"n": 1}, headers={"Idempotency-Key": "survivor"})
+        first_id = first.json()["request_id"]
+        await stack.wait_for_status("echo", first_id)
+
+        nats.stop()
+        nats.start()
+        after_restart = await _submit_once_reconnected(stack.client, "survivor")
+        conn = await connect(NatsSettings(url=nats.url), "test")
+        window = (await conn.js.stream_info(names.QUEUE_STREAM)).config.duplicate_window
+        await conn.close()
+        # What is under test is time itself: JetStream's message-id window must be long gone.
+        await asyncio.sleep(_DUPLICATE_WINDOW_S + 5)
+        after_window = await _submit_once_reconnected(stack.client, "survivor")
+    finally:
+        await stack.close()
+        nats.stop()
+
+    assert window == _DUPLICATE_WINDOW_S
+    assert after_restart["request_id"] == first_id
+    assert after_window["request_id"] == first_id
+    assert [seen.body for seen in stack.functions.on("/echo")] == [b'{"n":1}'], "queued once, run once"
