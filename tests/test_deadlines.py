@@ -72,3 +72,26 @@ async def test_a_bad_start_deadline_is_refused(stack: Stack, value: str) -> None
     assert response.status_code == 422
     assert "X-Request-Timeout" in response.json()["detail"]
     assert (await stack.client.get("/system/functions/echo")).json()["stats"]["waiting"]["normal"] == 0
+
+
+async def test_a_retried_request_gets_its_deadline_afresh(stack: Stack) -> None:
+    busy = await stack.occupy()
+    late = (await stack.client.post("/queue/busy", json={}, headers={"X-Request-Timeout": "0.5"})).json()
+    request_id = late["request_id"]
+    first = await stack.wait_for_status("busy", request_id, timeout_s=5)
+
+    retried = await stack.client.post(f"/queue/busy/requests/{request_id}/retry")
+    again = await stack.wait_for_status("busy", request_id, timeout_s=5)
+    stack.functions.release("/busy", 2)
+    await stack.wait_for_status("busy", busy)
+    last = await stack.client.post(f"/queue/busy/requests/{request_id}/retry")
+    final = await stack.wait_for_status("busy", request_id)
+
+    assert first["error_type"] == "request_timeout"
+    assert retried.status_code == 202
+    assert again["error_type"] == "request_timeout", "the new run had a deadline of its own, and missed it"
+    waited_s = datetime.fromisoformat(again["completed_at"]) - datetime.fromisoformat(first["completed_at"])
+    assert waited_s.total_seconds() >= 0.5, "not timed out at once by the first run's deadline"
+    assert last.status_code == 202
+    assert "error_type" not in final
+    assert [seen.header("x-call-id") for seen in stack.functions.on("/busy")].count(request_id) == 1

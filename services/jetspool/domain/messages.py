@@ -92,6 +92,8 @@ class DeadlineJob(WireMessage, frozen=True, kw_only=True):
     request_id: str
     function: str
     due_at: datetime
+    retry: int = 0
+    """The run of the request (see `QueuedRequest.retry`) this deadline belongs to."""
 
 
 class SweepJob(WireMessage, frozen=True, kw_only=True):

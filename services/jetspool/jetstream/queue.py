@@ -54,9 +54,8 @@ class RequestQueue:
 
     async def set_deadline(self, job: DeadlineJob) -> None:
         """Arm the start deadline of a queued request (the worker also checks it on receipt)."""
-        await self._conn.js.publish(
-            names.DEADLINE_SUBJECT, encode(job), headers={names.NATS_MSG_ID: f"{job.request_id}.deadline"}
-        )
+        msg_id = f"{job.request_id}.deadline" + (f".retry{job.retry}" if job.retry else "")
+        await self._conn.js.publish(names.DEADLINE_SUBJECT, encode(job), headers={names.NATS_MSG_ID: msg_id})
 
     async def load_body(self, request: QueuedRequest) -> bytes:
         """The request's body, read from the object store when it was stored out of line."""

@@ -10,7 +10,9 @@ message's stream sequence. The record decides which message is the current run:
   Nobody was told it was queued, so nothing accepted is lost.
 
 Attempts keep counting across runs (so a stale worker of an earlier run stays fenced off), and
-`max_attempts` counts again from the record's `attempt_base`.
+`max_attempts` counts again from the record's `attempt_base`. A start deadline
+(`X-Request-Timeout`) applies to the new run afresh: as many seconds from the retry as the first
+run had from its submission.
 """
 
 from __future__ import annotations
@@ -21,10 +23,13 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from jetspool.domain.status import State
+from jetspool.domain.messages import DeadlineJob, QueuedRequest
+from jetspool.domain.status import State, utcnow
 from jetspool.jetstream.status_store import StaleStatus, Versioned
 
 if TYPE_CHECKING:
+    from datetime import datetime
+
     from jetspool.jetstream.queue import RequestQueue
     from jetspool.jetstream.retention import Retention
     from jetspool.jetstream.status_store import StatusStore
@@ -60,7 +65,8 @@ class Retrier:
         if envelope is None:
             return RetryAnswer(RetryOutcome.NOT_KEPT, current)
         run = current.record.retries + 1
-        seq = await self._queue.enqueue(msgspec.structs.replace(envelope, retry=run))
+        request = msgspec.structs.replace(envelope, retry=run, start_deadline=_fresh_deadline(envelope))
+        seq = await self._queue.enqueue(request)
         while True:
             record = current.record.retried(seq)
             try:
@@ -74,6 +80,11 @@ class Retrier:
                     return RetryAnswer(self._refusal(reread) or RetryOutcome.UNFINISHED, reread)
                 current = reread  # changed in another way (e.g. callback state): apply to the new revision
                 continue
+            if request.start_deadline is not None:
+                job = DeadlineJob(
+                    request_id=request.request_id, function=request.function, due_at=request.start_deadline, retry=run
+                )
+                await self._queue.set_deadline(job)
             return RetryAnswer(RetryOutcome.REQUEUED, Versioned(record, revision))
 
     @staticmethod
@@ -84,3 +95,10 @@ class Retrier:
         if record.error_type is None:
             return RetryOutcome.SUCCEEDED
         return None
+
+
+def _fresh_deadline(request: QueuedRequest) -> datetime | None:
+    """The start deadline of a new run: as long after now as the first was after the submission."""
+    if request.start_deadline is None:
+        return None
+    return utcnow() + (request.start_deadline - request.submitted_at)

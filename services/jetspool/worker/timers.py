@@ -103,5 +103,7 @@ class Timers:
 
     async def _expire(self, job: DeadlineJob) -> None:
         current = await self._status.get(job.request_id)
-        if current is not None and await self._canceller.expire(current, self._registry.get(job.function)):
+        if current is None or current.record.retries != job.retry:
+            return  # gone, or retried since: the new run has its own deadline
+        if await self._canceller.expire(current, self._registry.get(job.function)):
             log.info("request %s passed its start deadline waiting", job.request_id)
