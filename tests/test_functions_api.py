@@ -47,6 +47,19 @@ async def test_stats_count_completed_and_failed_requests(stack: Stack) -> None:
     assert (stats["completed"], stats["failed"]) == (1, 1)
 
 
+async def test_a_request_cancelled_while_waiting_counts_as_failed(stack: Stack) -> None:
+    running = await stack.occupy("busy")
+    waiting = await stack.submit("busy")
+    cancelled = await stack.client.put(f"/queue/busy/requests/{waiting}/cancel")
+    stack.functions.release("/busy")
+    await stack.wait_for_status("busy", running)
+
+    stats = (await stack.client.get("/system/functions/busy")).json()["stats"]
+
+    assert cancelled.status_code == 202
+    assert (stats["completed"], stats["failed"]) == (1, 1)
+
+
 async def test_a_function_registered_after_the_worker_started_is_served(stack: Stack) -> None:
     assert stack.worker is not None, "the worker runs before the function exists"
     await stack.register("late")

@@ -26,6 +26,7 @@ from jetspool.domain.errors import DecodeError
 from jetspool.domain.functions import DEFAULT_RESULT_TTL_S
 from jetspool.domain.messages import QueuedRequest, decode
 from jetspool.domain.status import ErrorType, State, utcnow
+from jetspool.jetstream.stats import count_outcome
 from jetspool.jetstream.status_store import StaleStatus
 
 if TYPE_CHECKING:
@@ -109,6 +110,7 @@ class Canceller:
                 await self._conn.nc.publish(names.cancel_subject(record.function), record.request_id.encode())
                 return CancelOutcome.SIGNALLED
             await self._withdraw(record.queue_seq, ttl_s)
+            await count_outcome(self._conn.nc, record.function, failed=True)
             # The queue changed only now: positions behind it move up, and watchers recompute them.
             await self._conn.nc.publish(names.wake_subject(record.function), b"")
             return CancelOutcome.CANCELLED

@@ -13,7 +13,14 @@ from jetspool.domain import names
 from jetspool.jetstream.positions import consumer_figures
 
 if TYPE_CHECKING:
+    from nats.aio.client import Client
     from nats.js.client import JetStreamContext
+
+
+async def count_outcome(nc: Client, function: str, *, failed: bool) -> None:
+    """Add one to the function's `completed` or `failed` total (wherever a request completes)."""
+    counter = "failed" if failed else "completed"
+    await nc.publish(names.counter_subject(function, counter), b"", headers={names.NATS_INCR: "+1"})
 
 
 class StatsReader:

@@ -23,6 +23,7 @@ from jetspool.domain import names
 from jetspool.domain.errors import DecodeError, PermanentDelivery, RetryableDelivery
 from jetspool.domain.messages import QueuedRequest, StoredResult, decode
 from jetspool.domain.status import ErrorType, StatusRecord, utcnow
+from jetspool.jetstream.stats import count_outcome
 from jetspool.jetstream.status_store import StaleStatus, StatusStore, Versioned
 from jetspool.worker.invoke import FunctionAnswer, invoke
 from jetspool.worker.policy import backoff_s
@@ -323,10 +324,7 @@ class RequestHandler:
         await self._s.logs.write(
             request.request_id, f"completed, {outcome}", level="INFO" if error_type is None else "ERROR"
         )
-        counter = "completed" if error_type is None else "failed"
-        await self._s.conn.nc.publish(
-            names.counter_subject(request.function, counter), b"", headers={names.NATS_INCR: "+1"}
-        )
+        await count_outcome(self._s.conn.nc, request.function, failed=error_type is not None)
         await self._s.callbacks.emit(request)
 
     async def _update(
