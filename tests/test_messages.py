@@ -116,7 +116,12 @@ def test_status_record_round_trips() -> None:
         _record()
         .started(3, STARTED)
         .completed(
-            DONE, function_status=502, inference_time=1.5, error="gave up", error_type=ErrorType.RUNNER_UNAVAILABLE
+            DONE,
+            keep_s=60,
+            function_status=502,
+            inference_time=1.5,
+            error="gave up",
+            error_type=ErrorType.RUNNER_UNAVAILABLE,
         )
     )
     decoded = decode_status(record.encode())
@@ -248,7 +253,12 @@ def test_completed_records_the_final_outcome() -> None:
         _record()
         .started(1, STARTED)
         .completed(
-            DONE, function_status=504, inference_time=1.5, error="timed out", error_type=ErrorType.FUNCTION_TIMEOUT
+            DONE,
+            keep_s=60,
+            function_status=504,
+            inference_time=1.5,
+            error="timed out",
+            error_type=ErrorType.FUNCTION_TIMEOUT,
         )
     )
     assert completed.status is State.COMPLETED
@@ -268,7 +278,7 @@ def test_successful_completion_clears_the_error_of_an_earlier_retry() -> None:
         .started(1, STARTED)
         .requeued("function answered 503")
         .started(2, STARTED)
-        .completed(DONE, function_status=200, inference_time=0.5)
+        .completed(DONE, keep_s=60, function_status=200, inference_time=0.5)
     )
     assert completed.error is None
     assert completed.error_type is None
@@ -303,7 +313,7 @@ def test_public_status_in_progress_has_no_metrics_or_error() -> None:
 
 
 def test_public_status_of_a_success_has_metrics_and_no_error() -> None:
-    record = _record().started(1, STARTED).completed(DONE, function_status=200, inference_time=1.5)
+    record = _record().started(1, STARTED).completed(DONE, keep_s=60, function_status=200, inference_time=1.5)
     view = public_status(record, BASE_URL)
     assert view["status"] == "COMPLETED"
     assert view["metrics"] == {"inference_time": 1.5}
@@ -316,7 +326,12 @@ def test_public_status_of_a_failure_has_metrics_error_and_error_type() -> None:
         _record()
         .started(10, STARTED)
         .completed(
-            DONE, function_status=503, inference_time=0.25, error="gave up", error_type=ErrorType.RUNNER_UNAVAILABLE
+            DONE,
+            keep_s=60,
+            function_status=503,
+            inference_time=0.25,
+            error="gave up",
+            error_type=ErrorType.RUNNER_UNAVAILABLE,
         )
     )
     view = public_status(record, BASE_URL)
@@ -326,7 +341,7 @@ def test_public_status_of_a_failure_has_metrics_error_and_error_type() -> None:
 
 
 def test_public_status_times_are_rfc3339_utc_with_z() -> None:
-    record = _record().started(1, STARTED).completed(DONE, function_status=200, inference_time=1.5)
+    record = _record().started(1, STARTED).completed(DONE, keep_s=60, function_status=200, inference_time=1.5)
     view = public_status(record, BASE_URL)
     assert view["submitted_at"] == "2024-01-02T03:04:05Z"
     assert view["started_at"] == "2024-01-02T03:04:07Z"

@@ -39,7 +39,12 @@ def _record(
     if started_at is not None:
         record = record.started(1, started_at)
     return record.completed(
-        DONE, function_status=function_status, inference_time=inference_time, error=error, error_type=error_type
+        DONE,
+        keep_s=60,
+        function_status=function_status,
+        inference_time=inference_time,
+        error=error,
+        error_type=error_type,
     )
 
 

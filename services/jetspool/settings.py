@@ -8,6 +8,8 @@ naming the key, e.g. ``nats.replicas: Expected `int`, got `str```.
 
 from __future__ import annotations
 
+import binascii
+import ipaddress
 import os
 import re
 from pathlib import Path
@@ -15,6 +17,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Final, get_args, get_origin
 
 import msgspec
 import yaml
+from standardwebhooks.webhooks import EmptyWebhookSecretError, Webhook
 
 from jetspool.domain.errors import ConfigError
 from jetspool.domain.functions import Function
@@ -103,12 +106,31 @@ class RetrySettings(_Section, frozen=True, kw_only=True):
 
 class CallbackSettings(_Section, frozen=True, kw_only=True):
     signing_secret: str | None = None
+    """Standard Webhooks secret (`whsec_` + base64); every callback is signed when it is set."""
     max_attempts: Annotated[int, msgspec.Meta(ge=1)] = 10
     initial_backoff: _Positive = 5.0
     max_backoff: _Positive = 1800.0
+    multiplier: Annotated[float, msgspec.Meta(ge=1)] = 3.0
+    """With the defaults: 10 attempts over about 2 hours (waits of 5 s, 15 s, 45 s, ... up to 30 min)."""
+    jitter: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.2
     deny_private: bool = False
+    """Also refuse callback URLs resolving to loopback or private addresses."""
+    hosts: dict[str, str] = msgspec.field(default_factory=dict)
+    """Host name → IP address, used before DNS for callback URLs (like curl's --resolve)."""
     timeout: _Positive = 10.0
     """Seconds one delivery attempt may take."""
+
+    def __post_init__(self) -> None:
+        if self.signing_secret is not None:
+            try:
+                Webhook(self.signing_secret)
+            except (ValueError, binascii.Error, EmptyWebhookSecretError) as exc:
+                raise ValueError("signing_secret must be a Standard Webhooks secret: whsec_ + base64") from exc
+        for name, address in self.hosts.items():
+            try:
+                ipaddress.ip_address(address)
+            except ValueError as exc:
+                raise ValueError(f"hosts.{name} must be an IP address, got {address!r}") from exc
 
 
 class Settings(_Section, frozen=True, kw_only=True):

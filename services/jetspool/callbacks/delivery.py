@@ -1,4 +1,10 @@
-"""The callback delivery loop: pull jobs from the callbacks stream, POST them, retry with backoff."""
+"""The callback delivery loop: pull jobs from the callbacks stream, POST them, retry with backoff.
+
+Each attempt is recorded in the request's status object (`callbacks`: state, attempts, last
+status, delivered time). The URL is checked again after resolution and the connection goes to
+the checked address (`addresses.py`); the body is signed when a secret is set (`signing.py`).
+A job of a run that was retried since is dropped: the new run calls back with its own outcome.
+"""
 
 from __future__ import annotations
 
@@ -10,22 +16,25 @@ from typing import TYPE_CHECKING
 import httpx
 
 from jetspool.aio import stop_task
+from jetspool.callbacks.addresses import AddressPolicy, Destination, RefusedAddress
 from jetspool.callbacks.payloads import build
+from jetspool.callbacks.signing import Signer
 from jetspool.domain import names
 from jetspool.domain.errors import DecodeError
 from jetspool.domain.messages import CallbackJob, decode
 from jetspool.domain.status import utcnow
 from jetspool.jetstream.pulling import ConnectionGone, fetch
 from jetspool.settings import RetrySettings
-from jetspool.worker.handler import Settle, settle
+from jetspool.worker.handler import ACK, TERM, Settle, settle
 from jetspool.worker.policy import backoff_s, parse_retry_after
 
 if TYPE_CHECKING:
     from nats.aio.msg import Msg
     from nats.js.client import JetStreamContext
 
+    from jetspool.domain.status import DeliveryState, StatusRecord
     from jetspool.jetstream.results import ResultStore
-    from jetspool.jetstream.status_store import StatusStore
+    from jetspool.jetstream.status_store import StatusStore, Versioned
     from jetspool.settings import CallbackSettings
 
 log = logging.getLogger(__name__)
@@ -49,6 +58,8 @@ class CallbackDelivery:
         self._settings = settings
         self._http = http
         self._backoff = _as_retry(settings)
+        self._policy = AddressPolicy(deny_private=settings.deny_private, hosts=settings.hosts)
+        self._signer = Signer(settings.signing_secret)
         self._rng = random.Random()  # noqa: S311 - jitter, not cryptography
         self._inflight: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
@@ -91,38 +102,106 @@ class CallbackDelivery:
         await settle(msg, decision)
 
     async def _attempt(self, msg: Msg) -> Settle:
+        found = await self._job(msg)
+        if isinstance(found, Settle):
+            return found
+        job, current = found
+        attempt = int(msg.metadata.num_delivered)
+        try:
+            destination = await self._policy.resolve(job.url)
+        except RefusedAddress as exc:
+            log.error("callback for %s refused: %s", job.request_id, exc)
+            await self._note(current, job, "failed", None)
+            return TERM
+        except OSError as exc:
+            return await self._failed(current, job, attempt, reason=f"cannot resolve {job.url}: {exc}")
+        response = await self._post(destination, job, current.record)
+        if isinstance(response, str):
+            return await self._failed(current, job, attempt, reason=response)
+        if 200 <= response.status_code < 300:  # noqa: PLR2004
+            log.info("callback for %s delivered to %s", job.request_id, job.url)
+            await self._note(current, job, "delivered", response.status_code)
+            return ACK
+        return await self._failed(
+            current,
+            job,
+            attempt,
+            reason=f"receiver answered {response.status_code}",
+            last_status=response.status_code,
+            retry_after=parse_retry_after(response.headers.get(names.H_RETRY_AFTER), utcnow()),
+        )
+
+    async def _job(self, msg: Msg) -> tuple[CallbackJob, Versioned] | Settle:
+        """The job and its request's status, or how to settle a job that is not to be delivered."""
         try:
             job = decode(msg.data, CallbackJob)
         except DecodeError:
             log.exception("dropping an unreadable callback job")
-            return Settle("term")
+            return TERM
         current = await self._status.get(job.request_id)
         if current is None:
             log.warning("callback for %s: the request is gone; dropping it", job.request_id)
-            return Settle("term")
-        result = await self._results.get(job.request_id, current.record.attempts)
-        request = build(job.kind, current.record, result)
-        attempt = int(msg.metadata.num_delivered)
-        retry_after: float | None = None
+            return TERM
+        if current.record.retries != job.run or not current.record.is_completed:
+            log.info("callback for %s: run %d was retried since; its new run calls back", job.request_id, job.run)
+            return TERM
+        return job, current
+
+    async def _post(self, destination: Destination, job: CallbackJob, record: StatusRecord) -> httpx.Response | str:
+        """POST the callback to the checked address; the response, or why there was none."""
+        result = await self._results.get(job.request_id, record.attempts)
+        request = build(job.kind, record, result)
+        webhook_id = f"{job.request_id}-{job.kind}-{job.run}"
+        headers = {
+            **request.headers,
+            **self._signer.headers(webhook_id, request.body, utcnow()),
+            "Host": destination.host_header,
+        }
         try:
-            response = await self._http.post(
-                job.url, content=request.body, headers=request.headers, timeout=self._settings.timeout
+            return await self._http.post(
+                destination.pinned_url,
+                content=request.body,
+                headers=headers,
+                timeout=self._settings.timeout,
+                extensions=destination.extensions,
             )
         except httpx.HTTPError as exc:
-            reason = f"{exc.__class__.__name__}: {exc}"
-        else:
-            if 200 <= response.status_code < 300:  # noqa: PLR2004
-                log.info("callback for %s delivered to %s", job.request_id, job.url)
-                return Settle("ack")
-            reason = f"receiver answered {response.status_code}"
-            retry_after = parse_retry_after(response.headers.get(names.H_RETRY_AFTER), utcnow())
+            return f"{exc.__class__.__name__}: {exc}"
+
+    async def _failed(
+        self,
+        current: Versioned,
+        job: CallbackJob,
+        attempt: int,
+        *,
+        reason: str,
+        last_status: int | None = None,
+        retry_after: float | None = None,
+    ) -> Settle:
         if attempt >= self._settings.max_attempts:
             log.error("callback for %s to %s failed %d times, giving up: %s", job.request_id, job.url, attempt, reason)
-            return Settle("term")
+            await self._note(current, job, "failed", last_status)
+            return TERM
         delay = backoff_s(attempt, self._backoff, retry_after, self._rng)
         log.warning("callback for %s attempt %d: %s; retrying in %.0f s", job.request_id, attempt, reason, delay)
+        await self._note(current, job, "pending", last_status)
         return Settle("nak", delay)
+
+    async def _note(self, current: Versioned, job: CallbackJob, state: DeliveryState, last_status: int | None) -> None:
+        """Record the attempt in the request's status object (for its run only)."""
+
+        def attempted(record: StatusRecord) -> StatusRecord | None:
+            if record.retries != job.run:
+                return None
+            return record.callback_attempted(job.kind, job.url, state=state, last_status=last_status, at=utcnow())
+
+        await self._status.change(current, attempted)
 
 
 def _as_retry(settings: CallbackSettings) -> RetrySettings:
-    return RetrySettings(initial_backoff=settings.initial_backoff, max_backoff=settings.max_backoff)
+    return RetrySettings(
+        initial_backoff=settings.initial_backoff,
+        max_backoff=settings.max_backoff,
+        multiplier=settings.multiplier,
+        jitter=settings.jitter,
+    )

@@ -72,6 +72,8 @@ class CallbackJob(WireMessage, frozen=True, kw_only=True):
     function: str
     kind: CallbackKind
     url: str
+    run: int = 0
+    """The run of the request (`QueuedRequest.retry`) whose outcome this delivers."""
 
 
 LogLevel = Literal["STDERR", "STDOUT", "ERROR", "INFO", "WARN", "DEBUG"]

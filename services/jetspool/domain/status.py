@@ -14,13 +14,13 @@ can never overwrite a newer state.
 from __future__ import annotations
 
 import secrets
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
-from jetspool.domain.messages import QueuedRequest, WireMessage, decode, encode
+from jetspool.domain.messages import CallbackKind, QueuedRequest, WireMessage, decode, encode
 from jetspool.domain.names import Priority
 
 
@@ -42,6 +42,32 @@ class ErrorType(StrEnum):
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+DeliveryState = Literal["pending", "delivered", "failed"]
+
+
+class CallbackTarget(msgspec.Struct, frozen=True, kw_only=True):
+    """One callback or webhook of a request and how its delivery went (SPEC §6)."""
+
+    url: str
+    kind: CallbackKind
+    state: DeliveryState = "pending"
+    attempts: int = 0
+    """Delivery attempts made, over every run and redelivery."""
+    last_status: int | None = None
+    """HTTP status of the receiver's last answer (none when it could not be reached)."""
+    delivered_at: datetime | None = None
+
+    def view(self) -> dict[str, Any]:
+        return {
+            "url": self.url,
+            "kind": self.kind,
+            "state": self.state,
+            "attempts": self.attempts,
+            "last_status": self.last_status,
+            "delivered_at": _rfc3339(self.delivered_at),
+        }
 
 
 class StatusRecord(WireMessage, frozen=True, kw_only=True):
@@ -71,6 +97,9 @@ class StatusRecord(WireMessage, frozen=True, kw_only=True):
     """Times the retry route re-queued the request; its current run is the queue message with this `retry`."""
     attempt_base: int = 0
     """Attempts made before the current run: `max_attempts` counts from here."""
+    callbacks: list[CallbackTarget] = msgspec.field(default_factory=list)
+    expires_at: datetime | None = None
+    """When a completed record goes (completion + the function's `result_ttl`); every write keeps it."""
 
     @property
     def is_completed(self) -> bool:
@@ -86,6 +115,7 @@ class StatusRecord(WireMessage, frozen=True, kw_only=True):
             submitted_at=request.submitted_at,
             queue_seq=queue_seq,
             logs_token=secrets.token_urlsafe(16),
+            callbacks=[CallbackTarget(url=url, kind=kind) for kind, url in request.callbacks()],
         )
 
     def started(self, attempt: int, at: datetime) -> StatusRecord:
@@ -100,16 +130,18 @@ class StatusRecord(WireMessage, frozen=True, kw_only=True):
         self,
         at: datetime,
         *,
+        keep_s: float,
         function_status: int | None,
         inference_time: float | None,
         error: str | None = None,
         error_type: ErrorType | None = None,
     ) -> StatusRecord:
-        """The request's final outcome."""
+        """The request's final outcome, kept for `keep_s` seconds."""
         return msgspec.structs.replace(
             self,
             status=State.COMPLETED,
             completed_at=at,
+            expires_at=at + timedelta(seconds=keep_s),
             function_status=function_status,
             inference_time=inference_time,
             error=error,
@@ -131,6 +163,34 @@ class StatusRecord(WireMessage, frozen=True, kw_only=True):
             error=None,
             error_type=None,
             cancel_requested=False,
+            expires_at=None,
+            callbacks=[msgspec.structs.replace(t, state="pending") for t in self.callbacks],
+        )
+
+    def callbacks_again(self) -> StatusRecord:
+        """Every callback of the request is to be delivered again."""
+        return msgspec.structs.replace(
+            self, callbacks=[msgspec.structs.replace(t, state="pending") for t in self.callbacks]
+        )
+
+    def callback_attempted(
+        self, kind: CallbackKind, url: str, *, state: DeliveryState, last_status: int | None, at: datetime
+    ) -> StatusRecord:
+        """One delivery attempt of the callback `kind` to `url` ended in `state`."""
+        return msgspec.structs.replace(
+            self,
+            callbacks=[
+                msgspec.structs.replace(
+                    t,
+                    state=state,
+                    attempts=t.attempts + 1,
+                    last_status=last_status,
+                    delivered_at=at if state == "delivered" else t.delivered_at,
+                )
+                if (t.kind, t.url) == (kind, url)
+                else t
+                for t in self.callbacks
+            ],
         )
 
     def encode(self) -> bytes:
@@ -170,6 +230,7 @@ def public_status(
         "submitted_at": _rfc3339(record.submitted_at),
         "started_at": _rfc3339(record.started_at),
         "completed_at": _rfc3339(record.completed_at),
+        "callbacks": [target.view() for target in record.callbacks],
     }
     if record.status is State.IN_QUEUE and queue_position is not None:
         view["queue_position"] = queue_position

@@ -19,6 +19,7 @@ from litestar.openapi import OpenAPIConfig
 from nats.errors import Error as NatsError
 
 from jetspool import __version__
+from jetspool.callbacks.addresses import AddressPolicy
 from jetspool.domain import names
 from jetspool.domain.errors import RequestError
 from jetspool.gateway.feed import StatusFeed
@@ -81,6 +82,7 @@ def create_app(settings: Settings) -> Litestar:
             logs.append_logs,
             queue.cancel_request,
             queue.retry_request,
+            queue.redeliver_callbacks,
             queue.legacy_submit,
             queue.legacy_submit_path,
             queue.legacy_status,
@@ -123,18 +125,26 @@ def _wire(
     positions = QueuePositions(conn)
     queue = RequestQueue(conn, stores.blobs)
     retention = Retention(conn.js, stores.envelopes, stores.blobs)
+    callbacks = CallbackQueue(conn.js)
     return Gateway(
         settings=settings,
         conn=conn,
-        intake=Intake(status, queue, positions, IdempotencyKeys(stores.idempotency, status)),
+        intake=Intake(
+            status,
+            queue,
+            positions,
+            IdempotencyKeys(stores.idempotency, status),
+            AddressPolicy(deny_private=settings.callbacks.deny_private, hosts=settings.callbacks.hosts),
+        ),
         status=status,
         results=ResultStore(conn.js, stores.results, stores.blobs, retention, conn.inline_limit),
         registry=registry,
         view=view,
         stats=StatsReader(conn.js),
         positions=positions,
-        canceller=Canceller(conn, status, CallbackQueue(conn.js), retention),
+        canceller=Canceller(conn, status, callbacks, retention),
         retrier=Retrier(status, retention, queue),
+        callbacks=callbacks,
         feed=feed,
         http=http,
         logs=RequestLogs(conn),

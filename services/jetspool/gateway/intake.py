@@ -11,7 +11,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Final
-from urllib.parse import parse_qsl, unquote_plus, urlsplit
+from urllib.parse import parse_qsl, unquote_plus
 
 from nats.errors import Error as NatsError
 
@@ -25,6 +25,7 @@ from jetspool.jetstream.status_store import StaleStatus
 if TYPE_CHECKING:
     from litestar import Request
 
+    from jetspool.callbacks.addresses import AddressPolicy
     from jetspool.jetstream.idempotency import IdempotencyKeys
     from jetspool.jetstream.positions import QueuePositions
     from jetspool.jetstream.queue import RequestQueue
@@ -162,12 +163,8 @@ def _forwarded_query(raw: str, control: frozenset[str]) -> str:
 
 
 def _url_option(value: str | None) -> str | None:
-    if value is None or value == "":
-        return None
-    parts = urlsplit(value)
-    if parts.scheme not in {"http", "https"} or not parts.hostname:
-        raise InvalidInput(f"callback URL {value!r} must be an absolute http:// or https:// URL")
-    return value
+    """A callback URL option; checked against the address policy by `Intake.submit`."""
+    return value or None
 
 
 def _priority(request: Request[Any, Any, Any]) -> names.Priority:
@@ -184,12 +181,18 @@ def _priority(request: Request[Any, Any, Any]) -> names.Priority:
 
 class Intake:
     def __init__(
-        self, status: StatusStore, queue: RequestQueue, positions: QueuePositions, keys: IdempotencyKeys
+        self,
+        status: StatusStore,
+        queue: RequestQueue,
+        positions: QueuePositions,
+        keys: IdempotencyKeys,
+        addresses: AddressPolicy,
     ) -> None:
         self._status = status
         self._queue = queue
         self._positions = positions
         self._keys = keys
+        self._addresses = addresses
 
     async def submit(self, submission: Submission) -> StatusRecord:
         """Queue the request, then record its status; returns once both are durable in JetStream.
@@ -198,6 +201,9 @@ class Intake:
         (the queue position needs it). A worker that receives the message before the record
         exists creates the same record itself from the message; either way exactly one is stored.
         """
+        for url in (submission.callback_url, submission.webhook_url):
+            if url is not None:
+                await self._check_callback(url)
         limit = submission.max_queue_length
         if limit is not None:
             waiting = sum((await self._positions.waiting(submission.function.name)).values())
@@ -239,6 +245,13 @@ class Intake:
                 DeadlineJob(request_id=request.request_id, function=request.function, due_at=deadline)
             )
         return record
+
+    async def _check_callback(self, url: str) -> None:
+        """422 for a callback URL that may not be called (SPEC §6) or cannot be resolved."""
+        try:
+            await self._addresses.resolve(url)
+        except OSError as exc:
+            raise InvalidInput(f"callback URL {url!r}: its host cannot be resolved ({exc})") from exc
 
     async def _record_status(self, record: StatusRecord) -> None:
         """Store the first status record, retrying; a worker may have stored it first, which is fine."""

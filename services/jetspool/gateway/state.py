@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 
     from jetspool.gateway.feed import StatusFeed
     from jetspool.gateway.intake import Intake
+    from jetspool.jetstream.callbacks import CallbackQueue
     from jetspool.jetstream.cancel import Canceller
     from jetspool.jetstream.connection import Nats
     from jetspool.jetstream.logs import RequestLogs
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
 
 class Gateway:
     __slots__ = (
+        "callbacks",
         "canceller",
         "conn",
         "feed",
@@ -59,6 +61,7 @@ class Gateway:
         positions: QueuePositions,
         canceller: Canceller,
         retrier: Retrier,
+        callbacks: CallbackQueue,
         feed: StatusFeed,
         http: httpx.AsyncClient,
         logs: RequestLogs,
@@ -74,6 +77,7 @@ class Gateway:
         self.positions = positions
         self.canceller = canceller
         self.retrier = retrier
+        self.callbacks = callbacks
         self.feed = feed
         self.http = http
         self.logs = logs

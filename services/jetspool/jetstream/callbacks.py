@@ -2,26 +2,40 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import TYPE_CHECKING
 
 from jetspool.domain import names
-from jetspool.domain.messages import CallbackJob, QueuedRequest, encode
+from jetspool.domain.messages import CallbackJob, encode
 
 if TYPE_CHECKING:
     from nats.js.client import JetStreamContext
+
+    from jetspool.domain.status import StatusRecord
 
 
 class CallbackQueue:
     def __init__(self, js: JetStreamContext) -> None:
         self._js = js
 
-    async def emit(self, request: QueuedRequest) -> None:
-        """One job per callback target and run; message ids make a repeat within the duplicate window harmless."""
-        run = f".retry{request.retry}" if request.retry else ""
-        for kind, url in request.callbacks():
-            job = CallbackJob(request_id=request.request_id, function=request.function, kind=kind, url=url)
+    async def emit(self, record: StatusRecord, *, again: bool = False) -> None:
+        """One job per callback target of the record's run.
+
+        Message ids make a repeat within the duplicate window harmless; `again` (a redelivery
+        asked for) is never taken for a repeat.
+        """
+        run = f".retry{record.retries}" if record.retries else ""
+        nonce = f".again.{uuid.uuid4().hex}" if again else ""
+        for target in record.callbacks:
+            job = CallbackJob(
+                request_id=record.request_id,
+                function=record.function,
+                kind=target.kind,
+                url=target.url,
+                run=record.retries,
+            )
             await self._js.publish(
-                names.callback_subject(kind),
+                names.callback_subject(target.kind),
                 encode(job),
-                headers={names.NATS_MSG_ID: f"{request.request_id}.{kind}{run}"},
+                headers={names.NATS_MSG_ID: f"{record.request_id}.{target.kind}{run}{nonce}"},
             )

@@ -31,6 +31,7 @@ from jetspool.jetstream.status_store import StaleStatus
 
 if TYPE_CHECKING:
     from jetspool.domain.functions import Function
+    from jetspool.domain.status import StatusRecord
     from jetspool.jetstream.callbacks import CallbackQueue
     from jetspool.jetstream.connection import Nats
     from jetspool.jetstream.retention import Retention
@@ -93,13 +94,14 @@ class Canceller:
             else:
                 changed = record.completed(
                     utcnow(),
+                    keep_s=ttl_s,
                     function_status=None,
                     inference_time=None,
                     error=_ERRORS[error_type],
                     error_type=error_type,
                 )
             try:
-                await self._status.update(changed, current.revision, None if running else ttl_s)
+                await self._status.update(changed, current.revision)
             except StaleStatus:
                 reread = await self._status.get(record.request_id)
                 if reread is None:
@@ -109,14 +111,15 @@ class Canceller:
             if running:
                 await self._conn.nc.publish(names.cancel_subject(record.function), record.request_id.encode())
                 return CancelOutcome.SIGNALLED
-            await self._withdraw(record.queue_seq, ttl_s)
+            await self._withdraw(changed, ttl_s)
             await count_outcome(self._conn.nc, record.function, failed=True)
             # The queue changed only now: positions behind it move up, and watchers recompute them.
             await self._conn.nc.publish(names.wake_subject(record.function), b"")
             return CancelOutcome.CANCELLED
 
-    async def _withdraw(self, seq: int | None, ttl_s: float) -> None:
+    async def _withdraw(self, record: StatusRecord, ttl_s: float) -> None:
         """Delete the cancelled request's message, first queueing its callbacks and keeping it for a retry."""
+        seq = record.queue_seq
         if seq is None:
             return
         try:
@@ -129,7 +132,7 @@ class Canceller:
             log.exception("cancelled message %d is unreadable; no callbacks for it", seq)
         else:
             await self._retention.keep_for_retry(request, ttl_s)
-            await self._callbacks.emit(request)
+            await self._callbacks.emit(record)
         with contextlib.suppress(NotFoundError):
             await self._conn.js.delete_msg(names.QUEUE_STREAM, seq)
 

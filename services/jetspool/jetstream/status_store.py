@@ -2,8 +2,9 @@
 
 `update` succeeds only if the record is still at the revision the writer read, so a stale
 writer (a worker paused past its ack wait, a duplicate delivery) can never overwrite a newer
-state; it gets `StaleStatus` and must read again. A completed record carries a per-key TTL
-(the function's `result_ttl`); records still waiting or running have none.
+state; it gets `StaleStatus` and must read again. A completed record carries a per-key TTL up to
+its `expires_at` (completion + the function's `result_ttl`), set again by every later write (a
+callback's delivery state); records still waiting or running have none.
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError
 
 from jetspool.domain import names
 from jetspool.domain.errors import JetspoolError
-from jetspool.domain.status import StatusRecord, decode_status
+from jetspool.domain.status import StatusRecord, decode_status, utcnow
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from nats.js.client import JetStreamContext
     from nats.js.kv import KeyValue
 
@@ -56,9 +59,10 @@ class StatusStore:
             return None
         return Versioned(decode_status(entry.value), int(entry.revision or 0))
 
-    async def update(self, record: StatusRecord, last: int, ttl_s: float | None = None) -> int:
+    async def update(self, record: StatusRecord, last: int) -> int:
         """Write `record` if the stored revision is still `last`; returns the new revision."""
         headers = {names.NATS_EXPECTED_LAST_SUBJECT_SEQ: str(last)}
+        ttl_s = None if record.expires_at is None else (record.expires_at - utcnow()).total_seconds()
         try:
             ack = await self._js.publish(
                 f"{self._prefix}{record.request_id}",
@@ -71,3 +75,24 @@ class StatusStore:
                 raise StaleStatus(f"request {record.request_id} changed since revision {last}") from exc
             raise
         return int(ack.seq)
+
+    async def change(
+        self, current: Versioned, change: Callable[[StatusRecord], StatusRecord | None]
+    ) -> Versioned | None:
+        """Apply `change` to the record by compare-and-set, re-reading and re-applying on conflict.
+
+        None when the record is gone or `change` declines (returns None).
+        """
+        while True:
+            record = change(current.record)
+            if record is None:
+                return None
+            try:
+                revision = await self.update(record, current.revision)
+            except StaleStatus:
+                reread = await self.get(record.request_id)
+                if reread is None:
+                    return None
+                current = reread
+                continue
+            return Versioned(record, revision)

@@ -163,7 +163,7 @@ class RequestHandler:
         if current.record.is_completed:  # a crash may have come between completion and what follows it
             if current.record.error_type is not None:
                 await self._s.retention.keep_for_retry(request, function.result_ttl)
-            await self._s.callbacks.emit(request)
+            await self._s.callbacks.emit(current.record)
             return ACK
         per_run = 1 if request.no_retry else function.max_attempts
         allowed = current.record.attempt_base + per_run
@@ -310,13 +310,15 @@ class RequestHandler:
                 return None  # a newer attempt owns the record
             return record.completed(
                 utcnow(),
+                keep_s=function.result_ttl,
                 function_status=None if answer is None else answer.status_code,
                 inference_time=None if answer is None else answer.duration_s,
                 error=error,
                 error_type=error_type,
             )
 
-        if await self._update(request, attempt, complete, ttl_s=function.result_ttl) is None:
+        completed = await self._update(request, attempt, complete)
+        if completed is None:
             return
         if error_type is None:
             await self._s.retention.release_body(request)
@@ -325,14 +327,13 @@ class RequestHandler:
             request.request_id, f"completed, {outcome}", level="INFO" if error_type is None else "ERROR"
         )
         await count_outcome(self._s.conn.nc, request.function, failed=error_type is not None)
-        await self._s.callbacks.emit(request)
+        await self._s.callbacks.emit(completed.record)
 
     async def _update(
         self,
         request: QueuedRequest,
         attempt: int | None,
         change: Callable[[StatusRecord], StatusRecord | None],
-        ttl_s: float | None = None,
     ) -> Versioned | None:
         """Read the record and apply `change` to it, but only while `attempt` is its latest attempt."""
         current = await self._s.status.get(request.request_id)
@@ -344,30 +345,10 @@ class RequestHandler:
                 return None
             return change(record)
 
-        return await self._transition(current, fenced, ttl_s)
+        return await self._transition(current, fenced)
 
     async def _transition(
-        self,
-        current: Versioned,
-        change: Callable[[StatusRecord], StatusRecord | None],
-        ttl_s: float | None = None,
+        self, current: Versioned, change: Callable[[StatusRecord], StatusRecord | None]
     ) -> Versioned | None:
-        """Apply `change` with compare-and-set, re-reading on conflict.
-
-        None once the record is final or gone, or when `change` declines (returns None).
-        """
-        while True:
-            if current.record.is_completed:
-                return None
-            record = change(current.record)
-            if record is None:
-                return None
-            try:
-                revision = await self._s.status.update(record, current.revision, ttl_s)
-            except StaleStatus:
-                reread = await self._s.status.get(record.request_id)
-                if reread is None:
-                    return None
-                current = reread
-                continue
-            return Versioned(record, revision)
+        """Apply `change` by compare-and-set; None once the record is final or gone, or when `change` declines."""
+        return await self._s.status.change(current, lambda r: None if r.is_completed else change(r))

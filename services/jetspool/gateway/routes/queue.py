@@ -157,6 +157,33 @@ async def retry_request(gateway: GatewayDep, name: FromPath[str], request_id: Fr
     return await _queued(gateway, record, 202)
 
 
+@post("/queue/{name:str}/requests/{request_id:str}/callback/redeliver", status_code=202)
+async def redeliver_callbacks(gateway: GatewayDep, name: FromPath[str], request_id: FromPath[str]) -> Response[Any]:
+    """Deliver a completed request's callbacks and webhooks again: 202 with their state;
+    400 when it has not completed or has no callback URL."""
+    current = await require_request(gateway, name, request_id)
+    seen = current.record
+
+    def again(record: StatusRecord) -> StatusRecord | None:
+        return record.callbacks_again() if record.is_completed and record.retries == seen.retries else None
+
+    changed = await gateway.status.change(current, again) if seen.is_completed and seen.callbacks else None
+    if changed is None:
+        detail = "the request has no callback URL" if seen.is_completed else "the request has not completed yet"
+        return Response(
+            {"detail": detail, "status": seen.status.value},
+            status_code=400,
+            headers={names.H_REQUEST_ID: seen.request_id},
+        )
+    await gateway.callbacks.emit(changed.record, again=True)
+    body = {
+        "status": "REDELIVERY_REQUESTED",
+        "request_id": seen.request_id,
+        "callbacks": [target.view() for target in changed.record.callbacks],
+    }
+    return Response(body, status_code=202, headers={names.H_REQUEST_ID: seen.request_id})
+
+
 def _seconds(name: str, value: str | None) -> float:
     if value is None:
         return 0.0

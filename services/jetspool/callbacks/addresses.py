@@ -1,0 +1,120 @@
+"""Where a callback may be sent (SPEC §6), checked after DNS resolution.
+
+A callback URL must be http or https. Its host is resolved (an IP literal as itself, a name
+through `callbacks.hosts` first, then the system resolver), and every address it resolves to is
+checked: link-local and cloud metadata addresses are always refused, loopback and private ranges
+too when `callbacks.deny_private` is set. Delivery connects to the address that was checked (the
+URL's host stays in `Host` and in TLS's SNI and certificate check), so a name cannot resolve to a
+harmless address for the check and a forbidden one for the connection (DNS rebinding).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final
+
+import httpx
+
+from jetspool.domain.errors import InvalidInput
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+_METADATA: Final = frozenset(
+    ipaddress.ip_address(address)
+    for address in (
+        "169.254.169.254",  # AWS, GCP, Azure, OpenStack, DigitalOcean...
+        "169.254.170.2",  # AWS ECS task metadata
+        "fd00:ec2::254",  # AWS over IPv6
+        "100.100.100.200",  # Alibaba Cloud
+        "192.0.0.192",  # Oracle Cloud
+    )
+)
+_SHARED: Final = ipaddress.ip_network("100.64.0.0/10")
+"""Carrier-grade NAT space: private in practice, though `is_private` says otherwise."""
+
+
+class RefusedAddress(InvalidInput):
+    """A callback URL that may not be called (422 at submit; a failed delivery later)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Destination:
+    """A callback URL and the checked address to connect to for it."""
+
+    url: httpx.URL
+    address: IPAddress
+
+    @property
+    def pinned_url(self) -> httpx.URL:
+        """The URL with its host replaced by the checked address."""
+        return self.url.copy_with(host=str(self.address))
+
+    @property
+    def host_header(self) -> str:
+        return self.url.netloc.decode("ascii")
+
+    @property
+    def extensions(self) -> dict[str, str]:
+        """httpx request extensions: the TLS server name stays the URL's host."""
+        return {"sni_hostname": self.url.host} if self.url.scheme == "https" else {}
+
+
+class AddressPolicy:
+    def __init__(self, *, deny_private: bool, hosts: Mapping[str, str]) -> None:
+        self._deny_private = deny_private
+        self._hosts = {name.lower(): ipaddress.ip_address(address) for name, address in hosts.items()}
+
+    async def resolve(self, url: str) -> Destination:
+        """The checked destination of `url`; RefusedAddress when it may not be called.
+
+        OSError when the host cannot be resolved now (worth trying again later).
+        """
+        try:
+            parsed = httpx.URL(url)
+        except httpx.InvalidURL as exc:
+            raise RefusedAddress(f"callback URL {url!r} is not a valid URL: {exc}") from exc
+        if parsed.scheme not in {"http", "https"} or not parsed.host:
+            raise RefusedAddress(f"callback URL {url!r} must be an absolute http:// or https:// URL")
+        addresses = await self._addresses(parsed)
+        for address in addresses:
+            self._check(url, address)
+        return Destination(parsed, addresses[0])
+
+    async def _addresses(self, url: httpx.URL) -> list[IPAddress]:
+        host = url.host
+        try:
+            return [_unmapped(ipaddress.ip_address(host))]
+        except ValueError:
+            pass
+        if host.lower() in self._hosts:
+            return [_unmapped(self._hosts[host.lower()])]
+        port = url.port or (443 if url.scheme == "https" else 80)
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        found = [_unmapped(ipaddress.ip_address(info[4][0])) for info in infos]
+        if not found:
+            raise OSError(f"{host} resolves to no address")
+        return found
+
+    def _check(self, url: str, address: IPAddress) -> None:
+        if address in _METADATA or address.is_link_local:
+            raise RefusedAddress(f"callback URL {url!r} resolves to {address}, a link-local or metadata address")
+        if address.is_unspecified or address.is_multicast:
+            raise RefusedAddress(f"callback URL {url!r} resolves to {address}, which cannot receive a callback")
+        if self._deny_private and (address.is_loopback or address.is_private or address in _SHARED):
+            raise RefusedAddress(
+                f"callback URL {url!r} resolves to {address}, a loopback or private address "
+                "(refused: callbacks.deny_private is set)"
+            )
+
+
+def _unmapped(address: IPAddress) -> IPAddress:
+    """An IPv4-mapped IPv6 address (::ffff:a.b.c.d) as the IPv4 address it is."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address

@@ -1,0 +1,257 @@
+"""Callbacks and webhooks (SPEC §6): delivery state in the status object, retries until the
+receiver recovers, Standard Webhooks signatures, the address policy, redelivery."""
+
+from __future__ import annotations
+
+import base64
+import os
+from typing import TYPE_CHECKING, Any
+
+import orjson
+import pytest
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+from tests.support.servers import AsgiServer, RecordingApp, Reply, eventually_true, free_port
+from tests.support.stack import start_stack
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+    from jetspool.embedded import EmbeddedNats
+    from tests.support.stack import Stack
+
+SECRET = "whsec_" + base64.b64encode(os.urandom(32)).decode()
+
+
+async def _callbacks(stack: Stack, name: str, request_id: str) -> list[dict[str, Any]]:
+    targets: list[dict[str, Any]] = (await stack.status(name, request_id))["callbacks"]
+    return targets
+
+
+async def _wait_for_callback_state(
+    stack: Stack, name: str, request_id: str, state: str, timeout_s: float = 15.0
+) -> dict[str, Any]:
+    found: list[dict[str, Any]] = []
+
+    async def reached() -> bool:
+        found[:] = await _callbacks(stack, name, request_id)
+        return bool(found) and found[0]["state"] == state
+
+    await eventually_true(reached, timeout_s=timeout_s)
+    return found[0]
+
+
+async def test_the_status_object_shows_each_callbacks_delivery(stack: Stack) -> None:
+    await stack.register("echo")
+    hook, webhook = stack.callback_url("/hook"), stack.callback_url("/fal")
+    response = await stack.client.post(
+        "/queue/echo", params={"fal_webhook": webhook}, json={"a": 1}, headers={"X-Callback-Url": hook}
+    )
+    request_id = response.json()["request_id"]
+    waiting = await _callbacks(stack, "echo", request_id)
+    await stack.receiver.wait_for("/hook")
+    await stack.receiver.wait_for("/fal")
+
+    async def both_delivered() -> bool:
+        return all(t["state"] == "delivered" for t in await _callbacks(stack, "echo", request_id))
+
+    await eventually_true(both_delivered)
+    openfaas, fal = await _callbacks(stack, "echo", request_id)
+
+    assert [(t["url"], t["kind"], t["state"], t["attempts"]) for t in waiting] == [
+        (hook, "openfaas", "pending", 0),
+        (webhook, "fal", "pending", 0),
+    ]
+    assert (openfaas["url"], openfaas["kind"], openfaas["attempts"], openfaas["last_status"]) == (
+        hook,
+        "openfaas",
+        1,
+        200,
+    )
+    assert (fal["url"], fal["kind"], fal["attempts"], fal["last_status"]) == (webhook, "fal", 1, 200)
+    assert openfaas["delivered_at"].endswith("Z")
+    assert fal["delivered_at"].endswith("Z")
+
+
+async def test_a_request_without_callbacks_has_an_empty_list(stack: Stack) -> None:
+    await stack.register("echo")
+    request_id = await stack.submit("echo")
+
+    final = await stack.wait_for_status("echo", request_id)
+
+    assert final["callbacks"] == []
+
+
+async def test_callbacks_wait_out_a_receiver_that_is_down_then_failing(nats_server: EmbeddedNats) -> None:
+    stack = await start_stack(nats_server, overrides={"callbacks": {"max_attempts": 40}})
+    port = free_port()  # nothing listens here yet: connection refused
+    late = RecordingApp(default=None)
+    late.script("/hook", [Reply(500, b"not yet"), Reply(500, b"not yet")])
+    server = AsgiServer(late, port=port)
+    try:
+        await stack.register("echo")
+        request_id = await stack.submit(
+            "echo", content=b"eventually", headers={"X-Callback-Url": f"http://127.0.0.1:{port}/hook"}
+        )
+
+        async def refused_twice() -> bool:
+            [target] = await _callbacks(stack, "echo", request_id)
+            return bool(target["attempts"] >= 2)
+
+        await eventually_true(refused_twice)
+        refused = (await _callbacks(stack, "echo", request_id))[0]
+        await server.start()
+        delivered = await _wait_for_callback_state(stack, "echo", request_id, "delivered")
+    finally:
+        await server.stop()
+        await stack.close()
+
+    assert (refused["state"], refused["last_status"]) == ("pending", None)
+    assert [seen.body for seen in late.on("/hook")] == [b"eventually"] * 3, "two 500s, then delivered"
+    assert delivered["attempts"] >= 2 + 3
+    assert delivered["last_status"] == 200
+
+
+async def test_a_callback_that_keeps_failing_ends_failed(nats_server: EmbeddedNats) -> None:
+    stack = await start_stack(nats_server, overrides={"callbacks": {"max_attempts": 3}})
+    try:
+        await stack.register("echo")
+        stack.receiver.script("/hook", [Reply(503, b"down")] * 5)
+        request_id = await stack.submit("echo", headers={"X-Callback-Url": stack.callback_url("/hook")})
+
+        failed = await _wait_for_callback_state(stack, "echo", request_id, "failed")
+    finally:
+        await stack.close()
+
+    assert (failed["attempts"], failed["last_status"], failed["delivered_at"]) == (3, 503, None)
+    assert len(stack.receiver.on("/hook")) == 3
+
+
+@pytest.fixture
+async def signed_stack(nats_server: EmbeddedNats) -> AsyncIterator[Stack]:
+    running = await start_stack(nats_server, overrides={"callbacks": {"signing_secret": SECRET}})
+    yield running
+    await running.close()
+
+
+async def test_signed_callbacks_verify_with_standardwebhooks_and_keep_their_id(signed_stack: Stack) -> None:
+    stack = signed_stack
+    await stack.register("echo")
+    stack.receiver.script("/hook", [Reply(500, b"once more")])
+    request_id = await stack.submit(
+        "echo", content=b'{"x": 1}', headers={"X-Callback-Url": stack.callback_url("/hook")}
+    )
+    response = await stack.client.post("/queue/echo", params={"fal_webhook": stack.callback_url("/fal")}, json={"y": 2})
+
+    first, second = await stack.receiver.wait_for("/hook", 2)
+    [fal] = await stack.receiver.wait_for("/fal")
+    verifier = Webhook(SECRET)
+
+    for seen in (first, second, fal):
+        verifier.verify(seen.body, dict(seen.headers))
+    assert first.header("webhook-id") == second.header("webhook-id"), "the same message on every attempt"
+    assert first.header("webhook-id") != fal.header("webhook-id")
+    assert second.body == b'{"x": 1}'
+    assert orjson.loads(fal.body)["request_id"] == response.json()["request_id"]
+    assert first.header("x-call-id") == request_id
+    with pytest.raises(WebhookVerificationError):
+        verifier.verify(second.body.replace(b"1", b"2"), dict(second.headers))
+    with pytest.raises(WebhookVerificationError):
+        Webhook("whsec_" + base64.b64encode(os.urandom(32)).decode()).verify(second.body, dict(second.headers))
+
+
+async def test_unsigned_callbacks_carry_no_signature(stack: Stack) -> None:
+    await stack.register("echo")
+    await stack.submit("echo", headers={"X-Callback-Url": stack.callback_url("/hook")})
+
+    [seen] = await stack.receiver.wait_for("/hook")
+
+    assert seen.header("webhook-signature") is None
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://169.254.169.254/latest/meta-data/",
+        "http://[::ffff:169.254.169.254]/",
+        "http://metadata.test/computeMetadata/v1/",
+        "http://[fe80::1]:8080/hook",
+        "http://0.0.0.0:9000/hook",
+        "ftp://example.com/hook",
+        "not a url",
+    ],
+)
+async def test_a_forbidden_callback_url_is_refused_and_nothing_is_queued(nats_server: EmbeddedNats, url: str) -> None:
+    stack = await start_stack(
+        nats_server, worker=False, overrides={"callbacks": {"hosts": {"metadata.test": "169.254.169.254"}}}
+    )
+    try:
+        await stack.register("echo")
+        openfaas = await stack.client.post("/async-function/echo", content=b"x", headers={"X-Callback-Url": url})
+        fal = await stack.client.post("/queue/echo", params={"fal_webhook": url}, json={})
+        stats = (await stack.client.get("/system/functions/echo")).json()["stats"]
+    finally:
+        await stack.close()
+
+    assert (openfaas.status_code, fal.status_code) == (422, 422)
+    assert "callback URL" in openfaas.json()["detail"]
+    assert sum(stats["waiting"].values()) == 0, "nothing was queued"
+
+
+async def test_deny_private_refuses_loopback_found_through_dns(nats_server: EmbeddedNats) -> None:
+    stack = await start_stack(nats_server, worker=False, overrides={"callbacks": {"deny_private": True}})
+    try:
+        await stack.register("echo")
+        by_name = await stack.client.post("/async-function/echo", headers={"X-Callback-Url": "http://localhost:9/hook"})
+        private = await stack.client.post("/async-function/echo", headers={"X-Callback-Url": "http://10.1.2.3/"})
+    finally:
+        await stack.close()
+
+    assert by_name.status_code == 422
+    assert "127.0.0.1" in by_name.json()["detail"] or "::1" in by_name.json()["detail"]
+    assert private.status_code == 422
+
+
+async def test_delivery_connects_to_the_checked_address_keeping_the_host(nats_server: EmbeddedNats) -> None:
+    stack = await start_stack(nats_server, overrides={"callbacks": {"hosts": {"receiver.test": "127.0.0.1"}}})
+    try:
+        await stack.register("echo")
+        port = stack.receiver_server.port
+        await stack.submit("echo", headers={"X-Callback-Url": f"http://receiver.test:{port}/hook"})
+        [seen] = await stack.receiver.wait_for("/hook")
+    finally:
+        await stack.close()
+
+    assert seen.header("host") == f"receiver.test:{port}"
+
+
+async def test_redeliver_sends_the_callbacks_again(stack: Stack) -> None:
+    await stack.register("echo")
+    request_id = await stack.submit("echo", content=b"twice", headers={"X-Callback-Url": stack.callback_url("/hook")})
+    await _wait_for_callback_state(stack, "echo", request_id, "delivered")
+
+    response = await stack.client.post(f"/queue/echo/requests/{request_id}/callback/redeliver")
+    first, second = await stack.receiver.wait_for("/hook", 2)
+    again = await _wait_for_callback_state(stack, "echo", request_id, "delivered")
+
+    assert response.status_code == 202
+    assert response.headers["x-request-id"] == request_id
+    assert response.json()["callbacks"][0]["state"] == "pending"
+    assert first.body == second.body == b"twice"
+    assert again["attempts"] == 2
+
+
+async def test_redeliver_needs_a_completed_request_with_a_callback(stack: Stack) -> None:
+    await stack.register("echo")
+    plain = await stack.submit("echo")
+    await stack.wait_for_status("echo", plain)
+    running = await stack.occupy()
+
+    without = await stack.client.post(f"/queue/echo/requests/{plain}/callback/redeliver")
+    unfinished = await stack.client.post(f"/queue/busy/requests/{running}/callback/redeliver")
+    unknown = await stack.client.post("/queue/echo/requests/00000000-0000-4000-8000-000000000000/callback/redeliver")
+    stack.functions.release("/busy")
+
+    assert (without.status_code, without.json()["detail"]) == (400, "the request has no callback URL")
+    assert (unfinished.status_code, unfinished.json()["status"]) == (400, "IN_PROGRESS")
+    assert unknown.status_code == 404
