@@ -10,7 +10,7 @@ import orjson
 import pytest
 
 from jetspool.domain import names
-from jetspool.domain.schemas import generate, render
+from jetspool.domain.schemas import ASYNCAPI_FILE, asyncapi, generate, render
 from jetspool.jetstream.connection import connect
 from jetspool.settings import NatsSettings
 from tests.support.servers import Reply
@@ -29,6 +29,18 @@ def test_committed_schema_matches_the_wire_type(filename: str, schema: dict[str,
 
 def test_every_committed_schema_is_generated() -> None:
     assert sorted(p.name for p in SCHEMAS.glob("*.schema.json")) == sorted(generate())
+
+
+def test_the_asyncapi_document_is_generated_and_refers_to_committed_schemas() -> None:
+    document = asyncapi()
+    assert (SCHEMAS / ASYNCAPI_FILE).read_bytes() == render(document), "regenerate: python -m jetspool.domain.schemas"
+    for message in document["components"]["messages"].values():
+        assert (SCHEMAS / message["payload"]["$ref"]).exists()
+    addresses = {channel["address"] for channel in document["channels"].values()}
+    assert names.queue_subject("{function}", "high").replace("high", "{priority}") in addresses
+    assert names.event_subject("{function}", "queued").replace("queued", "{type}") in addresses
+    assert names.callback_subject("{kind}") in addresses
+    assert {names.DEADLINE_SUBJECT, names.SWEEP_SUBJECT} <= addresses
 
 
 def _status_key(request_id: str) -> tuple[str, str]:
@@ -68,3 +80,32 @@ async def test_real_payloads_validate_against_the_schemas(stack_without_worker: 
     _validate("function.schema.json", function.data or b"")
     _validate("callback-job.schema.json", job.data or b"")
     assert orjson.loads(done_status.data or b"")["status"] == "COMPLETED"
+
+
+async def test_status_objects_and_webhooks_validate_against_the_schemas(stack: Stack) -> None:
+    await stack.register("echo")
+    running = await stack.occupy()
+    waiting = await stack.client.post("/queue/busy", json={}, params={"fal_webhook": stack.callback_url("/fal")})
+    waiting_id = waiting.json()["request_id"]
+    in_queue = await stack.client.get(f"/queue/busy/requests/{waiting_id}/status", params={"logs": "1"})
+    in_progress = await stack.client.get(f"/queue/busy/requests/{running}/status")
+    stack.functions.script("/echo", [Reply(500, b"not json")])
+    failed_id = await stack.submit("echo", headers={"X-Callback-Url": stack.callback_url("/hook")})
+    await stack.wait_for_status("echo", failed_id)
+    stack.functions.release("/busy", 2)
+    await stack.wait_for_status("busy", waiting_id)
+    [webhook] = await stack.receiver.wait_for("/fal")
+    done = await stack.client.get(f"/queue/busy/requests/{waiting_id}/status", params={"logs": "1"})
+    failed = await stack.client.get(f"/queue/echo/requests/{failed_id}/status")
+    async with stack.client.stream("GET", f"/queue/busy/requests/{waiting_id}/status/stream") as sse:
+        data = [line.removeprefix("data: ") async for line in sse.aiter_lines() if line.startswith("data: ")]
+
+    assert in_queue.json()["status"] == "IN_QUEUE"
+    assert "queue_position" in in_queue.json()
+    assert in_progress.json()["status"] == "IN_PROGRESS"
+    assert failed.json()["error_type"] == "function_error"
+    for response in (in_queue, in_progress, done, failed):
+        _validate("status-object.schema.json", response.content)
+    for event in data:
+        _validate("status-object.schema.json", event.encode())
+    _validate("fal-webhook.schema.json", webhook.body)

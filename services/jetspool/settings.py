@@ -133,6 +133,15 @@ class CallbackSettings(_Section, frozen=True, kw_only=True):
                 raise ValueError(f"hosts.{name} must be an IP address, got {address!r}") from exc
 
 
+class EventSettings(_Section, frozen=True, kw_only=True):
+    max_age: _Positive = 7 * 86400.0
+    """Seconds the events stream keeps an event for subscribers to replay."""
+    max_bytes: Annotated[int, msgspec.Meta(ge=-1)] = -1
+    """Size cap of the events stream (oldest events go first); -1: no cap."""
+    inline_result_limit: Annotated[int, msgspec.Meta(ge=0)] = 64 * 1024
+    """A function's JSON output up to this many bytes rides in its succeeded/failed event as `result`."""
+
+
 class Settings(_Section, frozen=True, kw_only=True):
     nats: NatsSettings = msgspec.field(default_factory=NatsSettings)
     gateway: GatewaySettings = msgspec.field(default_factory=GatewaySettings)
@@ -140,6 +149,7 @@ class Settings(_Section, frozen=True, kw_only=True):
     worker: WorkerSettings = msgspec.field(default_factory=WorkerSettings)
     retry: RetrySettings = msgspec.field(default_factory=RetrySettings)
     callbacks: CallbackSettings = msgspec.field(default_factory=CallbackSettings)
+    events: EventSettings = msgspec.field(default_factory=EventSettings)
     functions: list[Function] = msgspec.field(default_factory=list)
 
     def __post_init__(self) -> None:

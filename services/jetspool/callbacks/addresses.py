@@ -23,6 +23,8 @@ from jetspool.domain.errors import InvalidInput
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
+    from jetspool.settings import CallbackSettings
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 _METADATA: Final = frozenset(
@@ -69,6 +71,10 @@ class AddressPolicy:
     def __init__(self, *, deny_private: bool, hosts: Mapping[str, str]) -> None:
         self._deny_private = deny_private
         self._hosts = {name.lower(): ipaddress.ip_address(address) for name, address in hosts.items()}
+
+    @classmethod
+    def of(cls, settings: CallbackSettings) -> AddressPolicy:
+        return cls(deny_private=settings.deny_private, hosts=settings.hosts)
 
     async def resolve(self, url: str) -> Destination:
         """The checked destination of `url`; RefusedAddress when it may not be called.

@@ -58,7 +58,7 @@ class CallbackDelivery:
         self._settings = settings
         self._http = http
         self._backoff = _as_retry(settings)
-        self._policy = AddressPolicy(deny_private=settings.deny_private, hosts=settings.hosts)
+        self._policy = AddressPolicy.of(settings)
         self._signer = Signer(settings.signing_secret)
         self._rng = random.Random()  # noqa: S311 - jitter, not cryptography
         self._inflight: set[asyncio.Task[None]] = set()

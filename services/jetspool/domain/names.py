@@ -31,6 +31,11 @@ DEADLINE_SUBJECT: Final = "jetspool.timers.deadline"
 SWEEP_SUBJECT: Final = "jetspool.timers.sweep"
 TIMER_CONSUMER: Final = "jetspool-timers"
 
+EVENT_STREAM: Final = "JETSPOOL_EVENTS"
+EVENT_SUBJECTS: Final = "jetspool.events.>"
+EventType = Literal["queued", "started", "retrying", "succeeded", "failed", "cancelled"]
+EVENT_TYPES: Final[tuple[EventType, ...]] = ("queued", "started", "retrying", "succeeded", "failed", "cancelled")
+
 COUNTER_STREAM: Final = "JETSPOOL_COUNTERS"
 COUNTER_SUBJECTS: Final = "jetspool.counters.>"
 
@@ -76,6 +81,11 @@ def cancel_subject(function: str) -> str:
 def callback_subject(kind: str) -> str:
     """Subject a pending callback delivery of `kind` (openfaas, fal) is stored on."""
     return f"jetspool.callbacks.{kind}"
+
+
+def event_subject(function: str, event: EventType) -> str:
+    """Subject every status change of a request of `function` is published on (SPEC §6)."""
+    return f"jetspool.events.{function}.{event}"
 
 
 def counter_subject(function: str, counter: str) -> str:

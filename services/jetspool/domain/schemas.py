@@ -2,7 +2,7 @@
 
 `schemas/` holds the committed output; `tests/test_schemas.py` fails when it and the types drift
 apart, and validates real payloads captured from a running stack against it.
-Regenerate with `python -m jetspool.domain.schemas schemas/`.
+`asyncapi.json` describes the NATS subjects. Regenerate with `python -m jetspool.domain.schemas schemas/`.
 """
 
 from __future__ import annotations
@@ -13,11 +13,14 @@ from typing import Any, Final
 
 import msgspec
 
+from jetspool import __version__
 from jetspool.domain.functions import Function
 from jetspool.domain.messages import CallbackJob, DeadlineJob, LogLine, QueuedRequest, SweepJob
 from jetspool.domain.names import (
     CALLBACK_STREAM,
     DEADLINE_SUBJECT,
+    EVENT_STREAM,
+    EVENT_TYPES,
     FUNCTIONS_BUCKET,
     LOG_STREAM,
     QUEUE_STREAM,
@@ -26,7 +29,9 @@ from jetspool.domain.names import (
     TIMER_STREAM,
 )
 from jetspool.domain.status import StatusRecord
+from jetspool.domain.views import FalWebhook, StatusEvent, StatusObject
 
+ASYNCAPI_FILE: Final = "asyncapi.json"
 WIRE_TYPES: Final[dict[str, tuple[type, str]]] = {
     "queue-request": (QueuedRequest, f"message on stream {QUEUE_STREAM}, subject jetspool.queue.<function>.<priority>"),
     "callback-job": (CallbackJob, f"message on stream {CALLBACK_STREAM}, subject jetspool.callbacks.<kind>"),
@@ -35,7 +40,90 @@ WIRE_TYPES: Final[dict[str, tuple[type, str]]] = {
     "log-line": (LogLine, f"message on stream {LOG_STREAM}, subject jetspool.logs.<request id>"),
     "status-record": (StatusRecord, f"value in KV bucket {STATUS_BUCKET}, key <request id>"),
     "function": (Function, f"value in KV bucket {FUNCTIONS_BUCKET}, key <function name>"),
+    "status-object": (StatusObject, "body of the status route, data of its SSE events, and an event's status"),
+    "fal-webhook": (FalWebhook, "body POSTed to a fal webhook (?fal_webhook=)"),
+    "status-event": (StatusEvent, f"message on stream {EVENT_STREAM}, subject jetspool.events.<function>.<type>"),
 }
+
+
+def _channel(address: str, message: str, description: str, **parameters: str) -> dict[str, Any]:
+    return {
+        "address": address,
+        "description": description,
+        "parameters": {name: {"description": text} for name, text in parameters.items()},
+        "messages": {message: {"$ref": f"#/components/messages/{message}"}},
+    }
+
+
+def asyncapi() -> dict[str, Any]:
+    """The AsyncAPI 3.0 document of jetspool's NATS subjects, payloads referring to the schemas."""
+    messages = {
+        "queueRequest": "queue-request",
+        "callbackJob": "callback-job",
+        "deadlineJob": "deadline-job",
+        "sweepJob": "sweep-job",
+        "logLine": "log-line",
+        "statusRecord": "status-record",
+        "statusEvent": "status-event",
+    }
+    channels = {
+        "queue": _channel(
+            "jetspool.queue.{function}.{priority}",
+            "queueRequest",
+            f"Requests waiting for a worker (stream {QUEUE_STREAM}, WorkQueue).",
+            function="function name",
+            priority="high, normal or low",
+        ),
+        "events": _channel(
+            "jetspool.events.{function}.{type}",
+            "statusEvent",
+            f"Every status change (stream {EVENT_STREAM}): subscribe to follow, or replay from the stream.",
+            function="function name",
+            type=", ".join(EVENT_TYPES),
+        ),
+        "callbacks": _channel(
+            "jetspool.callbacks.{kind}",
+            "callbackJob",
+            f"Callbacks waiting for delivery (stream {CALLBACK_STREAM}, WorkQueue).",
+            kind="openfaas or fal",
+        ),
+        "deadlines": _channel(DEADLINE_SUBJECT, "deadlineJob", f"Start deadlines (stream {TIMER_STREAM}).")
+        | {"parameters": {}},
+        "sweeps": _channel(SWEEP_SUBJECT, "sweepJob", f"Object-store sweeps (stream {TIMER_STREAM}).")
+        | {"parameters": {}},
+        "logs": _channel(
+            "jetspool.logs.{request_id}", "logLine", f"Log lines of a request (stream {LOG_STREAM}).", request_id="id"
+        ),
+        "status": _channel(
+            "jetspool.status.{request_id}",
+            "statusRecord",
+            f"Every write of the {STATUS_BUCKET} bucket, republished (core NATS).",
+            request_id="request id",
+        ),
+    }
+    return {
+        "asyncapi": "3.0.0",
+        "info": {
+            "title": "jetspool",
+            "version": __version__,
+            "description": "NATS subjects of jetspool. Payloads are JSON; their schemas are the files beside this one.",
+        },
+        "defaultContentType": "application/json",
+        "channels": channels,
+        "operations": {
+            "followEvents": {
+                "action": "receive",
+                "channel": {"$ref": "#/channels/events"},
+                "summary": "Subscribe to status changes (succeeded, failed, ...) of requests.",
+            },
+        },
+        "components": {
+            "messages": {
+                message: {"name": message, "payload": {"$ref": f"{schema}.schema.json"}}
+                for message, schema in messages.items()
+            },
+        },
+    }
 
 
 def generate() -> dict[str, dict[str, Any]]:
@@ -60,6 +148,7 @@ def main(argv: list[str]) -> int:
     target.mkdir(parents=True, exist_ok=True)
     for filename, schema in generate().items():
         (target / filename).write_bytes(render(schema))
+    (target / ASYNCAPI_FILE).write_bytes(render(asyncapi()))
     return 0
 
 

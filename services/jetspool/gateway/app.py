@@ -28,6 +28,7 @@ from jetspool.gateway.routes import function, logs, openfaas, queue, system
 from jetspool.gateway.state import Gateway
 from jetspool.jetstream.callbacks import CallbackQueue
 from jetspool.jetstream.cancel import Canceller
+from jetspool.jetstream.events import EventLog
 from jetspool.jetstream.idempotency import IdempotencyKeys
 from jetspool.jetstream.logs import RequestLogs
 from jetspool.jetstream.positions import QueuePositions
@@ -126,15 +127,17 @@ def _wire(
     queue = RequestQueue(conn, stores.blobs)
     retention = Retention(conn.js, stores.envelopes, stores.blobs)
     callbacks = CallbackQueue(conn.js)
+    events = EventLog(conn.js, settings.gateway.base_url, settings.events.inline_result_limit)
     return Gateway(
         settings=settings,
         conn=conn,
         intake=Intake(
-            status,
-            queue,
-            positions,
-            IdempotencyKeys(stores.idempotency, status),
-            AddressPolicy(deny_private=settings.callbacks.deny_private, hosts=settings.callbacks.hosts),
+            status=status,
+            queue=queue,
+            positions=positions,
+            keys=IdempotencyKeys(stores.idempotency, status),
+            addresses=AddressPolicy.of(settings.callbacks),
+            events=events,
         ),
         status=status,
         results=ResultStore(conn.js, stores.results, stores.blobs, retention, conn.inline_limit),
@@ -142,8 +145,8 @@ def _wire(
         view=view,
         stats=StatsReader(conn.js),
         positions=positions,
-        canceller=Canceller(conn, status, callbacks, retention),
-        retrier=Retrier(status, retention, queue),
+        canceller=Canceller(conn, status, callbacks, retention, events),
+        retrier=Retrier(status, retention, queue, events),
         callbacks=callbacks,
         feed=feed,
         http=http,

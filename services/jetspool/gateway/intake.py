@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from litestar import Request
 
     from jetspool.callbacks.addresses import AddressPolicy
+    from jetspool.jetstream.events import EventLog
     from jetspool.jetstream.idempotency import IdempotencyKeys
     from jetspool.jetstream.positions import QueuePositions
     from jetspool.jetstream.queue import RequestQueue
@@ -182,17 +183,20 @@ def _priority(request: Request[Any, Any, Any]) -> names.Priority:
 class Intake:
     def __init__(
         self,
+        *,
         status: StatusStore,
         queue: RequestQueue,
         positions: QueuePositions,
         keys: IdempotencyKeys,
         addresses: AddressPolicy,
+        events: EventLog,
     ) -> None:
         self._status = status
         self._queue = queue
         self._positions = positions
         self._keys = keys
         self._addresses = addresses
+        self._events = events
 
     async def submit(self, submission: Submission) -> StatusRecord:
         """Queue the request, then record its status; returns once both are durable in JetStream.
@@ -240,6 +244,7 @@ class Intake:
             raise Unavailable(f"the queue is unavailable: {exc}") from exc
         record = StatusRecord.waiting(request, seq)
         await self._record_status(record)
+        await self._events.publish(record)
         if deadline is not None:
             await self._queue.set_deadline(
                 DeadlineJob(request_id=request.request_id, function=request.function, due_at=deadline)

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from jetspool.domain.status import StatusRecord
     from jetspool.jetstream.callbacks import CallbackQueue
     from jetspool.jetstream.connection import Nats
+    from jetspool.jetstream.events import EventLog
     from jetspool.jetstream.retention import Retention
     from jetspool.jetstream.status_store import StatusStore, Versioned
 
@@ -56,11 +57,14 @@ _ERRORS = {
 
 
 class Canceller:
-    def __init__(self, conn: Nats, status: StatusStore, callbacks: CallbackQueue, retention: Retention) -> None:
+    def __init__(
+        self, conn: Nats, status: StatusStore, callbacks: CallbackQueue, retention: Retention, events: EventLog
+    ) -> None:
         self._conn = conn
         self._status = status
         self._callbacks = callbacks
         self._retention = retention
+        self._events = events
 
     async def expire(self, current: Versioned, function: Function | None) -> bool:
         """Complete a request still waiting at its start deadline as `request_timeout`; whether it did."""
@@ -111,6 +115,7 @@ class Canceller:
             if running:
                 await self._conn.nc.publish(names.cancel_subject(record.function), record.request_id.encode())
                 return CancelOutcome.SIGNALLED
+            await self._events.publish(changed)
             await self._withdraw(changed, ttl_s)
             await count_outcome(self._conn.nc, record.function, failed=True)
             # The queue changed only now: positions behind it move up, and watchers recompute them.

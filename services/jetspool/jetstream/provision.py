@@ -17,6 +17,7 @@ from nats.js.errors import APIError, NotFoundError
 from jetspool.domain import names
 from jetspool.domain.errors import ConfigError
 from jetspool.jetstream.logs import MAX_LINES as MAX_LOG_LINES
+from jetspool.settings import EventSettings
 
 if TYPE_CHECKING:
     from nats.js.client import JetStreamContext
@@ -48,9 +49,10 @@ class Stores:
     blobs: ObjectStore
 
 
-async def provision(conn: Nats, replicas: int) -> Stores:
+async def provision(conn: Nats, replicas: int, events: EventSettings | None = None) -> Stores:
     """Create or reconcile every stream and bucket jetspool uses; return handles on the buckets."""
     js = conn.js
+    await ensure_stream(js, _event_stream(replicas, events or EventSettings()))
     await ensure_stream(js, _queue_stream(replicas))
     await ensure_stream(js, _callback_stream(replicas))
     await ensure_stream(js, _timer_stream(replicas))
@@ -161,6 +163,20 @@ def _work_queue_stream(
         num_replicas=replicas,
         duplicate_window=_DUPLICATE_WINDOW_S,
         allow_direct=allow_direct,
+    )
+
+
+def _event_stream(replicas: int, settings: EventSettings) -> api.StreamConfig:
+    return api.StreamConfig(
+        name=names.EVENT_STREAM,
+        description="jetspool: every status change of every request, for subscribers to follow and replay",
+        subjects=[names.EVENT_SUBJECTS],
+        storage=api.StorageType.FILE,
+        num_replicas=replicas,
+        max_age=settings.max_age,
+        max_bytes=settings.max_bytes,
+        duplicate_window=_DUPLICATE_WINDOW_S,
+        allow_direct=True,
     )
 
 

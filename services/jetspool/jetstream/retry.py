@@ -30,6 +30,7 @@ from jetspool.jetstream.status_store import StaleStatus, Versioned
 if TYPE_CHECKING:
     from datetime import datetime
 
+    from jetspool.jetstream.events import EventLog
     from jetspool.jetstream.queue import RequestQueue
     from jetspool.jetstream.retention import Retention
     from jetspool.jetstream.status_store import StatusStore
@@ -51,10 +52,11 @@ class RetryAnswer:
 
 
 class Retrier:
-    def __init__(self, status: StatusStore, retention: Retention, queue: RequestQueue) -> None:
+    def __init__(self, status: StatusStore, retention: Retention, queue: RequestQueue, events: EventLog) -> None:
         self._status = status
         self._retention = retention
         self._queue = queue
+        self._events = events
 
     async def retry(self, current: Versioned) -> RetryAnswer:
         """Re-queue the request `current` describes, if it ended in an error or was cancelled."""
@@ -80,6 +82,7 @@ class Retrier:
                     return RetryAnswer(self._refusal(reread) or RetryOutcome.UNFINISHED, reread)
                 current = reread  # changed in another way (e.g. callback state): apply to the new revision
                 continue
+            await self._events.publish(record)
             if request.start_deadline is not None:
                 job = DeadlineJob(
                     request_id=request.request_id, function=request.function, due_at=request.start_deadline, retry=run

@@ -24,7 +24,7 @@ async def open_jetstream(
     write the config file's functions (and `extra_functions`) to the registry with their consumers."""
     conn = await connect(settings.nats, name)
     started.push_async_callback(conn.close)
-    stores = await provision(conn, settings.nats.replicas)
+    stores = await provision(conn, settings.nats.replicas, settings.events)
     registry = FunctionRegistry(stores.functions)
     for function in [*settings.functions, *extra_functions]:
         await registry.ensure(function)

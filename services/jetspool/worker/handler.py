@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from jetspool.domain.functions import Function
     from jetspool.jetstream.callbacks import CallbackQueue
     from jetspool.jetstream.connection import Nats
+    from jetspool.jetstream.events import EventLog
     from jetspool.jetstream.logs import RequestLogs
     from jetspool.jetstream.queue import RequestQueue
     from jetspool.jetstream.registry import RegistryView
@@ -108,6 +109,7 @@ class Services:
     callbacks: CallbackQueue
     logs: RequestLogs
     retention: Retention
+    events: EventLog
     base_url: str
     """The gateway's public base URL, for the X-Logs-Url handed to functions."""
 
@@ -184,6 +186,7 @@ class RequestHandler:
             started = await self._transition(current, lambda r: r.started(attempt, utcnow()))
             if started is None:
                 return ACK  # completed (e.g. cancelled) meanwhile
+            await self._s.events.publish(started.record)
             await self._s.logs.write(request.request_id, f"attempt {attempt} of {allowed} started")
             call.logs_url = self._logs_url(started.record)
             return await self._attempt(msg, request, function, call=call, attempt=attempt, allowed=allowed)
@@ -204,7 +207,9 @@ class RequestHandler:
                 await self._s.logs.write(
                     request.request_id, f"attempt {attempt}: {reason}; retrying in {delay:.1f} s", level="WARN"
                 )
-                await self._update(request, attempt, lambda r: r.requeued(reason))
+                requeued = await self._update(request, attempt, lambda r: r.requeued(reason))
+                if requeued is not None:
+                    await self._s.events.publish(requeued.record)
                 return Settle("nak", delay)
             gave_up = f"gave up after {attempt} attempts: {exc}"
             await self._complete(request, function, None, ErrorType.RUNNER_UNAVAILABLE, gave_up, attempt=attempt)
@@ -320,6 +325,7 @@ class RequestHandler:
         completed = await self._update(request, attempt, complete)
         if completed is None:
             return
+        await self._s.events.publish(completed.record, None if answer is None else answer.body)
         if error_type is None:
             await self._s.retention.release_body(request)
         outcome = "succeeded" if error_type is None else f"failed: {error}"

@@ -13,6 +13,7 @@ from jetspool.callbacks.delivery import CallbackDelivery
 from jetspool.domain import names
 from jetspool.jetstream.callbacks import CallbackQueue
 from jetspool.jetstream.cancel import Canceller
+from jetspool.jetstream.events import EventLog
 from jetspool.jetstream.logs import RequestLogs
 from jetspool.jetstream.provision import ensure_function_consumers
 from jetspool.jetstream.queue import RequestQueue
@@ -85,6 +86,7 @@ async def run(settings: Settings, stop: asyncio.Event, ready: asyncio.Event | No
         )
         status = StatusStore(conn.js, stores.status)
         retention = Retention(conn.js, stores.envelopes, stores.blobs)
+        events = EventLog(conn.js, settings.gateway.base_url, settings.events.inline_result_limit)
         results = ResultStore(conn.js, stores.results, stores.blobs, retention, conn.inline_limit)
         view = RegistryView(stores.functions)
         queue = RequestQueue(conn, stores.blobs)
@@ -98,6 +100,7 @@ async def run(settings: Settings, stop: asyncio.Event, ready: asyncio.Event | No
             CallbackQueue(conn.js),
             RequestLogs(conn),
             retention,
+            events,
             settings.gateway.base_url,
         )
         handler = RequestHandler(services, settings.worker, settings.retry)
@@ -110,7 +113,7 @@ async def run(settings: Settings, stop: asyncio.Event, ready: asyncio.Event | No
         callbacks = CallbackDelivery(conn.js, status, results, settings.callbacks, http)
         await callbacks.start()
         started.push_async_callback(callbacks.stop, settings.worker.shutdown_grace)
-        canceller = Canceller(conn, status, CallbackQueue(conn.js), retention)
+        canceller = Canceller(conn, status, CallbackQueue(conn.js), retention, events)
         timers = Timers(conn.js, status, canceller, view, retention)
         await timers.start()
         started.push_async_callback(timers.stop)

@@ -1,0 +1,80 @@
+"""Status-change events (SPEC §6): every change of a request's status, published on
+`jetspool.events.<function>.<type>` into the `JETSPOOL_EVENTS` stream, which subscribers can
+follow live or replay (kept for `events.max_age`).
+
+Payload: `{"v": 1, "type", "function", "request_id", "at", "status": <status object>,
+"result": <the function's JSON output, when small>}`. Each event is published after the status
+write it describes; its message id (request, type, attempt, run) makes a repeat after a crash
+harmless within the duplicate window.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from nats.errors import Error as NatsError
+
+from jetspool.domain import names
+from jetspool.domain.status import ErrorType, State, public_status, utcnow
+
+if TYPE_CHECKING:
+    from nats.js.client import JetStreamContext
+
+    from jetspool.domain.status import StatusRecord
+
+log = logging.getLogger(__name__)
+
+EVENT_VERSION = 1
+
+
+def event_type(record: StatusRecord) -> names.EventType:
+    """The event a record that was just written stands for."""
+    if record.status is State.IN_QUEUE:
+        return "retrying" if record.attempts > record.attempt_base else "queued"
+    if record.status is State.IN_PROGRESS:
+        return "started"
+    if record.error_type is None:
+        return "succeeded"
+    return "cancelled" if record.error_type is ErrorType.CANCELLED else "failed"
+
+
+class EventLog:
+    def __init__(self, js: JetStreamContext, base_url: str, inline_result_limit: int) -> None:
+        self._js = js
+        self._base_url = base_url
+        self._inline_limit = inline_result_limit
+
+    async def publish(self, record: StatusRecord, output: bytes | None = None) -> None:
+        """Publish the event of `record`, just written; `output`: the function's response body.
+
+        A failure is logged, not raised: the status write it follows stands either way."""
+        kind = event_type(record)
+        event: dict[str, Any] = {
+            "v": EVENT_VERSION,
+            "type": kind,
+            "function": record.function,
+            "request_id": record.request_id,
+            "at": utcnow().isoformat().replace("+00:00", "Z"),
+            "status": public_status(record, self._base_url),
+        }
+        result = self._inline(output)
+        if result is not None:
+            event["result"] = result
+        msg_id = f"{record.request_id}.{kind}.{record.attempts}.{record.retries}"
+        try:
+            await self._js.publish(
+                names.event_subject(record.function, kind), orjson.dumps(event), headers={names.NATS_MSG_ID: msg_id}
+            )
+        except (NatsError, TimeoutError):
+            log.warning("could not publish the %s event of %s", kind, record.request_id, exc_info=True)
+
+    def _inline(self, output: bytes | None) -> Any:
+        """The output as JSON when it is JSON and small enough; None otherwise."""
+        if not output or len(output) > self._inline_limit:
+            return None
+        try:
+            return orjson.loads(output)
+        except orjson.JSONDecodeError:
+            return None
