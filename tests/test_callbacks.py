@@ -255,3 +255,31 @@ async def test_redeliver_needs_a_completed_request_with_a_callback(stack: Stack)
     assert (without.status_code, without.json()["detail"]) == (400, "the request has no callback URL")
     assert (unfinished.status_code, unfinished.json()["status"]) == (400, "IN_PROGRESS")
     assert unknown.status_code == 404
+
+
+async def test_a_receivers_retry_after_sets_the_wait(stack: Stack) -> None:
+    await stack.register("echo")
+    stack.receiver.script("/hook", [Reply(503, b"later", headers=(("Retry-After", "1"),))])
+    request_id = await stack.submit("echo", headers={"X-Callback-Url": stack.callback_url("/hook")})
+
+    first, second = await stack.receiver.wait_for("/hook", 2)
+    delivered = await _wait_for_callback_state(stack, "echo", request_id, "delivered")
+
+    assert second.at - first.at >= 1.0, "waited as the receiver asked, not the 0.05 s backoff"
+    assert delivered["attempts"] == 2
+
+
+async def test_a_redirect_is_not_followed(nats_server: EmbeddedNats) -> None:
+    stack = await start_stack(nats_server, overrides={"callbacks": {"max_attempts": 2}})
+    try:
+        await stack.register("echo")
+        moved = Reply(302, b"", headers=(("Location", stack.callback_url("/elsewhere")),))
+        stack.receiver.script("/hook", [moved, moved])
+        request_id = await stack.submit("echo", headers={"X-Callback-Url": stack.callback_url("/hook")})
+
+        failed = await _wait_for_callback_state(stack, "echo", request_id, "failed")
+    finally:
+        await stack.close()
+
+    assert (failed["attempts"], failed["last_status"]) == (2, 302)
+    assert stack.receiver.on("/elsewhere") == []
