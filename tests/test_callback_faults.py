@@ -3,43 +3,19 @@ between the request's completion and the callback's delivery."""
 
 from __future__ import annotations
 
-import os
-import signal
 from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
 import yaml
 
-from tests.support.processes import JetspoolProcess
-from tests.support.servers import AsgiServer, RecordingApp, eventually_true, free_port
+from tests.support.processes import sigkill, start_part
+from tests.support.servers import AsgiServer, RecordingApp, eventually_true, free_port, wait_until_ready
 
 if TYPE_CHECKING:
     from pathlib import Path
 
     from jetspool.embedded import EmbeddedNats
-
-
-def _kill(process: JetspoolProcess) -> None:
-    os.kill(process.process.pid, signal.SIGKILL)
-    process.wait(10)
-
-
-def _start(kind: str, config: Path, nats_url: str, port: int) -> JetspoolProcess:
-    args = [kind, "--config", str(config), "--nats-url", nats_url]
-    return JetspoolProcess([*args, "--port", str(port)] if kind == "gateway" else args)
-
-
-async def _wait_ready(url: str) -> None:
-    async with httpx.AsyncClient(base_url=url, timeout=1) as client:
-
-        async def ready() -> bool:
-            try:
-                return (await client.get("/readyz")).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        await eventually_true(ready, timeout_s=30, interval_s=0.1)
 
 
 @pytest.mark.timeout(150)
@@ -61,9 +37,9 @@ async def test_a_pending_callback_arrives_after_gateway_and_worker_were_killed(
     config.write_text(yaml.safe_dump(settings), encoding="utf-8")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    processes = [_start("gateway", config, nats_server.url, port), _start("worker", config, nats_server.url, port)]
+    processes = [start_part("gateway", config, nats_server.url, port), start_part("worker", config, nats_server.url)]
     try:
-        await _wait_ready(url)
+        await wait_until_ready(url)
         async with httpx.AsyncClient(base_url=url, timeout=10) as client:
             hook = f"http://127.0.0.1:{receiver_port}/hook"
             submitted = await client.post("/async-function/echo", content=b"outlive", headers={"X-Callback-Url": hook})
@@ -75,10 +51,13 @@ async def test_a_pending_callback_arrives_after_gateway_and_worker_were_killed(
 
             await eventually_true(completed_and_refused, timeout_s=30)
         for process in processes:
-            _kill(process)
+            sigkill(process)
         await receiver_server.start()
-        processes = [_start("gateway", config, nats_server.url, port), _start("worker", config, nats_server.url, port)]
-        await _wait_ready(url)
+        processes = [
+            start_part("gateway", config, nats_server.url, port),
+            start_part("worker", config, nats_server.url),
+        ]
+        await wait_until_ready(url)
         # A job in flight at the kill comes back after the callback consumer's ack wait (60 s).
         [seen] = await receiver.wait_for("/hook", timeout_s=90)
         async with httpx.AsyncClient(base_url=url, timeout=10) as client:

@@ -10,7 +10,10 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 _PROC = Path("/proc")
 
@@ -68,15 +71,24 @@ class JetspoolProcess:
 
     def wait_for_line(self, prefix: str, timeout_s: float = 60.0) -> str:
         """The first output line starting with `prefix`; fails if the process ends or time runs out."""
+        return self._wait_for(lambda line: line.startswith(prefix), f"starting {prefix!r}", timeout_s)
+
+    def wait_for_text(self, text: str, timeout_s: float = 60.0) -> str:
+        """The first output line (from now on) containing `text`; fails if the process ends or time runs out.
+
+        It blocks: from a test's event loop, call it through `asyncio.to_thread`."""
+        return self._wait_for(lambda line: text in line, f"with {text!r}", timeout_s)
+
+    def _wait_for(self, match: Callable[[str], bool], what: str, timeout_s: float) -> str:
         while True:
             try:
                 line = self._queue.get(timeout=timeout_s)
             except queue.Empty:
-                raise TimeoutError(f"no line starting {prefix!r}; output so far:\n{self.output}") from None
+                raise TimeoutError(f"no line {what}; output so far:\n{self.output}") from None
             if line is None:
-                raise RuntimeError(f"process ended before {prefix!r}; output:\n{self.output}")
+                raise RuntimeError(f"process ended before a line {what}; output:\n{self.output}")
             self.lines.append(line)
-            if line.startswith(prefix):
+            if match(line):
                 return line.strip()
 
     @property
@@ -110,3 +122,17 @@ class JetspoolProcess:
                 os.kill(pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.wait(10)
+
+
+def start_part(kind: str, config: Path, nats_url: str, port: int | None = None, **env: str) -> JetspoolProcess:
+    """`jetspool gateway` (on `port`) or `jetspool worker`, with `config` and `nats_url`."""
+    args = [kind, "--config", str(config), "--nats-url", nats_url]
+    if port is not None:
+        args += ["--port", str(port)]
+    return JetspoolProcess(args, env=env or None)
+
+
+def sigkill(process: JetspoolProcess) -> None:
+    """Kill the process at once, as a crash would, and reap it."""
+    os.kill(process.process.pid, signal.SIGKILL)
+    process.wait(10)

@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import httpx
 import uvicorn
 
 if TYPE_CHECKING:
@@ -194,3 +195,16 @@ async def eventually_true(
             if await check():
                 return
             await asyncio.sleep(interval_s)
+
+
+async def wait_until_ready(url: str, timeout_s: float = 30.0) -> None:
+    """Wait until the gateway at `url` answers 200 on /readyz (it may not be listening yet)."""
+    async with httpx.AsyncClient(base_url=url, timeout=1) as client:
+
+        async def ready() -> bool:
+            try:
+                return (await client.get("/readyz")).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        await eventually_true(ready, timeout_s=timeout_s, interval_s=0.1)

@@ -16,11 +16,17 @@ if TYPE_CHECKING:
     from nats.aio.client import Client
     from nats.js.client import JetStreamContext
 
+    from jetspool.domain.status import StatusRecord
 
-async def count_outcome(nc: Client, function: str, *, failed: bool) -> None:
-    """Add one to the function's `completed` or `failed` total (wherever a request completes)."""
-    counter = "failed" if failed else "completed"
-    await nc.publish(names.counter_subject(function, counter), b"", headers={names.NATS_INCR: "+1"})
+
+async def count_outcome(nc: Client, record: StatusRecord) -> None:
+    """Add the completed `record` to its function's `completed` or `failed` total.
+
+    Sent without waiting; the message id (request and run) lets whoever finds the request
+    completed after a crash send it again and have it counted once."""
+    counter = "completed" if record.error_type is None else "failed"
+    headers = {names.NATS_INCR: "+1", names.NATS_MSG_ID: f"{record.request_id}.outcome.{record.retries}"}
+    await nc.publish(names.counter_subject(record.function, counter), b"", headers=headers)
 
 
 class StatsReader:

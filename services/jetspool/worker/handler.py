@@ -165,6 +165,8 @@ class RequestHandler:
         if current.record.is_completed:  # a crash may have come between completion and what follows it
             if current.record.error_type is not None:
                 await self._s.retention.keep_for_retry(request, function.result_ttl)
+            await self._s.events.publish(current.record)
+            await count_outcome(self._s.conn.nc, current.record)
             await self._s.callbacks.emit(current.record)
             return ACK
         per_run = 1 if request.no_retry else function.max_attempts
@@ -324,6 +326,11 @@ class RequestHandler:
 
         completed = await self._update(request, attempt, complete)
         if completed is None:
+            log.info(
+                "request %s: outcome of attempt %s dropped; it completed or moved on meanwhile",
+                request.request_id,
+                attempt,
+            )
             return
         await self._s.events.publish(completed.record, None if answer is None else answer.body)
         if error_type is None:
@@ -332,7 +339,7 @@ class RequestHandler:
         await self._s.logs.write(
             request.request_id, f"completed, {outcome}", level="INFO" if error_type is None else "ERROR"
         )
-        await count_outcome(self._s.conn.nc, request.function, failed=error_type is not None)
+        await count_outcome(self._s.conn.nc, completed.record)
         await self._s.callbacks.emit(completed.record)
 
     async def _update(
