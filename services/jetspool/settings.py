@@ -84,7 +84,17 @@ class GatewaySettings(_Section, frozen=True, kw_only=True):
 
 class AuthSettings(_Section, frozen=True, kw_only=True):
     api_keys: list[str] = msgspec.field(default_factory=list)
+    """Keys that may submit and read (`Authorization: Bearer <key>` or `Key <key>`)."""
     admin_keys: list[str] = msgspec.field(default_factory=list)
+    """Keys that may also use `/system/*`."""
+    rate_limit: _Positive | None = None
+    """Requests per second per key (in each gateway process); None: no limit."""
+    rate_burst: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    """Requests a key may make at once before the rate applies; default twice the rate."""
+
+    def __post_init__(self) -> None:
+        if any(not key.strip() or key != key.strip() for key in [*self.api_keys, *self.admin_keys]):
+            raise ValueError("API keys must be non-empty, without surrounding spaces")
 
 
 class WorkerSettings(_Section, frozen=True, kw_only=True):

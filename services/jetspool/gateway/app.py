@@ -22,6 +22,7 @@ from jetspool import __version__
 from jetspool.callbacks.addresses import AddressPolicy
 from jetspool.domain import names
 from jetspool.domain.errors import RequestError
+from jetspool.gateway.auth import KeyGuard
 from jetspool.gateway.feed import StatusFeed
 from jetspool.gateway.intake import Intake
 from jetspool.gateway.routes import function, logs, openfaas, queue, system
@@ -106,6 +107,7 @@ def create_app(settings: Settings) -> Litestar:
             HTTPException: _http_error,
         },
         request_max_body_size=settings.gateway.max_body_size,
+        middleware=[KeyGuard(settings.auth)],
         openapi_config=OpenAPIConfig(title="jetspool", version=__version__, path="/schema"),
         state=State(),
         logging_config=None,
