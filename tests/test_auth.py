@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from tests.support.stack import Stack
 
 USER, ADMIN = "user-key-1", "admin-key-1"
-_OPEN = {"/healthz", "/readyz", "/schema", "/schema/openapi.json"}
+_OPEN = {"/healthz", "/readyz", "/metrics", "/schema", "/schema/openapi.json"}
 
 
 @pytest.fixture
@@ -65,7 +65,7 @@ async def test_every_route_but_the_open_ones_needs_a_key(keyed: Stack) -> None:
 
 async def test_the_open_routes_answer_without_a_key(keyed: Stack) -> None:
     stack = keyed
-    for path in ("/healthz", "/readyz", "/schema/openapi.json"):
+    for path in ("/healthz", "/readyz", "/metrics", "/schema/openapi.json"):
         response = await stack.client.get(path)
         assert response.status_code == 200, path
 

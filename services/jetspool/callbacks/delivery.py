@@ -24,6 +24,7 @@ from jetspool.domain.errors import DecodeError
 from jetspool.domain.messages import CallbackJob, decode
 from jetspool.domain.status import utcnow
 from jetspool.jetstream.pulling import ConnectionGone, fetch
+from jetspool.jetstream.stats import count
 from jetspool.settings import RetrySettings
 from jetspool.worker.handler import ACK, TERM, Settle, settle
 from jetspool.worker.policy import backoff_s, parse_retry_after
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     from nats.js.client import JetStreamContext
 
     from jetspool.domain.status import DeliveryState, StatusRecord
+    from jetspool.jetstream.connection import Nats
     from jetspool.jetstream.results import ResultStore
     from jetspool.jetstream.status_store import StatusStore, Versioned
     from jetspool.settings import CallbackSettings
@@ -46,13 +48,14 @@ _FETCH_TIMEOUT_S = 2.0
 class CallbackDelivery:
     def __init__(
         self,
-        js: JetStreamContext,
+        conn: Nats,
         status: StatusStore,
         results: ResultStore,
         settings: CallbackSettings,
         http: httpx.AsyncClient,
     ) -> None:
-        self._js = js
+        self._js = conn.js
+        self._nc = conn.nc
         self._status = status
         self._results = results
         self._settings = settings
@@ -188,7 +191,9 @@ class CallbackDelivery:
         return Settle("nak", delay)
 
     async def _note(self, current: Versioned, job: CallbackJob, state: DeliveryState, last_status: int | None) -> None:
-        """Record the attempt in the request's status object (for its run only)."""
+        """Record the attempt in the request's status object (for its run only), and count final outcomes."""
+        if state != "pending":
+            await count(self._nc, job.function, "callbacks_delivered" if state == "delivered" else "callbacks_failed")
 
         def attempted(record: StatusRecord) -> StatusRecord | None:
             if record.retries != job.run:

@@ -88,7 +88,18 @@ def event_subject(function: str, event: EventType) -> str:
     return f"jetspool.events.{function}.{event}"
 
 
-def counter_subject(function: str, counter: str) -> str:
+Counter = Literal["completed", "failed", "retried", "cancelled", "callbacks_delivered", "callbacks_failed"]
+COUNTERS: Final[tuple[Counter, ...]] = (
+    "completed",
+    "failed",
+    "retried",
+    "cancelled",
+    "callbacks_delivered",
+    "callbacks_failed",
+)
+
+
+def counter_subject(function: str, counter: Counter) -> str:
     """Subject of a server-side counter (completed, failed) of one function."""
     return f"jetspool.counters.{function}.{counter}"
 

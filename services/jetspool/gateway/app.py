@@ -25,6 +25,7 @@ from jetspool.domain.errors import RequestError
 from jetspool.gateway.auth import KeyGuard
 from jetspool.gateway.feed import StatusFeed
 from jetspool.gateway.intake import Intake
+from jetspool.gateway.metrics import GatewayMetrics
 from jetspool.gateway.routes import function, logs, openfaas, queue, system
 from jetspool.gateway.state import Gateway
 from jetspool.jetstream.callbacks import CallbackQueue
@@ -53,6 +54,8 @@ log = logging.getLogger(__name__)
 
 
 def create_app(settings: Settings) -> Litestar:
+    metrics = GatewayMetrics()
+
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         async with AsyncExitStack() as started:
@@ -66,7 +69,12 @@ def create_app(settings: Settings) -> Litestar:
             http = await started.enter_async_context(
                 httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10.0), follow_redirects=False)
             )
-            app.state.gateway = _wire(settings, conn, stores, registry=registry, view=view, feed=feed, http=http)
+            stats = StatsReader(conn.js)
+            await metrics.start(conn.nc, view, stats)
+            started.push_async_callback(metrics.stop)
+            app.state.gateway = _wire(
+                settings, conn, stores, registry=registry, view=view, feed=feed, http=http, metrics=metrics, stats=stats
+            )
             if not settings.auth.api_keys and not settings.auth.admin_keys:
                 log.warning("no API keys configured: every route is open")
             yield
@@ -96,6 +104,7 @@ def create_app(settings: Settings) -> Litestar:
             system.create_function,
             system.replace_function,
             system.delete_function,
+            system.metrics,
             system.healthz,
             system.readyz,
         ],
@@ -107,7 +116,7 @@ def create_app(settings: Settings) -> Litestar:
             HTTPException: _http_error,
         },
         request_max_body_size=settings.gateway.max_body_size,
-        middleware=[KeyGuard(settings.auth)],
+        middleware=[metrics.timed, KeyGuard(settings.auth)],
         openapi_config=OpenAPIConfig(title="jetspool", version=__version__, path="/schema"),
         state=State(),
         logging_config=None,
@@ -123,6 +132,8 @@ def _wire(
     view: RegistryView,
     feed: StatusFeed,
     http: httpx.AsyncClient,
+    metrics: GatewayMetrics,
+    stats: StatsReader,
 ) -> Gateway:
     status = StatusStore(conn.js, stores.status)
     positions = QueuePositions(conn)
@@ -145,7 +156,7 @@ def _wire(
         results=ResultStore(conn.js, stores.results, stores.blobs, retention, conn.inline_limit),
         registry=registry,
         view=view,
-        stats=StatsReader(conn.js),
+        stats=stats,
         positions=positions,
         canceller=Canceller(conn, status, callbacks, retention, events),
         retrier=Retrier(status, retention, queue, events),
@@ -153,6 +164,7 @@ def _wire(
         feed=feed,
         http=http,
         logs=RequestLogs(conn),
+        metrics=metrics,
     )
 
 

@@ -30,7 +30,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _QUEUE_LIMIT = 64
-_EWMA = 0.2
 
 
 class Watch:
@@ -63,8 +62,6 @@ class StatusFeed:
         self._by_request: dict[str, set[Watch]] = defaultdict(set)
         self._by_function: dict[str, set[Watch]] = defaultdict(set)
         self._subs: list[Subscription] = []
-        self.run_times: dict[str, float] = {}
-        """Per function, a moving average of the seconds its recent requests ran (for eta_seconds)."""
         self.closing = False
         """Set at shutdown: streams end so the server can stop."""
 
@@ -111,11 +108,6 @@ class StatusFeed:
             record = decode_status(msg.data)
         except DecodeError:
             return  # a delete or purge marker, or a record this version cannot read
-        if record.inference_time is not None and record.error_type is None:
-            previous = self.run_times.get(record.function)
-            self.run_times[record.function] = (
-                record.inference_time if previous is None else previous + _EWMA * (record.inference_time - previous)
-            )
         revision = int((msg.headers or {}).get("Nats-Sequence", "0"))
         for watch in self._by_request.get(record.request_id, ()):
             watch.offer(Versioned(record, revision))

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 
     from jetspool.gateway.feed import StatusFeed
     from jetspool.gateway.intake import Intake
+    from jetspool.gateway.metrics import GatewayMetrics
     from jetspool.jetstream.callbacks import CallbackQueue
     from jetspool.jetstream.cancel import Canceller
     from jetspool.jetstream.connection import Nats
@@ -37,6 +38,7 @@ class Gateway:
         "http",
         "intake",
         "logs",
+        "metrics",
         "positions",
         "registry",
         "results",
@@ -65,6 +67,7 @@ class Gateway:
         feed: StatusFeed,
         http: httpx.AsyncClient,
         logs: RequestLogs,
+        metrics: GatewayMetrics,
     ) -> None:
         self.settings = settings
         self.conn = conn
@@ -81,6 +84,7 @@ class Gateway:
         self.feed = feed
         self.http = http
         self.logs = logs
+        self.metrics = metrics
 
     @property
     def base_url(self) -> str:

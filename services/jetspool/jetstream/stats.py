@@ -1,5 +1,6 @@
 """Live queue figures per function: waiting per priority and in progress from the consumers,
-completed and failed totals from server-side counters (one message per counter subject)."""
+totals (completed, failed, retried, cancelled, callbacks delivered and failed) from server-side
+counters, one message per counter subject, bumped with `Nats-Incr`."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import orjson
 from nats.js.errors import NotFoundError
 
 from jetspool.domain import names
+from jetspool.domain.status import ErrorType
 from jetspool.jetstream.positions import consumer_figures
 
 if TYPE_CHECKING:
@@ -19,14 +21,21 @@ if TYPE_CHECKING:
     from jetspool.domain.status import StatusRecord
 
 
-async def count_outcome(nc: Client, record: StatusRecord) -> None:
-    """Add the completed `record` to its function's `completed` or `failed` total.
+async def count(nc: Client, function: str, counter: names.Counter, msg_id: str | None = None) -> None:
+    """Add one to a total of `function`, without waiting (a message id makes a repeat count once)."""
+    headers = {names.NATS_INCR: "+1"} | ({names.NATS_MSG_ID: msg_id} if msg_id else {})
+    await nc.publish(names.counter_subject(function, counter), b"", headers=headers)
 
-    Sent without waiting; the message id (request and run) lets whoever finds the request
-    completed after a crash send it again and have it counted once."""
-    counter = "completed" if record.error_type is None else "failed"
-    headers = {names.NATS_INCR: "+1", names.NATS_MSG_ID: f"{record.request_id}.outcome.{record.retries}"}
-    await nc.publish(names.counter_subject(record.function, counter), b"", headers=headers)
+
+async def count_outcome(nc: Client, record: StatusRecord) -> None:
+    """Add the completed `record` to its function's `completed` or `failed` total (and `cancelled`).
+
+    The message id (request and run) lets whoever finds the request completed after a crash
+    send it again and have it counted once."""
+    outcome = f"{record.request_id}.outcome.{record.retries}"
+    await count(nc, record.function, "completed" if record.error_type is None else "failed", outcome)
+    if record.error_type is ErrorType.CANCELLED:
+        await count(nc, record.function, "cancelled", f"{outcome}.cancelled")
 
 
 class StatsReader:
@@ -45,7 +54,12 @@ class StatsReader:
             "failed": failed,
         }
 
-    async def _counter(self, function: str, counter: str) -> int:
+    async def totals(self, function: str) -> dict[names.Counter, int]:
+        """Every total of `function`."""
+        values = await asyncio.gather(*(self._counter(function, c) for c in names.COUNTERS))
+        return dict(zip(names.COUNTERS, values, strict=True))
+
+    async def _counter(self, function: str, counter: names.Counter) -> int:
         try:
             msg = await self._js.get_msg(
                 names.COUNTER_STREAM, subject=names.counter_subject(function, counter), direct=True

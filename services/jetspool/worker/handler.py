@@ -23,7 +23,7 @@ from jetspool.domain import names
 from jetspool.domain.errors import DecodeError, PermanentDelivery, RetryableDelivery
 from jetspool.domain.messages import QueuedRequest, StoredResult, decode
 from jetspool.domain.status import ErrorType, StatusRecord, utcnow
-from jetspool.jetstream.stats import count_outcome
+from jetspool.jetstream.stats import count, count_outcome
 from jetspool.jetstream.status_store import StaleStatus, StatusStore, Versioned
 from jetspool.worker.invoke import FunctionAnswer, invoke
 from jetspool.worker.policy import backoff_s
@@ -212,6 +212,7 @@ class RequestHandler:
                 requeued = await self._update(request, attempt, lambda r: r.requeued(reason))
                 if requeued is not None:
                     await self._s.events.publish(requeued.record)
+                    await count(self._s.conn.nc, request.function, "retried")
                 return Settle("nak", delay)
             gave_up = f"gave up after {attempt} attempts: {exc}"
             await self._complete(request, function, None, ErrorType.RUNNER_UNAVAILABLE, gave_up, attempt=attempt)

@@ -110,7 +110,7 @@ async def run(settings: Settings, stop: asyncio.Event, ready: asyncio.Event | No
         started.push_async_callback(pool.stop)  # unwinds after view.stop: no runner starts once the pool stopped
         await view.start()
         started.push_async_callback(view.stop)
-        callbacks = CallbackDelivery(conn.js, status, results, settings.callbacks, http)
+        callbacks = CallbackDelivery(conn, status, results, settings.callbacks, http)
         await callbacks.start()
         started.push_async_callback(callbacks.stop, settings.worker.shutdown_grace)
         canceller = Canceller(conn, status, CallbackQueue(conn.js), retention, events)

@@ -272,7 +272,7 @@ async def _view(gateway: Gateway, record: StatusRecord, *, with_logs: bool) -> d
 def _eta_s(gateway: Gateway, function: str, position: int) -> float | None:
     """(position + 1) runs of the recent mean run time, spread over the function's concurrency;
     None until this gateway has seen the function complete something."""
-    mean_s = gateway.feed.run_times.get(function)
+    mean_s = gateway.metrics.run_times.get(function)
     registered = gateway.view.get(function)
     if mean_s is None or registered is None:
         return None

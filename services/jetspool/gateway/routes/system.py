@@ -12,6 +12,7 @@ from jetspool.domain.errors import BadRequest, InvalidInput
 from jetspool.domain.functions import Function
 from jetspool.domain.validation import describe
 from jetspool.gateway.intake import function_for
+from jetspool.gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from jetspool.gateway.state import Gateway, GatewayDep
 from jetspool.jetstream.cancel import purge
 from jetspool.jetstream.provision import ensure_function_consumers
@@ -90,6 +91,12 @@ async def purge_function(gateway: GatewayDep, name: FromPath[str]) -> dict[str, 
     """Drop every waiting request of `name`; each completes as cancelled. Running ones go on."""
     function = function_for(gateway.view, name)
     return {"purged": await purge(gateway.conn, gateway.status, gateway.canceller, function)}
+
+
+@get("/metrics", media_type=METRICS_CONTENT_TYPE)
+async def metrics(gateway: GatewayDep) -> Response[bytes]:
+    """Prometheus metrics: queue figures and totals per function, histograms, request latency."""
+    return Response(await gateway.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
 
 @get("/healthz")

@@ -1,0 +1,171 @@
+"""`/metrics` in the Prometheus text format.
+
+Three sources, each the right one for its figure:
+- Queue figures and totals are read from JetStream at scrape time (consumer state and the
+  server-side counters), so they are system-wide and exact whichever gateway is scraped.
+- Queue wait and run time histograms are observed from the status-change events
+  (`jetspool.events.>`), which every gateway hears: each gateway's histograms cover the whole
+  system since it started. Scrape one gateway for them (or take the max across gateways).
+- Request latency is this gateway's own: per route template, method and status.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Final
+
+import orjson
+from litestar.enums import ScopeType
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from jetspool.domain import names
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from litestar.types import ASGIApp, Message, Receive, Scope, Send
+    from nats.aio.client import Client
+    from nats.aio.msg import Msg
+    from nats.aio.subscription import Subscription
+    from prometheus_client import Metric
+
+    from jetspool.jetstream.registry import RegistryView
+    from jetspool.jetstream.stats import StatsReader
+
+log = logging.getLogger(__name__)
+
+CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
+_EWMA: Final = 0.2
+_SECONDS_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
+_TOTALS: Final[dict[names.Counter, str]] = {
+    "completed": "requests that completed successfully",
+    "failed": "requests that completed with an error (cancellations included)",
+    "retried": "attempts that failed in a way worth retrying and were retried",
+    "cancelled": "requests that were cancelled",
+    "callbacks_delivered": "callbacks and webhooks delivered",
+    "callbacks_failed": "callbacks and webhooks given up on",
+}
+
+
+class _Snapshot(Collector):
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterable[Metric]:
+        return self._families
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        self._view: RegistryView | None = None
+        self._stats: StatsReader | None = None
+        self._sub: Subscription | None = None
+        self.run_times: dict[str, float] = {}
+        """Per function, a moving average of the seconds its recent successful requests ran (for eta_seconds)."""
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.queue_wait = Histogram(
+            "jetspool_queue_wait_seconds",
+            "Seconds from submission to the first attempt's start",
+            ["function"],
+            buckets=_SECONDS_BUCKETS,
+            registry=self.registry,
+        )
+        self.run_time = Histogram(
+            "jetspool_run_seconds",
+            "Seconds the final attempt of a completed request ran",
+            ["function"],
+            buckets=_SECONDS_BUCKETS,
+            registry=self.registry,
+        )
+        self.request_latency = Histogram(
+            "jetspool_gateway_request_seconds",
+            "Seconds this gateway took to answer an HTTP request (until the last byte)",
+            ["method", "route", "status"],
+            buckets=_SECONDS_BUCKETS,
+            registry=self.registry,
+        )
+
+    async def start(self, nc: Client, view: RegistryView, stats: StatsReader) -> None:
+        self._view, self._stats = view, stats
+        self._sub = await nc.subscribe(names.EVENT_SUBJECTS, cb=self._on_event)
+
+    async def stop(self) -> None:
+        if self._sub is not None:
+            await self._sub.unsubscribe()
+
+    async def render(self) -> bytes:
+        """The whole exposition: figures read now from JetStream, then the histograms."""
+        waiting = GaugeMetricFamily(
+            "jetspool_requests_waiting", "Requests waiting for a worker", labels=["function", "priority"]
+        )
+        in_progress = GaugeMetricFamily(
+            "jetspool_requests_in_progress",
+            "Requests held by workers (running or waiting out a retry)",
+            labels=["function"],
+        )
+        totals = {
+            counter: CounterMetricFamily(f"jetspool_{counter}", f"Total {text}", labels=["function"])
+            for counter, text in _TOTALS.items()
+        }
+        if self._view is None or self._stats is None:
+            raise RuntimeError("metrics are read only once the gateway started")
+        for function in sorted(f.name for f in self._view.all()):
+            figures = await self._stats.for_function(function)
+            for priority, count in figures["waiting"].items():
+                waiting.add_metric([function, priority], count)
+            in_progress.add_metric([function], figures["in_progress"])
+            for counter, value in (await self._stats.totals(function)).items():
+                totals[counter].add_metric([function], value)
+        snapshot = CollectorRegistry(auto_describe=False)
+        snapshot.register(_Snapshot([waiting, in_progress, *totals.values()]))
+        return generate_latest(snapshot) + generate_latest(self.registry)
+
+    async def _on_event(self, msg: Msg) -> None:
+        try:
+            event: dict[str, Any] = orjson.loads(msg.data)
+            status = event["status"]
+            if event["type"] == "started" and status["attempts"] == 1:
+                waited = _seconds_between(status["submitted_at"], status["started_at"])
+                self.queue_wait.labels(event["function"]).observe(waited)
+            elif event["type"] in {"succeeded", "failed"} and status["metrics"]["inference_time"] is not None:
+                ran = float(status["metrics"]["inference_time"])
+                self.run_time.labels(event["function"]).observe(ran)
+                if event["type"] == "succeeded":
+                    previous = self.run_times.get(event["function"])
+                    self.run_times[event["function"]] = ran if previous is None else previous + _EWMA * (ran - previous)
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            log.debug("ignoring an unreadable event on %s", msg.subject)
+
+    def timed(self, app: ASGIApp) -> ASGIApp:
+        """ASGI middleware: observe each request's latency under its route template."""
+
+        async def observed(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] != ScopeType.HTTP:
+                await app(scope, receive, send)
+                return
+            method = scope["method"]
+            started = time.perf_counter()
+            status = 500
+
+            async def sending(message: Message) -> None:
+                nonlocal status
+                if message["type"] == "http.response.start":
+                    status = int(message["status"])
+                await send(message)
+
+            try:
+                await app(scope, receive, sending)
+            finally:
+                route = scope.get("path_template") or "unmatched"
+                elapsed = time.perf_counter() - started
+                self.request_latency.labels(method, route, str(status)).observe(elapsed)
+
+        return observed
+
+
+def _seconds_between(earlier: str, later: str) -> float:
+    return max(0.0, (datetime.fromisoformat(later) - datetime.fromisoformat(earlier)).total_seconds())

@@ -1,0 +1,84 @@
+"""`/metrics` (Prometheus text) after a known workload shows the counts it should."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.support.servers import Reply, eventually_true
+from tests.support.stack import start_stack
+
+if TYPE_CHECKING:
+    from jetspool.embedded import EmbeddedNats
+    from tests.support.stack import Stack
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+async def _scrape(stack: Stack) -> Samples:
+    response = await stack.client.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+    }
+
+
+def _value(samples: Samples, name: str, **labels: str) -> float | None:
+    return samples.get((name, frozenset(labels.items())))
+
+
+@pytest.mark.timeout(90)
+async def test_metrics_count_a_known_workload(nats_server: EmbeddedNats) -> None:
+    stack = await start_stack(nats_server, overrides={"callbacks": {"max_attempts": 1}})
+    try:
+        await stack.register("echo")
+        stack.functions.script("/echo", [Reply(500, b"boom"), Reply(503), Reply(200, b"after a retry")])
+        stack.receiver.script("/refuses", [Reply(500)])
+        ids = [await stack.submit("echo", content=b"first", headers={"X-Callback-Url": stack.callback_url("/ok")})]
+        ids += [await stack.submit("echo", content=b"second")]
+        ids += [await stack.submit("echo", headers={"X-Callback-Url": stack.callback_url("/refuses")})]
+        ids += [await stack.submit("echo", content=str(n).encode()) for n in range(3)]
+        for request_id in ids:
+            await stack.wait_for_status("echo", request_id)
+        await stack.occupy("busy")
+        waiting = await stack.submit("busy")
+        assert (await stack.client.put(f"/queue/busy/requests/{waiting}/cancel")).status_code == 202
+
+        expected = {
+            ("jetspool_completed_total", "echo"): 5,
+            ("jetspool_failed_total", "echo"): 1,
+            ("jetspool_retried_total", "echo"): 1,
+            ("jetspool_cancelled_total", "echo"): 0,
+            ("jetspool_failed_total", "busy"): 1,
+            ("jetspool_cancelled_total", "busy"): 1,
+            ("jetspool_callbacks_delivered_total", "echo"): 1,
+            ("jetspool_callbacks_failed_total", "echo"): 1,
+            ("jetspool_run_seconds_count", "echo"): 6,
+            ("jetspool_queue_wait_seconds_count", "echo"): 6,
+            ("jetspool_requests_in_progress", "busy"): 1,
+        }
+        samples: Samples = {}
+
+        async def as_expected() -> bool:
+            samples.update(await _scrape(stack))
+            return all(_value(samples, name, function=f) == count for (name, f), count in expected.items())
+
+        try:
+            await eventually_true(as_expected, timeout_s=20, interval_s=0.2)
+        except TimeoutError:
+            seen = {key: _value(samples, key[0], function=key[1]) for key in expected}
+            raise AssertionError(f"expected {expected}, scraped {seen}") from None
+        stack.functions.release("/busy")
+    finally:
+        await stack.close()
+
+    assert _value(samples, "jetspool_requests_waiting", function="busy", priority="normal") == 0
+    assert _value(samples, "jetspool_requests_waiting", function="echo", priority="high") == 0
+    latency = "jetspool_gateway_request_seconds_count"
+    assert _value(samples, latency, method="POST", route="/async-function/{name}", status="202") == 7
+    assert _value(samples, "jetspool_run_seconds_bucket", function="echo", le="+Inf") == 6
