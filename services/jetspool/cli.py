@@ -9,12 +9,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
 from typing import Any
 
-from jetspool import __version__
+from jetspool import __version__, logfmt
 from jetspool.domain.errors import ConfigError
 from jetspool.settings import Settings, load
 
@@ -29,6 +30,12 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jetspool", description="A durable async request queue for HTTP functions.")
     parser.add_argument("--version", action="version", version=f"jetspool {__version__}")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument(
+        "--log-format",
+        default=os.environ.get("JETSPOOL_LOG_FORMAT", "text"),
+        choices=["text", "json"],
+        help="log lines as text or JSON objects (or JETSPOOL_LOG_FORMAT); each names its request and trace",
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     up = commands.add_parser("up", help="run the whole stack: embedded NATS, gateway, worker(s)")
@@ -71,10 +78,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logfmt.configure(args.log_level, args.log_format)
     try:
         return _dispatch(args)
     except ConfigError as exc:

@@ -14,7 +14,9 @@ import random
 from typing import TYPE_CHECKING
 
 import httpx
+from opentelemetry.trace import SpanKind
 
+from jetspool import logfmt, tracing
 from jetspool.aio import stop_task
 from jetspool.callbacks.addresses import AddressPolicy, Destination, RefusedAddress
 from jetspool.callbacks.payloads import build
@@ -105,10 +107,19 @@ class CallbackDelivery:
         await settle(msg, decision)
 
     async def _attempt(self, msg: Msg) -> Settle:
+        with tracing.tracer.start_as_current_span(
+            "jetspool.callback", context=tracing.extract(msg.headers), kind=SpanKind.CLIENT
+        ) as span:
+            decision = await self._attempt_traced(msg)
+            span.set_attribute("jetspool.settle", decision.verb)
+            return decision
+
+    async def _attempt_traced(self, msg: Msg) -> Settle:
         found = await self._job(msg)
         if isinstance(found, Settle):
             return found
         job, current = found
+        logfmt.request_id.set(job.request_id)
         attempt = int(msg.metadata.num_delivered)
         try:
             destination = await self._policy.resolve(job.url)

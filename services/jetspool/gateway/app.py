@@ -18,7 +18,7 @@ from litestar.exceptions import HTTPException
 from litestar.openapi import OpenAPIConfig
 from nats.errors import Error as NatsError
 
-from jetspool import __version__
+from jetspool import __version__, tracing
 from jetspool.callbacks.addresses import AddressPolicy
 from jetspool.domain import names
 from jetspool.domain.errors import RequestError
@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 
 
 def create_app(settings: Settings) -> Litestar:
+    tracing.setup("jetspool-gateway")
     metrics = GatewayMetrics()
 
     @asynccontextmanager

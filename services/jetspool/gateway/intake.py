@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import parse_qsl, unquote_plus
 
 from nats.errors import Error as NatsError
+from opentelemetry.trace import SpanKind
 
+from jetspool import logfmt, tracing
 from jetspool.domain import names
 from jetspool.domain.errors import InvalidInput, NotFound, QueueFull, Unavailable
 from jetspool.domain.functions import Function, is_valid_name
@@ -199,6 +201,18 @@ class Intake:
         self._events = events
 
     async def submit(self, submission: Submission) -> StatusRecord:
+        """Queue the request and record its status (see `_submit`), in the request trace's first span."""
+        with tracing.tracer.start_as_current_span(
+            "jetspool.submit",
+            context=tracing.extract(submission.headers),
+            kind=SpanKind.SERVER,
+            attributes={"jetspool.function": submission.function.name},
+        ) as span:
+            record = await self._submit(submission)
+            span.set_attribute("jetspool.request_id", record.request_id)
+            return record
+
+    async def _submit(self, submission: Submission) -> StatusRecord:
         """Queue the request, then record its status; returns once both are durable in JetStream.
 
         The message goes first, so its stream sequence is in the status record from the start
@@ -216,6 +230,7 @@ class Intake:
         now = utcnow()
         deadline = None if submission.start_timeout_s is None else now + timedelta(seconds=submission.start_timeout_s)
         request_id = str(uuid.uuid4())
+        logfmt.request_id.set(request_id)
         key, function = submission.idempotency_key, submission.function
         if key is not None:
             first = await self._keys.claim(function.name, key, request_id, function.result_ttl)

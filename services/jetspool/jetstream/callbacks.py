@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from typing import TYPE_CHECKING
 
+from jetspool import tracing
 from jetspool.domain import names
 from jetspool.domain.messages import CallbackJob, encode
 
@@ -37,5 +38,5 @@ class CallbackQueue:
             await self._js.publish(
                 names.callback_subject(target.kind),
                 encode(job),
-                headers={names.NATS_MSG_ID: f"{record.request_id}.{target.kind}{run}{nonce}"},
+                headers=tracing.inject({names.NATS_MSG_ID: f"{record.request_id}.{target.kind}{run}{nonce}"}),
             )

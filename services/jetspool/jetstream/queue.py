@@ -10,6 +10,7 @@ import msgspec
 from nats.errors import Error as NatsError
 from nats.errors import TimeoutError as NatsTimeoutError
 
+from jetspool import tracing
 from jetspool.domain import names
 from jetspool.domain.messages import DeadlineJob, QueuedRequest, encode
 
@@ -40,9 +41,10 @@ class RequestQueue:
             request = msgspec.structs.replace(request, body=b"", body_ref=ref)
         subject, payload = names.queue_subject(request.function, request.priority), encode(request)
         msg_id = request.request_id if request.retry == 0 else f"{request.request_id}.retry.{uuid.uuid4().hex}"
+        headers = tracing.inject({names.NATS_MSG_ID: msg_id})  # the request's trace goes with it
         for attempt in range(1, _PUBLISH_ATTEMPTS + 1):
             try:
-                ack = await self._conn.js.publish(subject, payload, headers={names.NATS_MSG_ID: msg_id})
+                ack = await self._conn.js.publish(subject, payload, headers=headers)
                 break
             except (NatsTimeoutError, TimeoutError):
                 # Stored or not, a repeat with the same message id stores it exactly once.

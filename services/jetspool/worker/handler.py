@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 import httpx
+from opentelemetry.trace import SpanKind
 
+from jetspool import logfmt, tracing
 from jetspool.aio import stop_task
 from jetspool.domain import names
 from jetspool.domain.errors import DecodeError, PermanentDelivery, RetryableDelivery
@@ -128,6 +130,16 @@ class RequestHandler:
         except DecodeError:
             log.exception("dropping an unreadable queue message on %s", msg.subject)
             return TERM
+        logfmt.request_id.set(request.request_id)  # this task's log lines name the request
+        with tracing.tracer.start_as_current_span(
+            "jetspool.attempt",
+            context=tracing.extract(msg.headers),
+            kind=SpanKind.CONSUMER,
+            attributes={"jetspool.request_id": request.request_id, "jetspool.function": request.function},
+        ):
+            return await self._handle(msg, request)
+
+    async def _handle(self, msg: Msg, request: QueuedRequest) -> Settle:
         function = self._s.registry.get(request.function)
         if function is None:
             log.warning("request %s: function %s is not registered; waiting", request.request_id, request.function)

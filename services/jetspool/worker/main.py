@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import httpx
 
+from jetspool import tracing
 from jetspool.callbacks.delivery import CallbackDelivery
 from jetspool.domain import names
 from jetspool.jetstream.callbacks import CallbackQueue
@@ -78,6 +79,7 @@ async def run(settings: Settings, stop: asyncio.Event, ready: asyncio.Event | No
     `ready` is set once every registered function has its runner and callbacks flow. Whatever
     has started is stopped again, in reverse order, however `run` ends.
     """
+    tracing.setup("jetspool-worker")
     async with contextlib.AsyncExitStack() as started:
         conn, stores, _ = await open_jetstream(settings, "jetspool-worker", started)
         timeout = httpx.Timeout(None, connect=_CONNECT_TIMEOUT_S)

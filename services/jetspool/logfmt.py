@@ -1,0 +1,58 @@
+"""Log lines that name their request and trace: plain text, or one JSON object per line.
+
+`request_id` is set (a context variable) wherever a request is being handled: submit in the
+gateway, an attempt in the worker, a callback delivery. The trace id comes from the current
+OpenTelemetry span. Both are added to every record by a filter on the root handler.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import sys
+from datetime import UTC, datetime
+from typing import Final, Literal
+
+import orjson
+from opentelemetry import trace
+
+LogFormat = Literal["text", "json"]
+request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("jetspool_request_id", default=None)
+_TEXT: Final = "%(asctime)s %(levelname)s %(name)s: %(message)s%(context)s"
+
+
+class _Context(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        request = request_id.get()
+        span = trace.get_current_span().get_span_context()
+        trace_id = format(span.trace_id, "032x") if span.is_valid else None
+        parts = [f"request={request}"] if request else []
+        parts += [f"trace={trace_id}"] if trace_id else []
+        record.__dict__.update(request_id=request, trace_id=trace_id, context=f" [{' '.join(parts)}]" if parts else "")
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, object] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat().replace("+00:00", "Z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key in ("request_id", "trace_id"):
+            value = getattr(record, key, None)
+            if value:
+                line[key] = value
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return orjson.dumps(line).decode()
+
+
+def configure(level: str, fmt: LogFormat) -> None:
+    """Log to stderr at `level`, as text or JSON lines, each with its request and trace ids."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_Context())
+    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(_TEXT))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
