@@ -76,6 +76,10 @@ class GatewaySettings(_Section, frozen=True, kw_only=True):
     tls_key: str | None = None
     sse_ping_interval: _Positive = 15.0
     """Seconds of quiet after which a status stream sends a `: ping` comment."""
+    max_streams: Annotated[int, msgspec.Meta(ge=1)] = 1000
+    """Status streams (SSE) and `?wait=` long polls one gateway holds open at once; more get 503."""
+    receive_timeout: _Positive = 60.0
+    """Seconds a client has to send a whole request (headers already in); slower ones get 408."""
 
     @property
     def base_url(self) -> str:

@@ -58,6 +58,10 @@ class NotFound(RequestError):
     status_code = 404
 
 
+class RequestTimeout(RequestError):
+    status_code = 408
+
+
 class PayloadTooLarge(RequestError):
     status_code = 413
 

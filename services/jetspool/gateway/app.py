@@ -25,6 +25,7 @@ from jetspool.domain.errors import RequestError
 from jetspool.gateway.auth import KeyGuard
 from jetspool.gateway.feed import StatusFeed
 from jetspool.gateway.intake import Intake
+from jetspool.gateway.limits import receive_deadline
 from jetspool.gateway.metrics import GatewayMetrics
 from jetspool.gateway.routes import function, logs, openfaas, queue, system
 from jetspool.gateway.state import Gateway
@@ -64,7 +65,7 @@ def create_app(settings: Settings) -> Litestar:
             view = RegistryView(stores.functions)
             await view.start()
             started.push_async_callback(view.stop)
-            feed = StatusFeed(conn.nc)
+            feed = StatusFeed(conn.nc, settings.gateway.max_streams)
             await feed.start()
             started.push_async_callback(feed.stop)
             http = await started.enter_async_context(
@@ -117,7 +118,7 @@ def create_app(settings: Settings) -> Litestar:
             HTTPException: _http_error,
         },
         request_max_body_size=settings.gateway.max_body_size,
-        middleware=[metrics.timed, KeyGuard(settings.auth)],
+        middleware=[metrics.timed, KeyGuard(settings.auth), receive_deadline(settings.gateway.receive_timeout)],
         openapi_config=OpenAPIConfig(title="jetspool", version=__version__, path="/schema"),
         state=State(),
         logging_config=None,

@@ -16,7 +16,7 @@ from collections import defaultdict
 from typing import TYPE_CHECKING
 
 from jetspool.domain import names
-from jetspool.domain.errors import DecodeError
+from jetspool.domain.errors import DecodeError, Unavailable
 from jetspool.domain.status import decode_status
 from jetspool.jetstream.status_store import Versioned
 
@@ -57,8 +57,9 @@ class Watch:
 
 
 class StatusFeed:
-    def __init__(self, nc: Client) -> None:
+    def __init__(self, nc: Client, max_watches: int) -> None:
         self._nc = nc
+        self._max_watches = max_watches
         self._by_request: dict[str, set[Watch]] = defaultdict(set)
         self._by_function: dict[str, set[Watch]] = defaultdict(set)
         self._subs: list[Subscription] = []
@@ -84,8 +85,15 @@ class StatusFeed:
                 await sub.unsubscribe()
         self._subs.clear()
 
+    def check_capacity(self) -> None:
+        """503 (Unavailable) when this gateway already holds its maximum of streams and waits."""
+        if self.watching >= self._max_watches:
+            raise Unavailable(f"this gateway holds {self._max_watches} status streams and waits already; try later")
+
     @contextlib.asynccontextmanager
     async def watch(self, request_id: str, function: str) -> AsyncIterator[Watch]:
+        """Hear the changes of one request (see `check_capacity`)."""
+        self.check_capacity()
         watch = Watch(request_id, function)
         self._by_request[request_id].add(watch)
         self._by_function[function].add(watch)

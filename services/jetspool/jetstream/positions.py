@@ -48,15 +48,18 @@ class QueuePositions:
         """How many requests of the same function will start before `record` (which is IN_QUEUE)."""
         classes = names.PRIORITIES[: names.PRIORITIES.index(record.priority) + 1]
         delivered_before = record.attempts > 0 or record.queue_seq is None
-        own_after = None if delivered_before else self._after(record)
-        pending = await asyncio.gather(*(self._pending(record.function, p) for p in classes))
+        pending, after = await asyncio.gather(
+            asyncio.gather(*(self._pending(record.function, p) for p in classes)),
+            self._no_count() if delivered_before else self._after(record),
+        )
         higher = sum(pending[:-1])
-        if own_after is None:
-            return higher
-        after = await own_after
         if after is None:
-            return higher  # its message was taken a moment ago
+            return higher  # delivered before (a retry waits before new messages), or taken a moment ago
         return higher + max(0, pending[-1] - 1 - after)
+
+    @staticmethod
+    async def _no_count() -> int | None:
+        return None
 
     async def _pending(self, function: str, priority: names.Priority) -> int:
         waiting, _ = await consumer_figures(self._conn.js, function, priority)

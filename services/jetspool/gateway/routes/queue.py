@@ -221,6 +221,7 @@ async def status_stream(
     log lines), ending after COMPLETED; a `: ping` comment after `gateway.sse_ping_interval` (15 s) of quiet."""
     with_logs = _flag("logs", logs)
     current = await require_request(gateway, name, request_id)
+    gateway.feed.check_capacity()  # before the answer starts: a refusal can still be a 503
     last_id = _event_id(request.headers.get("last-event-id"))
     headers = {names.H_REQUEST_ID: current.record.request_id, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     return ServerSentEvent(_events(gateway, current, with_logs=with_logs, last_id=last_id), headers=headers)

@@ -1,0 +1,113 @@
+"""Hostile clients: a body over the limit sent in chunks, a body that trickles in, too many
+open status streams. Each gets a clear error and queues nothing."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+import httpx
+import pytest
+
+from tests.support.servers import eventually_true
+from tests.support.stack import start_stack
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+    from jetspool.embedded import EmbeddedNats
+    from tests.support.stack import Stack
+
+
+@pytest.fixture
+async def strict(nats_server: EmbeddedNats) -> AsyncIterator[Stack]:
+    overrides = {"gateway": {"max_body_size": 1024, "receive_timeout": 1.0, "max_streams": 2}}
+    running = await start_stack(nats_server, worker=False, overrides=overrides)
+    await running.register("echo")
+    yield running
+    await running.close()
+
+
+async def _waiting(stack: Stack) -> int:
+    stats = (await stack.client.get("/system/functions/echo")).json()["stats"]
+    return int(sum(stats["waiting"].values()))
+
+
+async def test_a_chunked_body_over_the_limit_is_refused_while_read(strict: Stack) -> None:
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(8):
+            yield b"x" * 512  # no Content-Length: only counting while reading can stop it
+
+    response = await strict.client.post("/queue/echo", content=chunks())
+    openfaas = await strict.client.post("/async-function/echo", content=chunks())
+
+    assert (response.status_code, openfaas.status_code) == (413, 413)
+    assert response.json()["detail"]
+    assert await _waiting(strict) == 0
+
+
+async def test_a_body_that_trickles_in_gets_408(strict: Stack) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", strict.gateway.port)
+    try:
+        writer.write(
+            b"POST /queue/echo HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 100\r\n\r\n{"slow": '
+        )
+        await writer.drain()
+        async with asyncio.timeout(10):
+            status_line = await reader.readline()
+            answer = await reader.read(4096)
+    finally:
+        writer.close()
+
+    assert status_line.startswith(b"HTTP/1.1 408"), status_line
+    assert b"not received within 1 s" in answer
+    assert await _waiting(strict) == 0
+
+
+async def test_a_gateway_holds_at_most_max_streams_open(strict: Stack) -> None:
+    ids = [(await strict.client.post("/queue/echo", json={})).json()["request_id"] for _ in range(3)]
+    streams = [strict.client.stream("GET", f"/queue/echo/requests/{i}/status/stream") for i in ids[:2]]
+    opened = [await stream.__aenter__() for stream in streams]
+    lines = [response.aiter_lines() for response in opened]  # kept: a dropped iterator closes its stream
+    try:
+        for response, stream_lines in zip(opened, lines, strict=True):
+            assert response.status_code == 200
+            await anext(stream_lines)  # the first event: the stream is open
+        third = await strict.client.get(f"/queue/echo/requests/{ids[2]}/status/stream")
+        waited = await strict.client.get(f"/queue/echo/requests/{ids[2]}", params={"wait": "1"})
+    finally:
+        for stream in streams:
+            await stream.__aexit__(None, None, None)
+
+    assert third.status_code == 503
+    assert "status streams" in third.json()["detail"]
+    assert waited.status_code == 503, "long polls count too"
+
+    async def accepted_again() -> bool:
+        response = await strict.client.get(f"/queue/echo/requests/{ids[2]}", params={"wait": "0.1"})
+        return response.status_code == 400
+
+    await eventually_true(accepted_again)
+
+
+async def test_a_plain_request_is_not_limited_once_received(strict: Stack) -> None:
+    """The deadline covers receiving the request, not answering it: a long ?wait= outlasts it."""
+    request_id = (await strict.client.post("/queue/echo", json={})).json()["request_id"]
+
+    response = await strict.client.get(f"/queue/echo/requests/{request_id}", params={"wait": "1.5"})
+
+    assert response.status_code == 400
+    assert response.json()["status"] == "IN_QUEUE"
+
+
+async def test_hostile_names_and_ids_never_reach_nats(strict: Stack) -> None:
+    for name in ("a.b", "a*", "a>", "a%20b", "A", "-a", "a" * 64):
+        response = await strict.client.post(f"/queue/{name}", json={})
+        assert response.status_code in {404, 422}, (name, response.status_code)
+    for request_id in ("x.y", "*", ">", "00000000-0000-0000-0000-00000000000", "a" * 36):
+        response = await strict.client.get(f"/queue/echo/requests/{request_id}/status")
+        assert response.status_code == 422, (request_id, response.status_code)
+    key = await strict.client.post("/queue/echo", json={}, headers={"Idempotency-Key": "a.b.*.>"})
+    assert key.status_code == 200, "any key text is safe: it is hashed before it names anything"
+    assert isinstance(httpx.URL(key.json()["status_url"]).path, str)
