@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from typing import Any
 
 log = logging.getLogger(__name__)
 
 _RECHECK_S = 0.05
 
 
-async def stop_task(task: asyncio.Task[None]) -> None:
+async def stop_task(task: asyncio.Task[Any]) -> None:
     """Cancel `task` and wait until it has really ended.
 
     Python 3.11's `asyncio.wait_for` (used inside nats-py) can swallow a cancellation that

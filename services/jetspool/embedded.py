@@ -45,10 +45,12 @@ def die_with_parent() -> None:
 
 
 class EmbeddedNats:
-    def __init__(self, data_dir: Path, sync_interval: str = "always", port: int = -1) -> None:
+    def __init__(self, data_dir: Path, sync_interval: str = "always", port: int = -1, extra_config: str = "") -> None:
+        """`extra_config`: more nats-server configuration (authorization, tls, ...), appended as is."""
         self.data_dir = data_dir.resolve()
         self.sync_interval = sync_interval
         self.port = port
+        self.extra_config = extra_config
         self.url = ""
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -81,6 +83,7 @@ class EmbeddedNats:
             f"server_name: jetspool\n"
             f"max_payload: 8MB\n"
             f"jetstream {{\n  store_dir: {store}\n  sync_interval: {self.sync_interval}\n}}\n"
+            f"{self.extra_config}"
         )
 
     def _wait_for_ports(self, run_dir: Path) -> str:

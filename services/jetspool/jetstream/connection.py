@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import ssl
@@ -9,8 +10,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import nats
+from nats.errors import AuthorizationError
 from nats.errors import Error as NatsError
 
+from jetspool.aio import stop_task
 from jetspool.domain.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -86,9 +89,44 @@ def _tls_context(settings: NatsSettings) -> ssl.SSLContext:
 
 
 async def connect(settings: NatsSettings, name: str) -> Nats:
-    """Open a connection; raises ConfigError for settings, OSError-like NATS errors when unreachable."""
-    nc = await nats.connect(**connect_options(settings, name))
+    """Open a connection; raises ConfigError for settings, and at once when the server refuses our
+    credentials or its certificate is not trusted (nats-py would try again forever). An
+    unreachable server is waited for."""
+    refused = asyncio.Event()
+    reason: list[str] = []
+
+    async def on_error(exc: Exception) -> None:
+        refusal = _refusal(exc)
+        if refusal is not None:
+            reason.append(refusal)
+            refused.set()
+        await _on_error(exc)
+
+    options = connect_options(settings, name) | {"error_cb": on_error}
+    connecting = asyncio.create_task(nats.connect(**options))
+    refusal = asyncio.create_task(refused.wait())
+    try:
+        await asyncio.wait({connecting, refusal}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        refusal.cancel()
+    if not connecting.done():
+        await stop_task(connecting)
+        raise ConfigError(reason[0])
+    nc = connecting.result()
     return Nats(nc=nc, js=nc.jetstream())
+
+
+def _refusal(exc: Exception) -> str | None:
+    """What to tell the operator when `exc` means our settings can never connect; None otherwise."""
+    text = str(exc).lower()
+    if isinstance(exc, AuthorizationError) or "authorization violation" in text or "authentication" in text:
+        return (
+            f"nats: the server refused our credentials ({exc}): "
+            "check nats.user/password, nats.token, nats.nkey_seed or nats.credentials"
+        )
+    if isinstance(exc, ssl.SSLCertVerificationError) or "certificate verify failed" in text:
+        return f"nats: the server's TLS certificate is not trusted ({exc}): check nats.tls_ca"
+    return None
 
 
 async def _on_error(exc: Exception) -> None:

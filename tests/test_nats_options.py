@@ -1,0 +1,90 @@
+"""NATS connection options (SPEC §7): user/password, token and TLS work for every component; a
+server that refuses the credentials stops start-up at once with a clear message (exit code 2)."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import pytest
+
+from jetspool.domain.errors import ConfigError
+from jetspool.embedded import EmbeddedNats
+from jetspool.jetstream.connection import connect
+from jetspool.settings import NatsSettings
+from tests.support.processes import JetspoolProcess
+from tests.support.servers import free_port
+from tests.support.stack import start_stack
+from tests.support.tls import self_signed
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from pathlib import Path
+
+_USER = 'authorization { user: "alice", password: "s3cret" }\n'
+_TOKEN = 'authorization { token: "t0ken-value" }\n'
+
+
+@pytest.fixture
+def secured(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[EmbeddedNats]:
+    server = EmbeddedNats(tmp_path / "nats", port=free_port(), extra_config=request.param)
+    server.start()
+    yield server
+    server.stop()
+
+
+async def _round_trip(server: EmbeddedNats, **nats: str) -> None:
+    """A whole stack on `server` with these connection settings serves a request."""
+    stack = await start_stack(server, overrides={"nats": nats})
+    try:
+        await stack.register("echo")
+        request_id = await stack.submit("echo", content=b"through auth")
+        final = await stack.wait_for_status("echo", request_id)
+    finally:
+        await stack.close()
+    assert "error_type" not in final
+    assert [s.body for s in stack.functions.on("/echo")] == [b"through auth"]
+
+
+@pytest.mark.parametrize("secured", [_USER], indirect=True)
+async def test_user_and_password(secured: EmbeddedNats) -> None:
+    await _round_trip(secured, user="alice", password="s3cret")
+
+
+@pytest.mark.parametrize("secured", [_TOKEN], indirect=True)
+async def test_token(secured: EmbeddedNats) -> None:
+    await _round_trip(secured, token="t0ken-value")
+
+
+async def test_tls_with_a_private_ca(tmp_path: Path) -> None:
+    cert, key = self_signed(tmp_path)
+    tls = f'tls {{ cert_file: "{cert}", key_file: "{key}" }}\n'
+    server = EmbeddedNats(tmp_path / "nats", port=free_port(), extra_config=tls)
+    server.start()
+    try:
+        await _round_trip(server, tls_ca=str(cert))
+        with pytest.raises(ConfigError, match=r"not trusted .* check nats\.tls_ca"):
+            await connect(NatsSettings(url=server.url, connect_timeout=2.0), "no-ca")
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("secured", [_USER], indirect=True)
+async def test_refused_credentials_stop_start_up_at_once(secured: EmbeddedNats) -> None:
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match="refused our credentials"):
+        await connect(NatsSettings(url=secured.url, user="alice", password="wrong"), "test")
+    assert time.monotonic() - started < 10, "no endless reconnecting"
+
+
+@pytest.mark.parametrize("secured", [_TOKEN], indirect=True)
+def test_a_worker_with_a_wrong_token_exits_2_naming_the_settings(secured: EmbeddedNats) -> None:
+    worker = JetspoolProcess(["worker", "--nats-url", secured.url], env={"JETSPOOL_NATS__TOKEN": "wrong"})
+    try:
+        code = worker.wait(30)
+    finally:
+        worker.kill_tree()
+
+    assert code == 2
+    assert "refused our credentials" in worker.output
+    assert "nats.token" in worker.output
