@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from tests.support.processes import JetspoolProcess
+from tests.support.processes import ACCEPT_SINGLE_REPLICA, JetspoolProcess
 
 if TYPE_CHECKING:
     from tests.support.stack import Stack
@@ -20,7 +20,7 @@ async def test_a_json_log_line_names_its_request_and_trace(stack_without_worker:
     await stack.register("echo")
     worker = JetspoolProcess(
         ["worker", "--nats-url", stack.nats.url],
-        env={"JETSPOOL_LOG_FORMAT": "json", "JETSPOOL_WORKER__POLL_INTERVAL": "0.2"},
+        env={"JETSPOOL_LOG_FORMAT": "json", "JETSPOOL_WORKER__POLL_INTERVAL": "0.2", ACCEPT_SINGLE_REPLICA: "true"},
     )
     try:
         request_id = await stack.submit("echo", content=b"x", headers={"X-Callback-Url": stack.callback_url("/hook")})

@@ -12,7 +12,7 @@ from jetspool.domain.errors import ConfigError
 from jetspool.embedded import EmbeddedNats
 from jetspool.jetstream.connection import connect
 from jetspool.settings import NatsSettings
-from tests.support.processes import JetspoolProcess
+from tests.support.processes import ACCEPT_SINGLE_REPLICA, JetspoolProcess
 from tests.support.servers import free_port
 from tests.support.stack import start_stack
 from tests.support.tls import self_signed
@@ -79,7 +79,9 @@ async def test_refused_credentials_stop_start_up_at_once(secured: EmbeddedNats) 
 
 @pytest.mark.parametrize("secured", [_TOKEN], indirect=True)
 def test_a_worker_with_a_wrong_token_exits_2_naming_the_settings(secured: EmbeddedNats) -> None:
-    worker = JetspoolProcess(["worker", "--nats-url", secured.url], env={"JETSPOOL_NATS__TOKEN": "wrong"})
+    worker = JetspoolProcess(
+        ["worker", "--nats-url", secured.url], env={"JETSPOOL_NATS__TOKEN": "wrong", ACCEPT_SINGLE_REPLICA: "true"}
+    )
     try:
         code = worker.wait(30)
     finally:

@@ -52,6 +52,10 @@ class NatsSettings(_Section, frozen=True, kw_only=True):
     tls_cert: str | None = None
     tls_key: str | None = None
     connect_timeout: _Positive = 5.0
+    accept_single_replica: bool = False
+    """Run with `replicas: 1` on a server jetspool did not start. Such a server keeps an acknowledged
+    request through its machine's crash only if it fsyncs every write (`sync_interval: always`),
+    which jetspool cannot check: say so here (`jetspool up` says so for the server it embeds)."""
 
     def __post_init__(self) -> None:
         if not _SYNC_INTERVAL.match(self.sync_interval):

@@ -45,12 +45,16 @@ class UpOptions:
     demo: bool
 
 
+_ACCEPT_SINGLE_REPLICA = "JETSPOOL_NATS__ACCEPT_SINGLE_REPLICA"
+
+
 class Supervisor:
     def __init__(self, settings: Settings, options: UpOptions) -> None:
         self._settings = settings
         self._options = options
         self._nats: EmbeddedNats | None = None
         self._children: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self._child_env: dict[str, str] = {}
         self._stop = threading.Event()
 
     def run(self) -> int:
@@ -74,6 +78,11 @@ class Supervisor:
         if servers:
             return ",".join(servers)
         self._nats = EmbeddedNats(self._options.data_dir, self._settings.nats.sync_interval)
+        # The server is ours, with the configured fsync policy: a single replica is what it has.
+        self._settings = msgspec.structs.replace(
+            self._settings, nats=msgspec.structs.replace(self._settings.nats, accept_single_replica=True)
+        )
+        self._child_env[_ACCEPT_SINGLE_REPLICA] = "true"
         return self._nats.start()
 
     def _start_children(self, nats_url: str) -> None:
@@ -98,6 +107,7 @@ class Supervisor:
             [sys.executable, "-m", "jetspool", *args],
             preexec_fn=die_with_parent,  # noqa: PLW1509 - only sets the death signal
             start_new_session=True,  # Ctrl-C reaches the supervisor alone; it stops NATS last
+            env={**os.environ, **self._child_env},
         )
         self._children.append((name, process))
 

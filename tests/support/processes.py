@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
 _PROC = Path("/proc")
+ACCEPT_SINGLE_REPLICA = "JETSPOOL_NATS__ACCEPT_SINGLE_REPLICA"
 
 
 def descendants(pid: int) -> set[int]:
@@ -125,11 +126,12 @@ class JetspoolProcess:
 
 
 def start_part(kind: str, config: Path, nats_url: str, port: int | None = None, **env: str) -> JetspoolProcess:
-    """`jetspool gateway` (on `port`) or `jetspool worker`, with `config` and `nats_url`."""
+    """`jetspool gateway` (on `port`) or `jetspool worker`, with `config` and `nats_url` (a single local
+    test server, fsyncing every write: one replica is accepted)."""
     args = [kind, "--config", str(config), "--nats-url", nats_url]
     if port is not None:
         args += ["--port", str(port)]
-    return JetspoolProcess(args, env=env or None)
+    return JetspoolProcess(args, env={ACCEPT_SINGLE_REPLICA: "true", **env})
 
 
 def sigkill(process: JetspoolProcess) -> None:

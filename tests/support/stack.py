@@ -37,7 +37,7 @@ def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
 
 def stack_settings(nats_url: str, gateway_port: int, overrides: dict[str, Any] | None = None) -> Settings:
     raw: dict[str, Any] = {
-        "nats": {"url": nats_url},
+        "nats": {"url": nats_url, "accept_single_replica": True},  # a local test server, sync_interval always
         "gateway": {"port": gateway_port},
         "worker": {"ack_wait": 5.0, "poll_interval": 0.2, "shutdown_grace": 2.0},
         "retry": {"initial_backoff": 0.05, "max_backoff": 0.2},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from jetspool.domain.errors import ConfigError
 from jetspool.jetstream.connection import connect
 from jetspool.jetstream.provision import Stores, ensure_function_consumers, provision
 from jetspool.jetstream.registry import FunctionRegistry
@@ -22,6 +23,12 @@ async def open_jetstream(
 ) -> tuple[Nats, Stores, FunctionRegistry]:
     """Connect as `name` (closed when `started` unwinds), provision every stream and bucket, and
     write the config file's functions (and `extra_functions`) to the registry with their consumers."""
+    if settings.nats.servers and settings.nats.replicas == 1 and not settings.nats.accept_single_replica:
+        raise ConfigError(
+            "nats.replicas: 1 on a NATS server jetspool did not start keeps acknowledged requests through a "
+            "crash of its machine only if that server fsyncs every write (jetstream sync_interval: always). "
+            "Use nats.replicas: 3 on a cluster, or set nats.accept_single_replica: true to run this way."
+        )
     conn = await connect(settings.nats, name)
     started.push_async_callback(conn.close)
     stores = await provision(conn, settings.nats.replicas, settings.events)
