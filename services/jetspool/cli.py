@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from jetspool import __version__, logfmt
+from jetspool.commands import CLIENT_COMMANDS, add_client_commands, run_client_command
 from jetspool.domain.errors import ConfigError
 from jetspool.settings import Settings, load
 
@@ -51,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
 
     worker = commands.add_parser("worker", help="run function and callback delivery against --nats-url")
     _common(worker)
+
+    add_client_commands(commands)
 
     demo = commands.add_parser("demo-functions", help="serve the demo functions (echo, sleep, flaky)")
     demo.add_argument("--host", default="127.0.0.1")
@@ -91,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "demo-functions":
         return _serve_demo(args.host, args.port)
+    if args.command in CLIENT_COMMANDS:
+        return run_client_command(args)
     settings = _settings(args)
     if args.command == "up":
         from jetspool.supervisor import UpOptions, run_up  # noqa: PLC0415 - keeps other commands light

@@ -1,0 +1,468 @@
+"""The Python client: submit, follow, fetch and cancel requests, sync (`Client`) or async
+(`AsyncClient`), on httpx. It speaks the gateway's fal dialect (SPEC §2).
+
+    from jetspool.client import Client
+
+    with Client("http://127.0.0.1:8080") as jetspool:
+        handle = jetspool.submit("echo", json={"prompt": "a cat"})
+        for status in handle.iter_events():      # Server-Sent Events, not polling
+            print(status.status, status.queue_position)
+        print(handle.result().json())
+
+Errors are exceptions: `RequestFailed` (and one subclass per SPEC §5 outcome, each with its
+`error_type`) when a request completed without success, `NotFound`, `Refused` (4xx),
+`Unauthorized`, `Unreachable`, and `WaitTimeout` when the client gave up waiting.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Final
+
+import httpx
+import orjson
+from httpx_sse import aconnect_sse, connect_sse
+
+from jetspool.domain import names
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Iterator
+
+DEFAULT_URL: Final = "http://127.0.0.1:8080"
+_MAX_WAIT_S: Final = 600.0
+"""The gateway's longest `?wait=`; longer waits are made of several."""
+_TIMEOUT_S: Final = 30.0
+
+
+# --- errors -------------------------------------------------------------------------------
+
+
+class JetspoolError(Exception):
+    """Anything the gateway refused or could not do; `status_code` is its HTTP status (0: none)."""
+
+    def __init__(self, detail: str, status_code: int = 0) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.status_code = status_code
+
+
+class Unreachable(JetspoolError):
+    """The gateway could not be reached, or answered 5xx."""
+
+
+class Unauthorized(JetspoolError):
+    """401 or 403: a missing, wrong or insufficient API key."""
+
+
+class NotFound(JetspoolError):
+    """404: no such function or request."""
+
+
+class Refused(JetspoolError):
+    """Another 4xx: bad input, a full queue (429), a request in the wrong state."""
+
+
+class WaitTimeout(JetspoolError):
+    """The client stopped waiting; the request goes on."""
+
+
+class RequestFailed(JetspoolError):
+    """The request completed without success (SPEC §5); `error_type` says how."""
+
+    error_type: str = ""
+
+    def __init__(self, detail: str, status_code: int, request_id: str, result: Result | None = None) -> None:
+        super().__init__(detail, status_code)
+        self.request_id = request_id
+        self.result = result
+        """The function's own response, for `function_error`."""
+
+
+class FunctionError(RequestFailed):
+    error_type = "function_error"
+
+
+class RunnerUnavailable(RequestFailed):
+    error_type = "runner_unavailable"
+
+
+class FunctionTimeout(RequestFailed):
+    error_type = "function_timeout"
+
+
+class StartTimeout(RequestFailed):
+    """Not started before its `X-Request-Timeout` (`request_timeout`)."""
+
+    error_type = "request_timeout"
+
+
+class Cancelled(RequestFailed):
+    error_type = "cancelled"
+
+
+_FAILURES: Final = {
+    cls.error_type: cls for cls in (FunctionError, RunnerUnavailable, FunctionTimeout, StartTimeout, Cancelled)
+}
+
+
+# --- values -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """A status object (SPEC §3)."""
+
+    status: str
+    request_id: str
+    queue_position: int | None = None
+    attempts: int = 0
+    error: str | None = None
+    error_type: str | None = None
+    logs: list[dict[str, Any]] | None = None
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def completed(self) -> bool:
+        return self.status == "COMPLETED"
+
+    @classmethod
+    def of(cls, raw: dict[str, Any]) -> Status:
+        return cls(
+            status=raw["status"],
+            request_id=raw["request_id"],
+            queue_position=raw.get("queue_position"),
+            attempts=raw.get("attempts", 0),
+            error=raw.get("error"),
+            error_type=raw.get("error_type"),
+            logs=raw.get("logs"),
+            raw=raw,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """A function's response to a request."""
+
+    status_code: int
+    content_type: str | None
+    body: bytes
+
+    def json(self) -> Any:
+        return orjson.loads(self.body)
+
+    @property
+    def text(self) -> str:
+        return self.body.decode("utf-8", errors="replace")
+
+
+@dataclass(frozen=True, slots=True)
+class Submission:
+    """What `submit` sends, built once for both clients."""
+
+    path: str
+    content: bytes
+    headers: dict[str, str]
+    params: dict[str, str]
+
+
+def submission(
+    name: str,
+    *,
+    json: Any = None,
+    content: bytes | str | None = None,
+    path: str = "",
+    priority: str | None = None,
+    callback_url: str | None = None,
+    webhook_url: str | None = None,
+    start_timeout: float | None = None,
+    no_retry: bool = False,
+    idempotency_key: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> Submission:
+    sent = dict(headers or {})
+    if json is not None:
+        body = orjson.dumps(json)
+        sent.setdefault("Content-Type", "application/json")
+    else:
+        body = content.encode() if isinstance(content, str) else (content or b"")
+    options = {
+        names.H_QUEUE_PRIORITY: priority,
+        names.H_CALLBACK_URL: callback_url,
+        names.H_REQUEST_TIMEOUT: None if start_timeout is None else f"{start_timeout:g}",
+        "X-No-Retry": "1" if no_retry else None,
+        "Idempotency-Key": idempotency_key,
+    }
+    sent |= {key: value for key, value in options.items() if value is not None}
+    route = f"/queue/{name}" + (f"/{path.lstrip('/')}" if path else "")
+    return Submission(route, body, sent, {"fal_webhook": webhook_url} if webhook_url else {})
+
+
+def _auth(api_key: str | None) -> dict[str, str]:
+    key = api_key if api_key is not None else os.environ.get("JETSPOOL_API_KEY")
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def _base_url(url: str | None) -> str:
+    return (url or os.environ.get("JETSPOOL_URL") or DEFAULT_URL).rstrip("/")
+
+
+def _checked(response: httpx.Response) -> httpx.Response:
+    """`response` if 2xx, else the matching JetspoolError."""
+    if response.is_success:
+        return response
+    try:
+        detail = str(response.json().get("detail") or response.text)
+    except ValueError:
+        detail = response.text or response.reason_phrase
+    code = response.status_code
+    if code in {401, 403}:
+        raise Unauthorized(detail, code)
+    if code == 404:  # noqa: PLR2004
+        raise NotFound(detail, code)
+    if code >= 500:  # noqa: PLR2004
+        raise Unreachable(detail, code)
+    raise Refused(detail, code)
+
+
+def _result(response: httpx.Response, request_id: str) -> Result | None:
+    """The result of a completed request; None while it is not completed; RequestFailed for failures."""
+    error_type = response.headers.get(names.H_ERROR_TYPE)
+    result = Result(response.status_code, response.headers.get("content-type"), response.content)
+    if error_type is not None:
+        failure = _FAILURES.get(error_type, RequestFailed)
+        try:
+            detail = str(response.json().get("detail") or error_type)
+        except (ValueError, AttributeError):
+            detail = f"the function answered {response.status_code}"
+        raise failure(detail, response.status_code, request_id, result if error_type == "function_error" else None)
+    if response.status_code == 400 and response.headers.get("content-type", "").startswith("application/json"):  # noqa: PLR2004
+        body = response.json()
+        if body.get("status") in {"IN_QUEUE", "IN_PROGRESS"}:
+            return None
+    _checked(response)
+    return result
+
+
+def _stream_timeout(timeout: float | None) -> httpx.Timeout:
+    """No limit on a stream's length; `timeout` (None: none) on the wait for each next event."""
+    return httpx.Timeout(_TIMEOUT_S, read=timeout)
+
+
+def _remaining(deadline: float | None) -> float:
+    if deadline is None:
+        return _MAX_WAIT_S
+    return max(0.0, min(_MAX_WAIT_S, deadline - time.monotonic()))
+
+
+# --- sync ---------------------------------------------------------------------------------
+
+
+class Client:
+    def __init__(self, url: str | None = None, *, api_key: str | None = None, timeout: float = _TIMEOUT_S) -> None:
+        """`url`: the gateway (default `$JETSPOOL_URL`, else http://127.0.0.1:8080); `api_key`: default
+        `$JETSPOOL_API_KEY`; `timeout`: seconds for one HTTP exchange."""
+        self._http = httpx.Client(base_url=_base_url(url), headers=_auth(api_key), timeout=timeout)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def send(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        """One HTTP exchange with the gateway (httpx keywords); Unreachable when there is none."""
+        try:
+            return self._http.request(method, url, **kwargs)
+        except httpx.TransportError as exc:
+            raise Unreachable(f"cannot reach the gateway at {self._http.base_url}: {exc}") from exc
+
+    def events(self, url: str, params: dict[str, str], idle_s: float | None = None) -> Iterator[Status]:
+        """The status objects of an SSE stream at `url`, until it ends (WaitTimeout: none for `idle_s` s)."""
+        try:
+            with connect_sse(self._http, "GET", url, params=params, timeout=_stream_timeout(idle_s)) as source:
+                _checked(source.response)
+                for event in source.iter_sse():
+                    if event.data:
+                        yield Status.of(orjson.loads(event.data))
+        except httpx.ReadTimeout as exc:
+            raise WaitTimeout(f"no status change within {idle_s:g} s") from exc
+        except httpx.TransportError as exc:
+            raise Unreachable(f"the status stream broke: {exc}") from exc
+
+    def submit(self, name: str, **options: Any) -> Handle:
+        """Queue a request (keywords: see `submission`); returns its handle at once."""
+        sent = submission(name, **options)
+        response = _checked(
+            self.send("POST", sent.path, content=sent.content, headers=sent.headers, params=sent.params)
+        )
+        return Handle(self, name, response.json()["request_id"])
+
+    def handle(self, name: str, request_id: str) -> Handle:
+        return Handle(self, name, request_id)
+
+    def run(self, name: str, *, client_timeout: float | None = None, **options: Any) -> Result:
+        """Submit and wait for the result (at most `client_timeout` seconds: WaitTimeout)."""
+        return self.submit(name, **options).result(timeout=client_timeout)
+
+    def functions(self) -> list[dict[str, Any]]:
+        listed: list[dict[str, Any]] = _checked(self.send("GET", "/system/functions")).json()
+        return listed
+
+    def deploy(self, function: dict[str, Any]) -> dict[str, Any]:
+        """Create or replace a function (a registry entry: name, url, ...)."""
+        deployed: dict[str, Any] = _checked(
+            self.send("PUT", f"/system/functions/{function['name']}", json=function)
+        ).json()
+        return deployed
+
+    def remove(self, name: str) -> None:
+        _checked(self.send("DELETE", f"/system/functions/{name}"))
+
+
+@dataclass(frozen=True, slots=True)
+class Handle:
+    client: Client
+    function: str
+    request_id: str
+
+    @property
+    def _prefix(self) -> str:
+        return f"/queue/{self.function}/requests/{self.request_id}"
+
+    def status(self, *, logs: bool = False) -> Status:
+        response = self.client.send("GET", f"{self._prefix}/status", params={"logs": "1" if logs else "0"})
+        return Status.of(_checked(response).json())
+
+    def iter_events(self, *, logs: bool = False, timeout: float | None = None) -> Iterator[Status]:
+        """The status at once, then each change, until COMPLETED (the gateway's SSE stream);
+        WaitTimeout when nothing arrives for `timeout` seconds."""
+        return self.client.events(f"{self._prefix}/status/stream", {"logs": "1" if logs else "0"}, timeout)
+
+    def result(self, timeout: float | None = None) -> Result:
+        """The function's response once completed, waiting at most `timeout` seconds (None: as long as it takes)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            wait_s = _remaining(deadline)
+            response = self.client.send(
+                "GET", self._prefix, params={"wait": f"{wait_s:g}"}, timeout=wait_s + _TIMEOUT_S
+            )
+            result = _result(response, self.request_id)
+            if result is not None:
+                return result
+            if deadline is not None and time.monotonic() >= deadline:
+                raise WaitTimeout(f"request {self.request_id} did not complete within {timeout:g} s")
+
+    def cancel(self) -> bool:
+        """Ask for cancellation; True when requested, False when it had already completed."""
+        response = self.client.send("PUT", f"{self._prefix}/cancel")
+        if response.status_code == 400:  # noqa: PLR2004
+            return False
+        _checked(response)
+        return True
+
+
+# --- async --------------------------------------------------------------------------------
+
+
+class AsyncClient:
+    def __init__(self, url: str | None = None, *, api_key: str | None = None, timeout: float = _TIMEOUT_S) -> None:
+        """As `Client`, for asyncio."""
+        self._http = httpx.AsyncClient(base_url=_base_url(url), headers=_auth(api_key), timeout=timeout)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def send(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        """One HTTP exchange with the gateway (httpx keywords); Unreachable when there is none."""
+        try:
+            return await self._http.request(method, url, **kwargs)
+        except httpx.TransportError as exc:
+            raise Unreachable(f"cannot reach the gateway at {self._http.base_url}: {exc}") from exc
+
+    async def events(self, url: str, params: dict[str, str], idle_s: float | None = None) -> AsyncIterator[Status]:
+        """The status objects of an SSE stream at `url`, until it ends (WaitTimeout: none for `idle_s` s)."""
+        try:
+            async with aconnect_sse(self._http, "GET", url, params=params, timeout=_stream_timeout(idle_s)) as source:
+                _checked(source.response)
+                async for event in source.aiter_sse():
+                    if event.data:
+                        yield Status.of(orjson.loads(event.data))
+        except httpx.ReadTimeout as exc:
+            raise WaitTimeout(f"no status change within {idle_s:g} s") from exc
+        except httpx.TransportError as exc:
+            raise Unreachable(f"the status stream broke: {exc}") from exc
+
+    async def submit(self, name: str, **options: Any) -> AsyncHandle:
+        sent = submission(name, **options)
+        response = await self.send("POST", sent.path, content=sent.content, headers=sent.headers, params=sent.params)
+        return AsyncHandle(self, name, _checked(response).json()["request_id"])
+
+    def handle(self, name: str, request_id: str) -> AsyncHandle:
+        return AsyncHandle(self, name, request_id)
+
+    async def run(self, name: str, *, client_timeout: float | None = None, **options: Any) -> Result:
+        return await (await self.submit(name, **options)).result(timeout=client_timeout)
+
+    async def functions(self) -> list[dict[str, Any]]:
+        listed: list[dict[str, Any]] = _checked(await self.send("GET", "/system/functions")).json()
+        return listed
+
+    async def deploy(self, function: dict[str, Any]) -> dict[str, Any]:
+        response = await self.send("PUT", f"/system/functions/{function['name']}", json=function)
+        deployed: dict[str, Any] = _checked(response).json()
+        return deployed
+
+    async def remove(self, name: str) -> None:
+        _checked(await self.send("DELETE", f"/system/functions/{name}"))
+
+
+@dataclass(frozen=True, slots=True)
+class AsyncHandle:
+    client: AsyncClient
+    function: str
+    request_id: str
+
+    @property
+    def _prefix(self) -> str:
+        return f"/queue/{self.function}/requests/{self.request_id}"
+
+    async def status(self, *, logs: bool = False) -> Status:
+        response = await self.client.send("GET", f"{self._prefix}/status", params={"logs": "1" if logs else "0"})
+        return Status.of(_checked(response).json())
+
+    def iter_events(self, *, logs: bool = False, timeout: float | None = None) -> AsyncIterator[Status]:
+        """The status at once, then each change, until COMPLETED (the gateway's SSE stream);
+        WaitTimeout when nothing arrives for `timeout` seconds."""
+        return self.client.events(f"{self._prefix}/status/stream", {"logs": "1" if logs else "0"}, timeout)
+
+    async def result(self, timeout: float | None = None) -> Result:  # noqa: ASYNC109 - fal's `result(timeout=)`
+        """The function's response once completed, waiting at most `timeout` seconds (None: as long as it takes)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            wait_s = _remaining(deadline)
+            response = await self.client.send(
+                "GET", self._prefix, params={"wait": f"{wait_s:g}"}, timeout=wait_s + _TIMEOUT_S
+            )
+            result = _result(response, self.request_id)
+            if result is not None:
+                return result
+            if deadline is not None and time.monotonic() >= deadline:
+                raise WaitTimeout(f"request {self.request_id} did not complete within {timeout:g} s")
+
+    async def cancel(self) -> bool:
+        response = await self.client.send("PUT", f"{self._prefix}/cancel")
+        if response.status_code == 400:  # noqa: PLR2004
+            return False
+        _checked(response)
+        return True

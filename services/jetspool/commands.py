@@ -1,0 +1,278 @@
+"""The client commands of the CLI (SPEC §8): submit, status, result, cancel, functions.
+
+People get readable lines, scripts `--json`. Progress (status, queue position, elapsed time)
+goes to stderr, updating one line in place on a terminal and as plain lines otherwise, so
+stdout carries only the answer. Exit codes: 0 done; 1 the request completed with an error or
+was cancelled (or was already completed, for `cancel`); 2 usage, configuration or a refused
+call; 3 not found; 4 gave up waiting; 5 gateway unreachable.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final, TextIO
+
+import orjson
+import yaml
+
+from jetspool.client import (
+    Client,
+    Handle,
+    JetspoolError,
+    NotFound,
+    RequestFailed,
+    Result,
+    Status,
+    Unreachable,
+    WaitTimeout,
+)
+from jetspool.domain.errors import ConfigError
+from jetspool.settings import load
+
+if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Callable
+
+EXIT_OK: Final = 0
+EXIT_FAILED: Final = 1
+EXIT_USAGE: Final = 2
+EXIT_NOT_FOUND: Final = 3
+EXIT_GAVE_UP: Final = 4
+EXIT_UNREACHABLE: Final = 5
+CLIENT_COMMANDS: Final = frozenset({"submit", "status", "result", "cancel", "functions"})
+
+
+def add_client_commands(commands: Any) -> None:
+    """Add the client commands to the CLI's subparsers."""
+    submit = commands.add_parser("submit", help="queue a request (with --wait: follow it and print the result)")
+    submit.add_argument("name")
+    submit.add_argument("--data", help="the body: JSON text, or @FILE to send a file as it is")
+    submit.add_argument("--path", default="", help="sub-path below the function's URL")
+    submit.add_argument("--priority", choices=["high", "normal", "low"])
+    submit.add_argument("--wait", action="store_true", help="follow the request and print its result")
+    submit.add_argument("--timeout", type=float, help="with --wait: give up after S seconds (exit 4)")
+    _client_options(submit)
+
+    status = commands.add_parser("status", help="show a request's status (--watch: follow it)")
+    status.add_argument("name")
+    status.add_argument("id")
+    status.add_argument("--watch", action="store_true", help="follow the status stream until it completes")
+    status.add_argument("--logs", action="store_true", help="include the request's log lines")
+    _client_options(status)
+
+    for command, text in (("result", "print a completed request's result"), ("cancel", "cancel a request")):
+        parser = commands.add_parser(command, help=text)
+        parser.add_argument("name")
+        parser.add_argument("id")
+        _client_options(parser)
+
+    functions = commands.add_parser("functions", help="list, deploy or remove functions")
+    verbs = functions.add_subparsers(dest="verb", required=True, metavar="VERB")
+    _client_options(verbs.add_parser("list", help="the registered functions and their queue figures"))
+    deploy = verbs.add_parser("deploy", help="create or replace the functions of a YAML or JSON file")
+    deploy.add_argument("file", type=Path)
+    _client_options(deploy)
+    remove = verbs.add_parser("rm", help="remove a function")
+    remove.add_argument("fname", metavar="NAME")
+    _client_options(remove)
+
+
+def _client_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", help="gateway URL (or JETSPOOL_URL; default gateway.public_url of the config)")
+    parser.add_argument("--api-key", help="API key (or JETSPOOL_API_KEY)")
+    parser.add_argument("--config", help="YAML config file (or JETSPOOL_CONFIG), for the default URL")
+    parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+
+def run_client_command(args: argparse.Namespace) -> int:
+    url = args.url or os.environ.get("JETSPOOL_URL") or load(args.config).gateway.base_url
+    out = Output(args.json)
+    try:
+        with Client(url, api_key=args.api_key) as client:
+            return _COMMANDS[args.command](client, args, out)
+    except RequestFailed as exc:
+        out.failed(exc)
+        return EXIT_FAILED
+    except NotFound as exc:
+        out.error(exc.detail)
+        return EXIT_NOT_FOUND
+    except WaitTimeout as exc:
+        out.error(exc.detail)
+        return EXIT_GAVE_UP
+    except Unreachable as exc:
+        out.error(exc.detail)
+        return EXIT_UNREACHABLE
+    except (JetspoolError, ConfigError, OSError, ValueError) as exc:
+        out.error(str(exc))
+        return EXIT_USAGE
+
+
+def _submit(client: Client, args: argparse.Namespace, out: Output) -> int:
+    handle = client.submit(args.name, content=_body(args.data), path=args.path, priority=args.priority,
+                           headers=_content_type(args.data))  # fmt: skip
+    if not args.wait:
+        out.value({"request_id": handle.request_id, "function": handle.function}, handle.request_id)
+        return EXIT_OK
+    deadline = None if args.timeout is None else time.monotonic() + args.timeout
+    _follow(handle, out, deadline)
+    remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+    out.result(handle.request_id, handle.result(timeout=remaining))
+    return EXIT_OK
+
+
+def _follow(handle: Handle, out: Output, deadline: float | None) -> None:
+    """Show the request's progress until it completes (or the deadline passes: WaitTimeout)."""
+    progress = Progress(sys.stderr, time.monotonic())
+    timeout = None if deadline is None else max(0.01, deadline - time.monotonic())
+    try:
+        for status in handle.iter_events(timeout=timeout):
+            progress.show(status)
+            if status.completed:
+                return
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+    except WaitTimeout:
+        pass
+    finally:
+        progress.done()
+    raise WaitTimeout(f"request {handle.request_id} did not complete in time; it goes on")
+
+
+def _status(client: Client, args: argparse.Namespace, out: Output) -> int:
+    handle = client.handle(args.name, args.id)
+    if not args.watch:
+        status = handle.status(logs=args.logs)
+        out.value(status.raw, _describe(status))
+        return EXIT_OK
+    for status in handle.iter_events(logs=args.logs):
+        out.value(status.raw, _describe(status))
+    return EXIT_OK
+
+
+def _result(client: Client, args: argparse.Namespace, out: Output) -> int:
+    handle = client.handle(args.name, args.id)
+    out.result(handle.request_id, handle.result(timeout=0))
+    return EXIT_OK
+
+
+def _cancel(client: Client, args: argparse.Namespace, out: Output) -> int:
+    requested = client.handle(args.name, args.id).cancel()
+    status = "CANCELLATION_REQUESTED" if requested else "ALREADY_COMPLETED"
+    out.value({"request_id": args.id, "status": status}, status)
+    return EXIT_OK if requested else EXIT_FAILED
+
+
+def _functions(client: Client, args: argparse.Namespace, out: Output) -> int:
+    if args.verb == "list":
+        listed = client.functions()
+        lines = [f"{f['name']}\t{f['url']}\t{_figures(f.get('stats', {}))}" for f in listed]
+        out.value(listed, "\n".join(lines) or "no functions")
+    elif args.verb == "deploy":
+        loaded = yaml.safe_load(args.file.read_text(encoding="utf-8"))
+        entries = loaded.get("functions", loaded) if isinstance(loaded, dict) else loaded
+        entries = [entries] if isinstance(entries, dict) else entries
+        deployed = [client.deploy(entry) for entry in entries]
+        out.value(deployed, "\n".join(f"deployed {d['name']}" for d in deployed))
+    else:
+        client.remove(args.fname)
+        out.value({"removed": args.fname}, f"removed {args.fname}")
+    return EXIT_OK
+
+
+_COMMANDS: Final[dict[str, Callable[[Client, argparse.Namespace, Output], int]]] = {
+    "submit": _submit,
+    "status": _status,
+    "result": _result,
+    "cancel": _cancel,
+    "functions": _functions,
+}
+
+
+def _body(data: str | None) -> bytes:
+    if data is None:
+        return b""
+    if data.startswith("@"):
+        return Path(data[1:]).read_bytes()
+    orjson.loads(data)  # ValueError (exit 2) for text that is not JSON
+    return data.encode()
+
+
+def _content_type(data: str | None) -> dict[str, str]:
+    if data is None:
+        return {}
+    return {"Content-Type": "application/octet-stream" if data.startswith("@") else "application/json"}
+
+
+def _figures(stats: dict[str, Any]) -> str:
+    waiting = sum((stats.get("waiting") or {}).values())
+    return f"waiting {waiting} · running {stats.get('in_progress', 0)} · done {stats.get('completed', 0)}"
+
+
+def _describe(status: Status) -> str:
+    if status.status == "IN_QUEUE" and status.queue_position is not None:
+        return f"{status.request_id} IN_QUEUE, position {status.queue_position}"
+    if status.completed and status.error_type:
+        return f"{status.request_id} COMPLETED with {status.error_type}: {status.error}"
+    return f"{status.request_id} {status.status} (attempts {status.attempts})"
+
+
+class Progress:
+    """One status line on a terminal (rewritten in place), plain lines elsewhere, on stderr."""
+
+    def __init__(self, stream: TextIO, started: float) -> None:
+        self._stream = stream
+        self._started = started
+        self._live = stream.isatty()
+        self._last = ""
+
+    def show(self, status: Status) -> None:
+        where = f" · position {status.queue_position}" if status.queue_position is not None else ""
+        line = f"{status.status}{where} · {time.monotonic() - self._started:.1f} s"
+        if self._live:
+            self._stream.write(f"\r\x1b[2K{line}")
+        elif line.split(" · ")[:-1] != self._last.split(" · ")[:-1]:
+            self._stream.write(f"{line}\n")
+        self._last = line
+        self._stream.flush()
+
+    def done(self) -> None:
+        if self._live and self._last:
+            self._stream.write("\n")
+            self._stream.flush()
+
+
+class Output:
+    def __init__(self, as_json: bool) -> None:
+        self._json = as_json
+
+    def value(self, data: Any, text: str) -> None:
+        sys.stdout.write((orjson.dumps(data).decode() if self._json else text) + "\n")
+
+    def result(self, request_id: str, result: Result) -> None:
+        if self._json:
+            try:
+                output: Any = result.json()
+            except ValueError:
+                output = result.text
+            self.value({"request_id": request_id, "status_code": result.status_code, "result": output}, "")
+            return
+        sys.stdout.buffer.write(result.body)
+        if not result.body.endswith(b"\n"):
+            sys.stdout.buffer.write(b"\n")
+        sys.stdout.flush()
+
+    def failed(self, exc: RequestFailed) -> None:
+        data = {"request_id": exc.request_id, "error_type": exc.error_type, "detail": exc.detail}
+        if self._json:
+            self.value(data, "")
+        else:
+            sys.stderr.write(f"jetspool: request {exc.request_id} failed ({exc.error_type}): {exc.detail}\n")
+
+    def error(self, detail: str) -> None:
+        if self._json:
+            self.value({"error": detail}, "")
+        else:
+            sys.stderr.write(f"jetspool: {detail}\n")

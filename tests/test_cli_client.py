@@ -1,0 +1,144 @@
+"""The client commands of the CLI as a subprocess against a real stack: output for people and
+for scripts (--json), every documented exit code, and the live status line on a terminal."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pty
+import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import orjson
+
+from tests.support.servers import Reply, free_port
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from tests.support.stack import Stack
+
+
+@dataclass(frozen=True)
+class Ran:
+    code: int
+    out: str
+    err: str
+
+
+async def _jetspool(stack: Stack, *args: str, url: str | None = None) -> Ran:
+    """Run `jetspool ARGS` while the test's event loop keeps serving the stack."""
+    env = {**os.environ, "JETSPOOL_URL": url or stack.url, "JETSPOOL_CONFIG": ""}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "jetspool", *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode is not None
+    return Ran(process.returncode, out.decode(), err.decode())
+
+
+async def test_submit_status_result_and_cancel(stack: Stack) -> None:
+    await stack.register("echo")
+
+    waited = await _jetspool(stack, "submit", "echo", "--data", '{"n": 1}', "--wait")
+    queued = await _jetspool(stack, "submit", "echo", "--data", "[1]", "--json")
+    request_id = orjson.loads(queued.out)["request_id"]
+    await stack.wait_for_status("echo", request_id)
+    status = await _jetspool(stack, "status", "echo", request_id)
+    status_json = await _jetspool(stack, "status", "echo", request_id, "--json", "--logs")
+    watched = await _jetspool(stack, "status", "echo", request_id, "--watch", "--json")
+    result = await _jetspool(stack, "result", "echo", request_id)
+    result_json = await _jetspool(stack, "result", "echo", request_id, "--json")
+    cancel_done = await _jetspool(stack, "cancel", "echo", request_id)
+
+    assert (waited.code, waited.out) == (0, '{"n": 1}\n')
+    assert "COMPLETED" in waited.err, "progress goes to stderr"
+    assert queued.code == 0
+    assert (status.code, status.out.strip()) == (0, f"{request_id} COMPLETED (attempts 1)")
+    assert orjson.loads(status_json.out)["logs"] is not None
+    assert orjson.loads(watched.out.splitlines()[-1])["status"] == "COMPLETED"
+    assert (result.code, result.out) == (0, "[1]\n")
+    assert orjson.loads(result_json.out) == {"request_id": request_id, "status_code": 200, "result": [1]}
+    assert (cancel_done.code, cancel_done.out.strip()) == (1, "ALREADY_COMPLETED")
+
+
+async def test_exit_codes_scripts_can_rely_on(stack: Stack) -> None:
+    await stack.register("echo")
+    stack.functions.script("/echo", [Reply(500, b"boom")])
+    await stack.occupy("busy")
+
+    failed = await _jetspool(stack, "submit", "echo", "--data", "{}", "--wait", "--json")
+    unknown = await _jetspool(stack, "submit", "nope", "--wait")
+    gave_up = await _jetspool(stack, "submit", "busy", "--data", "{}", "--wait", "--timeout", "0.5")
+    waiting_id = gave_up.err.split("request ")[1].split()[0]
+    cancelled = await _jetspool(stack, "cancel", "busy", waiting_id)
+    cancelled_result = await _jetspool(stack, "result", "busy", waiting_id)
+    bad_data = await _jetspool(stack, "submit", "echo", "--data", "not json")
+    bad_usage = await _jetspool(stack, "submit")
+    unreachable = await _jetspool(stack, "submit", "echo", url=f"http://127.0.0.1:{free_port()}")
+    stack.functions.release("/busy")
+
+    assert failed.code == 1
+    assert orjson.loads(failed.out)["error_type"] == "function_error"
+    assert unknown.code == 3
+    assert "nope" in unknown.err
+    assert gave_up.code == 4
+    assert (cancelled.code, cancelled.out.strip()) == (0, "CANCELLATION_REQUESTED")
+    assert cancelled_result.code == 1
+    assert "cancelled" in cancelled_result.err
+    assert (bad_data.code, bad_usage.code) == (2, 2)
+    assert unreachable.code == 5
+    assert "cannot reach the gateway" in unreachable.err
+
+
+async def test_functions_list_deploy_and_rm(stack: Stack, tmp_path: Path) -> None:
+    spec = tmp_path / "functions.yaml"
+    spec.write_text(
+        f"functions:\n  - name: resize\n    url: {stack.function_url('/resize')}\n    concurrency: 2\n"
+        f"  - name: tag\n    url: {stack.function_url('/tag')}\n",
+        encoding="utf-8",
+    )
+
+    deployed = await _jetspool(stack, "functions", "deploy", str(spec))
+    listed = await _jetspool(stack, "functions", "list")
+    listed_json = await _jetspool(stack, "functions", "list", "--json")
+    removed = await _jetspool(stack, "functions", "rm", "tag")
+    missing = await _jetspool(stack, "functions", "rm", "tag")
+    after = await _jetspool(stack, "functions", "list", "--json")
+
+    assert (deployed.code, deployed.out.split()) == (0, ["deployed", "resize", "deployed", "tag"])
+    assert listed.out.splitlines()[0].startswith("resize\t")
+    assert {f["name"]: f["concurrency"] for f in orjson.loads(listed_json.out)} == {"resize": 2, "tag": 8}
+    assert (removed.code, missing.code) == (0, 3)
+    assert [f["name"] for f in orjson.loads(after.out)] == ["resize"]
+
+
+async def test_submit_wait_shows_a_live_status_line_on_a_terminal(stack: Stack) -> None:
+    await stack.occupy("busy")
+    main, terminal = pty.openpty()
+    env = {**os.environ, "JETSPOOL_URL": stack.url, "JETSPOOL_CONFIG": ""}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "jetspool", "submit", "busy", "--data", "{}", "--wait",
+        env=env, stdout=terminal, stderr=terminal,
+    )  # fmt: skip
+    os.close(terminal)
+    seen = b""
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(30):
+            while b"IN_QUEUE \xc2\xb7 position 0" not in seen:
+                seen += await loop.run_in_executor(None, os.read, main, 4096)
+            stack.functions.release("/busy", 2)
+            while b"COMPLETED" not in seen:
+                seen += await loop.run_in_executor(None, os.read, main, 4096)
+            await process.wait()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        os.close(main)
+
+    assert process.returncode == 0
+    assert b"\r\x1b[2KIN_QUEUE \xc2\xb7 position 0" in seen, "the line is rewritten in place"
+    assert b"\r\x1b[2KCOMPLETED" in seen

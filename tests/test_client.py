@@ -1,0 +1,150 @@
+"""The Python client, sync and async, against a real stack: every method, and an exception for
+every error row of SPEC §5 carrying its error_type."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import pytest
+
+from jetspool.client import (
+    AsyncClient,
+    Cancelled,
+    Client,
+    FunctionError,
+    Handle,
+    NotFound,
+    Refused,
+    Result,
+    RunnerUnavailable,
+    StartTimeout,
+    Status,
+    Unreachable,
+    WaitTimeout,
+)
+from tests.support.servers import Reply, free_port
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from tests.support.stack import Stack
+
+
+async def test_sync_submit_status_events_result_and_run(stack: Stack) -> None:
+    await stack.register("echo")
+
+    def drive() -> Driven:
+        with Client(stack.url) as client:
+            handle = client.submit("echo", json={"n": 1}, path="sub", priority="high", idempotency_key="k1")
+            events = [s.status for s in handle.iter_events()]
+            return Driven(
+                handle=handle,
+                events=events,
+                result=handle.result(timeout=10),
+                status=handle.status(logs=True),
+                again=client.submit("echo", json={"n": 2}, idempotency_key="k1"),
+                ran=client.run("echo", content=b"plain", headers={"Content-Type": "text/plain"}, client_timeout=10),
+            )
+
+    driven = await asyncio.to_thread(drive)
+
+    assert driven.events[-1] == "COMPLETED"
+    assert driven.result.json() == {"n": 1}
+    assert driven.status.completed
+    assert driven.status.logs is not None
+    assert driven.again.request_id == driven.handle.request_id, "the idempotency key held"
+    assert (driven.ran.text, driven.ran.content_type) == ("plain", "text/plain")
+    [seen] = stack.functions.on("/echo/sub")
+    assert seen.header("x-call-id") == driven.handle.request_id
+
+
+@dataclass
+class Driven:
+    handle: Handle
+    events: list[str]
+    result: Result
+    status: Status
+    again: Handle
+    ran: Result
+
+
+async def test_sync_errors_carry_their_error_type(stack: Stack) -> None:
+    await stack.register("echo")
+    await stack.register("down", max_attempts=1)
+    stack.functions.script("/echo", [Reply(500, b'{"boom": 1}')])
+    stack.functions.script("/down", [Reply(503)])
+
+    def drive() -> dict[str, BaseException]:
+        caught: dict[str, BaseException] = {}
+        with Client(stack.url) as client:
+            calls: dict[str, Callable[[], object]] = {
+                "unknown": lambda: client.submit("nope"),
+                "function_error": lambda: client.run("echo", content=b"x", client_timeout=10),
+                "runner_unavailable": lambda: client.run("down", client_timeout=10),
+                "bad": lambda: client.submit("echo", priority="urgent"),
+            }
+            for label, call in calls.items():
+                try:
+                    call()
+                except Exception as exc:  # noqa: BLE001 - collected for the assertions
+                    caught[label] = exc
+        return caught
+
+    caught = await asyncio.to_thread(drive)
+
+    assert isinstance(caught["unknown"], NotFound)
+    failure = caught["function_error"]
+    assert isinstance(failure, FunctionError)
+    assert failure.error_type == "function_error"
+    assert failure.result is not None
+    assert (failure.result.status_code, failure.result.json()) == (500, {"boom": 1})
+    assert isinstance(caught["runner_unavailable"], RunnerUnavailable)
+    assert caught["runner_unavailable"].error_type == "runner_unavailable"
+    assert isinstance(caught["bad"], Refused)
+    assert caught["bad"].status_code == 422
+
+
+async def test_async_client_cancel_wait_timeout_and_start_timeout(stack: Stack) -> None:
+    await stack.occupy("busy")
+    async with AsyncClient(stack.url) as client:
+        waiting = await client.submit("busy", json={})
+        with pytest.raises(WaitTimeout):
+            await waiting.result(timeout=0.3)
+        assert await waiting.cancel() is True
+        with pytest.raises(Cancelled) as cancelled:
+            await waiting.result(timeout=5)
+        assert await waiting.cancel() is False, "already completed"
+        late = await client.submit("busy", json={}, start_timeout=0.3)
+        with pytest.raises(StartTimeout) as timed_out:
+            await late.result(timeout=10)
+        stack.functions.release("/busy")
+
+    assert cancelled.value.error_type == "cancelled"
+    assert cancelled.value.request_id == waiting.request_id
+    assert timed_out.value.error_type == "request_timeout"
+
+
+async def test_async_client_events_run_and_functions(stack: Stack) -> None:
+    async with AsyncClient(stack.url) as client:
+        deployed = await client.deploy({"name": "echo", "url": stack.function_url("/echo"), "concurrency": 3})
+        handle = await client.submit("echo", json={"a": 1}, no_retry=True)
+        events = [status async for status in handle.iter_events()]
+        ran = await client.run("echo", json=[1, 2], client_timeout=10)
+        listed = await client.functions()
+        await client.remove("echo")
+        after = await client.functions()
+
+    assert deployed["concurrency"] == 3
+    assert events[-1].completed
+    assert events[0].request_id == handle.request_id
+    assert ran.json() == [1, 2]
+    assert [f["name"] for f in listed] == ["echo"]
+    assert after == []
+
+
+async def test_an_unreachable_gateway_is_reported_as_such() -> None:
+    async with AsyncClient(f"http://127.0.0.1:{free_port()}") as client:
+        with pytest.raises(Unreachable):
+            await client.submit("echo", json={})
