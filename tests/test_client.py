@@ -148,3 +148,48 @@ async def test_an_unreachable_gateway_is_reported_as_such() -> None:
     async with AsyncClient(f"http://127.0.0.1:{free_port()}") as client:
         with pytest.raises(Unreachable):
             await client.submit("echo", json={})
+
+
+async def test_sync_cancel_handles_and_the_registry(stack: Stack) -> None:
+    await stack.occupy("busy")
+
+    def drive() -> dict[str, object]:
+        seen: dict[str, object] = {}
+        with Client(stack.url) as client:
+            seen["deployed"] = client.deploy({"name": "echo", "url": stack.function_url("/echo")})["name"]
+            waiting = client.submit("busy", json={})
+            same = client.handle("busy", waiting.request_id)
+            seen["position"] = same.status().queue_position
+            try:
+                same.result(timeout=0.2)
+            except WaitTimeout:
+                seen["gave_up"] = True
+            seen["cancel"] = same.cancel()
+            try:
+                same.result(timeout=5)
+            except Cancelled as exc:
+                seen["cancelled"] = exc.error_type
+            seen["cancel_again"] = same.cancel()
+            seen["listed"] = sorted(f["name"] for f in client.functions())
+            client.remove("echo")
+            seen["after"] = sorted(f["name"] for f in client.functions())
+            try:
+                client.handle("busy", "00000000-0000-4000-8000-000000000000").status()
+            except NotFound:
+                seen["unknown"] = True
+        return seen
+
+    seen = await asyncio.to_thread(drive)
+    stack.functions.release("/busy")
+
+    assert seen == {
+        "deployed": "echo",
+        "position": 0,
+        "gave_up": True,
+        "cancel": True,
+        "cancelled": "cancelled",
+        "cancel_again": False,
+        "listed": ["busy", "echo"],
+        "after": ["busy"],
+        "unknown": True,
+    }
