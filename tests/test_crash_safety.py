@@ -26,6 +26,7 @@ from tests.support.servers import (
     eventually,
     eventually_true,
     free_port,
+    read_body,
     wait_until_ready,
 )
 
@@ -47,12 +48,7 @@ class CountingEcho:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         call_id = dict(scope["headers"]).get(b"x-call-id", b"").decode()
         self.calls[call_id] += 1
         await asyncio.sleep(self.delay_s)

@@ -23,6 +23,16 @@ App = Callable[[Scope, Receive, Send], Awaitable[None]]
 _START_TIMEOUT_S = 10.0
 
 
+async def read_body(receive: Receive) -> bytes:
+    """The whole body of an ASGI HTTP request."""
+    body = b""
+    while True:
+        message = await receive()
+        body += bytes(message.get("body", b""))
+        if not message.get("more_body"):
+            return body
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -138,12 +148,7 @@ class RecordingApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
         seen = Seen(scope["method"], scope["path"], scope["query_string"].decode("latin-1"), headers, body)
         self.seen.append(seen)
