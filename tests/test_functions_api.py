@@ -6,11 +6,13 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from tests.support.servers import AsgiServer, RecordingApp, Reply
+from jetspool.embedded import EmbeddedNats
+from tests.support.servers import AsgiServer, RecordingApp, Reply, eventually_true, free_port
 from tests.support.stack import start_stack
 
 if TYPE_CHECKING:
-    from jetspool.embedded import EmbeddedNats
+    from pathlib import Path
+
     from tests.support.stack import Stack
 
 
@@ -184,3 +186,28 @@ async def test_health_and_readiness(stack: Stack) -> None:
 
     assert (health.status_code, ready.status_code) == (200, 200)
     assert ready.json()["status"] == "ready"
+
+
+async def test_a_function_registered_after_a_nats_restart_is_served_at_once(tmp_path: Path) -> None:
+    """The registry watchers are renewed on reconnect (nats-py alone would notice the lost
+    consumer only after missed heartbeats, about 15 s later)."""
+    nats = EmbeddedNats(tmp_path / "nats", port=free_port())
+    nats.start()
+    stack = await start_stack(nats)
+    try:
+        nats.kill()
+        nats.start()
+
+        async def registered() -> bool:
+            body = {"name": "late", "url": stack.function_url("/late")}
+            return (await stack.client.put("/system/functions/late", json=body)).status_code == 201
+
+        await eventually_true(registered, timeout_s=30, interval_s=0.2)
+        request_id = await stack.submit("late", content=b"after the restart")
+        final = await stack.wait_for_status("late", request_id, timeout_s=5)
+    finally:
+        await stack.close()
+        nats.stop()
+
+    assert "error_type" not in final
+    assert [s.body for s in stack.functions.on("/late")] == [b"after the restart"]

@@ -64,6 +64,7 @@ def create_app(settings: Settings) -> Litestar:
             conn, stores, registry = await open_jetstream(settings, "jetspool-gateway", started)
             view = RegistryView(stores.functions)
             await view.start()
+            conn.on_reconnect(view.resync)
             started.push_async_callback(view.stop)
             feed = StatusFeed(conn.nc, settings.gateway.max_streams)
             await feed.start()

@@ -6,7 +6,8 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import nats
@@ -27,12 +28,28 @@ log = logging.getLogger(__name__)
 _FLUSH_TIMEOUT_S = 2
 
 
+Hook = Callable[[], Awaitable[None]]
+
+
 @dataclass(frozen=True, slots=True)
 class Nats:
     """An open connection and its JetStream context, passed down to whoever needs them."""
 
     nc: Client
     js: JetStreamContext
+    reconnect_hooks: list[Hook] = field(default_factory=list)
+    """Called after each reconnection (e.g. to renew a watcher whose server-side consumer is gone)."""
+
+    def on_reconnect(self, hook: Hook) -> None:
+        self.reconnect_hooks.append(hook)
+
+    async def reconnected(self) -> None:
+        log.info("nats: reconnected")
+        for hook in list(self.reconnect_hooks):
+            try:
+                await hook()
+            except Exception:
+                log.exception("a reconnect hook failed")
 
     @property
     def inline_limit(self) -> int:
@@ -63,7 +80,6 @@ def connect_options(settings: NatsSettings, name: str) -> dict[str, Any]:
         "allow_reconnect": True,
         "error_cb": _on_error,
         "disconnected_cb": _on_disconnect,
-        "reconnected_cb": _on_reconnect,
     }
     if settings.credentials:
         options["user_credentials"] = settings.credentials
@@ -102,7 +118,13 @@ async def connect(settings: NatsSettings, name: str) -> Nats:
             refused.set()
         await _on_error(exc)
 
-    options = connect_options(settings, name) | {"error_cb": on_error}
+    opened: list[Nats] = []
+
+    async def on_reconnect() -> None:
+        for conn in opened:
+            await conn.reconnected()
+
+    options = connect_options(settings, name) | {"error_cb": on_error, "reconnected_cb": on_reconnect}
     connecting = asyncio.create_task(nats.connect(**options))
     refusal = asyncio.create_task(refused.wait())
     try:
@@ -113,7 +135,8 @@ async def connect(settings: NatsSettings, name: str) -> Nats:
         await stop_task(connecting)
         raise ConfigError(reason[0])
     nc = connecting.result()
-    return Nats(nc=nc, js=nc.jetstream())
+    opened.append(Nats(nc=nc, js=nc.jetstream()))
+    return opened[0]
 
 
 def _refusal(exc: Exception) -> str | None:
@@ -135,7 +158,3 @@ async def _on_error(exc: Exception) -> None:
 
 async def _on_disconnect() -> None:
     log.info("nats: disconnected")
-
-
-async def _on_reconnect() -> None:
-    log.info("nats: reconnected")

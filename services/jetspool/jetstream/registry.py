@@ -88,6 +88,7 @@ class RegistryView:
         self.on_change = on_change
         self._task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
+        self._stopped = False
 
     def get(self, name: str) -> Function | None:
         return self._functions.get(name)
@@ -108,16 +109,35 @@ class RegistryView:
         self._task = asyncio.create_task(self._follow(watcher), name="registry-view")
         await self._ready.wait()
 
+    async def resync(self) -> None:
+        """Follow with a new watcher (after a reconnect: the old one's consumer may be gone with the
+        server, and nats-py would notice only after missed heartbeats, some 15 s later). The new
+        watcher replays every entry; names it does not bring back were deleted meanwhile."""
+        if self._task is None or self._stopped:
+            return
+        await stop_task(self._task)
+        watcher = await self._kv.watchall()
+        self._task = asyncio.create_task(self._follow(watcher, replay=True), name="registry-view")
+        log.info("registry view renewed after a reconnect")
+
     async def stop(self) -> None:
+        self._stopped = True
         if self._task is not None:
             await stop_task(self._task)
 
-    async def _follow(self, watcher: KeyValue.KeyWatcher) -> None:
+    async def _follow(self, watcher: KeyValue.KeyWatcher, *, replay: bool = False) -> None:
+        replayed: set[str] | None = set() if replay else None
         try:
             async for entry in watcher:
                 if entry is None:  # end of the initial values
+                    if replayed is not None:
+                        for gone in set(self._functions) - replayed:
+                            await self._notify(gone, None)
+                        replayed = None
                     self._ready.set()
                     continue
+                if replayed is not None:
+                    replayed.add(entry.key)
                 await self._apply(entry)
         finally:
             self._ready.set()
@@ -133,6 +153,10 @@ class RegistryView:
             except DecodeError:
                 log.exception("ignoring unreadable registry entry %s", name)
                 return
+        await self._notify(name, function)
+
+    async def _notify(self, name: str, function: Function | None) -> None:
+        """Take `function` (None: deleted) into the view, and tell `on_change`."""
         if function is None:
             self._functions.pop(name, None)
         else:

@@ -111,6 +111,7 @@ async def run(settings: Settings, stop: asyncio.Event, ready: asyncio.Event | No
 
         started.push_async_callback(pool.stop)  # unwinds after view.stop: no runner starts once the pool stopped
         await view.start()
+        conn.on_reconnect(view.resync)
         started.push_async_callback(view.stop)
         callbacks = CallbackDelivery(conn, status, results, settings.callbacks, http)
         await callbacks.start()
