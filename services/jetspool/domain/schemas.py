@@ -7,6 +7,7 @@ apart, and validates real payloads captured from a running stack against it.
 
 from __future__ import annotations
 
+import inspect
 import sys
 from pathlib import Path
 from typing import Any, Final
@@ -139,8 +140,20 @@ def generate() -> dict[str, dict[str, Any]]:
     return schemas
 
 
+def _clean_descriptions(node: Any) -> Any:
+    """Docstring-born descriptions without their source indentation (msgspec releases differ on it)."""
+    if isinstance(node, dict):
+        cleaned = {key: _clean_descriptions(value) for key, value in node.items()}
+        if isinstance(cleaned.get("description"), str):
+            cleaned["description"] = inspect.cleandoc(cleaned["description"])
+        return cleaned
+    if isinstance(node, list):
+        return [_clean_descriptions(item) for item in node]
+    return node
+
+
 def render(schema: dict[str, Any]) -> bytes:
-    return msgspec.json.format(msgspec.json.encode(schema), indent=2) + b"\n"
+    return msgspec.json.format(msgspec.json.encode(_clean_descriptions(schema)), indent=2) + b"\n"
 
 
 def main(argv: list[str]) -> int:
