@@ -13,12 +13,15 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jetspool import __version__, logfmt
 from jetspool.commands import CLIENT_COMMANDS, add_client_commands, run_client_command
 from jetspool.domain.errors import ConfigError
 from jetspool.settings import Settings, load
+
+if TYPE_CHECKING:
+    from collections.abc import Coroutine
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -139,8 +142,18 @@ def _run_worker(settings: Settings) -> int:
             loop.add_signal_handler(sig, stop.set)
         await run(settings, stop)
 
-    asyncio.run(main())
+    run_loop(main())
     return EXIT_OK
+
+
+def run_loop(main: Coroutine[Any, Any, None]) -> None:
+    """Run `main` on uvloop where it is installed (Linux, macOS), else on asyncio's own loop."""
+    try:
+        import uvloop  # noqa: PLC0415
+    except ImportError:
+        asyncio.run(main)
+    else:
+        uvloop.run(main)
 
 
 def _serve_demo(host: str, port: int) -> int:
