@@ -6,6 +6,7 @@ import logging
 from typing import TYPE_CHECKING
 
 import pytest
+from nats.js import api
 
 from jetspool.domain import names
 from jetspool.domain.errors import ConfigError
@@ -87,3 +88,35 @@ async def test_provisioning_keeps_what_is_stored(conn: Nats) -> None:
 async def test_replicas_a_single_server_cannot_honour_stop_startup_naming_the_setting(conn: Nats) -> None:
     with pytest.raises(ConfigError, match=r"nats\.replicas"):
         await provision(conn, replicas=3)
+
+
+async def test_streams_of_what_happened_are_flushed_asynchronously_on_one_replica(conn: Nats) -> None:
+    """Events, log lines and counters skip the per-write fsync; what must happen keeps it."""
+    await provision(conn, replicas=1)
+
+    modes = {
+        stream: (await conn.js.stream_info(stream)).config.persist_mode
+        for stream in (names.EVENT_STREAM, names.LOG_STREAM, names.COUNTER_STREAM, names.QUEUE_STREAM)
+    }
+    modes[f"KV_{names.STATUS_BUCKET}"] = (await conn.js.stream_info(f"KV_{names.STATUS_BUCKET}")).config.persist_mode
+
+    assert modes == {
+        names.EVENT_STREAM: api.PersistMode.ASYNC,
+        names.LOG_STREAM: api.PersistMode.ASYNC,
+        names.COUNTER_STREAM: api.PersistMode.ASYNC,
+        names.QUEUE_STREAM: None,
+        f"KV_{names.STATUS_BUCKET}": None,
+    }
+
+
+async def test_a_stream_made_before_keeps_its_persist_mode(conn: Nats, caplog: pytest.LogCaptureFixture) -> None:
+    """JetStream cannot change a stream's persist mode: an older deployment's stream stays as it is."""
+    await conn.js.add_stream(
+        api.StreamConfig(name=names.EVENT_STREAM, subjects=[names.EVENT_SUBJECTS], storage=api.StorageType.FILE)
+    )
+
+    with caplog.at_level(logging.INFO, logger="jetspool.jetstream.provision"):
+        await provision(conn, replicas=1)
+
+    assert (await conn.js.stream_info(names.EVENT_STREAM)).config.persist_mode is None
+    assert f"stream {names.EVENT_STREAM} keeps persist mode None" in caplog.text

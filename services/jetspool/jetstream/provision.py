@@ -8,7 +8,7 @@ one the server cannot apply stops start-up with a message naming the setting.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from nats.js import api
@@ -134,11 +134,20 @@ def _log_stream(replicas: int) -> api.StreamConfig:
         subjects=[names.LOG_SUBJECTS],
         storage=api.StorageType.FILE,
         num_replicas=replicas,
+        persist_mode=_observational(replicas),
         max_age=_LOG_MAX_AGE_S,
         max_msgs_per_subject=MAX_LOG_LINES,
         allow_direct=True,
         duplicate_window=_DUPLICATE_WINDOW_S,
     )
+
+
+def _observational(replicas: int) -> api.PersistMode | None:
+    """The persist mode of streams that record what happened (events, log lines, counters) rather
+    than what must happen: on one replica they are flushed asynchronously (ADR-56), so they do
+    not wait for an fsync per write even under `sync_interval: always`. A power loss may take
+    their last moments; the queue, status, results and callbacks keep fsyncing every write."""
+    return api.PersistMode.ASYNC if replicas == 1 else None
 
 
 def _timer_stream(replicas: int) -> api.StreamConfig:
@@ -173,6 +182,7 @@ def _event_stream(replicas: int, settings: EventSettings) -> api.StreamConfig:
         subjects=[names.EVENT_SUBJECTS],
         storage=api.StorageType.FILE,
         num_replicas=replicas,
+        persist_mode=_observational(replicas),
         max_age=settings.max_age,
         max_bytes=settings.max_bytes,
         duplicate_window=_DUPLICATE_WINDOW_S,
@@ -187,6 +197,7 @@ def _counter_stream(replicas: int) -> api.StreamConfig:
         subjects=[names.COUNTER_SUBJECTS],
         storage=api.StorageType.FILE,
         num_replicas=replicas,
+        persist_mode=_observational(replicas),
         allow_msg_counter=True,
         duplicate_window=_DUPLICATE_WINDOW_S,
         allow_direct=True,
@@ -222,6 +233,10 @@ async def ensure_stream(js: JetStreamContext, desired: api.StreamConfig) -> None
         await _apply(js.add_stream, desired, "create")
         log.info("created stream %s", desired.name)
         return
+    if info.config.persist_mode != desired.persist_mode:
+        # JetStream cannot change it on an existing stream: keep the stream's own.
+        log.info("stream %s keeps persist mode %s (recreate it to change that)", desired.name, info.config.persist_mode)
+        desired = replace(desired, persist_mode=info.config.persist_mode)
     changes = _differences(info.config, desired)
     if changes:
         await _apply(js.update_stream, desired, "update")
