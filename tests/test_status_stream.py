@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 from typing import TYPE_CHECKING, Any
 
+import nats
 import orjson
 import pytest
 
+from jetspool.domain.status import StatusRecord, utcnow
+from jetspool.gateway.feed import StatusFeed
 from tests.support.servers import Reply, eventually, eventually_true
 from tests.support.stack import start_stack
 
@@ -221,3 +225,27 @@ async def _read_until_comment(events: Events) -> bool:
     if line.startswith(":"):
         events.comments.append(line)
     return bool(events.comments)
+
+
+async def test_the_gateway_hears_status_changes_only_while_someone_watches(nats_server: EmbeddedNats) -> None:
+    """No watcher, no subscription: a gateway nobody follows a request on reads no status traffic."""
+    nc = await nats.connect(nats_server.url)
+    feed = StatusFeed(nc, max_watches=10, linger_s=0.2)
+    await feed.start()
+    request_id = str(uuid.uuid4())
+    record = StatusRecord(request_id=request_id, function="echo", submitted_at=utcnow())
+    try:
+        unwatched = feed.subscribed
+        async with feed.watch(request_id, "echo") as watch:
+            watched = feed.subscribed
+            await nc.publish(f"jetspool.status.{request_id}", record.encode(), headers={"Nats-Sequence": "7"})
+            heard = await asyncio.wait_for(watch.records.get(), 5)
+        await eventually(lambda: not feed.subscribed, timeout_s=5)
+        async with feed.watch(request_id, "echo"):
+            again = feed.subscribed
+    finally:
+        await feed.stop()
+        await nc.close()
+
+    assert (unwatched, watched, again) == (False, True, True)
+    assert (heard.record.request_id, heard.revision) == (request_id, 7)

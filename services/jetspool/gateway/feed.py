@@ -4,7 +4,12 @@ The status bucket republishes each write on `jetspool.status.<request id>`; enqu
 `jetspool.wake.<function>`. One subscription each feeds every long-poll and SSE stream of this
 process, so a thousand open streams cost no more NATS consumers than one.
 
-A watcher subscribes first and reads the current record after, so no change can fall between.
+The subscriptions exist only while someone watches (and a while after, so that a burst of short
+polls does not subscribe and unsubscribe each time): a gateway nobody follows a request on does
+not read every status change of the system.
+
+A watcher subscribes first and reads the current record after, so no change can fall between:
+the first watcher's `watch` returns once the server has its subscriptions (a flush).
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _QUEUE_LIMIT = 64
+_LINGER_S = 30.0
+"""How long the subscriptions stay after the last watcher left."""
 
 
 class Watch:
@@ -57,29 +64,69 @@ class Watch:
 
 
 class StatusFeed:
-    def __init__(self, nc: Client, max_watches: int) -> None:
+    def __init__(self, nc: Client, max_watches: int, linger_s: float = _LINGER_S) -> None:
         self._nc = nc
         self._max_watches = max_watches
+        self._linger_s = linger_s
         self._by_request: dict[str, set[Watch]] = defaultdict(set)
         self._by_function: dict[str, set[Watch]] = defaultdict(set)
         self._subs: list[Subscription] = []
+        self._subscribing = asyncio.Lock()
+        self._release: asyncio.TimerHandle | None = None
+        self._releasing: asyncio.Task[None] | None = None
         self.closing = False
         """Set at shutdown: streams end so the server can stop."""
+
+    @property
+    def subscribed(self) -> bool:
+        return bool(self._subs)
 
     @property
     def watching(self) -> int:
         return sum(len(w) for w in self._by_request.values())
 
     async def start(self) -> None:
-        self._subs.append(await self._nc.subscribe(names.STATUS_CHANGE_SUBJECTS, cb=self._on_status))
-        self._subs.append(await self._nc.subscribe(names.WAKE_SUBJECTS, cb=self._on_wake))
-        self._subs.append(await self._nc.subscribe(names.LOG_SUBJECTS, cb=self._on_log))
+        """Nothing to do until the first watcher comes (kept for the gateway's start-up sequence)."""
+
+    async def _subscribe(self) -> None:
+        if self._release is not None:
+            self._release.cancel()
+            self._release = None
+        async with self._subscribing:
+            if self._subs:
+                return
+            self._subs.append(await self._nc.subscribe(names.STATUS_CHANGE_SUBJECTS, cb=self._on_status))
+            self._subs.append(await self._nc.subscribe(names.WAKE_SUBJECTS, cb=self._on_wake))
+            self._subs.append(await self._nc.subscribe(names.LOG_SUBJECTS, cb=self._on_log))
+            await self._nc.flush()  # the server has them: what the watcher reads next cannot be missed
+
+    def _release_later(self) -> None:
+        if not self._by_request and self._release is None and not self.closing:
+            self._release = asyncio.get_running_loop().call_later(self._linger_s, self._release_now)
+
+    def _release_now(self) -> None:
+        self._release = None
+        if not self._by_request:
+            self._releasing = asyncio.create_task(self._unsubscribe())
+
+    async def _unsubscribe(self) -> None:
+        async with self._subscribing:
+            if self._by_request:
+                return  # a watcher came meanwhile
+            subs, self._subs = self._subs, []
+            for sub in subs:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
 
     async def stop(self) -> None:
         self.closing = True
+        if self._release is not None:
+            self._release.cancel()
         for watches in self._by_function.values():
             for watch in watches:
                 watch.queue_moved.set()
+        if self._releasing is not None:
+            await self._releasing
         for sub in self._subs:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
@@ -98,10 +145,12 @@ class StatusFeed:
         self._by_request[request_id].add(watch)
         self._by_function[function].add(watch)
         try:
+            await self._subscribe()
             yield watch
         finally:
             self._discard(self._by_request, request_id, watch)
             self._discard(self._by_function, function, watch)
+            self._release_later()
 
     @staticmethod
     def _discard(index: dict[str, set[Watch]], key: str, watch: Watch) -> None:

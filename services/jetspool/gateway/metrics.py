@@ -63,7 +63,7 @@ class GatewayMetrics:
     def __init__(self) -> None:
         self._view: RegistryView | None = None
         self._stats: StatsReader | None = None
-        self._sub: Subscription | None = None
+        self._subs: list[Subscription] = []
         self.run_times: dict[str, float] = {}
         """Per function, a moving average of the seconds its recent successful requests ran (for eta_seconds)."""
         self.registry = CollectorRegistry(auto_describe=False)
@@ -91,11 +91,15 @@ class GatewayMetrics:
 
     async def start(self, nc: Client, view: RegistryView, stats: StatsReader) -> None:
         self._view, self._stats = view, stats
-        self._sub = await nc.subscribe(names.EVENT_SUBJECTS, cb=self._on_event)
+        # Only the events the histograms read: not `queued`, the most frequent.
+        self._subs = [
+            await nc.subscribe(names.event_subject("*", kind), cb=self._on_event)
+            for kind in ("started", "succeeded", "failed")
+        ]
 
     async def stop(self) -> None:
-        if self._sub is not None:
-            await self._sub.unsubscribe()
+        for sub in self._subs:
+            await sub.unsubscribe()
 
     async def render(self) -> bytes:
         """The whole exposition: figures read now from JetStream, then the histograms."""
