@@ -64,7 +64,8 @@ def queue_consumer(function: str, priority: Priority) -> str:
 
 
 def wake_subject(function: str) -> str:
-    """Core NATS subject that tells idle workers new work of `function` waits."""
+    """Core NATS subject that tells idle workers new work of `function` waits; the payload names
+    its priority class (empty: any class may have work)."""
     return f"jetspool.wake.{function}"
 
 

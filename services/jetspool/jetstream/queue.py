@@ -51,7 +51,7 @@ class RequestQueue:
                 if attempt == _PUBLISH_ATTEMPTS:
                     raise
         with contextlib.suppress(NatsError):  # a missed wake-up only delays the start to the next poll
-            await self._conn.nc.publish(names.wake_subject(request.function), b"")
+            await self._conn.nc.publish(names.wake_subject(request.function), request.priority.encode())
         return int(ack.seq)
 
     async def set_deadline(self, job: DeadlineJob) -> None:

@@ -7,12 +7,18 @@ a low-priority request starts only when no higher-class request waits.
 
 Every data message that reaches the inbox is a delivery this worker owns, even one that
 arrives after its pull timed out: it is kept and handed out by the next pull.
+
+A class found empty is not asked again until a wake-up names it (the gateway's wake-up carries
+the priority of the request it queued) or `recheck_s` has passed (a retry's delayed
+redelivery becomes due with no wake-up): a worker busy with normal requests makes one pull
+per round, not three.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections import deque
 from typing import TYPE_CHECKING
 
@@ -37,9 +43,14 @@ class _Pull:
 
 
 class PriorityPuller:
-    def __init__(self, nc: Client, function: str) -> None:
+    def __init__(self, nc: Client, function: str, recheck_s: float) -> None:
         self._nc = nc
         self._function = function
+        self._recheck_s = recheck_s
+        self._drained: dict[str, float] = {}
+        """Class → when a pull last found it empty."""
+        self._heard: dict[str, int] = dict.fromkeys(names.PRIORITIES, 0)
+        """Class → wake-ups heard for it (a wake-up during a pull keeps the class from counting as drained)."""
         self._inbox = nc.new_inbox()
         self._tokens = itertools.count()
         self._pulls: dict[str, _Pull] = {}
@@ -59,15 +70,33 @@ class PriorityPuller:
         self._ready.clear()
         return left
 
+    def heard(self, priority: str | None) -> None:
+        """A wake-up: work of `priority` (None: of any class) may wait."""
+        for name in names.PRIORITIES if priority is None else (priority,):
+            if name in self._heard:
+                self._heard[name] += 1
+                self._drained.pop(name, None)
+
+    def _skip(self, priority: str) -> bool:
+        found_empty = self._drained.get(priority)
+        return found_empty is not None and time.monotonic() - found_empty < self._recheck_s
+
     async def pull(self, batch: int) -> list[Msg]:
         """Up to `batch` waiting requests, higher classes first; empty when nothing waits."""
         for priority in names.PRIORITIES:
             if len(self._ready) >= batch:
                 break
-            await self._pull_class(priority, batch - len(self._ready))
+            if self._skip(priority):
+                continue
+            heard, asked = self._heard[priority], batch - len(self._ready)
+            if await self._pull_class(priority, asked) < asked and self._heard[priority] == heard:
+                self._drained[priority] = time.monotonic()
+            else:
+                self._drained.pop(priority, None)
         return [self._ready.popleft() for _ in range(min(batch, len(self._ready)))]
 
-    async def _pull_class(self, priority: names.Priority, batch: int) -> None:
+    async def _pull_class(self, priority: names.Priority, batch: int) -> int:
+        """Ask one class for `batch` requests; returns how many came (all of them, on a time-out)."""
         token = str(next(self._tokens))
         pull = _Pull(batch)
         self._pulls[token] = pull
@@ -80,7 +109,9 @@ class PriorityPuller:
                 reply=f"{self._inbox}.{token}",
             )
             # On a time-out, whatever this pull still brings lands in _ready and goes out with the next pull.
-            await wait_event(pull.done, _PULL_TIMEOUT_S)
+            if not await wait_event(pull.done, _PULL_TIMEOUT_S):
+                return batch  # no answer: not known to be empty
+            return batch - max(0, pull.remaining)
         finally:
             del self._pulls[token]
             self._current = None

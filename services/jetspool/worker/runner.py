@@ -39,7 +39,7 @@ class FunctionRunner:
         self._function = function
         self._handler = handler
         self._poll_interval_s = poll_interval_s
-        self._puller = PriorityPuller(nc, function.name)
+        self._puller = PriorityPuller(nc, function.name, poll_interval_s)
         self._inflight: set[asyncio.Task[None]] = set()
         self._slot_freed = asyncio.Event()
         self._wake = asyncio.Event()
@@ -72,7 +72,8 @@ class FunctionRunner:
             _, pending = await asyncio.wait(self._inflight, timeout=grace_s)
             await asyncio.gather(*(stop_task(task) for task in pending))
 
-    async def _on_wake(self, _msg: Msg) -> None:
+    async def _on_wake(self, msg: Msg) -> None:
+        self._puller.heard(msg.data.decode(errors="replace") or None)
         self._wake.set()
 
     async def _loop(self) -> None:
