@@ -16,7 +16,8 @@ import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-import httpx
+import aiohttp
+import orjson
 from opentelemetry.trace import SpanKind
 
 from jetspool import logfmt, tracing
@@ -68,6 +69,8 @@ class _Call:
     task: asyncio.Task[FunctionAnswer] | None = None
     aborted: bool = False
     logs_url: str = ""
+    record: Versioned | None = None
+    """The status record as this worker last wrote it: the next write builds on it without a re-read."""
 
 
 _CANCELLED_RUNNING = "cancelled while running"
@@ -86,6 +89,10 @@ def _is_current_run(msg: Msg, request: QueuedRequest, record: StatusRecord) -> b
     if request.retry != record.retries:
         return False
     return request.retry == 0 or int(msg.metadata.sequence.stream) == record.queue_seq
+
+
+async def _nothing() -> None:
+    return None
 
 
 async def settle(msg: Msg, decision: Settle) -> None:
@@ -107,7 +114,8 @@ class Services:
     results: ResultStore
     queue: RequestQueue
     registry: RegistryView
-    http: httpx.AsyncClient
+    http: aiohttp.ClientSession
+    """For calling functions (see `invoke`)."""
     callbacks: CallbackQueue
     logs: RequestLogs
     retention: Retention
@@ -200,6 +208,7 @@ class RequestHandler:
             started = await self._transition(current, lambda r: r.started(attempt, utcnow()))
             if started is None:
                 return ACK  # completed (e.g. cancelled) meanwhile
+            call.record = started
             await self._s.events.publish(started.record)
             await self._s.logs.write(request.request_id, f"attempt {attempt} of {allowed} started")
             call.logs_url = self._logs_url(started.record)
@@ -221,22 +230,27 @@ class RequestHandler:
                 await self._s.logs.write(
                     request.request_id, f"attempt {attempt}: {reason}; retrying in {delay:.1f} s", level="WARN"
                 )
-                requeued = await self._update(request, attempt, lambda r: r.requeued(reason))
+                requeued = await self._update(request, attempt, lambda r: r.requeued(reason), call.record)
                 if requeued is not None:
                     await self._s.events.publish(requeued.record)
                     await count(self._s.conn.nc, request.function, "retried")
                 return Settle("nak", delay)
             gave_up = f"gave up after {attempt} attempts: {exc}"
-            await self._complete(request, function, None, ErrorType.RUNNER_UNAVAILABLE, gave_up, attempt=attempt)
+            await self._complete(
+                request, function, None, ErrorType.RUNNER_UNAVAILABLE, gave_up, attempt=attempt, current=call.record
+            )
         except PermanentDelivery as exc:
-            await self._complete(request, function, None, ErrorType(exc.error_type), str(exc), attempt=attempt)
+            failure = ErrorType(exc.error_type)
+            await self._complete(request, function, None, failure, str(exc), attempt=attempt, current=call.record)
         except Aborted:
             await self._notify_cancel(function, request)
-            await self._complete(request, function, None, ErrorType.CANCELLED, _CANCELLED_RUNNING, attempt=attempt)
+            await self._complete(
+                request, function, None, ErrorType.CANCELLED, _CANCELLED_RUNNING, attempt=attempt, current=call.record
+            )
         else:
             error_type = None if 200 <= answer.status_code < 300 else ErrorType.FUNCTION_ERROR  # noqa: PLR2004
             error = None if error_type is None else f"function answered {answer.status_code}"
-            await self._complete(request, function, answer, error_type, error, attempt=attempt)
+            await self._complete(request, function, answer, error_type, error, attempt=attempt, current=call.record)
         return ACK
 
     async def _invoke_keeping_message(
@@ -285,13 +299,14 @@ class RequestHandler:
         if function.cancel_path is None:
             return
         try:
-            await self._s.http.post(
+            async with self._s.http.post(
                 function.endpoint(function.cancel_path),
-                json={"request_id": request.request_id},
-                headers={names.H_CALL_ID: request.request_id, **function.headers},
-                timeout=_CANCEL_TIMEOUT_S,
-            )
-        except httpx.HTTPError as exc:
+                data=orjson.dumps({"request_id": request.request_id}),
+                headers={"Content-Type": "application/json", names.H_CALL_ID: request.request_id, **function.headers},
+                timeout=aiohttp.ClientTimeout(total=_CANCEL_TIMEOUT_S),
+            ) as response:
+                await response.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
             log.warning("cancel_path of %s failed for %s: %s", function.name, request.request_id, exc)
 
     async def _keep_in_progress(self, msg: Msg) -> None:
@@ -312,12 +327,14 @@ class RequestHandler:
         error: str | None,
         *,
         attempt: int | None = None,
+        current: Versioned | None = None,
     ) -> None:
         """Record the final outcome of `attempt` (None: of no attempt): result, then status, then callbacks.
 
         The result is stored under its attempt, and the status only completes while that attempt
         is still the latest: a stale worker's late answer can never replace a newer outcome. A
         failed request is kept for the retry route first; a successful one's out-of-line body goes.
+        `current`: the record as this worker last wrote it, if it did (saves a read).
         """
         if error_type is not None:
             await self._s.retention.keep_for_retry(request, function.result_ttl)
@@ -337,7 +354,7 @@ class RequestHandler:
                 error_type=error_type,
             )
 
-        completed = await self._update(request, attempt, complete)
+        completed = await self._update(request, attempt, complete, current)
         if completed is None:
             log.info(
                 "request %s: outcome of attempt %s dropped; it completed or moved on meanwhile",
@@ -345,24 +362,33 @@ class RequestHandler:
                 attempt,
             )
             return
-        await self._s.events.publish(completed.record, None if answer is None else answer.body)
-        if error_type is None:
-            await self._s.retention.release_body(request)
         outcome = "succeeded" if error_type is None else f"failed: {error}"
         await self._s.logs.write(
             request.request_id, f"completed, {outcome}", level="INFO" if error_type is None else "ERROR"
         )
         await count_outcome(self._s.conn.nc, completed.record)
-        await self._s.callbacks.emit(completed.record)
+        await self._s.events.publish(completed.record, None if answer is None else answer.body)
+        # Independent of each other: one round trip of waiting, not two. Should the callback jobs
+        # fail to store, the message is redelivered and finds the request completed (see `_run`).
+        await asyncio.gather(
+            self._s.callbacks.emit(completed.record),
+            self._s.retention.release_body(request) if error_type is None else _nothing(),
+        )
 
     async def _update(
         self,
         request: QueuedRequest,
         attempt: int | None,
         change: Callable[[StatusRecord], StatusRecord | None],
+        current: Versioned | None = None,
     ) -> Versioned | None:
-        """Read the record and apply `change` to it, but only while `attempt` is its latest attempt."""
-        current = await self._s.status.get(request.request_id)
+        """Apply `change` to the record, but only while `attempt` is its latest attempt.
+
+        `current`: the record as last written by this worker; read afresh when not given. Either
+        way the write is a compare-and-set, re-read and re-applied should the record have moved.
+        """
+        if current is None:
+            current = await self._s.status.get(request.request_id)
         if current is None:
             return None
 

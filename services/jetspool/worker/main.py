@@ -24,6 +24,7 @@ from jetspool.jetstream.retention import Retention
 from jetspool.jetstream.startup import open_jetstream
 from jetspool.jetstream.status_store import StatusStore
 from jetspool.worker.handler import RequestHandler, Services
+from jetspool.worker.invoke import function_client
 from jetspool.worker.runner import FunctionRunner
 from jetspool.worker.timers import Timers
 
@@ -37,6 +38,8 @@ log = logging.getLogger(__name__)
 
 _HTTP_LIMITS = httpx.Limits(max_connections=1000, max_keepalive_connections=200)
 _CONNECT_TIMEOUT_S = 10.0
+_MAX_CALLS = 10_000
+"""Open connections to functions, over all of them (a function's `concurrency` is the real bound)."""
 
 
 class RunnerPool:
@@ -85,10 +88,11 @@ async def run(settings: Settings, stop: asyncio.Event, ready: asyncio.Event | No
         timeout = httpx.Timeout(None, connect=_CONNECT_TIMEOUT_S)
         http = await started.enter_async_context(
             httpx.AsyncClient(timeout=timeout, limits=_HTTP_LIMITS, follow_redirects=False)
-        )
+        )  # callbacks
+        calls = await started.enter_async_context(function_client(_MAX_CALLS, _CONNECT_TIMEOUT_S))
         status = StatusStore(conn.js, stores.status)
         retention = Retention(conn.js, stores.envelopes, stores.blobs)
-        events = EventLog(conn.js, settings.gateway.base_url, settings.events.inline_result_limit)
+        events = EventLog(conn.nc, settings.gateway.base_url, settings.events.inline_result_limit)
         results = ResultStore(conn.js, stores.results, stores.blobs, retention, conn.inline_limit)
         view = RegistryView(stores.functions)
         queue = RequestQueue(conn, stores.blobs)
@@ -98,7 +102,7 @@ async def run(settings: Settings, stop: asyncio.Event, ready: asyncio.Event | No
             results,
             queue,
             view,
-            http,
+            calls,
             CallbackQueue(conn.js),
             RequestLogs(conn),
             retention,
