@@ -34,6 +34,9 @@ fmt:
 
 # --- measure ---------------------------------------------------------------------------
 
-# benchmarks (not tests): status latency at 100 vs 100,000 waiting requests
+# benchmarks (not tests): every workload of tests/bench against real processes; appends to
+# docs/bench/report.md. Installs what it needs (wrk, redis-server, the `bench` extra) first.
+# e.g. `just bench --quick`, `just bench --only submit,end_to_end`, `just bench --celery`
 bench *args:
-    {{venv}}/python -m tests.bench.status_latency {{args}}
+    bash tests/bench/setup.sh
+    {{venv}}/python -m tests.bench {{args}}
