@@ -54,10 +54,10 @@ class Recorder:
 
 
 class Hold(Recorder):
-    """Answers `/_seen`; any other request waits until the server stops."""
+    """Answers `/_seen` and `/readyz`; any other request waits until the server stops."""
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"] != "/_seen":
+        if scope["type"] == "http" and scope["path"] not in {"/_seen", "/readyz"}:
             await asyncio.Event().wait()
         await super().__call__(scope, receive, send)
 

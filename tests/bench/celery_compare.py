@@ -108,9 +108,8 @@ def run(root: Path, seconds: float) -> dict[str, Any]:
             done = _results(client)
         finished = time.time()
     finally:
-        for process in reversed(processes):
+        for process in reversed(processes):  # the worker and the API first, Redis last
             process.terminate()
-        for process in processes:
             try:
                 process.wait(20)
             except subprocess.TimeoutExpired:

@@ -48,11 +48,14 @@ class Watch:
         self.records: asyncio.Queue[Versioned] = asyncio.Queue(_QUEUE_LIMIT)
         self.queue_moved = asyncio.Event()
         """Set on any change of the function's queue (this request's own changes and log lines included)."""
+        self.own_change = asyncio.Event()
+        """Set on a change of this request itself: a new record or a new log line."""
 
     def offer(self, current: Versioned) -> None:
         if self.records.full():  # a slow reader only needs the newest state
             self.records.get_nowait()
         self.records.put_nowait(current)
+        self.own_change.set()
 
     def latest(self, current: Versioned) -> Versioned:
         """The newest record heard since `current` (or `current` itself)."""
@@ -175,6 +178,7 @@ class StatusFeed:
 
     async def _on_log(self, msg: Msg) -> None:
         for watch in self._by_request.get(msg.subject.rpartition(".")[2], ()):
+            watch.own_change.set()
             watch.queue_moved.set()
 
     def _queue_moved(self, function: str) -> None:

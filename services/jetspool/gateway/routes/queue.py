@@ -246,6 +246,7 @@ async def _events(
             count = last_id % _EVENT_IDS_PER_REVISION + 1
         while not gateway.feed.closing:
             watch.queue_moved.clear()  # before reading: a change from now on wakes the wait below
+            watch.own_change.clear()
             current = watch.latest(current)
             view = await _view(gateway, current.record, with_logs=with_logs)
             if view != sent:
@@ -259,6 +260,14 @@ async def _events(
                 return
             if not await wait_event(watch.queue_moved, gateway.settings.gateway.sse_ping_interval):
                 yield ServerSentEventMessage(comment="ping")
+            elif not watch.own_change.is_set():
+                # Only others moved: a new queue position goes out at most once per interval, so a
+                # thousand streams on one busy function do not each recompute it on every change.
+                await wait_event(watch.own_change, _POSITION_INTERVAL_S)
+
+
+_POSITION_INTERVAL_S = 1.0
+"""Least time between two stream events that only move the queue position."""
 
 
 async def _view(gateway: Gateway, record: StatusRecord, *, with_logs: bool) -> dict[str, Any]:
