@@ -37,6 +37,7 @@ fmt:
 # benchmarks (not tests): every workload of tests/bench against real processes; appends to
 # docs/bench/report.md. Installs what it needs (wrk, redis-server, the `bench` extra) first.
 # e.g. `just bench --quick`, `just bench --only submit,end_to_end`, `just bench --celery`
+[positional-arguments]
 bench *args:
     bash tests/bench/setup.sh
-    {{venv}}/python -m tests.bench {{args}}
+    {{venv}}/python -m tests.bench "$@"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shlex
 import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
@@ -220,7 +221,7 @@ def write(records: list[Record], out: Path, *, label: str, minutes: float, argv:
     lines = [
         f"## Run {stamp}" + (f" — {label}" if label else ""),
         "",
-        f"`python -m tests.bench {' '.join(argv)}`".replace(" `", "`") + f" on commit {_commit()}, "
+        f"`python -m tests.bench {shlex.join(argv)}`".replace(" `", "`") + f" on commit {_commit()}, "
         f"{_machine()}; {minutes:.1f} minutes.",
         "",
         "| workload | jetspool | baseline (same run) | ratio |",
