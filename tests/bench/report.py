@@ -196,13 +196,18 @@ def plot(records: list[Record], path: Path) -> bool:
         left.set_xlabel("requests per second")
         left.set_title("Throughput (2 wrk threads, 64 connections)")
     labels = ["p50", "p90", "p99"]
-    for name, figures in _latency_series(records):
-        if figures and all(f"{p}_ms" in figures for p in labels):
-            right.plot(labels, [figures[f"{p}_ms"] for p in labels], marker="o", label=name)
+    plotted = [
+        (name, figures)
+        for name, figures in _latency_series(records)
+        if figures and all(f"{p}_ms" in figures for p in labels)
+    ]
+    for name, figures in plotted:
+        right.plot(labels, [figures[f"{p}_ms"] for p in labels], marker="o", label=name)
     right.set_yscale("log")
     right.set_ylabel("milliseconds (log)")
     right.set_title("Latency distribution")
-    right.legend(fontsize=8)
+    if plotted:
+        right.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
