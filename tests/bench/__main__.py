@@ -88,7 +88,7 @@ async def _workload(name: str, args: argparse.Namespace, where: Path) -> list[di
 def main() -> None:
     args = _parser().parse_args()
     if args.quick:
-        args.seconds, args.e2e_seconds, args.paced_seconds = 3, 2000, 2
+        args.seconds, args.e2e_seconds, args.paced_seconds = 3, 3, 2
         args.backlog, args.streams, args.callbacks = 5000, 100, 50
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="jetspool-bench-") as root:
