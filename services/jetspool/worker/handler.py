@@ -91,10 +91,6 @@ def _is_current_run(msg: Msg, request: QueuedRequest, record: StatusRecord) -> b
     return request.retry == 0 or int(msg.metadata.sequence.stream) == record.queue_seq
 
 
-async def _nothing() -> None:
-    return None
-
-
 async def settle(msg: Msg, decision: Settle) -> None:
     """Acknowledge a queue message: the only place that does."""
     if decision.verb == "ack":
@@ -193,14 +189,14 @@ class RequestHandler:
         allowed = current.record.attempt_base + per_run
         attempt = current.record.attempts + 1
         if current.record.cancel_requested:
-            await self._complete(request, function, None, ErrorType.CANCELLED, _CANCELLED_RUNNING)
+            await self._complete(request, function, None, ErrorType.CANCELLED, _CANCELLED_RUNNING, current=current)
             return ACK
         if request.start_deadline is not None and utcnow() >= request.start_deadline:
-            await self._complete(request, function, None, ErrorType.REQUEST_TIMEOUT, _LATE)
+            await self._complete(request, function, None, ErrorType.REQUEST_TIMEOUT, _LATE, current=current)
             return ACK
         if attempt > allowed or int(msg.metadata.num_delivered) > per_run + _SPARE_DELIVERIES:
             gave_up = f"gave up after {current.record.attempts} attempts"
-            await self._complete(request, function, None, ErrorType.RUNNER_UNAVAILABLE, gave_up)
+            await self._complete(request, function, None, ErrorType.RUNNER_UNAVAILABLE, gave_up, current=current)
             return ACK
         call = _Call()
         self._running[request.request_id] = call  # before IN_PROGRESS shows: no cancel signal can be missed
@@ -334,7 +330,7 @@ class RequestHandler:
         The result is stored under its attempt, and the status only completes while that attempt
         is still the latest: a stale worker's late answer can never replace a newer outcome. A
         failed request is kept for the retry route first; a successful one's out-of-line body goes.
-        `current`: the record as this worker last wrote it, if it did (saves a read).
+        `current`: the record as this worker last read or wrote it, if it has it (saves a read).
         """
         if error_type is not None:
             await self._s.retention.keep_for_retry(request, function.result_ttl)
@@ -370,10 +366,10 @@ class RequestHandler:
         await self._s.events.publish(completed.record, None if answer is None else answer.body)
         # Independent of each other: one round trip of waiting, not two. Should the callback jobs
         # fail to store, the message is redelivered and finds the request completed (see `_run`).
-        await asyncio.gather(
-            self._s.callbacks.emit(completed.record),
-            self._s.retention.release_body(request) if error_type is None else _nothing(),
-        )
+        pending = [self._s.callbacks.emit(completed.record)]
+        if error_type is None:
+            pending.append(self._s.retention.release_body(request))
+        await asyncio.gather(*pending)
 
     async def _update(
         self,
