@@ -231,7 +231,6 @@ async def test_the_gateway_hears_status_changes_only_while_someone_watches(nats_
     """No watcher, no subscription: a gateway nobody follows a request on reads no status traffic."""
     nc = await nats.connect(nats_server.url)
     feed = StatusFeed(nc, max_watches=10, linger_s=0.2)
-    await feed.start()
     request_id = str(uuid.uuid4())
     record = StatusRecord(request_id=request_id, function="echo", submitted_at=utcnow())
     try:

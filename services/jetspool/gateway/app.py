@@ -67,7 +67,6 @@ def create_app(settings: Settings) -> Litestar:
             conn.on_reconnect(view.resync)
             started.push_async_callback(view.stop)
             feed = StatusFeed(conn.nc, settings.gateway.max_streams)
-            await feed.start()
             started.push_async_callback(feed.stop)
             http = await started.enter_async_context(
                 httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10.0), follow_redirects=False)

@@ -88,9 +88,6 @@ class StatusFeed:
     def watching(self) -> int:
         return sum(len(w) for w in self._by_request.values())
 
-    async def start(self) -> None:
-        """Nothing to do until the first watcher comes (kept for the gateway's start-up sequence)."""
-
     async def _subscribe(self) -> None:
         if self._release is not None:
             self._release.cancel()
