@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 from tests.bench.load import wrk
-from tests.bench.parts import Helper
+from tests.bench.parts import Helper, stop_process
 from tests.support.servers import free_port, wait_until_ready
 
 if TYPE_CHECKING:
@@ -109,12 +109,7 @@ def run(root: Path, seconds: float) -> dict[str, Any]:
         finished = time.time()
     finally:
         for process in reversed(processes):  # the worker and the API first, Redis last
-            process.terminate()
-            try:
-                process.wait(20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(10)
+            stop_process(process, grace_s=20)
         noop.stop()
     return {
         "workload": "celery",

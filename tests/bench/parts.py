@@ -34,6 +34,16 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / 100  # clock ticks: 100 per second on Linux
 
 
+def stop_process(process: subprocess.Popen[Any], grace_s: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL if it has not ended after `grace_s`; reaped either way."""
+    process.terminate()
+    try:
+        process.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(10)
+
+
 class Helper:
     """One `tests.bench.apps` server in its own process."""
 
@@ -54,12 +64,7 @@ class Helper:
             return orjson.loads((await client.get(f"{self.url}/_seen")).content)  # type: ignore[no-any-return]
 
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(10)
+        stop_process(self.process)
 
 
 @dataclass

@@ -7,7 +7,6 @@ this one machine; the status object carries the gateway's and worker's own times
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import time
 import uuid
@@ -24,6 +23,7 @@ from jetspool.domain.messages import QueuedRequest, encode
 from jetspool.domain.status import StatusRecord, utcnow
 from tests.bench.load import BODY_1KIB, paced, wrk
 from tests.bench.parts import Helper, Stack, cpu_seconds
+from tests.support.servers import eventually
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -55,7 +55,6 @@ class Completions:
         self._url, self._function = nats_url, function
         self.seen: dict[str, tuple[float, dict[str, Any]]] = {}
         self._nc: Any = None
-        self._changed = asyncio.Event()
 
     async def __aenter__(self) -> Completions:
         self._nc = await nats.connect(self._url)
@@ -64,7 +63,6 @@ class Completions:
             now = time.time()
             event = orjson.loads(msg.data)
             self.seen.setdefault(event["request_id"], (now, event["status"]))
-            self._changed.set()
 
         await self._nc.subscribe(names.event_subject(self._function, "succeeded"), cb=arrived)
         await self._nc.flush()
@@ -74,14 +72,11 @@ class Completions:
         await self._nc.close()
 
     async def wait_for(self, count: int, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while len(self.seen) < count:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"{len(self.seen)} of {count} completions seen")
-            self._changed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), min(remaining, 1.0))
+        """Until `count` completions were seen (arrival times are taken as they come, not here)."""
+        try:
+            await eventually(lambda: len(self.seen) >= count, timeout_s)
+        except TimeoutError:
+            raise TimeoutError(f"{len(self.seen)} of {count} completions seen") from None
 
 
 # --- 1. submit --------------------------------------------------------------------------------
