@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import uuid
+from functools import partial
 from typing import TYPE_CHECKING
 
 from jetspool import tracing
 from jetspool.domain import names
 from jetspool.domain.messages import CallbackJob, encode
+from jetspool.jetstream.ridethrough import ride_through
 
 if TYPE_CHECKING:
     from nats.js.client import JetStreamContext
@@ -35,8 +37,6 @@ class CallbackQueue:
                 url=target.url,
                 run=record.retries,
             )
-            await self._js.publish(
-                names.callback_subject(target.kind),
-                encode(job),
-                headers=tracing.inject({names.NATS_MSG_ID: f"{record.request_id}.{target.kind}{run}{nonce}"}),
-            )
+            subject, payload = names.callback_subject(target.kind), encode(job)
+            headers = tracing.inject({names.NATS_MSG_ID: f"{record.request_id}.{target.kind}{run}{nonce}"})
+            await ride_through(partial(self._js.publish, subject, payload, headers=headers), "callback enqueue")

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from functools import partial
 from typing import TYPE_CHECKING, Final
 
 from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError
 
 from jetspool.domain import names
+from jetspool.jetstream.ridethrough import ride_through
 
 if TYPE_CHECKING:
     from nats.js.kv import KeyValue
@@ -36,12 +38,19 @@ class IdempotencyKeys:
 
     async def claim(self, function: str, key: str, request_id: str, result_ttl_s: float) -> StatusRecord | None:
         """Reserve `key` for `request_id`; None when reserved, or the first request's record when taken."""
-        entry = names.idempotency_key(function, key)
+        entry, mine = names.idempotency_key(function, key), request_id.encode()
+        create = partial(self._kv.create, entry, mine, msg_ttl=result_ttl_s + _KEEP_S)
         while True:
             try:
-                await self._kv.create(entry, request_id.encode(), msg_ttl=result_ttl_s + _KEEP_S)
+                await ride_through(create, "idempotency claim")
             except KeyWrongLastSequenceError:
-                first = await self._first(entry)
+                try:
+                    held = await ride_through(partial(self._kv.get, entry), "idempotency read")
+                except KeyNotFoundError:
+                    continue  # removed meanwhile: claim again
+                if held.value == mine:
+                    return None  # our own claim, whose acknowledgement was lost to a node loss
+                first = await self._first(entry, held)
                 if first is not None:
                     return first
                 continue  # the record went stale and was removed: claim again
@@ -52,12 +61,8 @@ class IdempotencyKeys:
         with contextlib.suppress(KeyNotFoundError):
             await self._kv.delete(names.idempotency_key(function, key))
 
-    async def _first(self, entry: str) -> StatusRecord | None:
+    async def _first(self, entry: str, held: KeyValue.Entry) -> StatusRecord | None:
         """The request a taken key names; None (after removing the record) when that request is gone."""
-        try:
-            held = await self._kv.get(entry)
-        except KeyNotFoundError:
-            return None
         request_id = (held.value or b"").decode()
         for _ in range(_IN_FLIGHT_CHECKS):  # the first submit may still be storing its status
             current = await self._status.get(request_id)

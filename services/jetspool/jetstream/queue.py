@@ -4,23 +4,21 @@ from __future__ import annotations
 
 import contextlib
 import uuid
+from functools import partial
 from typing import TYPE_CHECKING
 
 import msgspec
 from nats.errors import Error as NatsError
-from nats.errors import TimeoutError as NatsTimeoutError
 
 from jetspool import tracing
 from jetspool.domain import names
 from jetspool.domain.messages import DeadlineJob, QueuedRequest, encode
+from jetspool.jetstream.ridethrough import ride_through
 
 if TYPE_CHECKING:
     from nats.js.object_store import ObjectStore
 
     from jetspool.jetstream.connection import Nats
-
-
-_PUBLISH_ATTEMPTS = 3
 
 
 class RequestQueue:
@@ -42,14 +40,8 @@ class RequestQueue:
         subject, payload = names.queue_subject(request.function, request.priority), encode(request)
         msg_id = request.request_id if request.retry == 0 else f"{request.request_id}.retry.{uuid.uuid4().hex}"
         headers = tracing.inject({names.NATS_MSG_ID: msg_id})  # the request's trace goes with it
-        for attempt in range(1, _PUBLISH_ATTEMPTS + 1):
-            try:
-                ack = await self._conn.js.publish(subject, payload, headers=headers)
-                break
-            except (NatsTimeoutError, TimeoutError):
-                # Stored or not, a repeat with the same message id stores it exactly once.
-                if attempt == _PUBLISH_ATTEMPTS:
-                    raise
+        # Stored or not, a repeat with the same message id stores it exactly once.
+        ack = await ride_through(partial(self._conn.js.publish, subject, payload, headers=headers), "enqueue")
         with contextlib.suppress(NatsError):  # a missed wake-up only delays the start to the next poll
             await self._conn.nc.publish(names.wake_subject(request.function), request.priority.encode())
         return int(ack.seq)
@@ -57,7 +49,10 @@ class RequestQueue:
     async def set_deadline(self, job: DeadlineJob) -> None:
         """Arm the start deadline of a queued request (the worker also checks it on receipt)."""
         msg_id = f"{job.request_id}.deadline" + (f".retry{job.retry}" if job.retry else "")
-        await self._conn.js.publish(names.DEADLINE_SUBJECT, encode(job), headers={names.NATS_MSG_ID: msg_id})
+        publish = partial(
+            self._conn.js.publish, names.DEADLINE_SUBJECT, encode(job), headers={names.NATS_MSG_ID: msg_id}
+        )
+        await ride_through(publish, "timer")
 
     async def load_body(self, request: QueuedRequest) -> bytes:
         """The request's body, read from the object store when it was stored out of line."""

@@ -6,12 +6,14 @@ a sweep job deletes the object when the result expires.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import TYPE_CHECKING
 
 from nats.js.errors import KeyNotFoundError, NotFoundError
 
 from jetspool.domain import names
 from jetspool.domain.messages import StoredResult, decode, encode
+from jetspool.jetstream.ridethrough import ride_through
 
 if TYPE_CHECKING:
     from nats.js.client import JetStreamContext
@@ -38,12 +40,14 @@ class ResultStore:
             await self._retention.sweep_later(request_id, [ref], ttl_s)  # first: no object is ever left behind
             await self._blobs.put(ref, result.body)
             result = StoredResult(status_code=result.status_code, content_type=result.content_type, body_ref=ref)
-        key = names.result_key(request_id, attempt)
-        await self._js.publish(f"{self._prefix}{key}", encode(result), msg_ttl=max(1, int(ttl_s)))
+        subject, payload = f"{self._prefix}{names.result_key(request_id, attempt)}", encode(result)
+        # Putting the same result again changes nothing a reader sees.
+        await ride_through(partial(self._js.publish, subject, payload, msg_ttl=max(1, int(ttl_s))), "result write")
 
     async def get(self, request_id: str, attempt: int) -> StoredResult | None:
         try:
-            entry = await self._kv.get(names.result_key(request_id, attempt))
+            key = names.result_key(request_id, attempt)
+            entry = await ride_through(partial(self._kv.get, key), "result read")
         except KeyNotFoundError:
             return None
         if entry.value is None:  # pragma: no cover - a get never returns an empty put

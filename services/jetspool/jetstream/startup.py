@@ -8,6 +8,7 @@ from jetspool.domain.errors import ConfigError
 from jetspool.jetstream.connection import connect
 from jetspool.jetstream.provision import Stores, ensure_function_consumers, provision
 from jetspool.jetstream.registry import FunctionRegistry
+from jetspool.jetstream.ridethrough import ride_through
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -31,9 +32,17 @@ async def open_jetstream(
         )
     conn = await connect(settings.nats, name)
     started.push_async_callback(conn.close)
-    stores = await provision(conn, settings.nats.replicas, settings.events)
-    registry = FunctionRegistry(stores.functions)
-    for function in [*settings.functions, *extra_functions]:
-        await registry.ensure(function)
-        await ensure_function_consumers(conn.js, function.name, settings.worker.ack_wait)
+    functions = [*settings.functions, *extra_functions]
+
+    async def prepare() -> tuple[Stores, FunctionRegistry]:
+        stores = await provision(conn, settings.nats.replicas, settings.events)
+        registry = FunctionRegistry(stores.functions)
+        for function in functions:
+            await registry.ensure(function)
+            await ensure_function_consumers(conn.js, function.name, settings.worker.ack_wait)
+        return stores, registry
+
+    # All of it is idempotent: on a cluster electing leaders (or busy with other components
+    # starting), a step that timed out is simply done again.
+    stores, registry = await ride_through(prepare, "provisioning")
     return conn, stores, registry

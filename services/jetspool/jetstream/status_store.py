@@ -10,13 +10,15 @@ callback's delivery state); records still waiting or running have none.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
 
-from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import APIError, KeyNotFoundError, NotFoundError
 
 from jetspool.domain import names
 from jetspool.domain.errors import JetspoolError
 from jetspool.domain.status import StatusRecord, decode_status, utcnow
+from jetspool.jetstream.ridethrough import ride_through
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -42,17 +44,15 @@ class StatusStore:
         self._js = js
         self._kv = kv
         self._prefix = f"$KV.{names.STATUS_BUCKET}."
+        self._stream = f"KV_{names.STATUS_BUCKET}"
 
     async def create(self, record: StatusRecord) -> int:
         """Store the first record of a request; StaleStatus if the id is already taken."""
-        try:
-            return int(await self._kv.create(record.request_id, record.encode()))
-        except KeyWrongLastSequenceError as exc:
-            raise StaleStatus(f"request {record.request_id} already exists") from exc
+        return await self._write(record, 0)
 
     async def get(self, request_id: str) -> Versioned | None:
         try:
-            entry = await self._kv.get(request_id)
+            entry = await ride_through(partial(self._kv.get, request_id), "status read")
         except KeyNotFoundError:
             return None
         if entry.value is None:  # pragma: no cover - a get never returns an empty put
@@ -61,20 +61,47 @@ class StatusStore:
 
     async def update(self, record: StatusRecord, last: int) -> int:
         """Write `record` if the stored revision is still `last`; returns the new revision."""
+        return await self._write(record, last)
+
+    async def _write(self, record: StatusRecord, last: int) -> int:
+        """Compare-and-set `record` over revision `last` (0: none), riding through a node loss.
+
+        A write whose acknowledgement was lost may have landed: when its repeat is refused, the
+        record is read from the stream leader, and if it holds exactly what we wrote, the write
+        was ours."""
+        subject, payload = f"{self._prefix}{record.request_id}", record.encode()
         headers = {names.NATS_EXPECTED_LAST_SUBJECT_SEQ: str(last)}
         ttl_s = None if record.expires_at is None else (record.expires_at - utcnow()).total_seconds()
+        msg_ttl = None if ttl_s is None else max(1, int(ttl_s))
+        tries = 0
+
+        async def publish() -> int:
+            nonlocal tries
+            tries += 1
+            ack = await self._js.publish(subject, payload, headers=headers, msg_ttl=msg_ttl)
+            return int(ack.seq)
+
         try:
-            ack = await self._js.publish(
-                f"{self._prefix}{record.request_id}",
-                record.encode(),
-                headers=headers,
-                msg_ttl=None if ttl_s is None else max(1, int(ttl_s)),
-            )
+            return await ride_through(publish, "status write")
         except APIError as exc:
-            if exc.err_code in _WRONG_LAST_SEQUENCE:
-                raise StaleStatus(f"request {record.request_id} changed since revision {last}") from exc
-            raise
-        return int(ack.seq)
+            if exc.err_code not in _WRONG_LAST_SEQUENCE:
+                raise
+            if tries > 1:
+                landed = await self._landed(subject, payload)
+                if landed is not None:
+                    return landed
+            raise StaleStatus(f"request {record.request_id} changed since revision {last}") from exc
+
+    async def _landed(self, subject: str, payload: bytes) -> int | None:
+        """The revision of the stored record if it is `payload`, read from the leader (a follower
+        answering a direct get may not have it yet)."""
+        try:
+            stored = await ride_through(
+                partial(self._js.get_msg, self._stream, subject=subject, direct=False), "status read"
+            )
+        except NotFoundError:
+            return None
+        return stored.seq if stored.data == payload else None
 
     async def change(
         self, current: Versioned, change: Callable[[StatusRecord], StatusRecord | None]

@@ -1,0 +1,76 @@
+"""Riding through the loss of a NATS node: retry an operation that failed because the cluster
+was between leaders, or the connection between servers.
+
+When a node of a cluster dies, its clients reconnect to another one, and every stream and
+consumer it led elects a new leader among the survivors (a few seconds). Meanwhile a request
+to JetStream gets no responder, times out or is told the system is unavailable. Each of
+jetspool's writes is safe to repeat: a message id makes a repeated publish store nothing
+twice, a compare-and-set write that did land is recognised by the writer (see
+`StatusStore.update`), a KV put of the same value changes nothing; reads are free to repeat.
+So they are retried here, with a growing pause, for up to `RIDE_THROUGH_S`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Final, TypeVar
+
+from nats.errors import ConnectionReconnectingError, NoRespondersError, StaleConnectionError
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.errors import APIError, NoStreamResponseError, ServiceUnavailableError
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+RIDE_THROUGH_S: Final = 30.0
+"""How long an operation is retried: past a leader election (seconds) and a reconnect."""
+_FIRST_PAUSE_S: Final = 0.05
+_MAX_PAUSE_S: Final = 1.0
+_BETWEEN_LEADERS: Final = frozenset({10008, 10009, 10118})
+"""JetStream API errors of a cluster between leaders: temporarily unavailable (10008), not the
+leader (10009), stream offline (10118)."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether `exc` is what a node loss or leader election looks like to a client."""
+    if isinstance(
+        exc,
+        NatsTimeoutError
+        | TimeoutError
+        | NoRespondersError
+        | NoStreamResponseError
+        | ServiceUnavailableError
+        | ConnectionReconnectingError
+        | StaleConnectionError,
+    ):
+        return True
+    return isinstance(exc, APIError) and getattr(exc, "err_code", None) in _BETWEEN_LEADERS
+
+
+async def ride_through(operation: Callable[[], Awaitable[T]], what: str, budget_s: float = RIDE_THROUGH_S) -> T:
+    """`await operation()`, repeated while it fails transiently, for up to `budget_s`; the last
+    error is raised when time runs out. `operation` must be safe to repeat."""
+    deadline = time.monotonic() + budget_s
+    pause = _FIRST_PAUSE_S
+    tries = 0
+    while True:
+        try:
+            result = await operation()
+        except Exception as exc:
+            if not is_transient(exc) or time.monotonic() + pause > deadline:
+                raise
+            tries += 1
+            if tries == 1:
+                log.info("nats: %s failed (%s), retrying", what, type(exc).__name__)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, _MAX_PAUSE_S)
+            continue
+        if tries:
+            log.info("nats: %s succeeded after %d retries", what, tries)
+        return result

@@ -1,0 +1,82 @@
+"""Riding through a node loss: which failures are retried, for how long, and which are not."""
+
+from __future__ import annotations
+
+import pytest
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.errors import APIError, KeyNotFoundError, NoStreamResponseError, ServiceUnavailableError
+
+from jetspool.jetstream.ridethrough import is_transient, ride_through
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        NatsTimeoutError(),
+        TimeoutError(),
+        NoRespondersError(),
+        NoStreamResponseError(),
+        ServiceUnavailableError(code=503, err_code=10008, description="JetStream system temporarily unavailable"),
+        APIError(code=500, err_code=10009, description="JetStream cluster can not handle request"),
+    ],
+    ids=type,
+)
+def test_what_a_leader_election_or_reconnect_looks_like_is_transient(error: Exception) -> None:
+    assert is_transient(error)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        KeyNotFoundError(),
+        APIError(code=400, err_code=10071, description="wrong last sequence: 3"),
+        APIError(code=400, err_code=10074, description="replicas > 1 not supported in non-clustered mode"),
+        ValueError("bad"),
+    ],
+    ids=type,
+)
+def test_answers_and_bugs_are_not_transient(error: Exception) -> None:
+    assert not is_transient(error)
+
+
+async def test_a_transient_failure_is_retried_until_the_operation_succeeds() -> None:
+    calls = 0
+
+    async def flaky() -> str:
+        nonlocal calls
+        calls += 1
+        if calls < 3:
+            raise NoStreamResponseError
+        return "stored"
+
+    assert await ride_through(flaky, "test") == "stored"
+    assert calls == 3
+
+
+async def test_a_lasting_failure_is_raised_once_the_budget_is_spent() -> None:
+    calls = 0
+
+    async def down() -> None:
+        nonlocal calls
+        calls += 1
+        raise NatsTimeoutError
+
+    with pytest.raises(NatsTimeoutError):
+        await ride_through(down, "test", budget_s=0.3)
+
+    assert 1 < calls < 10, "retried with growing pauses, then given up"
+
+
+async def test_a_non_transient_failure_is_raised_at_once() -> None:
+    calls = 0
+
+    async def refused() -> None:
+        nonlocal calls
+        calls += 1
+        raise APIError(code=400, err_code=10071, description="wrong last sequence")
+
+    with pytest.raises(APIError):
+        await ride_through(refused, "test")
+
+    assert calls == 1
