@@ -57,7 +57,7 @@ class CallbackDelivery:
         http: httpx.AsyncClient,
     ) -> None:
         self._js = conn.js
-        self._nc = conn.nc
+        self._conn = conn
         self._status = status
         self._results = results
         self._settings = settings
@@ -204,7 +204,7 @@ class CallbackDelivery:
     async def _note(self, current: Versioned, job: CallbackJob, state: DeliveryState, last_status: int | None) -> None:
         """Record the attempt in the request's status object (for its run only), and count final outcomes."""
         if state != "pending":
-            await count(self._nc, job.function, "callbacks_delivered" if state == "delivered" else "callbacks_failed")
+            await count(self._conn, job.function, "callbacks_delivered" if state == "delivered" else "callbacks_failed")
 
         def attempted(record: StatusRecord) -> StatusRecord | None:
             if record.retries != job.run:

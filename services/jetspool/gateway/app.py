@@ -142,7 +142,7 @@ def _wire(
     queue = RequestQueue(conn, stores.blobs)
     retention = Retention(conn.js, stores.envelopes, stores.blobs)
     callbacks = CallbackQueue(conn.js)
-    events = EventLog(conn.nc, settings.gateway.base_url, settings.events.inline_result_limit)
+    events = EventLog(conn, settings.gateway.base_url, settings.events.inline_result_limit)
     return Gateway(
         settings=settings,
         conn=conn,

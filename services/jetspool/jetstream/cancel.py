@@ -117,7 +117,7 @@ class Canceller:
                 return CancelOutcome.SIGNALLED
             await self._events.publish(changed)
             await self._withdraw(changed, ttl_s)
-            await count_outcome(self._conn.nc, changed)
+            await count_outcome(self._conn, changed)
             # The queue changed only now: positions behind it move up, and watchers recompute them.
             await self._conn.nc.publish(names.wake_subject(record.function), b"")
             return CancelOutcome.CANCELLED

@@ -8,6 +8,7 @@ import logging
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import nats
@@ -16,6 +17,7 @@ from nats.errors import Error as NatsError
 
 from jetspool.aio import stop_task
 from jetspool.domain.errors import ConfigError
+from jetspool.jetstream.ridethrough import ride_through
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
@@ -37,6 +39,8 @@ class Nats:
 
     nc: Client
     js: JetStreamContext
+    replicas: int = 1
+    """`nats.replicas`: more than one means a cluster, where a stream can be between leaders."""
     reconnect_hooks: list[Hook] = field(default_factory=list)
     """Called after each reconnection (e.g. to renew a watcher whose server-side consumer is gone)."""
 
@@ -50,6 +54,17 @@ class Nats:
                 await hook()
             except Exception:
                 log.exception("a reconnect hook failed")
+
+    async def record(self, subject: str, payload: bytes, headers: dict[str, str]) -> None:
+        """Publish to a stream that records what happened (events, totals); `headers` carry a message id.
+
+        On one server it goes without waiting for the acknowledgement (while reconnecting, nats-py
+        holds it until the server is back). On a cluster a message sent while its stream elects a
+        leader would be dropped, so there it is acknowledged, riding through the election."""
+        if self.replicas == 1:
+            await self.nc.publish(subject, payload, headers=headers)
+        else:
+            await ride_through(partial(self.js.publish, subject, payload, headers=headers), f"publish to {subject}")
 
     @property
     def inline_limit(self) -> int:
@@ -135,7 +150,7 @@ async def connect(settings: NatsSettings, name: str) -> Nats:
         await stop_task(connecting)
         raise ConfigError(reason[0])
     nc = connecting.result()
-    opened.append(Nats(nc=nc, js=nc.jetstream()))
+    opened.append(Nats(nc=nc, js=nc.jetstream(), replicas=settings.replicas))
     return opened[0]
 
 

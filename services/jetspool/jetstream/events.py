@@ -20,9 +20,8 @@ from jetspool.domain import names
 from jetspool.domain.status import ErrorType, State, public_status, utcnow
 
 if TYPE_CHECKING:
-    from nats.aio.client import Client
-
     from jetspool.domain.status import StatusRecord
+    from jetspool.jetstream.connection import Nats
 
 log = logging.getLogger(__name__)
 
@@ -41,17 +40,18 @@ def event_type(record: StatusRecord) -> names.EventType:
 
 
 class EventLog:
-    def __init__(self, nc: Client, base_url: str, inline_result_limit: int) -> None:
-        self._nc = nc
+    def __init__(self, conn: Nats, base_url: str, inline_result_limit: int) -> None:
+        self._conn = conn
         self._base_url = base_url
         self._inline_limit = inline_result_limit
 
     async def publish(self, record: StatusRecord, output: bytes | None = None) -> None:
         """Publish the event of `record`, just written; `output`: the function's response body.
 
-        Sent without waiting for the stream's acknowledgement (events observe, they do not steer:
-        the status write stands either way), which spares a round trip per change. Being on the
-        same connection as the status write, it lands in the stream after the ones sent before."""
+        On one server it is sent without waiting for the stream's acknowledgement (events observe,
+        they do not steer: the status write stands either way), which spares a round trip per
+        change; on a cluster it is acknowledged (see `Nats.record`). Being on the same connection
+        as the status write, it lands in the stream after the ones sent before."""
         kind = event_type(record)
         event: dict[str, Any] = {
             "v": EVENT_VERSION,
@@ -66,10 +66,10 @@ class EventLog:
             event["result"] = result
         msg_id = f"{record.request_id}.{kind}.{record.attempts}.{record.retries}"
         try:
-            await self._nc.publish(
-                names.event_subject(record.function, kind), orjson.dumps(event), headers={names.NATS_MSG_ID: msg_id}
+            await self._conn.record(
+                names.event_subject(record.function, kind), orjson.dumps(event), {names.NATS_MSG_ID: msg_id}
             )
-        except NatsError:
+        except (NatsError, TimeoutError):
             log.warning("could not publish the %s event of %s", kind, record.request_id, exc_info=True)
 
     def _inline(self, output: bytes | None) -> Any:

@@ -15,27 +15,27 @@ from jetspool.domain.status import ErrorType
 from jetspool.jetstream.positions import consumer_figures
 
 if TYPE_CHECKING:
-    from nats.aio.client import Client
     from nats.js.client import JetStreamContext
 
     from jetspool.domain.status import StatusRecord
+    from jetspool.jetstream.connection import Nats
 
 
-async def count(nc: Client, function: str, counter: names.Counter, msg_id: str | None = None) -> None:
-    """Add one to a total of `function`, without waiting (a message id makes a repeat count once)."""
+async def count(conn: Nats, function: str, counter: names.Counter, msg_id: str | None = None) -> None:
+    """Add one to a total of `function` (a message id makes a repeat count once)."""
     headers = {names.NATS_INCR: "+1"} | ({names.NATS_MSG_ID: msg_id} if msg_id else {})
-    await nc.publish(names.counter_subject(function, counter), b"", headers=headers)
+    await conn.record(names.counter_subject(function, counter), b"", headers)
 
 
-async def count_outcome(nc: Client, record: StatusRecord) -> None:
+async def count_outcome(conn: Nats, record: StatusRecord) -> None:
     """Add the completed `record` to its function's `completed` or `failed` total (and `cancelled`).
 
     The message id (request and run) lets whoever finds the request completed after a crash
     send it again and have it counted once."""
     outcome = f"{record.request_id}.outcome.{record.retries}"
-    await count(nc, record.function, "completed" if record.error_type is None else "failed", outcome)
+    await count(conn, record.function, "completed" if record.error_type is None else "failed", outcome)
     if record.error_type is ErrorType.CANCELLED:
-        await count(nc, record.function, "cancelled", f"{outcome}.cancelled")
+        await count(conn, record.function, "cancelled", f"{outcome}.cancelled")
 
 
 class StatsReader:

@@ -182,7 +182,7 @@ class RequestHandler:
             if current.record.error_type is not None:
                 await self._s.retention.keep_for_retry(request, function.result_ttl)
             await self._s.events.publish(current.record)
-            await count_outcome(self._s.conn.nc, current.record)
+            await count_outcome(self._s.conn, current.record)
             await self._s.callbacks.emit(current.record)
             return ACK
         per_run = 1 if request.no_retry else function.max_attempts
@@ -229,7 +229,7 @@ class RequestHandler:
                 requeued = await self._update(request, attempt, lambda r: r.requeued(reason), call.record)
                 if requeued is not None:
                     await self._s.events.publish(requeued.record)
-                    await count(self._s.conn.nc, request.function, "retried")
+                    await count(self._s.conn, request.function, "retried")
                 return Settle("nak", delay)
             gave_up = f"gave up after {attempt} attempts: {exc}"
             await self._complete(
@@ -362,7 +362,7 @@ class RequestHandler:
         await self._s.logs.write(
             request.request_id, f"completed, {outcome}", level="INFO" if error_type is None else "ERROR"
         )
-        await count_outcome(self._s.conn.nc, completed.record)
+        await count_outcome(self._s.conn, completed.record)
         await self._s.events.publish(completed.record, None if answer is None else answer.body)
         # Independent of each other: one round trip of waiting, not two. Should the callback jobs
         # fail to store, the message is redelivered and finds the request completed (see `_run`).

@@ -92,7 +92,7 @@ async def run(settings: Settings, stop: asyncio.Event, ready: asyncio.Event | No
         calls = await started.enter_async_context(function_client(_MAX_CALLS, _CONNECT_TIMEOUT_S))
         status = StatusStore(conn.js, stores.status)
         retention = Retention(conn.js, stores.envelopes, stores.blobs)
-        events = EventLog(conn.nc, settings.gateway.base_url, settings.events.inline_result_limit)
+        events = EventLog(conn, settings.gateway.base_url, settings.events.inline_result_limit)
         results = ResultStore(conn.js, stores.results, stores.blobs, retention, conn.inline_limit)
         view = RegistryView(stores.functions)
         queue = RequestQueue(conn, stores.blobs)
