@@ -17,6 +17,7 @@ from nats.js.errors import APIError, NotFoundError
 from jetspool.domain import names
 from jetspool.domain.errors import ConfigError
 from jetspool.jetstream.logs import MAX_LINES as MAX_LOG_LINES
+from jetspool.jetstream.ridethrough import is_transient
 from jetspool.settings import EventSettings
 
 if TYPE_CHECKING:
@@ -35,6 +36,8 @@ _MAX_ACK_PENDING = 20_000
 _MAX_TIMERS = 1_000_000
 """Every pending timer is a delayed nak holding an ack-pending slot."""
 _LOG_MAX_AGE_S = 7 * 86400.0
+_CANNOT_PLACE = frozenset({10005, 10023, 10074})
+"""No suitable peers for placement, insufficient resources, replicas > 1 on a single server."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,6 +236,13 @@ async def ensure_stream(js: JetStreamContext, desired: api.StreamConfig) -> None
         await _apply(js.add_stream, desired, "create")
         log.info("created stream %s", desired.name)
         return
+    if info.config.persist_mode == api.PersistMode.ASYNC and (desired.num_replicas or 1) > 1:
+        raise ConfigError(
+            f"nats.replicas: {desired.num_replicas}: stream {desired.name} was created for one server, flushed "
+            "asynchronously, and JetStream cannot replicate such a stream. It only keeps history "
+            f"({info.config.description}): remove it (nats stream rm {desired.name}) and start again to "
+            f"have it recreated with {desired.num_replicas} replicas."
+        )
     if info.config.persist_mode != desired.persist_mode:
         # JetStream cannot change it on an existing stream: keep the stream's own.
         log.info("stream %s keeps persist mode %s (recreate it to change that)", desired.name, info.config.persist_mode)
@@ -247,8 +257,15 @@ async def _apply(call: Any, config: api.StreamConfig, verb: str) -> None:
     try:
         await call(config)
     except APIError as exc:
-        hint = " (nats.replicas: the server cannot honour this replica count)" if "replica" in str(exc).lower() else ""
-        raise ConfigError(f"cannot {verb} stream {config.name}: {exc.description or exc}{hint}") from exc
+        if is_transient(exc):
+            raise  # the cluster is between leaders: provisioning is tried again
+        detail = exc.description or str(exc)
+        if getattr(exc, "err_code", None) in _CANNOT_PLACE or "replica" in detail.lower():
+            detail += (
+                f" (nats.replicas: {config.num_replicas} needs a JetStream cluster with at least "
+                f"{config.num_replicas} servers up; lower it, or start or add servers)"
+            )
+        raise ConfigError(f"cannot {verb} stream {config.name}: {detail}") from exc
 
 
 def _differences(current: api.StreamConfig, desired: api.StreamConfig) -> list[str]:
@@ -281,7 +298,7 @@ async def _ensure_consumer(js: JetStreamContext, stream: str, desired: api.Consu
 
 async def _ensure_object_store(js: JetStreamContext, replicas: int) -> ObjectStore:
     try:
-        return await js.object_store(names.BLOB_STORE)
+        store = await js.object_store(names.BLOB_STORE)
     except NotFoundError:
         return await js.create_object_store(
             names.BLOB_STORE,
@@ -291,3 +308,8 @@ async def _ensure_object_store(js: JetStreamContext, replicas: int) -> ObjectSto
                 replicas=replicas,
             ),
         )
+    stream = await js.stream_info(f"{_OBJ_PREFIX}{names.BLOB_STORE}")
+    if stream.config.num_replicas != replicas:
+        await _apply(js.update_stream, replace(stream.config, num_replicas=replicas), "update")
+        log.info("updated stream %s: num_replicas -> %d", stream.config.name, replicas)
+    return store
