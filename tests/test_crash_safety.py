@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -16,53 +15,21 @@ import pytest
 import yaml
 
 from jetspool.embedded import EmbeddedNats
+from tests.support.faults import CountingEcho, check_every_result, report, stats, submit_all
 from tests.support.processes import JetspoolProcess, sigkill, start_part
 from tests.support.servers import (
     AsgiServer,
-    Receive,
     RecordingApp,
-    Scope,
-    Send,
-    eventually,
     eventually_true,
     free_port,
-    read_body,
     wait_until_ready,
 )
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Awaitable, Callable
+    from collections.abc import AsyncIterator
     from pathlib import Path
 
 _MAX_ATTEMPTS = 5
-_SUBMITTERS = 32
-
-
-@dataclass
-class CountingEcho:
-    """A 20 ms function that answers each request's body back and counts calls per request id."""
-
-    delay_s: float = 0.02
-    calls: Counter[str] = field(default_factory=Counter)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return
-        body = await read_body(receive)
-        call_id = dict(scope["headers"]).get(b"x-call-id", b"").decode()
-        self.calls[call_id] += 1
-        await asyncio.sleep(self.delay_s)
-        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
-        await send({"type": "http.response.body", "body": body})
-
-    async def wait_for_calls(self, count: int) -> None:
-        await eventually(lambda: sum(self.calls.values()) >= count, timeout_s=120)
-
-
-def _report(capsys: pytest.CaptureFixture[str], text: str) -> None:
-    """Show a figure of the run in the test output, captured or not."""
-    with capsys.disabled():
-        print(text)  # noqa: T201
 
 
 @dataclass
@@ -120,31 +87,6 @@ async def echo() -> AsyncIterator[tuple[CountingEcho, AsgiServer]]:
     await server.stop()
 
 
-async def _submit_all(
-    client: httpx.AsyncClient, count: int, on_accepted: Callable[[int], Awaitable[None]] | None = None
-) -> dict[str, bytes]:
-    """Submit `count` requests with bounded concurrency; the accepted ones (202), id → body.
-
-    A submit the gateway did not answer 202 (it was down, or NATS was) was not accepted."""
-    accepted: dict[str, bytes] = {}
-    gate = asyncio.Semaphore(_SUBMITTERS)
-
-    async def one(n: int) -> None:
-        body = f"request {n}".encode()
-        async with gate:
-            try:
-                response = await client.post("/async-function/echo", content=body)
-            except httpx.HTTPError:
-                return
-        if response.status_code == 202:
-            accepted[response.headers["x-call-id"]] = body
-            if on_accepted is not None:
-                await on_accepted(len(accepted))
-
-    await asyncio.gather(*(one(n) for n in range(count)))
-    return accepted
-
-
 async def _accepts(client: httpx.AsyncClient) -> bool:
     """Whether the gateway accepts a request again (after NATS came back)."""
     try:
@@ -152,36 +94,6 @@ async def _accepts(client: httpx.AsyncClient) -> bool:
     except httpx.HTTPError:
         return False
     return response.status_code == 202
-
-
-async def _stats(client: httpx.AsyncClient) -> dict[str, Any]:
-    stats: dict[str, Any] = (await client.get("/system/functions/echo")).json()["stats"]
-    return stats
-
-
-async def _check_every_result(client: httpx.AsyncClient, accepted: dict[str, bytes], timeout_s: float) -> None:
-    """Every accepted request COMPLETED without error, its result its own body."""
-
-    async def queue_empty() -> bool:
-        try:
-            stats = await _stats(client)
-        except (httpx.HTTPError, ValueError, KeyError):
-            return False
-        return bool(sum(stats["waiting"].values()) == 0 and stats["in_progress"] == 0)
-
-    try:
-        await eventually_true(queue_empty, timeout_s=timeout_s, interval_s=0.5)
-    except TimeoutError:
-        states = Counter([(await client.get(f"/queue/echo/requests/{r}/status")).json()["status"] for r in accepted])
-        raise AssertionError(f"not all completed: {dict(states)}; stats {await _stats(client)}") from None
-    gate = asyncio.Semaphore(_SUBMITTERS)
-
-    async def check(request_id: str, body: bytes) -> None:
-        async with gate:
-            result = await client.get(f"/queue/echo/requests/{request_id}")
-        assert (result.status_code, result.content) == (200, body), f"{request_id}: {result.text[:200]}"
-
-    await asyncio.gather(*(check(request_id, body) for request_id, body in accepted.items()))
 
 
 @pytest.mark.timeout(240)
@@ -204,16 +116,16 @@ async def test_2000_requests_survive_three_worker_kills(
                     await parts.start("worker")
 
             killer = asyncio.create_task(kill_three_times())
-            accepted = await _submit_all(client, 2000)
+            accepted = await submit_all([client], 2000)
             await killer
-            await _check_every_result(client, accepted, timeout_s=150)
-            totals = await _stats(client)
+            await check_every_result(client, accepted, timeout_s=150)
+            totals = await stats(client)
     finally:
         parts.stop()
 
     calls = sum(app.calls[request_id] for request_id in accepted)
     duplicates = calls - len(accepted)
-    _report(capsys, f"\n2000 requests, worker SIGKILLed {kills} times: {calls} invocations, {duplicates} duplicates")
+    report(capsys, f"\n2000 requests, worker SIGKILLed {kills} times: {calls} invocations, {duplicates} duplicates")
     assert kills == 3
     assert len(accepted) == 2000, "the gateway stayed up: every submit was accepted"
     assert all(app.calls[request_id] >= 1 for request_id in accepted)
@@ -235,13 +147,13 @@ async def test_every_request_accepted_before_the_gateway_was_killed_completes(
                 if accepted == 200 and "gateway" in parts.processes:
                     parts.kill("gateway")
 
-            accepted = await _submit_all(client, 600, on_accepted=kill_gateway_at)
+            accepted = await submit_all([client], 600, on_accepted=kill_gateway_at)
             await parts.start("gateway")
-            await _check_every_result(client, accepted, timeout_s=120)
+            await check_every_result(client, accepted, timeout_s=120)
     finally:
         parts.stop()
 
-    _report(capsys, f"\ngateway SIGKILLed after 200 acceptances: {len(accepted)} of 600 submits accepted in all")
+    report(capsys, f"\ngateway SIGKILLed after 200 acceptances: {len(accepted)} of 600 submits accepted in all")
     assert 200 <= len(accepted) < 600, "the kill cut the load short"
 
 
@@ -264,15 +176,15 @@ async def test_nothing_acknowledged_is_lost_when_nats_restarts(
                     nats.kill()
                     nats.start()
 
-            accepted = await _submit_all(client, 600, on_accepted=restart_nats_at)
+            accepted = await submit_all([client], 600, on_accepted=restart_nats_at)
             await eventually_true(lambda: _accepts(client), timeout_s=60, interval_s=0.5)
-            after = await _submit_all(client, 100)
-            await _check_every_result(client, accepted | after, timeout_s=150)
+            after = await submit_all([client], 100)
+            await check_every_result(client, accepted | after, timeout_s=150)
     finally:
         parts.stop()
         nats.stop()
 
-    _report(
+    report(
         capsys,
         f"\nnats-server SIGKILLed and restarted mid-load: {len(accepted)} of 600 accepted, then {len(after)} of 100",
     )

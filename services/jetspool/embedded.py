@@ -45,12 +45,20 @@ def die_with_parent() -> None:
 
 
 class EmbeddedNats:
-    def __init__(self, data_dir: Path, sync_interval: str = "always", port: int = -1, extra_config: str = "") -> None:
-        """`extra_config`: more nats-server configuration (authorization, tls, ...), appended as is."""
+    def __init__(
+        self,
+        data_dir: Path,
+        sync_interval: str = "always",
+        port: int = -1,
+        extra_config: str = "",
+        server_name: str = "jetspool",
+    ) -> None:
+        """`extra_config`: more nats-server configuration (authorization, tls, cluster, ...), appended as is."""
         self.data_dir = data_dir.resolve()
         self.sync_interval = sync_interval
         self.port = port
         self.extra_config = extra_config
+        self.server_name = server_name
         self.url = ""
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -80,7 +88,7 @@ class EmbeddedNats:
         store = json.dumps(str(self.data_dir / "jetstream"))
         return (
             f"listen: 127.0.0.1:{self.port}\n"
-            f"server_name: jetspool\n"
+            f"server_name: {self.server_name}\n"
             f"max_payload: 8MB\n"
             f"jetstream {{\n  store_dir: {store}\n  sync_interval: {self.sync_interval}\n}}\n"
             f"{self.extra_config}"

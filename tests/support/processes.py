@@ -47,6 +47,24 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
+def local_tcp_ports(pid: int) -> set[int]:
+    """The local ports of the TCP sockets process `pid` holds (Linux /proc)."""
+    inodes: set[str] = set()
+    for fd in (_PROC / str(pid) / "fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = str(fd.readlink())
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:[") : -1])
+    ports: set[int] = set()
+    for table in ("tcp", "tcp6"):
+        with contextlib.suppress(OSError):
+            for line in (_PROC / str(pid) / "net" / table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if fields[9] in inodes:
+                    ports.add(int(fields[1].rpartition(":")[2], 16))
+    return ports
+
+
 class JetspoolProcess:
     """`python -m jetspool ARGS` with its output read line by line in a thread."""
 
