@@ -27,7 +27,7 @@ from jetspool.gateway.feed import StatusFeed
 from jetspool.gateway.intake import Intake
 from jetspool.gateway.limits import receive_deadline
 from jetspool.gateway.metrics import GatewayMetrics
-from jetspool.gateway.routes import function, logs, openfaas, queue, system
+from jetspool.gateway.routes import dashboard, function, logs, openfaas, queue, system
 from jetspool.gateway.state import Gateway
 from jetspool.jetstream.callbacks import CallbackQueue
 from jetspool.jetstream.cancel import Canceller
@@ -109,6 +109,10 @@ def create_app(settings: Settings) -> Litestar:
             system.metrics,
             system.healthz,
             system.readyz,
+            dashboard.page,
+            dashboard.asset,
+            dashboard.overview,
+            dashboard.events,
         ],
         dependencies={"gateway": Provide(_gateway, sync_to_thread=False)},
         lifespan=[lifespan],

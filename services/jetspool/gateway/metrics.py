@@ -23,6 +23,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from jetspool.domain import names
+from jetspool.gateway.activity import Activity
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -64,6 +65,8 @@ class GatewayMetrics:
         self._view: RegistryView | None = None
         self._stats: StatsReader | None = None
         self._subs: list[Subscription] = []
+        self.activity = Activity()
+        """Per function, the last minutes of completions, failures and run times (for the dashboard)."""
         self.run_times: dict[str, float] = {}
         """Per function, a moving average of the seconds its recent successful requests ran (for eta_seconds)."""
         self.registry = CollectorRegistry(auto_describe=False)
@@ -135,14 +138,21 @@ class GatewayMetrics:
             if event["type"] == "started" and status["attempts"] == 1:
                 waited = _seconds_between(status["submitted_at"], status["started_at"])
                 self.queue_wait.labels(event["function"]).observe(waited)
-            elif event["type"] in {"succeeded", "failed"} and status["metrics"]["inference_time"] is not None:
-                ran = float(status["metrics"]["inference_time"])
-                self.run_time.labels(event["function"]).observe(ran)
-                if event["type"] == "succeeded":
-                    previous = self.run_times.get(event["function"])
-                    self.run_times[event["function"]] = ran if previous is None else previous + _EWMA * (ran - previous)
+            elif event["type"] in {"succeeded", "failed"}:
+                succeeded = event["type"] == "succeeded"
+                self._on_completion(event["function"], succeeded, status["metrics"]["inference_time"])
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             log.debug("ignoring an unreadable event on %s", msg.subject)
+
+    def _on_completion(self, function: str, succeeded: bool, inference_time: float | None) -> None:
+        ran = None if inference_time is None else float(inference_time)
+        self.activity.observe(function, succeeded=succeeded, ran_s=ran)
+        if ran is None:
+            return
+        self.run_time.labels(function).observe(ran)
+        if succeeded:
+            previous = self.run_times.get(function)
+            self.run_times[function] = ran if previous is None else previous + _EWMA * (ran - previous)
 
     def timed(self, app: ASGIApp) -> ASGIApp:
         """ASGI middleware: observe each request's latency under its route template."""
