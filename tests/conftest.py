@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 import pytest
 
 from jetspool.embedded import EmbeddedNats
+from tests.support.faults import CountingEcho
+from tests.support.servers import AsgiServer
 from tests.support.stack import Stack, start_stack
 
 if TYPE_CHECKING:
@@ -36,3 +38,13 @@ async def stack_without_worker(nats_server: EmbeddedNats) -> AsyncIterator[Stack
     running = await start_stack(nats_server, worker=False)
     yield running
     await running.close()
+
+
+@pytest.fixture
+async def echo() -> AsyncIterator[tuple[CountingEcho, AsgiServer]]:
+    """A counting echo function (tests/support/faults.py) served on a free port."""
+    app = CountingEcho()
+    server = AsgiServer(app)
+    await server.start()
+    yield app, server
+    await server.stop()

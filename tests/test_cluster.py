@@ -55,15 +55,6 @@ def cluster(tmp_path: Path) -> Iterator[LocalCluster]:
         running.stop()
 
 
-@pytest.fixture
-async def echo() -> AsyncIterator[tuple[CountingEcho, AsgiServer]]:
-    app = CountingEcho()
-    server = AsgiServer(app)
-    await server.start()
-    yield app, server
-    await server.stop()
-
-
 @dataclass
 class Parts:
     """Two gateways and two workers as `jetspool` processes on the cluster's server list."""
@@ -92,6 +83,18 @@ class Parts:
         for name, process in self.processes.items():
             process.kill_tree()
             (self.config.parent / f"{name}.log").write_text(process.output, encoding="utf-8")
+
+
+@pytest.fixture
+async def parts(cluster: LocalCluster, echo: tuple[CountingEcho, AsgiServer], tmp_path: Path) -> AsyncIterator[Parts]:
+    """Two gateways and two workers on `cluster`, calling the `echo` function; stopped after the test."""
+    _, server = echo
+    running = Parts(_config(tmp_path / "jetspool.yaml", f"{server.url}/echo"), cluster.url)
+    try:
+        await running.start()
+        yield running
+    finally:
+        running.stop()
 
 
 @dataclass
@@ -216,32 +219,23 @@ def test_replicas_the_cluster_cannot_place_stop_startup_naming_the_setting(clust
 
 @pytest.mark.timeout(300)
 async def test_2000_requests_ride_through_a_nats_node_sigkilled_and_restarted(
-    cluster: LocalCluster,
-    echo: tuple[CountingEcho, AsgiServer],
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
+    cluster: LocalCluster, echo: tuple[CountingEcho, AsgiServer], parts: Parts, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    app, server = echo
-    parts = Parts(_config(tmp_path / "jetspool.yaml", f"{server.url}/echo"), cluster.url)
-    victim = -1
-    try:
-        await parts.start()
-        victim = await _queue_leader(cluster)
-        node = cluster.nodes[victim]
-        killed_at = restarted_at = 0.0
+    app, _ = echo
+    victim = await _queue_leader(cluster)
+    node = cluster.nodes[victim]
+    killed_at = restarted_at = 0.0
 
-        async def strike(accepted: int) -> None:
-            nonlocal killed_at, restarted_at
-            if accepted == 400 and not killed_at:
-                killed_at = time.monotonic()
-                node.kill()
-            elif accepted == 1400 and not restarted_at:
-                restarted_at = time.monotonic()
-                await asyncio.to_thread(node.start)
+    async def strike(accepted: int) -> None:
+        nonlocal killed_at, restarted_at
+        if accepted == 400 and not killed_at:
+            killed_at = time.monotonic()
+            node.kill()
+        elif accepted == 1400 and not restarted_at:
+            restarted_at = time.monotonic()
+            await asyncio.to_thread(node.start)
 
-        accepted, completions, totals = await _run_load(cluster, parts, app, strike)
-    finally:
-        parts.stop()
+    accepted, completions, totals = await _run_load(cluster, parts, app, strike)
 
     calls = sum(app.calls[request_id] for request_id in accepted)
     report(
@@ -258,34 +252,26 @@ async def test_2000_requests_ride_through_a_nats_node_sigkilled_and_restarted(
 
 @pytest.mark.timeout(300)
 async def test_2000_requests_complete_when_one_of_two_workers_is_sigkilled(
-    cluster: LocalCluster,
-    echo: tuple[CountingEcho, AsgiServer],
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
+    cluster: LocalCluster, echo: tuple[CountingEcho, AsgiServer], parts: Parts, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    app, server = echo
-    parts = Parts(_config(tmp_path / "jetspool.yaml", f"{server.url}/echo"), cluster.url)
+    app, _ = echo
     app.delay_s = 0.1  # each worker has calls running at any moment of the load
     completions = Completions()
     completed_at_kill: set[str] = set()
     running_at_kill: set[str] = set()
-    try:
-        await parts.start()
-        victim = parts.processes["worker-1"]
+    victim = parts.processes["worker-1"]
 
-        async def strike(accepted: int) -> None:
-            """Past 600 acceptances, kill worker-1 at the first moment it has calls running."""
-            if accepted < 600 or running_at_kill:
-                return
-            ports = local_tcp_ports(victim.process.pid)
-            running_at_kill.update(request_id for request_id, port in app.running.items() if port in ports)
-            if running_at_kill:
-                completed_at_kill.update(completions.at)
-                sigkill(victim)
+    async def strike(accepted: int) -> None:
+        """Past 600 acceptances, kill worker-1 at the first moment it has calls running."""
+        if accepted < 600 or running_at_kill:
+            return
+        ports = local_tcp_ports(victim.process.pid)
+        running_at_kill.update(request_id for request_id, port in app.running.items() if port in ports)
+        if running_at_kill:
+            completed_at_kill.update(completions.at)
+            sigkill(victim)
 
-        accepted, completions, totals = await _run_load(cluster, parts, app, strike, completions)
-    finally:
-        parts.stop()
+    accepted, completions, totals = await _run_load(cluster, parts, app, strike, completions)
 
     repeated = {request_id for request_id in accepted if app.calls[request_id] > 1}
     report(

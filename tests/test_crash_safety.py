@@ -26,7 +26,6 @@ from tests.support.servers import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
     from pathlib import Path
 
 _MAX_ATTEMPTS = 5
@@ -76,15 +75,6 @@ def _config(path: Path, function_url: str, **worker: Any) -> Path:
     }
     path.write_text(yaml.safe_dump(settings), encoding="utf-8")
     return path
-
-
-@pytest.fixture
-async def echo() -> AsyncIterator[tuple[CountingEcho, AsgiServer]]:
-    app = CountingEcho()
-    server = AsgiServer(app)
-    await server.start()
-    yield app, server
-    await server.stop()
 
 
 async def _accepts(client: httpx.AsyncClient) -> bool:
