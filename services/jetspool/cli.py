@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+_KEEP_ALIVE_S = 75
 
 log = logging.getLogger("jetspool")
 
@@ -124,6 +125,9 @@ def _serve_gateway(settings: Settings) -> int:
         log_level="warning",
         lifespan="on",
         timeout_graceful_shutdown=5,
+        # Longer than a client's or load balancer's idle timeout (httpx 5 s, most proxies 60 s): the
+        # client drops an idle connection first, and never sends a request on one being closed.
+        timeout_keep_alive=_KEEP_ALIVE_S,
         ssl_certfile=gateway.tls_cert,
         ssl_keyfile=gateway.tls_key,
     )
