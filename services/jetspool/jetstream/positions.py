@@ -18,6 +18,7 @@ off for an instant, never more than the starts in between.
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 from typing import TYPE_CHECKING
 
 import orjson
@@ -25,6 +26,7 @@ from nats.errors import NoRespondersError
 from nats.js.errors import NotFoundError
 
 from jetspool.domain import names
+from jetspool.jetstream.ridethrough import ride_through
 
 if TYPE_CHECKING:
     from nats.js.client import JetStreamContext
@@ -86,8 +88,9 @@ class QueuePositions:
 
 async def consumer_figures(js: JetStreamContext, function: str, priority: names.Priority) -> tuple[int, int]:
     """(undelivered, delivered but not yet acknowledged) messages of one priority class of `function`."""
+    consumer = names.queue_consumer(function, priority)
     try:
-        info = await js.consumer_info(names.QUEUE_STREAM, names.queue_consumer(function, priority))
+        info = await ride_through(partial(js.consumer_info, names.QUEUE_STREAM, consumer), "queue figures")
     except NotFoundError:
         return 0, 0
     return int(info.num_pending or 0), int(info.num_ack_pending or 0)

@@ -18,6 +18,7 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from jetspool.aio import stop_task
 from jetspool.domain.errors import BadRequest, DecodeError, NotFound
 from jetspool.domain.functions import Function, decode_function
+from jetspool.jetstream.ridethrough import ride_through
 
 if TYPE_CHECKING:
     from nats.js.kv import KeyValue
@@ -115,8 +116,9 @@ class RegistryView:
         watcher replays every entry; names it does not bring back were deleted meanwhile."""
         if self._task is None or self._stopped:
             return
+        # The new watcher first (riding through a cluster's election): if it cannot be had, the old one stays.
+        watcher = await ride_through(self._kv.watchall, "registry watch")
         await stop_task(self._task)
-        watcher = await self._kv.watchall()
         self._task = asyncio.create_task(self._follow(watcher, replay=True), name="registry-view")
         log.info("registry view renewed after a reconnect")
 

@@ -5,6 +5,7 @@ counters, one message per counter subject, bumped with `Nats-Incr`."""
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -13,6 +14,7 @@ from nats.js.errors import NotFoundError
 from jetspool.domain import names
 from jetspool.domain.status import ErrorType
 from jetspool.jetstream.positions import consumer_figures
+from jetspool.jetstream.ridethrough import ride_through
 
 if TYPE_CHECKING:
     from nats.js.client import JetStreamContext
@@ -60,10 +62,11 @@ class StatsReader:
         return dict(zip(names.COUNTERS, values, strict=True))
 
     async def _counter(self, function: str, counter: names.Counter) -> int:
+        read = partial(
+            self._js.get_msg, names.COUNTER_STREAM, subject=names.counter_subject(function, counter), direct=True
+        )
         try:
-            msg = await self._js.get_msg(
-                names.COUNTER_STREAM, subject=names.counter_subject(function, counter), direct=True
-            )
+            msg = await ride_through(read, "totals")
         except NotFoundError:
             return 0
         return int(orjson.loads(msg.data or b"{}").get("val", 0))
