@@ -58,21 +58,26 @@ async def submit_all(
     count: int,
     on_accepted: Callable[[int], Awaitable[None]] | None = None,
     function: str = "echo",
+    refused: list[str] | None = None,
 ) -> dict[str, bytes]:
     """Submit `count` requests in turn through `clients` (gateways) with bounded concurrency; the
     accepted ones (202), id → body. A submit not answered 202 (the gateway or NATS was down) was
-    not accepted."""
+    not accepted; why goes to `refused`."""
     accepted: dict[str, bytes] = {}
     gate = asyncio.Semaphore(SUBMITTERS)
+    refused = [] if refused is None else refused
 
     async def one(n: int) -> None:
         body = f"request {n}".encode()
         async with gate:
             try:
                 response = await clients[n % len(clients)].post(f"/async-function/{function}", content=body)
-            except httpx.HTTPError:
+            except httpx.HTTPError as exc:
+                refused.append(f"request {n}: {type(exc).__name__} {exc}")
                 return
-        if response.status_code == 202:
+        if response.status_code != 202:
+            refused.append(f"request {n}: {response.status_code} {response.text[:300]}")
+        else:
             accepted[response.headers["x-call-id"]] = body
             if on_accepted is not None:
                 await on_accepted(len(accepted))
