@@ -68,3 +68,21 @@ def _id(span: ReadableSpan) -> str:
 
 def _parent(span: ReadableSpan) -> str:
     return "" if span.parent is None else format(span.parent.span_id, "016x")
+
+
+async def test_without_an_exporter_or_a_sampled_caller_spans_are_not_recorded_but_ids_still_flow(
+    stack: Stack,
+) -> None:
+    _install_exporter()
+    EXPORTER.clear()
+    await stack.register("echo")
+    request_id = await stack.submit("echo", content=b"untraced")
+    await stack.wait_for_status("echo", request_id)
+    [seen] = stack.functions.on("/echo")
+    version, trace_id, parent_id, flags = (seen.header("traceparent") or "").split("-")
+
+    assert version == "00"
+    assert int(flags, 16) & 1 == 0, "a trace context whose sampled flag is off"
+    assert int(trace_id, 16) != 0
+    assert int(parent_id, 16) != 0
+    assert EXPORTER.get_finished_spans() == (), "nothing recorded for no one"
