@@ -42,7 +42,6 @@ CONTROL_QUERY: Final = frozenset(
 )
 """Query parameters that steer jetspool and are not forwarded to the function."""
 
-_STATUS_ATTEMPTS: Final = 3
 _MAX_START_TIMEOUT_S: Final = 366 * 86400.0
 _MAX_IDEMPOTENCY_KEY: Final = 256
 _TRUE: Final = frozenset({"1", "true", "yes"})
@@ -274,16 +273,13 @@ class Intake:
             raise InvalidInput(f"callback URL {url!r}: its host cannot be resolved ({exc})") from exc
 
     async def _record_status(self, record: StatusRecord) -> None:
-        """Store the first status record, retrying; a worker may have stored it first, which is fine."""
-        for attempt in range(1, _STATUS_ATTEMPTS + 1):
-            try:
-                await self._status.create(record)
-            except StaleStatus:
-                return  # a worker already picked the message up and recorded it
-            except (NatsError, TimeoutError) as exc:
-                # The request is queued and will run (a worker records its status when it takes
-                # it), but a client could not follow it yet: say so rather than hand out an id.
-                if attempt == _STATUS_ATTEMPTS:
-                    raise Unavailable(f"the request is queued but its status could not be stored: {exc}") from exc
-            else:
-                return
+        """Store the first status record (the store rides through a node loss); a worker may have
+        stored it first, which is fine."""
+        try:
+            await self._status.create(record)
+        except StaleStatus:
+            return  # a worker already picked the message up and recorded it
+        except (NatsError, TimeoutError) as exc:
+            # The request is queued and will run (a worker records its status when it takes it),
+            # but a client could not follow it yet: say so rather than hand out an id.
+            raise Unavailable(f"the request is queued but its status could not be stored: {exc}") from exc
