@@ -78,6 +78,17 @@ async def test_function_route_calls_the_function_synchronously(stack: Stack) -> 
     assert (seen.method, seen.query, seen.body) == ("PUT", "a=1", b"body")
 
 
+async def test_function_route_passes_an_encoded_sub_path_on_as_it_was_sent(stack: Stack) -> None:
+    await stack.register("echo")
+
+    for sent, seen_path in [("%1F", "/echo/\x1f"), ("100%25/%C3%A9%20x", "/echo/100%/é x")]:
+        response = await stack.client.post(f"/function/echo/{sent}", content=b"odd")
+
+        assert response.status_code == 200, response.text
+        [seen] = stack.functions.on(seen_path)
+        assert seen.body == b"odd"
+
+
 async def test_function_route_with_async_true_queues_like_cerebrium(stack: Stack) -> None:
     await stack.register("echo")
 

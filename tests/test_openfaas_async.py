@@ -39,6 +39,15 @@ async def test_function_sees_exact_method_path_query_body_and_headers(stack: Sta
     assert seen.header("authorization") is None, "the caller's credentials are not forwarded"
 
 
+async def test_a_queued_encoded_sub_path_reaches_the_function_as_it_was_sent(stack: Stack) -> None:
+    await stack.register("echo", path="/echo")
+    request_id = await stack.submit("echo", "a%1Fb/100%25", content=b"odd")
+
+    assert (await stack.wait_for_status("echo", request_id))["status"] == "COMPLETED"
+    [seen] = stack.functions.on("/echo/a\x1fb/100%")
+    assert seen.body == b"odd"
+
+
 async def test_result_route_returns_the_functions_response(stack: Stack) -> None:
     await stack.register("echo")
     stack.functions.script("/echo", [Reply(200, b"<p>hi</p>", "text/html; charset=utf-8")])

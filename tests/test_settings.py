@@ -440,6 +440,9 @@ def test_function_defaults_follow_the_spec() -> None:
         ("http://f:9000/", "run", "http://f:9000/run"),
         ("https://f.example.com/api/v1", "models/a/predict", "https://f.example.com/api/v1/models/a/predict"),
         ("https://f.example.com/api/v1/", "/models/a", "https://f.example.com/api/v1/models/a"),
+        ("http://f:9000", "a\x1fb", "http://f:9000/a%1Fb"),
+        ("http://f:9000", "100%/é x", "http://f:9000/100%25/%C3%A9%20x"),
+        ("http://f:9000", "v1/a:b@c;d=e,f", "http://f:9000/v1/a:b@c;d=e,f"),
     ],
 )
 def test_endpoint_joins_url_and_sub_path_with_one_slash(url: str, path: str, endpoint: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from typing import Annotated, Final
+from urllib.parse import quote
 
 import msgspec
 
@@ -12,6 +13,9 @@ from jetspool.domain.errors import DecodeError
 NAME_PATTERN: Final = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
 _NAME = re.compile(NAME_PATTERN)
 DEFAULT_RESULT_TTL_S: Final = 604_800.0
+_PATH_SAFE: Final = "/:@!$&'()*+,;="
+"""Characters a URL path may hold as they are (RFC 3986 pchar); the rest of a decoded sub-path is
+percent-encoded again, so `%1F` or `%25` in a caller's path reaches the function as it was sent."""
 
 FunctionName = Annotated[str, msgspec.Meta(pattern=NAME_PATTERN)]
 
@@ -49,7 +53,7 @@ class Function(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     def endpoint(self, path: str) -> str:
         """The URL a request with sub-path `path` is delivered to."""
         base = self.url.rstrip("/")
-        return f"{base}/{path.lstrip('/')}" if path else base
+        return f"{base}/{quote(path.lstrip('/'), safe=_PATH_SAFE)}" if path else base
 
     def encode(self) -> bytes:
         return msgspec.json.encode(self)
