@@ -41,8 +41,10 @@ async def count_outcome(conn: Nats, record: StatusRecord) -> None:
 
 
 class StatsReader:
-    def __init__(self, js: JetStreamContext) -> None:
+    def __init__(self, js: JetStreamContext, *, direct: bool = True) -> None:
         self._js = js
+        self._direct = direct
+        """Whether totals may be read from any replica; on a cluster they come from the leader (never behind)."""
 
     async def for_function(self, function: str) -> dict[str, Any]:
         infos = await asyncio.gather(*(consumer_figures(self._js, function, p) for p in names.PRIORITIES))
@@ -63,7 +65,10 @@ class StatsReader:
 
     async def _counter(self, function: str, counter: names.Counter) -> int:
         read = partial(
-            self._js.get_msg, names.COUNTER_STREAM, subject=names.counter_subject(function, counter), direct=True
+            self._js.get_msg,
+            names.COUNTER_STREAM,
+            subject=names.counter_subject(function, counter),
+            direct=self._direct,
         )
         try:
             msg = await ride_through(read, "totals")
