@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -21,6 +23,7 @@ from jetspool.domain import names
 from jetspool.domain.errors import ConfigError
 from jetspool.jetstream.connection import Nats, connect
 from jetspool.jetstream.provision import provision
+from jetspool.jetstream.ridethrough import ride_through
 from jetspool.settings import validate
 from tests.support.faults import CountingEcho, check_every_result, report, stats, submit_all
 from tests.support.processes import JetspoolProcess, local_tcp_ports, sigkill, start_part
@@ -145,7 +148,10 @@ async def _run_load(parts: Parts, app: CountingEcho, fault: Any) -> Outcome:
         httpx.AsyncClient(base_url=parts.urls[1], timeout=60) as second,
     ):
         accepted = await submit_all([first, second], _REQUESTS, on_accepted=fault, refused=refused)
-        await check_every_result(first, accepted, timeout_s=180)
+        try:
+            await check_every_result(first, accepted, timeout_s=180)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{await _diagnose(parts.nats_url, first, accepted)}") from None
         gate = asyncio.Semaphore(32)
 
         async def status(request_id: str) -> tuple[str, dict[str, Any]]:
@@ -162,18 +168,88 @@ async def _run_load(parts: Parts, app: CountingEcho, fault: Any) -> Outcome:
     return Outcome(accepted, statuses, totals)
 
 
+async def _diagnose(nats_url: str, client: httpx.AsyncClient, accepted: dict[str, bytes]) -> str:
+    """Where the requests that did not complete are, as JetStream itself has them: the status
+    record from the leader and from any replica, the queue message, and the queue's consumers."""
+    unfinished = []
+    for request_id in accepted:
+        shown = (await client.get(f"/queue/echo/requests/{request_id}/status")).json()
+        if shown.get("status") != "COMPLETED":
+            unfinished.append((request_id, shown))
+    nc = await nats.connect(servers=nats_url.split(","))
+    js = nc.jetstream()
+    lines = [f"{len(unfinished)} not completed as the gateway shows them"]
+    try:
+        for request_id, shown in unfinished[:5]:
+            subject = f"$KV.{names.STATUS_BUCKET}.{request_id}"
+            lines.append(f"{request_id}: gateway shows {shown}")
+            queue_seq = 0
+            for direct in (False, True, True, True):
+                try:
+                    msg = await js.get_msg(f"KV_{names.STATUS_BUCKET}", subject=subject, direct=direct)
+                    lines.append(f"  status {'direct' if direct else 'leader'} get: seq {msg.seq} {msg.data!r}")
+                    queue_seq = queue_seq or int(json.loads(msg.data or b"{}").get("queue_seq") or 0)
+                except Exception as exc:  # noqa: BLE001 - a diagnosis reports whatever it meets
+                    lines.append(f"  status {'direct' if direct else 'leader'} get: {exc!r}")
+            try:
+                msg = await js.get_msg(names.QUEUE_STREAM, seq=int(queue_seq))
+                lines.append(f"  queue message {queue_seq}: still stored, subject {msg.subject}")
+            except Exception as exc:  # noqa: BLE001
+                lines.append(f"  queue message {queue_seq}: {exc!r}")
+        info = await js.stream_info(names.QUEUE_STREAM)
+        lines.append(f"queue stream: {info.state} leader {info.cluster.leader if info.cluster else None}")
+        for consumer in await js.consumers_info(names.QUEUE_STREAM):
+            lines.append(
+                f"consumer {consumer.name}: pending {consumer.num_pending} ack pending {consumer.num_ack_pending} "
+                f"redelivered {consumer.num_redelivered} delivered {consumer.delivered} ack floor {consumer.ack_floor} "
+                f"leader {consumer.cluster.leader if consumer.cluster else None}"
+            )
+    finally:
+        await nc.close()
+    return "\n".join(lines)
+
+
 async def test_replicas_3_puts_every_stream_bucket_and_object_store_on_three_nodes(cluster: LocalCluster) -> None:
     conn = await connect(validate({"nats": {"url": cluster.url, "replicas": 3}}).nats, "test")
     try:
         await provision(conn, replicas=3)
         replicas = {info.config.name: info.config.num_replicas async for info in _streams(conn)}
         leaders = {info.config.name: info.cluster.leader async for info in _streams(conn) if info.cluster}
+        allow_direct = {info.config.name: info.config.allow_direct async for info in _streams(conn)}
     finally:
         await conn.close()
 
     assert {f"KV_{names.STATUS_BUCKET}", names.QUEUE_STREAM, f"OBJ_{names.BLOB_STORE}"} <= set(replicas)
     assert set(replicas.values()) == {3}, replicas
     assert all(leaders.values()), "each stream has a leader"
+    assert not any(direct for name, direct in allow_direct.items() if (name or "").startswith("KV_")), allow_direct
+
+
+async def test_a_read_after_a_write_sees_it_while_a_node_restarts(cluster: LocalCluster) -> None:
+    """Status reads on a cluster come from the stream leader: a write acknowledged is what the
+    next read returns, also while a replica is down or catching up (a replica answering a direct
+    get may not have applied it yet)."""
+    conn = await connect(validate({"nats": {"url": cluster.url, "replicas": 3}}).nats, "test")
+    try:
+        stores = await provision(conn, replicas=3)
+        info = await conn.js.stream_info(f"KV_{names.STATUS_BUCKET}")
+        assert info.cluster is not None
+        follower = next(i for i, node in enumerate(cluster.nodes) if node.server_name != info.cluster.leader)
+        stale = []
+        for n in range(600):
+            key = f"k{n % 20}"
+            revision = await ride_through(partial(stores.status.put, key, str(n).encode()), "put")
+            entry = await ride_through(partial(stores.status.get, key), "get")
+            if entry.revision != revision:
+                stale.append((n, revision, entry.revision))
+            if n == 150:
+                cluster.nodes[follower].kill()
+            elif n == 300:
+                await asyncio.to_thread(cluster.nodes[follower].start)
+    finally:
+        await conn.close()
+
+    assert not stale, f"{len(stale)} of 600 reads missed the write before them, e.g. {stale[:3]}"
 
 
 async def test_streams_of_one_server_are_replicated_or_named_when_jetstream_cannot(cluster: LocalCluster) -> None:
@@ -190,10 +266,12 @@ async def test_streams_of_one_server_are_replicated_or_named_when_jetstream_cann
             await conn.js.delete_stream(stream)
         await provision(conn, replicas=3)
         replicas = {info.config.name: info.config.num_replicas async for info in _streams(conn)}
+        status = await conn.js.stream_info(f"KV_{names.STATUS_BUCKET}")
     finally:
         await conn.close()
 
     assert set(replicas.values()) == {3}, replicas
+    assert not status.config.allow_direct, "reads of the status bucket now go to its leader"
 
 
 async def _streams(conn: Nats) -> AsyncIterator[StreamInfo]:
