@@ -62,6 +62,13 @@ class EmbeddedNats:
         self.url = ""
         self._process: subprocess.Popen[bytes] | None = None
 
+    @property
+    def pid(self) -> int:
+        """The running server's process id."""
+        if self._process is None:
+            raise RuntimeError("nats-server is not running")
+        return self._process.pid
+
     def start(self) -> str:
         """Start the server and return its client URL once it accepts connections."""
         self.data_dir.mkdir(parents=True, exist_ok=True)

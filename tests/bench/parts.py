@@ -115,6 +115,12 @@ class Stack:
     def rss_mb(self, part: str) -> float:
         return rss_mb(self.pid(part))
 
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU time used so far by nats-server and each jetspool part."""
+        assert self.nats is not None
+        used = {name: cpu_seconds(part.process.pid) for name, part in self.parts.items()}
+        return {"nats": cpu_seconds(self.nats.pid), **used}
+
     def close(self) -> None:
         for part in self.parts.values():
             with contextlib.suppress(Exception):

@@ -121,6 +121,10 @@ def _summary_lines(records: list[Record]) -> list[str]:
                 f"{_get(e2e, 'at_half_max', 'queue_overhead', 'p50_ms')} ms at half max | direct HTTP "
                 f"{e2e['direct_http']['rps']:.0f}/s | {e2e['ratio_completions_over_direct']} x direct |"
             )
+            cpu = e2e.get("cpu_ms_per_completion")
+            if cpu:
+                spent = ", ".join(f"{part} {ms} ms" for part, ms in cpu.items())
+                lines.append(f"| CPU per completion ({sync}) | {spent} | | |")
     backlog = _find(records, "backlog")
     if backlog is not None:
         lines.append(

@@ -182,9 +182,11 @@ async def end_to_end(root: Path, sync_interval: str, seconds: float, paced_s: fl
                 warm_up = await wrk(f"{stack.url}/async-function/noop", seconds=2)
                 await warm.wait_for(warm_up.requests - warm_up.non_2xx, timeout_s=120)
             async with Completions(stack.nats_url, "noop") as completions:
+                cpu_before = stack.cpu_seconds()
                 submitted = await wrk(f"{stack.url}/async-function/noop", connections=_CONNECTIONS, seconds=seconds)
                 accepted = submitted.requests - submitted.non_2xx
                 await completions.wait_for(accepted, timeout_s=300)
+                cpu = {part: used - cpu_before[part] for part, used in stack.cpu_seconds().items()}
             invoked = await noop.seen()
             first = min(unix(status["submitted_at"]) for _, status in completions.seen.values())
             last = max(seen_at for seen_at, _ in completions.seen.values())
@@ -202,6 +204,7 @@ async def end_to_end(root: Path, sync_interval: str, seconds: float, paced_s: fl
         "requests": len(completions.seen),
         "completions_per_s": round(rate, 1),
         "submit_rps_during": round(submitted.rps, 1),
+        "cpu_ms_per_completion": {part: round(used * 1000 / len(completions.seen), 3) for part, used in cpu.items()},
         "burst": burst,
         "at_half_max": half,
         "at_100_per_s": light,
