@@ -92,9 +92,14 @@ def _is_current_run(msg: Msg, request: QueuedRequest, record: StatusRecord) -> b
 
 
 async def settle(msg: Msg, decision: Settle) -> None:
-    """Acknowledge a queue message: the only place that does."""
+    """Acknowledge a queue message: the only place that does.
+
+    An ack is sent without waiting for JetStream's confirmation (5-10% more completions per
+    second in the end-to-end bench): everything it settles is stored first, so should the ack be
+    lost, the redelivery finds the request completed and only repeats what is safe to repeat
+    (events, totals and callback jobs carry message ids)."""
     if decision.verb == "ack":
-        await msg.ack_sync()
+        await msg.ack()
     elif decision.verb == "nak":
         await msg.nak(delay=decision.delay_s)
     else:
