@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any, cast
+
+import nats
 import pytest
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.errors import APIError, KeyNotFoundError, NoStreamResponseError, ServiceUnavailableError
 
+from jetspool.domain.errors import BadRequest
+from jetspool.domain.functions import Function
+from jetspool.jetstream.registry import FunctionRegistry
 from jetspool.jetstream.ridethrough import is_transient, ride_through
+
+if TYPE_CHECKING:
+    from nats.js.kv import KeyValue
+
+    from jetspool.embedded import EmbeddedNats
 
 
 @pytest.mark.parametrize(
@@ -80,3 +91,41 @@ async def test_a_non_transient_failure_is_raised_at_once() -> None:
         await ride_through(refused, "test")
 
     assert calls == 1
+
+
+class _FirstAnswerLost:
+    """A real KV bucket whose first `create` lands but whose answer is lost, as when the node
+    that stored it dies before replying."""
+
+    def __init__(self, kv: KeyValue) -> None:
+        self._kv = kv
+        self.lost = 0
+
+    async def create(self, key: str, value: bytes) -> int:
+        revision = await self._kv.create(key, value)
+        if not self.lost:
+            self.lost += 1
+            raise NatsTimeoutError
+        return revision
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._kv, name)
+
+
+async def test_a_registration_whose_answer_was_lost_is_recognised_as_ours(nats_server: EmbeddedNats) -> None:
+    nc = await nats.connect(nats_server.url)
+    try:
+        kv = await nc.jetstream().create_key_value(bucket="functions-test")
+        ours, theirs = Function(name="f", url="http://127.0.0.1:9/"), Function(name="g", url="http://127.0.0.1:8/")
+        await kv.create("g", Function(name="g", url="http://127.0.0.1:7/").encode())
+
+        lossy = _FirstAnswerLost(kv)
+        await FunctionRegistry(cast("KeyValue", lossy)).create(ours)
+        with pytest.raises(BadRequest, match="already registered"):
+            await FunctionRegistry(cast("KeyValue", _FirstAnswerLost(kv))).create(theirs)
+        stored = await FunctionRegistry(kv).get("g")
+    finally:
+        await nc.close()
+
+    assert lossy.lost == 1, "the first answer was lost and the create repeated"
+    assert stored.url == "http://127.0.0.1:7/", "a name someone else holds stays theirs"

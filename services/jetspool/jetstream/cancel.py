@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from enum import Enum
+from functools import partial
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -26,6 +27,7 @@ from jetspool.domain.errors import DecodeError
 from jetspool.domain.functions import DEFAULT_RESULT_TTL_S
 from jetspool.domain.messages import QueuedRequest, decode
 from jetspool.domain.status import ErrorType, State, utcnow
+from jetspool.jetstream.ridethrough import ride_through
 from jetspool.jetstream.stats import count_outcome
 from jetspool.jetstream.status_store import StaleStatus
 
@@ -128,7 +130,7 @@ class Canceller:
         if seq is None:
             return
         try:
-            msg = await self._conn.js.get_msg(names.QUEUE_STREAM, seq=seq)
+            msg = await ride_through(partial(self._conn.js.get_msg, names.QUEUE_STREAM, seq=seq), "queue read")
         except NotFoundError:
             return  # taken meanwhile: the worker sees the cancelled status and drops it
         try:
@@ -138,8 +140,8 @@ class Canceller:
         else:
             await self._retention.keep_for_retry(request, ttl_s)
             await self._callbacks.emit(record)
-        with contextlib.suppress(NotFoundError):
-            await self._conn.js.delete_msg(names.QUEUE_STREAM, seq)
+        with contextlib.suppress(NotFoundError):  # a repeat finds it deleted already
+            await ride_through(partial(self._conn.js.delete_msg, names.QUEUE_STREAM, seq), "queue delete")
 
 
 async def purge(conn: Nats, status: StatusStore, canceller: Canceller, function: Function) -> int:
@@ -153,7 +155,8 @@ async def purge(conn: Nats, status: StatusStore, canceller: Canceller, function:
         subject, seq = names.queue_subject(function.name, priority), 1
         while True:
             try:
-                msg = await conn.js.get_msg(names.QUEUE_STREAM, seq=seq, subject=subject, next=True)
+                read = partial(conn.js.get_msg, names.QUEUE_STREAM, seq=seq, subject=subject, next=True)
+                msg = await ride_through(read, "queue read")
             except NotFoundError:
                 break
             seq = int(msg.seq or seq) + 1

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import TYPE_CHECKING
 
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
@@ -40,7 +41,7 @@ class FunctionRegistry:
 
     async def get(self, name: str) -> Function:
         try:
-            entry = await self._kv.get(name)
+            entry = await ride_through(partial(self._kv.get, name), "registry read")
         except KeyNotFoundError as exc:
             raise NotFound(f"function {name!r} is not registered") from exc
         if entry.value is None:  # pragma: no cover - a get never returns an empty put
@@ -48,22 +49,39 @@ class FunctionRegistry:
         return decode_function(entry.value)
 
     async def create(self, function: Function) -> None:
-        """Register a new function; BadRequest if the name is taken."""
+        """Register a new function; BadRequest if the name is taken.
+
+        Rides through a node loss: a repeat refused because the name is taken is ours when the
+        stored entry is exactly what we wrote (the first try landed, its acknowledgement did not)."""
+        value, tries = function.encode(), 0
+
+        async def create() -> None:
+            nonlocal tries
+            tries += 1
+            await self._kv.create(function.name, value)
+
         try:
-            await self._kv.create(function.name, function.encode())
+            await ride_through(create, "registry write")
         except KeyWrongLastSequenceError as exc:
+            if tries > 1 and await self._stored(function.name) == value:
+                return
             raise BadRequest(f"function {function.name!r} is already registered; use PUT to update it") from exc
+
+    async def _stored(self, name: str) -> bytes | None:
+        try:
+            return (await ride_through(partial(self._kv.get, name), "registry read")).value
+        except KeyNotFoundError:
+            return None
 
     async def put(self, function: Function) -> bool:
         """Register or replace; True when it was new."""
-        try:
-            await self._kv.get(function.name)
-        except KeyNotFoundError:
-            existed = False
-        else:
-            existed = True
-        await self._kv.put(function.name, function.encode())
+        existed = await self._stored(function.name) is not None
+        await self._write(function)
         return not existed
+
+    async def _write(self, function: Function) -> None:
+        """Store `function` (a repeat of the same put changes nothing)."""
+        await ride_through(partial(self._kv.put, function.name, function.encode()), "registry write")
 
     async def ensure(self, function: Function) -> None:
         """Make the stored entry equal `function` (config-file functions at start), writing only on change."""
@@ -72,12 +90,12 @@ class FunctionRegistry:
         except (NotFound, DecodeError):
             current = None
         if current != function:
-            await self._kv.put(function.name, function.encode())
+            await self._write(function)
             log.info("registered function %s", function.name)
 
     async def delete(self, name: str) -> None:
         await self.get(name)
-        await self._kv.delete(name)
+        await ride_through(partial(self._kv.delete, name), "registry delete")  # a repeated delete marker is harmless
 
 
 class RegistryView:
