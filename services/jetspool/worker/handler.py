@@ -92,12 +92,14 @@ def _is_current_run(msg: Msg, request: QueuedRequest, record: StatusRecord) -> b
 
 
 async def settle(msg: Msg, decision: Settle) -> None:
-    """Acknowledge a queue message: the only place that does.
+    """Acknowledge a queue, callback or timer message: the only place that does.
 
-    An ack is sent without waiting for JetStream's confirmation (5-10% more completions per
-    second in the end-to-end bench): everything it settles is stored first, so should the ack be
-    lost, the redelivery finds the request completed and only repeats what is safe to repeat
-    (events, totals and callback jobs carry message ids)."""
+    An ack is sent without waiting for JetStream's confirmation (in the end-to-end bench, 481
+    against 436 completions/s). Waiting would not change what a lost ack leads to: the message is
+    redelivered after `ack_wait` either way. A redelivered request finds itself completed and only
+    repeats what is safe to repeat (events, totals and callback jobs carry message ids); a
+    redelivered callback job is POSTed again with the same `webhook-id`, as at-least-once
+    delivery allows."""
     if decision.verb == "ack":
         await msg.ack()
     elif decision.verb == "nak":
