@@ -7,10 +7,13 @@ import base64
 import os
 from typing import TYPE_CHECKING, Any
 
+import nats
 import orjson
 import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
+from jetspool.domain import names
+from jetspool.domain.messages import CallbackJob, encode
 from tests.support.servers import AsgiServer, RecordingApp, Reply, eventually_true, free_port
 from tests.support.stack import start_stack
 
@@ -283,3 +286,30 @@ async def test_a_redirect_is_not_followed(nats_server: EmbeddedNats) -> None:
 
     assert (failed["attempts"], failed["last_status"]) == (2, 302)
     assert stack.receiver.on("/elsewhere") == []
+
+
+async def test_a_callback_job_delivered_again_is_not_sent_again(stack: Stack) -> None:
+    """A job whose ack was lost comes back after its ack wait: the status says the callback was
+    delivered, so the receiver does not get it a second time."""
+    await stack.register("echo")
+    hook = stack.callback_url("/hook")
+    request_id = await stack.submit("echo", headers={"X-Callback-Url": hook})
+    await _wait_for_callback_state(stack, "echo", request_id, "delivered")
+    job = CallbackJob(request_id=request_id, function="echo", kind="openfaas", url=hook)
+
+    nc = await nats.connect(stack.nats.url)
+    try:
+        js = nc.jetstream()
+        await js.publish(names.callback_subject("openfaas"), encode(job), headers={names.NATS_MSG_ID: "lost-ack"})
+
+        async def settled() -> bool:
+            info = await js.consumer_info(names.CALLBACK_STREAM, names.CALLBACK_CONSUMER)
+            return bool(info.num_pending == 0 and info.num_ack_pending == 0)
+
+        await eventually_true(settled, timeout_s=15)
+    finally:
+        await nc.close()
+
+    assert len(stack.receiver.on("/hook")) == 1
+    [target] = await _callbacks(stack, "echo", request_id)
+    assert (target["state"], target["attempts"]) == ("delivered", 1)

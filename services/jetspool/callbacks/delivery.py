@@ -159,6 +159,11 @@ class CallbackDelivery:
         if current.record.retries != job.run or not current.record.is_completed:
             log.info("callback for %s: run %d was retried since; its new run calls back", job.request_id, job.run)
             return TERM
+        target = next((t for t in current.record.callbacks if (t.kind, t.url) == (job.kind, job.url)), None)
+        if target is not None and target.state != "pending":
+            # A job redelivered because its ack was lost: what the status records stands.
+            log.info("callback for %s to %s is %s already; not sent again", job.request_id, job.url, target.state)
+            return ACK
         return job, current
 
     async def _post(self, destination: Destination, job: CallbackJob, record: StatusRecord) -> httpx.Response | str:
