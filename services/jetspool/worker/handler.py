@@ -98,8 +98,7 @@ async def settle(msg: Msg, decision: Settle) -> None:
     against 436 completions/s). Waiting would not change what a lost ack leads to: the message is
     redelivered after `ack_wait` either way. A redelivered request finds itself completed and only
     repeats what is safe to repeat (events, totals and callback jobs carry message ids); a
-    redelivered callback job is POSTed again with the same `webhook-id`, as at-least-once
-    delivery allows."""
+    redelivered callback job finds its delivery recorded in the status and is not sent again."""
     if decision.verb == "ack":
         await msg.ack()
     elif decision.verb == "nak":
