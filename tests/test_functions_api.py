@@ -127,6 +127,11 @@ async def test_registering_a_taken_name_is_refused_without_409(stack: Stack) -> 
         ({"name": "ok", "url": "http://127.0.0.1:1", "timeout": "soon"}, "timeout"),
         ({"name": "ok", "url": "http://127.0.0.1:1", "colour": "red"}, "colour"),
         ({"name": "ok", "url": "http://127.0.0.1:1", "cancel_path": "cancel"}, "cancel_path"),
+        ({"name": "ok", "url": "http://127.0.0.1:1", "result_ttl": 1e300}, "result_ttl"),
+        ({"name": "ok", "url": "http://127.0.0.1:1", "timeout": 1e300}, "timeout"),
+        ({"name": "ok", "url": "http://127.0.0.1:1", "headers": {"bad header\n": "x"}}, "headers"),
+        ({"name": "ok", "url": "http://127.0.0.1:1", "headers": {"X-Token": "a\r\nInjected: 1"}}, "headers"),
+        ({"name": "ok", "url": "http://127.0.0.1:1", "headers": {"Content-Length": "5"}}, "headers"),
     ],
 )
 async def test_invalid_registry_entry_is_refused_naming_the_field(

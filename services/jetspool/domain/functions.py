@@ -13,6 +13,14 @@ from jetspool.domain.errors import DecodeError
 NAME_PATTERN: Final = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
 _NAME = re.compile(NAME_PATTERN)
 DEFAULT_RESULT_TTL_S: Final = 604_800.0
+MAX_SECONDS: Final = 315_360_000.0
+"""Ten years: the longest timeout or result_ttl (NATS message TTLs and datetimes overflow far above it)."""
+_HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_HEADER_VALUE = re.compile(r"^[^\x00-\x08\x0a-\x1f\x7f]*$")
+_FRAMING_HEADERS: Final = frozenset(
+    {"content-length", "transfer-encoding", "host", "connection", "keep-alive", "te", "trailer", "upgrade", "expect"}
+)
+"""Headers HTTP itself sets on each call: a function's `headers` may not set them."""
 _PATH_SAFE: Final = "/:@!$&'()*+,;="
 """Characters a URL path may hold as they are (RFC 3986 pchar); the rest of a decoded sub-path is
 percent-encoded again, so `%1F` or `%25` in a caller's path reaches the function as it was sent."""
@@ -30,7 +38,7 @@ class Function(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
 
     name: FunctionName
     url: str
-    timeout: Annotated[float, msgspec.Meta(gt=0)] = 3600.0
+    timeout: Annotated[float, msgspec.Meta(gt=0, le=MAX_SECONDS)] = 3600.0
     """Seconds one invocation may run (exec timeout)."""
     max_attempts: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 10
     """Deliveries before giving up; 1 means no retries."""
@@ -39,7 +47,7 @@ class Function(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     cancel_path: str | None = None
     headers: dict[str, str] = msgspec.field(default_factory=dict)
     """Extra headers added to every invocation (e.g. auth to the function)."""
-    result_ttl: Annotated[float, msgspec.Meta(gt=0)] = DEFAULT_RESULT_TTL_S
+    result_ttl: Annotated[float, msgspec.Meta(gt=0, le=MAX_SECONDS)] = DEFAULT_RESULT_TTL_S
     """Seconds status and result are kept after completion."""
 
     def __post_init__(self) -> None:
@@ -47,6 +55,11 @@ class Function(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
             raise ValueError(f"invalid function name {self.name!r}")
         if not re.match(r"^https?://[^/\s]+", self.url):
             raise ValueError("url must be an absolute http:// or https:// URL")
+        for header, value in self.headers.items():
+            if not _HEADER_NAME.fullmatch(header) or header.lower() in _FRAMING_HEADERS:
+                raise ValueError(f"headers: {header!r} cannot be sent as a header name")
+            if not _HEADER_VALUE.fullmatch(value):
+                raise ValueError(f"headers: the value of {header!r} holds a control character")
         if self.cancel_path is not None and not self.cancel_path.startswith("/"):
             raise ValueError("cancel_path must start with /")
 
