@@ -213,11 +213,13 @@ async def test_a_quiet_stream_sends_ping_comments(nats_server: EmbeddedNats) -> 
         async with _stream(stack, "busy", request_id) as events:
             await events.next()
             await eventually_true(lambda: _read_until_comment(events))
+            after_ping = await anext(events.lines)
         stack.functions.release("/busy")
     finally:
         await stack.close()
 
     assert events.comments[0] == ": ping"
+    assert after_ping == "", "the keep-alive is a comment alone; a data line would make it an event"
 
 
 async def _read_until_comment(events: Events) -> bool:

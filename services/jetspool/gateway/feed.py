@@ -18,7 +18,9 @@ import asyncio
 import contextlib
 import logging
 from collections import defaultdict
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
+
+from litestar.response import ServerSentEventMessage
 
 from jetspool.domain import names
 from jetspool.domain.errors import DecodeError, Unavailable
@@ -35,6 +37,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _QUEUE_LIMIT = 64
+PING: Final = ServerSentEventMessage(comment="ping", data=None)
+"""A keep-alive of an event stream: a comment line and nothing else (with data, it would be an event)."""
 _LINGER_S = 30.0
 """How long the subscriptions stay after the last watcher left."""
 

@@ -25,6 +25,7 @@ from nats.js.errors import NotFoundError
 
 from jetspool.domain import names
 from jetspool.domain.errors import InvalidInput, NotFound
+from jetspool.gateway.feed import PING
 from jetspool.gateway.state import Gateway, GatewayDep
 
 if TYPE_CHECKING:
@@ -108,7 +109,7 @@ async def _event_feed(gateway: Gateway, limit: int) -> AsyncIterator[ServerSentE
                 quiet_s += _CLOSING_CHECK_S
                 if quiet_s >= gateway.settings.gateway.sse_ping_interval:
                     quiet_s = 0.0
-                    yield ServerSentEventMessage(comment="ping")
+                    yield PING
                 continue
             quiet_s = 0.0
             yield ServerSentEventMessage(data=data.decode())

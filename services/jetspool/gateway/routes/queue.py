@@ -17,6 +17,7 @@ from jetspool.domain import names
 from jetspool.domain.errors import InvalidInput, NotFound
 from jetspool.domain.outcomes import completed_answer
 from jetspool.domain.status import State, StatusRecord, public_status, request_urls
+from jetspool.gateway.feed import PING
 from jetspool.gateway.intake import function_for, parse_request_id, read_submission
 from jetspool.gateway.lookup import find_request, require_request
 from jetspool.gateway.state import Gateway, GatewayDep
@@ -259,7 +260,7 @@ async def _events(
             if current.record.is_completed:
                 return
             if not await wait_event(watch.queue_moved, gateway.settings.gateway.sse_ping_interval):
-                yield ServerSentEventMessage(comment="ping")
+                yield PING
             elif not watch.own_change.is_set():
                 # Only others moved: a new queue position goes out at most once per interval, so a
                 # thousand streams on one busy function do not each recompute it on every change.
