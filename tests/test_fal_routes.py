@@ -89,6 +89,22 @@ async def test_function_route_passes_an_encoded_sub_path_on_as_it_was_sent(stack
         assert seen.body == b"odd"
 
 
+async def test_function_route_relays_head_and_expect_stays_with_the_gateway(stack: Stack) -> None:
+    await stack.register("echo")
+    stack.functions.script("/echo/thing", [Reply(200, b"", "text/plain", headers=(("X-Size", "42"),))])
+
+    head = await stack.client.head("/function/echo/thing")
+    post = await stack.client.post("/function/echo/upload", content=b"x" * 1024, headers={"Expect": "100-continue"})
+
+    assert (head.status_code, head.headers["x-size"], head.content) == (200, "42", b"")
+    [seen_head] = stack.functions.on("/echo/thing")
+    assert seen_head.method == "HEAD"
+    assert post.status_code == 200
+    [seen_post] = stack.functions.on("/echo/upload")
+    assert seen_post.header("expect") is None
+    assert seen_post.body == b"x" * 1024
+
+
 async def test_function_route_with_async_true_queues_like_cerebrium(stack: Stack) -> None:
     await stack.register("echo")
 

@@ -39,6 +39,17 @@ async def test_function_sees_exact_method_path_query_body_and_headers(stack: Sta
     assert seen.header("authorization") is None, "the caller's credentials are not forwarded"
 
 
+async def test_an_expect_header_is_not_forwarded_to_the_function(stack: Stack) -> None:
+    """`Expect: 100-continue` was for the gateway; forwarded, the call would wait for a `100 Continue`."""
+    await stack.register("echo", path="/echo")
+    request_id = await stack.submit("echo", content=b"x" * 2048, headers={"Expect": "100-continue"})
+
+    assert (await stack.wait_for_status("echo", request_id))["status"] == "COMPLETED"
+    [seen] = stack.functions.on("/echo")
+    assert seen.header("expect") is None
+    assert seen.body == b"x" * 2048
+
+
 async def test_a_queued_encoded_sub_path_reaches_the_function_as_it_was_sent(stack: Stack) -> None:
     await stack.register("echo", path="/echo")
     request_id = await stack.submit("echo", "a%1Fb/100%25", content=b"odd")

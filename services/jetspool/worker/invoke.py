@@ -40,9 +40,12 @@ HOP_BY_HOP: Final = frozenset(
         "host",
         "content-length",
         "authorization",
+        "expect",
     }
 )
-"""Headers never forwarded to a function: hop-by-hop ones, framing, and the caller's credentials."""
+"""Headers never forwarded to a function: hop-by-hop ones, framing (an `Expect: 100-continue` was
+answered by the gateway already; forwarded, it would have the call wait for a `100 Continue` a
+function need not send), and the caller's credentials."""
 
 
 def forwardable(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:

@@ -23,6 +23,7 @@ _METHODS: Final = [
     HttpMethod.PATCH,
     HttpMethod.DELETE,
     HttpMethod.OPTIONS,
+    HttpMethod.HEAD,
 ]
 _NOT_RELAYED: Final = HOP_BY_HOP | {"content-encoding"}  # httpx hands over the decoded body
 
