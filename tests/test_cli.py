@@ -88,6 +88,18 @@ def test_up_prints_the_gateway_url_and_the_readme_walkthrough_works_as_printed(u
 
 
 @pytest.mark.timeout(120)
+def test_up_workers_hand_functions_the_url_of_the_gateway_it_started(up: Up) -> None:
+    """`up --port P`: the X-Logs-Url a function gets points at port P, not the default 8080."""
+    with httpx.Client(base_url=up.url, timeout=30) as client:
+        request_id = client.post("/async-function/echo", content=b"hi").headers["x-call-id"]
+        _wait_completed(client, "echo", request_id)
+        seen = client.get(f"/queue/echo/requests/{request_id}").json()
+
+    logs_url = seen["headers"]["x-logs-url"]
+    assert logs_url.startswith(f"{up.url}/queue/echo/requests/{request_id}/logs?token="), logs_url
+
+
+@pytest.mark.timeout(120)
 def test_sigterm_stops_every_process_it_started(up: Up) -> None:
     tree = descendants(up.proc.process.pid)
     assert len(tree) >= 4, "embedded nats-server, demo functions, gateway and a worker run as children"

@@ -46,6 +46,7 @@ class UpOptions:
 
 
 _ACCEPT_SINGLE_REPLICA = "JETSPOOL_NATS__ACCEPT_SINGLE_REPLICA"
+_PUBLIC_URL = "JETSPOOL_GATEWAY__PUBLIC_URL"
 
 
 class Supervisor:
@@ -98,6 +99,9 @@ class Supervisor:
 
             asyncio.run(_register(self._settings, nats_url, demo.functions(demo_url)))
         gateway = self._settings.gateway
+        # Workers hand functions URLs of the gateway (X-Logs-Url, the URLs in events): the one
+        # `up` starts, with whatever flags chose its address, not the config file's default.
+        self._child_env[_PUBLIC_URL] = gateway.base_url
         self._spawn("gateway", ["gateway", *common, "--host", gateway.host, "--port", str(gateway.port)])
         for index in range(self._options.workers):
             self._spawn(f"worker {index + 1}", ["worker", *common])
