@@ -69,6 +69,9 @@ async def test_exit_codes_scripts_can_rely_on(stack: Stack) -> None:
     await stack.occupy("busy")
 
     failed = await _jetspool(stack, "submit", "echo", "--data", "{}", "--wait", "--json")
+    failed_id = orjson.loads(failed.out)["request_id"]
+    failed_status = await _jetspool(stack, "status", "echo", failed_id)
+    failed_watched = await _jetspool(stack, "status", "echo", failed_id, "--watch")
     unknown = await _jetspool(stack, "submit", "nope", "--wait")
     gave_up = await _jetspool(stack, "submit", "busy", "--data", "{}", "--wait", "--timeout", "0.5")
     waiting_id = gave_up.err.split("request ")[1].split()[0]
@@ -81,6 +84,8 @@ async def test_exit_codes_scripts_can_rely_on(stack: Stack) -> None:
 
     assert failed.code == 1
     assert orjson.loads(failed.out)["error_type"] == "function_error"
+    assert (failed_status.code, failed_watched.code) == (1, 1), "status shows it completed with an error"
+    assert "function_error" in failed_status.out
     assert unknown.code == 3
     assert "nope" in unknown.err
     assert gave_up.code == 4

@@ -142,14 +142,15 @@ def _follow(handle: Handle, out: Output, deadline: float | None) -> None:
 
 
 def _status(client: Client, args: argparse.Namespace, out: Output) -> int:
+    """Show the status (`--watch`: each change until it completes); exit 1 when it shows the
+    request completed with an error or cancelled, as every client command does."""
     handle = client.handle(args.name, args.id)
-    if not args.watch:
-        status = handle.status(logs=args.logs)
+    shown = handle.iter_events(logs=args.logs) if args.watch else [handle.status(logs=args.logs)]
+    last = None
+    for status in shown:
         out.value(status.raw, _describe(status))
-        return EXIT_OK
-    for status in handle.iter_events(logs=args.logs):
-        out.value(status.raw, _describe(status))
-    return EXIT_OK
+        last = status
+    return EXIT_FAILED if last is not None and last.completed and last.error_type is not None else EXIT_OK
 
 
 def _result(client: Client, args: argparse.Namespace, out: Output) -> int:
