@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import TYPE_CHECKING
 
 import pytest
@@ -136,4 +137,26 @@ async def test_function_route_answers_502_when_the_function_is_down(stack: Stack
     response = await stack.client.get("/function/down")
 
     assert response.status_code == 502
+    assert response.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/queue/echo/requests/{id}/status"),
+        ("GET", "/queue/echo/requests/{id}"),
+        ("GET", "/queue/echo/requests/{id}/status/stream"),
+        ("PUT", "/queue/echo/requests/{id}/cancel"),
+        ("POST", "/queue/echo/requests/{id}/retry"),
+        ("GET", "/fal/queue/{id}/get"),
+    ],
+)
+async def test_a_404_about_an_unknown_request_names_it_in_x_request_id(stack: Stack, method: str, path: str) -> None:
+    await stack.register("echo")
+    request_id = str(uuid.uuid4())
+
+    response = await stack.client.request(method, path.format(id=request_id.upper()))
+
+    assert response.status_code == 404
+    assert response.headers["x-request-id"] == request_id, "in canonical form"
     assert response.json()["detail"]

@@ -24,7 +24,7 @@ from jetspool.domain import names
 from jetspool.domain.errors import RequestError
 from jetspool.gateway.auth import KeyGuard
 from jetspool.gateway.feed import StatusFeed
-from jetspool.gateway.intake import Intake
+from jetspool.gateway.intake import Intake, parse_request_id
 from jetspool.gateway.limits import receive_deadline
 from jetspool.gateway.metrics import GatewayMetrics
 from jetspool.gateway.routes import dashboard, function, logs, openfaas, queue, system
@@ -179,25 +179,45 @@ def _gateway(state: State) -> Gateway:
     return gateway
 
 
-def _error(detail: str, status_code: int, error_type: str | None = None, extra: Any = None) -> Response[dict[str, Any]]:
+def _error(
+    detail: str,
+    status_code: int,
+    error_type: str | None = None,
+    extra: Any = None,
+    request: Request[Any, Any, Any] | None = None,
+) -> Response[dict[str, Any]]:
     body: dict[str, Any] = {"detail": detail}
     if extra:
         body["extra"] = extra
     headers = {}
+    request_id = None if request is None else _request_id(request)
+    if request_id is not None:  # every response about a request, an error included (SPEC §2)
+        headers[names.H_REQUEST_ID] = request_id
     if error_type is not None:
         body["error_type"] = error_type
         headers[names.H_ERROR_TYPE] = error_type
     return Response(body, status_code=status_code, headers=headers)
 
 
-def _request_error(_: Request[Any, Any, Any], exc: RequestError) -> Response[dict[str, Any]]:
-    return _error(exc.detail, exc.status_code, exc.error_type)
+def _request_id(request: Request[Any, Any, Any]) -> str | None:
+    """The request id a route's path names, in canonical form; None when it names none or a malformed one."""
+    named = request.path_params.get("request_id")
+    if not isinstance(named, str):
+        return None
+    try:
+        return parse_request_id(named)
+    except RequestError:
+        return None
 
 
-def _nats_error(_: Request[Any, Any, Any], exc: NatsError) -> Response[dict[str, Any]]:
+def _request_error(request: Request[Any, Any, Any], exc: RequestError) -> Response[dict[str, Any]]:
+    return _error(exc.detail, exc.status_code, exc.error_type, request=request)
+
+
+def _nats_error(request: Request[Any, Any, Any], exc: NatsError) -> Response[dict[str, Any]]:
     log.warning("NATS error while serving a request: %s", exc)
-    return _error(f"the queue is unavailable: {exc}", 503)
+    return _error(f"the queue is unavailable: {exc}", 503, request=request)
 
 
-def _http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[dict[str, Any]]:
-    return _error(str(exc.detail), exc.status_code, extra=exc.extra)
+def _http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[dict[str, Any]]:
+    return _error(str(exc.detail), exc.status_code, extra=exc.extra, request=request)
