@@ -186,6 +186,7 @@ async def test_submit_to_unknown_or_invalid_function_is_refused(stack: Stack, pa
         ({"X-Callback-Url": "not a url"}, {}),
         ({}, {"webhookEndpoint": "file:///etc/passwd"}),
         ({"X-Queue-Priority": "urgent"}, {}),
+        ({"X-Fal-Queue-Priority": "HIGH"}, {}),
     ],
 )
 async def test_bad_submission_options_are_refused_and_nothing_is_queued(

@@ -173,8 +173,8 @@ def _priority(request: Request[Any, Any, Any]) -> names.Priority:
     for header in _PRIORITY_HEADERS:
         value = request.headers.get(header)
         if value is not None:
-            value = value.strip().lower()
-            for priority in names.PRIORITIES:
+            value = value.strip()
+            for priority in names.PRIORITIES:  # exactly these, lower case (SPEC §2: other values 422)
                 if value == priority:
                     return priority
             raise InvalidInput(f"{header} must be one of high, normal, low; got {value!r}")
