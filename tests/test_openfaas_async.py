@@ -275,6 +275,7 @@ async def test_exec_timeout_completes_as_function_timeout_without_retry(stack: S
     stack.functions.release("/echo")
 
     assert final["error_type"] == "function_timeout"
+    assert final["metrics"]["inference_time"] >= 0.3, "the final attempt ran until the exec timeout"
     assert len(stack.functions.on("/echo")) == 1
     assert result.status_code == 504
     assert result.headers["x-error-type"] == "function_timeout"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -222,6 +223,7 @@ class RequestHandler:
         self, msg: Msg, request: QueuedRequest, function: Function, *, call: _Call, attempt: int, allowed: int
     ) -> Settle:
         """One invocation and its outcome: retry later, or complete."""
+        began = time.monotonic()
         try:
             answer = await self._invoke_keeping_message(msg, function, request, call, attempt)
         except RetryableDelivery as exc:
@@ -239,15 +241,32 @@ class RequestHandler:
                 return Settle("nak", delay)
             gave_up = f"gave up after {attempt} attempts: {exc}"
             await self._complete(
-                request, function, None, ErrorType.RUNNER_UNAVAILABLE, gave_up, attempt=attempt, current=call.record
+                request,
+                function,
+                None,
+                ErrorType.RUNNER_UNAVAILABLE,
+                gave_up,
+                attempt=attempt,
+                current=call.record,
+                ran_s=time.monotonic() - began,
             )
         except PermanentDelivery as exc:
-            failure = ErrorType(exc.error_type)
-            await self._complete(request, function, None, failure, str(exc), attempt=attempt, current=call.record)
+            failure, ran_s = ErrorType(exc.error_type), time.monotonic() - began
+            await self._complete(
+                request, function, None, failure, str(exc), attempt=attempt, current=call.record, ran_s=ran_s
+            )
         except Aborted:
+            ran_s = time.monotonic() - began
             await self._notify_cancel(function, request)
             await self._complete(
-                request, function, None, ErrorType.CANCELLED, _CANCELLED_RUNNING, attempt=attempt, current=call.record
+                request,
+                function,
+                None,
+                ErrorType.CANCELLED,
+                _CANCELLED_RUNNING,
+                attempt=attempt,
+                current=call.record,
+                ran_s=ran_s,
             )
         else:
             error_type = None if 200 <= answer.status_code < 300 else ErrorType.FUNCTION_ERROR  # noqa: PLR2004
@@ -330,6 +349,7 @@ class RequestHandler:
         *,
         attempt: int | None = None,
         current: Versioned | None = None,
+        ran_s: float | None = None,
     ) -> None:
         """Record the final outcome of `attempt` (None: of no attempt): result, then status, then callbacks.
 
@@ -337,6 +357,7 @@ class RequestHandler:
         is still the latest: a stale worker's late answer can never replace a newer outcome. A
         failed request is kept for the retry route first; a successful one's out-of-line body goes.
         `current`: the record as this worker last read or wrote it, if it has it (saves a read).
+        `ran_s`: how long the final attempt ran, when it ended without an answer to keep.
         """
         if error_type is not None:
             await self._s.retention.keep_for_retry(request, function.result_ttl)
@@ -351,7 +372,7 @@ class RequestHandler:
                 utcnow(),
                 keep_s=function.result_ttl,
                 function_status=None if answer is None else answer.status_code,
-                inference_time=None if answer is None else answer.duration_s,
+                inference_time=ran_s if answer is None else answer.duration_s,
                 error=error,
                 error_type=error_type,
             )
