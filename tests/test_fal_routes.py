@@ -75,6 +75,8 @@ async def test_function_route_calls_the_function_synchronously(stack: Stack) -> 
     assert response.status_code == 201
     assert response.content == b"made"
     assert response.headers["x-made"] == "yes"
+    assert len(response.headers.get_list("date")) == 1, "the gateway's own Date, not the function's too"
+    assert len(response.headers.get_list("server")) <= 1
     [seen] = stack.functions.on("/echo/sub")
     assert (seen.method, seen.query, seen.body) == ("PUT", "a=1", b"body")
 
@@ -159,4 +161,4 @@ async def test_a_404_about_an_unknown_request_names_it_in_x_request_id(stack: St
 
     assert response.status_code == 404
     assert response.headers["x-request-id"] == request_id, "in canonical form"
-    assert response.json()["detail"]
+    assert "None" not in response.json()["detail"]

@@ -27,5 +27,5 @@ async def require_request(gateway: Gateway, name: str | None, request_id: str) -
     """Like `find_request`, 404 when unknown."""
     current = await find_request(gateway, name, request_id)
     if current is None:
-        raise NotFound(f"request {request_id} not found for function {name!r}")
+        raise NotFound(f"request {request_id} not found" + ("" if name is None else f" for function {name!r}"))
     return current

@@ -25,7 +25,8 @@ _METHODS: Final = [
     HttpMethod.OPTIONS,
     HttpMethod.HEAD,
 ]
-_NOT_RELAYED: Final = HOP_BY_HOP | {"content-encoding"}  # httpx hands over the decoded body
+_NOT_RELAYED: Final = HOP_BY_HOP | {"content-encoding", "server", "date"}
+"""httpx hands over the decoded body; the gateway's server sets its own Server and Date."""
 
 
 class BadGateway(RequestError):
