@@ -122,6 +122,20 @@ async def test_reconnecting_with_last_event_id_continues_the_ids(stack: Stack) -
     stack.functions.release("/busy", 2)
 
 
+async def test_reconnecting_after_the_completed_event_gets_nothing_again(stack: Stack) -> None:
+    await stack.register("echo")
+    request_id = await _queue(stack, "echo")
+    await stack.wait_for_status("echo", request_id)
+    async with _stream(stack, "echo", request_id) as events:
+        completed_id, completed = await events.next()
+
+    async with _stream(stack, "echo", request_id, **{"Last-Event-ID": str(completed_id)}) as events:
+        with pytest.raises(EOFError):
+            await events.next()
+
+    assert completed["status"] == "COMPLETED"
+
+
 async def test_closing_the_stream_leaves_no_watcher_behind(stack: Stack) -> None:
     await stack.occupy()
     request_id = await _queue(stack, "busy")

@@ -244,6 +244,8 @@ async def _events(
         current = await gateway.status.get(record.request_id) or current
         revision, count, sent = current.revision, 0, None
         if last_id is not None and last_id // _EVENT_IDS_PER_REVISION == revision:
+            if current.record.is_completed:
+                return  # the client has the final event: nothing was missed, and it is not sent again
             count = last_id % _EVENT_IDS_PER_REVISION + 1
         while not gateway.feed.closing:
             watch.queue_moved.clear()  # before reading: a change from now on wakes the wait below
