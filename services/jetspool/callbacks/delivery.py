@@ -161,7 +161,7 @@ class CallbackDelivery:
             return TERM
         target = next((t for t in current.record.callbacks if (t.kind, t.url) == (job.kind, job.url)), None)
         if target is not None and target.state != "pending":
-            # A job redelivered because its ack was lost: what the status records stands.
+            # A job redelivered because its ack was lost: what the status recorded stands.
             log.info("callback for %s to %s is %s already; not sent again", job.request_id, job.url, target.state)
             return ACK
         return job, current
