@@ -6,18 +6,17 @@ is worth less than a request). Reads take every line of a request in one batched
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
-import orjson
 from nats.errors import Error as NatsError
 
 from jetspool.domain import names
 from jetspool.domain.errors import DecodeError
 from jetspool.domain.messages import LogLevel, LogLine, decode, encode
 from jetspool.domain.status import utcnow
+from jetspool.jetstream.direct import direct_batch
 
 if TYPE_CHECKING:
     from nats.aio.msg import Msg
@@ -46,26 +45,8 @@ class RequestLogs:
 
     async def read(self, request_id: str) -> list[dict[str, Any]]:
         """Every stored line of the request, oldest first, as status-object entries."""
-        inbox = self._conn.nc.new_inbox()
-        received: list[Msg] = []
-        done = asyncio.Event()
-
-        async def collect(msg: Msg) -> None:
-            status = (msg.headers or {}).get("Status")
-            if status is None:
-                received.append(msg)
-            else:  # 204 end of batch, or 404 none at all
-                done.set()
-
-        sub = await self._conn.nc.subscribe(inbox, cb=collect)
-        try:
-            query = {"seq": 1, "next_by_subj": names.log_subject(request_id), "batch": MAX_LINES}
-            await self._conn.nc.publish(f"$JS.API.DIRECT.GET.{names.LOG_STREAM}", orjson.dumps(query), reply=inbox)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(_READ_TIMEOUT_S):
-                    await done.wait()
-        finally:
-            await sub.unsubscribe()
+        query = {"seq": 1, "next_by_subj": names.log_subject(request_id), "batch": MAX_LINES}
+        received = await direct_batch(self._conn.nc, names.LOG_STREAM, query, _READ_TIMEOUT_S)
         return [_entry(msg) for msg in received if msg.data]
 
 

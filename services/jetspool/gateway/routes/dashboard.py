@@ -21,12 +21,12 @@ from typing import TYPE_CHECKING, Any, Final
 from litestar import Response, get
 from litestar.params import FromPath, FromQuery
 from litestar.response import ServerSentEvent, ServerSentEventMessage
-from nats.js.errors import NotFoundError
 
 from jetspool.domain import names
 from jetspool.domain.errors import InvalidInput, NotFound
 from jetspool.gateway.feed import PING
 from jetspool.gateway.state import Gateway, GatewayDep
+from jetspool.jetstream.direct import direct_batch
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -42,6 +42,7 @@ _MAX_RECENT: Final = 500
 _LIVE_BUFFER: Final = 10_000
 """Events a slow dashboard may fall behind by before the oldest are dropped."""
 _CLOSING_CHECK_S: Final = 1.0
+_LATEST_TIMEOUT_S: Final = 5.0
 
 
 @get("/ui", include_in_schema=False)
@@ -63,7 +64,7 @@ async def asset(asset: FromPath[str]) -> Response[bytes]:
 
 @get("/system/dashboard")
 async def overview(gateway: GatewayDep) -> dict[str, Any]:
-    functions = sorted(gateway.view.all(), key=lambda f: f.name)
+    functions = gateway.view.all()  # sorted by name
     figures = await asyncio.gather(*(gateway.stats.for_function(f.name) for f in functions))
     return {
         "functions": [
@@ -119,20 +120,12 @@ async def _event_feed(gateway: Gateway, limit: int) -> AsyncIterator[ServerSentE
 
 
 async def _latest(gateway: Gateway, limit: int) -> list[bytes]:
-    """The last `limit` events of the events stream, oldest first."""
+    """The last `limit` events of the events stream, oldest first, in one batched direct get."""
     if limit == 0:
         return []
-    js = gateway.conn.js
-    state = (await js.stream_info(names.EVENT_STREAM)).state
+    state = (await gateway.conn.js.stream_info(names.EVENT_STREAM)).state
     first = max(state.first_seq, state.last_seq - limit + 1)
     if state.last_seq == 0 or first > state.last_seq:
         return []
-
-    async def one(seq: int) -> bytes | None:
-        try:
-            return (await js.get_msg(names.EVENT_STREAM, seq=seq, direct=True)).data
-        except NotFoundError:
-            return None
-
-    found = await asyncio.gather(*(one(seq) for seq in range(first, state.last_seq + 1)))
-    return [data for data in found if data]
+    found = await direct_batch(gateway.conn.nc, names.EVENT_STREAM, {"seq": first, "batch": limit}, _LATEST_TIMEOUT_S)
+    return [msg.data for msg in found if msg.data]
