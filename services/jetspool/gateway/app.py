@@ -71,7 +71,7 @@ def create_app(settings: Settings) -> Litestar:
             http = await started.enter_async_context(
                 httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10.0), follow_redirects=False)
             )
-            stats = StatsReader(conn.js, direct=conn.replicas == 1)
+            stats = StatsReader(conn)
             await metrics.start(conn.nc, view, stats)
             started.push_async_callback(metrics.stop)
             app.state.gateway = _wire(

@@ -241,6 +241,11 @@ async def ensure_stream(js: JetStreamContext, desired: api.StreamConfig) -> None
         await _apply(js.add_stream, desired, "create")
         log.info("created stream %s", desired.name)
         return
+    await _reconcile(js, info, desired)
+
+
+async def _reconcile(js: JetStreamContext, info: api.StreamInfo, desired: api.StreamConfig) -> None:
+    """Bring the existing stream `info` in line with `desired`, or explain why not."""
     if info.config.persist_mode == api.PersistMode.ASYNC and (desired.num_replicas or 1) > 1:
         raise ConfigError(
             f"nats.replicas: {desired.num_replicas}: stream {desired.name} was created for one server, flushed "
@@ -314,7 +319,5 @@ async def _ensure_object_store(js: JetStreamContext, replicas: int) -> ObjectSto
             ),
         )
     stream = await js.stream_info(f"{_OBJ_PREFIX}{names.BLOB_STORE}")
-    if stream.config.num_replicas != replicas:
-        await _apply(js.update_stream, replace(stream.config, num_replicas=replicas), "update")
-        log.info("updated stream %s: num_replicas -> %d", stream.config.name, replicas)
+    await _reconcile(js, stream, replace(stream.config, num_replicas=replicas))
     return store

@@ -17,8 +17,6 @@ from jetspool.jetstream.positions import consumer_figures
 from jetspool.jetstream.ridethrough import ride_through
 
 if TYPE_CHECKING:
-    from nats.js.client import JetStreamContext
-
     from jetspool.domain.status import StatusRecord
     from jetspool.jetstream.connection import Nats
 
@@ -41,9 +39,9 @@ async def count_outcome(conn: Nats, record: StatusRecord) -> None:
 
 
 class StatsReader:
-    def __init__(self, js: JetStreamContext, *, direct: bool = True) -> None:
-        self._js = js
-        self._direct = direct
+    def __init__(self, conn: Nats) -> None:
+        self._js = conn.js
+        self._direct = conn.replicas == 1
         """Whether totals may be read from any replica; on a cluster they come from the leader (never behind)."""
 
     async def for_function(self, function: str) -> dict[str, Any]:
