@@ -96,10 +96,16 @@ async def test_stream_shows_every_change_until_completed(stack: Stack) -> None:
     assert ids == sorted(set(ids)), "event ids are unique and increase"
 
 
-async def test_stream_of_a_completed_request_sends_one_event_and_ends(stack: Stack) -> None:
+async def _completed(stack: Stack) -> str:
+    """The id of an echo request that has completed."""
     await stack.register("echo")
     request_id = await _queue(stack, "echo")
     await stack.wait_for_status("echo", request_id)
+    return request_id
+
+
+async def test_stream_of_a_completed_request_sends_one_event_and_ends(stack: Stack) -> None:
+    request_id = await _completed(stack)
 
     async with _stream(stack, "echo", request_id) as events:
         _, event = await events.next()
@@ -123,9 +129,7 @@ async def test_reconnecting_with_last_event_id_continues_the_ids(stack: Stack) -
 
 
 async def test_reconnecting_after_the_completed_event_gets_nothing_again(stack: Stack) -> None:
-    await stack.register("echo")
-    request_id = await _queue(stack, "echo")
-    await stack.wait_for_status("echo", request_id)
+    request_id = await _completed(stack)
     async with _stream(stack, "echo", request_id) as events:
         completed_id, completed = await events.next()
 
