@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from jetspool.cluster import LocalCluster
-from jetspool.domain import names
+from jetspool.domain import ids, names
 from jetspool.domain.errors import ConfigError
 from jetspool.jetstream.connection import Nats, connect
 from jetspool.jetstream.provision import provision
@@ -183,7 +183,7 @@ async def _diagnose(nats_url: str, client: httpx.AsyncClient, accepted: dict[str
         for request_id, shown in unfinished[:5]:
             subject = f"$KV.{names.STATUS_BUCKET}.{request_id}"
             lines.append(f"{request_id}: gateway shows {shown}")
-            queue_seq = 0
+            queue_seq = (ids.parse_derived(request_id) or (0, ""))[0]  # a derived id names its message
             for direct in (False, True, True, True):
                 try:
                     msg = await js.get_msg(f"KV_{names.STATUS_BUCKET}", subject=subject, direct=direct)

@@ -60,11 +60,15 @@ async def test_real_payloads_validate_against_the_schemas(stack_without_worker: 
     request_id = await stack.submit(
         "echo", content=b"\x00\xffbinary", headers={"X-Callback-Url": stack.callback_url("/hook")}
     )
+    keyed_id = await stack.submit("echo", content=b"{}", headers={"Idempotency-Key": "schemas"})
     conn = await connect(NatsSettings(url=stack.nats.url), "schema-test")
     try:
-        queued = await conn.js.get_msg(names.QUEUE_STREAM, subject=names.queue_subject("echo", "normal"))
+        on = names.queue_subject("echo", "normal")
+        queued = await conn.js.get_msg(names.QUEUE_STREAM, seq=1, subject=on, next=True)  # the first
+        keyed = await conn.js.get_msg(names.QUEUE_STREAM, subject=on)  # the last
         stream, subject = _status_key(request_id)
-        waiting_status = await conn.js.get_msg(stream, subject=subject)
+        keyed_subject = _status_key(keyed_id)[1]
+        waiting_status = await conn.js.get_msg(stream, subject=keyed_subject)  # a keyed submit writes it at once
         function = await conn.js.get_msg(f"KV_{names.FUNCTIONS_BUCKET}", subject=f"$KV.{names.FUNCTIONS_BUCKET}.echo")
         await stack.start_worker()
         await stack.wait_for_status("echo", request_id)
@@ -74,9 +78,13 @@ async def test_real_payloads_validate_against_the_schemas(stack_without_worker: 
     finally:
         await conn.close()
 
-    _validate("queue-request.schema.json", queued.data or b"")
+    _validate("queue-request.schema.json", queued.data or b"")  # with an id derived from it
+    _validate("queue-request.schema.json", keyed.data or b"")  # with its own id
     _validate("status-record.schema.json", waiting_status.data or b"")
-    _validate("status-record.schema.json", done_status.data or b"")
+    _validate("status-record.schema.json", done_status.data or b"")  # the small result in it
+    assert orjson.loads(queued.data or b"")["id_nonce"]
+    assert orjson.loads(keyed.data or b"")["request_id"] == keyed_id
+    assert orjson.loads(done_status.data or b"")["result"]["body"]
     _validate("function.schema.json", function.data or b"")
     _validate("callback-job.schema.json", job.data or b"")
     assert orjson.loads(done_status.data or b"")["status"] == "COMPLETED"

@@ -168,7 +168,7 @@ class CallbackDelivery:
 
     async def _post(self, destination: Destination, job: CallbackJob, record: StatusRecord) -> httpx.Response | str:
         """POST the callback to the checked address; the response, or why there was none."""
-        result = await self._results.get(job.request_id, record.attempts)
+        result = await self._results.of(record)
         request = build(job.kind, record, result)
         webhook_id = f"{job.request_id}-{job.kind}-{job.run}"
         headers = {

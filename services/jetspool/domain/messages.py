@@ -18,6 +18,7 @@ from typing import Literal, TypeVar
 
 import msgspec
 
+from jetspool.domain import ids
 from jetspool.domain.errors import DecodeError
 from jetspool.domain.names import Priority
 
@@ -32,7 +33,10 @@ class WireMessage(msgspec.Struct, frozen=True, kw_only=True):
 class QueuedRequest(WireMessage, frozen=True, kw_only=True):
     """A request as it waits on `jetspool.queue.<function>.<priority>`."""
 
-    request_id: str
+    request_id: str = ""
+    """Empty when the id derives from the message's stream sequence and `id_nonce` (see `identified`)."""
+    id_nonce: str | None = None
+    """The random part of a derived request id (`jetspool.domain.ids`)."""
     function: str
     priority: Priority = "normal"
     method: str = "POST"
@@ -54,6 +58,12 @@ class QueuedRequest(WireMessage, frozen=True, kw_only=True):
     """No attempt may start after this (`X-Request-Timeout`); the request then completes as request_timeout."""
     retry: int = 0
     """Which run of the request this message is: 0 as submitted, n after the n-th use of the retry route."""
+
+    def identified(self, seq: int) -> QueuedRequest:
+        """This request with its id, when it is derived from `seq`, the sequence of its message."""
+        if self.request_id or self.id_nonce is None:
+            return self
+        return msgspec.structs.replace(self, request_id=ids.derived_id(seq, self.id_nonce))
 
     def callbacks(self) -> list[tuple[CallbackKind, str]]:
         """Every callback target of this request, with its kind."""

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from jetspool.domain.messages import CallbackKind, QueuedRequest, WireMessage, decode, encode
+from jetspool.domain.messages import CallbackKind, QueuedRequest, StoredResult, WireMessage, decode, encode
 from jetspool.domain.names import Priority
 
 
@@ -100,6 +100,9 @@ class StatusRecord(WireMessage, frozen=True, kw_only=True):
     callbacks: list[CallbackTarget] = msgspec.field(default_factory=list)
     expires_at: datetime | None = None
     """When a completed record goes (completion + the function's `result_ttl`); every write keeps it."""
+    result: StoredResult | None = None
+    """The function's final response when it is small: completing is then one write, not two
+    (larger ones are in the results bucket, under the request and attempt)."""
 
     @property
     def is_completed(self) -> bool:
@@ -135,8 +138,9 @@ class StatusRecord(WireMessage, frozen=True, kw_only=True):
         inference_time: float | None,
         error: str | None = None,
         error_type: ErrorType | None = None,
+        result: StoredResult | None = None,
     ) -> StatusRecord:
-        """The request's final outcome, kept for `keep_s` seconds."""
+        """The request's final outcome, kept for `keep_s` seconds (`result`: the response, if small)."""
         return msgspec.structs.replace(
             self,
             status=State.COMPLETED,
@@ -146,6 +150,7 @@ class StatusRecord(WireMessage, frozen=True, kw_only=True):
             inference_time=inference_time,
             error=error,
             error_type=error_type,
+            result=result,
         )
 
     def retried(self, queue_seq: int) -> StatusRecord:
@@ -164,6 +169,7 @@ class StatusRecord(WireMessage, frozen=True, kw_only=True):
             error_type=None,
             cancel_requested=False,
             expires_at=None,
+            result=None,
             callbacks=[msgspec.structs.replace(t, state="pending") for t in self.callbacks],
         )
 

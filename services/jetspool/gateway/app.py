@@ -141,7 +141,7 @@ def _wire(
     metrics: GatewayMetrics,
     stats: StatsReader,
 ) -> Gateway:
-    status = StatusStore(conn.js, stores.status)
+    status = StatusStore(conn, stores.status)
     positions = QueuePositions(conn)
     queue = RequestQueue(conn, stores.blobs)
     retention = Retention(conn.js, stores.envelopes, stores.blobs)

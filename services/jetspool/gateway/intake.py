@@ -1,7 +1,11 @@
-"""Taking a request in: read the submission options, queue the request durably, record its status.
+"""Taking a request in: read the submission options, queue the request durably.
 
-`Intake.submit` answers only once JetStream has acknowledged the request's message; the
-`IN_QUEUE` status record follows, carrying the message's stream sequence.
+`Intake.submit` answers only once JetStream has acknowledged the request's message. That one
+write is the whole submit: the request's id derives from the message's stream sequence
+(`jetspool.domain.ids`), and its status reads from the message until a worker takes it. A keyed
+submit (`Idempotency-Key`) and one whose body goes to the object store need their id before the
+message exists; their `IN_QUEUE` status record is written after the message, carrying the
+message's stream sequence.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from nats.errors import Error as NatsError
 from opentelemetry.trace import SpanKind
 
 from jetspool import logfmt, tracing
-from jetspool.domain import names
+from jetspool.domain import ids, names
 from jetspool.domain.errors import InvalidInput, NotFound, QueueFull, Unavailable
 from jetspool.domain.functions import Function, is_valid_name
 from jetspool.domain.messages import DeadlineJob, QueuedRequest
@@ -212,31 +216,30 @@ class Intake:
             return record
 
     async def _submit(self, submission: Submission) -> StatusRecord:
-        """Queue the request, then record its status; returns once both are durable in JetStream.
+        """Queue the request; returns its first status once the message is durable in JetStream.
 
-        The message goes first, so its stream sequence is in the status record from the start
-        (the queue position needs it). A worker that receives the message before the record
-        exists creates the same record itself from the message; either way exactly one is stored.
+        The status record of a request with an id of its own (keyed, or with a large body) is
+        written after the message, so the message's stream sequence is in it from the start (the
+        queue position needs it). A worker that receives the message before the record exists
+        creates the same record itself from the message; either way exactly one is stored.
         """
-        for url in (submission.callback_url, submission.webhook_url):
-            if url is not None:
-                await self._check_callback(url)
-        limit = submission.max_queue_length
-        if limit is not None:
-            waiting = sum((await self._positions.waiting(submission.function.name)).values())
-            if waiting >= limit:
-                raise QueueFull(f"{waiting} requests of {submission.function.name!r} wait (max_queue_length {limit})")
+        await self._check_options(submission)
         now = utcnow()
         deadline = None if submission.start_timeout_s is None else now + timedelta(seconds=submission.start_timeout_s)
-        request_id = str(uuid.uuid4())
-        logfmt.request_id.set(request_id)
         key, function = submission.idempotency_key, submission.function
+        request_id, nonce = "", None
+        if key is None and self._queue.fits(submission.body):
+            nonce = ids.new_nonce()  # the id derives from where the message lands
+        else:
+            request_id = str(uuid.uuid4())
+            logfmt.request_id.set(request_id)
         if key is not None:
             first = await self._keys.claim(function.name, key, request_id, function.result_ttl)
             if first is not None:
                 return first  # the same key was used before: that request stands
         request = QueuedRequest(
             request_id=request_id,
+            id_nonce=nonce,
             function=submission.function.name,
             priority=submission.priority,
             method=submission.method,
@@ -256,14 +259,28 @@ class Intake:
             if key is not None:
                 await self._keys.release(function.name, key)
             raise Unavailable(f"the queue is unavailable: {exc}") from exc
+        request = request.identified(seq)
+        logfmt.request_id.set(request.request_id)
         record = StatusRecord.waiting(request, seq)
-        await self._record_status(record)
+        if nonce is None:
+            await self._record_status(record)
         await self._events.publish(record)
         if deadline is not None:
             await self._queue.set_deadline(
                 DeadlineJob(request_id=request.request_id, function=request.function, due_at=deadline)
             )
         return record
+
+    async def _check_options(self, submission: Submission) -> None:
+        """422 for a callback URL that may not be called; 429 when `max_queue_length` requests wait."""
+        for url in (submission.callback_url, submission.webhook_url):
+            if url is not None:
+                await self._check_callback(url)
+        limit = submission.max_queue_length
+        if limit is not None:
+            waiting = sum((await self._positions.waiting(submission.function.name)).values())
+            if waiting >= limit:
+                raise QueueFull(f"{waiting} requests of {submission.function.name!r} wait (max_queue_length {limit})")
 
     async def _check_callback(self, url: str) -> None:
         """422 for a callback URL that may not be called (SPEC §6) or cannot be resolved."""

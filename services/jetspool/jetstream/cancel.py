@@ -134,7 +134,7 @@ class Canceller:
         except NotFoundError:
             return  # taken meanwhile: the worker sees the cancelled status and drops it
         try:
-            request = decode(msg.data or b"", QueuedRequest)
+            request = decode(msg.data or b"", QueuedRequest).identified(seq)
         except DecodeError:
             log.exception("cancelled message %d is unreadable; no callbacks for it", seq)
         else:
@@ -159,9 +159,9 @@ async def purge(conn: Nats, status: StatusStore, canceller: Canceller, function:
                 msg = await ride_through(read, "queue read")
             except NotFoundError:
                 break
-            seq = int(msg.seq or seq) + 1
+            found, seq = int(msg.seq or seq), int(msg.seq or seq) + 1
             try:
-                request_id = decode(msg.data or b"", QueuedRequest).request_id
+                request_id = decode(msg.data or b"", QueuedRequest).identified(found).request_id
             except DecodeError:
                 continue
             current = await status.get(request_id)

@@ -29,22 +29,31 @@ class RequestQueue:
     async def enqueue(self, request: QueuedRequest) -> int:
         """Store `request` on its function's queue subject; returns once JetStream acknowledged it.
 
-        A body too large for one message is written to the object store first. The stream
-        sequence is returned. The message id is the request id (a run of the retry route adds a
-        nonce), so a repeated publish inside the duplicate window stores nothing twice.
+        A body too large for one message is written to the object store first, named after the
+        request id (a request whose id derives from its message has its body inline). The stream
+        sequence is returned. The message id is the request id, or for a derived one its nonce (a
+        run of the retry route adds a nonce), so a repeated publish inside the duplicate window
+        stores nothing twice.
         """
-        if len(request.body) > self._conn.inline_limit:
+        key = request.request_id or f"n{request.id_nonce}"
+        if not self.fits(request.body):
+            if not request.request_id:
+                raise ValueError("a body stored out of line needs the request id before the message")
             ref = names.body_object(request.request_id)
             await self._blobs.put(ref, request.body)
             request = msgspec.structs.replace(request, body=b"", body_ref=ref)
         subject, payload = names.queue_subject(request.function, request.priority), encode(request)
-        msg_id = request.request_id if request.retry == 0 else f"{request.request_id}.retry.{uuid.uuid4().hex}"
+        msg_id = key if request.retry == 0 else f"{key}.retry.{uuid.uuid4().hex}"
         headers = tracing.inject({names.NATS_MSG_ID: msg_id})  # the request's trace goes with it
         # Stored or not, a repeat with the same message id stores it exactly once.
         ack = await ride_through(partial(self._conn.js.publish, subject, payload, headers=headers), "enqueue")
         with contextlib.suppress(NatsError):  # a missed wake-up only delays the start to the next poll
             await self._conn.nc.publish(names.wake_subject(request.function), request.priority.encode())
         return int(ack.seq)
+
+    def fits(self, body: bytes) -> bool:
+        """Whether `body` travels inside the queue message (else in the object store)."""
+        return len(body) <= self._conn.inline_limit
 
     async def set_deadline(self, job: DeadlineJob) -> None:
         """Arm the start deadline of a queued request (the worker also checks it on receipt)."""

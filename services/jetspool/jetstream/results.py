@@ -1,7 +1,9 @@
 """The results bucket: a function's final response per request, kept for `result_ttl`.
 
-Results larger than one NATS message go to the object store, the bucket keeping a reference;
-a sweep job deletes the object when the result expires.
+A result of at most `RECORD_INLINE_BYTES` is kept in the completed status record itself (the
+worker completes a request with one write); larger ones are stored here. Results larger than one
+NATS message go to the object store, the bucket keeping a reference; a sweep job deletes the
+object when the result expires.
 """
 
 from __future__ import annotations
@@ -20,7 +22,12 @@ if TYPE_CHECKING:
     from nats.js.kv import KeyValue
     from nats.js.object_store import ObjectStore
 
+    from jetspool.domain.status import StatusRecord
     from jetspool.jetstream.retention import Retention
+
+
+RECORD_INLINE_BYTES = 4096
+"""Response bodies up to this size go in the status record (read with every status poll)."""
 
 
 class ResultStore:
@@ -43,6 +50,12 @@ class ResultStore:
         subject, payload = f"{self._prefix}{names.result_key(request_id, attempt)}", encode(result)
         # Putting the same result again changes nothing a reader sees.
         await ride_through(partial(self._js.publish, subject, payload, msg_ttl=max(1, int(ttl_s))), "result write")
+
+    async def of(self, record: StatusRecord) -> StoredResult | None:
+        """The final response of the completed `record`: in it, or stored under its last attempt."""
+        if record.result is not None:
+            return record.result
+        return await self.get(record.request_id, record.attempts)
 
     async def get(self, request_id: str, attempt: int) -> StoredResult | None:
         try:

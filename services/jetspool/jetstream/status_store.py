@@ -5,6 +5,11 @@ writer (a worker paused past its ack wait, a duplicate delivery) can never overw
 state; it gets `StaleStatus` and must read again. A completed record carries a per-key TTL up to
 its `expires_at` (completion + the function's `result_ttl`), set again by every later write (a
 callback's delivery state); records still waiting or running have none.
+
+A request whose id derives from its queue message (`jetspool.domain.ids`) has no record until a
+worker takes it: `get` then reads its message and answers the `IN_QUEUE` record it implies, at
+revision 0, so that the first write to it (the worker's start, a cancel) is a create, fenced like
+any other.
 """
 
 from __future__ import annotations
@@ -15,8 +20,9 @@ from typing import TYPE_CHECKING
 
 from nats.js.errors import APIError, KeyNotFoundError, NotFoundError
 
-from jetspool.domain import names
-from jetspool.domain.errors import JetspoolError
+from jetspool.domain import ids, names
+from jetspool.domain.errors import DecodeError, JetspoolError
+from jetspool.domain.messages import QueuedRequest, decode
 from jetspool.domain.status import StatusRecord, decode_status, utcnow
 from jetspool.jetstream.ridethrough import ride_through
 
@@ -25,6 +31,8 @@ if TYPE_CHECKING:
 
     from nats.js.client import JetStreamContext
     from nats.js.kv import KeyValue
+
+    from jetspool.jetstream.connection import Nats
 
 _WRONG_LAST_SEQUENCE = (10071, 10164)
 
@@ -40,9 +48,11 @@ class Versioned:
 
 
 class StatusStore:
-    def __init__(self, js: JetStreamContext, kv: KeyValue) -> None:
-        self._js = js
+    def __init__(self, conn: Nats, kv: KeyValue) -> None:
+        self._js: JetStreamContext = conn.js
         self._kv = kv
+        self._direct = conn.replicas == 1
+        """Whether a waiting request's message may be read from any replica (on a cluster: the leader)."""
         self._prefix = f"$KV.{names.STATUS_BUCKET}."
         self._stream = f"KV_{names.STATUS_BUCKET}"
 
@@ -51,6 +61,18 @@ class StatusStore:
         return await self._write(record, 0)
 
     async def get(self, request_id: str) -> Versioned | None:
+        """The request's record; for a derived id without one, the record its waiting message implies."""
+        stored = await self._stored(request_id)
+        if stored is not None:
+            return stored
+        derived = ids.parse_derived(request_id)
+        if derived is None:
+            return None
+        waiting = await self._waiting(request_id, *derived)
+        # Taken (and its message acknowledged) between the two reads: the worker's record stands.
+        return waiting if waiting is not None else await self._stored(request_id)
+
+    async def _stored(self, request_id: str) -> Versioned | None:
         try:
             entry = await ride_through(partial(self._kv.get, request_id), "status read")
         except KeyNotFoundError:
@@ -58,6 +80,21 @@ class StatusStore:
         if entry.value is None:  # pragma: no cover - a get never returns an empty put
             return None
         return Versioned(decode_status(entry.value), int(entry.revision or 0))
+
+    async def _waiting(self, request_id: str, seq: int, nonce: str) -> Versioned | None:
+        """The `IN_QUEUE` record of the derived-id request at queue sequence `seq`, if its message is there."""
+        read = partial(self._js.get_msg, names.QUEUE_STREAM, seq=seq, direct=self._direct)
+        try:
+            msg = await ride_through(read, "queue read")
+        except NotFoundError:
+            return None
+        try:
+            request = decode(msg.data or b"", QueuedRequest)
+        except DecodeError:
+            return None
+        if request.request_id or request.id_nonce != nonce:
+            return None  # another request's message (the stream was recreated since)
+        return Versioned(StatusRecord.waiting(request.identified(seq), seq), 0)
 
     async def update(self, record: StatusRecord, last: int) -> int:
         """Write `record` if the stored revision is still `last`; returns the new revision."""

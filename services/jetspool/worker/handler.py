@@ -27,6 +27,7 @@ from jetspool.domain import names
 from jetspool.domain.errors import DecodeError, PermanentDelivery, RetryableDelivery
 from jetspool.domain.messages import QueuedRequest, StoredResult, decode
 from jetspool.domain.status import ErrorType, StatusRecord, utcnow
+from jetspool.jetstream.results import RECORD_INLINE_BYTES
 from jetspool.jetstream.stats import count, count_outcome
 from jetspool.jetstream.status_store import StaleStatus, StatusStore, Versioned
 from jetspool.worker.invoke import FunctionAnswer, invoke
@@ -92,6 +93,17 @@ def _is_current_run(msg: Msg, request: QueuedRequest, record: StatusRecord) -> b
     return request.retry == 0 or int(msg.metadata.sequence.stream) == record.queue_seq
 
 
+def _unrecorded(msg: Msg, request: QueuedRequest) -> Versioned | None:
+    """The record a first delivery of a derived-id request implies, without reading it.
+
+    Nothing but a cancel or a start deadline writes such a request's record before a worker
+    takes it; the worker's first write is then a create, which fails if one of them came first
+    (see `_run`)."""
+    if request.id_nonce is None or request.retry or int(msg.metadata.num_delivered) != 1:
+        return None
+    return Versioned(StatusRecord.waiting(request, int(msg.metadata.sequence.stream)), 0)
+
+
 async def settle(msg: Msg, decision: Settle) -> None:
     """Acknowledge a queue, callback or timer message: the only place that does.
 
@@ -137,7 +149,7 @@ class RequestHandler:
 
     async def handle(self, msg: Msg) -> Settle:
         try:
-            request = decode(msg.data, QueuedRequest)
+            request = decode(msg.data, QueuedRequest).identified(int(msg.metadata.sequence.stream))
         except DecodeError:
             log.exception("dropping an unreadable queue message on %s", msg.subject)
             return TERM
@@ -155,7 +167,7 @@ class RequestHandler:
         if function is None:
             log.warning("request %s: function %s is not registered; waiting", request.request_id, request.function)
             return Settle("nak", self._worker.poll_interval)
-        current = await self._current(msg, request)
+        current = _unrecorded(msg, request) or await self._current(msg, request)
         if current is None or not _is_current_run(msg, request, current.record):
             return self._not_current(msg, request, current)
         return await self._run(msg, request, function, current)
@@ -208,9 +220,12 @@ class RequestHandler:
         call = _Call()
         self._running[request.request_id] = call  # before IN_PROGRESS shows: no cancel signal can be missed
         try:
-            started = await self._transition(current, lambda r: r.started(attempt, utcnow()))
+            seen = current.record.attempts
+            started = await self._transition(
+                current, lambda r: r.started(attempt, utcnow()) if r.attempts == seen else None
+            )
             if started is None:
-                return ACK  # completed (e.g. cancelled) meanwhile
+                return await self._not_started(request)
             call.record = started
             await self._s.events.publish(started.record)
             await self._s.logs.write(request.request_id, f"attempt {attempt} of {allowed} started")
@@ -218,6 +233,14 @@ class RequestHandler:
             return await self._attempt(msg, request, function, call=call, attempt=attempt, allowed=allowed)
         finally:
             self._running.pop(request.request_id, None)
+
+    async def _not_started(self, request: QueuedRequest) -> Settle:
+        """The start was declined: done with a request completed meanwhile (e.g. cancelled); a
+        request another delivery moved on is left to a redelivery, which reads where it stands."""
+        latest = await self._s.status.get(request.request_id)
+        if latest is None or latest.record.is_completed:
+            return ACK
+        return Settle("nak", self._worker.poll_interval)
 
     async def _attempt(
         self, msg: Msg, request: QueuedRequest, function: Function, *, call: _Call, attempt: int, allowed: int
@@ -361,9 +384,13 @@ class RequestHandler:
         """
         if error_type is not None:
             await self._s.retention.keep_for_retry(request, function.result_ttl)
+        inline: StoredResult | None = None
         if answer is not None and attempt is not None:
             stored = StoredResult(status_code=answer.status_code, content_type=answer.content_type, body=answer.body)
-            await self._s.results.put(request.request_id, attempt, stored, function.result_ttl)
+            if len(answer.body) <= RECORD_INLINE_BYTES:
+                inline = stored  # goes in the completed record: one write
+            else:
+                await self._s.results.put(request.request_id, attempt, stored, function.result_ttl)
 
         def complete(record: StatusRecord) -> StatusRecord | None:
             if attempt is not None and record.attempts != attempt:
@@ -375,6 +402,7 @@ class RequestHandler:
                 inference_time=ran_s if answer is None else answer.duration_s,
                 error=error,
                 error_type=error_type,
+                result=inline,
             )
 
         completed = await self._update(request, attempt, complete, current)

@@ -90,7 +90,7 @@ async def run(settings: Settings, stop: asyncio.Event, ready: asyncio.Event | No
             httpx.AsyncClient(timeout=timeout, limits=_HTTP_LIMITS, follow_redirects=False)
         )  # callbacks
         calls = await started.enter_async_context(function_client(_MAX_CALLS, _CONNECT_TIMEOUT_S))
-        status = StatusStore(conn.js, stores.status)
+        status = StatusStore(conn, stores.status)
         retention = Retention(conn.js, stores.envelopes, stores.blobs)
         events = EventLog(conn, settings.gateway.base_url, settings.events.inline_result_limit)
         results = ResultStore(conn.js, stores.results, stores.blobs, retention, conn.inline_limit)

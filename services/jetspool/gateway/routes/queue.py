@@ -104,7 +104,7 @@ async def request_result(
             status_code=400,
             headers={names.H_REQUEST_ID: record.request_id},
         )
-    answer = completed_answer(record, await gateway.results.get(record.request_id, record.attempts))
+    answer = completed_answer(record, await gateway.results.of(record))
     content_type = answer.content_type or "application/octet-stream"
     return Response(
         answer.body,

@@ -1,0 +1,140 @@
+"""A submit stores one thing, the queue message: the request id names the message (its stream
+sequence and a nonce), and the status of a request no worker has taken reads from the message."""
+
+from __future__ import annotations
+
+import uuid
+from typing import TYPE_CHECKING, Any
+
+import nats
+import pytest
+from nats.js.errors import KeyNotFoundError, NotFoundError
+
+from jetspool.domain import ids, names
+
+if TYPE_CHECKING:
+    from nats.aio.client import Client
+    from nats.js.kv import KeyValue
+
+    from tests.support.stack import Stack
+
+
+def test_a_derived_id_is_a_version_8_uuid_carrying_sequence_and_nonce() -> None:
+    nonce = ids.new_nonce()
+    request_id = ids.derived_id(123_456, nonce)
+
+    parsed = uuid.UUID(request_id)
+    assert str(parsed) == request_id
+    assert parsed.version == 8
+    assert parsed.variant == uuid.RFC_4122
+    assert ids.parse_derived(request_id) == (123_456, nonce)
+
+
+@pytest.mark.parametrize("seq", [1, ids.MAX_SEQ])
+def test_the_whole_sequence_range_round_trips(seq: int) -> None:
+    for nonce in ("0" * 19, f"{(1 << 74) - 1:019x}"):
+        assert ids.parse_derived(ids.derived_id(seq, nonce)) == (seq, nonce)
+
+
+def test_other_ids_are_not_derived() -> None:
+    assert ids.parse_derived(str(uuid.uuid4())) is None
+    assert ids.parse_derived(str(uuid.UUID(int=(8 << 76) | (0b10 << 62)))) is None  # sequence 0
+    with pytest.raises(ValueError, match="does not fit"):
+        ids.derived_id(ids.MAX_SEQ + 1, ids.new_nonce())
+
+
+async def _status_kv(stack: Stack) -> tuple[Client, KeyValue]:
+    nc = await nats.connect(stack.nats.url)
+    return nc, await nc.jetstream().key_value(names.STATUS_BUCKET)
+
+
+async def test_a_waiting_request_has_no_record_yet_its_status_reads_from_its_message(
+    stack_without_worker: Stack,
+) -> None:
+    stack = stack_without_worker
+    await stack.register("echo")
+    first = await stack.submit("echo")
+    second = await stack.submit("echo", content=b"{}")
+    nc, kv = await _status_kv(stack)
+    try:
+        for request_id in (first, second):
+            assert ids.parse_derived(request_id) is not None
+            with pytest.raises(KeyNotFoundError):
+                await kv.get(request_id)
+        status = await stack.status("echo", second)
+        assert status["status"] == "IN_QUEUE"
+        assert status["request_id"] == second
+        assert status["queue_position"] == 1
+        assert (await stack.client.get(f"/fal/queue/{second}/get")).json()["queue_position"] == 1  # by id alone
+    finally:
+        await nc.close()
+
+
+async def test_an_id_naming_a_message_with_another_nonce_is_unknown(stack_without_worker: Stack) -> None:
+    stack = stack_without_worker
+    await stack.register("echo")
+    request_id = await stack.submit("echo")
+    parsed = ids.parse_derived(request_id)
+    assert parsed is not None
+    seq, nonce = parsed
+    forged = ids.derived_id(seq, f"{int(nonce, 16) ^ 1:019x}")
+    elsewhere = ids.derived_id(seq + 1, nonce)
+
+    for unknown in (forged, elsewhere):
+        response = await stack.client.get(f"/queue/echo/requests/{unknown}/status")
+        assert response.status_code == 404, response.text
+        assert response.headers["x-request-id"] == unknown
+    assert (await stack.client.get(f"/queue/other/requests/{request_id}/status")).status_code == 404
+
+
+async def test_cancelling_a_waiting_request_writes_its_first_record(stack_without_worker: Stack) -> None:
+    stack = stack_without_worker
+    await stack.register("echo")
+    request_id = await stack.submit("echo")
+    parsed = ids.parse_derived(request_id)
+    assert parsed is not None
+
+    response = await stack.client.put(f"/queue/echo/requests/{request_id}/cancel")
+
+    assert response.status_code == 202, response.text
+    status = await stack.status("echo", request_id)
+    assert (status["status"], status["error_type"]) == ("COMPLETED", "cancelled")
+    nc, kv = await _status_kv(stack)
+    try:
+        assert (await kv.get(request_id)).revision is not None
+        with pytest.raises(NotFoundError):
+            await nc.jetstream().get_msg(names.QUEUE_STREAM, seq=parsed[0])
+    finally:
+        await nc.close()
+
+
+@pytest.mark.parametrize(
+    "submit",
+    [{"headers": {"Idempotency-Key": "k-1"}}, {"content": b"x" * (5 * 1024 * 1024)}],
+    ids=["keyed", "body-out-of-line"],
+)
+async def test_a_request_needing_its_id_first_records_its_status_at_once(
+    stack_without_worker: Stack, submit: dict[str, Any]
+) -> None:
+    stack = stack_without_worker
+    await stack.register("echo")
+    request_id = await stack.submit("echo", **submit)
+
+    assert ids.parse_derived(request_id) is None
+    nc, kv = await _status_kv(stack)
+    try:
+        assert (await kv.get(request_id)).value
+    finally:
+        await nc.close()
+    assert (await stack.status("echo", request_id))["status"] == "IN_QUEUE"
+
+
+async def test_a_worker_taking_a_derived_request_records_it_once(stack: Stack) -> None:
+    await stack.register("echo")
+    request_id = await stack.submit("echo", content=b'{"n": 1}')
+
+    done = await stack.wait_for_status("echo", request_id)
+
+    assert (done["status"], done.get("error_type"), done["attempts"]) == ("COMPLETED", None, 1)
+    seen = stack.functions.on("/echo")
+    assert [call.header("x-call-id") for call in seen] == [request_id]

@@ -1,0 +1,66 @@
+"""A small final response is kept in the completed status record (one write completes a request);
+a larger one in the results bucket. Either way the result route and callbacks give it whole."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import nats
+import orjson
+import pytest
+from nats.js.errors import KeyNotFoundError
+
+from jetspool.domain import names
+from jetspool.domain.status import decode_status
+from jetspool.jetstream.results import RECORD_INLINE_BYTES
+from tests.support.servers import Reply
+
+if TYPE_CHECKING:
+    from tests.support.stack import Stack
+
+
+@pytest.mark.parametrize(
+    ("size", "in_record"),
+    [(0, True), (RECORD_INLINE_BYTES, True), (RECORD_INLINE_BYTES + 1, False), (300_000, False)],
+)
+async def test_the_result_route_gives_the_response_wherever_it_is_kept(
+    stack: Stack, size: int, in_record: bool
+) -> None:
+    body = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+    await stack.register("echo")
+    stack.functions.script("/echo", [Reply(207, body, "application/octet-stream")])
+    request_id = await stack.submit("echo", headers={"X-Callback-Url": stack.callback_url()})
+
+    await stack.wait_for_status("echo", request_id)
+    response = await stack.client.get(f"/queue/echo/requests/{request_id}")
+
+    assert (response.status_code, response.content) == (207, body)
+    assert response.headers["content-type"] == "application/octet-stream"
+    callbacks = await stack.receiver.wait_for("/callback")
+    assert callbacks[0].body == body
+    nc = await nats.connect(stack.nats.url)
+    try:
+        js = nc.jetstream()
+        record = decode_status((await (await js.key_value(names.STATUS_BUCKET)).get(request_id)).value or b"")
+        results = await js.key_value(names.RESULTS_BUCKET)
+        if in_record:
+            assert record.result is not None
+            assert record.result.body == body
+            with pytest.raises(KeyNotFoundError):
+                await results.get(names.result_key(request_id, 1))
+        else:
+            assert record.result is None
+            assert (await results.get(names.result_key(request_id, 1))).value
+    finally:
+        await nc.close()
+
+
+async def test_the_result_is_not_part_of_the_status_object(stack: Stack) -> None:
+    await stack.register("echo")
+    stack.functions.script("/echo", [Reply(200, b'{"secret": 1}')])
+    request_id = await stack.submit("echo")
+
+    done = await stack.wait_for_status("echo", request_id)
+
+    assert b"secret" not in orjson.dumps(done)
+    assert "result" not in done
