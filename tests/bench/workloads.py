@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-import uuid
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -18,9 +17,9 @@ import httpx
 import nats
 import orjson
 
-from jetspool.domain import names
+from jetspool.domain import ids, names
 from jetspool.domain.messages import QueuedRequest, encode
-from jetspool.domain.status import StatusRecord, utcnow
+from jetspool.domain.status import utcnow
 from tests.bench.load import BODY_1KIB, paced, wrk
 from tests.bench.parts import Helper, Stack, cpu_seconds
 from tests.support.servers import eventually
@@ -238,9 +237,9 @@ async def _submit_some(client: httpx.AsyncClient, count: int) -> list[str]:
 
 
 async def _fill(nats_url: str, function: str, count: int) -> float:
-    """Queue `count` requests of `function` as the gateway's intake stores them (the queue message,
-    then the IN_QUEUE status record naming its stream sequence), pipelined on one connection:
-    through HTTP a million would take most of an hour on two cores. Returns the rate."""
+    """Queue `count` requests of `function` as the gateway's intake stores them (one queue message
+    each, its id derived from where it lands), pipelined on one connection: through HTTP a million
+    would take most of an hour on two cores. Returns the rate."""
     nc = await nats.connect(nats_url)
     js = nc.jetstream()
     subject = names.queue_subject(function, "normal")
@@ -249,7 +248,7 @@ async def _fill(nats_url: str, function: str, count: int) -> float:
     while done < count:
         chunk = [
             QueuedRequest(
-                request_id=str(uuid.uuid4()),
+                id_nonce=ids.new_nonce(),
                 function=function,
                 priority="normal",
                 method="POST",
@@ -259,14 +258,9 @@ async def _fill(nats_url: str, function: str, count: int) -> float:
             )
             for _ in range(min(_FILL_CHUNK, count - done))
         ]
-        acks = await asyncio.gather(
-            *(js.publish(subject, encode(r), headers={names.NATS_MSG_ID: r.request_id}) for r in chunk)
+        await asyncio.gather(
+            *(js.publish(subject, encode(r), headers={names.NATS_MSG_ID: f"n{r.id_nonce}"}) for r in chunk)
         )
-        for request, ack in zip(chunk, acks, strict=True):
-            record = StatusRecord.waiting(request, int(ack.seq))
-            headers = {names.NATS_EXPECTED_LAST_SUBJECT_SEQ: "0"}
-            await nc.publish(f"$KV.{names.STATUS_BUCKET}.{request.request_id}", record.encode(), headers=headers)
-        await nc.flush(timeout=60)
         done += len(chunk)
     await nc.close()
     return count / (time.perf_counter() - started)
