@@ -159,7 +159,8 @@ async def purge(conn: Nats, status: StatusStore, canceller: Canceller, function:
                 msg = await ride_through(read, "queue read")
             except NotFoundError:
                 break
-            found, seq = int(msg.seq or seq), int(msg.seq or seq) + 1
+            found = int(msg.seq or seq)
+            seq = found + 1
             try:
                 request_id = decode(msg.data or b"", QueuedRequest).identified(found).request_id
             except DecodeError:
