@@ -11,6 +11,8 @@ import pytest
 from nats.js.errors import KeyNotFoundError, NotFoundError
 
 from jetspool.domain import ids, names
+from jetspool.domain.status import ErrorType, StatusRecord, utcnow
+from tests.support.servers import eventually_true
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
@@ -70,13 +72,18 @@ async def test_a_waiting_request_has_no_record_yet_its_status_reads_from_its_mes
         await nc.close()
 
 
-async def test_an_id_naming_a_message_with_another_nonce_is_unknown(stack_without_worker: Stack) -> None:
-    stack = stack_without_worker
+async def _queue_one(stack: Stack) -> tuple[str, int, str]:
+    """Register `echo` and submit one request to it: (request id, stream sequence, nonce)."""
     await stack.register("echo")
     request_id = await stack.submit("echo")
     parsed = ids.parse_derived(request_id)
     assert parsed is not None
-    seq, nonce = parsed
+    return request_id, *parsed
+
+
+async def test_an_id_naming_a_message_with_another_nonce_is_unknown(stack_without_worker: Stack) -> None:
+    stack = stack_without_worker
+    request_id, seq, nonce = await _queue_one(stack)
     forged = ids.derived_id(seq, f"{int(nonce, 16) ^ 1:019x}")
     elsewhere = ids.derived_id(seq + 1, nonce)
 
@@ -89,10 +96,7 @@ async def test_an_id_naming_a_message_with_another_nonce_is_unknown(stack_withou
 
 async def test_cancelling_a_waiting_request_writes_its_first_record(stack_without_worker: Stack) -> None:
     stack = stack_without_worker
-    await stack.register("echo")
-    request_id = await stack.submit("echo")
-    parsed = ids.parse_derived(request_id)
-    assert parsed is not None
+    request_id, seq, _ = await _queue_one(stack)
 
     response = await stack.client.put(f"/queue/echo/requests/{request_id}/cancel")
 
@@ -103,7 +107,7 @@ async def test_cancelling_a_waiting_request_writes_its_first_record(stack_withou
     try:
         assert (await kv.get(request_id)).revision is not None
         with pytest.raises(NotFoundError):
-            await nc.jetstream().get_msg(names.QUEUE_STREAM, seq=parsed[0])
+            await nc.jetstream().get_msg(names.QUEUE_STREAM, seq=seq)
     finally:
         await nc.close()
 
@@ -138,3 +142,54 @@ async def test_a_worker_taking_a_derived_request_records_it_once(stack: Stack) -
     assert (done["status"], done.get("error_type"), done["attempts"]) == ("COMPLETED", None, 1)
     seen = stack.functions.on("/echo")
     assert [call.header("x-call-id") for call in seen] == [request_id]
+
+
+async def _record_before_the_worker(stack: Stack, record: StatusRecord) -> None:
+    nc, kv = await _status_kv(stack)
+    try:
+        await kv.create(record.request_id, record.encode())
+    finally:
+        await nc.close()
+
+
+async def test_a_request_completed_before_any_worker_took_it_is_not_called(stack_without_worker: Stack) -> None:
+    """A cancel that wrote its record but died before withdrawing the message: the worker's first
+    write, a create, fails, and the message is dropped without a call."""
+    stack = stack_without_worker
+    request_id, seq, _ = await _queue_one(stack)
+    waiting = StatusRecord(request_id=request_id, function="echo", submitted_at=utcnow(), queue_seq=seq)
+    cancelled = waiting.completed(
+        utcnow(), keep_s=60, function_status=None, inference_time=None, error="x", error_type=ErrorType.CANCELLED
+    )
+    await _record_before_the_worker(stack, cancelled)
+
+    await stack.start_worker()
+
+    async def taken() -> bool:
+        async with await nats.connect(stack.nats.url) as nc:
+            try:
+                await nc.jetstream().get_msg(names.QUEUE_STREAM, seq=seq)
+            except NotFoundError:
+                return True
+            return False
+
+    await eventually_true(taken, timeout_s=10)
+    assert stack.functions.on("/echo") == []
+    assert (await stack.status("echo", request_id))["error_type"] == "cancelled"
+
+
+async def test_a_first_delivery_finding_its_request_started_is_handed_back_not_dropped(
+    stack_without_worker: Stack,
+) -> None:
+    """The create of a first delivery fails on a record that another attempt moved on: the message
+    goes back to the queue, and its redelivery reads the record and runs the next attempt."""
+    stack = stack_without_worker
+    request_id, seq, _ = await _queue_one(stack)
+    waiting = StatusRecord(request_id=request_id, function="echo", submitted_at=utcnow(), queue_seq=seq)
+    await _record_before_the_worker(stack, waiting.started(1, utcnow()))
+
+    await stack.start_worker()
+
+    done = await stack.wait_for_status("echo", request_id)
+    assert (done.get("error_type"), done["attempts"]) == (None, 2)
+    assert [call.header("x-attempt") for call in stack.functions.on("/echo")] == ["2"]
