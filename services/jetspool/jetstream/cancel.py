@@ -13,14 +13,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from enum import Enum
 from functools import partial
 from typing import TYPE_CHECKING
 
 import msgspec
-from nats.js.errors import NotFoundError
+from nats.js.errors import APIError, NotFoundError
 
 from jetspool.domain import names
 from jetspool.domain.errors import DecodeError
@@ -51,6 +50,10 @@ class CancelOutcome(Enum):
     ALREADY_COMPLETED = "already completed"
     NOT_FOUND = "not found"
 
+
+_GONE = frozenset({10037, 10043, 10057})
+"""JetStream's answers to deleting a message that is no longer there ("no message found",
+"sequence not found"), depending on how it went."""
 
 _ERRORS = {
     ErrorType.CANCELLED: "cancelled",
@@ -140,8 +143,13 @@ class Canceller:
         else:
             await self._retention.keep_for_retry(request, ttl_s)
             await self._callbacks.emit(record)
-        with contextlib.suppress(NotFoundError):  # a repeat finds it deleted already
+        try:
             await ride_through(partial(self._conn.js.delete_msg, names.QUEUE_STREAM, seq), "queue delete")
+        except APIError as exc:
+            # Gone already: a repeat of this delete, or a worker that took the message meanwhile,
+            # found the request cancelled, and acknowledged it (which deletes it).
+            if exc.err_code not in _GONE:
+                raise
 
 
 async def purge(conn: Nats, status: StatusStore, canceller: Canceller, function: Function) -> int:

@@ -1,0 +1,55 @@
+"""A cancel or a purge racing the worker for a waiting request: the worker may take the message
+(and acknowledge it, deleting it) between the cancel's status write and its delete. The cancel
+has happened all the same; it must say so, not fail with 503."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from tests.support.servers import Reply
+
+if TYPE_CHECKING:
+    from tests.support.stack import Stack
+
+_REQUESTS = 120
+
+
+async def _submitted(stack: Stack, count: int) -> list[str]:
+    responses = await asyncio.gather(*(stack.client.post("/queue/race", json={"n": n}) for n in range(count)))
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses if r.status_code != 200]
+    return [r.json()["request_id"] for r in responses]
+
+
+async def _all_completed(stack: Stack, ids: list[str]) -> list[dict[str, object]]:
+    return list(await asyncio.gather(*(stack.wait_for_status("race", request_id) for request_id in ids)))
+
+
+async def test_a_cancel_racing_the_worker_answers_what_happened(stack: Stack) -> None:
+    await stack.register("race", concurrency=2)
+    stack.functions.default = Reply(delay_s=0.02)  # the worker takes the next request while cancels arrive
+
+    async def submit_and_cancel(n: int) -> tuple[str, int, str]:
+        request_id = (await stack.client.post("/queue/race", json={"n": n})).json()["request_id"]
+        response = await stack.client.put(f"/queue/race/requests/{request_id}/cancel")
+        return request_id, response.status_code, response.text
+
+    answers = await asyncio.gather(*(submit_and_cancel(n) for n in range(_REQUESTS)))
+
+    assert [a for a in answers if a[1] not in (202, 400)] == []
+    done = await _all_completed(stack, [request_id for request_id, _, _ in answers])
+    assert any(status.get("error_type") == "cancelled" for status in done)
+
+
+async def test_a_purge_racing_the_worker_drops_what_still_waits(stack: Stack) -> None:
+    await stack.register("race", concurrency=2)
+    ids = await _submitted(stack, _REQUESTS)
+
+    response = await stack.client.post("/system/functions/race/purge")
+
+    assert response.status_code == 200, response.text
+    done = await _all_completed(stack, ids)
+    cancelled = sum(status.get("error_type") == "cancelled" for status in done)
+    assert response.json() == {"purged": cancelled}
+    assert cancelled > 0
+    assert len(stack.functions.on("/race")) == _REQUESTS - cancelled, "no dropped request was called"
