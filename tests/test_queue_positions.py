@@ -116,6 +116,22 @@ async def test_cancelling_a_running_request_aborts_the_call_and_posts_cancel_pat
     stack.functions.release("/busy")
 
 
+async def test_a_slow_cancel_path_does_not_hold_the_cancelled_status_back(stack: Stack) -> None:
+    await stack.register("busy", concurrency=1, cancel_path="/cancel")
+    stack.functions.hold("/busy")
+    stack.functions.hold("/busy/cancel")  # answers only when released
+    request_id = (await _queue(stack, "busy"))["request_id"]
+    await stack.wait_for_status("busy", request_id, "IN_PROGRESS")
+
+    await stack.client.put(f"/queue/busy/requests/{request_id}/cancel")
+
+    final = await stack.wait_for_status("busy", request_id, timeout_s=5)  # the notice waits up to 10 s
+    assert final["error_type"] == "cancelled"
+    assert len(await stack.functions.wait_for("/busy/cancel")) == 1
+    stack.functions.release("/busy/cancel")
+    stack.functions.release("/busy")
+
+
 async def test_cancel_of_unknown_or_malformed_ids(stack: Stack) -> None:
     await stack.register("echo")
 

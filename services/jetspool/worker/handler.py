@@ -280,7 +280,6 @@ class RequestHandler:
             )
         except Aborted:
             ran_s = time.monotonic() - began
-            await self._notify_cancel(function, request)
             await self._complete(
                 request,
                 function,
@@ -291,6 +290,7 @@ class RequestHandler:
                 current=call.record,
                 ran_s=ran_s,
             )
+            await self._notify_cancel(function, request)  # after: a slow cancel_path delays no one's answer
         else:
             error_type = None if 200 <= answer.status_code < 300 else ErrorType.FUNCTION_ERROR  # noqa: PLR2004
             error = None if error_type is None else f"function answered {answer.status_code}"
