@@ -175,5 +175,6 @@ async def purge(conn: Nats, status: StatusStore, canceller: Canceller, function:
                 continue
             current = await status.get(request_id)
             if current is not None and current.record.status is State.IN_QUEUE:
-                purged += (await canceller.cancel(current, function)) is CancelOutcome.CANCELLED
+                outcome = await canceller.cancel(current, function, only_waiting=True)  # one that started goes on
+                purged += outcome is CancelOutcome.CANCELLED
     return purged
