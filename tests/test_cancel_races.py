@@ -7,9 +7,16 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
+import pytest
+import yaml
+
+from tests.support.processes import start_part
 from tests.support.servers import Reply
 
 if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+    from pathlib import Path
+
     from tests.support.stack import Stack
 
 _REQUESTS = 120
@@ -26,7 +33,21 @@ async def _all_completed(stack: Stack, ids: list[str]) -> list[dict[str, object]
     return [await stack.wait_for_status("race", request_id) for request_id in ids]
 
 
-async def test_a_cancel_racing_the_worker_answers_what_happened(stack: Stack) -> None:
+@pytest.fixture
+async def worker_process(stack_without_worker: Stack, tmp_path: Path) -> AsyncIterator[Stack]:
+    """The stack with its worker in a process of its own, so that it races the gateway for real."""
+    config = tmp_path / "worker.yaml"
+    config.write_text(yaml.safe_dump({"worker": {"poll_interval": 0.2}}), encoding="utf-8")
+    worker = start_part("worker", config, stack_without_worker.nats.url)
+    try:
+        await asyncio.to_thread(worker.wait_for_text, "worker ready", 60)
+        yield stack_without_worker
+    finally:
+        worker.kill_tree()
+
+
+async def test_a_cancel_racing_the_worker_answers_what_happened(worker_process: Stack) -> None:
+    stack = worker_process
     await stack.register("race", concurrency=2)
     stack.functions.default = Reply(delay_s=0.02)  # the worker takes the next request while cancels arrive
 
