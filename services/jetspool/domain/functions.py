@@ -17,10 +17,12 @@ MAX_SECONDS: Final = 315_360_000.0
 """Ten years: the longest timeout or result_ttl (NATS message TTLs and datetimes overflow far above it)."""
 _HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _HEADER_VALUE = re.compile(r"^[^\x00-\x08\x0a-\x1f\x7f]*$")
-_FRAMING_HEADERS: Final = frozenset(
+FRAMING_HEADERS: Final = frozenset(
     {"content-length", "transfer-encoding", "host", "connection", "keep-alive", "te", "trailer", "upgrade", "expect"}
 )
-"""Headers HTTP itself sets on each call: a function's `headers` may not set them."""
+"""Headers HTTP itself sets on each call: a function's `headers` may not set them, and a caller's
+are not forwarded (an `Expect: 100-continue` was answered by the gateway already; forwarded, it
+would have the call wait for a `100 Continue` a function need not send)."""
 _PATH_SAFE: Final = "/:@!$&'()*+,;="
 """Characters a URL path may hold as they are (RFC 3986 pchar); the rest of a decoded sub-path is
 percent-encoded again, so `%1F` or `%25` in a caller's path reaches the function as it was sent."""
@@ -56,7 +58,7 @@ class Function(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
         if not re.match(r"^https?://[^/\s]+", self.url):
             raise ValueError("url must be an absolute http:// or https:// URL")
         for header, value in self.headers.items():
-            if not _HEADER_NAME.fullmatch(header) or header.lower() in _FRAMING_HEADERS:
+            if not _HEADER_NAME.fullmatch(header) or header.lower() in FRAMING_HEADERS:
                 raise ValueError(f"headers: {header!r} cannot be sent as a header name")
             if not _HEADER_VALUE.fullmatch(value):
                 raise ValueError(f"headers: the value of {header!r} holds a control character")

@@ -18,6 +18,7 @@ from opentelemetry.trace import SpanKind
 from jetspool import tracing
 from jetspool.domain import names
 from jetspool.domain.errors import PermanentDelivery, RetryableDelivery
+from jetspool.domain.functions import FRAMING_HEADERS
 from jetspool.domain.status import ErrorType, utcnow
 from jetspool.worker.policy import check_response
 
@@ -25,27 +26,15 @@ if TYPE_CHECKING:
     from jetspool.domain.functions import Function
     from jetspool.domain.messages import QueuedRequest
 
-HOP_BY_HOP: Final = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "trailers",
-        "transfer-encoding",
-        "upgrade",
-        "host",
-        "content-length",
-        "authorization",
-        "expect",
-    }
-)
-"""Headers never forwarded to a function: hop-by-hop ones, framing (an `Expect: 100-continue` was
-answered by the gateway already; forwarded, it would have the call wait for a `100 Continue` a
-function need not send), and the caller's credentials."""
+HOP_BY_HOP: Final = FRAMING_HEADERS | {
+    "proxy-authenticate",
+    "proxy-authorization",
+    "proxy-connection",
+    "trailers",
+    "authorization",
+}
+"""Headers never forwarded to a function: framing (see `FRAMING_HEADERS`), the other hop-by-hop
+ones, and the caller's credentials."""
 
 
 def forwardable(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
