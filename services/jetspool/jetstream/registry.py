@@ -40,13 +40,10 @@ class FunctionRegistry:
         self._kv = kv
 
     async def get(self, name: str) -> Function:
-        try:
-            entry = await ride_through(partial(self._kv.get, name), "registry read")
-        except KeyNotFoundError as exc:
-            raise NotFound(f"function {name!r} is not registered") from exc
-        if entry.value is None:  # pragma: no cover - a get never returns an empty put
+        value = await self._stored(name)
+        if value is None:
             raise NotFound(f"function {name!r} is not registered")
-        return decode_function(entry.value)
+        return decode_function(value)
 
     async def create(self, function: Function) -> None:
         """Register a new function; BadRequest if the name is taken.
@@ -68,6 +65,7 @@ class FunctionRegistry:
             raise BadRequest(f"function {function.name!r} is already registered; use PUT to update it") from exc
 
     async def _stored(self, name: str) -> bytes | None:
+        """The stored entry of `name`, encoded; None when there is none."""
         try:
             return (await ride_through(partial(self._kv.get, name), "registry read")).value
         except KeyNotFoundError:
