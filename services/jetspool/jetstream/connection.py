@@ -67,6 +67,12 @@ class Nats:
             await ride_through(partial(self.js.publish, subject, payload, headers=headers), f"publish to {subject}")
 
     @property
+    def direct_reads(self) -> bool:
+        """Whether a read may be answered by any replica (a direct get): on one server only. On a
+        cluster a follower may not have a write yet, so reads that must see it go to the leader."""
+        return self.replicas == 1
+
+    @property
     def inline_limit(self) -> int:
         """Largest body or result kept inside a NATS message; larger ones go to the object store."""
         return int(self.nc.max_payload) // 2

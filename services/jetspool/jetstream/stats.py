@@ -41,8 +41,7 @@ async def count_outcome(conn: Nats, record: StatusRecord) -> None:
 class StatsReader:
     def __init__(self, conn: Nats) -> None:
         self._js = conn.js
-        self._direct = conn.replicas == 1
-        """Whether totals may be read from any replica; on a cluster they come from the leader (never behind)."""
+        self._direct = conn.direct_reads
 
     async def for_function(self, function: str) -> dict[str, Any]:
         infos = await asyncio.gather(*(consumer_figures(self._js, function, p) for p in names.PRIORITIES))

@@ -51,8 +51,7 @@ class StatusStore:
     def __init__(self, conn: Nats, kv: KeyValue) -> None:
         self._js: JetStreamContext = conn.js
         self._kv = kv
-        self._direct = conn.replicas == 1
-        """Whether a waiting request's message may be read from any replica (on a cluster: the leader)."""
+        self._direct = conn.direct_reads
         self._prefix = f"$KV.{names.STATUS_BUCKET}."
         self._stream = f"KV_{names.STATUS_BUCKET}"
 
