@@ -41,7 +41,15 @@ class ResultStore:
         self._inline_limit = inline_limit
         self._prefix = f"$KV.{names.RESULTS_BUCKET}."
 
-    async def put(self, request_id: str, attempt: int, result: StoredResult, ttl_s: float) -> None:
+    async def keep(self, request_id: str, attempt: int, result: StoredResult, ttl_s: float) -> StoredResult | None:
+        """Keep the answer of `attempt` for `ttl_s` seconds: a small one is returned, for the completed
+        status record to carry (see `of`); a larger one is stored here, and None returned."""
+        if len(result.body) <= RECORD_INLINE_BYTES:
+            return result
+        await self._put(request_id, attempt, result, ttl_s)
+        return None
+
+    async def _put(self, request_id: str, attempt: int, result: StoredResult, ttl_s: float) -> None:
         if len(result.body) > self._inline_limit:
             ref = names.result_object(request_id, attempt)
             await self._retention.sweep_later(request_id, [ref], ttl_s)  # first: no object is ever left behind

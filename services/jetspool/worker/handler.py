@@ -27,7 +27,6 @@ from jetspool.domain import names
 from jetspool.domain.errors import DecodeError, PermanentDelivery, RetryableDelivery
 from jetspool.domain.messages import QueuedRequest, StoredResult, decode
 from jetspool.domain.status import ErrorType, StatusRecord, utcnow
-from jetspool.jetstream.results import RECORD_INLINE_BYTES
 from jetspool.jetstream.stats import count, count_outcome
 from jetspool.jetstream.status_store import StaleStatus, StatusStore, Versioned
 from jetspool.worker.invoke import FunctionAnswer, invoke
@@ -384,13 +383,10 @@ class RequestHandler:
         """
         if error_type is not None:
             await self._s.retention.keep_for_retry(request, function.result_ttl)
-        inline: StoredResult | None = None
+        inline: StoredResult | None = None  # a small answer goes in the completed record: one write
         if answer is not None and attempt is not None:
             stored = StoredResult(status_code=answer.status_code, content_type=answer.content_type, body=answer.body)
-            if len(answer.body) <= RECORD_INLINE_BYTES:
-                inline = stored  # goes in the completed record: one write
-            else:
-                await self._s.results.put(request.request_id, attempt, stored, function.result_ttl)
+            inline = await self._s.results.keep(request.request_id, attempt, stored, function.result_ttl)
 
         def complete(record: StatusRecord) -> StatusRecord | None:
             if attempt is not None and record.attempts != attempt:
