@@ -7,6 +7,7 @@ this one machine; the status object carries the gateway's and worker's own times
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import time
 from datetime import datetime
@@ -22,7 +23,7 @@ from jetspool.domain.messages import QueuedRequest, encode
 from jetspool.domain.status import utcnow
 from tests.bench.load import BODY_1KIB, paced, wrk
 from tests.bench.parts import Helper, Stack, cpu_seconds
-from tests.support.servers import eventually
+from tests.support.servers import eventually, eventually_true
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -266,31 +267,55 @@ async def _fill(nats_url: str, function: str, count: int) -> float:
     return count / (time.perf_counter() - started)
 
 
+async def _settled(stack: Stack, timeout_s: float = 120.0) -> None:
+    """Let the machine settle after a burst of writes before a measurement: write back the
+    kernel's dirty pages (a fill of a million messages leaves about a gigabyte, which the kernel
+    would otherwise write in the middle of the next measurement), then wait until nats-server has
+    used under 5 % of a core for a second."""
+    await asyncio.to_thread(os.sync)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        before = stack.cpu_seconds()["nats"]
+        await asyncio.sleep(1.0)
+        if stack.cpu_seconds()["nats"] - before < 0.05:
+            return
+
+
 async def backlog(root: Path, size: int, samples: int) -> dict[str, Any]:
     """Workload 3: `size` waiting requests (the function takes one at a time and never answers):
-    RSS of gateway and worker, status latency at 100 waiting and at `size` waiting."""
+    RSS of gateway and worker, status latency at 100 waiting and at `size` waiting.
+
+    The figure at 100 is taken twice, bracketing the backlog in time: before the fill, and after
+    the backlog is purged back to the last 100. The ratio is the backlog's p50 over the mean of
+    the two, so a machine that speeds up or slows down over the run does not pass for growth.
+    Every measurement starts on a settled machine (see `_settled`), with the same processes up."""
     hold = await Helper("hold").start()
     function = {"name": "waiting", "url": f"{hold.url}/", "concurrency": 1, "timeout": 3600}
-    stack = await Stack(root, [function], "2m").start(worker=False)
+    stack = await Stack(root, [function], "2m").start()
     try:
         async with httpx.AsyncClient(base_url=stack.url, timeout=60) as client:
-            early = await _submit_some(client, 100)
-            early = early[1:]  # the first one will run (and never end) once the worker starts
+            early = await _submit_some(client, 101)
+            await _running(client, early[0])  # the worker holds the first one; the other 100 wait
+            early = early[1:]
             await _status_latency(client, early, 50)  # warm-up
+            await _settled(stack)
             small = await _status_latency(client, early, samples)
             rss_gateway_small = stack.rss_mb("gateway")
             started = time.perf_counter()
             fill_rps = await _fill(stack.nats_url, "waiting", size - 200)
             fill_s = time.perf_counter() - started
             late = await _submit_some(client, 100)
-            await stack.start_workers()
-            await asyncio.sleep(2)  # let the worker settle with its one request in flight
+            await _settled(stack)
             large = await _status_latency(client, early + late, samples)
             last = (await client.get(f"/queue/waiting/requests/{late[-1]}/status")).json()
             rss = {"gateway": round(stack.rss_mb("gateway"), 1), "worker": round(stack.rss_mb("worker0"), 1)}
+            await _keep_last(stack.nats_url, "waiting", len(late))
+            await _settled(stack)
+            small_after = await _status_latency(client, late, samples)
     finally:
         stack.close()
         hold.stop()
+    at_100 = (small["p50_ms"] + small_after["p50_ms"]) / 2
     return {
         "workload": "backlog",
         "waiting": size,
@@ -299,10 +324,29 @@ async def backlog(root: Path, size: int, samples: int) -> dict[str, Any]:
         "fill_s": round(fill_s, 1),
         "status_at_100": small,
         "status_at_backlog": large,
-        "p50_ratio_backlog_over_100": round(large["p50_ms"] / small["p50_ms"], 3),
+        "status_at_100_after": small_after,
+        "p50_ratio_backlog_over_100": round(large["p50_ms"] / at_100, 3),
         "rss_mb": rss,
         "gateway_rss_mb_at_100": round(rss_gateway_small, 1),
     }
+
+
+async def _running(client: httpx.AsyncClient, request_id: str) -> None:
+    async def started() -> bool:
+        response = await client.get(f"/queue/waiting/requests/{request_id}/status")
+        return bool(response.json().get("status") == "IN_PROGRESS")
+
+    await eventually_true(started, timeout_s=60)
+
+
+async def _keep_last(nats_url: str, function: str, keep: int) -> None:
+    """Drop all but the newest `keep` waiting requests of `function` (one stream purge)."""
+    nc = await nats.connect(nats_url)
+    try:
+        subject = names.queue_subject(function, "normal")
+        await nc.jetstream().purge_stream(names.QUEUE_STREAM, subject=subject, keep=keep)
+    finally:
+        await nc.close()
 
 
 # --- 4. SSE fan-out -----------------------------------------------------------------------------
