@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 def create_app(settings: Settings) -> Litestar:
     tracing.setup("jetspool-gateway")
     metrics = GatewayMetrics()
+    wired = _Wired()
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -74,7 +75,7 @@ def create_app(settings: Settings) -> Litestar:
             stats = StatsReader(conn)
             await metrics.start(conn.nc, view, stats)
             started.push_async_callback(metrics.stop)
-            app.state.gateway = _wire(
+            app.state.gateway = wired.gateway = _wire(
                 settings, conn, stores, registry=registry, view=view, feed=feed, http=http, metrics=metrics, stats=stats
             )
             if not settings.auth.api_keys and not settings.auth.admin_keys:
@@ -114,7 +115,7 @@ def create_app(settings: Settings) -> Litestar:
             dashboard.overview,
             dashboard.events,
         ],
-        dependencies={"gateway": Provide(_gateway, sync_to_thread=False)},
+        dependencies={"gateway": Provide(wired.get, sync_to_thread=False)},
         lifespan=[lifespan],
         exception_handlers={
             RequestError: _request_error,
@@ -174,9 +175,22 @@ def _wire(
     )
 
 
-def _gateway(state: State) -> Gateway:
-    gateway: Gateway = state.gateway
-    return gateway
+class _Wired:
+    """The gateway the lifespan built, for the `gateway` dependency.
+
+    A dependency with no parameters: one that took the app's `State` had Litestar build and
+    validate a `State` from the app's state on every request: 13 µs of a submit's 0.7 ms of CPU,
+    measured on a bare Litestar app in-process (62-68 against 52-53 µs per request)."""
+
+    __slots__ = ("gateway",)
+
+    def __init__(self) -> None:
+        self.gateway: Gateway | None = None
+
+    def get(self) -> Gateway:
+        if self.gateway is None:
+            raise RuntimeError("the gateway is not started")
+        return self.gateway
 
 
 def _error(
