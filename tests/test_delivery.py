@@ -8,14 +8,20 @@ import itertools
 import os
 from typing import TYPE_CHECKING
 
+import nats
 import pytest
 
-from tests.support.servers import Reply
+from jetspool.domain import names
+from jetspool.jetstream.queue import RequestQueue
+from tests.support.servers import Reply, eventually
 from tests.support.stack import Worker, start_stack
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
+    from nats.aio.msg import Msg
+
+    from jetspool.domain.messages import QueuedRequest
     from jetspool.embedded import EmbeddedNats
     from tests.support.stack import Stack
 
@@ -134,6 +140,45 @@ async def test_a_call_longer_than_the_ack_wait_is_delivered_once(nats_server: Em
 
     assert (final["attempts"], final["status"]) == (1, "COMPLETED")
     assert len(stack.functions.on("/long")) == 1, "in-progress acks kept the message through 3.5 ack waits"
+
+
+async def test_a_message_is_kept_from_receipt_not_only_during_the_call(
+    nats_server: EmbeddedNats, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before the call (here: loading the body, held) the message is kept too; it used to be
+    redelivered after the ack wait and run a second time beside the first (found by a SPEC probe)."""
+    loading, release = asyncio.Event(), asyncio.Event()
+    load_body = RequestQueue.load_body
+
+    async def held(queue: RequestQueue, request: QueuedRequest) -> bytes:
+        loading.set()
+        await release.wait()
+        return await load_body(queue, request)
+
+    monkeypatch.setattr(RequestQueue, "load_body", held)
+    stack = await start_stack(nats_server, overrides={"worker": {"ack_wait": 1.0}})
+    observer = await nats.connect(nats_server.url)
+    try:
+        kept = 0
+
+        async def on_ack(msg: Msg) -> None:
+            nonlocal kept
+            kept += msg.data == b"+WPI"
+
+        await observer.subscribe(f"$JS.ACK.{names.QUEUE_STREAM}.>", cb=on_ack)
+        await stack.register("echo")
+        request_id = await stack.submit("echo", content=b"x")
+        await asyncio.wait_for(loading.wait(), 10)
+        await eventually(lambda: kept >= 4, timeout_s=10)  # held for over an ack wait (1 s; one every 1/3 s)
+        release.set()
+        final = await stack.wait_for_status("echo", request_id)
+    finally:
+        release.set()
+        await observer.close()
+        await stack.close()
+
+    assert (final["attempts"], final["status"]) == (1, "COMPLETED")
+    assert [seen.header("X-Attempt") for seen in stack.functions.on("/echo")] == ["1"]
 
 
 async def test_a_stopping_worker_finishes_a_call_within_its_grace(stack: Stack) -> None:

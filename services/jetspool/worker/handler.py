@@ -1,7 +1,7 @@
 """Handling one queue message, in named steps:
 
     decode → check (the request's current run? completed already? attempts left?) → mark
-    started → invoke (keeping the message with in-progress acks) → classify → record result
+    started → invoke → classify → record result
     and status (keeping a failed request for the retry route) → emit callbacks → decide the
     acknowledgement
 
@@ -22,7 +22,6 @@ import orjson
 from opentelemetry.trace import SpanKind
 
 from jetspool import logfmt, tracing
-from jetspool.aio import stop_task
 from jetspool.domain import names
 from jetspool.domain.errors import DecodeError, PermanentDelivery, RetryableDelivery
 from jetspool.domain.messages import QueuedRequest, StoredResult, decode
@@ -247,7 +246,7 @@ class RequestHandler:
         """One invocation and its outcome: retry later, or complete."""
         began = time.monotonic()
         try:
-            answer = await self._invoke_keeping_message(msg, function, request, call, attempt)
+            answer = await self._invoke(function, request, call, attempt)
         except RetryableDelivery as exc:
             if attempt < allowed:
                 reason = str(exc)
@@ -296,12 +295,9 @@ class RequestHandler:
             await self._complete(request, function, answer, error_type, error, attempt=attempt, current=call.record)
         return ACK
 
-    async def _invoke_keeping_message(
-        self, msg: Msg, function: Function, request: QueuedRequest, call: _Call, attempt: int
-    ) -> FunctionAnswer:
-        """Invoke the function while telling JetStream, every third of the ack wait, that the work goes on."""
+    async def _invoke(self, function: Function, request: QueuedRequest, call: _Call, attempt: int) -> FunctionAnswer:
+        """Invoke the function; a cancel signal aborts the call (`Aborted`)."""
         body = await self._s.queue.load_body(request)
-        keeper = asyncio.create_task(self._keep_in_progress(msg), name=f"in-progress-{request.request_id}")
         call.task = asyncio.create_task(
             invoke(self._s.http, function, request, body, attempt=attempt, logs_url=call.logs_url)
         )
@@ -314,8 +310,6 @@ class RequestHandler:
             if this is not None and this.cancelling():
                 raise  # the worker is stopping: hand the message back
             raise Aborted from None
-        finally:
-            await stop_task(keeper)
 
     async def on_cancel(self, msg: Msg) -> None:
         """A `jetspool.cancel.<function>` signal: abort the call if this worker runs it."""
@@ -352,7 +346,13 @@ class RequestHandler:
         except (aiohttp.ClientError, TimeoutError) as exc:
             log.warning("cancel_path of %s failed for %s: %s", function.name, request.request_id, exc)
 
-    async def _keep_in_progress(self, msg: Msg) -> None:
+    async def keep_in_progress(self, msg: Msg) -> None:
+        """Tell JetStream, every third of the ack wait, that `msg` is being worked on (until cancelled).
+
+        The runner keeps every message so from receipt to acknowledgement, not only during the
+        call: loading a large body from the object store, or a status write riding through a
+        leader election, may outlast the ack wait too, and a redelivery then would start a second
+        attempt beside the first."""
         interval = self._worker.ack_wait / 3
         while True:
             await asyncio.sleep(interval)

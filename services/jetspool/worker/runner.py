@@ -3,7 +3,8 @@
 A boring loop: pull (highest priority first); if nothing waits, sleep until a wake-up on
 `jetspool.wake.<function>` or the poll interval (retries become due without a wake-up);
 back off on NATS errors. In-flight tasks are held strongly in `_inflight`; their count never
-exceeds the function's `concurrency`.
+exceeds the function's `concurrency`. Each message is kept (in-progress acks) from receipt until
+it is settled.
 """
 
 from __future__ import annotations
@@ -107,14 +108,18 @@ class FunctionRunner:
         self._slot_freed.set()
 
     async def _handle(self, msg: Msg) -> None:
+        keeper = asyncio.create_task(self._handler.keep_in_progress(msg), name=f"in-progress-{msg.subject}")
         try:
             decision = await self._handler.handle(msg)
         except asyncio.CancelledError:
+            keeper.cancel()
             await asyncio.shield(settle(msg, Settle("nak")))  # shutting down: another worker takes it at once
             raise
         except Exception:
             log.exception("handling %s failed; it will be redelivered", msg.subject)
             decision = Settle("nak", self._poll_interval_s)
+        finally:
+            await stop_task(keeper)  # no in-progress ack goes out after the settlement
         try:
             await settle(msg, decision)
         except NatsError:
