@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import nats
 import orjson
 import pytest
 
+from jetspool.domain import ids, names
+from jetspool.domain.messages import QueuedRequest, decode
 from tests.support.servers import Reply
 
 if TYPE_CHECKING:
@@ -48,6 +51,34 @@ async def test_an_expect_header_is_not_forwarded_to_the_function(stack: Stack) -
     [seen] = stack.functions.on("/echo")
     assert seen.header("expect") is None
     assert seen.body == b"x" * 2048
+
+
+async def test_headers_the_connection_header_names_are_not_forwarded(stack: Stack) -> None:
+    """Hop-by-hop by RFC 9110 §7.6.1, like the fixed list (found by a SPEC probe)."""
+    await stack.register("echo", path="/echo")
+    hop = {"Connection": "keep-alive, X-Private-Hop", "X-Private-Hop": "1", "X-Custom": "kept"}
+    request_id = await stack.submit("echo", content=b"x", headers=hop)
+    proxied = await stack.client.post("/function/echo/now", content=b"y", headers=hop)
+
+    assert (await stack.wait_for_status("echo", request_id))["status"] == "COMPLETED"
+    assert proxied.status_code == 200
+    for seen in (*stack.functions.on("/echo"), *stack.functions.on("/echo/now")):
+        assert seen.header("x-private-hop") is None
+        assert seen.header("x-custom") == "kept"
+
+
+async def test_the_callers_credentials_are_not_stored_in_the_queue(stack_without_worker: Stack) -> None:
+    stack = stack_without_worker
+    await stack.register("echo", path="/echo")
+    request_id = await stack.submit("echo", content=b"x", headers={"Authorization": "Bearer secret", "X-Custom": "a"})
+    derived = ids.parse_derived(request_id)
+    assert derived is not None
+
+    async with await nats.connect(stack.nats.url) as nc:
+        stored = await nc.jetstream().get_msg(names.QUEUE_STREAM, seq=derived[0])
+
+    assert b"secret" not in (stored.data or b"")
+    assert ("X-Custom", "a") in [(k.title(), v) for k, v in decode(stored.data or b"", QueuedRequest).headers]
 
 
 async def test_a_queued_encoded_sub_path_reaches_the_function_as_it_was_sent(stack: Stack) -> None:

@@ -23,11 +23,29 @@ FRAMING_HEADERS: Final = frozenset(
 """Headers HTTP itself sets on each call: a function's `headers` may not set them, and a caller's
 are not forwarded (an `Expect: 100-continue` was answered by the gateway already; forwarded, it
 would have the call wait for a `100 Continue` a function need not send)."""
+HOP_BY_HOP: Final = FRAMING_HEADERS | {
+    "proxy-authenticate",
+    "proxy-authorization",
+    "proxy-connection",
+    "trailers",
+    "authorization",
+}
+"""Headers never forwarded to a function: framing (see `FRAMING_HEADERS`), the other hop-by-hop
+ones, and the caller's credentials."""
 _PATH_SAFE: Final = "/:@!$&'()*+,;="
 """Characters a URL path may hold as they are (RFC 3986 pchar); the rest of a decoded sub-path is
 percent-encoded again, so `%1F` or `%25` in a caller's path reaches the function as it was sent."""
 
 FunctionName = Annotated[str, msgspec.Meta(pattern=NAME_PATTERN)]
+
+
+def forwardable(headers: list[tuple[str, str]], never: frozenset[str] = HOP_BY_HOP) -> list[tuple[str, str]]:
+    """The headers that travel on to the next hop: not those in `never`, nor those the message's
+    `Connection` header names, which are hop-by-hop too (RFC 9110 §7.6.1)."""
+    listed = (value for key, value in headers if key.lower() == "connection")
+    named = {token.strip().lower() for value in listed for token in value.split(",")}
+    dropped = never | named if named else never
+    return [(key, value) for key, value in headers if key.lower() not in dropped]
 
 
 def is_valid_name(name: str) -> bool:

@@ -23,7 +23,7 @@ from opentelemetry.trace import SpanKind
 from jetspool import logfmt, tracing
 from jetspool.domain import ids, names
 from jetspool.domain.errors import InvalidInput, NotFound, QueueFull, Unavailable
-from jetspool.domain.functions import Function, is_valid_name
+from jetspool.domain.functions import Function, forwardable, is_valid_name
 from jetspool.domain.messages import DeadlineJob, QueuedRequest
 from jetspool.domain.status import StatusRecord, utcnow
 from jetspool.jetstream.status_store import StaleStatus
@@ -119,7 +119,7 @@ async def read_submission(
         method=request.method,
         path=path.lstrip("/"),
         query=_forwarded_query(raw_query, CONTROL_QUERY | also_control),
-        headers=headers,
+        headers=forwardable(headers),  # what reaches the function: no credentials stored in the queue
         body=body,
         callback_url=_url_option(request.headers.get(names.H_CALLBACK_URL) or query.get("webhookEndpoint")),
         webhook_url=_url_option(query.get("fal_webhook") or query.get("webhook")),

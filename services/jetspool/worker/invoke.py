@@ -10,7 +10,7 @@ import asyncio
 import io
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING
 
 import aiohttp
 from opentelemetry.trace import SpanKind
@@ -18,28 +18,13 @@ from opentelemetry.trace import SpanKind
 from jetspool import tracing
 from jetspool.domain import names
 from jetspool.domain.errors import PermanentDelivery, RetryableDelivery
-from jetspool.domain.functions import FRAMING_HEADERS
+from jetspool.domain.functions import forwardable
 from jetspool.domain.status import ErrorType, utcnow
 from jetspool.worker.policy import check_response
 
 if TYPE_CHECKING:
     from jetspool.domain.functions import Function
     from jetspool.domain.messages import QueuedRequest
-
-HOP_BY_HOP: Final = FRAMING_HEADERS | {
-    "proxy-authenticate",
-    "proxy-authorization",
-    "proxy-connection",
-    "trailers",
-    "authorization",
-}
-"""Headers never forwarded to a function: framing (see `FRAMING_HEADERS`), the other hop-by-hop
-ones, and the caller's credentials."""
-
-
-def forwardable(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """The caller's headers that travel to the function."""
-    return [(k, v) for k, v in headers if k.lower() not in HOP_BY_HOP]
 
 
 @dataclass(frozen=True, slots=True)

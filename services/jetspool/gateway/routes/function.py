@@ -11,10 +11,10 @@ from litestar.params import FromPath
 
 from jetspool.domain import names
 from jetspool.domain.errors import RequestError
+from jetspool.domain.functions import HOP_BY_HOP, forwardable
 from jetspool.domain.status import request_urls
 from jetspool.gateway.intake import function_for, is_yes, raw_query_and_headers, read_submission
 from jetspool.gateway.state import Gateway, GatewayDep
-from jetspool.worker.invoke import HOP_BY_HOP, forwardable
 
 _METHODS: Final = [
     HttpMethod.GET,
@@ -74,6 +74,6 @@ async def _call(request: Request[Any, Any, Any], gateway: Gateway, name: str, pa
         raise GatewayTimeout(f"function {name!r} did not answer within {function.timeout:g} s") from exc
     except httpx.TransportError as exc:
         raise BadGateway(f"cannot reach function {name!r}: {exc.__class__.__name__}") from exc
-    relayed = {k: v for k, v in answer.headers.items() if k.lower() not in _NOT_RELAYED}
+    relayed = dict(forwardable(list(answer.headers.items()), _NOT_RELAYED))
     content_type = answer.headers.get("content-type", "application/octet-stream")
     return Response(answer.content, status_code=answer.status_code, media_type=content_type, headers=relayed)
