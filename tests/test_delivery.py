@@ -74,6 +74,25 @@ async def test_retry_after_sets_the_wait_instead_of_the_backoff(paced_stack: Sta
     assert 2.0 <= gap <= 2.0 + _POLL_SLACK_S, f"waited {gap:.3f} s for Retry-After: 2"
 
 
+async def test_a_retry_starts_when_its_backoff_ends_not_at_the_next_poll(nats_server: EmbeddedNats) -> None:
+    """The worker pulls when the request it handed back is due; it used to wait for its next poll
+    (here 30 s away), which put retries off the SPEC's backoff (found by a SPEC probe)."""
+    backoff = {"initial_backoff": 0.5, "max_backoff": 5.0, "jitter": 0.0}
+    overrides = {"worker": {"poll_interval": 30.0}, "retry": backoff}
+    stack = await start_stack(nats_server, overrides=overrides)
+    try:
+        await stack.register("echo")
+        stack.functions.script("/echo", [Reply(503), Reply(200, b"ok")])
+        request_id = await stack.submit("echo", content=b"x")
+        final = await stack.wait_for_status("echo", request_id, timeout_s=60)
+    finally:
+        await stack.close()
+
+    assert (final["status"], final["attempts"]) == ("COMPLETED", 2)
+    [gap] = _gaps(stack, "/echo")
+    assert 0.5 <= gap <= 0.5 + _POLL_SLACK_S, f"waited {gap:.3f} s for a 0.5 s backoff"
+
+
 async def test_concurrency_is_never_exceeded_under_a_burst(stack: Stack) -> None:
     await stack.register("pair", concurrency=2)
     stack.functions.script("/pair", [Reply(200, b"ok", delay_s=0.02)] * 200)

@@ -1,7 +1,8 @@
 """One function's pull loop: fetch as many requests as there are free slots, handle each in a task.
 
 A boring loop: pull (highest priority first); if nothing waits, sleep until a wake-up on
-`jetspool.wake.<function>` or the poll interval (retries become due without a wake-up);
+`jetspool.wake.<function>`, until a request this worker handed back with a delay is due, or
+until the poll interval (a retry another worker handed back becomes due without a wake-up);
 back off on NATS errors. In-flight tasks are held strongly in `_inflight`; their count never
 exceeds the function's `concurrency`. Each message is kept (in-progress acks) from receipt until
 it is settled.
@@ -32,6 +33,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _ERROR_BACKOFF_S = 1.0
+_DUE_SLACK_S = 0.02
+"""After a handed-back message's delay, before pulling it: JetStream's own timer makes it due."""
 
 
 class FunctionRunner:
@@ -46,6 +49,7 @@ class FunctionRunner:
         self._wake = asyncio.Event()
         self._wake_sub: Subscription | None = None
         self._loop_task: asyncio.Task[None] | None = None
+        self._due: set[asyncio.TimerHandle] = set()
 
     @property
     def in_flight(self) -> int:
@@ -67,6 +71,8 @@ class FunctionRunner:
             await self._wake_sub.unsubscribe()
         if self._loop_task is not None:
             await stop_task(self._loop_task)
+        for timer in self._due:
+            timer.cancel()
         for msg in await self._puller.stop():
             await settle(msg, Settle("nak"))
         if self._inflight:
@@ -124,3 +130,18 @@ class FunctionRunner:
             await settle(msg, decision)
         except NatsError:
             log.warning("acknowledging %s failed; JetStream will redeliver it", msg.subject, exc_info=True)
+        else:
+            if decision.verb == "nak" and decision.delay_s:
+                self._pull_later(decision.delay_s)
+
+    def _pull_later(self, delay_s: float) -> None:
+        """Pull when a message handed back with a delay (a retry's backoff) is due again, rather
+        than at the next poll: a backoff of 2 s took up to 2 s plus the poll interval."""
+
+        def due() -> None:
+            self._due.discard(timer)
+            self._puller.heard(None)
+            self._wake.set()
+
+        timer = asyncio.get_running_loop().call_later(delay_s + _DUE_SLACK_S, due)
+        self._due.add(timer)
