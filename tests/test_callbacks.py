@@ -12,6 +12,7 @@ import orjson
 import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
+from jetspool.callbacks.addresses import AddressPolicy, RefusedAddress
 from jetspool.domain import names
 from jetspool.domain.messages import CallbackJob, encode
 from tests.support.servers import AsgiServer, RecordingApp, Reply, eventually_true, free_port
@@ -213,6 +214,44 @@ async def test_deny_private_refuses_loopback_found_through_dns(nats_server: Embe
     assert by_name.status_code == 422
     assert "127.0.0.1" in by_name.json()["detail"] or "::1" in by_name.json()["detail"]
     assert private.status_code == 422
+
+
+_INSIDE_IPV6 = {
+    "http://[64:ff9b::a9fe:a9fe]/": "169.254.169.254",  # NAT64
+    "http://[::169.254.169.254]/": "169.254.169.254",  # IPv4-compatible
+    "http://[2002:a9fe:a9fe::]/": "169.254.169.254",  # 6to4
+}
+_NOT_PUBLIC = [
+    "http://[64:ff9b::7f00:1]/",
+    "http://[64:ff9b::a00:1]/",
+    "http://[64:ff9b:1::a00:1]/",
+    "http://[::127.0.0.1]/",
+    "http://[2002:7f00:1::]/",
+    "http://192.0.0.8/",
+    "http://198.18.0.1/",
+    "http://100.64.0.1/",
+]
+_PUBLIC = ["http://93.184.215.14/", "http://[64:ff9b::5db8:d70e]/", "http://[2606:4700::1111]/"]
+
+
+@pytest.mark.parametrize("url", list(_INSIDE_IPV6))
+async def test_an_ipv4_address_inside_an_ipv6_one_is_checked_too(url: str) -> None:
+    """A metadata address spelled as NAT64, IPv4-compatible or 6to4 is refused (found by a SPEC probe)."""
+    with pytest.raises(RefusedAddress, match=_INSIDE_IPV6[url]):
+        await AddressPolicy(deny_private=False, hosts={}).resolve(url)
+
+
+@pytest.mark.parametrize("url", _NOT_PUBLIC)
+async def test_deny_private_refuses_every_address_that_is_not_public(url: str) -> None:
+    await AddressPolicy(deny_private=False, hosts={}).resolve(url)  # allowed unless deny_private is set
+    with pytest.raises(RefusedAddress, match="deny_private"):
+        await AddressPolicy(deny_private=True, hosts={}).resolve(url)
+
+
+@pytest.mark.parametrize("url", _PUBLIC)
+async def test_deny_private_lets_public_addresses_through(url: str) -> None:
+    destination = await AddressPolicy(deny_private=True, hosts={}).resolve(url)
+    assert str(destination.address) in url
 
 
 async def test_delivery_connects_to_the_checked_address_keeping_the_host(nats_server: EmbeddedNats) -> None:

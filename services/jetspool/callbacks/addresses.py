@@ -37,8 +37,14 @@ _METADATA: Final = frozenset(
         "192.0.0.192",  # Oracle Cloud
     )
 )
-_SHARED: Final = ipaddress.ip_network("100.64.0.0/10")
-"""Carrier-grade NAT space: private in practice, though `is_private` says otherwise."""
+_PROTOCOL_ASSIGNMENTS: Final = ipaddress.ip_network("192.0.0.0/24")
+"""Not public (IANA), though Python 3.11's `is_global` says so for most of it."""
+_CARRY_LAST_32: Final = (
+    ipaddress.ip_network("64:ff9b::/96"),
+    ipaddress.ip_network("64:ff9b:1::/48"),
+    ipaddress.ip_network("::/96"),
+)
+"""IPv6 prefixes whose addresses end in an IPv4 address (NAT64 well-known and local-use, IPv4-compatible)."""
 
 
 class RefusedAddress(InvalidInput):
@@ -108,15 +114,31 @@ class AddressPolicy:
         return found
 
     def _check(self, url: str, address: IPAddress) -> None:
-        if address in _METADATA or address.is_link_local:
-            raise RefusedAddress(f"callback URL {url!r} resolves to {address}, a link-local or metadata address")
-        if address.is_unspecified or address.is_multicast:
-            raise RefusedAddress(f"callback URL {url!r} resolves to {address}, which cannot receive a callback")
-        if self._deny_private and (address.is_loopback or address.is_private or address in _SHARED):
-            raise RefusedAddress(
-                f"callback URL {url!r} resolves to {address}, a loopback or private address "
-                "(refused: callbacks.deny_private is set)"
-            )
+        for checked in (address, *_embedded(address)):
+            shown = str(address) if checked is address else f"{address} ({checked})"
+            if checked in _METADATA or checked.is_link_local:
+                raise RefusedAddress(f"callback URL {url!r} resolves to {shown}, a link-local or metadata address")
+            if checked.is_unspecified or checked.is_multicast:
+                raise RefusedAddress(f"callback URL {url!r} resolves to {shown}, which cannot receive a callback")
+            if self._deny_private and (not checked.is_global or checked in _PROTOCOL_ASSIGNMENTS):
+                raise RefusedAddress(
+                    f"callback URL {url!r} resolves to {shown}, a loopback, private or otherwise non-public "
+                    "address (refused: callbacks.deny_private is set)"
+                )
+
+
+def _embedded(address: IPAddress) -> list[ipaddress.IPv4Address]:
+    """The IPv4 address an IPv6 one carries, by the translation schemes a network may route: NAT64
+    (64:ff9b::/96, and the last 32 bits in the local-use 64:ff9b:1::/48), IPv4-compatible
+    (::a.b.c.d) and 6to4 (2002::/16). Such an address reaches the IPv4 host where the scheme is
+    deployed, so that host is checked too."""
+    if not isinstance(address, ipaddress.IPv6Address):
+        return []
+    last_32 = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    found = [last_32] if any(address in prefix for prefix in _CARRY_LAST_32) else []
+    if address.sixtofour is not None:
+        found.append(address.sixtofour)
+    return found
 
 
 def _unmapped(address: IPAddress) -> IPAddress:
