@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+import re
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -10,6 +11,9 @@ import pytest
 from jetspool.domain.errors import ConfigError, DecodeError
 from jetspool.domain.functions import Function, decode_function, is_valid_name
 from jetspool.settings import load, validate
+from tests.support.processes import JetspoolProcess
+from tests.support.servers import free_port
+from tests.support.tls import self_signed
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -285,6 +289,106 @@ def test_base_url_is_the_public_url_without_trailing_slash(public_url: str, base
     assert validate({"gateway": {"public_url": public_url}}).gateway.base_url == base_url
 
 
+@pytest.mark.parametrize(
+    "public_url",
+    ["http://127.0.0.1:8080", "https://queue.example.com", "HTTPS://Queue.Example.com/a/b/", "http://[::1]:8080"],
+)
+def test_public_url_may_be_any_absolute_http_or_https_url(public_url: str) -> None:
+    assert validate({"gateway": {"public_url": public_url}}).gateway.public_url == public_url
+
+
+@pytest.mark.parametrize(
+    "public_url",
+    [
+        "not a url",
+        "",
+        "queue.example.com",
+        "queue.example.com:8080",
+        "/queue",
+        "ftp://queue.example.com",
+        "http://",
+        "https:///path",
+        "http://:8080",
+        "http:// queue.example.com",
+        "http://queue.example.com/a b",
+        "http://queue.example.com:port",
+        "http://queue.example.com:99999",
+        "https://queue.example.com/?a=1",
+        "https://queue.example.com?",
+        "https://queue.example.com/#top",
+        "https://queue.example.com\n",
+    ],
+)
+def test_public_url_that_is_not_an_absolute_http_url_is_refused_naming_the_key(public_url: str) -> None:
+    with pytest.raises(ConfigError, match=r"^gateway\.public_url: must be an absolute http"):
+        validate({"gateway": {"public_url": public_url}})
+
+
+def test_public_url_is_checked_when_loading_from_the_file_and_the_environment(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"gateway\.public_url"):
+        load(_config(tmp_path, 'gateway:\n  public_url: "not a url"\n'), env={})
+    with pytest.raises(ConfigError, match=r"gateway\.public_url"):
+        load(None, env={"JETSPOOL_GATEWAY__PUBLIC_URL": "queue.example.com"})
+
+
+# --- the gateway's TLS files ---------------------------------------------------------------
+
+
+@pytest.fixture
+def pem_files(tmp_path: Path) -> tuple[Path, Path]:
+    return self_signed(tmp_path)
+
+
+def test_base_url_defaults_to_https_when_the_gateway_serves_https(pem_files: tuple[Path, Path]) -> None:
+    cert, key = pem_files
+    gateway = validate({"gateway": {"tls_cert": str(cert), "tls_key": str(key), "port": 8443}}).gateway
+    assert gateway.serves_https
+    assert gateway.base_url == "https://127.0.0.1:8443"
+
+
+def test_explicit_public_url_wins_over_the_https_default(pem_files: tuple[Path, Path]) -> None:
+    cert, key = pem_files
+    raw = {"gateway": {"tls_cert": str(cert), "tls_key": str(key), "public_url": "https://queue.example.com/"}}
+    assert validate(raw).gateway.base_url == "https://queue.example.com"
+
+
+def test_gateway_without_tls_files_serves_plain_http() -> None:
+    assert not validate({}).gateway.serves_https
+
+
+@pytest.mark.parametrize(("given", "missing"), [("tls_cert", "gateway.tls_key"), ("tls_key", "gateway.tls_cert")])
+def test_one_tls_file_without_the_other_is_refused_naming_the_missing_key(
+    pem_files: tuple[Path, Path], given: str, missing: str
+) -> None:
+    cert, key = pem_files
+    path = cert if given == "tls_cert" else key
+    with pytest.raises(ConfigError, match=rf"^{re.escape(missing)}: required with gateway\.{given}"):
+        validate({"gateway": {given: str(path)}})
+
+
+@pytest.mark.parametrize("key", ["tls_cert", "tls_key"])
+def test_missing_tls_file_is_refused_naming_the_key_and_the_path(
+    pem_files: tuple[Path, Path], tmp_path: Path, key: str
+) -> None:
+    cert, pem_key = pem_files
+    absent = tmp_path / "absent.pem"
+    gateway = {"tls_cert": str(cert), "tls_key": str(pem_key), key: str(absent)}
+    with pytest.raises(ConfigError, match=rf"^gateway\.{key}: cannot read {re.escape(str(absent))}"):
+        validate({"gateway": gateway})
+
+
+def test_tls_file_that_cannot_be_read_is_refused_naming_the_key(pem_files: tuple[Path, Path], tmp_path: Path) -> None:
+    cert, _ = pem_files
+    with pytest.raises(ConfigError, match=r"^gateway\.tls_key: cannot read"):
+        validate({"gateway": {"tls_cert": str(cert), "tls_key": str(tmp_path)}})  # a directory
+
+
+def test_tls_files_from_the_environment_are_checked(pem_files: tuple[Path, Path]) -> None:
+    cert, _ = pem_files
+    with pytest.raises(ConfigError, match=r"gateway\.tls_key"):
+        load(None, env={"JETSPOOL_GATEWAY__TLS_CERT": str(cert)})
+
+
 @pytest.mark.parametrize("interval", ["always", "2m", "500ms", "30s", "1h"])
 def test_sync_interval_accepts_always_or_a_duration(interval: str) -> None:
     assert validate({"nats": {"sync_interval": interval}}).nats.sync_interval == interval
@@ -397,6 +501,40 @@ def test_missing_config_file_is_refused_naming_the_file(tmp_path: Path) -> None:
 def test_missing_config_file_named_by_jetspool_config_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"absent\.yaml"):
         load(None, env={"JETSPOOL_CONFIG": str(tmp_path / "absent.yaml")})
+
+
+# --- every command stops on a bad setting before it starts anything ------------------------
+
+
+@pytest.mark.parametrize("command", ["up", "gateway", "worker"])
+@pytest.mark.parametrize(
+    ("gateway", "named"),
+    [
+        ("  tls_cert: {cert}\n", "gateway.tls_key"),
+        ("  tls_key: {key}\n", "gateway.tls_cert"),
+        ("  tls_cert: {absent}\n  tls_key: {key}\n", "gateway.tls_cert"),
+        ('  public_url: "not a url"\n', "gateway.public_url"),
+    ],
+)
+def test_every_command_stops_with_exit_2_naming_a_bad_gateway_setting(
+    pem_files: tuple[Path, Path], tmp_path: Path, command: str, gateway: str, named: str
+) -> None:
+    cert, key = pem_files
+    section = gateway.format(cert=cert, key=key, absent=tmp_path / "absent.pem")
+    config = _config(tmp_path, f"gateway:\n  port: {free_port()}\n{section}")
+    data_dir = tmp_path / "data"
+    args = [command, "--config", str(config)]
+    args += ["--data-dir", str(data_dir)] if command == "up" else ["--nats-url", "nats://127.0.0.1:1"]
+    proc = JetspoolProcess(args, env={"JETSPOOL_CONFIG": ""})
+    try:
+        code = proc.wait(30)
+    finally:
+        proc.kill_tree()
+
+    assert code == 2, proc.output
+    assert named in proc.output
+    assert "Traceback" not in proc.output
+    assert not data_dir.exists()  # `up` started no NATS server
 
 
 # --- functions -----------------------------------------------------------------------------

@@ -3,7 +3,9 @@
 Sources, later ones winning: the YAML config file (`--config FILE` or `JETSPOOL_CONFIG`),
 `JETSPOOL_*` environment variables (`JETSPOOL_` + the key path in upper case joined by `__`,
 e.g. `JETSPOOL_NATS__URL`), then command-line flags. A bad value raises `ConfigError`
-naming the key, e.g. ``nats.replicas: Expected `int`, got `str```.
+naming the key, e.g. ``nats.replicas: Expected `int`, got `str```; `validate` also checks what
+the types cannot (the gateway's public URL and TLS files), so every command stops before it
+starts anything.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Final, get_args, get_origin
+from urllib.parse import urlsplit
 
 import msgspec
 import yaml
@@ -74,10 +77,13 @@ class GatewaySettings(_Section, frozen=True, kw_only=True):
     host: str = "127.0.0.1"
     port: _Port = 8080
     public_url: str | None = None
-    """Base of the absolute URLs handed to clients; default `http://{host}:{port}`."""
+    """Base of the absolute URLs handed to clients (an http:// or https:// URL without query or fragment);
+    default `http://{host}:{port}`, or `https://` when the gateway serves HTTPS."""
     max_body_size: Annotated[int, msgspec.Meta(gt=0)] = 32 * 1024 * 1024
     tls_cert: str | None = None
+    """PEM certificate (chain) file; the gateway serves HTTPS when both it and `tls_key` are set."""
     tls_key: str | None = None
+    """PEM private key file of `tls_cert`."""
     sse_ping_interval: _Positive = 15.0
     """Seconds of quiet after which a status stream sends a `: ping` comment."""
     max_streams: Annotated[int, msgspec.Meta(ge=1)] = 1000
@@ -86,8 +92,13 @@ class GatewaySettings(_Section, frozen=True, kw_only=True):
     """Seconds a client has to send a whole request (headers already in); slower ones get 408."""
 
     @property
+    def serves_https(self) -> bool:
+        return self.tls_cert is not None and self.tls_key is not None
+
+    @property
     def base_url(self) -> str:
-        return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
+        scheme = "https" if self.serves_https else "http"
+        return (self.public_url or f"{scheme}://{self.host}:{self.port}").rstrip("/")
 
 
 class AuthSettings(_Section, frozen=True, kw_only=True):
@@ -197,9 +208,49 @@ def load(
 def validate(raw: Mapping[str, Any]) -> Settings:
     """Convert a raw mapping into `Settings`, or raise `ConfigError` naming the bad key."""
     try:
-        return msgspec.convert(raw, Settings, strict=False)
+        settings = msgspec.convert(raw, Settings, strict=False)
     except msgspec.ValidationError as exc:
         raise ConfigError(describe(exc)) from exc
+    _check_public_url(settings.gateway.public_url)
+    _check_tls(settings.gateway)
+    return settings
+
+
+def _check_public_url(url: str | None) -> None:
+    """The base of the URLs handed to clients must make them absolute (SPEC §2)."""
+    if url is not None and not _is_base_url(url):
+        raise ConfigError(
+            f"gateway.public_url: must be an absolute http:// or https:// URL without query or fragment, got {url!r}"
+        )
+
+
+def _is_base_url(url: str) -> bool:
+    """`http(s)://host[:port][/path]`: no spaces or control characters, no query, no fragment."""
+    if re.search(r"[\x00-\x20\x7f?#]", url):
+        return False
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - reading it checks the port
+    except ValueError:
+        return False
+    return parts.scheme in {"http", "https"} and bool(parts.hostname)
+
+
+def _check_tls(gateway: GatewaySettings) -> None:
+    """HTTPS needs both PEM files (SPEC §9), and both readable: neither alone, nor a missing file."""
+    files = {"gateway.tls_cert": gateway.tls_cert, "gateway.tls_key": gateway.tls_key}
+    given = [key for key, path in files.items() if path is not None]
+    if len(given) == 1:
+        (missing,) = files.keys() - set(given)
+        raise ConfigError(f"{missing}: required with {given[0]} (the gateway serves HTTPS when both are set)")
+    for key, path in files.items():
+        if path is None:
+            continue
+        try:
+            with Path(path).open("rb") as file:
+                file.read(1)
+        except OSError as exc:
+            raise ConfigError(f"{key}: cannot read {path}: {exc.strerror or exc}") from exc
 
 
 def _read_file(path: Path) -> dict[str, Any]:
