@@ -245,6 +245,49 @@ def test_env_value_that_looks_like_a_number_is_kept_as_text_for_a_text_setting(
     assert operator.attrgetter(key)(load(None, env={name: "123456"})) == expected
 
 
+@pytest.mark.parametrize("name", ["JETSPOOL_AUTH__API_KEYS", "JETSPOOL_AUTH__ADMIN_KEYS"])
+@pytest.mark.parametrize("text", ["", "  "])
+def test_empty_env_value_of_a_list_setting_is_an_empty_list(tmp_path: Path, name: str, text: str) -> None:
+    path = _config(tmp_path, "auth:\n  api_keys: [k1]\n  admin_keys: [a1]\n")
+    settings = load(path, env={name: text})
+    key = name.removeprefix("JETSPOOL_AUTH__").lower()
+    assert getattr(settings.auth, key) == []
+
+
+def test_env_mapping_setting_is_read_as_a_yaml_or_json_mapping() -> None:
+    settings = load(None, env={"JETSPOOL_CALLBACKS__HOSTS": '{"hooks.example.com": "10.0.0.1"}'})
+    assert settings.callbacks.hosts == {"hooks.example.com": "10.0.0.1"}
+
+
+@pytest.mark.parametrize(
+    ("name", "key"),
+    [("JETSPOOL_NATS__URL", "nats.url"), ("JETSPOOL_AUTH__RATE_LIMIT", "auth.rate_limit")],
+)
+def test_empty_env_value_of_a_setting_that_may_be_none_is_none(tmp_path: Path, name: str, key: str) -> None:
+    path = _config(tmp_path, "nats:\n  url: nats://from-file:4222\nauth:\n  rate_limit: 5\n")
+    assert operator.attrgetter(key)(load(path, env={name: ""})) is None
+
+
+@pytest.mark.parametrize(
+    ("name", "key"),
+    [
+        ("JETSPOOL_GATEWAY__PORT", "gateway.port"),
+        ("JETSPOOL_NATS__REPLICAS", "nats.replicas"),
+        ("JETSPOOL_CALLBACKS__DENY_PRIVATE", "callbacks.deny_private"),
+        ("JETSPOOL_NATS__SYNC_INTERVAL", "nats.sync_interval"),
+        ("JETSPOOL_CALLBACKS__HOSTS", "callbacks.hosts"),
+    ],
+)
+def test_empty_env_value_of_any_other_setting_is_refused_naming_the_key(name: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)}: {name} is empty"):
+        load(None, env={name: ""})
+
+
+def test_empty_env_value_of_an_unknown_key_names_the_key() -> None:
+    with pytest.raises(ConfigError, match=r"nats\.replicaz"):
+        load(None, env={"JETSPOOL_NATS__REPLICAZ": ""})
+
+
 # --- NATS servers and the gateway's base URL -----------------------------------------------
 
 

@@ -279,19 +279,21 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
         if section not in _SECTIONS:
             raise ConfigError(f"{name}: unknown section `{section}` (one of {', '.join(sorted(_SECTIONS))})")
         path = key.split("__")
-        _set_path(tree, [section, *path], _env_value(section, path, text))
+        _set_path(tree, [section, *path], _env_value(name, section, path, text))
     return tree
 
 
-def _env_value(section: str, path: list[str], text: str) -> Any:
+def _env_value(name: str, section: str, path: list[str], text: str) -> Any:
     """An environment value as its setting wants it.
 
     Text settings keep the text as it is (a password of digits stays text); list settings take
-    `a,b` or a YAML list; everything else is read as a YAML scalar (numbers, booleans).
+    `a,b` or a YAML list; everything else is read as YAML (numbers, booleans, mappings). An empty
+    value is an empty list for list settings and none for those that may be none; other settings
+    refuse it.
     """
-    if not text.strip():
-        return None
     kinds = _field_kinds(section, path[0]) if len(path) == 1 else set()
+    if not text.strip():
+        return _empty_value(name, ".".join([section, *path]), kinds)
     if list in kinds and not text.lstrip().startswith(("[", "- ")):
         return [part.strip() for part in text.split(",") if part.strip()]
     if kinds and kinds <= {str, type(None)}:
@@ -302,13 +304,25 @@ def _env_value(section: str, path: list[str], text: str) -> Any:
         return text
 
 
+def _empty_value(name: str, key: str, kinds: set[object]) -> Any:
+    """What an empty variable means: none, or an empty list; refused for other settings."""
+    if type(None) in kinds:
+        return None
+    if list in kinds:
+        return []
+    if kinds:
+        raise ConfigError(f"{key}: {name} is empty; give it a value or unset it")
+    return None  # not a known key: `validate` names it
+
+
 def _field_kinds(section: str, key: str) -> set[object]:
     """The plain types a setting accepts (`str | list[str] | None` gives {str, list, NoneType})."""
     for field in msgspec.structs.fields(_SECTIONS[section]):
         if field.name == key:
             annotation = get_args(field.type)[0] if get_origin(field.type) is Annotated else field.type
-            members = get_args(annotation) if get_origin(annotation) is not list else ()
-            return {get_origin(t) or t for t in (members or (annotation,))}
+            members = get_args(annotation) if get_origin(annotation) not in {list, dict} else ()
+            plain = [get_args(t)[0] if get_origin(t) is Annotated else t for t in (members or (annotation,))]
+            return {get_origin(t) or t for t in plain}
     return set()
 
 
