@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 import shutil
+import socket
+import ssl
 import subprocess
 import time
 from pathlib import Path
@@ -14,6 +16,7 @@ import pytest
 
 from tests.support.processes import JetspoolProcess, alive, descendants
 from tests.support.servers import free_port
+from tests.support.tls import self_signed
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -171,3 +174,97 @@ def test_bad_settings_from_flags_or_environment_exit_2_naming_them(
     assert code == 2
     assert named in proc.output
     assert "Traceback" not in proc.output
+
+
+@pytest.mark.parametrize("part", ["gateway", "worker"])
+def test_sigterm_stops_a_part_still_waiting_for_nats(part: str) -> None:
+    """Start-up waits for an unreachable NATS server as long as it takes; a stop signal ends that
+    wait (it used to be ignored until SIGKILL; found by a SPEC probe)."""
+    args = [part, "--nats-url", f"nats://127.0.0.1:{free_port()}"] + (
+        ["--port", str(free_port())] if part == "gateway" else []
+    )
+    proc = JetspoolProcess(args, env={"JETSPOOL_CONFIG": "", "JETSPOOL_NATS__ACCEPT_SINGLE_REPLICA": "true"})
+    try:
+        proc.wait_for_text("Connection refused", 30)
+        code = proc.terminate(10)
+    finally:
+        proc.kill_tree()
+
+    assert code == 0
+    assert "Traceback" not in proc.output
+
+
+def test_a_gateway_config_error_found_at_start_up_exits_2_without_a_traceback() -> None:
+    """Found where NATS is opened: uvicorn's own failed start-up used to make it exit 3 with a traceback."""
+    proc = JetspoolProcess(["gateway", "--nats-url", "nats://127.0.0.1:1", "--port", str(free_port())])
+    code = proc.wait(30)
+
+    assert code == 2
+    assert "nats.accept_single_replica" in proc.output
+    assert "Traceback" not in proc.output
+
+
+def test_up_refuses_a_taken_port_before_starting_anything(tmp_path: Path) -> None:
+    """Before, the readiness check took the other server's answer for ours and announced the stack."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = JetspoolProcess(["up", "--port", str(port), "--data-dir", str(tmp_path / "data")], env=_FAST_STOP)
+        code = proc.wait(30)
+
+    assert code == 2
+    assert "gateway.port" in proc.output
+    assert "jetspool is up" not in proc.output
+    assert not (tmp_path / "data").exists(), "nothing was started"
+
+
+def test_up_refuses_settings_a_worker_would_refuse_before_starting_anything(tmp_path: Path) -> None:
+    """The --port flag wins over the environment for up and its gateway, but a worker reads the
+    environment alone: it used to fail after NATS and the gateway had started."""
+    env = {**_FAST_STOP, "JETSPOOL_GATEWAY__PORT": "eighty"}
+    proc = JetspoolProcess(["up", "--port", str(free_port()), "--data-dir", str(tmp_path / "data")], env=env)
+    code = proc.wait(30)
+
+    assert code == 2
+    assert "gateway.port" in proc.output
+    assert not (tmp_path / "data").exists(), "nothing was started"
+
+
+def test_up_stopped_before_its_gateway_is_ready_announces_nothing(tmp_path: Path) -> None:
+    env = {**_FAST_STOP, "JETSPOOL_NATS__ACCEPT_SINGLE_REPLICA": "true"}
+    args = ["up", "--nats-url", f"nats://127.0.0.1:{free_port()}", "--port", str(free_port())]
+    proc = JetspoolProcess([*args, "--data-dir", str(tmp_path / "data")], env=env)
+    try:
+        proc.wait_for_text("Connection refused", 60)  # its children wait for NATS
+        tree = descendants(proc.process.pid)
+        code = proc.terminate(30)
+    finally:
+        proc.kill_tree()
+
+    assert code == 0
+    assert "jetspool is up" not in proc.output
+    assert [pid for pid in tree if alive(pid)] == []
+
+
+@pytest.mark.timeout(120)
+def test_up_serves_https_when_tls_is_configured(tmp_path: Path) -> None:
+    """The readiness check asked http:// and `up` gave up after 60 s (found by a SPEC probe)."""
+    cert, key = self_signed(tmp_path)
+    config = tmp_path / "tls.yaml"
+    config.write_text(f"gateway:\n  tls_cert: {cert}\n  tls_key: {key}\n", encoding="utf-8")
+    port = free_port()
+    proc = JetspoolProcess(
+        ["up", "--config", str(config), "--port", str(port), "--data-dir", str(tmp_path / "data")], env=_FAST_STOP
+    )
+    try:
+        announced = proc.wait_for_line("jetspool is up:")
+        trusted = ssl.create_default_context(cafile=str(cert))
+        healthy = httpx.get(f"https://127.0.0.1:{port}/healthz", verify=trusted, timeout=10)
+        code = proc.terminate(30)
+    finally:
+        proc.kill_tree()
+
+    assert announced.strip() == f"jetspool is up: https://127.0.0.1:{port}"
+    assert healthy.status_code == 200
+    assert code == 0

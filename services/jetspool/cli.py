@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from jetspool import __version__, logfmt
+from jetspool.aio import stop_task
 from jetspool.commands import CLIENT_COMMANDS, add_client_commands, run_client_command
 from jetspool.domain.errors import ConfigError
 from jetspool.settings import Settings, load
@@ -24,10 +25,13 @@ from jetspool.settings import Settings, load
 if TYPE_CHECKING:
     from collections.abc import Coroutine
 
+    import uvicorn
+
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 _KEEP_ALIVE_S = 75
+_STARTING_POLL_S = 0.2
 
 log = logging.getLogger("jetspool")
 
@@ -108,6 +112,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.workers < 1:
             raise ConfigError("--workers must be at least 1")
         return run_up(settings, UpOptions(args.config, args.data_dir, args.workers, args.demo))
+    from jetspool.jetstream.startup import check_durability  # noqa: PLC0415
+
+    check_durability(settings)
     if args.command == "gateway":
         return _serve_gateway(settings)
     return _run_worker(settings)
@@ -119,7 +126,8 @@ def _serve_gateway(settings: Settings) -> int:
     from jetspool.gateway.app import create_app  # noqa: PLC0415
 
     gateway = settings.gateway
-    app = create_app(settings)
+    config_errors: list[ConfigError] = []
+    app = create_app(settings, config_errors=config_errors)
     _settle_heap()
     config = uvicorn.Config(
         app,
@@ -135,8 +143,34 @@ def _serve_gateway(settings: Settings) -> int:
         ssl_keyfile=gateway.tls_key,
     )
     server = uvicorn.Server(config)
-    server.run()
-    return EXIT_OK if server.started else EXIT_FAILED
+
+    # uvicorn logs a failed or abandoned start-up with a whole traceback: a config error is told
+    # as a message instead, and a stop during start-up is no error.
+    def worth_telling(_: logging.LogRecord) -> bool:
+        return not config_errors and (server.started or not server.should_exit)
+
+    logging.getLogger("uvicorn.error").addFilter(worth_telling)
+    try:
+        run_loop(_serve(server))
+    except SystemExit:  # uvicorn's way out of a failed start-up
+        if config_errors:
+            raise config_errors[0] from None
+        raise
+    return EXIT_OK if server.started or server.should_exit else EXIT_FAILED
+
+
+async def _serve(server: uvicorn.Server) -> None:
+    """uvicorn's `serve`, except that a stop signal during start-up ends it too.
+
+    uvicorn notes a signal at any time but looks at it only once started, and start-up waits for
+    an unreachable NATS server as long as it takes: SIGTERM would not stop the gateway then."""
+    serving = asyncio.create_task(server.serve())
+    while not serving.done():
+        await asyncio.wait({serving}, timeout=_STARTING_POLL_S)
+        if server.should_exit and not server.started:
+            await stop_task(serving)
+    if not serving.cancelled():
+        serving.result()
 
 
 def _run_worker(settings: Settings) -> int:
@@ -145,11 +179,18 @@ def _run_worker(settings: Settings) -> int:
     _settle_heap()
 
     async def main() -> None:
-        stop = asyncio.Event()
+        stop, ready = asyncio.Event(), asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await run(settings, stop)
+        running = asyncio.create_task(run(settings, stop, ready))
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({running, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if not running.done() and not ready.is_set():
+            await stop_task(running)  # stopped during start-up (waiting for NATS): nothing to hand back yet
+            return
+        await running
 
     run_loop(main())
     return EXIT_OK

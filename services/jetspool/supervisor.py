@@ -25,7 +25,8 @@ import msgspec
 
 from jetspool.domain.errors import ConfigError
 from jetspool.embedded import EmbeddedNats, die_with_parent
-from jetspool.jetstream.startup import open_jetstream
+from jetspool.jetstream.startup import check_durability, open_jetstream
+from jetspool.settings import load
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -63,11 +64,13 @@ class Supervisor:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: self._stop.set())
         try:
+            self._check_port()
             nats_url = self._start_nats()
             self._start_children(nats_url)
-            base_url = self._settings.gateway.base_url
-            self._wait_ready(base_url)
-            self._announce(base_url, nats_url)
+            self._wait_ready()
+            if self._stop.is_set():
+                return 0  # stopped before the stack was up: nothing to announce
+            self._announce(self._settings.gateway.base_url, nats_url)
             return self._watch()
         finally:
             self._stop_children()
@@ -115,19 +118,40 @@ class Supervisor:
         )
         self._children.append((name, process))
 
-    def _wait_ready(self, base_url: str) -> None:
-        self._wait_http(f"{base_url}/readyz", "gateway")
+    def _check_port(self) -> None:
+        """ConfigError when the gateway's address is taken: found before anything starts, and not
+        mistaken for our gateway being ready by the readiness check."""
+        gateway = self._settings.gateway
+        with socket.socket(socket.AF_INET6 if ":" in gateway.host else socket.AF_INET) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: only a listener stops it
+            try:
+                sock.bind((gateway.host, gateway.port))
+            except OSError as exc:
+                raise ConfigError(
+                    f"gateway.port: cannot listen on {gateway.host}:{gateway.port} ({exc.strerror})"
+                ) from None
 
-    def _wait_http(self, url: str, what: str) -> None:
+    def _wait_ready(self) -> None:
+        """Wait for the gateway `up` started, asked where it listens (its public URL may be a proxy's)."""
+        gateway = self._settings.gateway
+        scheme = "https" if gateway.tls_cert and gateway.tls_key else "http"
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(gateway.host, gateway.host)  # noqa: S104 - a name, not a bind
+        host = f"[{host}]" if ":" in host else host
+        hint = "" if self._nats else f"; is NATS at {','.join(self._settings.nats.servers)} reachable?"
+        self._wait_http(f"{scheme}://{host}:{gateway.port}/readyz", "gateway", hint)
+
+    def _wait_http(self, url: str, what: str, hint: str = "") -> None:
         deadline = time.monotonic() + _READY_TIMEOUT_S
-        while time.monotonic() < deadline and not self._stop.is_set():
-            self._check_children()
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url, timeout=1.0).status_code == 200:  # noqa: PLR2004
-                    return
-            self._stop.wait(_POLL_S)
+        # Our own child on this machine: its certificate (often self-signed) is not what is checked here.
+        with httpx.Client(timeout=1.0, verify=False) as client:  # noqa: S501
+            while time.monotonic() < deadline and not self._stop.is_set():
+                self._check_children()
+                with contextlib.suppress(httpx.HTTPError):
+                    if client.get(url).status_code == 200:  # noqa: PLR2004
+                        return
+                self._stop.wait(_POLL_S)
         if not self._stop.is_set():
-            raise ConfigError(f"the {what} did not become ready within {_READY_TIMEOUT_S:g} s ({url})")
+            raise ConfigError(f"the {what} did not become ready within {_READY_TIMEOUT_S:g} s ({url}){hint}")
 
     def _announce(self, base_url: str, nats_url: str) -> None:
         lines = [f"jetspool is up: {base_url}"]
@@ -184,5 +208,10 @@ def _free_port() -> int:
 
 
 def run_up(settings: Settings, options: UpOptions) -> int:
+    """Run the stack; a ConfigError (exit 2) for settings any part would refuse, before anything starts."""
+    # The children read the same file and environment, but only the gateway gets --host/--port: a
+    # value those flags override here would still stop a worker.
+    load(options.config, flags={"nats.url": None})
+    check_durability(settings)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     return Supervisor(settings, options).run()

@@ -21,7 +21,7 @@ from nats.errors import Error as NatsError
 from jetspool import __version__, tracing
 from jetspool.callbacks.addresses import AddressPolicy
 from jetspool.domain import names
-from jetspool.domain.errors import RequestError
+from jetspool.domain.errors import ConfigError, RequestError
 from jetspool.gateway.auth import KeyGuard
 from jetspool.gateway.feed import StatusFeed
 from jetspool.gateway.intake import Intake, parse_request_id
@@ -54,7 +54,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings) -> Litestar:
+def create_app(settings: Settings, *, config_errors: list[ConfigError] | None = None) -> Litestar:
+    """The gateway app; a ConfigError in start-up is also appended to `config_errors`, if given
+    (uvicorn reports a failed start-up only as a log line)."""
     tracing.setup("jetspool-gateway")
     metrics = GatewayMetrics()
     wired = _Wired()
@@ -62,7 +64,12 @@ def create_app(settings: Settings) -> Litestar:
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         async with AsyncExitStack() as started:
-            conn, stores, registry = await open_jetstream(settings, "jetspool-gateway", started)
+            try:
+                conn, stores, registry = await open_jetstream(settings, "jetspool-gateway", started)
+            except ConfigError as exc:
+                if config_errors is not None:
+                    config_errors.append(exc)
+                raise
             view = RegistryView(stores.functions)
             await view.start()
             conn.on_reconnect(view.resync)

@@ -19,17 +19,23 @@ if TYPE_CHECKING:
     from jetspool.settings import Settings
 
 
-async def open_jetstream(
-    settings: Settings, name: str, started: AsyncExitStack, extra_functions: Iterable[Function] = ()
-) -> tuple[Nats, Stores, FunctionRegistry]:
-    """Connect as `name` (closed when `started` unwinds), provision every stream and bucket, and
-    write the config file's functions (and `extra_functions`) to the registry with their consumers."""
+def check_durability(settings: Settings) -> None:
+    """ConfigError for one replica on a NATS server jetspool did not start, unless accepted: a
+    settings check, made before anything starts (and again by every component that connects)."""
     if settings.nats.servers and settings.nats.replicas == 1 and not settings.nats.accept_single_replica:
         raise ConfigError(
             "nats.replicas: 1 on a NATS server jetspool did not start keeps acknowledged requests through a "
             "crash of its machine only if that server fsyncs every write (jetstream sync_interval: always). "
             "Use nats.replicas: 3 on a cluster, or set nats.accept_single_replica: true to run this way."
         )
+
+
+async def open_jetstream(
+    settings: Settings, name: str, started: AsyncExitStack, extra_functions: Iterable[Function] = ()
+) -> tuple[Nats, Stores, FunctionRegistry]:
+    """Connect as `name` (closed when `started` unwinds), provision every stream and bucket, and
+    write the config file's functions (and `extra_functions`) to the registry with their consumers."""
+    check_durability(settings)
     conn = await connect(settings.nats, name)
     started.push_async_callback(conn.close)
     functions = [*settings.functions, *extra_functions]
