@@ -288,6 +288,56 @@ def test_empty_env_value_of_an_unknown_key_names_the_key() -> None:
         load(None, env={"JETSPOOL_NATS__REPLICAZ": ""})
 
 
+# --- functions from the environment ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '[{"name": "echo", "url": "http://127.0.0.1:9000", "timeout": 30}]',
+        '[{"name":"echo","url":"http://127.0.0.1:9000","timeout":30}]',
+        "[{name: echo, url: 'http://127.0.0.1:9000', timeout: 30}]",
+        "- name: echo\n  url: http://127.0.0.1:9000\n  timeout: 30\n",
+    ],
+)
+def test_jetspool_functions_takes_a_json_or_yaml_list_of_functions(text: str) -> None:
+    settings = load(None, env={"JETSPOOL_FUNCTIONS": text})
+    assert settings.functions == [Function(name="echo", url="http://127.0.0.1:9000", timeout=30)]
+
+
+def test_jetspool_functions_replaces_the_functions_of_the_config_file(tmp_path: Path) -> None:
+    path = _config(
+        tmp_path,
+        "functions:\n  - name: echo\n    url: http://from-file:9000\n  - name: other\n    url: http://f:9000\n",
+    )
+    settings = load(path, env={"JETSPOOL_FUNCTIONS": '[{"name": "echo", "url": "http://from-env:9000"}]'})
+    assert settings.functions == [Function(name="echo", url="http://from-env:9000")]
+
+
+@pytest.mark.parametrize("text", ["", " "])
+def test_empty_jetspool_functions_means_no_functions(tmp_path: Path, text: str) -> None:
+    path = _config(tmp_path, "functions:\n  - name: echo\n    url: http://f:9000\n")
+    assert load(path, env={"JETSPOOL_FUNCTIONS": text}).functions == []
+
+
+@pytest.mark.parametrize(
+    ("text", "fragments"),
+    [
+        ('[{"name": "Echo", "url": "http://f"}]', ["functions[0].name"]),
+        ('[{"name": "echo", "url": "ftp://f"}]', ["functions[0]", "url"]),
+        ('[{"name": "echo", "url": "http://f"}, {"name": "echo", "url": "http://g"}]', ["functions", "unique"]),
+        ('{"name": "echo", "url": "http://f"}', ["functions", "array"]),
+        ("echo", ["functions", "array"]),
+        ("[{name: echo, url: http://f", ["functions", "JETSPOOL_FUNCTIONS"]),
+    ],
+)
+def test_bad_jetspool_functions_is_refused_naming_functions(text: str, fragments: list[str]) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load(None, env={"JETSPOOL_FUNCTIONS": text})
+    for fragment in fragments:
+        assert fragment in str(caught.value)
+
+
 # --- NATS servers and the gateway's base URL -----------------------------------------------
 
 

@@ -2,10 +2,10 @@
 
 Sources, later ones winning: the YAML config file (`--config FILE` or `JETSPOOL_CONFIG`),
 `JETSPOOL_*` environment variables (`JETSPOOL_` + the key path in upper case joined by `__`,
-e.g. `JETSPOOL_NATS__URL`), then command-line flags. A bad value raises `ConfigError`
-naming the key, e.g. ``nats.replicas: Expected `int`, got `str```; `validate` also checks what
-the types cannot (the gateway's public URL and TLS files), so every command stops before it
-starts anything.
+e.g. `JETSPOOL_NATS__URL`; `JETSPOOL_FUNCTIONS` for the list of functions), then command-line
+flags. A bad value raises `ConfigError` naming the key, e.g. ``nats.replicas: Expected `int`,
+got `str```; `validate` also checks what the types cannot (the gateway's public URL and TLS
+files), so every command stops before it starts anything.
 """
 
 from __future__ import annotations
@@ -185,10 +185,11 @@ class Settings(_Section, frozen=True, kw_only=True):
         names = [f.name for f in self.functions]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
-            raise ValueError(f"function names must be unique, repeated: {', '.join(duplicates)}")
+            raise ValueError(f"functions: names must be unique, repeated: {', '.join(duplicates)}")
 
 
 _SECTIONS: Final = {f.name: f.type for f in msgspec.structs.fields(Settings) if f.name != "functions"}
+_FUNCTIONS_ENV: Final = f"{ENV_PREFIX}FUNCTIONS"
 
 
 def load(
@@ -270,9 +271,13 @@ def _read_file(path: Path) -> dict[str, Any]:
 
 
 def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
-    """`JETSPOOL_SECTION__KEY=value` for every known section; other `JETSPOOL_*` names are not settings."""
+    """`JETSPOOL_SECTION__KEY=value` for every known section, and `JETSPOOL_FUNCTIONS`; other
+    `JETSPOOL_*` names are not settings."""
     tree: dict[str, Any] = {}
     for name, text in env.items():
+        if name == _FUNCTIONS_ENV:
+            tree["functions"] = _env_functions(text)
+            continue
         if not name.startswith(ENV_PREFIX) or "__" not in name:
             continue
         section, _, key = name.removeprefix(ENV_PREFIX).lower().partition("__")
@@ -281,6 +286,21 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
         path = key.split("__")
         _set_path(tree, [section, *path], _env_value(name, section, path, text))
     return tree
+
+
+def _env_functions(text: str) -> Any:
+    """`JETSPOOL_FUNCTIONS`: a JSON or YAML list of function entries, replacing the file's `functions`;
+    empty: no functions. `validate` checks the entries as it checks the file's."""
+    if not text.strip():
+        return []
+    try:
+        return msgspec.json.decode(text)
+    except msgspec.DecodeError:
+        pass  # not JSON: YAML, then
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"functions: {_FUNCTIONS_ENV} is not a JSON or YAML list: {exc}") from exc
 
 
 def _env_value(name: str, section: str, path: list[str], text: str) -> Any:
