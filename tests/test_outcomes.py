@@ -77,7 +77,11 @@ def test_function_error_answers_the_functions_status_and_body_with_error_type_he
     assert answer.status_code == 422
     assert answer.body == b'{"detail": "no prompt"}'
     assert answer.content_type == "application/json"
-    assert answer.headers == {"X-Request-Id": REQUEST_ID, "X-Error-Type": "function_error"}
+    assert answer.headers == {
+        "X-Request-Id": REQUEST_ID,
+        "X-Error-Type": "function_error",
+        "X-Fal-Error-Type": "function_error",  # what fal's clients read when the body is the function's
+    }
 
 
 @pytest.mark.parametrize(("error_type", "status_code"), ERROR_STATUS)
@@ -86,7 +90,7 @@ def test_error_outcome_answers_json_with_detail_and_error_type(error_type: Error
     assert answer.status_code == status_code
     assert answer.content_type == "application/json"
     assert orjson.loads(answer.body) == {"detail": "what went wrong", "error_type": error_type.value}
-    assert answer.headers["X-Error-Type"] == error_type.value
+    assert answer.headers["X-Error-Type"] == answer.headers["X-Fal-Error-Type"] == error_type.value
 
 
 @pytest.mark.parametrize(("error_type", "status_code"), ERROR_STATUS)
@@ -106,11 +110,14 @@ def test_request_timeout_is_marked_as_the_users_timeout() -> None:
     answer = completed_answer(_record(ErrorType.REQUEST_TIMEOUT, "not started within 5 s", started_at=None), None)
     assert answer.status_code == 504
     assert answer.headers["X-Request-Timeout-Type"] == "user"
+    assert answer.headers["X-Fal-Request-Timeout-Type"] == "user", "fal's clients retry a 504 without it"
 
 
 @pytest.mark.parametrize("error_type", [ErrorType.RUNNER_UNAVAILABLE, ErrorType.FUNCTION_TIMEOUT, ErrorType.CANCELLED])
 def test_only_request_timeout_carries_the_timeout_type_header(error_type: ErrorType) -> None:
-    assert "X-Request-Timeout-Type" not in completed_answer(_record(error_type, "x"), None).headers
+    headers = completed_answer(_record(error_type, "x"), None).headers
+    assert "X-Request-Timeout-Type" not in headers
+    assert "X-Fal-Request-Timeout-Type" not in headers
 
 
 @pytest.mark.parametrize("error_type", [None, *ErrorType])

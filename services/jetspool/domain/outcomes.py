@@ -41,10 +41,11 @@ def completed_answer(record: StatusRecord, result: StoredResult | None) -> Answe
         if result is None:
             return _json_error(503, "the result of this request is no longer stored", None, headers)
         if error_type is not None:
-            headers[names.H_ERROR_TYPE] = error_type.value
+            headers[names.H_ERROR_TYPE] = headers[names.H_FAL_ERROR_TYPE] = error_type.value
         return Answer(result.status_code, result.body, result.content_type, headers)
     if error_type is ErrorType.REQUEST_TIMEOUT:
-        headers["X-Request-Timeout-Type"] = "user"
+        # fal's name too: fal's clients retry a 504 without it, taking the user's deadline for an outage.
+        headers["X-Request-Timeout-Type"] = headers["X-Fal-Request-Timeout-Type"] = "user"
     return _json_error(_STATUS_BY_ERROR[error_type], record.error or error_type.value, error_type, headers)
 
 
@@ -52,5 +53,5 @@ def _json_error(status: int, detail: str, error_type: ErrorType | None, headers:
     body: dict[str, str] = {"detail": detail}
     if error_type is not None:
         body["error_type"] = error_type.value
-        headers[names.H_ERROR_TYPE] = error_type.value
+        headers[names.H_ERROR_TYPE] = headers[names.H_FAL_ERROR_TYPE] = error_type.value
     return Answer(status, orjson.dumps(body), JSON, headers)
