@@ -2,9 +2,12 @@
 
 People get readable lines, scripts `--json`. Progress (status, queue position, elapsed time)
 goes to stderr, updating one line in place on a terminal and as plain lines otherwise, so
-stdout carries only the answer. Exit codes: 0 done; 1 the request completed with an error or
-was cancelled (or was already completed, for `cancel`); 2 usage, configuration or a refused
-call; 3 not found; 4 gave up waiting; 5 gateway unreachable.
+stdout carries only the answer. `status --logs` prints the request's log lines, one a line
+(timestamp, level, message), below its status line.
+
+Exit codes: 0 done; 1 the request completed with an error or was cancelled (or was already
+completed, for `cancel`); 2 usage, configuration or a refused call; 3 not found; 4 gave up
+waiting; 5 gateway unreachable.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from jetspool.settings import load
 
 if TYPE_CHECKING:
     import argparse
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterable
 
 EXIT_OK: Final = 0
 EXIT_FAILED: Final = 1
@@ -142,13 +145,17 @@ def _follow(handle: Handle, out: Output, deadline: float | None) -> None:
 
 
 def _status(client: Client, args: argparse.Namespace, out: Output) -> int:
-    """Show the status (`--watch`: each change until it completes); exit 1 when it shows the
-    request completed with an error or cancelled, as every client command does."""
+    """Show the status (`--watch`: each change until it completes), with `--logs` its log lines
+    (each once, though every status object carries them all); exit 1 when it shows the request
+    completed with an error or cancelled, as every client command does."""
     handle = client.handle(args.name, args.id)
     shown = handle.iter_events(logs=args.logs) if args.watch else [handle.status(logs=args.logs)]
     last = None
+    printed = 0
     for status in shown:
-        out.value(status.raw, _describe(status))
+        lines = status.logs if isinstance(status.logs, list) else []
+        out.value(status.raw, "\n".join([_describe(status), *_log_lines(lines[printed:])]))
+        printed = max(printed, len(lines))
         last = status
     return EXIT_FAILED if last is not None and last.completed and last.error_type is not None else EXIT_OK
 
@@ -218,6 +225,20 @@ def _describe(status: Status) -> str:
     if status.completed and status.error_type:
         return f"{status.request_id} COMPLETED with {status.error_type}: {status.error}"
     return f"{status.request_id} {status.status} (attempts {status.attempts})"
+
+
+def _log_lines(entries: Iterable[Any]) -> list[str]:
+    """One line a log entry: timestamp, level, message (its line breaks and control characters escaped)."""
+    return [
+        "  " + " ".join(_printable(entry.get(key)) for key in ("timestamp", "level", "message"))
+        for entry in entries
+        if isinstance(entry, dict)
+    ]
+
+
+def _printable(value: object) -> str:
+    text = "" if value is None else str(value)
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 class Progress:

@@ -1,0 +1,112 @@
+"""The client commands of the CLI when things are not as they should be: log lines for people."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from tests.support.servers import eventually_true
+
+if TYPE_CHECKING:
+    from tests.support.stack import Stack
+
+
+@dataclass(frozen=True)
+class Ran:
+    code: int
+    out: str
+    err: str
+
+
+def _env(url: str | None, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JETSPOOL_")}
+    return env | ({"JETSPOOL_URL": url} if url else {}) | extra
+
+
+async def _jetspool(*args: str, url: str | None, **env: str) -> Ran:
+    """Run `jetspool ARGS` (JETSPOOL_URL=`url`) while the test's event loop serves what it talks to."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "jetspool", *args,
+        env=_env(url, **env), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode is not None
+    return Ran(process.returncode, out.decode(), err.decode())
+
+
+# --- status --logs --------------------------------------------------------------------------
+
+
+async def test_status_logs_prints_each_log_line_below_the_status_line(stack: Stack) -> None:
+    await stack.register("echo")
+    stack.functions.hold("/echo")
+    submitted = await stack.client.post("/queue/echo", json={})
+    request_id = submitted.json()["request_id"]
+    [seen] = await stack.functions.wait_for("/echo")
+    logs_url = seen.header("x-logs-url") or ""
+    line = {"message": "two\nlines \x1b[31mred", "level": "WARN"}
+    assert (await stack.client.post(logs_url, json=line)).status_code == 202
+    stack.functions.release("/echo")
+
+    async def logged_completion() -> bool:
+        response = await stack.client.get(f"/queue/echo/requests/{request_id}/status", params={"logs": "1"})
+        return len(response.json()["logs"]) == 3  # started, the function's, completed
+
+    await eventually_true(logged_completion)
+    await stack.wait_for_status("echo", request_id)
+
+    shown = await _jetspool("status", "echo", request_id, "--logs", url=stack.url)
+    plain = await _jetspool("status", "echo", request_id, url=stack.url)
+
+    assert shown.code == 0, shown.err
+    status_line, *log_lines = shown.out.splitlines()
+    assert status_line == f"{request_id} COMPLETED (attempts 1)"
+    assert len(log_lines) == 3, shown.out
+    assert log_lines[0].split()[1:] == ["INFO", "attempt", "1", "of", "10", "started"]
+    assert log_lines[0].split()[0].startswith("20"), "a timestamp first"
+    assert log_lines[1].split()[1:] == ["WARN", "two\\nlines", "\\x1b[31mred"], "line breaks and escapes shown, not run"
+    assert log_lines[2].split()[1] == "INFO"
+    assert plain.out.splitlines() == [status_line], "no log lines without --logs"
+
+
+async def test_status_watch_logs_prints_each_log_line_once(stack: Stack) -> None:
+    await stack.register("echo")
+    stack.functions.hold("/echo")
+    submitted = await stack.client.post("/queue/echo", json={})
+    request_id = submitted.json()["request_id"]
+    [seen] = await stack.functions.wait_for("/echo")
+    logs_url = seen.header("x-logs-url") or ""
+    assert (await stack.client.post(logs_url, json={"message": "first"})).status_code == 202
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "jetspool", "status", "echo", request_id, "--watch", "--logs",
+        env=_env(stack.url, PYTHONUNBUFFERED="1"), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert process.stdout is not None
+    assert process.stderr is not None
+    out: list[str] = []
+    try:
+        async with asyncio.timeout(30):
+            while not any(" first" in line for line in out):
+                out.append((await process.stdout.readline()).decode())
+            assert (await stack.client.post(logs_url, json={"message": "second"})).status_code == 202
+            while not any(" second" in line for line in out):
+                out.append((await process.stdout.readline()).decode())
+            stack.functions.release("/echo")
+            out += (await process.stdout.read()).decode().splitlines(keepends=True)
+            err = await process.stderr.read()
+            await process.wait()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+    assert process.returncode == 0, err
+    logged = [line.split(maxsplit=2)[2].strip() for line in out if line.startswith("  ")]
+    assert logged[:3] == ["attempt 1 of 10 started", "first", "second"]
+    assert logged[3:] in ([], ["completed, succeeded"]), "the worker's last line may come after COMPLETED"
+    statuses = [line.split()[1] for line in out if not line.startswith("  ")]
+    assert statuses[0] == "IN_PROGRESS"
+    assert statuses[-1] == "COMPLETED"
