@@ -81,6 +81,17 @@ async def test_the_callers_credentials_are_not_stored_in_the_queue(stack_without
     assert ("X-Custom", "a") in [(k.title(), v) for k, v in decode(stored.data or b"", QueuedRequest).headers]
 
 
+async def test_a_queued_query_reaches_the_function_byte_for_byte(stack: Stack) -> None:
+    """Escapes a URL parser would normalise stay as sent (`%3A` went out as `:`; found by a SPEC probe)."""
+    await stack.register("echo", path="/echo")
+    query = "e=%3A&x=a%2Fb&y=%7e&z=a+b&empty=&flag"
+    submitted = await stack.client.post(f"/async-function/echo?{query}", content=b"x")
+
+    assert (await stack.wait_for_status("echo", submitted.headers["x-call-id"]))["status"] == "COMPLETED"
+    [seen] = stack.functions.on("/echo")
+    assert seen.query == query
+
+
 async def test_a_queued_encoded_sub_path_reaches_the_function_as_it_was_sent(stack: Stack) -> None:
     await stack.register("echo", path="/echo")
     request_id = await stack.submit("echo", "a%1Fb/100%25", content=b"odd")

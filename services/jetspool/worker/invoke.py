@@ -10,9 +10,11 @@ import asyncio
 import io
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
+from urllib.parse import quote
 
 import aiohttp
+import yarl
 from opentelemetry.trace import SpanKind
 
 from jetspool import tracing
@@ -54,14 +56,12 @@ async def invoke(
     logs_url: str,
 ) -> FunctionAnswer:
     """One delivery of `request` to `function`; raises RetryableDelivery or PermanentDelivery."""
-    url = function.endpoint(request.path)
-    if request.query:
-        url = f"{url}?{request.query}"
+    url = _target(function, request)
     started = time.monotonic()
     with tracing.tracer.start_as_current_span(
         "jetspool.invoke",
         kind=SpanKind.CLIENT,
-        attributes={"http.request.method": request.method, "url.full": url, "jetspool.attempt": attempt},
+        attributes={"http.request.method": request.method, "url.full": str(url), "jetspool.attempt": attempt},
     ) as span:
         headers = [
             *((k, v) for k, v in forwardable(request.headers) if k.lower() not in tracing.TRACE_HEADERS),
@@ -87,6 +87,21 @@ _LARGE_BODY = 1 << 20
 """From this size aiohttp wants a file-like body, which it sends without holding up the event loop."""
 
 
+_QUERY_SAFE: Final = "".join(map(chr, range(0x21, 0x7F)))
+"""Every printable ASCII character: a query keeps them as they came; other bytes are percent-encoded."""
+
+
+def _target(function: Function, request: QueuedRequest) -> yarl.URL:
+    """Where `request` goes: the function's URL, its sub-path percent-encoded again (see
+    `Function.endpoint`) and the query exactly as the caller sent it. (Given the query to parse,
+    yarl normalises it: `%3A` went out as `:` and `%2F` as `/`.)"""
+    url = yarl.URL(function.endpoint(request.path))
+    if not request.query:
+        return url
+    query = quote(request.query, safe=_QUERY_SAFE, encoding="latin-1")  # bytes the request line cannot carry raw
+    return yarl.URL(f"{url}?{query}", encoded=True)
+
+
 def _payload(body: bytes) -> bytes | io.BytesIO | None:
     if not body:
         return None
@@ -105,7 +120,7 @@ async def _call(
     client: aiohttp.ClientSession,
     function: Function,
     method: str,
-    url: str,
+    url: yarl.URL,
     *,
     body: bytes,
     headers: list[tuple[str, str]],
