@@ -134,7 +134,7 @@ class Supervisor:
     def _wait_ready(self) -> None:
         """Wait for the gateway `up` started, asked where it listens (its public URL may be a proxy's)."""
         gateway = self._settings.gateway
-        scheme = "https" if gateway.tls_cert and gateway.tls_key else "http"
+        scheme = "https" if gateway.serves_https else "http"
         host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(gateway.host, gateway.host)  # noqa: S104 - a name, not a bind
         host = f"[{host}]" if ":" in host else host
         hint = "" if self._nats else f"; is NATS at {','.join(self._settings.nats.servers)} reachable?"
