@@ -1,4 +1,6 @@
-"""The client commands of the CLI when things are not as they should be: log lines for people."""
+"""The client commands of the CLI when things are not as they should be: log lines for people,
+answers no jetspool gateway sends. Each error ends as one line on stderr and the exit code
+SPEC §8 gives it, never a traceback."""
 
 from __future__ import annotations
 
@@ -8,10 +10,20 @@ import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from tests.support.servers import eventually_true
+import orjson
+import pytest
+
+from tests.support.servers import AsgiServer, RecordingApp, Reply, eventually_true
 
 if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
     from tests.support.stack import Stack
+
+REQUEST_ID = "00000000-0001-8d9c-93eb-94fad0e24a22"
+EXIT_USAGE = 2
+EXIT_NOT_FOUND = 3
+EXIT_UNREACHABLE = 5
 
 
 @dataclass(frozen=True)
@@ -35,6 +47,12 @@ async def _jetspool(*args: str, url: str | None, **env: str) -> Ran:
     out, err = await asyncio.wait_for(process.communicate(), 60)
     assert process.returncode is not None
     return Ran(process.returncode, out.decode(), err.decode())
+
+
+def _one_error_line(ran: Ran) -> str:
+    assert "Traceback" not in ran.err, ran.err
+    assert ran.err.count("\n") == 1, f"one line on stderr: {ran.err!r}"
+    return ran.err
 
 
 # --- status --logs --------------------------------------------------------------------------
@@ -110,3 +128,77 @@ async def test_status_watch_logs_prints_each_log_line_once(stack: Stack) -> None
     statuses = [line.split()[1] for line in out if not line.startswith("  ")]
     assert statuses[0] == "IN_PROGRESS"
     assert statuses[-1] == "COMPLETED"
+
+
+# --- answers no jetspool gateway sends --------------------------------------------------------
+
+
+@pytest.fixture
+async def stranger() -> AsyncIterator[tuple[RecordingApp, AsgiServer]]:
+    """Some other HTTP server, answering by script."""
+    app = RecordingApp()
+    server = AsgiServer(app)
+    await server.start()
+    yield app, server
+    await server.stop()
+
+
+_SSE = "text/event-stream"
+_QUEUE = "/queue/fn"
+_REQUEST = f"/queue/fn/requests/{REQUEST_ID}"
+
+
+@pytest.mark.parametrize(
+    ("args", "path", "reply", "code"),
+    [
+        (["submit", "fn"], _QUEUE, Reply(200, b'{"ok": true}'), EXIT_USAGE),
+        (["submit", "fn"], _QUEUE, Reply(200, b"<html>hello</html>", "text/html"), EXIT_USAGE),
+        (["submit", "fn"], _QUEUE, Reply(500, b"Internal\nServer Error", "text/plain"), EXIT_USAGE),
+        (["submit", "fn"], _QUEUE, Reply(404, b"<h1>Not Found</h1>", "text/html"), EXIT_USAGE),
+        (["submit", "fn"], _QUEUE, Reply(502, b"<h1>Bad Gateway</h1>", "text/html"), EXIT_UNREACHABLE),
+        (["submit", "fn", "--wait"], _QUEUE, Reply(200, b'{"request_id": 7}'), EXIT_USAGE),
+        (["status", "fn", REQUEST_ID], f"{_REQUEST}/status", Reply(200, b"[1, 2]"), EXIT_USAGE),
+        (["status", "fn", REQUEST_ID, "--watch"], f"{_REQUEST}/status/stream", Reply(200), EXIT_USAGE),
+        (["status", "fn", REQUEST_ID, "--watch"], f"{_REQUEST}/status/stream", Reply(404, b"no", "text/plain"),
+         EXIT_USAGE),
+        (["status", "fn", REQUEST_ID, "--watch"], f"{_REQUEST}/status/stream", Reply(200, b'data: {"a": 1}\n\n', _SSE),
+         EXIT_USAGE),
+        (["result", "fn", REQUEST_ID], _REQUEST, Reply(500, b"oops", "text/plain"), EXIT_USAGE),
+        (["cancel", "fn", REQUEST_ID], f"{_REQUEST}/cancel", Reply(400, b"bad", "text/plain"), EXIT_USAGE),
+        (["cancel", "fn", REQUEST_ID], f"{_REQUEST}/cancel", Reply(200, b"sure", "text/plain"), EXIT_USAGE),
+        (["functions", "list"], "/system/functions", Reply(200, b'{"functions": []}'), EXIT_USAGE),
+    ],
+)  # fmt: skip
+async def test_an_answer_no_jetspool_gateway_sends_is_one_line_naming_url_and_status(
+    stranger: tuple[RecordingApp, AsgiServer], args: list[str], path: str, reply: Reply, code: int
+) -> None:
+    app, server = stranger
+    app.script(path, [reply])
+
+    ran = await _jetspool(*args, url=server.url)
+
+    assert app.on(path), "the command asked the server"
+    assert ran.code == code, ran.err
+    error = _one_error_line(ran)
+    assert f"{server.url}{path}" in error
+    assert f"HTTP {reply.status}" in error
+    assert ran.out == ""
+
+
+async def test_an_unexpected_answer_is_a_json_error_with_json(stranger: tuple[RecordingApp, AsgiServer]) -> None:
+    app, server = stranger
+    app.script(_QUEUE, [Reply(200, b'{"ok": true}')])
+
+    ran = await _jetspool("submit", "fn", "--json", url=server.url)
+
+    assert ran.code == EXIT_USAGE
+    assert "HTTP 200" in orjson.loads(ran.out)["error"]
+
+
+async def test_status_watch_of_an_unknown_request_exits_3(stack: Stack) -> None:
+    await stack.register("echo")
+
+    ran = await _jetspool("status", "echo", REQUEST_ID, "--watch", url=stack.url)
+
+    assert ran.code == EXIT_NOT_FOUND
+    assert REQUEST_ID in _one_error_line(ran)

@@ -11,7 +11,9 @@
 
 Errors are exceptions: `RequestFailed` (and one subclass per SPEC §5 outcome, each with its
 `error_type`) when a request completed without success, `NotFound`, `Refused` (4xx),
-`Unauthorized`, `Unreachable`, and `WaitTimeout` when the client gave up waiting.
+`Unauthorized`, `Unreachable`, `BadAnswer` when the server answered what a jetspool gateway
+never sends (most likely the URL names some other server), and `WaitTimeout` when the client
+gave up waiting.
 """
 
 from __future__ import annotations
@@ -34,6 +36,10 @@ DEFAULT_URL: Final = "http://127.0.0.1:8080"
 _MAX_WAIT_S: Final = 600.0
 """The gateway's longest `?wait=`; longer waits are made of several."""
 _TIMEOUT_S: Final = 30.0
+_PROXY_UNAVAILABLE: Final = frozenset({502, 503, 504})
+"""Statuses a proxy or load balancer answers, in its own words, when the gateway behind it is down."""
+_QUOTED_CHARS: Final = 80
+_STATUS_FIELDS: Final = ("status", "request_id")
 
 
 # --- errors -------------------------------------------------------------------------------
@@ -49,7 +55,13 @@ class JetspoolError(Exception):
 
 
 class Unreachable(JetspoolError):
-    """The gateway could not be reached, or answered 5xx."""
+    """The gateway could not be reached, or answered 5xx (a proxy in front of it: 502, 503 or 504)."""
+
+
+class BadAnswer(JetspoolError):
+    """The server answered what a jetspool gateway never sends: not JSON where JSON is due, JSON
+    without the fields it must carry, an error without a jetspool error body, a status stream that
+    is not one. Its message names the URL and the HTTP status."""
 
 
 class Unauthorized(JetspoolError):
@@ -209,21 +221,113 @@ def _base_url(url: str | None) -> str:
 
 
 def _checked(response: httpx.Response) -> httpx.Response:
-    """`response` if 2xx, else the matching JetspoolError."""
+    """`response` if 2xx, else the matching JetspoolError (read a streamed response first)."""
     if response.is_success:
         return response
-    try:
-        detail = str(response.json().get("detail") or response.text)
-    except ValueError:
-        detail = response.text or response.reason_phrase
     code = response.status_code
+    detail = _error_detail(response)
+    if detail is None and code in _PROXY_UNAVAILABLE:
+        raise Unreachable(f"{_where(response)} answered HTTP {code}: {_quoted(response)}", code)
+    if detail is None:
+        raise _bad_answer(response, "not a jetspool error")
     if code in {401, 403}:
         raise Unauthorized(detail, code)
     if code == 404:  # noqa: PLR2004
         raise NotFound(detail, code)
     if code >= 500:  # noqa: PLR2004
-        raise Unreachable(detail, code)
+        raise Unreachable(f"{_where(response)} answered HTTP {code}: {detail}", code)
     raise Refused(detail, code)
+
+
+def _error_detail(response: httpx.Response) -> str | None:
+    """The `detail` of a jetspool error body (a JSON object with a string `detail`); None for any other body."""
+    body = _parsed(response.content)
+    detail = body.get("detail") if isinstance(body, dict) else None
+    return detail if isinstance(detail, str) else None
+
+
+def _parsed(content: bytes | str) -> Any:
+    """The JSON value of `content`; None when it is not JSON."""
+    try:
+        return orjson.loads(content)
+    except orjson.JSONDecodeError:
+        return None
+
+
+def _object(response: httpx.Response, *fields: str) -> dict[str, Any]:
+    """The JSON object of a 2xx answer, each of `fields` a string in it; else BadAnswer."""
+    body = _parsed(response.content)
+    if not _has(body, fields):
+        raise _bad_answer(response, f"not a JSON object with {', '.join(fields)}")
+    return dict(body)
+
+
+def _objects(response: httpx.Response, *fields: str) -> list[dict[str, Any]]:
+    """The JSON list of objects of a 2xx answer, each of `fields` a string in each; else BadAnswer."""
+    body = _parsed(response.content)
+    if not isinstance(body, list) or not all(_has(item, fields) for item in body):
+        raise _bad_answer(response, f"not a JSON list of objects with {', '.join(fields)}")
+    return [dict(item) for item in body]
+
+
+def _has(body: Any, fields: tuple[str, ...]) -> bool:
+    return isinstance(body, dict) and all(isinstance(body.get(name), str) for name in fields)
+
+
+def _event_status(response: httpx.Response, data: str) -> Status:
+    """The status object an SSE event carries; BadAnswer for anything else."""
+    body = _parsed(data)
+    if not _has(body, _STATUS_FIELDS):
+        raise _bad_answer(response, f"an event that is not a status object: {_clipped(data)}", quote=False)
+    return Status.of(body)
+
+
+def _event_stream(response: httpx.Response) -> None:
+    """BadAnswer unless `response` is a stream of Server-Sent Events."""
+    if not response.headers.get("content-type", "").startswith("text/event-stream"):
+        raise _bad_answer(response, "not a status stream (text/event-stream)", quote=False)
+
+
+def _cancel_requested(response: httpx.Response) -> bool:
+    """True for a cancellation requested, False for a request already completed (fal's 400)."""
+    if response.status_code == 400 and _has(_parsed(response.content), ("status",)):  # noqa: PLR2004
+        return False
+    _object(_checked(response), "status")
+    return True
+
+
+def _bad_answer(response: httpx.Response, what: str, *, quote: bool = True) -> BadAnswer:
+    """`response` is not what a jetspool gateway sends: `what` is wrong with it."""
+    shown = f"{what}: {_quoted(response)}" if quote else what
+    return BadAnswer(
+        f"{_where(response)} answered HTTP {response.status_code} ({_content_type(response)}), {shown}; "
+        "is it a jetspool gateway?",
+        response.status_code,
+    )
+
+
+def _where(response: httpx.Response) -> str:
+    """The request's method and URL, without any user name or password the URL carried."""
+    url = response.request.url
+    return f"{response.request.method} {url.scheme}://{url.netloc.decode('ascii')}{url.raw_path.decode('ascii')}"
+
+
+def _content_type(response: httpx.Response) -> str:
+    return response.headers.get("content-type") or "no content type"
+
+
+def _quoted(response: httpx.Response) -> str:
+    """The start of the body on one line, or what stands for it."""
+    if not response.is_stream_consumed and not response.is_closed:
+        return "(a stream)"
+    return _clipped(response.text) if response.content.strip() else "(no body)"
+
+
+def _clipped(text: str) -> str:
+    """`text` on one line, control characters escaped, cut to its first _QUOTED_CHARS characters."""
+    flat = " ".join(text.split())
+    shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in flat[:_QUOTED_CHARS])
+    return repr(shown + ("…" if len(flat) > _QUOTED_CHARS else ""))
 
 
 def _result(response: httpx.Response, request_id: str) -> Result | None:
@@ -238,8 +342,8 @@ def _result(response: httpx.Response, request_id: str) -> Result | None:
             detail = f"the function answered {response.status_code}"
         raise failure(detail, response.status_code, request_id, result if error_type == "function_error" else None)
     if response.status_code == 400 and response.headers.get("content-type", "").startswith("application/json"):  # noqa: PLR2004
-        body = response.json()
-        if body.get("status") in {"IN_QUEUE", "IN_PROGRESS"}:
+        body = _parsed(response.content)
+        if isinstance(body, dict) and body.get("status") in {"IN_QUEUE", "IN_PROGRESS"}:
             return None
     _checked(response)
     return result
@@ -285,10 +389,12 @@ class Client:
         """The status objects of an SSE stream at `url`, until it ends (WaitTimeout: none for `idle_s` s)."""
         try:
             with connect_sse(self._http, "GET", url, params=params, timeout=_stream_timeout(idle_s)) as source:
-                _checked(source.response)
+                if not source.response.is_success:
+                    source.response.read()
+                _event_stream(_checked(source.response))
                 for event in source.iter_sse():
                     if event.data:
-                        yield Status.of(orjson.loads(event.data))
+                        yield _event_status(source.response, event.data)
         except httpx.ReadTimeout as exc:
             raise WaitTimeout(f"no status change within {idle_s:g} s") from exc
         except httpx.TransportError as exc:
@@ -300,7 +406,7 @@ class Client:
         response = _checked(
             self.send("POST", sent.path, content=sent.content, headers=sent.headers, params=sent.params)
         )
-        return Handle(self, name, response.json()["request_id"])
+        return Handle(self, name, _object(response, "request_id")["request_id"])
 
     def handle(self, name: str, request_id: str) -> Handle:
         return Handle(self, name, request_id)
@@ -310,15 +416,11 @@ class Client:
         return self.submit(name, **options).result(timeout=client_timeout)
 
     def functions(self) -> list[dict[str, Any]]:
-        listed: list[dict[str, Any]] = _checked(self.send("GET", "/system/functions")).json()
-        return listed
+        return _objects(_checked(self.send("GET", "/system/functions")), "name", "url")
 
     def deploy(self, function: dict[str, Any]) -> dict[str, Any]:
         """Create or replace a function (a registry entry: name, url, ...)."""
-        deployed: dict[str, Any] = _checked(
-            self.send("PUT", f"/system/functions/{function['name']}", json=function)
-        ).json()
-        return deployed
+        return _object(_checked(self.send("PUT", f"/system/functions/{function['name']}", json=function)), "name")
 
     def remove(self, name: str) -> None:
         _checked(self.send("DELETE", f"/system/functions/{name}"))
@@ -336,7 +438,7 @@ class Handle:
 
     def status(self, *, logs: bool = False) -> Status:
         response = self.client.send("GET", f"{self._prefix}/status", params={"logs": "1" if logs else "0"})
-        return Status.of(_checked(response).json())
+        return Status.of(_object(_checked(response), *_STATUS_FIELDS))
 
     def iter_events(self, *, logs: bool = False, timeout: float | None = None) -> Iterator[Status]:
         """The status at once, then each change, until COMPLETED (the gateway's SSE stream);
@@ -360,10 +462,7 @@ class Handle:
     def cancel(self) -> bool:
         """Ask for cancellation; True when requested, False when it had already completed."""
         response = self.client.send("PUT", f"{self._prefix}/cancel")
-        if response.status_code == 400:  # noqa: PLR2004
-            return False
-        _checked(response)
-        return True
+        return _cancel_requested(response)
 
 
 # --- async --------------------------------------------------------------------------------
@@ -394,10 +493,12 @@ class AsyncClient:
         """The status objects of an SSE stream at `url`, until it ends (WaitTimeout: none for `idle_s` s)."""
         try:
             async with aconnect_sse(self._http, "GET", url, params=params, timeout=_stream_timeout(idle_s)) as source:
-                _checked(source.response)
+                if not source.response.is_success:
+                    await source.response.aread()
+                _event_stream(_checked(source.response))
                 async for event in source.aiter_sse():
                     if event.data:
-                        yield Status.of(orjson.loads(event.data))
+                        yield _event_status(source.response, event.data)
         except httpx.ReadTimeout as exc:
             raise WaitTimeout(f"no status change within {idle_s:g} s") from exc
         except httpx.TransportError as exc:
@@ -406,7 +507,7 @@ class AsyncClient:
     async def submit(self, name: str, **options: Any) -> AsyncHandle:
         sent = submission(name, **options)
         response = await self.send("POST", sent.path, content=sent.content, headers=sent.headers, params=sent.params)
-        return AsyncHandle(self, name, _checked(response).json()["request_id"])
+        return AsyncHandle(self, name, _object(_checked(response), "request_id")["request_id"])
 
     def handle(self, name: str, request_id: str) -> AsyncHandle:
         return AsyncHandle(self, name, request_id)
@@ -415,13 +516,11 @@ class AsyncClient:
         return await (await self.submit(name, **options)).result(timeout=client_timeout)
 
     async def functions(self) -> list[dict[str, Any]]:
-        listed: list[dict[str, Any]] = _checked(await self.send("GET", "/system/functions")).json()
-        return listed
+        return _objects(_checked(await self.send("GET", "/system/functions")), "name", "url")
 
     async def deploy(self, function: dict[str, Any]) -> dict[str, Any]:
         response = await self.send("PUT", f"/system/functions/{function['name']}", json=function)
-        deployed: dict[str, Any] = _checked(response).json()
-        return deployed
+        return _object(_checked(response), "name")
 
     async def remove(self, name: str) -> None:
         _checked(await self.send("DELETE", f"/system/functions/{name}"))
@@ -439,7 +538,7 @@ class AsyncHandle:
 
     async def status(self, *, logs: bool = False) -> Status:
         response = await self.client.send("GET", f"{self._prefix}/status", params={"logs": "1" if logs else "0"})
-        return Status.of(_checked(response).json())
+        return Status.of(_object(_checked(response), *_STATUS_FIELDS))
 
     def iter_events(self, *, logs: bool = False, timeout: float | None = None) -> AsyncIterator[Status]:
         """The status at once, then each change, until COMPLETED (the gateway's SSE stream);
@@ -462,7 +561,4 @@ class AsyncHandle:
 
     async def cancel(self) -> bool:
         response = await self.client.send("PUT", f"{self._prefix}/cancel")
-        if response.status_code == 400:  # noqa: PLR2004
-            return False
-        _checked(response)
-        return True
+        return _cancel_requested(response)

@@ -7,7 +7,12 @@ stdout carries only the answer. `status --logs` prints the request's log lines, 
 
 Exit codes: 0 done; 1 the request completed with an error or was cancelled (or was already
 completed, for `cancel`); 2 usage, configuration or a refused call; 3 not found; 4 gave up
-waiting; 5 gateway unreachable.
+waiting; 5 gateway unreachable: no connection, a 5xx error from the gateway, or a 502, 503
+or 504 from a proxy in front of it. An answer no jetspool gateway sends (not JSON where JSON
+is due, JSON without the fields it must carry, an error without a jetspool error body: most
+likely the URL names some other server) exits 2, as a configuration error: the gateway URL is
+wrong, and trying again will not help. Each error is one line on stderr; for an answer, it
+names the URL and the HTTP status.
 """
 
 from __future__ import annotations
