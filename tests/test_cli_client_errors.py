@@ -1,6 +1,6 @@
 """The client commands of the CLI when things are not as they should be: log lines for people,
-answers no jetspool gateway sends. Each error ends as one line on stderr and the exit code
-SPEC §8 gives it, never a traceback."""
+answers no jetspool gateway sends, a bad URL, a missing config file, a negative timeout. Each
+ends as one line on stderr and the exit code SPEC §8 gives it, never a traceback."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from tests.support.servers import AsgiServer, RecordingApp, Reply, eventually_tr
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
+    from pathlib import Path
 
     from tests.support.stack import Stack
 
@@ -202,3 +203,59 @@ async def test_status_watch_of_an_unknown_request_exits_3(stack: Stack) -> None:
 
     assert ran.code == EXIT_NOT_FOUND
     assert REQUEST_ID in _one_error_line(ran)
+
+
+# --- usage ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("url", ["notaurl", "ftp://example.com", "http://", "http://[::1"])
+async def test_a_url_that_is_not_a_gateway_url_is_a_usage_error(url: str) -> None:
+    flag = await _jetspool("submit", "fn", "--url", url, url=None)
+    env = await _jetspool("status", "fn", REQUEST_ID, url=url)
+
+    assert (flag.code, env.code) == (EXIT_USAGE, EXIT_USAGE)
+    assert "--url" in _one_error_line(flag)
+    assert "JETSPOOL_URL" in _one_error_line(env)
+
+
+async def test_a_missing_or_unreadable_config_file_is_a_config_error_even_with_a_url(tmp_path: Path) -> None:
+    missing = str(tmp_path / "missing.yaml")
+    nowhere = "http://127.0.0.1:9"  # never asked: the config is read first
+
+    with_env_url = await _jetspool("submit", "fn", "--config", missing, url=nowhere)
+    with_flag_url = await _jetspool("status", "fn", REQUEST_ID, "--config", missing, "--url", nowhere, url=None)
+    without_url = await _jetspool("submit", "fn", "--config", missing, url=None)
+    a_directory = await _jetspool("submit", "fn", "--config", str(tmp_path), url=nowhere)
+    from_env = await _jetspool("submit", "fn", url=nowhere, JETSPOOL_CONFIG=missing)
+
+    for ran in (with_env_url, with_flag_url, without_url, a_directory, from_env):
+        assert ran.code == EXIT_USAGE, ran
+        assert "config file" in _one_error_line(ran)
+    assert "No such file" in with_env_url.err
+
+
+async def test_a_readable_config_file_goes_with_a_url_given(stack: Stack, tmp_path: Path) -> None:
+    await stack.register("echo")
+    config = tmp_path / "jetspool.yaml"
+    config.write_text("gateway:\n  public_url: http://127.0.0.1:9\n", encoding="utf-8")
+
+    ran = await _jetspool("submit", "echo", "--config", str(config), "--json", url=stack.url)
+
+    assert ran.code == 0, ran.err
+    assert "request_id" in orjson.loads(ran.out)
+
+
+@pytest.mark.parametrize("seconds", ["-1", "-0.5", "nan", "inf", "soon"])
+async def test_submit_timeout_must_be_zero_or_more_seconds(seconds: str) -> None:
+    ran = await _jetspool("submit", "fn", "--wait", "--timeout", seconds, url="http://127.0.0.1:9")
+
+    assert ran.code == EXIT_USAGE
+    assert "--timeout" in ran.err
+    assert "Traceback" not in ran.err
+
+
+async def test_submit_help_says_timeout_goes_with_wait() -> None:
+    ran = await _jetspool("submit", "--help", url=None)
+
+    assert ran.code == 0
+    assert "with --wait (ignored without)" in " ".join(ran.out.split())

@@ -17,12 +17,15 @@ names the URL and the HTTP status.
 
 from __future__ import annotations
 
+import argparse
+import math
 import os
 import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TextIO
 
+import httpx
 import orjson
 import yaml
 
@@ -41,8 +44,9 @@ from jetspool.domain.errors import ConfigError
 from jetspool.settings import load
 
 if TYPE_CHECKING:
-    import argparse
     from collections.abc import Callable, Iterable
+
+    from jetspool.settings import Settings
 
 EXIT_OK: Final = 0
 EXIT_FAILED: Final = 1
@@ -61,7 +65,9 @@ def add_client_commands(commands: Any) -> None:
     submit.add_argument("--path", default="", help="sub-path below the function's URL")
     submit.add_argument("--priority", choices=["high", "normal", "low"])
     submit.add_argument("--wait", action="store_true", help="follow the request and print its result")
-    submit.add_argument("--timeout", type=float, help="with --wait: give up after S seconds (exit 4)")
+    submit.add_argument(
+        "--timeout", type=_seconds, metavar="S", help="with --wait (ignored without): give up after S seconds (exit 4)"
+    )
     _client_options(submit)
 
     status = commands.add_parser("status", help="show a request's status (--watch: follow it)")
@@ -95,11 +101,50 @@ def _client_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")
 
 
+def _seconds(text: str) -> float:
+    """A number of seconds, zero or more (argparse: exit 2 for anything else)."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(seconds) or seconds < 0:
+        raise argparse.ArgumentTypeError(f"must be zero or more seconds, got {text!r}")
+    return seconds
+
+
+def _gateway_url(args: argparse.Namespace) -> str:
+    """The gateway URL: --url, else JETSPOOL_URL, else the config's `gateway.public_url`. A config
+    file named (--config, JETSPOOL_CONFIG) is read even when a URL is given: a missing or broken
+    one is an error either way. ConfigError for a URL that is not http(s)://HOST."""
+    config = args.config or os.environ.get("JETSPOOL_CONFIG") or None
+    settings = None if config is None else _settings(config)
+    url: str
+    if args.url:
+        url, source = args.url, "--url"
+    elif os.environ.get("JETSPOOL_URL"):
+        url, source = os.environ["JETSPOOL_URL"], "JETSPOOL_URL"
+    else:
+        url, source = (settings or _settings(None)).gateway.base_url, "gateway.public_url"
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        raise ConfigError(f"{source} {url!r} is not a URL: {exc}") from exc
+    if parsed.scheme not in {"http", "https"} or not parsed.host:
+        raise ConfigError(f"{source} {url!r} is not a gateway URL: http://HOST[:PORT] or https://HOST[:PORT]")
+    return url
+
+
+def _settings(config: str | None) -> Settings:
+    try:
+        return load(config)
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {config}: not UTF-8 text ({exc.reason})") from exc
+
+
 def run_client_command(args: argparse.Namespace) -> int:
-    url = args.url or os.environ.get("JETSPOOL_URL") or load(args.config).gateway.base_url
     out = Output(args.json)
     try:
-        with Client(url, api_key=args.api_key) as client:
+        with Client(_gateway_url(args), api_key=args.api_key) as client:
             return _COMMANDS[args.command](client, args, out)
     except RequestFailed as exc:
         out.failed(exc)
