@@ -163,6 +163,7 @@ def test_a_bad_config_file_stops_with_the_key_and_exit_code_2(tmp_path: Path) ->
         (["gateway", "--nats-url", "nats://127.0.0.1:1"], {"JETSPOOL_GATEWAY__PORT": "eighty"}, "gateway.port"),
         (["up", "--workers", "0"], {}, "--workers"),
         (["worker", "--nats-url", "nats://127.0.0.1:1"], {}, "nats.accept_single_replica"),
+        (["up", "--nats-url", "nats://127.0.0.1:1", "--port", "1"], {}, "nats.accept_single_replica"),
     ],
 )
 def test_bad_settings_from_flags_or_environment_exit_2_naming_them(
