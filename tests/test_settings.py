@@ -10,7 +10,7 @@ import pytest
 
 from jetspool.domain.errors import ConfigError, DecodeError
 from jetspool.domain.functions import Function, decode_function, is_valid_name
-from jetspool.settings import load, validate
+from jetspool.settings import check_tls_files, load, validate
 from tests.support.processes import JetspoolProcess
 from tests.support.servers import free_port
 from tests.support.tls import self_signed
@@ -465,15 +465,16 @@ def test_missing_tls_file_is_refused_naming_the_key_and_the_path(
 ) -> None:
     cert, pem_key = pem_files
     absent = tmp_path / "absent.pem"
-    gateway = {"tls_cert": str(cert), "tls_key": str(pem_key), key: str(absent)}
+    gateway = validate({"gateway": {"tls_cert": str(cert), "tls_key": str(pem_key), key: str(absent)}}).gateway
     with pytest.raises(ConfigError, match=rf"^gateway\.{key}: cannot read {re.escape(str(absent))}"):
-        validate({"gateway": gateway})
+        check_tls_files(gateway)
 
 
 def test_tls_file_that_cannot_be_read_is_refused_naming_the_key(pem_files: tuple[Path, Path], tmp_path: Path) -> None:
     cert, _ = pem_files
+    gateway = validate({"gateway": {"tls_cert": str(cert), "tls_key": str(tmp_path)}}).gateway  # a directory
     with pytest.raises(ConfigError, match=r"^gateway\.tls_key: cannot read"):
-        validate({"gateway": {"tls_cert": str(cert), "tls_key": str(tmp_path)}})  # a directory
+        check_tls_files(gateway)
 
 
 def test_tls_files_from_the_environment_are_checked(pem_files: tuple[Path, Path]) -> None:
@@ -599,14 +600,20 @@ def test_missing_config_file_named_by_jetspool_config_is_refused(tmp_path: Path)
 # --- every command stops on a bad setting before it starts anything ------------------------
 
 
-@pytest.mark.parametrize("command", ["up", "gateway", "worker"])
 @pytest.mark.parametrize(
-    ("gateway", "named"),
+    ("command", "gateway", "named"),
     [
-        ("  tls_cert: {cert}\n", "gateway.tls_key"),
-        ("  tls_key: {key}\n", "gateway.tls_cert"),
-        ("  tls_cert: {absent}\n  tls_key: {key}\n", "gateway.tls_cert"),
-        ('  public_url: "not a url"\n', "gateway.public_url"),
+        *(
+            (command, gateway, named)
+            for command in ("up", "gateway", "worker")
+            for gateway, named in [
+                ("  tls_cert: {cert}\n", "gateway.tls_key"),
+                ("  tls_key: {key}\n", "gateway.tls_cert"),
+                ('  public_url: "not a url"\n', "gateway.public_url"),
+            ]
+        ),
+        ("up", "  tls_cert: {absent}\n  tls_key: {key}\n", "gateway.tls_cert"),
+        ("gateway", "  tls_cert: {absent}\n  tls_key: {key}\n", "gateway.tls_cert"),
     ],
 )
 def test_every_command_stops_with_exit_2_naming_a_bad_gateway_setting(
@@ -628,6 +635,24 @@ def test_every_command_stops_with_exit_2_naming_a_bad_gateway_setting(
     assert named in proc.output
     assert "Traceback" not in proc.output
     assert not data_dir.exists()  # `up` started no NATS server
+
+
+def test_a_worker_does_not_need_the_gateways_tls_files(pem_files: tuple[Path, Path], tmp_path: Path) -> None:
+    """Workers may share the config file on machines without the gateway's key: it gets past its
+    settings (to waiting for NATS) with the files absent."""
+    _, key = pem_files
+    config = _config(tmp_path, f"gateway:\n  tls_cert: {tmp_path / 'absent.pem'}\n  tls_key: {key}\n")
+    env = {"JETSPOOL_CONFIG": "", "JETSPOOL_NATS__ACCEPT_SINGLE_REPLICA": "true"}
+    args = ["worker", "--config", str(config), "--nats-url", f"nats://127.0.0.1:{free_port()}"]
+    proc = JetspoolProcess(args, env=env)
+    try:
+        proc.wait_for_text("Connection refused", 30)
+        code = proc.terminate(10)
+    finally:
+        proc.kill_tree()
+
+    assert code == 0
+    assert "tls_cert" not in proc.output
 
 
 # --- functions -----------------------------------------------------------------------------

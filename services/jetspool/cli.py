@@ -20,7 +20,7 @@ from jetspool import __version__, logfmt
 from jetspool.aio import stop_task
 from jetspool.commands import CLIENT_COMMANDS, add_client_commands, run_client_command
 from jetspool.domain.errors import ConfigError
-from jetspool.settings import Settings, load
+from jetspool.settings import Settings, check_tls_files, load
 
 if TYPE_CHECKING:
     from collections.abc import Coroutine
@@ -114,10 +114,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         return run_up(settings, UpOptions(args.config, args.data_dir, args.workers, args.demo))
     from jetspool.jetstream.startup import check_durability  # noqa: PLC0415
 
-    check_durability(settings)
     if args.command == "gateway":
-        return _serve_gateway(settings)
-    return _run_worker(settings)
+        check_tls_files(settings.gateway)  # what serves the gateway needs its key; a worker does not
+    check_durability(settings)
+    return _serve_gateway(settings) if args.command == "gateway" else _run_worker(settings)
 
 
 def _serve_gateway(settings: Settings) -> int:

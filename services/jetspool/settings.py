@@ -238,13 +238,23 @@ def _is_base_url(url: str) -> bool:
 
 
 def _check_tls(gateway: GatewaySettings) -> None:
-    """HTTPS needs both PEM files (SPEC §9), and both readable: neither alone, nor a missing file."""
-    files = {"gateway.tls_cert": gateway.tls_cert, "gateway.tls_key": gateway.tls_key}
+    """HTTPS needs both PEM files (SPEC §9): neither alone."""
+    files = _tls_files(gateway)
     given = [key for key, path in files.items() if path is not None]
     if len(given) == 1:
         (missing,) = files.keys() - set(given)
         raise ConfigError(f"{missing}: required with {given[0]} (the gateway serves HTTPS when both are set)")
-    for key, path in files.items():
+
+
+def _tls_files(gateway: GatewaySettings) -> dict[str, str | None]:
+    return {"gateway.tls_cert": gateway.tls_cert, "gateway.tls_key": gateway.tls_key}
+
+
+def check_tls_files(gateway: GatewaySettings) -> None:
+    """ConfigError naming the key unless the gateway's PEM files can be read: checked by what
+    serves the gateway (`gateway`, `up`) before it starts. Not by `validate`: workers and client
+    commands may share the config file on machines that do not hold the gateway's key."""
+    for key, path in _tls_files(gateway).items():
         if path is None:
             continue
         try:

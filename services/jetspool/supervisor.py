@@ -26,7 +26,7 @@ import msgspec
 from jetspool.domain.errors import ConfigError
 from jetspool.embedded import EmbeddedNats, die_with_parent
 from jetspool.jetstream.startup import check_durability, open_jetstream
-from jetspool.settings import load
+from jetspool.settings import check_tls_files, load
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -213,5 +213,6 @@ def run_up(settings: Settings, options: UpOptions) -> int:
     # value those flags override here would still stop a worker.
     load(options.config, flags={"nats.url": None})
     check_durability(settings)
+    check_tls_files(settings.gateway)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     return Supervisor(settings, options).run()
