@@ -178,11 +178,12 @@ async def test_a_request_completed_before_any_worker_took_it_is_not_called(stack
     assert (await stack.status("echo", request_id))["error_type"] == "cancelled"
 
 
-async def test_a_first_delivery_finding_its_request_started_is_handed_back_not_dropped(
+async def test_a_first_delivery_finding_its_request_started_is_left_for_a_redelivery_not_dropped(
     stack_without_worker: Stack,
 ) -> None:
     """The create of a first delivery fails on a record that another attempt moved on: the message
-    goes back to the queue, and its redelivery reads the record and runs the next attempt."""
+    is left alone (that attempt's worker may still hold it), and its redelivery after the ack wait
+    reads the record and runs the next attempt."""
     stack = stack_without_worker
     request_id, seq, _ = await _queue_one(stack)
     waiting = StatusRecord(request_id=request_id, function="echo", submitted_at=utcnow(), queue_seq=seq)

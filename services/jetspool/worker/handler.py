@@ -14,7 +14,7 @@ import asyncio
 import logging
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 import aiohttp
@@ -54,7 +54,8 @@ log = logging.getLogger(__name__)
 class Settle:
     """How a queue message is acknowledged once handled."""
 
-    verb: Literal["ack", "nak", "term"]
+    verb: Literal["ack", "nak", "term", "leave"]
+    """`leave`: send nothing (see `RequestHandler._superseded`)."""
     delay_s: float | None = None
 
 
@@ -71,6 +72,8 @@ class _Call:
     logs_url: str = ""
     record: Versioned | None = None
     """The status record as this worker last wrote it: the next write builds on it without a re-read."""
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set once this delivery's handling of the request is over."""
 
 
 _CANCELLED_RUNNING = "cancelled while running"
@@ -82,6 +85,7 @@ _SPARE_DELIVERIES = 20
 _CANCEL_TIMEOUT_S = 10.0
 ACK = Settle("ack")
 TERM = Settle("term")
+LEAVE = Settle("leave")
 
 
 def _is_current_run(msg: Msg, request: QueuedRequest, record: StatusRecord) -> bool:
@@ -114,7 +118,7 @@ async def settle(msg: Msg, decision: Settle) -> None:
         await msg.ack()
     elif decision.verb == "nak":
         await msg.nak(delay=decision.delay_s)
-    else:
+    elif decision.verb == "term":
         await msg.term()
 
 
@@ -165,6 +169,12 @@ class RequestHandler:
         if function is None:
             log.warning("request %s: function %s is not registered; waiting", request.request_id, request.function)
             return Settle("nak", self._worker.poll_interval)
+        running = self._running.get(request.request_id)
+        if running is not None:
+            # This worker runs the request already, from an earlier delivery of this same message:
+            # JetStream redelivered it because NATS was away longer than the ack wait. No second
+            # call beside the first; once the first is over, this delivery reads where it stands.
+            await running.done.wait()
         current = _unrecorded(msg, request) or await self._current(msg, request)
         if current is None or not _is_current_run(msg, request, current.record):
             return self._not_current(msg, request, current)
@@ -196,12 +206,7 @@ class RequestHandler:
 
     async def _run(self, msg: Msg, request: QueuedRequest, function: Function, current: Versioned) -> Settle:
         if current.record.is_completed:  # a crash may have come between completion and what follows it
-            if current.record.error_type is not None:
-                await self._s.retention.keep_for_retry(request, function.result_ttl)
-            await self._s.events.publish(current.record)
-            await count_outcome(self._s.conn, current.record)
-            await self._s.callbacks.emit(current.record)
-            return ACK
+            return await self._completed(request, function, current.record)
         per_run = 1 if request.no_retry else function.max_attempts
         allowed = current.record.attempt_base + per_run
         attempt = current.record.attempts + 1
@@ -223,7 +228,7 @@ class RequestHandler:
                 current, lambda r: r.started(attempt, utcnow()) if r.attempts == seen else None
             )
             if started is None:
-                return await self._not_started(request)
+                return await self._superseded(request, function)
             call.record = started
             await self._s.events.publish(started.record)
             await self._s.logs.write(request.request_id, f"attempt {attempt} of {allowed} started")
@@ -231,14 +236,32 @@ class RequestHandler:
             return await self._attempt(msg, request, function, call=call, attempt=attempt, allowed=allowed)
         finally:
             self._running.pop(request.request_id, None)
+            call.done.set()
 
-    async def _not_started(self, request: QueuedRequest) -> Settle:
-        """The start was declined: done with a request completed meanwhile (e.g. cancelled); a
-        request another delivery moved on is left to a redelivery, which reads where it stands."""
+    async def _completed(self, request: QueuedRequest, function: Function, record: StatusRecord) -> Settle:
+        """Done with a completed request, after repeating what follows a completion (each step
+        carries a message id or is idempotent: a crash may have come between them)."""
+        if record.error_type is not None:
+            await self._s.retention.keep_for_retry(request, function.result_ttl)
+        await self._s.events.publish(record)
+        await count_outcome(self._s.conn, record)
+        await self._s.callbacks.emit(record)
+        return ACK
+
+    async def _superseded(self, request: QueuedRequest, function: Function) -> Settle:
+        """This delivery's attempt did not take, or no longer counts: another attempt moved the
+        record on. Done with a request completed meanwhile. Otherwise another delivery of the
+        message owns the request, and this one is left alone: nats-server takes an ack or nak sent
+        for an earlier delivery as one for the message, so an ack would delete the message under
+        the attempt that holds it (lost, should that worker crash), and a nak would redeliver it
+        beside that attempt. Left alone, it comes back after the ack wait only if no one settles it."""
         latest = await self._s.status.get(request.request_id)
-        if latest is None or latest.record.is_completed:
+        if latest is None:
             return ACK
-        return Settle("nak", self._worker.poll_interval)
+        if latest.record.is_completed:
+            return await self._completed(request, function, latest.record)
+        log.info("request %s: another attempt owns it; leaving this delivery alone", request.request_id)
+        return LEAVE
 
     async def _attempt(
         self, msg: Msg, request: QueuedRequest, function: Function, *, call: _Call, attempt: int, allowed: int
@@ -256,12 +279,13 @@ class RequestHandler:
                     request.request_id, f"attempt {attempt}: {reason}; retrying in {delay:.1f} s", level="WARN"
                 )
                 requeued = await self._update(request, attempt, lambda r: r.requeued(reason), call.record)
-                if requeued is not None:
-                    await self._s.events.publish(requeued.record)
-                    await count(self._s.conn, request.function, "retried")
+                if requeued is None:
+                    return await self._superseded(request, function)
+                await self._s.events.publish(requeued.record)
+                await count(self._s.conn, request.function, "retried")
                 return Settle("nak", delay)
             gave_up = f"gave up after {attempt} attempts: {exc}"
-            await self._complete(
+            recorded = await self._complete(
                 request,
                 function,
                 None,
@@ -273,12 +297,12 @@ class RequestHandler:
             )
         except PermanentDelivery as exc:
             failure, ran_s = ErrorType(exc.error_type), time.monotonic() - began
-            await self._complete(
+            recorded = await self._complete(
                 request, function, None, failure, str(exc), attempt=attempt, current=call.record, ran_s=ran_s
             )
         except Aborted:
             ran_s = time.monotonic() - began
-            await self._complete(
+            recorded = await self._complete(
                 request,
                 function,
                 None,
@@ -292,8 +316,10 @@ class RequestHandler:
         else:
             error_type = None if 200 <= answer.status_code < 300 else ErrorType.FUNCTION_ERROR  # noqa: PLR2004
             error = None if error_type is None else f"function answered {answer.status_code}"
-            await self._complete(request, function, answer, error_type, error, attempt=attempt, current=call.record)
-        return ACK
+            recorded = await self._complete(
+                request, function, answer, error_type, error, attempt=attempt, current=call.record
+            )
+        return ACK if recorded else await self._superseded(request, function)
 
     async def _invoke(self, function: Function, request: QueuedRequest, call: _Call, attempt: int) -> FunctionAnswer:
         """Invoke the function; a cancel signal aborts the call (`Aborted`)."""
@@ -372,8 +398,9 @@ class RequestHandler:
         attempt: int | None = None,
         current: Versioned | None = None,
         ran_s: float | None = None,
-    ) -> None:
-        """Record the final outcome of `attempt` (None: of no attempt): result, then status, then callbacks.
+    ) -> bool:
+        """Record the final outcome of `attempt` (None: of no attempt): result, then status, then
+        callbacks. False when it was not recorded: the request completed, or a newer attempt owns it.
 
         The result is stored under its attempt, and the status only completes while that attempt
         is still the latest: a stale worker's late answer can never replace a newer outcome. A
@@ -408,7 +435,7 @@ class RequestHandler:
                 request.request_id,
                 attempt,
             )
-            return
+            return False
         outcome = "succeeded" if error_type is None else f"failed: {error}"
         await self._s.logs.write(
             request.request_id, f"completed, {outcome}", level="INFO" if error_type is None else "ERROR"
@@ -421,6 +448,7 @@ class RequestHandler:
         if error_type is None:
             pending.append(self._s.retention.release_body(request))
         await asyncio.gather(*pending)
+        return True
 
     async def _update(
         self,

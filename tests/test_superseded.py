@@ -1,0 +1,98 @@
+"""A delivery whose attempt another delivery of the same message superseded (a worker paused past
+the ack wait, a NATS outage longer than it) must not settle the message: nats-server takes an ack
+or nak sent for an earlier delivery as one for the message. Found by a fault probe from outside:
+the stale ack deleted the message under the attempt that held it, and when that worker then
+crashed the request stayed IN_PROGRESS for ever."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from typing import TYPE_CHECKING
+
+import nats
+import yaml
+
+from jetspool.domain import names
+from jetspool.embedded import EmbeddedNats
+from tests.support.processes import start_part
+from tests.support.servers import eventually_true, free_port
+from tests.support.stack import start_stack
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+_ACK_WAIT_S = 1.0
+_SETTINGS = {"worker": {"ack_wait": _ACK_WAIT_S, "poll_interval": 0.2}}
+
+
+async def test_a_superseded_attempt_leaves_the_message_to_the_attempt_that_owns_it(
+    nats_server: EmbeddedNats, tmp_path: Path
+) -> None:
+    stack = await start_stack(nats_server, worker=False, overrides=_SETTINGS)
+    config = tmp_path / "worker.yaml"
+    config.write_text(yaml.safe_dump(_SETTINGS), encoding="utf-8")
+    first = start_part("worker", config, nats_server.url)
+    second = None
+    try:
+        await asyncio.to_thread(first.wait_for_text, "worker ready", 60)
+        await stack.register("echo")
+        stack.functions.hold("/echo")
+        request_id = await stack.submit("echo", content=b"x")
+        await stack.functions.wait_for("/echo", 1)  # attempt 1, on the first worker
+
+        os.kill(first.process.pid, signal.SIGSTOP)  # its in-progress acks stop
+        second = start_part("worker", config, nats_server.url)
+        await stack.functions.wait_for("/echo", 2, timeout_s=30)  # redelivered: attempt 2, on the second
+        os.kill(first.process.pid, signal.SIGCONT)
+        stack.functions.release("/echo")  # attempt 1 answers; its outcome no longer counts
+        await asyncio.to_thread(first.wait_for_text, "outcome of attempt 1 dropped", 30)
+
+        second.process.kill()  # the worker that owns the request dies mid-call
+        stack.functions.release("/echo", 2)  # the dead worker's call, and the next attempt
+        final = await stack.wait_for_status("echo", request_id, timeout_s=30)
+    finally:
+        for worker in (first, second):
+            if worker is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(worker.process.pid, signal.SIGCONT)
+                worker.kill_tree()
+        await stack.close()
+
+    assert (final["status"], final["attempts"]) == ("COMPLETED", 3), "the message outlived the stale attempt"
+    assert "error_type" not in final
+
+
+async def test_a_redelivery_of_a_request_this_worker_runs_waits_for_that_call(tmp_path: Path) -> None:
+    """NATS away longer than the ack wait redelivers the message to the worker still running its
+    call; it used to start a second call beside the first."""
+    nats_server = EmbeddedNats(tmp_path / "nats", port=free_port())  # the same address after its restart
+    nats_server.start()
+    stack = await start_stack(nats_server, overrides=_SETTINGS)
+    try:
+        await stack.register("echo")
+        stack.functions.hold("/echo")
+        request_id = await stack.submit("echo", content=b"x")
+        await stack.functions.wait_for("/echo", 1)
+
+        nats_server.kill()
+        await asyncio.sleep(2 * _ACK_WAIT_S)  # the outage itself: longer than the ack wait
+        nats_server.start()
+        await eventually_true(lambda: _redelivered(nats_server.url), timeout_s=30)
+        stack.functions.release("/echo")
+        final = await stack.wait_for_status("echo", request_id, timeout_s=30)
+    finally:
+        stack.functions.release("/echo", 5)
+        await stack.close()
+        nats_server.stop()
+
+    assert (final["status"], final["attempts"]) == ("COMPLETED", 1)
+    assert len(stack.functions.on("/echo")) == 1, "one call, though the message was delivered twice"
+
+
+async def _redelivered(url: str) -> bool:
+    async with await nats.connect(url) as nc:
+        info = await nc.jetstream().consumer_info(names.QUEUE_STREAM, names.queue_consumer("echo", "normal"))
+    return bool(info.num_redelivered)
