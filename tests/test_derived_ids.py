@@ -154,7 +154,8 @@ async def _record_before_the_worker(stack: Stack, record: StatusRecord) -> None:
 
 async def test_a_request_completed_before_any_worker_took_it_is_not_called(stack_without_worker: Stack) -> None:
     """A cancel that wrote its record but died before withdrawing the message: the worker's first
-    write, a create, fails, and the message is dropped without a call."""
+    write, a create, fails, and the message is dropped without a call, after what follows a
+    completion (the totals here; callbacks and events too), which that cancel may not have done."""
     stack = stack_without_worker
     request_id, seq, _ = await _queue_one(stack)
     waiting = StatusRecord(request_id=request_id, function="echo", submitted_at=utcnow(), queue_seq=seq)
@@ -173,9 +174,14 @@ async def test_a_request_completed_before_any_worker_took_it_is_not_called(stack
                 return True
             return False
 
+    async def counted() -> bool:
+        figures = (await stack.client.get("/system/functions/echo")).json()["stats"]
+        return bool(figures["failed"] == 1)
+
     await eventually_true(taken, timeout_s=10)
     assert stack.functions.on("/echo") == []
     assert (await stack.status("echo", request_id))["error_type"] == "cancelled"
+    await eventually_true(counted, timeout_s=10)
 
 
 async def test_a_first_delivery_finding_its_request_started_is_left_for_a_redelivery_not_dropped(
