@@ -4,12 +4,17 @@ first request instead of queueing again; the same key on another function is a n
 from __future__ import annotations
 
 import asyncio
+import time
+import uuid
 from typing import TYPE_CHECKING, Any
 
 import httpx
+import nats
 import pytest
 
 from jetspool.domain import names
+from jetspool.domain.messages import QueuedRequest, encode
+from jetspool.domain.status import utcnow
 from jetspool.embedded import EmbeddedNats
 from jetspool.jetstream.connection import connect
 from jetspool.settings import NatsSettings
@@ -115,3 +120,35 @@ async def test_the_key_holds_after_a_nats_restart_and_past_the_duplicate_window(
     assert after_restart["request_id"] == first_id
     assert after_window["request_id"] == first_id
     assert [seen.body for seen in stack.functions.on("/echo")] == [b'{"n":1}'], "queued once, run once"
+
+
+async def test_a_key_whose_submit_died_before_its_status_runs_once(stack_without_worker: Stack) -> None:
+    """A gateway killed between a keyed submit's message and its status record: a second submit
+    with the key used to give up on the first after 2 s and queue a second request, and both ran
+    (found by a fault probe). It now queues under the first id, which stores nothing twice."""
+    stack = stack_without_worker
+    await stack.register("echo")
+    first_id = str(uuid.uuid4())
+    first = QueuedRequest(
+        request_id=first_id, function="echo", priority="normal", method="POST", body=b"first", submitted_at=utcnow()
+    )
+    async with await nats.connect(stack.nats.url) as nc:
+        js = nc.jetstream()
+        claims = await js.key_value(names.IDEMPOTENCY_BUCKET)
+        await claims.create(names.idempotency_key("echo", "order-7"), f"{first_id} {time.time():.3f}".encode())
+        await js.publish(names.queue_subject("echo", "normal"), encode(first), headers={names.NATS_MSG_ID: first_id})
+
+    again = await stack.client.post("/queue/echo", content=b"second", headers={"Idempotency-Key": "order-7"})
+    waiting = await _waiting(stack)
+    await stack.start_worker()
+    done = await stack.wait_for_status("echo", first_id)
+
+    assert again.json()["request_id"] == first_id
+    assert waiting == 1, "one message for the key"
+    assert done["status"] == "COMPLETED"
+    assert [call.body for call in stack.functions.on("/echo")] == [b"first"]
+
+
+async def _waiting(stack: Stack) -> int:
+    figures = (await stack.client.get("/system/functions/echo")).json()["stats"]
+    return int(sum(figures["waiting"].values()))

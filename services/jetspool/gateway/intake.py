@@ -233,10 +233,15 @@ class Intake:
         else:
             request_id = str(uuid.uuid4())
             logfmt.request_id.set(request_id)
+        claimed = False
         if key is not None:
             first = await self._keys.claim(function.name, key, request_id, function.result_ttl)
-            if first is not None:
+            if isinstance(first, str):  # the key's first submit stored no status: queue as that request
+                request_id = first
+                logfmt.request_id.set(request_id)
+            elif first is not None:
                 return first  # the same key was used before: that request stands
+            claimed = first is None
         request = QueuedRequest(
             request_id=request_id,
             id_nonce=nonce,
@@ -256,7 +261,7 @@ class Intake:
         try:
             seq = await self._queue.enqueue(request)
         except (NatsError, TimeoutError) as exc:
-            if key is not None:
+            if key is not None and claimed:  # not the key of a first submit whose message may be queued
                 await self._keys.release(function.name, key)
             raise Unavailable(f"the queue is unavailable: {exc}") from exc
         request = request.identified(seq)

@@ -1,16 +1,22 @@
 """Idempotency keys: a second submit with the same key to the same function returns the first request.
 
 Each key has its own record (`jetspool-idempotency`, key = function + hash of the client's key)
-naming the request it created; `create` fails when the key is taken, so two concurrent submits
-cannot both win. The key holds for as long as the named request's status is kept: a record
-whose request is gone (its status expired) is replaced. The JetStream message-id window alone
-would forget a key after two minutes.
+naming the request it created and when; `create` fails when the key is taken, so two concurrent
+submits cannot both win. The key holds for as long as the named request's status is kept: a
+record whose request is gone (its status expired) is replaced. The JetStream message-id window
+alone would forget a key after two minutes.
+
+A key whose request has no status yet, though it cannot have expired, names a submit that died
+between its claim and its status record (a gateway killed), or one still under way. A second
+submit then takes that request's id and queues under it: the message id (the request id) stores
+nothing twice if the first message made it, and the request runs once either way.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from functools import partial
 from typing import TYPE_CHECKING, Final
 
@@ -36,9 +42,11 @@ class IdempotencyKeys:
         self._kv = kv
         self._status = status
 
-    async def claim(self, function: str, key: str, request_id: str, result_ttl_s: float) -> StatusRecord | None:
-        """Reserve `key` for `request_id`; None when reserved, or the first request's record when taken."""
-        entry, mine = names.idempotency_key(function, key), request_id.encode()
+    async def claim(self, function: str, key: str, request_id: str, result_ttl_s: float) -> StatusRecord | str | None:
+        """Reserve `key` for `request_id`. None when reserved; when taken, the first request's
+        record, or its id when it has no record yet (the caller queues under that id)."""
+        entry = names.idempotency_key(function, key)
+        mine = f"{request_id} {time.time():.3f}".encode()
         create = partial(self._kv.create, entry, mine, msg_ttl=result_ttl_s + _KEEP_S)
         while True:
             try:
@@ -50,7 +58,7 @@ class IdempotencyKeys:
                     continue  # removed meanwhile: claim again
                 if held.value == mine:
                     return None  # our own claim, whose acknowledgement was lost to a node loss
-                first = await self._first(entry, held)
+                first = await self._first(entry, held, result_ttl_s)
                 if first is not None:
                     return first
                 continue  # the record went stale and was removed: claim again
@@ -61,10 +69,17 @@ class IdempotencyKeys:
         with contextlib.suppress(KeyNotFoundError):
             await self._kv.delete(names.idempotency_key(function, key))
 
-    async def _first(self, entry: str, held: KeyValue.Entry) -> StatusRecord | None:
-        """The request a taken key names; None (after removing the record) when that request is gone."""
-        request_id = (held.value or b"").decode()
-        for _ in range(_IN_FLIGHT_CHECKS):  # the first submit may still be storing its status
+    async def _first(self, entry: str, held: KeyValue.Entry, result_ttl_s: float) -> StatusRecord | str | None:
+        """The request a taken key names, or its id while it has no record but cannot have expired;
+        None (after removing the key's record) when that request is gone."""
+        request_id, _, claimed_at = (held.value or b"").decode().partition(" ")
+        current = await self._status.get(request_id)
+        if current is not None:
+            return current.record
+        with contextlib.suppress(ValueError):
+            if time.time() - float(claimed_at) < result_ttl_s:
+                return request_id
+        for _ in range(_IN_FLIGHT_CHECKS):  # a claim of an earlier version: the submit may still be storing its status
             current = await self._status.get(request_id)
             if current is not None:
                 return current.record
