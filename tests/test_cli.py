@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import httpx
 import pytest
 
-from tests.support.processes import JetspoolProcess, alive, descendants
+from tests.support.processes import JetspoolProcess, alive, descendants, stopped_while_waiting_for_nats
 from tests.support.servers import free_port
 from tests.support.tls import self_signed
 
@@ -184,12 +184,8 @@ def test_sigterm_stops_a_part_still_waiting_for_nats(part: str) -> None:
     args = [part, "--nats-url", f"nats://127.0.0.1:{free_port()}"] + (
         ["--port", str(free_port())] if part == "gateway" else []
     )
-    proc = JetspoolProcess(args, env={"JETSPOOL_CONFIG": "", "JETSPOOL_NATS__ACCEPT_SINGLE_REPLICA": "true"})
-    try:
-        proc.wait_for_text("Connection refused", 30)
-        code = proc.terminate(10)
-    finally:
-        proc.kill_tree()
+    env = {"JETSPOOL_CONFIG": "", "JETSPOOL_NATS__ACCEPT_SINGLE_REPLICA": "true"}
+    code, proc = stopped_while_waiting_for_nats(args, env)
 
     assert code == 0
     assert "Traceback" not in proc.output

@@ -59,13 +59,17 @@ def _one_error_line(ran: Ran) -> str:
 # --- status --logs --------------------------------------------------------------------------
 
 
-async def test_status_logs_prints_each_log_line_below_the_status_line(stack: Stack) -> None:
+async def _held_request(stack: Stack) -> tuple[str, str]:
+    """Submit one request to `echo` and hold its call: (request id, its X-Logs-Url)."""
     await stack.register("echo")
     stack.functions.hold("/echo")
     submitted = await stack.client.post("/queue/echo", json={})
-    request_id = submitted.json()["request_id"]
     [seen] = await stack.functions.wait_for("/echo")
-    logs_url = seen.header("x-logs-url") or ""
+    return submitted.json()["request_id"], seen.header("x-logs-url") or ""
+
+
+async def test_status_logs_prints_each_log_line_below_the_status_line(stack: Stack) -> None:
+    request_id, logs_url = await _held_request(stack)
     line = {"message": "two\nlines \x1b[31mred", "level": "WARN"}
     assert (await stack.client.post(logs_url, json=line)).status_code == 202
     stack.functions.release("/echo")
@@ -92,12 +96,7 @@ async def test_status_logs_prints_each_log_line_below_the_status_line(stack: Sta
 
 
 async def test_status_watch_logs_prints_each_log_line_once(stack: Stack) -> None:
-    await stack.register("echo")
-    stack.functions.hold("/echo")
-    submitted = await stack.client.post("/queue/echo", json={})
-    request_id = submitted.json()["request_id"]
-    [seen] = await stack.functions.wait_for("/echo")
-    logs_url = seen.header("x-logs-url") or ""
+    request_id, logs_url = await _held_request(stack)
     assert (await stack.client.post(logs_url, json={"message": "first"})).status_code == 202
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "jetspool", "status", "echo", request_id, "--watch", "--logs",

@@ -11,7 +11,7 @@ import pytest
 from jetspool.domain.errors import ConfigError, DecodeError
 from jetspool.domain.functions import Function, decode_function, is_valid_name
 from jetspool.settings import check_tls_files, load, validate
-from tests.support.processes import JetspoolProcess
+from tests.support.processes import JetspoolProcess, stopped_while_waiting_for_nats
 from tests.support.servers import free_port
 from tests.support.tls import self_signed
 
@@ -644,12 +644,7 @@ def test_a_worker_does_not_need_the_gateways_tls_files(pem_files: tuple[Path, Pa
     config = _config(tmp_path, f"gateway:\n  tls_cert: {tmp_path / 'absent.pem'}\n  tls_key: {key}\n")
     env = {"JETSPOOL_CONFIG": "", "JETSPOOL_NATS__ACCEPT_SINGLE_REPLICA": "true"}
     args = ["worker", "--config", str(config), "--nats-url", f"nats://127.0.0.1:{free_port()}"]
-    proc = JetspoolProcess(args, env=env)
-    try:
-        proc.wait_for_text("Connection refused", 30)
-        code = proc.terminate(10)
-    finally:
-        proc.kill_tree()
+    code, proc = stopped_while_waiting_for_nats(args, env)
 
     assert code == 0
     assert "tls_cert" not in proc.output

@@ -156,3 +156,14 @@ def sigkill(process: JetspoolProcess) -> None:
     """Kill the process at once, as a crash would, and reap it."""
     os.kill(process.process.pid, signal.SIGKILL)
     process.wait(10)
+
+
+def stopped_while_waiting_for_nats(args: list[str], env: dict[str, str]) -> tuple[int, JetspoolProcess]:
+    """Run `jetspool <args>` (its NATS URL one where nothing listens), SIGTERM it once it waits for
+    the server, and return its exit code and the ended process."""
+    proc = JetspoolProcess(args, env=env)
+    try:
+        proc.wait_for_text("Connection refused", 30)
+        return proc.terminate(10), proc
+    finally:
+        proc.kill_tree()
