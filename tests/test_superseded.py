@@ -18,7 +18,7 @@ import yaml
 from jetspool.domain import names
 from jetspool.embedded import EmbeddedNats
 from tests.support.processes import start_part
-from tests.support.servers import eventually_true, free_port
+from tests.support.servers import Reply, eventually_true, free_port
 from tests.support.stack import start_stack
 
 if TYPE_CHECKING:
@@ -62,6 +62,48 @@ async def test_a_superseded_attempt_leaves_the_message_to_the_attempt_that_owns_
         await stack.close()
 
     assert (final["status"], final["attempts"]) == ("COMPLETED", 3), "the message outlived the stale attempt"
+    assert "error_type" not in final
+
+
+async def test_a_superseded_attempt_that_failed_does_not_hand_the_message_back(
+    nats_server: EmbeddedNats, tmp_path: Path
+) -> None:
+    """Its nak would redeliver the message beside the attempt that owns it: a third attempt used to
+    start while the second ran, and the second's success was dropped (found by a fault probe)."""
+    stack = await start_stack(nats_server, worker=False, overrides=_SETTINGS)
+    config = tmp_path / "worker.yaml"
+    config.write_text(yaml.safe_dump({**_SETTINGS, "retry": {"initial_backoff": 0.2, "jitter": 0.0}}), encoding="utf-8")
+    first = start_part("worker", config, nats_server.url)
+    second = None
+    try:
+        await asyncio.to_thread(first.wait_for_text, "worker ready", 60)
+        await stack.register("echo")
+        stack.functions.hold("/echo")
+        stack.functions.script("/echo", [Reply(503)])  # the first call to be answered
+        request_id = await stack.submit("echo", content=b"x")
+        await stack.functions.wait_for("/echo", 1)
+
+        os.kill(first.process.pid, signal.SIGSTOP)
+        second = start_part("worker", config, nats_server.url)
+        await stack.functions.wait_for("/echo", 2, timeout_s=30)
+        os.kill(first.process.pid, signal.SIGCONT)
+        stack.functions.release("/echo")  # attempt 1 answers 503: a retry, but attempt 2 owns the request
+        await asyncio.to_thread(first.wait_for_text, "retrying in", 30)
+        with contextlib.suppress(TimeoutError):  # a redelivery would come after the 0.2 s backoff
+            await stack.functions.wait_for("/echo", 3, timeout_s=3)
+        calls = len(stack.functions.on("/echo"))
+        stack.functions.release("/echo", 5)
+        final = await stack.wait_for_status("echo", request_id, timeout_s=30)
+    finally:
+        for worker in (first, second):
+            if worker is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(worker.process.pid, signal.SIGCONT)
+                worker.kill_tree()
+        await stack.close()
+
+    assert calls == 2, "no third attempt beside the second"
+    assert (final["status"], final["attempts"]) == ("COMPLETED", 2)
     assert "error_type" not in final
 
 
