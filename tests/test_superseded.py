@@ -10,56 +10,79 @@ import asyncio
 import contextlib
 import os
 import signal
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import nats
 import yaml
 
 from jetspool.domain import names
 from jetspool.embedded import EmbeddedNats
-from tests.support.processes import start_part
+from tests.support.processes import JetspoolProcess, start_part
 from tests.support.servers import Reply, eventually_true, free_port
 from tests.support.stack import start_stack
 
 if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
     from pathlib import Path
+
+    from tests.support.stack import Stack
 
 _ACK_WAIT_S = 1.0
 _SETTINGS = {"worker": {"ack_wait": _ACK_WAIT_S, "poll_interval": 0.2}}
 
 
-async def test_a_superseded_attempt_leaves_the_message_to_the_attempt_that_owns_it(
-    nats_server: EmbeddedNats, tmp_path: Path
-) -> None:
+@dataclass
+class _TakenOver:
+    """A request whose attempt 1 runs on the first worker and attempt 2 on the second, both calls held."""
+
+    stack: Stack
+    request_id: str
+    first: JetspoolProcess
+    second: JetspoolProcess
+
+
+@contextlib.asynccontextmanager
+async def _taken_over(
+    nats_server: EmbeddedNats, tmp_path: Path, worker_settings: dict[str, Any], replies: list[Reply]
+) -> AsyncIterator[_TakenOver]:
+    """The first worker is paused past the ack wait, a second takes the redelivery, then the first
+    resumes. `replies`: how the calls answer, in the order they are released."""
     stack = await start_stack(nats_server, worker=False, overrides=_SETTINGS)
     config = tmp_path / "worker.yaml"
-    config.write_text(yaml.safe_dump(_SETTINGS), encoding="utf-8")
-    first = start_part("worker", config, nats_server.url)
-    second = None
+    config.write_text(yaml.safe_dump(worker_settings), encoding="utf-8")
+    workers = [start_part("worker", config, nats_server.url)]
     try:
-        await asyncio.to_thread(first.wait_for_text, "worker ready", 60)
+        await asyncio.to_thread(workers[0].wait_for_text, "worker ready", 60)
         await stack.register("echo")
         stack.functions.hold("/echo")
+        stack.functions.script("/echo", replies)
         request_id = await stack.submit("echo", content=b"x")
         await stack.functions.wait_for("/echo", 1)  # attempt 1, on the first worker
 
-        os.kill(first.process.pid, signal.SIGSTOP)  # its in-progress acks stop
-        second = start_part("worker", config, nats_server.url)
+        os.kill(workers[0].process.pid, signal.SIGSTOP)  # its in-progress acks stop
+        workers.append(start_part("worker", config, nats_server.url))
         await stack.functions.wait_for("/echo", 2, timeout_s=30)  # redelivered: attempt 2, on the second
-        os.kill(first.process.pid, signal.SIGCONT)
-        stack.functions.release("/echo")  # attempt 1 answers; its outcome no longer counts
-        await asyncio.to_thread(first.wait_for_text, "outcome of attempt 1 dropped", 30)
-
-        second.process.kill()  # the worker that owns the request dies mid-call
-        stack.functions.release("/echo", 2)  # the dead worker's call, and the next attempt
-        final = await stack.wait_for_status("echo", request_id, timeout_s=30)
+        os.kill(workers[0].process.pid, signal.SIGCONT)
+        yield _TakenOver(stack, request_id, *workers)
     finally:
-        for worker in (first, second):
-            if worker is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(worker.process.pid, signal.SIGCONT)
-                worker.kill_tree()
+        for worker in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker.process.pid, signal.SIGCONT)
+            worker.kill_tree()
         await stack.close()
+
+
+async def test_a_superseded_attempt_leaves_the_message_to_the_attempt_that_owns_it(
+    nats_server: EmbeddedNats, tmp_path: Path
+) -> None:
+    async with _taken_over(nats_server, tmp_path, _SETTINGS, []) as run:
+        run.stack.functions.release("/echo")  # attempt 1 answers; its outcome no longer counts
+        await asyncio.to_thread(run.first.wait_for_text, "outcome of attempt 1 dropped", 30)
+
+        run.second.process.kill()  # the worker that owns the request dies mid-call
+        run.stack.functions.release("/echo", 2)  # the dead worker's call, and the next attempt
+        final = await run.stack.wait_for_status("echo", run.request_id, timeout_s=30)
 
     assert (final["status"], final["attempts"]) == ("COMPLETED", 3), "the message outlived the stale attempt"
     assert "error_type" not in final
@@ -70,37 +93,15 @@ async def test_a_superseded_attempt_that_failed_does_not_hand_the_message_back(
 ) -> None:
     """Its nak would redeliver the message beside the attempt that owns it: a third attempt used to
     start while the second ran, and the second's success was dropped (found by a fault probe)."""
-    stack = await start_stack(nats_server, worker=False, overrides=_SETTINGS)
-    config = tmp_path / "worker.yaml"
-    config.write_text(yaml.safe_dump({**_SETTINGS, "retry": {"initial_backoff": 0.2, "jitter": 0.0}}), encoding="utf-8")
-    first = start_part("worker", config, nats_server.url)
-    second = None
-    try:
-        await asyncio.to_thread(first.wait_for_text, "worker ready", 60)
-        await stack.register("echo")
-        stack.functions.hold("/echo")
-        stack.functions.script("/echo", [Reply(503)])  # the first call to be answered
-        request_id = await stack.submit("echo", content=b"x")
-        await stack.functions.wait_for("/echo", 1)
-
-        os.kill(first.process.pid, signal.SIGSTOP)
-        second = start_part("worker", config, nats_server.url)
-        await stack.functions.wait_for("/echo", 2, timeout_s=30)
-        os.kill(first.process.pid, signal.SIGCONT)
-        stack.functions.release("/echo")  # attempt 1 answers 503: a retry, but attempt 2 owns the request
-        await asyncio.to_thread(first.wait_for_text, "retrying in", 30)
+    retrying = {**_SETTINGS, "retry": {"initial_backoff": 0.2, "jitter": 0.0}}
+    async with _taken_over(nats_server, tmp_path, retrying, [Reply(503)]) as run:
+        run.stack.functions.release("/echo")  # attempt 1 answers 503: a retry, but attempt 2 owns the request
+        await asyncio.to_thread(run.first.wait_for_text, "retrying in", 30)
         with contextlib.suppress(TimeoutError):  # a redelivery would come after the 0.2 s backoff
-            await stack.functions.wait_for("/echo", 3, timeout_s=3)
-        calls = len(stack.functions.on("/echo"))
-        stack.functions.release("/echo", 5)
-        final = await stack.wait_for_status("echo", request_id, timeout_s=30)
-    finally:
-        for worker in (first, second):
-            if worker is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(worker.process.pid, signal.SIGCONT)
-                worker.kill_tree()
-        await stack.close()
+            await run.stack.functions.wait_for("/echo", 3, timeout_s=3)
+        calls = len(run.stack.functions.on("/echo"))
+        run.stack.functions.release("/echo", 5)
+        final = await run.stack.wait_for_status("echo", run.request_id, timeout_s=30)
 
     assert calls == 2, "no third attempt beside the second"
     assert (final["status"], final["attempts"]) == ("COMPLETED", 2)
