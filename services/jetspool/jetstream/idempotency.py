@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from nats.js.kv import KeyValue
 
     from jetspool.domain.status import StatusRecord
-    from jetspool.jetstream.status_store import StatusStore
+    from jetspool.jetstream.status_store import StatusStore, Versioned
 
 _IN_FLIGHT_CHECKS: Final = 40
 _IN_FLIGHT_WAIT_S: Final = 0.05
@@ -72,18 +72,26 @@ class IdempotencyKeys:
     async def _first(self, entry: str, held: KeyValue.Entry, result_ttl_s: float) -> StatusRecord | str | None:
         """The request a taken key names, or its id while it has no record but cannot have expired;
         None (after removing the key's record) when that request is gone."""
-        request_id, _, claimed_at = (held.value or b"").decode().partition(" ")
+        request_id, _, claimed = (held.value or b"").decode().partition(" ")
         current = await self._status.get(request_id)
         if current is not None:
             return current.record
-        with contextlib.suppress(ValueError):
-            if time.time() - float(claimed_at) < result_ttl_s:
+        try:
+            if time.time() - float(claimed) < result_ttl_s:
                 return request_id
-        for _ in range(_IN_FLIGHT_CHECKS):  # a claim of an earlier version: the submit may still be storing its status
-            current = await self._status.get(request_id)
+        except ValueError:  # a claim of an earlier version, without its time: its submit may still be storing
+            current = await self._stored_soon(request_id)
             if current is not None:
                 return current.record
-            await asyncio.sleep(_IN_FLIGHT_WAIT_S)
         with contextlib.suppress(APIError):  # changed meanwhile: someone else replaced it
             await self._kv.delete(entry, last=held.revision)
+        return None
+
+    async def _stored_soon(self, request_id: str) -> Versioned | None:
+        """The request's status, should it be stored within a couple of seconds."""
+        for _ in range(_IN_FLIGHT_CHECKS):
+            await asyncio.sleep(_IN_FLIGHT_WAIT_S)
+            current = await self._status.get(request_id)
+            if current is not None:
+                return current
         return None
