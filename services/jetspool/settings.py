@@ -4,8 +4,9 @@ Sources, later ones winning: the YAML config file (`--config FILE` or `JETSPOOL_
 `JETSPOOL_*` environment variables (`JETSPOOL_` + the key path in upper case joined by `__`,
 e.g. `JETSPOOL_NATS__URL`; `JETSPOOL_FUNCTIONS` for the list of functions), then command-line
 flags. A bad value raises `ConfigError` naming the key, e.g. ``nats.replicas: Expected `int`,
-got `str```; `validate` also checks what the types cannot (the gateway's public URL and TLS
-files), so every command stops before it starts anything.
+got `str```; `validate` also checks what the types cannot (the gateway's public URL, its TLS
+files given both or neither), so every command stops before it starts anything. That those files
+can be read is checked only by what serves the gateway (`check_tls_files`).
 """
 
 from __future__ import annotations
