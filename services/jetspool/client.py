@@ -323,10 +323,16 @@ def _quoted(response: httpx.Response) -> str:
     return _clipped(response.text) if response.content.strip() else "(no body)"
 
 
+def escaped(text: str) -> str:
+    """`text` with its line breaks and other unprintable characters escaped (`\\n`, `\\x1b`), safe
+    to show on a terminal."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _clipped(text: str) -> str:
     """`text` on one line, control characters escaped, cut to its first _QUOTED_CHARS characters."""
     flat = " ".join(text.split())
-    shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in flat[:_QUOTED_CHARS])
+    shown = escaped(flat[:_QUOTED_CHARS])
     return repr(shown + ("…" if len(flat) > _QUOTED_CHARS else ""))
 
 

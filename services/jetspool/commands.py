@@ -39,6 +39,7 @@ from jetspool.client import (
     Status,
     Unreachable,
     WaitTimeout,
+    escaped,
 )
 from jetspool.domain.errors import ConfigError
 from jetspool.settings import load
@@ -287,8 +288,7 @@ def _log_lines(entries: Iterable[Any]) -> list[str]:
 
 
 def _printable(value: object) -> str:
-    text = "" if value is None else str(value)
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return escaped("" if value is None else str(value))
 
 
 class Progress:
