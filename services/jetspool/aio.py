@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
 
 log = logging.getLogger(__name__)
 
 _RECHECK_S = 0.05
+
+T = TypeVar("T")
 
 
 async def stop_task(task: asyncio.Task[Any]) -> None:
@@ -32,3 +38,54 @@ async def wait_event(event: asyncio.Event, timeout_s: float) -> bool:
         async with asyncio.timeout(timeout_s):
             await event.wait()
     return event.is_set()
+
+
+class SharedRead(Generic[T]):
+    """One read that every caller asking meanwhile shares, never one begun before a caller asked.
+
+    A caller's answer comes from a read that starts after it asked: the one starting now if none
+    runs, else the next, which starts once the running one is over and serves everyone who asked
+    meanwhile. So an answer reflects every write the caller saw finish, as a read of its own would,
+    while a thousand callers asking at once cost two reads, not a thousand. A failed read raises
+    in each of its callers; a caller that stops waiting does not stop the read of the others.
+    """
+
+    def __init__(self, read: Callable[[], Awaitable[T]]) -> None:
+        self._read = read
+        self._next: asyncio.Future[T] | None = None
+        """The answer of the read that starts next: callers asking now wait on it."""
+        self._reading: asyncio.Task[None] | None = None
+
+    async def get(self) -> T:
+        if self._next is None:
+            self._next = asyncio.get_running_loop().create_future()
+            self._next.add_done_callback(_retrieved)
+            if self._reading is None:
+                # Its own context: the read serves every caller, not the one that started it (log lines).
+                self._reading = asyncio.create_task(self._serve(), context=contextvars.Context())
+        return await asyncio.shield(self._next)
+
+    async def _serve(self) -> None:
+        try:
+            while self._next is not None:
+                answer, self._next = self._next, None
+                try:
+                    result = await self._read()
+                except asyncio.CancelledError:
+                    answer.cancel()
+                    raise
+                except Exception as exc:  # noqa: BLE001 - not swallowed: every caller of this read gets it
+                    answer.set_exception(exc)
+                else:
+                    answer.set_result(result)
+        finally:
+            self._reading = None
+            if self._next is not None:  # cancelled (the loop is closing): no one is left waiting
+                self._next.cancel()
+                self._next = None
+
+
+def _retrieved(answer: asyncio.Future[Any]) -> None:
+    """Mark a shared read's failure as seen: its callers may all have stopped waiting."""
+    if not answer.cancelled():
+        answer.exception()

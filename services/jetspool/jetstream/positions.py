@@ -12,7 +12,9 @@ the stream, so neither figure counts them. A request waiting out a retry backoff
 delivered already: it is redelivered before any new message, so only higher classes precede it.
 
 The figures are read concurrently, not atomically: while requests start, a reading may be one
-off for an instant, never more than the starts in between.
+off for an instant, never more than the starts in between. Concurrent askers of a class's
+figure share one read (`SharedRead`), begun after each of them asked: a thousand status streams
+refreshing their positions at once cost a few consumer reads, not a thousand.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import orjson
 from nats.errors import NoRespondersError
 from nats.js.errors import NotFoundError
 
+from jetspool.aio import SharedRead
 from jetspool.domain import names
 from jetspool.jetstream.ridethrough import ride_through
 
@@ -40,6 +43,7 @@ _TIMEOUT_S = 5.0
 class QueuePositions:
     def __init__(self, conn: Nats) -> None:
         self._conn = conn
+        self._pending_reads: dict[tuple[str, names.Priority], SharedRead[int]] = {}
 
     async def waiting(self, function: str) -> dict[names.Priority, int]:
         """Undelivered requests of `function` per priority class."""
@@ -64,6 +68,13 @@ class QueuePositions:
         return None
 
     async def _pending(self, function: str, priority: names.Priority) -> int:
+        key = (function, priority)
+        shared = self._pending_reads.get(key)
+        if shared is None:
+            shared = self._pending_reads[key] = SharedRead(partial(self._read_pending, function, priority))
+        return await shared.get()
+
+    async def _read_pending(self, function: str, priority: names.Priority) -> int:
         waiting, _ = await consumer_figures(self._conn.js, function, priority)
         return waiting
 
