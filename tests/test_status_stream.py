@@ -247,6 +247,38 @@ async def _read_until_comment(events: Events) -> bool:
     return bool(events.comments)
 
 
+async def test_a_queue_change_wakes_only_the_armed_watches_of_its_function(nats_server: EmbeddedNats) -> None:
+    """A stream waiting out its position interval is not armed: a busy queue's changes cost it nothing,
+    and an armed stream is woken by the first change only (it re-arms when it has read)."""
+    nc = await nats.connect(nats_server.url)
+    feed = StatusFeed(nc, max_watches=10)
+    changed = StatusRecord(request_id=str(uuid.uuid4()), function="echo", submitted_at=utcnow())
+    try:
+        async with (
+            feed.watch(str(uuid.uuid4()), "echo") as armed,
+            feed.watch(str(uuid.uuid4()), "echo") as resting,
+            feed.watch(str(uuid.uuid4()), "other") as elsewhere,
+        ):
+            feed.arm(armed)
+            feed.arm(elsewhere)
+            await nc.publish(f"jetspool.status.{changed.request_id}", changed.encode(), headers={"Nats-Sequence": "3"})
+            await asyncio.wait_for(armed.queue_moved.wait(), 5)
+            woken = (armed.queue_moved.is_set(), resting.queue_moved.is_set(), elsewhere.queue_moved.is_set())
+            armed.queue_moved.clear()
+            await nc.publish(f"jetspool.status.{changed.request_id}", changed.encode(), headers={"Nats-Sequence": "4"})
+            feed.arm(elsewhere)  # a marker: the same subscription hears it after the change above
+            other = StatusRecord(request_id=str(uuid.uuid4()), function="other", submitted_at=utcnow())
+            await nc.publish(f"jetspool.status.{other.request_id}", other.encode(), headers={"Nats-Sequence": "5"})
+            await asyncio.wait_for(elsewhere.queue_moved.wait(), 5)
+            again = armed.queue_moved.is_set()
+    finally:
+        await feed.stop()
+        await nc.close()
+
+    assert woken == (True, False, False)
+    assert again is False
+
+
 async def test_the_gateway_hears_status_changes_only_while_someone_watches(nats_server: EmbeddedNats) -> None:
     """No watcher, no subscription: a gateway nobody follows a request on reads no status traffic."""
     nc = await nats.connect(nats_server.url)

@@ -51,7 +51,8 @@ class Watch:
         self.function = function
         self.records: asyncio.Queue[Versioned] = asyncio.Queue(_QUEUE_LIMIT)
         self.queue_moved = asyncio.Event()
-        """Set on any change of the function's queue (this request's own changes and log lines included)."""
+        """Set on a change of the function's queue once armed (`StatusFeed.arm`); by this request's own
+        changes and log lines at any time."""
         self.own_change = asyncio.Event()
         """Set on a change of this request itself: a new record or a new log line."""
 
@@ -77,6 +78,8 @@ class StatusFeed:
         self._linger_s = linger_s
         self._by_request: dict[str, set[Watch]] = defaultdict(set)
         self._by_function: dict[str, set[Watch]] = defaultdict(set)
+        self._armed: dict[str, set[Watch]] = defaultdict(set)
+        """Function → watches waiting for its queue to move: a change wakes these, not every watch."""
         self._subs: list[Subscription] = []
         self._subscribing = asyncio.Lock()
         self._release: asyncio.TimerHandle | None = None
@@ -154,7 +157,17 @@ class StatusFeed:
         finally:
             self._discard(self._by_request, request_id, watch)
             self._discard(self._by_function, function, watch)
+            self._discard(self._armed, function, watch)
             self._release_later()
+
+    def arm(self, watch: Watch) -> None:
+        """Clear `watch`'s events; from now on the next change of its function's queue sets `queue_moved`.
+
+        Only armed watches are woken by a change of the queue, once each: a thousand streams of one
+        busy function, each waiting out its position interval, cost a change nothing."""
+        watch.queue_moved.clear()
+        watch.own_change.clear()
+        self._armed[watch.function].add(watch)
 
     @staticmethod
     def _discard(index: dict[str, set[Watch]], key: str, watch: Watch) -> None:
@@ -183,5 +196,5 @@ class StatusFeed:
             watch.queue_moved.set()
 
     def _queue_moved(self, function: str) -> None:
-        for watch in self._by_function.get(function, ()):
+        for watch in self._armed.pop(function, ()):
             watch.queue_moved.set()
