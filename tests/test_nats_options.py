@@ -13,7 +13,7 @@ from jetspool.embedded import EmbeddedNats
 from jetspool.jetstream.connection import connect
 from jetspool.settings import NatsSettings
 from tests.support.processes import ACCEPT_SINGLE_REPLICA, JetspoolProcess
-from tests.support.servers import free_port
+from tests.support.servers import eventually, free_port
 from tests.support.stack import start_stack
 from tests.support.tls import self_signed
 
@@ -90,3 +90,21 @@ def test_a_worker_with_a_wrong_token_exits_2_naming_the_settings(secured: Embedd
     assert code == 2
     assert "refused our credentials" in worker.output
     assert "nats.token" in worker.output
+
+
+async def test_a_connection_closed_while_nats_is_away_closes_cleanly(tmp_path: Path) -> None:
+    """A gateway or worker told to stop during a NATS outage: nats-py wrote what it had buffered
+    to the lost connection and raised ConnectionResetError, so the component's shutdown ended with
+    a traceback and skipped what came after (seen as a test stack that never stopped its server)."""
+    server = EmbeddedNats(tmp_path / "nats", port=free_port())
+    server.start()
+    try:
+        conn = await connect(NatsSettings(url=server.url), "test")
+        server.stop()
+        await eventually(lambda: conn.nc.is_reconnecting, timeout_s=10)
+        await conn.nc.publish("jetspool.test", b"buffered while nats is away")
+        await conn.close()
+    finally:
+        server.stop()
+
+    assert conn.nc.is_closed

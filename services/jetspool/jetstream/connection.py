@@ -79,12 +79,20 @@ class Nats:
 
     async def close(self) -> None:
         """Flush what was published and close. (Not drain: every user has stopped by now, and a
-        drain can wait forever on a subscription whose consumer task is gone.)"""
+        drain can wait forever on a subscription whose consumer task is gone.)
+
+        Closed while NATS is away (reconnecting), nats-py writes what it buffered meanwhile to the
+        lost connection and raises `ConnectionResetError`: a worker told to stop during an outage
+        then ended with a traceback, the rest of its shutdown skipped. What was buffered is lost
+        either way (acknowledgements, in-progress signals: JetStream redelivers)."""
         if self.nc.is_closed:
             return
         with contextlib.suppress(NatsError, TimeoutError):
             await self.nc.flush(timeout=_FLUSH_TIMEOUT_S)
-        await self.nc.close()
+        try:
+            await self.nc.close()
+        except OSError as exc:
+            log.info("nats: closed while disconnected, what was buffered is dropped (%s)", exc)
 
 
 def connect_options(settings: NatsSettings, name: str) -> dict[str, Any]:
