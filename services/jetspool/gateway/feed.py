@@ -77,7 +77,6 @@ class StatusFeed:
         self._max_watches = max_watches
         self._linger_s = linger_s
         self._by_request: dict[str, set[Watch]] = defaultdict(set)
-        self._by_function: dict[str, set[Watch]] = defaultdict(set)
         self._armed: dict[str, set[Watch]] = defaultdict(set)
         """Function → watches waiting for its queue to move: a change wakes these, not every watch."""
         self._subs: list[Subscription] = []
@@ -129,7 +128,7 @@ class StatusFeed:
         self.closing = True
         if self._release is not None:
             self._release.cancel()
-        for watches in self._by_function.values():
+        for watches in self._by_request.values():
             for watch in watches:
                 watch.queue_moved.set()
         if self._releasing is not None:
@@ -150,13 +149,11 @@ class StatusFeed:
         self.check_capacity()
         watch = Watch(request_id, function)
         self._by_request[request_id].add(watch)
-        self._by_function[function].add(watch)
         try:
             await self._subscribe()
             yield watch
         finally:
             self._discard(self._by_request, request_id, watch)
-            self._discard(self._by_function, function, watch)
             self._discard(self._armed, function, watch)
             self._release_later()
 
