@@ -92,19 +92,14 @@ def test_a_worker_with_a_wrong_token_exits_2_naming_the_settings(secured: Embedd
     assert "nats.token" in worker.output
 
 
-async def test_a_connection_closed_while_nats_is_away_closes_cleanly(tmp_path: Path) -> None:
+async def test_a_connection_closed_while_nats_is_away_closes_cleanly(nats_server: EmbeddedNats) -> None:
     """A gateway or worker told to stop during a NATS outage: nats-py wrote what it had buffered
     to the lost connection and raised ConnectionResetError, so the component's shutdown ended with
     a traceback and skipped what came after (seen as a test stack that never stopped its server)."""
-    server = EmbeddedNats(tmp_path / "nats", port=free_port())
-    server.start()
-    try:
-        conn = await connect(NatsSettings(url=server.url), "test")
-        server.stop()
-        await eventually(lambda: conn.nc.is_reconnecting, timeout_s=10)
-        await conn.nc.publish("jetspool.test", b"buffered while nats is away")
-        await conn.close()
-    finally:
-        server.stop()
+    conn = await connect(NatsSettings(url=nats_server.url), "test")
+    nats_server.stop()
+    await eventually(lambda: conn.nc.is_reconnecting, timeout_s=10)
+    await conn.nc.publish("jetspool.test", b"buffered while nats is away")
+    await conn.close()
 
     assert conn.nc.is_closed
