@@ -49,11 +49,15 @@ def percentiles(values: list[float]) -> dict[str, float]:
 
 
 class Completions:
-    """Follows `jetspool.events.<function>.succeeded` (core NATS), noting when each arrived."""
+    """Follows `jetspool.events.<function>.succeeded` (core NATS), noting when each arrived.
+
+    An event's `at` is stamped after the completion's status write was acknowledged: it is when
+    the result was stored, without the event's way to this client."""
 
     def __init__(self, nats_url: str, function: str) -> None:
         self._url, self._function = nats_url, function
         self.seen: dict[str, tuple[float, dict[str, Any]]] = {}
+        self.stored_at: dict[str, float] = {}
         self._nc: Any = None
 
     async def __aenter__(self) -> Completions:
@@ -63,6 +67,7 @@ class Completions:
             now = time.time()
             event = orjson.loads(msg.data)
             self.seen.setdefault(event["request_id"], (now, event["status"]))
+            self.stored_at.setdefault(event["request_id"], unix(event["at"]))
 
         await self._nc.subscribe(names.event_subject(self._function, "succeeded"), cb=arrived)
         await self._nc.flush()
@@ -140,18 +145,20 @@ async def submit(root: Path, sync_interval: str, seconds: float) -> dict[str, An
 def _latencies(
     completions: Completions, invoked: dict[str, float], sent: dict[str, float] | None = None
 ) -> dict[str, Any]:
-    """Queue overhead (invoked - submitted) and total (completion seen - submitted), in ms."""
-    overhead, total, from_send = [], [], []
+    """Queue overhead (invoked - submitted), result stored (- submitted) and total (completion
+    seen - submitted), in ms."""
+    overhead, stored, total, from_send = [], [], [], []
     for request_id, (seen_at, status) in completions.seen.items():
         if sent is not None and request_id not in sent:
             continue  # a straggler of an earlier run
         submitted = unix(status["submitted_at"])
         if request_id in invoked:
             overhead.append((invoked[request_id] - submitted) * 1000)
+        stored.append((completions.stored_at[request_id] - submitted) * 1000)
         total.append((seen_at - submitted) * 1000)
         if sent is not None:
             from_send.append((seen_at - sent[request_id]) * 1000)
-    record = {"queue_overhead": percentiles(overhead), "total": percentiles(total)}
+    record = {"queue_overhead": percentiles(overhead), "stored": percentiles(stored), "total": percentiles(total)}
     if sent is not None:
         record["client_submit_to_completed"] = percentiles(from_send)
     return record
