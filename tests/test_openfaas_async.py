@@ -67,6 +67,30 @@ async def test_headers_the_connection_header_names_are_not_forwarded(stack: Stac
         assert seen.header("x-custom") == "kept"
 
 
+_ADDED_BY_JETSPOOL = frozenset({"x-call-id", "x-request-id", "x-attempt", "x-logs-url", "traceparent", "tracestate"})
+_TRANSPORT = frozenset({"host", "content-length", "connection"})
+
+
+async def test_the_function_gets_no_header_the_caller_did_not_send(stack: Stack) -> None:
+    """SPEC §4: the caller's headers, plus jetspool's own; no HTTP client's defaults (a default
+    `Content-Type: application/octet-stream` or `Accept-Encoding` changes what a function does).
+    Found by a SPEC probe: a POST without a body reached the function with both."""
+    await stack.register("echo", path="/echo")
+    for url in ("/async-function/echo/queued", "/function/echo/now"):
+        request = stack.client.build_request("POST", url, headers={"X-Custom": "kept"})
+        for default in ("accept", "accept-encoding", "user-agent"):
+            del request.headers[default]
+        response = await stack.client.send(request)
+        assert response.status_code in (200, 202), response.text
+        if response.status_code == 202:
+            await stack.wait_for_status("echo", response.headers["x-call-id"])
+
+    for path in ("/echo/queued", "/echo/now"):
+        [seen] = stack.functions.on(path)
+        names = {k.lower() for k, _ in seen.headers} - _ADDED_BY_JETSPOOL - _TRANSPORT
+        assert names == {"x-custom"}, f"{path}: {seen.headers}"
+
+
 async def test_the_callers_credentials_are_not_stored_in_the_queue(stack_without_worker: Stack) -> None:
     stack = stack_without_worker
     await stack.register("echo", path="/echo")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import httpx
 from litestar import Litestar, Request, Response
@@ -52,6 +52,8 @@ if TYPE_CHECKING:
     from jetspool.settings import Settings
 
 log = logging.getLogger(__name__)
+_CLIENT_DEFAULTS: Final = ("Accept", "Accept-Encoding", "User-Agent")
+"""Headers httpx adds to every request of its own accord (besides the hop-by-hop `Connection`)."""
 
 
 def create_app(settings: Settings, *, config_errors: list[ConfigError] | None = None) -> Litestar:
@@ -76,9 +78,7 @@ def create_app(settings: Settings, *, config_errors: list[ConfigError] | None = 
             started.push_async_callback(view.stop)
             feed = StatusFeed(conn.nc, settings.gateway.max_streams)
             started.push_async_callback(feed.stop)
-            http = await started.enter_async_context(
-                httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10.0), follow_redirects=False)
-            )
+            http = await started.enter_async_context(_proxy_client())
             stats = StatsReader(conn)
             await metrics.start(conn.nc, view, stats)
             started.push_async_callback(metrics.stop)
@@ -135,6 +135,14 @@ def create_app(settings: Settings, *, config_errors: list[ConfigError] | None = 
         state=State(),
         logging_config=None,
     )
+
+
+def _proxy_client() -> httpx.AsyncClient:
+    """The sync proxy's client. It sends what the caller sent, not httpx's own defaults (SPEC §4)."""
+    client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10.0), follow_redirects=False)
+    for default in _CLIENT_DEFAULTS:
+        del client.headers[default]
+    return client
 
 
 def _wire(

@@ -38,11 +38,15 @@ class FunctionAnswer:
 
 
 def function_client(max_connections: int, connect_timeout_s: float) -> aiohttp.ClientSession:
-    """The worker's one session for calling functions (no overall timeout: each call has its function's)."""
+    """The worker's one session for calling functions (no overall timeout: each call has its function's).
+
+    A function gets the caller's headers and jetspool's (SPEC §4), none of aiohttp's defaults: a
+    body-less POST went out with `Content-Type: application/octet-stream`, and every call with
+    `Accept: */*` and `Accept-Encoding: gzip, deflate`."""
     return aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=max_connections, limit_per_host=0, ttl_dns_cache=60),
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s),
-        skip_auto_headers=("User-Agent",),
+        skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
     )
 
 
