@@ -21,6 +21,8 @@ from tests.support.tls import self_signed
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
+    from jetspool.embedded import EmbeddedNats
+
 BASH = shutil.which("bash") or "/bin/bash"
 README = Path(__file__).resolve().parents[1] / "README.md"
 _FAST_STOP = {"JETSPOOL_WORKER__SHUTDOWN_GRACE": "1", "JETSPOOL_WORKER__POLL_INTERVAL": "0.2"}
@@ -214,6 +216,21 @@ def test_up_refuses_a_taken_port_before_starting_anything(tmp_path: Path) -> Non
     assert "gateway.port" in proc.output
     assert "jetspool is up" not in proc.output
     assert not (tmp_path / "data").exists(), "nothing was started"
+
+
+def test_gateway_refuses_a_taken_port_with_a_message(nats_server: EmbeddedNats) -> None:
+    """Found by a SPEC probe: uvicorn's failed bind made it exit 3 ("not found") with a traceback."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {"JETSPOOL_NATS__ACCEPT_SINGLE_REPLICA": "true"}
+        proc = JetspoolProcess(["gateway", "--nats-url", nats_server.url, "--port", str(port)], env=env)
+        code = proc.wait(30)
+
+    assert code == 2
+    assert f"gateway.port: cannot listen on 127.0.0.1:{port}" in proc.output
+    assert "Traceback" not in proc.output
 
 
 def test_up_refuses_settings_a_worker_would_refuse_before_starting_anything(tmp_path: Path) -> None:

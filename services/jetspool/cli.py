@@ -20,7 +20,7 @@ from jetspool import __version__, logfmt
 from jetspool.aio import stop_task
 from jetspool.commands import CLIENT_COMMANDS, add_client_commands, run_client_command
 from jetspool.domain.errors import ConfigError
-from jetspool.settings import Settings, check_tls_files, load
+from jetspool.settings import Settings, check_listen, check_tls_files, load
 
 if TYPE_CHECKING:
     from collections.abc import Coroutine
@@ -115,7 +115,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     from jetspool.jetstream.startup import check_durability  # noqa: PLC0415
 
     if args.command == "gateway":
-        check_tls_files(settings.gateway)  # what serves the gateway needs its key; a worker does not
+        check_tls_files(settings.gateway)  # what serves the gateway needs its key and its port; a worker does not
+        check_listen(settings.gateway)
     check_durability(settings)
     return _serve_gateway(settings) if args.command == "gateway" else _run_worker(settings)
 

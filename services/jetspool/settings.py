@@ -15,6 +15,7 @@ import binascii
 import ipaddress
 import os
 import re
+import socket
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Final, get_args, get_origin
 from urllib.parse import urlsplit
@@ -263,6 +264,19 @@ def check_tls_files(gateway: GatewaySettings) -> None:
                 file.read(1)
         except OSError as exc:
             raise ConfigError(f"{key}: cannot read {path}: {exc.strerror or exc}") from exc
+
+
+def check_listen(gateway: GatewaySettings) -> None:
+    """ConfigError naming the key when the gateway's address is taken: checked by what serves the
+    gateway before it starts (uvicorn's own failed bind ends in a traceback; `up` would take the
+    other server's answers for its gateway's)."""
+    with socket.socket(socket.AF_INET6 if ":" in gateway.host else socket.AF_INET) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: only a listener stops it
+        try:
+            sock.bind((gateway.host, gateway.port))
+        except OSError as exc:
+            where = f"{gateway.host}:{gateway.port}"
+            raise ConfigError(f"gateway.port: cannot listen on {where} ({exc.strerror})") from None
 
 
 def _read_file(path: Path) -> dict[str, Any]:

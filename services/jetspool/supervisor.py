@@ -26,7 +26,7 @@ import msgspec
 from jetspool.domain.errors import ConfigError
 from jetspool.embedded import EmbeddedNats, die_with_parent
 from jetspool.jetstream.startup import check_durability, open_jetstream
-from jetspool.settings import check_tls_files, load
+from jetspool.settings import check_listen, check_tls_files, load
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -64,7 +64,7 @@ class Supervisor:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: self._stop.set())
         try:
-            self._check_port()
+            check_listen(self._settings.gateway)  # before anything starts
             nats_url = self._start_nats()
             self._start_children(nats_url)
             self._wait_ready()
@@ -117,19 +117,6 @@ class Supervisor:
             env={**os.environ, **self._child_env},
         )
         self._children.append((name, process))
-
-    def _check_port(self) -> None:
-        """ConfigError when the gateway's address is taken: found before anything starts, and not
-        mistaken for our gateway being ready by the readiness check."""
-        gateway = self._settings.gateway
-        with socket.socket(socket.AF_INET6 if ":" in gateway.host else socket.AF_INET) as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: only a listener stops it
-            try:
-                sock.bind((gateway.host, gateway.port))
-            except OSError as exc:
-                raise ConfigError(
-                    f"gateway.port: cannot listen on {gateway.host}:{gateway.port} ({exc.strerror})"
-                ) from None
 
     def _wait_ready(self) -> None:
         """Wait for the gateway `up` started, asked where it listens (its public URL may be a proxy's)."""
