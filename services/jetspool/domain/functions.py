@@ -30,8 +30,13 @@ HOP_BY_HOP: Final = FRAMING_HEADERS | {
     "trailers",
     "authorization",
 }
-"""Headers never forwarded to a function: framing (see `FRAMING_HEADERS`), the other hop-by-hop
-ones, and the caller's credentials."""
+"""Headers of one hop: framing (see `FRAMING_HEADERS`), the other hop-by-hop ones, and the caller's
+credentials."""
+NOT_FORWARDED: Final = HOP_BY_HOP | {"accept-encoding"}
+"""Headers never forwarded to a function: `HOP_BY_HOP`, and `Accept-Encoding`. A function's answer
+is stored and handed out later as it was meant, so it must come back decoded: a function that
+honoured a caller's `br` or `zstd` answered in a coding the worker cannot decode, and the call
+failed as if the function could not be reached."""
 _PATH_SAFE: Final = "/:@!$&'()*+,;="
 """Characters a URL path may hold as they are (RFC 3986 pchar); the rest of a decoded sub-path is
 percent-encoded again, so `%1F` or `%25` in a caller's path reaches the function as it was sent."""
@@ -39,7 +44,7 @@ percent-encoded again, so `%1F` or `%25` in a caller's path reaches the function
 FunctionName = Annotated[str, msgspec.Meta(pattern=NAME_PATTERN)]
 
 
-def forwardable(headers: list[tuple[str, str]], never: frozenset[str] = HOP_BY_HOP) -> list[tuple[str, str]]:
+def forwardable(headers: list[tuple[str, str]], never: frozenset[str] = NOT_FORWARDED) -> list[tuple[str, str]]:
     """The headers that travel on to the next hop: not those in `never`, nor those the message's
     `Connection` header names, which are hop-by-hop too (RFC 9110 §7.6.1)."""
     listed = (value for key, value in headers if key.lower() == "connection")
