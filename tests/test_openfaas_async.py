@@ -42,6 +42,26 @@ async def test_function_sees_exact_method_path_query_body_and_headers(stack: Sta
     assert seen.header("authorization") is None, "the caller's credentials are not forwarded"
 
 
+async def test_a_function_url_with_a_query_or_a_trailing_slash_is_called_as_registered(stack: Stack) -> None:
+    """A key in the function's URL (`?code=` of Azure Functions) stays in its query, ahead of the
+    caller's, with a sub-path before it; and a URL ending in `/` is called with it (without, FastAPI
+    answers a 307 redirect, which a call does not follow)."""
+    await stack.register("keyed", path="/run?code=k")
+    await stack.register("slashed", path="/predict/")
+    queued = await stack.submit("keyed", "sub", params={"a": "1"}, content=b"x")
+    proxied = await stack.client.post("/function/keyed/now", params={"b": "2"}, content=b"y")
+    plain = await stack.submit("slashed", content=b"z")
+
+    assert proxied.status_code == 200
+    for name, request_id in (("keyed", queued), ("slashed", plain)):
+        assert (await stack.wait_for_status(name, request_id))["status"] == "COMPLETED"
+    [seen] = stack.functions.on("/run/sub")
+    assert seen.query == "code=k&a=1"
+    [seen] = stack.functions.on("/run/now")
+    assert seen.query == "code=k&b=2"
+    assert len(stack.functions.on("/predict/")) == 1
+
+
 async def test_an_expect_header_is_not_forwarded_to_the_function(stack: Stack) -> None:
     """`Expect: 100-continue` was for the gateway; forwarded, the call would wait for a `100 Continue`."""
     await stack.register("echo", path="/echo")

@@ -684,7 +684,11 @@ def test_function_defaults_follow_the_spec() -> None:
     ("url", "path", "endpoint"),
     [
         ("http://f:9000", "", "http://f:9000"),
-        ("http://f:9000/", "", "http://f:9000"),
+        ("http://f:9000/", "", "http://f:9000/"),
+        ("https://f.example.com/predict/", "", "https://f.example.com/predict/"),
+        ("https://f.example.net/api/run?code=k%2B1", "", "https://f.example.net/api/run?code=k%2B1"),
+        ("https://f.example.net/api/run?code=k", "sub/x", "https://f.example.net/api/run/sub/x?code=k"),
+        ("https://f.example.net/api/?code=k", "/sub", "https://f.example.net/api/sub?code=k"),
         ("http://f:9000", "run", "http://f:9000/run"),
         ("http://f:9000", "/run", "http://f:9000/run"),
         ("http://f:9000/", "/run", "http://f:9000/run"),
@@ -697,6 +701,8 @@ def test_function_defaults_follow_the_spec() -> None:
     ],
 )
 def test_endpoint_joins_url_and_sub_path_with_one_slash(url: str, path: str, endpoint: str) -> None:
+    """SPEC §4: `url + path`. The URL alone is called as registered (a trailing slash dropped made
+    FastAPI answer a redirect); a sub-path goes before the URL's own query (a key, like `?code=`)."""
     assert Function(name="f", url=url).endpoint(path) == endpoint
 
 

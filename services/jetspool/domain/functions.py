@@ -89,12 +89,24 @@ class Function(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
             raise ValueError("cancel_path must start with /")
 
     def endpoint(self, path: str) -> str:
-        """The URL a request with sub-path `path` is delivered to."""
-        base = self.url.rstrip("/")
-        return f"{base}/{quote(path.lstrip('/'), safe=_PATH_SAFE)}" if path else base
+        """The URL a request with sub-path `path` is delivered to (SPEC §4: `url + path`): the URL
+        as registered without one (a trailing slash dropped made FastAPI answer a redirect); with
+        one, joined to the URL's path by one slash, ahead of the URL's own query (a key, such as
+        Azure Functions' `?code=`, which a caller's query then follows: see `with_query`)."""
+        if not path:
+            return self.url
+        base, mark, own_query = self.url.partition("?")
+        return f"{base.rstrip('/')}/{quote(path.lstrip('/'), safe=_PATH_SAFE)}{mark}{own_query}"
 
     def encode(self) -> bytes:
         return msgspec.json.encode(self)
+
+
+def with_query(url: str, query: str) -> str:
+    """`url` with a caller's query string added after the one it may have."""
+    if not query:
+        return url
+    return f"{url}{'&' if '?' in url else '?'}{query}"
 
 
 def decode_function(data: bytes) -> Function:

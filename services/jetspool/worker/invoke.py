@@ -20,7 +20,7 @@ from opentelemetry.trace import SpanKind
 from jetspool import tracing
 from jetspool.domain import names
 from jetspool.domain.errors import PermanentDelivery, RetryableDelivery
-from jetspool.domain.functions import forwardable
+from jetspool.domain.functions import forwardable, with_query
 from jetspool.domain.status import ErrorType, utcnow
 from jetspool.worker.policy import check_response
 
@@ -97,13 +97,13 @@ _QUERY_SAFE: Final = "".join(map(chr, range(0x21, 0x7F)))
 
 def _target(function: Function, request: QueuedRequest) -> yarl.URL:
     """Where `request` goes: the function's URL, its sub-path percent-encoded again (see
-    `Function.endpoint`) and the query exactly as the caller sent it. (Given the query to parse,
-    yarl normalises it: `%3A` went out as `:` and `%2F` as `/`.)"""
+    `Function.endpoint`) and the query exactly as the caller sent it, after the URL's own. (Given
+    the query to parse, yarl normalises it: `%3A` went out as `:` and `%2F` as `/`.)"""
     url = yarl.URL(function.endpoint(request.path))
     if not request.query:
         return url
     query = quote(request.query, safe=_QUERY_SAFE, encoding="latin-1")  # bytes the request line cannot carry raw
-    return yarl.URL(f"{url}?{query}", encoded=True)
+    return yarl.URL(with_query(str(url), query), encoded=True)
 
 
 def _payload(body: bytes) -> bytes | io.BytesIO | None:

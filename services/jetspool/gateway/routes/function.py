@@ -11,7 +11,7 @@ from litestar.params import FromPath
 
 from jetspool.domain import names
 from jetspool.domain.errors import RequestError
-from jetspool.domain.functions import HOP_BY_HOP, forwardable
+from jetspool.domain.functions import HOP_BY_HOP, forwardable, with_query
 from jetspool.domain.status import request_urls
 from jetspool.gateway.intake import function_for, is_yes, raw_query_and_headers, read_submission
 from jetspool.gateway.state import Gateway, GatewayDep
@@ -65,7 +65,7 @@ async def _call(request: Request[Any, Any, Any], gateway: Gateway, name: str, pa
     try:
         answer = await gateway.http.request(
             request.method,
-            f"{url}?{query}" if query else url,
+            with_query(url, query),
             content=await request.body(),
             headers=[*forwardable(headers), *function.headers.items()],
             timeout=function.timeout,
