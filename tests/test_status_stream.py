@@ -13,6 +13,7 @@ import pytest
 
 from jetspool.domain.status import StatusRecord, utcnow
 from jetspool.gateway.feed import StatusFeed
+from jetspool.gateway.routes.queue import position_interval_s
 from tests.support.servers import Reply, eventually, eventually_true
 from tests.support.stack import start_stack
 
@@ -277,6 +278,20 @@ async def test_a_queue_change_wakes_only_the_armed_watches_of_its_function(nats_
 
     assert woken == (True, False, False)
     assert again is False
+
+
+@pytest.mark.parametrize(
+    ("watching", "lowest", "highest"), [(1, 0.005, 0.015), (10, 0.05, 0.15), (100, 0.5, 1.5), (5000, 0.5, 1.5)]
+)
+def test_a_new_position_is_held_back_longer_the_more_streams_are_open(
+    watching: int, lowest: float, highest: float
+) -> None:
+    """A stream alone sends a new position almost at once (SPEC: one event per change; a probe saw
+    a position that lasted 0.1 s never sent); a thousand streams each at most about once a second."""
+    waits = [position_interval_s(watching) for _ in range(200)]
+
+    assert all(lowest <= wait <= highest for wait in waits)
+    assert max(waits) - min(waits) > (highest - lowest) / 2, "spread, so woken streams do not read at once"
 
 
 async def test_the_gateway_hears_status_changes_only_while_someone_watches(nats_server: EmbeddedNats) -> None:

@@ -77,6 +77,7 @@ class StatusFeed:
         self._max_watches = max_watches
         self._linger_s = linger_s
         self._by_request: dict[str, set[Watch]] = defaultdict(set)
+        self._watching = 0
         self._armed: dict[str, set[Watch]] = defaultdict(set)
         """Function → watches waiting for its queue to move: a change wakes these, not every watch."""
         self._subs: list[Subscription] = []
@@ -92,7 +93,8 @@ class StatusFeed:
 
     @property
     def watching(self) -> int:
-        return sum(len(w) for w in self._by_request.values())
+        """Streams and waits open on this gateway."""
+        return self._watching
 
     async def _subscribe(self) -> None:
         if self._release is not None:
@@ -149,10 +151,12 @@ class StatusFeed:
         self.check_capacity()
         watch = Watch(request_id, function)
         self._by_request[request_id].add(watch)
+        self._watching += 1
         try:
             await self._subscribe()
             yield watch
         finally:
+            self._watching -= 1
             self._discard(self._by_request, request_id, watch)
             self._discard(self._armed, function, watch)
             self._release_later()

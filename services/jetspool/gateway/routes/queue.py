@@ -266,18 +266,28 @@ async def _events(
             elif not watch.own_change.is_set():
                 # Only others moved: a new queue position goes out at most once per interval, so a
                 # thousand streams on one busy function do not each recompute it on every change.
-                await wait_event(watch.own_change, _position_interval_s())
+                await wait_event(watch.own_change, position_interval_s(gateway.feed.watching))
 
 
 _POSITION_INTERVAL_S = 1.0
-"""Mean time between two stream events that only move the queue position."""
+"""Mean time between two stream events that only move the queue position, at most."""
+_POSITION_INTERVAL_PER_WATCH_S = 0.01
+"""Mean time between two of them per stream or wait open on the gateway, up to `_POSITION_INTERVAL_S`."""
 
 
-def _position_interval_s() -> float:
-    """0.5 to 1.5 position intervals. Streams woken by the same change would otherwise all read
-    their positions at the same instant one interval later: with 1,000 streams that stalled the
-    gateway for about 250 ms, and the status changes behind it reached their streams that late."""
-    return _POSITION_INTERVAL_S * random.uniform(0.5, 1.5)  # noqa: S311 - spreading load, not cryptography
+def position_interval_s(watching: int) -> float:
+    """How long a stream holds back an event that would only move its queue position.
+
+    With few streams open, a new position goes out almost at once (SPEC: one event per change;
+    within about 10 ms for a stream alone). With many, each position read costs the gateway (up to
+    three consumer reads and a direct get), so their reads together stay near 100 per second, and
+    from 100 streams on a new position goes out at most about once a second. The
+    wait is drawn from 0.5 to 1.5 times the mean: streams woken by the same change would otherwise
+    all read their positions at the same instant one interval later (with 1,000 streams that
+    stalled the gateway for about 250 ms, and the status changes behind it reached their streams
+    that late)."""
+    mean = min(_POSITION_INTERVAL_S, watching * _POSITION_INTERVAL_PER_WATCH_S)
+    return mean * random.uniform(0.5, 1.5)  # noqa: S311 - spreading load, not cryptography
 
 
 async def _view(gateway: Gateway, record: StatusRecord, *, with_logs: bool) -> dict[str, Any]:
