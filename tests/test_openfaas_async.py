@@ -46,7 +46,7 @@ async def test_a_function_url_with_a_query_or_a_trailing_slash_is_called_as_regi
     """A key in the function's URL (`?code=` of Azure Functions) stays in its query, ahead of the
     caller's, with a sub-path before it; and a URL ending in `/` is called with it (without, FastAPI
     answers a 307 redirect, which a call does not follow)."""
-    await stack.register("keyed", path="/run?code=k")
+    await stack.register("keyed", path="/run?code=k%2F1")
     await stack.register("slashed", path="/predict/")
     queued = await stack.submit("keyed", "sub", params={"a": "1"}, content=b"x")
     proxied = await stack.client.post("/function/keyed/now", params={"b": "2"}, content=b"y")
@@ -56,9 +56,9 @@ async def test_a_function_url_with_a_query_or_a_trailing_slash_is_called_as_regi
     for name, request_id in (("keyed", queued), ("slashed", plain)):
         assert (await stack.wait_for_status(name, request_id))["status"] == "COMPLETED"
     [seen] = stack.functions.on("/run/sub")
-    assert seen.query == "code=k&a=1"
+    assert seen.query == "code=k%2F1&a=1", "the key exactly as registered (yarl made %2F a /)"
     [seen] = stack.functions.on("/run/now")
-    assert seen.query == "code=k&b=2"
+    assert seen.query == "code=k%2F1&b=2"
     assert len(stack.functions.on("/predict/")) == 1
 
 

@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from jetspool.domain.errors import ConfigError, DecodeError
-from jetspool.domain.functions import Function, decode_function, is_valid_name
-from jetspool.settings import check_tls_files, load, validate
+from jetspool.domain.functions import Function, decode_function, is_valid_name, shown, with_query
+from jetspool.settings import GatewaySettings, check_listen, check_tls_files, load, validate
 from tests.support.processes import JetspoolProcess, stopped_while_waiting_for_nats
 from tests.support.servers import free_port
 from tests.support.tls import self_signed
@@ -706,7 +706,31 @@ def test_endpoint_joins_url_and_sub_path_with_one_slash(url: str, path: str, end
     assert Function(name="f", url=url).endpoint(path) == endpoint
 
 
-@pytest.mark.parametrize("url", ["ftp://f", "f:9000", "/relative", "http://", "http:// f"])
+@pytest.mark.parametrize(
+    ("url", "query", "joined"),
+    [
+        ("http://f/run", "", "http://f/run"),
+        ("http://f/run", "a=1", "http://f/run?a=1"),
+        ("http://f/run?code=k", "a=1", "http://f/run?code=k&a=1"),
+        ("http://f/run?", "a=1", "http://f/run?a=1"),
+        ("http://f/run?code=k&", "a=1", "http://f/run?code=k&a=1"),
+    ],
+)
+def test_a_callers_query_follows_the_function_urls_own(url: str, query: str, joined: str) -> None:
+    assert with_query(url, query) == joined
+
+
+def test_logs_and_traces_show_a_function_url_without_its_key_or_credentials() -> None:
+    assert shown("https://user:secret@f.example.net:8443/api/run?code=k&x=1") == "https://f.example.net:8443/api/run"
+    assert shown("http://[::1]:9000/") == "http://[::1]:9000/"
+
+
+def test_a_gateway_host_that_is_not_this_machines_is_named_as_the_host() -> None:
+    with pytest.raises(ConfigError, match=r"^gateway\.host: cannot listen on 192\.0\.2\.1:"):
+        check_listen(GatewaySettings(host="192.0.2.1", port=free_port()))  # TEST-NET-1: no machine has it
+
+
+@pytest.mark.parametrize("url", ["ftp://f", "f:9000", "/relative", "http://", "http:// f", "http://f/run#part"])
 def test_function_url_must_be_absolute_http_or_https(url: str) -> None:
     with pytest.raises(ValueError, match="url"):
         Function(name="f", url=url)

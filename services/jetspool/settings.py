@@ -12,6 +12,7 @@ can be read is checked only by what serves the gateway (`check_tls_files`).
 from __future__ import annotations
 
 import binascii
+import errno
 import ipaddress
 import os
 import re
@@ -270,13 +271,16 @@ def check_listen(gateway: GatewaySettings) -> None:
     """ConfigError naming the key when the gateway's address is taken: checked by what serves the
     gateway before it starts (uvicorn's own failed bind ends in a traceback; `up` would take the
     other server's answers for its gateway's)."""
-    with socket.socket(socket.AF_INET6 if ":" in gateway.host else socket.AF_INET) as sock:
+    v6 = ":" in gateway.host
+    with socket.socket(socket.AF_INET6 if v6 else socket.AF_INET) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: only a listener stops it
         try:
             sock.bind((gateway.host, gateway.port))
         except OSError as exc:
-            where = f"{gateway.host}:{gateway.port}"
-            raise ConfigError(f"gateway.port: cannot listen on {where} ({exc.strerror})") from None
+            where = f"[{gateway.host}]:{gateway.port}" if v6 else f"{gateway.host}:{gateway.port}"
+            taken = exc.errno in (errno.EADDRINUSE, errno.EACCES)  # else the host: not ours, or no address
+            key = "gateway.port" if taken else "gateway.host"
+            raise ConfigError(f"{key}: cannot listen on {where} ({exc.strerror})") from None
 
 
 def _read_file(path: Path) -> dict[str, Any]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from typing import Annotated, Final
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import msgspec
 
@@ -80,6 +80,10 @@ class Function(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
             raise ValueError(f"invalid function name {self.name!r}")
         if not re.match(r"^https?://[^/\s]+", self.url):
             raise ValueError("url must be an absolute http:// or https:// URL")
+        if "#" in self.url:
+            raise ValueError(
+                "url must not have a fragment (#...): it is never sent, and what followed it would be lost"
+            )
         for header, value in self.headers.items():
             if not _HEADER_NAME.fullmatch(header) or header.lower() in FRAMING_HEADERS:
                 raise ValueError(f"headers: {header!r} cannot be sent as a header name")
@@ -106,7 +110,16 @@ def with_query(url: str, query: str) -> str:
     """`url` with a caller's query string added after the one it may have."""
     if not query:
         return url
+    if url.endswith(("?", "&")):
+        return f"{url}{query}"
     return f"{url}{'&' if '?' in url else '?'}{query}"
+
+
+def shown(url: str) -> str:
+    """`url` as logs and traces show it: without credentials or query (which may hold a key, such
+    as `?code=`, or a caller's secret)."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
 
 
 def decode_function(data: bytes) -> Function:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import re
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
@@ -20,7 +21,7 @@ from opentelemetry.trace import SpanKind
 from jetspool import tracing
 from jetspool.domain import names
 from jetspool.domain.errors import PermanentDelivery, RetryableDelivery
-from jetspool.domain.functions import forwardable, with_query
+from jetspool.domain.functions import forwardable, shown, with_query
 from jetspool.domain.status import ErrorType, utcnow
 from jetspool.worker.policy import check_response
 
@@ -65,7 +66,7 @@ async def invoke(
     with tracing.tracer.start_as_current_span(
         "jetspool.invoke",
         kind=SpanKind.CLIENT,
-        attributes={"http.request.method": request.method, "url.full": str(url), "jetspool.attempt": attempt},
+        attributes={"http.request.method": request.method, "url.full": shown(str(url)), "jetspool.attempt": attempt},
     ) as span:
         headers = [
             *((k, v) for k, v in forwardable(request.headers) if k.lower() not in tracing.TRACE_HEADERS),
@@ -95,15 +96,20 @@ _QUERY_SAFE: Final = "".join(map(chr, range(0x21, 0x7F)))
 """Every printable ASCII character: a query keeps them as they came; other bytes are percent-encoded."""
 
 
+_ORIGIN: Final = re.compile(r"(https?://[^/?#]*)(.*)", re.DOTALL)
+"""A function URL's scheme and authority, and the rest (path and query)."""
+
+
 def _target(function: Function, request: QueuedRequest) -> yarl.URL:
-    """Where `request` goes: the function's URL, its sub-path percent-encoded again (see
-    `Function.endpoint`) and the query exactly as the caller sent it, after the URL's own. (Given
-    the query to parse, yarl normalises it: `%3A` went out as `:` and `%2F` as `/`.)"""
-    url = yarl.URL(function.endpoint(request.path))
-    if not request.query:
-        return url
-    query = quote(request.query, safe=_QUERY_SAFE, encoding="latin-1")  # bytes the request line cannot carry raw
-    return yarl.URL(with_query(str(url), query), encoded=True)
+    """Where `request` goes: the function's URL as registered, its sub-path percent-encoded again
+    (see `Function.endpoint`), and the query exactly as the caller sent it, after the URL's own.
+
+    Only the host is normalised (IDNA). Given the rest to parse, yarl normalised it too: `%3A` in a
+    query went out as `:` and `%2F` as `/`, in a caller's query or a key in the function's URL."""
+    origin, rest = _ORIGIN.fullmatch(function.endpoint(request.path)).groups()  # type: ignore[union-attr]
+    own = quote(rest, safe=_QUERY_SAFE)  # only what a request line cannot carry raw
+    query = quote(request.query, safe=_QUERY_SAFE, encoding="latin-1")
+    return yarl.URL(with_query(f"{yarl.URL(origin)}{own}", query), encoded=True)
 
 
 def _payload(body: bytes) -> bytes | io.BytesIO | None:

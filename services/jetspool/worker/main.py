@@ -12,6 +12,7 @@ import httpx
 from jetspool import tracing
 from jetspool.callbacks.delivery import CallbackDelivery
 from jetspool.domain import names
+from jetspool.domain.functions import shown
 from jetspool.jetstream.callbacks import CallbackQueue
 from jetspool.jetstream.cancel import Canceller
 from jetspool.jetstream.events import EventLog
@@ -68,7 +69,7 @@ class RunnerPool:
             runner = FunctionRunner(self._nc, function, self._handler, self._settings.worker.poll_interval)
             await runner.start()
             self._runners[name] = runner
-            log.info("delivering to %s at %s (concurrency %d)", name, function.url, function.concurrency)
+            log.info("delivering to %s at %s (concurrency %d)", name, shown(function.url), function.concurrency)
 
     async def stop(self) -> None:
         async with self._lock:
