@@ -116,6 +116,20 @@ async def test_cancelling_a_running_request_aborts_the_call_and_posts_cancel_pat
     stack.functions.release("/busy")
 
 
+async def test_the_cancel_path_carries_the_key_of_the_function_url_as_registered(stack: Stack) -> None:
+    """Like the call itself: a key in the URL (`?code=`) goes with the cancel notice, unaltered."""
+    await stack.register("busy", path="/busy?code=k%2F1", concurrency=1, cancel_path="/cancel")
+    stack.functions.hold("/busy")
+    request_id = (await _queue(stack, "busy"))["request_id"]
+    await stack.wait_for_status("busy", request_id, "IN_PROGRESS")
+
+    await stack.client.put(f"/queue/busy/requests/{request_id}/cancel")
+    [notice] = await stack.functions.wait_for("/busy/cancel")
+
+    assert notice.query == "code=k%2F1"
+    stack.functions.release("/busy")
+
+
 async def test_a_slow_cancel_path_does_not_hold_the_cancelled_status_back(stack: Stack) -> None:
     await stack.register("busy", concurrency=1, cancel_path="/cancel")
     stack.functions.hold("/busy")

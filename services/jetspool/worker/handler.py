@@ -28,7 +28,7 @@ from jetspool.domain.messages import QueuedRequest, StoredResult, decode
 from jetspool.domain.status import ErrorType, StatusRecord, utcnow
 from jetspool.jetstream.stats import count, count_outcome
 from jetspool.jetstream.status_store import StaleStatus, StatusStore, Versioned
-from jetspool.worker.invoke import FunctionAnswer, invoke
+from jetspool.worker.invoke import FunctionAnswer, function_url, invoke
 from jetspool.worker.policy import backoff_s
 
 if TYPE_CHECKING:
@@ -363,7 +363,7 @@ class RequestHandler:
             return
         try:
             async with self._s.http.post(
-                function.endpoint(function.cancel_path),
+                function_url(function, function.cancel_path),
                 data=orjson.dumps({"request_id": request.request_id}),
                 headers={"Content-Type": "application/json", names.H_CALL_ID: request.request_id, **function.headers},
                 timeout=aiohttp.ClientTimeout(total=_CANCEL_TIMEOUT_S),

@@ -61,7 +61,7 @@ async def invoke(
     logs_url: str,
 ) -> FunctionAnswer:
     """One delivery of `request` to `function`; raises RetryableDelivery or PermanentDelivery."""
-    url = _target(function, request)
+    url = function_url(function, request.path, request.query)
     started = time.monotonic()
     with tracing.tracer.start_as_current_span(
         "jetspool.invoke",
@@ -100,15 +100,16 @@ _ORIGIN: Final = re.compile(r"(https?://[^/?#]*)(.*)", re.DOTALL)
 """A function URL's scheme and authority, and the rest (path and query)."""
 
 
-def _target(function: Function, request: QueuedRequest) -> yarl.URL:
-    """Where `request` goes: the function's URL as registered, its sub-path percent-encoded again
-    (see `Function.endpoint`), and the query exactly as the caller sent it, after the URL's own.
+def function_url(function: Function, path: str, query: str = "") -> yarl.URL:
+    """Where a call to `function` at sub-path `path` goes (a request, or its cancel notice): the
+    function's URL as registered, the sub-path percent-encoded again (see `Function.endpoint`), and
+    `query` exactly as the caller sent it, after the URL's own.
 
     Only the host is normalised (IDNA). Given the rest to parse, yarl normalised it too: `%3A` in a
     query went out as `:` and `%2F` as `/`, in a caller's query or a key in the function's URL."""
-    origin, rest = _ORIGIN.fullmatch(function.endpoint(request.path)).groups()  # type: ignore[union-attr]
+    origin, rest = _ORIGIN.fullmatch(function.endpoint(path)).groups()  # type: ignore[union-attr]
     own = quote(rest, safe=_QUERY_SAFE)  # only what a request line cannot carry raw
-    query = quote(request.query, safe=_QUERY_SAFE, encoding="latin-1")
+    query = quote(query, safe=_QUERY_SAFE, encoding="latin-1")
     return yarl.URL(with_query(f"{yarl.URL(origin)}{own}", query), encoded=True)
 
 
