@@ -4,8 +4,27 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from jetspool.domain import names
+from jetspool.embedded import EmbeddedNats
+from jetspool.jetstream.connection import connect
+from jetspool.settings import NatsSettings
+from tests.support.servers import free_port
+from tests.support.stack import start_stack
+
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from tests.support.stack import Stack
+
+_BLIND_GATEWAY = (
+    "authorization { users: [\n"
+    '  {user: "gateway", password: "pw",\n'
+    f'   permissions: {{publish: {{deny: ["$JS.API.DIRECT.GET.{names.QUEUE_STREAM}"]}}}}}}\n'
+    '  {user: "admin", password: "pw"}\n'
+    "]}\n"
+)
+"""A NATS user that may queue requests but not read the queue stream's messages directly: the
+read behind a request's queue position gets no answer."""
 
 
 async def _queue(stack: Stack, name: str, priority: str | None = None) -> dict[str, Any]:
@@ -181,3 +200,32 @@ async def test_eta_comes_from_recent_run_times_position_and_concurrency(stack: S
     assert status["queue_position"] == 0
     assert status["eta_seconds"] > 0
     stack.functions.release("/busy", 2)
+
+
+async def test_a_stored_request_is_answered_with_its_id_when_its_position_cannot_be_read(tmp_path: Path) -> None:
+    """Found by a chaos run: nats-server killed just after a submit's message was stored made the
+    position read time out, and the submit answered 503 although the request was queued (it then
+    ran; a client told 503 would have submitted it again). Here the position read is refused for
+    good, so the answer comes once the gateway stops waiting for it."""
+    server = EmbeddedNats(tmp_path / "nats", port=free_port(), extra_config=_BLIND_GATEWAY)
+    server.start()
+    try:
+        stack = await start_stack(server, worker=False, overrides={"nats": {"user": "gateway", "password": "pw"}})
+        try:
+            await stack.register("echo")
+            answer = await stack.client.post("/queue/echo", json={"n": 1})
+        finally:
+            await stack.close()
+        admin = await connect(NatsSettings(url=server.url, user="admin", password="pw"), "test")
+        try:
+            stored = (await admin.js.stream_info(names.QUEUE_STREAM)).state.messages
+        finally:
+            await admin.close()
+    finally:
+        server.stop()
+
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["queue_position"] is None
+    assert answer.headers["X-Request-Id"] == body["request_id"]
+    assert stored == 1

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
 from collections.abc import AsyncIterator
+from functools import partial
 from typing import Any
 
 import orjson
 from litestar import Request, Response, get, post, put
 from litestar.params import FromPath, FromQuery
 from litestar.response import ServerSentEvent, ServerSentEventMessage
+from nats.errors import Error as NatsError
 
 from jetspool.aio import wait_event
 from jetspool.domain import names
@@ -24,11 +27,16 @@ from jetspool.gateway.lookup import find_request, require_request
 from jetspool.gateway.state import Gateway, GatewayDep
 from jetspool.jetstream.cancel import CancelOutcome
 from jetspool.jetstream.retry import RetryOutcome
+from jetspool.jetstream.ridethrough import ride_through
 from jetspool.jetstream.status_store import Versioned
+
+log = logging.getLogger(__name__)
 
 _FLAGS = {"1": True, "true": True, "0": False, "false": False}
 _MAX_WAIT_S = 600.0
 _EVENT_IDS_PER_REVISION = 1_000_000
+_POSITION_AFTER_SUBMIT_S = 2.0
+"""How long a submit's answer waits for the request's queue position, at most."""
 
 
 @post("/queue/{name:str}", status_code=200)
@@ -56,9 +64,26 @@ async def _queued(gateway: Gateway, record: StatusRecord, status_code: int) -> R
     body = {
         "request_id": record.request_id,
         **request_urls(gateway.base_url, record.function, record.request_id),
-        "queue_position": await gateway.positions.position(record) if record.status is State.IN_QUEUE else 0,
+        "queue_position": await _position_after_submit(gateway, record),
     }
     return Response(body, status_code=status_code, headers={names.H_REQUEST_ID: record.request_id})
+
+
+async def _position_after_submit(gateway: Gateway, record: StatusRecord) -> int | None:
+    """The queue position a submit answers with; None when NATS cannot tell it in time.
+
+    The request is stored by now. A failed read of where it stands must not turn the answer into
+    an error: the client, told that nothing was queued, would submit the request again while the
+    first one runs. (Found by a chaos run: nats-server killed just after a submit's message was
+    stored made its answer a 503, five seconds later, and the request then ran.)"""
+    if record.status is not State.IN_QUEUE:
+        return 0
+    try:
+        async with asyncio.timeout(_POSITION_AFTER_SUBMIT_S):
+            return await ride_through(partial(gateway.positions.position, record), "queue position")
+    except (NatsError, TimeoutError) as exc:
+        log.warning("request %s is queued; answering without its queue position (%r)", record.request_id, exc)
+        return None
 
 
 def _flag(name: str, value: str | None) -> bool:
