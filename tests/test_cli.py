@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import shutil
 import socket
@@ -14,8 +15,14 @@ from typing import TYPE_CHECKING
 import httpx
 import pytest
 
-from tests.support.processes import JetspoolProcess, alive, descendants, stopped_while_waiting_for_nats
-from tests.support.servers import free_port
+from tests.support.processes import (
+    ACCEPT_SINGLE_REPLICA,
+    JetspoolProcess,
+    alive,
+    descendants,
+    stopped_while_waiting_for_nats,
+)
+from tests.support.servers import free_port, wait_until_ready
 from tests.support.tls import self_signed
 
 if TYPE_CHECKING:
@@ -176,6 +183,26 @@ def test_bad_settings_from_flags_or_environment_exit_2_naming_them(
 
     assert code == 2
     assert named in proc.output
+    assert "Traceback" not in proc.output
+
+
+@pytest.mark.parametrize("part", ["gateway", "worker"])
+def test_sigterm_stops_a_running_part_with_exit_code_0(part: str, nats_server: EmbeddedNats) -> None:
+    """Exit code 0 is a stop on request (README). The gateway ended killed by the signal instead
+    (-15): uvicorn raises a stop signal again once it has shut down. Found by a chaos run."""
+    port = free_port()
+    args = [part, "--nats-url", nats_server.url] + (["--port", str(port)] if part == "gateway" else [])
+    proc = JetspoolProcess(args, env={"JETSPOOL_CONFIG": "", ACCEPT_SINGLE_REPLICA: "true", **_FAST_STOP})
+    try:
+        if part == "gateway":
+            asyncio.run(wait_until_ready(f"http://127.0.0.1:{port}", timeout_s=30))
+        else:
+            proc.wait_for_text("worker ready", 30)
+        code = proc.terminate(30)
+    finally:
+        proc.kill_tree()
+
+    assert code == 0, proc.output
     assert "Traceback" not in proc.output
 
 

@@ -151,6 +151,11 @@ def _serve_gateway(settings: Settings) -> int:
         return not config_errors and (server.started or not server.should_exit)
 
     logging.getLogger("uvicorn.error").addFilter(worth_telling)
+    # Once shut down, uvicorn raises the stop signal again under the handler it found, so that the
+    # process would end killed by it (-15) where a stop on request exits 0. Its own handler, in
+    # place before it starts, takes that second raise as a repeated stop request.
+    for stop in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop, server.handle_exit)
     try:
         run_loop(_serve(server))
     except SystemExit:  # uvicorn's way out of a failed start-up
