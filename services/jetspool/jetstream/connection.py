@@ -84,15 +84,20 @@ class Nats:
         Closed while NATS is away (reconnecting), nats-py writes what it buffered meanwhile to the
         lost connection and raises `ConnectionResetError`: a worker told to stop during an outage
         then ended with a traceback, the rest of its shutdown skipped. What was buffered is lost
-        either way (acknowledgements, in-progress signals: JetStream redelivers)."""
+        either way (acknowledgements, in-progress signals: JetStream redelivers). On Python 3.12 and
+        3.13 (3.12.1 and 3.13.0 at least), asyncio's own loop raises `TypeError` instead: its socket
+        transport, written to once closed, calls the write callback it cleared on closing."""
         if self.nc.is_closed:
             return
         with contextlib.suppress(NatsError, TimeoutError):
             await self.nc.flush(timeout=_FLUSH_TIMEOUT_S)
+        away = not self.nc.is_connected
         try:
             await self.nc.close()
-        except OSError as exc:
-            log.info("nats: closed while disconnected, what was buffered is dropped (%s)", exc)
+        except (OSError, TypeError) as exc:
+            if not away:
+                raise
+            log.info("nats: closed while disconnected, what was buffered is dropped (%r)", exc)
 
 
 def connect_options(settings: NatsSettings, name: str) -> dict[str, Any]:
