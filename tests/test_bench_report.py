@@ -26,7 +26,9 @@ def _records(submit_ratio: float, rss: float) -> list[dict[str, object]]:
             "gateway": {"rps": 1000 * submit_ratio, "p50_ms": 10.0, "p99_ms": 20.0},
             "plain_litestar": {"rps": 1000.0},
             "raw_nats_publish": {"rps": 3000.0},
+            "http_publish_floor": {"rps": 1500.0},
             "ratio_gateway_over_plain": submit_ratio,
+            "ratio_floor_over_plain": 0.5,
         },
         {
             "workload": "backlog",
@@ -69,6 +71,7 @@ def test_the_report_appends_a_section_per_run(tmp_path: Path) -> None:
 
     text = path.read_text()
     assert text.count("## Run ") == 2
+    assert "; HTTP + publish floor 1500/s (0.5 x plain) |" in text
     assert "— first" in text
     assert "— second" in text
     assert "| submit throughput ≥ 0.5 x plain Litestar | 0.2 | missed |" in text

@@ -4,6 +4,7 @@
     python -m tests.bench.apps plain --port P   # the baseline: a Litestar POST endpoint doing no work
     python -m tests.bench.apps receiver --port P  # a callback receiver: records when each callback came
     python -m tests.bench.apps hold --port P   # a function that never answers (keeps a backlog waiting)
+    python -m tests.bench.apps publish --port P --nats-url U  # the floor of a submit: see `Publisher`
 
 `noop` and `receiver` answer `GET /_seen` with what they recorded ({request id: Unix time}) and
 forget it on `DELETE /_seen`. Both are raw ASGI so that they cost the measured system as little
@@ -17,6 +18,7 @@ import asyncio
 import time
 from typing import Any
 
+import nats
 import orjson
 import uvicorn
 from litestar import Litestar, Request, get, post
@@ -62,6 +64,53 @@ class Hold(Recorder):
         await super().__call__(scope, receive, send)
 
 
+class Publisher:
+    """The floor of a submit over HTTP: a raw ASGI app that stores each request's body with one
+    nats-py JetStream publish-with-ack (stream `BENCH_FLOOR`, on file) and answers 202.
+
+    What any gateway on uvicorn and nats-py must do to take a request durably, and nothing more:
+    no framework, no options, no status, no events."""
+
+    SUBJECT = "bench.floor"
+
+    def __init__(self, nats_url: str) -> None:
+        self.nats_url = nats_url
+        self.nc: Any = None
+        self.js: Any = None
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        body = b""
+        more = True
+        while more:
+            message = await receive()
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+        status, answer = 200, b"{}"
+        if scope["path"] != "/readyz":
+            ack = await self.js.publish(self.SUBJECT, body)
+            status, answer = 202, orjson.dumps({"seq": ack.seq})
+        headers = [(b"content-type", b"application/json")]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": answer})
+
+    async def _lifespan(self, receive: Any, send: Any) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                self.nc = await nats.connect(self.nats_url)
+                self.js = self.nc.jetstream()
+                await self.js.add_stream(name="BENCH_FLOOR", subjects=[self.SUBJECT], storage="file")
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.js.delete_stream("BENCH_FLOOR")
+                await self.nc.close()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
 @post("/submit", status_code=202)
 async def plain_submit(request: Request[Any, Any, Any]) -> dict[str, str]:
     """What a submit route does when it does nothing: read the body, answer 202 with an id."""
@@ -76,8 +125,9 @@ async def ready() -> dict[str, str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("kind", choices=["noop", "plain", "receiver", "hold"])
+    parser.add_argument("kind", choices=["noop", "plain", "receiver", "hold", "publish"])
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--nats-url", help="the NATS server `publish` stores in")
     args = parser.parse_args()
     app: Any
     if args.kind == "plain":
@@ -86,6 +136,10 @@ def main() -> None:
         app = Recorder(b"x-request-id")
     elif args.kind == "receiver":
         app = Recorder(b"x-call-id")
+    elif args.kind == "publish":
+        if not args.nats_url:
+            parser.error("publish needs --nats-url")
+        app = Publisher(args.nats_url)
     else:
         app = Hold(b"x-request-id")
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")

@@ -47,9 +47,10 @@ def stop_process(process: subprocess.Popen[Any], grace_s: float = 10.0) -> None:
 class Helper:
     """One `tests.bench.apps` server in its own process."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, *args: str) -> None:
         self.port = free_port()
-        self.process = subprocess.Popen([sys.executable, "-m", "tests.bench.apps", kind, "--port", str(self.port)])
+        command = [sys.executable, "-m", "tests.bench.apps", kind, "--port", str(self.port), *args]
+        self.process = subprocess.Popen(command)
 
     @property
     def url(self) -> str:

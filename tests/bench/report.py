@@ -111,7 +111,7 @@ def _summary_lines(records: list[Record]) -> list[str]:
             lines.append(
                 f"| submit ({sync}) | {submit['gateway']['rps']:.0f}/s, p50 {submit['gateway']['p50_ms']} ms, "
                 f"p99 {submit['gateway']['p99_ms']} ms | plain Litestar {submit['plain_litestar']['rps']:.0f}/s; "
-                f"raw publish {submit['raw_nats_publish']['rps']:.0f}/s | "
+                f"raw publish {submit['raw_nats_publish']['rps']:.0f}/s{_floor(submit)} | "
                 f"{submit['ratio_gateway_over_plain']} x plain |"
             )
         e2e = _find(records, "end_to_end", sync)
@@ -150,6 +150,14 @@ def _summary_lines(records: list[Record]) -> list[str]:
     return lines
 
 
+def _floor(submit: Record) -> str:
+    """The HTTP + publish floor of a submit run, for its summary line (runs before it had none)."""
+    floor = submit.get("http_publish_floor")
+    if floor is None:
+        return ""
+    return f"; HTTP + publish floor {floor['rps']:.0f}/s ({submit['ratio_floor_over_plain']} x plain)"
+
+
 def _throughputs(records: list[Record]) -> list[tuple[str, float]]:
     bars: list[tuple[str, float]] = []
     for sync in ("always", "2m"):
@@ -158,6 +166,8 @@ def _throughputs(records: list[Record]) -> list[tuple[str, float]]:
             if sync == "always":
                 bars.append(("plain Litestar", submit["plain_litestar"]["rps"]))
                 bars.append(("raw JS publish", submit["raw_nats_publish"]["rps"]))
+            if "http_publish_floor" in submit:
+                bars.append((f"HTTP + publish ({sync})", submit["http_publish_floor"]["rps"]))
             bars.append((f"submit ({sync})", submit["gateway"]["rps"]))
     for sync in ("always", "2m"):
         e2e = _find(records, "end_to_end", sync)

@@ -124,6 +124,7 @@ async def submit(root: Path, sync_interval: str, seconds: float) -> dict[str, An
         gateway = await wrk(f"{stack.url}/async-function/noop", connections=_CONNECTIONS, seconds=seconds)
         gateway_cpu = cpu_seconds(stack.pid("gateway")) - cpu_before
         raw = await raw_publish(stack.nats_url, seconds)
+        floor = await _publish_floor(stack.nats_url, seconds)
     finally:
         stack.close()
     return {
@@ -134,9 +135,26 @@ async def submit(root: Path, sync_interval: str, seconds: float) -> dict[str, An
         "gateway": gateway.record() | {"cpu_ms_per_request": round(gateway_cpu * 1000 / gateway.requests, 3)},
         "plain_litestar": baseline.record(),
         "raw_nats_publish": raw,
+        "http_publish_floor": floor,
         "ratio_gateway_over_plain": round(gateway.rps / baseline.rps, 3),
         "ratio_gateway_over_raw_publish": round(gateway.rps / raw["rps"], 3),
+        "ratio_floor_over_plain": round(floor["rps"] / baseline.rps, 3),
+        "ratio_gateway_over_floor": round(gateway.rps / floor["rps"], 3),
     }
+
+
+async def _publish_floor(nats_url: str, seconds: float) -> dict[str, Any]:
+    """The floor of a submit over HTTP (`tests.bench.apps.Publisher`: uvicorn, no framework, one
+    publish-with-ack per request) under the same load as the gateway, on the same NATS server."""
+    floor = await Helper("publish", "--nats-url", nats_url).start()
+    try:
+        await wrk(f"{floor.url}/submit", seconds=2)  # warm-up
+        cpu_before = cpu_seconds(floor.process.pid)
+        measured = await wrk(f"{floor.url}/submit", connections=_CONNECTIONS, seconds=seconds)
+        cpu = cpu_seconds(floor.process.pid) - cpu_before
+    finally:
+        floor.stop()
+    return measured.record() | {"cpu_ms_per_request": round(cpu * 1000 / measured.requests, 3)}
 
 
 # --- 2. end to end ----------------------------------------------------------------------------
