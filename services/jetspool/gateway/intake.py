@@ -51,6 +51,7 @@ _MAX_IDEMPOTENCY_KEY: Final = 256
 _TRUE: Final = frozenset({"1", "true", "yes"})
 _PRIORITY_HEADERS: Final = (names.H_QUEUE_PRIORITY, names.H_FAL_QUEUE_PRIORITY)
 _NO_RETRY_HEADERS: Final = ("X-No-Retry", "X-Fal-No-Retry")
+_TIMEOUT_HEADERS: Final = (names.H_REQUEST_TIMEOUT, names.H_FAL_REQUEST_TIMEOUT)
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +113,8 @@ async def read_submission(
 
     `also_control` names further query parameters of the route that are not forwarded."""
     raw_query, headers = raw_query_and_headers(request)
-    query = dict(parse_qsl(raw_query, keep_blank_values=True))
+    query = dict(parse_qsl(raw_query, keep_blank_values=True)) if raw_query else {}
+    sent = _first_values(headers)
     body = await request.body()
     return Submission(
         function=function,
@@ -121,14 +123,23 @@ async def read_submission(
         query=_forwarded_query(raw_query, CONTROL_QUERY | also_control),
         headers=forwardable(headers),  # what reaches the function: no credentials stored in the queue
         body=body,
-        callback_url=_url_option(request.headers.get(names.H_CALLBACK_URL) or query.get("webhookEndpoint")),
+        callback_url=_url_option(sent.get(names.H_CALLBACK_URL.lower()) or query.get("webhookEndpoint")),
         webhook_url=_url_option(query.get("fal_webhook") or query.get("webhook")),
-        priority=_priority(request),
-        no_retry=any(is_yes(request.headers.get(h)) for h in _NO_RETRY_HEADERS),
+        priority=_priority(sent),
+        no_retry=any(is_yes(sent.get(h.lower())) for h in _NO_RETRY_HEADERS),
         max_queue_length=_max_queue_length(query.get("max_queue_length") or query.get("fal_max_queue_length")),
-        start_timeout_s=_start_timeout(request),
-        idempotency_key=_idempotency_key(request.headers.get("Idempotency-Key")),
+        start_timeout_s=_start_timeout(sent),
+        idempotency_key=_idempotency_key(sent.get("idempotency-key")),
     )
+
+
+def _first_values(headers: list[tuple[str, str]]) -> dict[str, str]:
+    """Each header's first value, by its lower-case name, in one pass (a submit reads up to eight
+    options from headers; each look-up through Litestar's `request.headers` went through the scope)."""
+    first: dict[str, str] = {}
+    for key, value in headers:
+        first.setdefault(key.lower(), value)
+    return first
 
 
 def _idempotency_key(value: str | None) -> str | None:
@@ -139,9 +150,9 @@ def _idempotency_key(value: str | None) -> str | None:
     return value
 
 
-def _start_timeout(request: Request[Any, Any, Any]) -> float | None:
-    for header in (names.H_REQUEST_TIMEOUT, names.H_FAL_REQUEST_TIMEOUT):
-        value = request.headers.get(header)
+def _start_timeout(sent: dict[str, str]) -> float | None:
+    for header in _TIMEOUT_HEADERS:
+        value = sent.get(header.lower())
         if value is None:
             continue
         try:
@@ -173,9 +184,9 @@ def _url_option(value: str | None) -> str | None:
     return value or None
 
 
-def _priority(request: Request[Any, Any, Any]) -> names.Priority:
+def _priority(sent: dict[str, str]) -> names.Priority:
     for header in _PRIORITY_HEADERS:
-        value = request.headers.get(header)
+        value = sent.get(header.lower())
         if value is not None:
             value = value.strip()
             for priority in names.PRIORITIES:  # exactly these, lower case (SPEC §2: other values 422)
