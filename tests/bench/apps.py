@@ -26,6 +26,17 @@ from litestar import Litestar, Request, get, post
 Scope = dict[str, Any]
 
 
+async def read_body(receive: Any) -> bytes:
+    """The whole body of an HTTP request, from its ASGI messages."""
+    chunks = []
+    more = True
+    while more:
+        message = await receive()
+        chunks.append(message.get("body", b""))
+        more = message.get("more_body", False)
+    return b"".join(chunks)
+
+
 class Recorder:
     """An ASGI app answering 200 `{}` to anything, noting the arrival of each request id."""
 
@@ -37,10 +48,7 @@ class Recorder:
         if scope["type"] != "http":
             return
         arrived = time.time()
-        more = True
-        while more:  # read the whole body
-            message = await receive()
-            more = message.get("more_body", False)
+        await read_body(receive)
         path, method = scope["path"], scope["method"]
         body = b"{}"
         if path == "/_seen" and method == "GET":
@@ -82,12 +90,7 @@ class Publisher:
         if scope["type"] == "lifespan":
             await self._lifespan(receive, send)
             return
-        body = b""
-        more = True
-        while more:
-            message = await receive()
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
+        body = await read_body(receive)
         status, answer = 200, b"{}"
         if scope["path"] != "/readyz":
             ack = await self.js.publish(self.SUBJECT, body)
