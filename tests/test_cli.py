@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import httpx
+import orjson
 import pytest
 
+from jetspool.cli import _parser
 from tests.support.processes import (
     ACCEPT_SINGLE_REPLICA,
     JetspoolProcess,
@@ -36,11 +38,13 @@ _FAST_STOP = {"JETSPOOL_WORKER__SHUTDOWN_GRACE": "1", "JETSPOOL_WORKER__POLL_INT
 
 
 class Up:
-    def __init__(self, data_dir: Path, port: int) -> None:
+    def __init__(self, data_dir: Path, port: int, *flags: str) -> None:
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.proc = JetspoolProcess(
-            ["up", "--demo", "--port", str(port), "--data-dir", str(data_dir)], env=_FAST_STOP, cwd=data_dir.parent
+            ["up", "--demo", "--port", str(port), "--data-dir", str(data_dir), *flags],
+            env=_FAST_STOP,
+            cwd=data_dir.parent,
         )
         self.announced = self.proc.wait_for_line("jetspool is up:")
 
@@ -121,6 +125,41 @@ def test_sigterm_stops_every_process_it_started(up: Up) -> None:
     assert code == 0
     assert [pid for pid in tree if alive(pid)] == []
     assert "Traceback" not in up.proc.output
+
+
+@pytest.mark.parametrize(
+    ("argv", "level", "log_format"),
+    [
+        (["worker"], "INFO", "text"),
+        (["gateway", "--log-format", "json", "--log-level", "DEBUG"], "DEBUG", "json"),
+        (["--log-format", "json", "worker"], "INFO", "json"),
+        (["--log-format", "json", "--log-level", "ERROR", "up", "--log-format", "text"], "ERROR", "text"),
+    ],
+)
+def test_log_options_go_before_or_after_the_command_and_after_wins(
+    argv: list[str], level: str, log_format: str
+) -> None:
+    args = _parser().parse_args(argv)
+
+    assert (args.log_level, args.log_format) == (level, log_format)
+
+
+@pytest.mark.timeout(120)
+def test_up_hands_its_log_format_to_every_process_it_starts(tmp_path: Path) -> None:
+    """`--log-format json` after the command, as after `jetspool`: the gateway's and the workers' lines are JSON too."""
+    running = Up(tmp_path / "data", free_port(), "--log-format", "json")
+    try:
+        if '"message":"worker ready"' not in running.proc.output:  # it may come before the gateway is ready
+            running.proc.wait_for_text('"message":"worker ready"')
+        code = running.stop()
+    finally:
+        running.proc.kill_tree()
+
+    assert code == 0
+    announcement = ("jetspool is up:", "  ", "Press Ctrl-C")
+    lines = [line for line in running.proc.output.splitlines() if not line.startswith(announcement)]
+    loggers = {orjson.loads(line)["logger"] for line in lines}  # every line a JSON object
+    assert {"jetspool.gateway.app", "jetspool.worker.main", "jetspool.jetstream.provision"} <= loggers
 
 
 @pytest.mark.timeout(180)

@@ -39,13 +39,7 @@ log = logging.getLogger("jetspool")
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jetspool", description="A durable async request queue for HTTP functions.")
     parser.add_argument("--version", action="version", version=f"jetspool {__version__}")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    parser.add_argument(
-        "--log-format",
-        default=os.environ.get("JETSPOOL_LOG_FORMAT", "text"),
-        choices=["text", "json"],
-        help="log lines as text or JSON objects (or JETSPOOL_LOG_FORMAT); each names its request and trace",
-    )
+    _logging(parser, "INFO", os.environ.get("JETSPOOL_LOG_FORMAT", "text"))
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     up = commands.add_parser("up", help="run the whole stack: embedded NATS, gateway, worker(s)")
@@ -70,9 +64,21 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _logging(parser: argparse.ArgumentParser, level: str, log_format: str) -> None:
+    parser.add_argument("--log-level", default=level, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument(
+        "--log-format",
+        default=log_format,
+        choices=["text", "json"],
+        help="log lines as text or JSON objects (or JETSPOOL_LOG_FORMAT); each names its request and trace",
+    )
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML config file (or JETSPOOL_CONFIG)")
     parser.add_argument("--nats-url", help="NATS server URL(s), comma-separated")
+    # also after the command (`jetspool up --log-format json`); given there, it wins over one before it
+    _logging(parser, argparse.SUPPRESS, argparse.SUPPRESS)
 
 
 def _http(parser: argparse.ArgumentParser) -> None:
@@ -111,7 +117,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         if args.workers < 1:
             raise ConfigError("--workers must be at least 1")
-        return run_up(settings, UpOptions(args.config, args.data_dir, args.workers, args.demo))
+        options = UpOptions(args.config, args.data_dir, args.workers, args.demo, args.log_level, args.log_format)
+        return run_up(settings, options)
     from jetspool.jetstream.startup import check_durability  # noqa: PLC0415
 
     if args.command == "gateway":

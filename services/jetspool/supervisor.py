@@ -44,6 +44,9 @@ class UpOptions:
     data_dir: Path
     workers: int
     demo: bool
+    log_level: str = "INFO"
+    log_format: str = "text"
+    """Handed on to every process `up` starts."""
 
 
 _ACCEPT_SINGLE_REPLICA = "JETSPOOL_NATS__ACCEPT_SINGLE_REPLICA"
@@ -90,7 +93,8 @@ class Supervisor:
         return self._nats.start()
 
     def _start_children(self, nats_url: str) -> None:
-        common = ["--nats-url", nats_url]
+        common = ["--nats-url", nats_url, "--log-level", self._options.log_level]
+        common += ["--log-format", self._options.log_format]
         if self._options.config:
             common += ["--config", self._options.config]
         if self._options.demo:
