@@ -11,7 +11,7 @@ default:
 run *args:
     {{venv}}/jetspool up --demo {{args}}
 
-# a 3-node NATS JetStream cluster on loopback (4222-4224), for `nats.replicas: 3`; Ctrl-C stops it
+# a 3-node NATS JetStream cluster on loopback (4222-4224; --client-ports/--route-ports to move it), for `nats.replicas: 3`; Ctrl-C stops it
 cluster *args:
     {{venv}}/python -m jetspool.cluster {{args}}
 

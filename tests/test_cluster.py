@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from jetspool.cluster import LocalCluster
+from jetspool.cluster import main as cluster_main
 from jetspool.domain import ids, names
 from jetspool.domain.errors import ConfigError
 from jetspool.jetstream.connection import Nats, connect
@@ -26,7 +27,7 @@ from jetspool.jetstream.provision import provision
 from jetspool.jetstream.ridethrough import ride_through
 from jetspool.settings import validate
 from tests.support.faults import CountingEcho, check_every_result, report, stats, submit_all
-from tests.support.processes import JetspoolProcess, local_tcp_ports, sigkill, start_part
+from tests.support.processes import JetspoolProcess, alive, descendants, local_tcp_ports, sigkill, start_part
 from tests.support.servers import AsgiServer, free_port, wait_until_ready
 
 if TYPE_CHECKING:
@@ -223,6 +224,55 @@ async def test_replicas_3_puts_every_stream_bucket_and_object_store_on_three_nod
     assert set(replicas.values()) == {3}, replicas
     assert all(leaders.values()), "each stream has a leader"
     assert not any(direct for name, direct in allow_direct.items() if (name or "").startswith("KV_")), allow_direct
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--client-ports", "5001,5002"], "expected 3 different ports from 1 to 65535; got '5001,5002'"),
+        (["--route-ports", "5001,5001,5002"], "expected 3 different ports"),
+        (["--client-ports", "5001,x,5003"], "expected 3 port numbers separated by commas"),
+        (["--client-ports", "0,5002,5003"], "from 1 to 65535"),
+        (["--client-ports", "5001,5002,5003", "--route-ports", "5003,5004,5005"], "must not share a port"),
+    ],
+)
+def test_the_cluster_command_refuses_ports_it_cannot_use(
+    args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        cluster_main(["--data-dir", str(tmp_path / "cluster"), *args])
+
+    assert stopped.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "cluster").exists(), "nothing started"
+
+
+@pytest.mark.timeout(120)
+async def test_the_cluster_command_runs_three_nodes_on_the_ports_it_is_given(tmp_path: Path) -> None:
+    """`python -m jetspool.cluster --client-ports ... --route-ports ...` (`just cluster`): three routed
+    nodes that place a stream of three replicas, and SIGTERM stops them all."""
+    ports = _free_ports(6)
+    args = ["--data-dir", str(tmp_path / "cluster"), "--client-ports", ",".join(map(str, ports[:3]))]
+    process = JetspoolProcess([*args, "--route-ports", ",".join(map(str, ports[3:]))], module="jetspool.cluster")
+    try:
+        ready = await asyncio.to_thread(process.wait_for_line, "NATS cluster ready:")
+        servers = [f"nats://127.0.0.1:{port}" for port in ports[:3]]
+        assert ready == f"NATS cluster ready: {','.join(servers)}"
+        nodes = descendants(process.process.pid)
+        nc = await nats.connect(servers=servers[2:])
+        try:
+            created = await nc.jetstream().add_stream(name="THREE", subjects=["three"], num_replicas=3)
+        finally:
+            await nc.close()
+        code = await asyncio.to_thread(process.terminate)
+    finally:
+        process.kill_tree()
+
+    assert created.cluster is not None
+    assert len(created.cluster.replicas or []) == 2, "a leader and two replicas"
+    assert code == 0
+    assert len(nodes) == 3
+    assert not [pid for pid in nodes if alive(pid)]
 
 
 async def test_a_read_after_a_write_sees_it_while_a_node_restarts(cluster: LocalCluster) -> None:

