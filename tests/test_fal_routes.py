@@ -94,12 +94,14 @@ async def test_function_route_passes_an_encoded_sub_path_on_as_it_was_sent(stack
 
 async def test_function_route_relays_head_and_expect_stays_with_the_gateway(stack: Stack) -> None:
     await stack.register("echo")
-    stack.functions.script("/echo/thing", [Reply(200, b"", "text/plain", headers=(("X-Size", "42"),))])
+    length = (("Content-Length", "42"),)  # of the body a GET would get
+    stack.functions.script("/echo/thing", [Reply(200, b"", "text/plain", headers=(("X-Size", "42"), *length))])
 
     head = await stack.client.head("/function/echo/thing")
     post = await stack.client.post("/function/echo/upload", content=b"x" * 1024, headers={"Expect": "100-continue"})
 
     assert (head.status_code, head.headers["x-size"], head.content) == (200, "42", b"")
+    assert head.headers.get_list("content-length") == ["42"]
     [seen_head] = stack.functions.on("/echo/thing")
     assert seen_head.method == "HEAD"
     assert post.status_code == 200

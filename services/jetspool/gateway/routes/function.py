@@ -75,5 +75,7 @@ async def _call(request: Request[Any, Any, Any], gateway: Gateway, name: str, pa
     except httpx.TransportError as exc:
         raise BadGateway(f"cannot reach function {name!r}: {exc.__class__.__name__}") from exc
     relayed = dict(forwardable(list(answer.headers.items()), _NOT_RELAYED))
+    if request.method == HttpMethod.HEAD and "content-length" in answer.headers:
+        relayed["content-length"] = answer.headers["content-length"]  # what a GET's body would be; none is sent
     content_type = answer.headers.get("content-type", "application/octet-stream")
     return Response(answer.content, status_code=answer.status_code, media_type=content_type, headers=relayed)
