@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import operator
 import re
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
 from jetspool.domain.errors import ConfigError, DecodeError
 from jetspool.domain.functions import Function, decode_function, is_valid_name, shown, with_query
+from jetspool.jetstream.startup import check_durability
 from jetspool.settings import GatewaySettings, check_listen, check_tls_files, load, validate
 from tests.support.processes import JetspoolProcess, stopped_while_waiting_for_nats
 from tests.support.servers import free_port
 from tests.support.tls import self_signed
-
-if TYPE_CHECKING:
-    from pathlib import Path
 
 
 def _config(tmp_path: Path, text: str) -> Path:
@@ -748,3 +748,20 @@ def test_function_entry_round_trips_through_its_encoding() -> None:
 def test_unreadable_function_entry_raises_decode_error(data: bytes) -> None:
     with pytest.raises(DecodeError):
         decode_function(data)
+
+
+_DOCS = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/deployment.md"])
+def test_every_config_file_in_the_docs_is_one_every_command_starts_with(doc: str) -> None:
+    """A user copies these: each YAML block must pass the checks `up`, `gateway` and `worker` make
+    before they start (the README's once lacked `accept_single_replica` and stopped with exit code 2)."""
+    blocks = re.findall(r"```ya?ml\n(.*?)```", (_DOCS / doc).read_text(encoding="utf-8"), re.S)
+    configs = [yaml.safe_load(block) for block in blocks]
+
+    assert configs, f"{doc} shows a config file"
+    for config in configs:
+        settings = validate(config)
+        check_durability(settings)
+        assert settings.nats.servers, "each names the NATS it runs on"
