@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
+from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -28,7 +29,7 @@ from jetspool.jetstream.ridethrough import ride_through
 from jetspool.settings import validate
 from tests.support.faults import CountingEcho, check_every_result, report, stats, submit_all
 from tests.support.processes import JetspoolProcess, alive, descendants, local_tcp_ports, sigkill, start_part
-from tests.support.servers import AsgiServer, free_port, wait_until_ready
+from tests.support.servers import AsgiServer, eventually_true, free_port, wait_until_ready
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterator
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
 
 _REQUESTS = 2000
 _MAX_ATTEMPTS = 5
+_LOST_QUORUM_S = 8.0
 
 
 def _free_ports(count: int) -> list[int]:
@@ -367,6 +369,42 @@ async def test_2000_requests_ride_through_a_nats_node_sigkilled_and_restarted(
     )
     assert killed_at
     assert restarted_at
+
+
+@pytest.mark.timeout(180)
+async def test_a_submit_waits_out_a_lost_quorum_and_is_answered_with_its_id(
+    cluster: LocalCluster, echo: tuple[CountingEcho, AsgiServer], parts: Parts
+) -> None:
+    """Found by a chaos run: with the two nodes that do not lead the queue stream SIGKILLed, the
+    leader holds a submit's write until its quorum is back. The gateway's repeat of the write was
+    told "duplicate message id is in process" (10158), which it took for a refusal: it answered
+    503 after 5 s, and the request ran once the nodes were back. A client told 503 submits again,
+    and the request runs twice. The repeats now go on until the write is settled."""
+    app, _ = echo
+    leader = await _queue_leader(cluster)
+    followers = [node for index, node in enumerate(cluster.nodes) if index != leader]
+    for node in followers:
+        node.kill()
+    async with httpx.AsyncClient(base_url=parts.urls[0], timeout=60) as client:
+        submit = asyncio.create_task(client.post("/async-function/echo", content=b"through the outage"))
+        # Past the first write's 5 s time-out and a repeat: the old code had answered by then.
+        await asyncio.wait({submit}, timeout=_LOST_QUORUM_S)
+        answered_in_outage = submit.done()
+        for node in followers:
+            await asyncio.to_thread(node.start)
+        answer = await submit
+        request_id = answer.headers.get("x-call-id", "")
+
+        async def completed() -> bool:
+            status = await client.get(f"/queue/echo/requests/{request_id}/status")
+            return bool(status.json()["status"] == "COMPLETED")
+
+        if answer.status_code == HTTPStatus.ACCEPTED:
+            await eventually_true(completed, timeout_s=60)
+
+    assert not answered_in_outage, answer.text
+    assert answer.status_code == HTTPStatus.ACCEPTED, answer.text
+    assert dict(app.calls) == {request_id: 1}
 
 
 @pytest.mark.timeout(300)

@@ -12,11 +12,13 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import nats
 import pytest
+from nats.js.errors import KeyNotFoundError
 
 from jetspool.domain import names
 from jetspool.domain.messages import QueuedRequest, encode
 from jetspool.domain.status import utcnow
 from jetspool.embedded import EmbeddedNats
+from jetspool.jetstream import ridethrough
 from jetspool.jetstream.connection import connect
 from jetspool.settings import NatsSettings
 from tests.support.servers import eventually_true, free_port
@@ -166,3 +168,78 @@ async def test_a_key_whose_submit_died_before_its_status_runs_once(stack_without
 async def _waiting(stack: Stack) -> int:
     figures = (await stack.client.get("/system/functions/echo")).json()["stats"]
     return int(sum(figures["waiting"].values()))
+
+
+_QUEUE_DENIED = (
+    "authorization { users: [\n"
+    '  {user: "gateway", password: "pw", permissions: {publish: {deny: ["jetspool.queue.>"]}}}\n'
+    '  {user: "admin", password: "pw"}\n'
+    "]}\n"
+)
+"""A NATS user whose queue messages the server drops: each publish of one times out."""
+
+
+async def test_a_key_stays_with_its_request_when_storing_the_message_timed_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by a chaos run on a cluster: a queue write that timed out (its leader had lost its
+    quorum) gave the key back, the write committed once the quorum returned, and the client's
+    repeat with the key claimed it afresh and queued a second request: both ran. A write that
+    timed out may still land, so the key now keeps naming the first request (a repeat queues under
+    its id, which is stored once: see the test before)."""
+    monkeypatch.setattr(ridethrough, "RIDE_THROUGH_S", 0.5)  # one publish's 5 s wait, not 30 s of repeats
+    server = EmbeddedNats(tmp_path / "nats", port=free_port(), extra_config=_QUEUE_DENIED)
+    server.start()
+    try:
+        stack = await start_stack(server, worker=False, overrides={"nats": {"user": "gateway", "password": "pw"}})
+        try:
+            await stack.register("echo")
+            answer = await stack.client.post("/queue/echo", json={"n": 1}, headers={"Idempotency-Key": "timed-out"})
+        finally:
+            await stack.close()
+        claim, stored = await _claim_and_stored(server, "timed-out")
+    finally:
+        server.stop()
+
+    assert answer.status_code == 503, answer.text
+    assert "timeout" in answer.json()["detail"]
+    assert stored == 0
+    assert claim is not None, "the key still names the request"
+
+
+async def test_a_key_is_given_back_when_its_message_was_refused(stack_without_worker: Stack) -> None:
+    """A queue write JetStream refused stored nothing: the key is free for the client's next try,
+    which makes a new request."""
+    stack = stack_without_worker
+    await stack.register("echo")
+    async with await nats.connect(stack.nats.url) as nc:
+        js = nc.jetstream()
+        queue = (await js.stream_info(names.QUEUE_STREAM)).config
+        await js.update_stream(replace(queue, max_msg_size=16))  # takes no request
+        refused = await stack.client.post("/queue/echo", json={"n": 1}, headers={"Idempotency-Key": "refused"})
+        claim, _ = await _claim_and_stored(stack.nats, "refused")
+        await js.update_stream(queue)
+    again = await stack.client.post("/queue/echo", json={"n": 2}, headers={"Idempotency-Key": "refused"})
+
+    assert refused.status_code == 503, refused.text
+    assert "message size exceeds maximum allowed" in refused.json()["detail"]
+    assert claim is None, "the key was given back"
+    assert again.status_code == 200, again.text
+    assert await _waiting(stack) == 1
+
+
+async def _claim_and_stored(server: EmbeddedNats, key: str) -> tuple[bytes | None, int]:
+    """The claim on `key` for echo (None when there is none), and how many messages the queue holds."""
+    admin = "authorization" in server.extra_config
+    settings = NatsSettings(url=server.url, user="admin", password="pw") if admin else NatsSettings(url=server.url)
+    conn = await connect(settings, "test")
+    try:
+        claims = await conn.js.key_value(names.IDEMPOTENCY_BUCKET)
+        try:
+            claim = (await claims.get(names.idempotency_key("echo", key))).value
+        except KeyNotFoundError:
+            claim = None
+        stored = (await conn.js.stream_info(names.QUEUE_STREAM)).state.messages
+    finally:
+        await conn.close()
+    return claim, stored

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
         NoStreamResponseError(),
         ServiceUnavailableError(code=503, err_code=10008, description="JetStream system temporarily unavailable"),
         APIError(code=500, err_code=10009, description="JetStream cluster can not handle request"),
+        APIError(code=409, err_code=10158, description="duplicate message id is in process"),
     ],
     ids=type,
 )

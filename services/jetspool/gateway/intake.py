@@ -26,6 +26,7 @@ from jetspool.domain.errors import InvalidInput, NotFound, QueueFull, Unavailabl
 from jetspool.domain.functions import Function, forwardable, is_valid_name
 from jetspool.domain.messages import DeadlineJob, QueuedRequest
 from jetspool.domain.status import StatusRecord, utcnow
+from jetspool.jetstream.ridethrough import is_transient
 from jetspool.jetstream.status_store import StaleStatus
 
 if TYPE_CHECKING:
@@ -272,7 +273,11 @@ class Intake:
         try:
             seq = await self._queue.enqueue(request)
         except (NatsError, TimeoutError) as exc:
-            if key is not None and claimed:  # not the key of a first submit whose message may be queued
+            # The key is given back only when the message was refused. After a time-out it may
+            # still be stored (a leader without its quorum commits it once the quorum is back), so
+            # the key keeps naming this request: a repeat with it queues under the same id, which
+            # the message id stores once (see `IdempotencyKeys`), instead of running a second one.
+            if key is not None and claimed and not is_transient(exc):
                 await self._keys.release(function.name, key)
             raise Unavailable(f"the queue is unavailable: {exc}") from exc
         request = request.identified(seq)

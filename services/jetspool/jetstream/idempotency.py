@@ -7,9 +7,10 @@ record whose request is gone (its status expired) is replaced. The JetStream mes
 alone would forget a key after two minutes.
 
 A key whose request has no status yet, though it cannot have expired, names a submit that died
-between its claim and its status record (a gateway killed), or one still under way. A second
-submit then takes that request's id and queues under it: the message id (the request id) stores
-nothing twice if the first message made it, and the request runs once either way.
+between its claim and its status record (a gateway killed), one whose queue write timed out (it
+may still land: the key is given back only when JetStream refused the write), or one still under
+way. A second submit then takes that request's id and queues under it: the message id (the request
+id) stores nothing twice if the first message made it, and the request runs once either way.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ class IdempotencyKeys:
             return None
 
     async def release(self, function: str, key: str) -> None:
-        """Give a key back after the request it reserved could not be queued."""
+        """Give a key back after the message of the request it reserved was refused."""
         with contextlib.suppress(KeyNotFoundError):
             await self._kv.delete(names.idempotency_key(function, key))
 

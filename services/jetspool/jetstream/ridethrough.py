@@ -32,9 +32,12 @@ RIDE_THROUGH_S: Final = 30.0
 """How long an operation is retried: past a leader election (seconds) and a reconnect."""
 _FIRST_PAUSE_S: Final = 0.05
 _MAX_PAUSE_S: Final = 1.0
-_BETWEEN_LEADERS: Final = frozenset({10008, 10009, 10118})
+_BETWEEN_LEADERS: Final = frozenset({10008, 10009, 10118, 10158})
 """JetStream API errors of a cluster between leaders: temporarily unavailable (10008), not the
-leader (10009), stream offline (10118)."""
+leader (10009), stream offline (10118), and a repeat of a publish whose message id is still in
+process (10158): a leader that lost its quorum holds the first publish, unanswered, until the
+quorum is back and the message commits. Repeated, the publish then gets the stored message's
+acknowledgement; raised, it made a submit answer 503 for a request that went on to run."""
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -53,10 +56,10 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, APIError) and getattr(exc, "err_code", None) in _BETWEEN_LEADERS
 
 
-async def ride_through(operation: Callable[[], Awaitable[T]], what: str, budget_s: float = RIDE_THROUGH_S) -> T:
-    """`await operation()`, repeated while it fails transiently, for up to `budget_s`; the last
-    error is raised when time runs out. `operation` must be safe to repeat."""
-    deadline = time.monotonic() + budget_s
+async def ride_through(operation: Callable[[], Awaitable[T]], what: str, budget_s: float | None = None) -> T:
+    """`await operation()`, repeated while it fails transiently, for up to `budget_s` (default
+    `RIDE_THROUGH_S`); the last error is raised when time runs out. `operation` must be safe to repeat."""
+    deadline = time.monotonic() + (RIDE_THROUGH_S if budget_s is None else budget_s)
     pause = _FIRST_PAUSE_S
     tries = 0
     while True:
