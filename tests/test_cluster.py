@@ -130,11 +130,11 @@ def _config(path: Path, function_url: str) -> Path:
     return path
 
 
-async def _queue_leader(cluster: LocalCluster) -> int:
-    """The index of the node leading the queue stream (the one whose loss hurts most)."""
+async def _leader(cluster: LocalCluster, stream: str = names.QUEUE_STREAM) -> int:
+    """The index of the node leading `stream` (by default the queue, whose loss hurts most)."""
     nc = await nats.connect(servers=cluster.urls)
     try:
-        info = await nc.jetstream().stream_info(names.QUEUE_STREAM)
+        info = await nc.jetstream().stream_info(stream)
     finally:
         await nc.close()
     assert info.cluster is not None
@@ -345,7 +345,7 @@ async def test_2000_requests_ride_through_a_nats_node_sigkilled_and_restarted(
     cluster: LocalCluster, echo: tuple[CountingEcho, AsgiServer], parts: Parts, capsys: pytest.CaptureFixture[str]
 ) -> None:
     app, _ = echo
-    victim = await _queue_leader(cluster)
+    victim = await _leader(cluster)
     node = cluster.nodes[victim]
     killed_at = restarted_at = 0.0
 
@@ -372,21 +372,27 @@ async def test_2000_requests_ride_through_a_nats_node_sigkilled_and_restarted(
 
 
 @pytest.mark.timeout(180)
+@pytest.mark.parametrize(
+    ("stream", "headers"),
+    [(names.QUEUE_STREAM, {}), (f"KV_{names.IDEMPOTENCY_BUCKET}", {"Idempotency-Key": "through-the-outage"})],
+    ids=["queue write", "key claim"],
+)
 async def test_a_submit_waits_out_a_lost_quorum_and_is_answered_with_its_id(
-    cluster: LocalCluster, echo: tuple[CountingEcho, AsgiServer], parts: Parts
+    cluster: LocalCluster, echo: tuple[CountingEcho, AsgiServer], parts: Parts, stream: str, headers: dict[str, str]
 ) -> None:
-    """Found by a chaos run: with the two nodes that do not lead the queue stream SIGKILLed, the
-    leader holds a submit's write until its quorum is back. The gateway's repeat of the write was
-    told "duplicate message id is in process" (10158), which it took for a refusal: it answered
-    503 after 5 s, and the request ran once the nodes were back. A client told 503 submits again,
-    and the request runs twice. The repeats now go on until the write is settled."""
+    """Found by chaos runs: with the two nodes that do not lead a stream SIGKILLed, the leader
+    holds a write until its quorum is back, and answers a repeat of it with an error. The queue
+    write's repeat was told "duplicate message id is in process" (10158), taken for a refusal:
+    503 after 5 s, and the request ran once the nodes were back (a client told 503 submits again,
+    and it runs twice). The key claim's repeat was refused as the key taken, which nats-py turned
+    into "key not found": 503. The repeats now go on until the write is settled."""
     app, _ = echo
-    leader = await _queue_leader(cluster)
+    leader = await _leader(cluster, stream)
     followers = [node for index, node in enumerate(cluster.nodes) if index != leader]
     for node in followers:
         node.kill()
     async with httpx.AsyncClient(base_url=parts.urls[0], timeout=60) as client:
-        submit = asyncio.create_task(client.post("/async-function/echo", content=b"through the outage"))
+        submit = asyncio.create_task(client.post("/async-function/echo", content=b"through", headers=headers))
         # Past the first write's 5 s time-out and a repeat: the old code had answered by then.
         await asyncio.wait({submit}, timeout=_LOST_QUORUM_S)
         answered_in_outage = submit.done()

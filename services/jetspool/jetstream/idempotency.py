@@ -21,9 +21,11 @@ import time
 from functools import partial
 from typing import TYPE_CHECKING, Final
 
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError
 
 from jetspool.domain import names
+from jetspool.jetstream import ridethrough
 from jetspool.jetstream.ridethrough import ride_through
 
 if TYPE_CHECKING:
@@ -49,9 +51,19 @@ class IdempotencyKeys:
         entry = names.idempotency_key(function, key)
         mine = f"{request_id} {time.time():.3f}".encode()
         create = partial(self._kv.create, entry, mine, msg_ttl=result_ttl_s + _KEEP_S)
+        unsettled_until = time.monotonic() + ridethrough.RIDE_THROUGH_S
         while True:
             try:
                 await ride_through(create, "idempotency claim")
+            except KeyNotFoundError:
+                # nats-py's create, refused because the key is taken, reads it (to tell a deleted
+                # one apart) and finds nothing while the write that took it is still in process: a
+                # cluster leader waiting for its quorum holds it (often our own first try, timed
+                # out and repeated). Try again until that write is settled.
+                if time.monotonic() > unsettled_until:
+                    raise NatsTimeoutError from None  # the quorum stayed away: 503, nothing queued
+                await asyncio.sleep(_IN_FLIGHT_WAIT_S)
+                continue
             except KeyWrongLastSequenceError:
                 try:
                     held = await ride_through(partial(self._kv.get, entry), "idempotency read")
