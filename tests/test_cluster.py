@@ -23,6 +23,7 @@ from jetspool.cluster import LocalCluster
 from jetspool.cluster import main as cluster_main
 from jetspool.domain import ids, names
 from jetspool.domain.errors import ConfigError
+from jetspool.jetstream import ridethrough
 from jetspool.jetstream.connection import Nats, connect
 from jetspool.jetstream.provision import provision
 from jetspool.jetstream.ridethrough import ride_through
@@ -30,6 +31,7 @@ from jetspool.settings import validate
 from tests.support.faults import CountingEcho, check_every_result, report, stats, submit_all
 from tests.support.processes import JetspoolProcess, alive, descendants, local_tcp_ports, sigkill, start_part
 from tests.support.servers import AsgiServer, eventually_true, free_port, wait_until_ready
+from tests.support.stack import start_stack
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterator
@@ -411,6 +413,41 @@ async def test_a_submit_waits_out_a_lost_quorum_and_is_answered_with_its_id(
     assert not answered_in_outage, answer.text
     assert answer.status_code == HTTPStatus.ACCEPTED, answer.text
     assert dict(app.calls) == {request_id: 1}
+
+
+@pytest.mark.timeout(120)
+async def test_a_key_claim_held_past_the_ride_through_is_refused_and_its_repeat_runs_once(
+    cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A claim waits for its held create no longer than the ride-through (lowered here to 6 s, past
+    the first create's 5 s time-out): then 503, with nothing queued. The create lands once the
+    quorum is back; the client's repeat with the key finds it and queues under its id: one run."""
+    monkeypatch.setattr(ridethrough, "RIDE_THROUGH_S", 6.0)
+    stack = await start_stack(cluster, overrides={"nats": {"replicas": 3}})
+    try:
+        await stack.register("echo")
+        leader = await _leader(cluster, f"KV_{names.IDEMPOTENCY_BUCKET}")
+        followers = [node for index, node in enumerate(cluster.nodes) if index != leader]
+        for node in followers:
+            node.kill()
+        refused = await stack.client.post("/queue/echo", json={"n": 1}, headers={"Idempotency-Key": "held"})
+        for node in followers:
+            await asyncio.to_thread(node.start)
+        repeats: list[httpx.Response] = []
+
+        async def accepted() -> bool:  # as a client repeats a 503 with its key, until the cluster answers
+            repeats.append(await stack.client.post("/queue/echo", json={"n": 1}, headers={"Idempotency-Key": "held"}))
+            return repeats[-1].status_code == HTTPStatus.OK
+
+        await eventually_true(accepted, timeout_s=60, interval_s=0.5)
+        request_id = repeats[-1].json()["request_id"]
+        await stack.wait_for_status("echo", request_id, timeout_s=60)
+    finally:
+        await stack.close()
+
+    assert refused.status_code == HTTPStatus.SERVICE_UNAVAILABLE, refused.text
+    assert refused.json()["detail"] == "the queue is unavailable: nats: timeout"
+    assert [seen.body for seen in stack.functions.on("/echo")] == [b'{"n":1}'], "one request, run once"
 
 
 @pytest.mark.timeout(300)

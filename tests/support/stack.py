@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
     from litestar import Litestar
 
+    from jetspool.cluster import LocalCluster
     from jetspool.embedded import EmbeddedNats
 
 _WAIT_S = 15.0
@@ -86,7 +87,7 @@ def _dump_tasks() -> None:
 
 @dataclass
 class Stack:
-    nats: EmbeddedNats
+    nats: EmbeddedNats | LocalCluster
     settings: Settings
     gateway: AsgiServer
     functions: RecordingApp
@@ -168,7 +169,7 @@ class Stack:
 
 
 async def start_stack(
-    nats: EmbeddedNats,
+    nats: EmbeddedNats | LocalCluster,
     *,
     worker: bool = True,
     overrides: dict[str, Any] | None = None,
