@@ -446,7 +446,9 @@ async def test_a_key_claim_held_past_the_ride_through_is_refused_and_its_repeat_
         await stack.close()
 
     assert refused.status_code == HTTPStatus.SERVICE_UNAVAILABLE, refused.text
-    assert refused.json()["detail"] == "the queue is unavailable: nats: timeout"
+    detail = refused.json()["detail"]  # a time-out, or no answer from a stream without a leader by then
+    assert detail.startswith("the queue is unavailable: nats:"), detail
+    assert "key not found" not in detail
     assert [seen.body for seen in stack.functions.on("/echo")] == [b'{"n":1}'], "one request, run once"
 
 

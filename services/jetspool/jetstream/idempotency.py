@@ -51,16 +51,16 @@ class IdempotencyKeys:
         entry = names.idempotency_key(function, key)
         mine = f"{request_id} {time.time():.3f}".encode()
         create = partial(self._kv.create, entry, mine, msg_ttl=result_ttl_s + _KEEP_S)
-        unsettled_until = time.monotonic() + ridethrough.RIDE_THROUGH_S
+        deadline = time.monotonic() + ridethrough.RIDE_THROUGH_S  # one budget for all the tries
         while True:
             try:
-                await ride_through(create, "idempotency claim")
+                await ride_through(create, "idempotency claim", budget_s=deadline - time.monotonic())
             except KeyNotFoundError:
                 # nats-py's create, refused because the key is taken, reads it (to tell a deleted
                 # one apart) and finds nothing while the write that took it is still in process: a
                 # cluster leader waiting for its quorum holds it (often our own first try, timed
                 # out and repeated). Try again until that write is settled.
-                if time.monotonic() > unsettled_until:
+                if time.monotonic() > deadline:
                     raise NatsTimeoutError from None  # the quorum stayed away: 503, nothing queued
                 await asyncio.sleep(_IN_FLIGHT_WAIT_S)
                 continue
