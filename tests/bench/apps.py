@@ -23,18 +23,9 @@ import orjson
 import uvicorn
 from litestar import Litestar, Request, get, post
 
+from tests.support.servers import read_body
+
 Scope = dict[str, Any]
-
-
-async def read_body(receive: Any) -> bytes:
-    """The whole body of an HTTP request, from its ASGI messages."""
-    chunks = []
-    more = True
-    while more:
-        message = await receive()
-        chunks.append(message.get("body", b""))
-        more = message.get("more_body", False)
-    return b"".join(chunks)
 
 
 class Recorder:
