@@ -21,12 +21,11 @@ import time
 from functools import partial
 from typing import TYPE_CHECKING, Final
 
-from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError
 
 from jetspool.domain import names
 from jetspool.jetstream import ridethrough
-from jetspool.jetstream.ridethrough import ride_through
+from jetspool.jetstream.ridethrough import ride_through, ride_through_create
 
 if TYPE_CHECKING:
     from nats.js.kv import KeyValue
@@ -54,16 +53,7 @@ class IdempotencyKeys:
         deadline = time.monotonic() + ridethrough.RIDE_THROUGH_S  # one budget for all the tries
         while True:
             try:
-                await ride_through(create, "idempotency claim", budget_s=deadline - time.monotonic())
-            except KeyNotFoundError:
-                # nats-py's create, refused because the key is taken, reads it (to tell a deleted
-                # one apart) and finds nothing while the write that took it is still in process: a
-                # cluster leader waiting for its quorum holds it (often our own first try, timed
-                # out and repeated). Try again until that write is settled.
-                if time.monotonic() > deadline:
-                    raise NatsTimeoutError from None  # the quorum stayed away: 503, nothing queued
-                await asyncio.sleep(_IN_FLIGHT_WAIT_S)
-                continue
+                await ride_through_create(create, "idempotency claim", budget_s=deadline - time.monotonic())
             except KeyWrongLastSequenceError:
                 try:
                     held = await ride_through(partial(self._kv.get, entry), "idempotency read")

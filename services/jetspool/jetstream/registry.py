@@ -19,7 +19,7 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from jetspool.aio import stop_task
 from jetspool.domain.errors import BadRequest, DecodeError, NotFound
 from jetspool.domain.functions import Function, decode_function
-from jetspool.jetstream.ridethrough import ride_through
+from jetspool.jetstream.ridethrough import ride_through, ride_through_create
 
 if TYPE_CHECKING:
     from nats.js.kv import KeyValue
@@ -58,7 +58,7 @@ class FunctionRegistry:
             await self._kv.create(function.name, value)
 
         try:
-            await ride_through(create, "registry write")
+            await ride_through_create(create, "registry write")
         except KeyWrongLastSequenceError as exc:
             if tries > 1 and await self._stored(function.name) == value:
                 return

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Final, TypeVar
 
 from nats.errors import ConnectionReconnectingError, NoRespondersError, StaleConnectionError
 from nats.errors import TimeoutError as NatsTimeoutError
-from nats.js.errors import APIError, NoStreamResponseError, ServiceUnavailableError
+from nats.js.errors import APIError, KeyNotFoundError, NoStreamResponseError, ServiceUnavailableError
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -31,6 +31,7 @@ T = TypeVar("T")
 RIDE_THROUGH_S: Final = 30.0
 """How long an operation is retried: past a leader election (seconds) and a reconnect."""
 _FIRST_PAUSE_S: Final = 0.05
+_HELD_WAIT_S: Final = 0.05
 _MAX_PAUSE_S: Final = 1.0
 _BETWEEN_LEADERS: Final = frozenset({10008, 10009, 10118, 10158})
 """JetStream API errors of a cluster between leaders: temporarily unavailable (10008), not the
@@ -77,3 +78,20 @@ async def ride_through(operation: Callable[[], Awaitable[T]], what: str, budget_
         if tries:
             log.info("nats: %s succeeded after %d retries", what, tries)
         return result
+
+
+async def ride_through_create(create: Callable[[], Awaitable[T]], what: str, budget_s: float | None = None) -> T:
+    """`ride_through` for nats-py's `KeyValue.create`, which needs one more case: refused because
+    the key is taken, it reads the key (to tell a deleted one apart) and raises KeyNotFoundError
+    while the write that took it is still in process, held by a cluster leader waiting for its
+    quorum (often our own first try, timed out and repeated). That is tried again every 50 ms,
+    within the same budget, until the write is settled; past the budget, a time-out.
+    KeyWrongLastSequenceError still means the key is taken: by whom is the caller's question."""
+    deadline = time.monotonic() + (RIDE_THROUGH_S if budget_s is None else budget_s)
+    while True:
+        try:
+            return await ride_through(create, what, budget_s=deadline - time.monotonic())
+        except KeyNotFoundError:
+            if time.monotonic() > deadline:
+                raise NatsTimeoutError from None  # the quorum stayed away
+            await asyncio.sleep(_HELD_WAIT_S)
