@@ -134,6 +134,7 @@ def test_sigterm_stops_every_process_it_started(up: Up) -> None:
         (["gateway", "--log-format", "json", "--log-level", "DEBUG"], "DEBUG", "json"),
         (["--log-format", "json", "worker"], "INFO", "json"),
         (["--log-format", "json", "--log-level", "ERROR", "up", "--log-format", "text"], "ERROR", "text"),
+        (["up", "--log-level", "debug"], "DEBUG", "text"),  # as logging's level names go, in any case
     ],
 )
 def test_log_options_go_before_or_after_the_command_and_after_wins(

@@ -65,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _logging(parser: argparse.ArgumentParser, level: str, log_format: str) -> None:
-    parser.add_argument("--log-level", default=level, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--log-level", default=level, type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     parser.add_argument(
         "--log-format",
         default=log_format,
