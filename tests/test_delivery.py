@@ -12,17 +12,18 @@ import nats
 import pytest
 
 from jetspool.domain import names
+from jetspool.embedded import EmbeddedNats
 from jetspool.jetstream.queue import RequestQueue
-from tests.support.servers import Reply, eventually
+from tests.support.servers import Reply, eventually, free_port
 from tests.support.stack import Worker, start_stack
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
+    from pathlib import Path
 
     from nats.aio.msg import Msg
 
     from jetspool.domain.messages import QueuedRequest
-    from jetspool.embedded import EmbeddedNats
     from tests.support.stack import Stack
 
 _MIB = 1024 * 1024
@@ -235,6 +236,35 @@ async def test_a_stopping_worker_hands_back_what_outlasts_its_grace(nats_server:
         final = await stack.wait_for_status("echo", request_id)
     finally:
         await stack.close()
+
+    assert final["status"] == "COMPLETED"
+    assert [s.header("x-attempt") for s in stack.functions.on("/echo")] == ["1", "2"]
+
+
+async def test_a_request_handed_back_at_shutdown_runs_at_once_after_nats_restarts(tmp_path: Path) -> None:
+    """`jetspool up` stopped and started again stops and starts its nats-server too. A plain nak's
+    "redeliver now" lives in nats-server's memory only, so a request handed back at the stop
+    waited out the whole ack wait after the restart (about 30 s in `up`)."""
+    server = EmbeddedNats(tmp_path / "nats", port=free_port())  # a fixed port: the gateway reconnects to it
+    server.start()
+    stack = await start_stack(server, overrides={"worker": {"shutdown_grace": 0.5, "ack_wait": 60.0}})
+    try:
+        await stack.register("echo")
+        stack.functions.hold("/echo")
+        request_id = await stack.submit("echo", content=b"hand me back")
+        await stack.functions.wait_for("/echo")
+        assert stack.worker is not None
+        await stack.worker.stop()
+        server.stop()  # SIGTERM, as `jetspool up` stops it
+        server.start()
+
+        await stack.start_worker()
+        await stack.functions.wait_for("/echo", 2, timeout_s=20)  # not after the 60 s ack wait
+        stack.functions.release("/echo", 2)
+        final = await stack.wait_for_status("echo", request_id)
+    finally:
+        await stack.close()
+        server.stop()
 
     assert final["status"] == "COMPLETED"
     assert [s.header("x-attempt") for s in stack.functions.on("/echo")] == ["1", "2"]

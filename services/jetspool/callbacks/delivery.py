@@ -28,7 +28,7 @@ from jetspool.domain.status import utcnow
 from jetspool.jetstream.pulling import ConnectionGone, fetch
 from jetspool.jetstream.stats import count
 from jetspool.settings import RetrySettings
-from jetspool.worker.handler import ACK, TERM, Settle, settle
+from jetspool.worker.handler import ACK, HAND_BACK, TERM, Settle, settle
 from jetspool.worker.policy import backoff_s, parse_retry_after
 
 if TYPE_CHECKING:
@@ -99,7 +99,7 @@ class CallbackDelivery:
         try:
             decision = await self._attempt(msg)
         except asyncio.CancelledError:
-            await asyncio.shield(settle(msg, Settle("nak")))
+            await asyncio.shield(settle(msg, HAND_BACK))
             raise
         except Exception:
             log.exception("callback delivery failed unexpectedly")

@@ -85,6 +85,10 @@ _SPARE_DELIVERIES = 20
 _CANCEL_TIMEOUT_S = 10.0
 ACK = Settle("ack")
 TERM = Settle("term")
+HAND_BACK = Settle("nak", 0.001)
+"""A message given back unhandled (the worker is stopping), for another worker at once. nats-server
+keeps a plain nak's "redeliver now" in memory only, so after a restart of the whole stack the
+message waited out the ack wait (30 s); a nak with a delay is written to the consumer's state."""
 LEAVE = Settle("leave")
 
 

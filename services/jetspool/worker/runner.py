@@ -19,7 +19,7 @@ from nats.errors import Error as NatsError
 
 from jetspool.aio import stop_task, wait_event
 from jetspool.domain import names
-from jetspool.worker.handler import Settle, settle
+from jetspool.worker.handler import HAND_BACK, Settle, settle
 from jetspool.worker.puller import PriorityPuller
 
 if TYPE_CHECKING:
@@ -74,7 +74,7 @@ class FunctionRunner:
         for timer in self._due:
             timer.cancel()
         for msg in await self._puller.stop():
-            await settle(msg, Settle("nak"))
+            await settle(msg, HAND_BACK)
         if self._inflight:
             _, pending = await asyncio.wait(self._inflight, timeout=grace_s)
             await asyncio.gather(*(stop_task(task) for task in pending))
@@ -119,7 +119,7 @@ class FunctionRunner:
             decision = await self._handler.handle(msg)
         except asyncio.CancelledError:
             keeper.cancel()
-            await asyncio.shield(settle(msg, Settle("nak")))  # shutting down: another worker takes it at once
+            await asyncio.shield(settle(msg, HAND_BACK))  # shutting down: another worker takes it at once
             raise
         except Exception:
             log.exception("handling %s failed; it will be redelivered", msg.subject)
