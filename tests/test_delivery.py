@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import os
+import time
 from typing import TYPE_CHECKING
 
 import nats
@@ -217,6 +219,57 @@ async def test_a_stopping_worker_finishes_a_call_within_its_grace(stack: Stack) 
     assert final["status"] == "COMPLETED"
     assert "error_type" not in final
     assert len(stack.functions.on("/echo")) == 1
+
+
+async def test_calls_and_callbacks_in_flight_share_one_grace_when_the_worker_stops(nats_server: EmbeddedNats) -> None:
+    """The worker drained its callbacks first and its calls after, each for the whole grace, so it
+    could outlast a Kubernetes grace period set from `shutdown_grace` by as much again."""
+    grace_s = 2.5
+    stack = await start_stack(nats_server, overrides={"worker": {"shutdown_grace": grace_s}})
+    try:
+        await stack.register("echo")
+        stack.receiver.hold("/callback")
+        await stack.submit("echo", content=b"called back", headers={"X-Callback-Url": stack.callback_url()})
+        await stack.receiver.wait_for("/callback")  # a callback in flight
+        stack.functions.hold("/echo")
+        await stack.submit("echo", content=b"held")
+        await stack.functions.wait_for("/echo", 2)  # and a call
+        assert stack.worker is not None
+
+        began = time.monotonic()
+        await stack.worker.stop()
+        took_s = time.monotonic() - began
+        stack.worker = None
+    finally:
+        stack.receiver.release("/callback")
+        await stack.close()
+
+    assert grace_s <= took_s < grace_s * 1.6, f"stopping took {took_s:.2f} s with a grace of {grace_s} s"
+
+
+async def test_a_cancel_still_aborts_a_call_the_stopping_worker_lets_finish(
+    nats_server: EmbeddedNats, caplog: pytest.LogCaptureFixture
+) -> None:
+    stack = await start_stack(nats_server, overrides={"worker": {"shutdown_grace": 30.0}})
+    try:
+        await stack.register("echo")
+        stack.functions.hold("/echo")
+        request_id = await stack.submit("echo", content=b"cancel me")
+        await stack.functions.wait_for("/echo")
+        assert stack.worker is not None
+        with caplog.at_level(logging.INFO, logger="jetspool.worker.main"):
+            stopping = asyncio.create_task(stack.worker.stop())
+            await eventually(lambda: "worker stopping" in caplog.text)
+
+            cancel = await stack.client.put(f"/queue/echo/requests/{request_id}/cancel")
+            final = await stack.wait_for_status("echo", request_id, timeout_s=10)  # not after the 30 s grace
+            await stopping
+        stack.worker = None
+    finally:
+        await stack.close()
+
+    assert cancel.status_code == 202
+    assert (final["status"], final["error_type"]) == ("COMPLETED", "cancelled")
 
 
 async def test_a_stopping_worker_hands_back_what_outlasts_its_grace(nats_server: EmbeddedNats) -> None:

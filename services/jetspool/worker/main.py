@@ -77,6 +77,17 @@ class RunnerPool:
         await asyncio.gather(*(r.stop(self._settings.worker.shutdown_grace) for r in runners))
 
 
+async def _drain(view: RegistryView, pool: RunnerPool, callbacks: CallbackDelivery, grace_s: float) -> None:
+    """Stop taking work, then give the calls and the callbacks in flight one grace, together.
+
+    Stopped one after the other, the callbacks' grace came first and the runners kept pulling
+    requests meanwhile: a worker could take twice `shutdown_grace` to stop, past a Kubernetes
+    `terminationGracePeriodSeconds` set from it. Cancel signals are still heard while calls finish.
+    """
+    await view.stop()  # no runner starts once the pool stopped
+    await asyncio.gather(pool.stop(), callbacks.stop(grace_s))
+
+
 async def run(settings: Settings, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
     """Deliver requests and callbacks until `stop` is set, then shut down gracefully.
 
@@ -127,6 +138,7 @@ async def run(settings: Settings, stop: asyncio.Event, ready: asyncio.Event | No
         started.push_async_callback(timers.stop)
         cancels = await conn.nc.subscribe(names.CANCEL_SUBJECTS, cb=handler.on_cancel)
         started.push_async_callback(cancels.unsubscribe)
+        started.push_async_callback(_drain, view, pool, callbacks, settings.worker.shutdown_grace)  # unwinds first
 
         log.info("worker ready")
         if ready is not None:
