@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import msgspec
@@ -16,6 +17,7 @@ from jetspool.gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from jetspool.gateway.state import Gateway, GatewayDep
 from jetspool.jetstream.cancel import purge
 from jetspool.jetstream.provision import ensure_function_consumers
+from jetspool.jetstream.ridethrough import ride_through
 
 
 async def _function_body(request: Request[Any, Any, Any], name: str | None = None) -> Function:
@@ -38,8 +40,12 @@ async def _function_body(request: Request[Any, Any, Any], name: str | None = Non
 
 
 async def _registered(gateway: Gateway, function: Function) -> None:
-    """Make `function` visible at once: its consumers exist (so its queue figures show) and this gateway knows it."""
-    await ensure_function_consumers(gateway.conn.js, function.name, gateway.settings.worker.ack_wait)
+    """Make `function` visible at once: its consumers exist (so its queue figures show) and this gateway knows it.
+
+    The entry is stored by now, so this rides through a NATS outage: answered 503, the client's
+    repeat of a registration would be refused as taken."""
+    ensure = partial(ensure_function_consumers, gateway.conn.js, function.name, gateway.settings.worker.ack_wait)
+    await ride_through(ensure, "function consumers")
     gateway.view.remember(function)
 
 
