@@ -204,10 +204,7 @@ async def test_a_message_is_kept_from_receipt_not_only_during_the_call(
 
 
 async def test_a_stopping_worker_finishes_a_call_within_its_grace(stack: Stack) -> None:
-    await stack.register("echo")
-    stack.functions.hold("/echo")
-    request_id = await stack.submit("echo", content=b"finish me")
-    await stack.functions.wait_for("/echo")
+    request_id = await stack.held_call("echo", b"finish me")
     assert stack.worker is not None
 
     stopping = asyncio.create_task(stack.worker.stop())
@@ -252,10 +249,7 @@ async def test_a_cancel_still_aborts_a_call_the_stopping_worker_lets_finish(
 ) -> None:
     stack = await start_stack(nats_server, overrides={"worker": {"shutdown_grace": 30.0}})
     try:
-        await stack.register("echo")
-        stack.functions.hold("/echo")
-        request_id = await stack.submit("echo", content=b"cancel me")
-        await stack.functions.wait_for("/echo")
+        request_id = await stack.held_call("echo", b"cancel me")
         assert stack.worker is not None
         with caplog.at_level(logging.INFO, logger="jetspool.worker.main"):
             stopping = asyncio.create_task(stack.worker.stop())
@@ -272,44 +266,21 @@ async def test_a_cancel_still_aborts_a_call_the_stopping_worker_lets_finish(
     assert (final["status"], final["error_type"]) == ("COMPLETED", "cancelled")
 
 
-async def test_a_stopping_worker_hands_back_what_outlasts_its_grace(nats_server: EmbeddedNats) -> None:
-    stack = await start_stack(nats_server, overrides={"worker": {"shutdown_grace": 0.5, "ack_wait": 30.0}})
-    try:
-        await stack.register("echo")
-        stack.functions.hold("/echo")
-        request_id = await stack.submit("echo", content=b"hand me back")
-        await stack.functions.wait_for("/echo")
-        assert stack.worker is not None
-        await stack.worker.stop()
-
-        await stack.start_worker()
-        # Handed back, not left to the 30 s ack wait: the new worker receives it at once.
-        await stack.functions.wait_for("/echo", 2, timeout_s=10)
-        stack.functions.release("/echo", 2)
-        final = await stack.wait_for_status("echo", request_id)
-    finally:
-        await stack.close()
-
-    assert final["status"] == "COMPLETED"
-    assert [s.header("x-attempt") for s in stack.functions.on("/echo")] == ["1", "2"]
-
-
-async def test_a_request_handed_back_at_shutdown_runs_at_once_after_nats_restarts(tmp_path: Path) -> None:
-    """`jetspool up` stopped and started again stops and starts its nats-server too. A plain nak's
-    "redeliver now" lives in nats-server's memory only, so a request handed back at the stop
-    waited out the whole ack wait after the restart (about 30 s in `up`)."""
+@pytest.mark.parametrize("restarted", ["the worker", "the worker and nats-server"])
+async def test_a_stopping_worker_hands_back_what_outlasts_its_grace(restarted: str, tmp_path: Path) -> None:
+    """Handed back, not left to the ack wait: the next worker receives it at once. Also when
+    nats-server restarts in between, as `jetspool up` stopped and started again does: a plain nak's
+    "redeliver now" lives in nats-server's memory only, and the request waited out the ack wait."""
     server = EmbeddedNats(tmp_path / "nats", port=free_port())  # a fixed port: the gateway reconnects to it
     server.start()
     stack = await start_stack(server, overrides={"worker": {"shutdown_grace": 0.5, "ack_wait": 60.0}})
     try:
-        await stack.register("echo")
-        stack.functions.hold("/echo")
-        request_id = await stack.submit("echo", content=b"hand me back")
-        await stack.functions.wait_for("/echo")
+        request_id = await stack.held_call("echo", b"hand me back")
         assert stack.worker is not None
         await stack.worker.stop()
-        server.stop()  # SIGTERM, as `jetspool up` stops it
-        server.start()
+        if restarted == "the worker and nats-server":
+            server.stop()  # SIGTERM, as `jetspool up` stops it
+            server.start()
 
         await stack.start_worker()
         await stack.functions.wait_for("/echo", 2, timeout_s=20)  # not after the 60 s ack wait

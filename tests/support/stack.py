@@ -153,6 +153,15 @@ class Stack:
         await self.wait_for_status(name, request_id, "IN_PROGRESS")
         return request_id
 
+    async def held_call(self, name: str, content: bytes) -> str:
+        """Register `name`, submit `content` to it and hold the call; returns the request id once the
+        worker's call has arrived (`self.functions.release(f"/{name}")` lets it answer)."""
+        await self.register(name)
+        self.functions.hold(f"/{name}")
+        request_id = await self.submit(name, content=content)
+        await self.functions.wait_for(f"/{name}")
+        return request_id
+
     async def start_worker(self) -> Worker:
         worker = Worker(self.settings)
         await worker.start()
