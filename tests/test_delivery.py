@@ -266,6 +266,34 @@ async def test_a_cancel_still_aborts_a_call_the_stopping_worker_lets_finish(
     assert (final["status"], final["error_type"]) == ("COMPLETED", "cancelled")
 
 
+async def test_the_callback_of_a_call_ending_in_the_grace_goes_to_the_next_worker_at_once(
+    nats_server: EmbeddedNats, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found by an audit of rolling restarts: the stopping worker's last callback fetch was still
+    open on the server, took the callback job of its own call ending in the grace, and nobody read
+    it; it waited out the callbacks consumer's ack wait (60 s)."""
+    stack = await start_stack(nats_server, overrides={"worker": {"shutdown_grace": 10.0}})
+    try:
+        await stack.register("echo")
+        stack.functions.hold("/echo")
+        callback_url = {"X-Callback-Url": stack.callback_url()}
+        request_id = await stack.submit("echo", content=b"called back", headers=callback_url)
+        await stack.functions.wait_for("/echo")
+        assert stack.worker is not None
+        with caplog.at_level(logging.INFO, logger="jetspool.worker.main"):
+            stopping = asyncio.create_task(stack.worker.stop())
+            await eventually(lambda: "worker stopping" in caplog.text)
+            stack.functions.release("/echo")  # the call ends in the grace, and its callback job is sent
+            await stopping
+
+        await stack.start_worker()
+        [callback] = await stack.receiver.wait_for("/callback", timeout_s=20)  # not after 60 s
+    finally:
+        await stack.close()
+
+    assert callback.header("x-call-id") == request_id
+
+
 @pytest.mark.parametrize("restarted", ["the worker", "the worker and nats-server"])
 async def test_a_stopping_worker_hands_back_what_outlasts_its_grace(restarted: str, tmp_path: Path) -> None:
     """Handed back, not left to the ack wait: the next worker receives it at once. Also when

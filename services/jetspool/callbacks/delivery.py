@@ -9,11 +9,13 @@ A job of a run that was retried since is dropped: the new run calls back with it
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from typing import TYPE_CHECKING
 
 import httpx
+from nats.errors import Error as NatsError
 from opentelemetry.trace import SpanKind
 
 from jetspool import logfmt, tracing
@@ -68,14 +70,23 @@ class CallbackDelivery:
         self._rng = random.Random()  # noqa: S311 - jitter, not cryptography
         self._inflight: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
+        self._sub: JetStreamContext.PullSubscription | None = None
 
     async def start(self) -> None:
-        sub = await self._js.pull_subscribe_bind(names.CALLBACK_CONSUMER, stream=names.CALLBACK_STREAM)
-        self._task = asyncio.create_task(self._loop(sub), name="callback-delivery")
+        self._sub = await self._js.pull_subscribe_bind(names.CALLBACK_CONSUMER, stream=names.CALLBACK_STREAM)
+        self._task = asyncio.create_task(self._loop(self._sub), name="callback-delivery")
 
     async def stop(self, grace_s: float) -> None:
         if self._task is not None:
             await stop_task(self._task)
+        if self._sub is not None:
+            # The last fetch's pull request stays open on the server for up to its expiry, and
+            # callback jobs sent to it meanwhile (those of this worker's calls ending in the grace)
+            # would wait out the consumer's ack wait (60 s). With nobody subscribed to its inbox,
+            # nats-server drops the request instead and the jobs stay for the next worker.
+            with contextlib.suppress(NatsError):
+                await self._sub.unsubscribe()
+            self._sub = None
         if self._inflight:
             _, pending = await asyncio.wait(self._inflight, timeout=grace_s)
             await asyncio.gather(*(stop_task(task) for task in pending))
