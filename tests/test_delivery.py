@@ -8,14 +8,17 @@ import itertools
 import logging
 import os
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import nats
 import pytest
+import yaml
 
 from jetspool.domain import names
 from jetspool.embedded import EmbeddedNats
 from jetspool.jetstream.queue import RequestQueue
+from tests.support.permissions import as_user, users
+from tests.support.processes import start_part
 from tests.support.servers import Reply, eventually, free_port
 from tests.support.stack import Worker, start_stack
 
@@ -294,6 +297,15 @@ async def test_the_callback_of_a_call_ending_in_the_grace_goes_to_the_next_worke
     assert callback.header("x-call-id") == request_id
 
 
+async def _called_again_at_once(stack: Stack, request_id: str) -> dict[str, Any]:
+    """Start a worker: the held call of `request_id` to /echo, handed back, comes again (not after
+    the ack wait of 60 s these tests set); then let both calls answer and wait for the outcome."""
+    await stack.start_worker()
+    await stack.functions.wait_for("/echo", 2, timeout_s=20)
+    stack.functions.release("/echo", 2)
+    return await stack.wait_for_status("echo", request_id)
+
+
 @pytest.mark.parametrize("restarted", ["the worker", "the worker and nats-server"])
 async def test_a_stopping_worker_hands_back_what_outlasts_its_grace(restarted: str, tmp_path: Path) -> None:
     """Handed back, not left to the ack wait: the next worker receives it at once. Also when
@@ -310,16 +322,50 @@ async def test_a_stopping_worker_hands_back_what_outlasts_its_grace(restarted: s
             server.stop()  # SIGTERM, as `jetspool up` stops it
             server.start()
 
-        await stack.start_worker()
-        await stack.functions.wait_for("/echo", 2, timeout_s=20)  # not after the 60 s ack wait
-        stack.functions.release("/echo", 2)
-        final = await stack.wait_for_status("echo", request_id)
+        final = await _called_again_at_once(stack, request_id)
     finally:
         await stack.close()
         server.stop()
 
     assert final["status"] == "COMPLETED"
     assert [s.header("x-attempt") for s in stack.functions.on("/echo")] == ["1", "2"]
+
+
+async def test_a_worker_stopped_during_start_up_hands_back_what_it_took(tmp_path: Path) -> None:
+    """Found by a rolling-restart audit: a worker starts delivering to a function as soon as it has
+    read it from the registry, before the rest of its start-up. Stopped then, it was cancelled until
+    it ended: its calls were cut, their hand-backs failed on the closed connection, and the requests
+    waited out the ack wait. Here start-up hangs on a second function whose consumers the worker's
+    NATS user may not read (each such request times out)."""
+    slow_to_read = [f"$JS.API.CONSUMER.INFO.JETSPOOL_QUEUE.jetspool-zz-{p}" for p in names.PRIORITIES]
+    server = EmbeddedNats(tmp_path / "nats", extra_config=users("worker", slow_to_read))
+    server.start()
+    worker = {"shutdown_grace": 0.5, "ack_wait": 60.0, "poll_interval": 0.2}
+    admin = {**as_user("admin"), "worker": worker}
+    stack = await start_stack(server, worker=False, overrides=admin)
+    config = tmp_path / "worker.yaml"
+    config.write_text(yaml.safe_dump({**as_user("worker"), "worker": worker}))
+    try:
+        await stack.register("echo")
+        await stack.register("zz")
+        stack.functions.hold("/echo")
+        request_id = await stack.submit("echo", content=b"taken during start-up")
+        starting = start_part("worker", config, server.url)
+        try:
+            await stack.functions.wait_for("/echo", timeout_s=30)
+            assert "worker ready" not in starting.output
+            code = starting.terminate(30)
+        finally:
+            starting.kill_tree()
+
+        final = await _called_again_at_once(stack, request_id)
+    finally:
+        await stack.close()
+        server.stop()
+
+    assert code == 0, starting.output
+    assert "Traceback" not in starting.output
+    assert final["status"] == "COMPLETED"
 
 
 async def test_several_workers_share_a_functions_queue(stack: Stack) -> None:

@@ -16,6 +16,7 @@ from jetspool.domain.functions import Function
 from jetspool.domain.names import PRIORITIES
 from jetspool.embedded import EmbeddedNats
 from jetspool.jetstream import ridethrough
+from tests.support.permissions import PASSWORD, as_user, users
 from tests.support.servers import AsgiServer, RecordingApp, Reply, eventually, eventually_true, free_port
 from tests.support.stack import start_stack
 
@@ -227,37 +228,25 @@ async def test_a_function_registered_after_a_nats_restart_is_served_at_once(tmp_
     assert [s.body for s in stack.functions.on("/late")] == [b"after the restart"]
 
 
-def _users(gateway_denied: list[str]) -> str:
-    """nats-server users: `gateway` may not publish to `gateway_denied` (such a request times out),
-    `admin` may do anything."""
-    deny = ", ".join(f'"{subject}"' for subject in gateway_denied)
-    return (
-        "authorization { users: [\n"
-        f'  {{user: "gateway", password: "pw", permissions: {{publish: {{deny: [{deny}]}}}}}}\n'
-        '  {user: "admin", password: "pw"}\n'
-        "]}\n"
-    )
-
-
 async def _reload(nats: EmbeddedNats, gateway_denied: list[str]) -> None:
     """Change what the `gateway` user is denied while it is connected (a configuration reload)."""
     log = nats.data_dir / "nats-server.log"
     reloads = log.read_text().count("Reloaded server configuration")
-    nats.extra_config = _users(gateway_denied)
+    nats.extra_config = users("gateway", gateway_denied)
     (nats.data_dir / "nats-server.conf").write_text(nats.config(), encoding="utf-8")
     os.kill(nats.pid, signal.SIGHUP)
     await eventually(lambda: log.read_text().count("Reloaded server configuration") > reloads)
 
 
 async def _gateway_stack(nats: EmbeddedNats) -> Stack:
-    return await start_stack(nats, worker=False, overrides={"nats": {"user": "gateway", "password": "pw"}})
+    return await start_stack(nats, worker=False, overrides=as_user("gateway"))
 
 
 async def test_a_registration_stored_while_nats_fails_is_answered_once_nats_answers(tmp_path: Path) -> None:
     """Found by a chaos run on a cluster back from a lost quorum: the entry was stored, creating
     its consumers timed out, and the answer was 503; the client's repeat was refused as taken."""
     consumer_info = [f"$JS.API.CONSUMER.INFO.JETSPOOL_QUEUE.jetspool-fresh-{p}" for p in PRIORITIES]
-    nats = EmbeddedNats(tmp_path / "nats", port=free_port(), extra_config=_users(consumer_info))
+    nats = EmbeddedNats(tmp_path / "nats", port=free_port(), extra_config=users("gateway", consumer_info))
     nats.start()
     try:
         stack = await _gateway_stack(nats)
@@ -285,7 +274,7 @@ async def test_a_registry_watch_that_cannot_be_renewed_leaves_the_old_one_follow
     quorum stayed away past the ride-through this failed, and was logged as an error with a
     traceback (`a reconnect hook failed`), though the old watch renews its own consumer (a chaos
     run: each change made once the cluster was back reached the views within 4 s)."""
-    nats = EmbeddedNats(tmp_path / "nats", port=free_port(), extra_config=_users([]))
+    nats = EmbeddedNats(tmp_path / "nats", port=free_port(), extra_config=users("gateway", []))
     nats.start()
     try:
         stack = await _gateway_stack(nats)
@@ -297,7 +286,7 @@ async def test_a_registry_watch_that_cannot_be_renewed_leaves_the_old_one_follow
 
             with caplog.at_level(logging.WARNING, logger="jetspool.jetstream.registry"):
                 await view.resync()  # no new watch can be made
-            admin = await nats_py.connect(nats.url, user="admin", password="pw")
+            admin = await nats_py.connect(nats.url, user="admin", password=PASSWORD)
             try:
                 functions = await admin.jetstream().key_value(names.FUNCTIONS_BUCKET)
                 later = Function(name="later", url=stack.function_url("/later"))

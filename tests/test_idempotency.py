@@ -21,6 +21,7 @@ from jetspool.embedded import EmbeddedNats
 from jetspool.jetstream import ridethrough
 from jetspool.jetstream.connection import connect
 from jetspool.settings import NatsSettings
+from tests.support.permissions import PASSWORD, as_user, users
 from tests.support.servers import eventually_true, free_port
 from tests.support.stack import start_stack
 
@@ -170,12 +171,7 @@ async def _waiting(stack: Stack) -> int:
     return int(sum(figures["waiting"].values()))
 
 
-_QUEUE_DENIED = (
-    "authorization { users: [\n"
-    '  {user: "gateway", password: "pw", permissions: {publish: {deny: ["jetspool.queue.>"]}}}\n'
-    '  {user: "admin", password: "pw"}\n'
-    "]}\n"
-)
+_QUEUE_DENIED = users("gateway", ["jetspool.queue.>"])
 """A NATS user whose queue messages the server drops: each publish of one times out."""
 
 
@@ -191,7 +187,7 @@ async def test_a_key_stays_with_its_request_when_storing_the_message_timed_out(
     server = EmbeddedNats(tmp_path / "nats", port=free_port(), extra_config=_QUEUE_DENIED)
     server.start()
     try:
-        stack = await start_stack(server, worker=False, overrides={"nats": {"user": "gateway", "password": "pw"}})
+        stack = await start_stack(server, worker=False, overrides=as_user("gateway"))
         try:
             await stack.register("echo")
             answer = await stack.client.post("/queue/echo", json={"n": 1}, headers={"Idempotency-Key": "timed-out"})
@@ -230,7 +226,7 @@ async def test_a_key_is_given_back_when_its_message_was_refused(stack_without_wo
 
 async def _claim_and_stored(url: str, key: str, *, admin: bool = False) -> tuple[bytes | None, int]:
     """The claim on `key` for echo (None when there is none), and how many messages the queue holds."""
-    settings = NatsSettings(url=url, user="admin", password="pw") if admin else NatsSettings(url=url)
+    settings = NatsSettings(url=url, user="admin", password=PASSWORD) if admin else NatsSettings(url=url)
     conn = await connect(settings, "test")
     try:
         claims = await conn.js.key_value(names.IDEMPOTENCY_BUCKET)

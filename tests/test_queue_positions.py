@@ -8,6 +8,7 @@ from jetspool.domain import names
 from jetspool.embedded import EmbeddedNats
 from jetspool.jetstream.connection import connect
 from jetspool.settings import NatsSettings
+from tests.support.permissions import PASSWORD, as_user, users
 from tests.support.servers import free_port
 from tests.support.stack import start_stack
 
@@ -16,13 +17,7 @@ if TYPE_CHECKING:
 
     from tests.support.stack import Stack
 
-_BLIND_GATEWAY = (
-    "authorization { users: [\n"
-    '  {user: "gateway", password: "pw",\n'
-    f'   permissions: {{publish: {{deny: ["$JS.API.DIRECT.GET.{names.QUEUE_STREAM}"]}}}}}}\n'
-    '  {user: "admin", password: "pw"}\n'
-    "]}\n"
-)
+_BLIND_GATEWAY = users("gateway", [f"$JS.API.DIRECT.GET.{names.QUEUE_STREAM}"])
 """A NATS user that may queue requests but not read the queue stream's messages directly: the
 read behind a request's queue position gets no answer."""
 
@@ -210,13 +205,13 @@ async def test_a_stored_request_is_answered_with_its_id_when_its_position_cannot
     server = EmbeddedNats(tmp_path / "nats", port=free_port(), extra_config=_BLIND_GATEWAY)
     server.start()
     try:
-        stack = await start_stack(server, worker=False, overrides={"nats": {"user": "gateway", "password": "pw"}})
+        stack = await start_stack(server, worker=False, overrides=as_user("gateway"))
         try:
             await stack.register("echo")
             answer = await stack.client.post("/queue/echo", json={"n": 1})
         finally:
             await stack.close()
-        admin = await connect(NatsSettings(url=server.url, user="admin", password="pw"), "test")
+        admin = await connect(NatsSettings(url=server.url, user="admin", password=PASSWORD), "test")
         try:
             stored = (await admin.js.stream_info(names.QUEUE_STREAM)).state.messages
         finally:

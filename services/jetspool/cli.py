@@ -32,6 +32,8 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 _KEEP_ALIVE_S = 75
 _STARTING_POLL_S = 0.2
+_STOP_SLACK_S = 2.0
+"""Beyond `worker.shutdown_grace`, for a worker stopped during start-up to unwind."""
 
 log = logging.getLogger("jetspool")
 
@@ -201,7 +203,14 @@ def _run_worker(settings: Settings) -> int:
         await asyncio.wait({running, stopping}, return_when=asyncio.FIRST_COMPLETED)
         stopping.cancel()
         if not running.done() and not ready.is_set():
-            await stop_task(running)  # stopped during start-up (waiting for NATS): nothing to hand back yet
+            # Stopped during start-up: waiting for NATS, or with runners that already took requests.
+            # One cancel ends start-up where it is, and what has started unwinds as on any stop,
+            # handing back what it took; repeated cancels would cut the hand-backs short, and the
+            # requests would wait out the ack wait. Past the grace (a cancel swallowed inside
+            # nats-py, see stop_task), it is cancelled until it ends.
+            running.cancel()
+            await asyncio.wait({running}, timeout=settings.worker.shutdown_grace + _STOP_SLACK_S)
+            await stop_task(running)
             return
         await running
 

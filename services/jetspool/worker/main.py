@@ -126,9 +126,9 @@ async def run(settings: Settings, stop: asyncio.Event, ready: asyncio.Event | No
         view.on_change = pool.on_change
 
         started.push_async_callback(pool.stop)  # unwinds after view.stop: no runner starts once the pool stopped
+        started.push_async_callback(view.stop)  # before it starts: a stop during start-up ends the view too
         await view.start()
         conn.on_reconnect(view.resync)
-        started.push_async_callback(view.stop)
         callbacks = CallbackDelivery(conn, status, results, settings.callbacks, http)
         await callbacks.start()
         started.push_async_callback(callbacks.stop, settings.worker.shutdown_grace)
