@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -22,9 +23,10 @@ from tests.support.processes import (
     JetspoolProcess,
     alive,
     descendants,
+    start_part,
     stopped_while_waiting_for_nats,
 )
-from tests.support.servers import free_port, wait_until_ready
+from tests.support.servers import eventually_true, free_port, wait_until_ready
 from tests.support.tls import self_signed
 
 if TYPE_CHECKING:
@@ -244,6 +246,48 @@ def test_sigterm_stops_a_running_part_with_exit_code_0(part: str, nats_server: E
 
     assert code == 0, proc.output
     assert "Traceback" not in proc.output
+
+
+async def test_a_stopping_gateway_ends_its_status_streams_and_answers_its_long_polls(
+    nats_server: EmbeddedNats, tmp_path: Path
+) -> None:
+    """Found by a rolling-restart audit: the streams stayed open until uvicorn's graceful timeout
+    (5 s), which then cut them (a broken chunked body) and answered the long polls 500, with a
+    traceback each. A stream that ends can be resumed, with `Last-Event-ID`, on another gateway."""
+    config = tmp_path / "jetspool.yaml"  # no worker: the request waits
+    functions = "functions:\n  - name: echo\n    url: http://127.0.0.1:9/echo\n"
+    config.write_text(f"gateway:\n  max_streams: 2\n{functions}", encoding="utf-8")
+    port = free_port()
+    proc = start_part("gateway", config, nats_server.url, port)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        await wait_until_ready(url, timeout_s=30)
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            request_id = (await client.post("/async-function/echo", content=b"waits")).headers["x-call-id"]
+            prefix = f"/queue/echo/requests/{request_id}"
+            long_poll = asyncio.create_task(client.get(prefix, params={"wait": "30"}))
+            async with client.stream("GET", f"{prefix}/status/stream") as stream:
+                lines = stream.aiter_lines()
+                first = await anext(lines)
+
+                async def both_open() -> bool:  # a third wait is refused: the gateway holds two
+                    return (await client.get(prefix, params={"wait": "0.05"})).status_code == 503
+
+                await eventually_true(both_open)
+                proc.process.send_signal(signal.SIGTERM)
+                rest = [line async for line in lines]  # to the end, not broken
+            answered = await long_poll
+        code = await asyncio.to_thread(proc.wait, 30)
+    finally:
+        proc.kill_tree()
+
+    assert first.startswith(("data: ", "id: "))
+    assert "COMPLETED" not in "".join(rest)
+    assert answered.status_code == 400
+    assert answered.json()["status"] == "IN_QUEUE"
+    assert code == 0
+    assert "Traceback" not in proc.output
+    assert "timeout graceful shutdown exceeded" not in proc.output
 
 
 @pytest.mark.parametrize("part", ["gateway", "worker"])

@@ -23,6 +23,7 @@ from jetspool.domain.errors import ConfigError
 from jetspool.settings import Settings, check_listen, check_tls_files, load
 
 if TYPE_CHECKING:
+    import socket
     from collections.abc import Coroutine
 
     import uvicorn
@@ -133,7 +134,12 @@ def _dispatch(args: argparse.Namespace) -> int:
 def _serve_gateway(settings: Settings) -> int:
     import uvicorn  # noqa: PLC0415
 
-    from jetspool.gateway.app import create_app  # noqa: PLC0415
+    from jetspool.gateway.app import create_app, stopping  # noqa: PLC0415
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            stopping(app)  # streams end and long polls answer before uvicorn waits for them
+            await super().shutdown(sockets)
 
     gateway = settings.gateway
     config_errors: list[ConfigError] = []
@@ -152,7 +158,7 @@ def _serve_gateway(settings: Settings) -> int:
         ssl_certfile=gateway.tls_cert,
         ssl_keyfile=gateway.tls_key,
     )
-    server = uvicorn.Server(config)
+    server = Server(config)
 
     # uvicorn logs a failed or abandoned start-up with a whole traceback: a config error is told
     # as a message instead, and a stop during start-up is no error.

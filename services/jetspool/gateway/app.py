@@ -56,6 +56,14 @@ _CLIENT_DEFAULTS: Final = ("Accept", "Accept-Encoding", "User-Agent")
 """Headers httpx adds to every request of its own accord (besides the hop-by-hop `Connection`)."""
 
 
+def stopping(app: Litestar) -> None:
+    """The server stops: its status streams end and its long polls answer, before it waits for its
+    open connections (which it would cut after its graceful timeout, with a 500 or a broken stream)."""
+    gateway: Gateway | None = app.state.get("gateway")
+    if gateway is not None:
+        gateway.feed.close()
+
+
 def create_app(settings: Settings, *, config_errors: list[ConfigError] | None = None) -> Litestar:
     """The gateway app; a ConfigError in start-up is also appended to `config_errors`, if given
     (uvicorn reports a failed start-up only as a log line)."""

@@ -126,13 +126,20 @@ class StatusFeed:
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
 
-    async def stop(self) -> None:
+    def close(self) -> None:
+        """The gateway is stopping: every stream ends (its client reconnects, with `Last-Event-ID`,
+        to another gateway) and every long poll answers what it has. Called before the server waits
+        for its open connections, which it would otherwise cut after its graceful timeout."""
         self.closing = True
         if self._release is not None:
             self._release.cancel()
         for watches in self._by_request.values():
             for watch in watches:
+                watch.own_change.set()
                 watch.queue_moved.set()
+
+    async def stop(self) -> None:
+        self.close()
         if self._releasing is not None:
             await self._releasing
         for sub in self._subs:

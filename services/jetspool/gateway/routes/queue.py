@@ -231,8 +231,12 @@ async def _wait_for_completion(gateway: Gateway, record: StatusRecord, wait_s: f
             return record
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(wait_s):
-                while not current.record.is_completed:
-                    current = watch.latest(await watch.records.get())
+                while True:
+                    watch.own_change.clear()  # before reading: a record offered from now on sets it
+                    current = watch.latest(current)
+                    if current.record.is_completed or gateway.feed.closing:
+                        break
+                    await watch.own_change.wait()
         return current.record
 
 
