@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from jetspool import client as client_module
 from jetspool.client import (
     AsyncClient,
     Cancelled,
@@ -24,10 +25,12 @@ from jetspool.client import (
     Unreachable,
     WaitTimeout,
 )
-from tests.support.servers import Reply, free_port
+from tests.support.processes import start_part
+from tests.support.servers import Reply, free_port, wait_until_ready
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from pathlib import Path
 
     from tests.support.stack import Stack
 
@@ -193,3 +196,37 @@ async def test_sync_cancel_handles_and_the_registry(stack: Stack) -> None:
         "after": ["busy"],
         "unknown": True,
     }
+
+
+@pytest.mark.parametrize("restarted", [True, False])
+async def test_a_status_stream_goes_on_across_a_restart_of_its_gateway(
+    stack: Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, restarted: bool
+) -> None:
+    """A stopping gateway ends its streams; the client opens the stream again with Last-Event-ID
+    (here on the same address, where a new gateway starts, as behind a load balancer) and goes on
+    to COMPLETED, without telling a state twice. With no gateway back, it gives up: Unreachable."""
+    monkeypatch.setattr(client_module, "_RESUME_FIRST_PAUSE_S", 0.01)  # six tries in 0.6 s, not 16 s
+    request_id = await stack.held_call("echo", b"across a restart")
+    config = tmp_path / "gateway.yaml"
+    config.write_text("{}\n", encoding="utf-8")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    gateway = start_part("gateway", config, stack.nats.url, port)
+    try:
+        await wait_until_ready(url, timeout_s=30)
+        async with AsyncClient(url) as client:
+            events = client.handle("echo", request_id).iter_events()
+            first = await anext(events)
+            assert await asyncio.to_thread(gateway.terminate, 30) == 0
+            if not restarted:
+                with pytest.raises(Unreachable, match="could not be resumed"):
+                    await anext(events)
+                return
+            gateway = start_part("gateway", config, stack.nats.url, port)
+            await wait_until_ready(url, timeout_s=30)
+            stack.functions.release("/echo")
+            rest = [status async for status in events]
+    finally:
+        gateway.kill_tree()
+
+    assert [first.status, *(status.status for status in rest)] == ["IN_PROGRESS", "COMPLETED"]

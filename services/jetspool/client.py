@@ -18,6 +18,7 @@ gave up waiting.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import httpx
 import orjson
-from httpx_sse import aconnect_sse, connect_sse
+from httpx_sse import ServerSentEvent, aconnect_sse, connect_sse
 
 from jetspool.domain import names
 
@@ -282,6 +283,48 @@ def _event_status(response: httpx.Response, data: str) -> Status:
     return Status.of(body)
 
 
+_RESUMES: Final = 6
+_RESUME_FIRST_PAUSE_S: Final = 0.25
+
+
+@dataclass
+class _Resume:
+    """Where a status stream got to. A stream that ends or breaks before COMPLETED (its gateway
+    stopped: it ends its streams, and another gateway behind the same address goes on) is opened
+    again with `Last-Event-ID`, after a growing pause, up to `_RESUMES` times in a row (about 16 s);
+    then Unreachable. A resumed stream starts with the current state: one already seen is not
+    told again."""
+
+    last_id: str | None = None
+    last_data: str | None = None
+    done: bool = False
+    failed: int = 0
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Last-Event-ID": self.last_id} if self.last_id else {}
+
+    def take(self, response: httpx.Response, event: ServerSentEvent) -> Status | None:
+        """The status `event` carries, if it is news."""
+        self.failed = 0
+        if event.id:
+            self.last_id = event.id
+        if not event.data or event.data == self.last_data:
+            return None
+        self.last_data = event.data
+        status = _event_status(response, event.data)
+        self.done = status.completed
+        return status
+
+    def pause(self, broke: httpx.TransportError | None) -> float:
+        """How long to wait before resuming; Unreachable once it failed `_RESUMES` times in a row."""
+        self.failed += 1
+        if self.failed > _RESUMES:
+            why = f"it broke: {broke}" if broke else "it kept ending before the request completed"
+            raise Unreachable(f"the status stream could not be resumed; {why}")
+        return float(_RESUME_FIRST_PAUSE_S * 2 ** (self.failed - 1))
+
+
 def _event_stream(response: httpx.Response) -> None:
     """BadAnswer unless `response` is a stream of Server-Sent Events."""
     if not response.headers.get("content-type", "").startswith("text/event-stream"):
@@ -392,19 +435,30 @@ class Client:
             raise Unreachable(f"cannot reach the gateway at {self._http.base_url}: {exc}") from exc
 
     def events(self, url: str, params: dict[str, str], idle_s: float | None = None) -> Iterator[Status]:
-        """The status objects of an SSE stream at `url`, until it ends (WaitTimeout: none for `idle_s` s)."""
-        try:
-            with connect_sse(self._http, "GET", url, params=params, timeout=_stream_timeout(idle_s)) as source:
-                if not source.response.is_success:
-                    source.response.read()
-                _event_stream(_checked(source.response))
-                for event in source.iter_sse():
-                    if event.data:
-                        yield _event_status(source.response, event.data)
-        except httpx.ReadTimeout as exc:
-            raise WaitTimeout(f"no status change within {idle_s:g} s") from exc
-        except httpx.TransportError as exc:
-            raise Unreachable(f"the status stream broke: {exc}") from exc
+        """The status objects of an SSE stream at `url`, until COMPLETED (WaitTimeout: none for
+        `idle_s` s). A stream that ends or breaks before is resumed (see `_Resume`)."""
+        resume = _Resume()
+        while True:
+            broke: httpx.TransportError | None = None
+            try:
+                timeout = _stream_timeout(idle_s)
+                with connect_sse(
+                    self._http, "GET", url, params=params, headers=resume.headers, timeout=timeout
+                ) as source:
+                    if not source.response.is_success:
+                        source.response.read()
+                    _event_stream(_checked(source.response))
+                    for event in source.iter_sse():
+                        status = resume.take(source.response, event)
+                        if status is not None:
+                            yield status
+            except httpx.ReadTimeout as exc:
+                raise WaitTimeout(f"no status change within {idle_s:g} s") from exc
+            except httpx.TransportError as exc:
+                broke = exc
+            if resume.done:
+                return
+            time.sleep(resume.pause(broke))
 
     def submit(self, name: str, **options: Any) -> Handle:
         """Queue a request (keywords: see `submission`); returns its handle at once."""
@@ -496,19 +550,29 @@ class AsyncClient:
             raise Unreachable(f"cannot reach the gateway at {self._http.base_url}: {exc}") from exc
 
     async def events(self, url: str, params: dict[str, str], idle_s: float | None = None) -> AsyncIterator[Status]:
-        """The status objects of an SSE stream at `url`, until it ends (WaitTimeout: none for `idle_s` s)."""
-        try:
-            async with aconnect_sse(self._http, "GET", url, params=params, timeout=_stream_timeout(idle_s)) as source:
-                if not source.response.is_success:
-                    await source.response.aread()
-                _event_stream(_checked(source.response))
-                async for event in source.aiter_sse():
-                    if event.data:
-                        yield _event_status(source.response, event.data)
-        except httpx.ReadTimeout as exc:
-            raise WaitTimeout(f"no status change within {idle_s:g} s") from exc
-        except httpx.TransportError as exc:
-            raise Unreachable(f"the status stream broke: {exc}") from exc
+        """As `Client.events`."""
+        resume = _Resume()
+        while True:
+            broke: httpx.TransportError | None = None
+            try:
+                timeout = _stream_timeout(idle_s)
+                async with aconnect_sse(
+                    self._http, "GET", url, params=params, headers=resume.headers, timeout=timeout
+                ) as source:
+                    if not source.response.is_success:
+                        await source.response.aread()
+                    _event_stream(_checked(source.response))
+                    async for event in source.aiter_sse():
+                        status = resume.take(source.response, event)
+                        if status is not None:
+                            yield status
+            except httpx.ReadTimeout as exc:
+                raise WaitTimeout(f"no status change within {idle_s:g} s") from exc
+            except httpx.TransportError as exc:
+                broke = exc
+            if resume.done:
+                return
+            await asyncio.sleep(resume.pause(broke))
 
     async def submit(self, name: str, **options: Any) -> AsyncHandle:
         sent = submission(name, **options)
