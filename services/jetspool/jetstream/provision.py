@@ -202,6 +202,7 @@ def _counter_stream(replicas: int) -> api.StreamConfig:
         num_replicas=replicas,
         persist_mode=_observational(replicas),
         allow_msg_counter=True,
+        max_msgs_per_subject=1,  # a counter is read from its last message: the earlier ones only grew the stream
         duplicate_window=_DUPLICATE_WINDOW_S,
         allow_direct=True,
     )
