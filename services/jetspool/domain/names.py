@@ -46,6 +46,7 @@ IDEMPOTENCY_BUCKET: Final = "jetspool-idempotency"
 ENVELOPE_BUCKET: Final = "jetspool-envelopes"
 """The queued form of each request that ended in an error or was cancelled, kept for the retry route."""
 BLOB_STORE: Final = "jetspool-blobs"
+BLOB_STREAM: Final = f"OBJ_{BLOB_STORE}"
 
 WAKE_SUBJECTS: Final = "jetspool.wake.>"
 STATUS_CHANGE_SUBJECTS: Final = "jetspool.status.>"

@@ -30,7 +30,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _KV_PREFIX = "KV_"
-_OBJ_PREFIX = "OBJ_"
 _DUPLICATE_WINDOW_S = 120.0
 _MAX_ACK_PENDING = 20_000
 _MAX_TIMERS = 1_000_000
@@ -319,6 +318,6 @@ async def _ensure_object_store(js: JetStreamContext, replicas: int) -> ObjectSto
                 replicas=replicas,
             ),
         )
-    stream = await js.stream_info(f"{_OBJ_PREFIX}{names.BLOB_STORE}")
+    stream = await js.stream_info(names.BLOB_STREAM)
     await _reconcile(js, stream, replace(stream.config, num_replicas=replicas))
     return store
