@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 import pytest
 
 from jetspool.embedded import EmbeddedNats
+from jetspool.jetstream.connection import Nats, connect
+from jetspool.settings import NatsSettings
 from tests.support.faults import CountingEcho
 from tests.support.servers import AsgiServer
 from tests.support.stack import Stack, start_stack
@@ -22,6 +24,14 @@ def nats_server(tmp_path: Path) -> Iterator[EmbeddedNats]:
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+async def conn(nats_server: EmbeddedNats) -> AsyncIterator[Nats]:
+    """A connection of the test's own to `nats_server`, to look at what jetspool stored."""
+    connection = await connect(NatsSettings(url=nats_server.url), "test")
+    yield connection
+    await connection.close()
 
 
 @pytest.fixture

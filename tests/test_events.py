@@ -13,8 +13,6 @@ import pytest
 from nats.js.api import DeliverPolicy
 
 from jetspool.domain import names
-from jetspool.jetstream.connection import Nats, connect
-from jetspool.settings import NatsSettings
 from tests.support.servers import Reply, eventually
 from tests.support.stack import start_stack
 
@@ -24,6 +22,7 @@ if TYPE_CHECKING:
     from nats.aio.msg import Msg
 
     from jetspool.embedded import EmbeddedNats
+    from jetspool.jetstream.connection import Nats
     from tests.support.stack import Stack
 
 EVENT_SCHEMA = orjson.loads((Path(__file__).resolve().parents[1] / "schemas" / "status-event.schema.json").read_bytes())
@@ -44,13 +43,6 @@ class Listener:
     async def wait_for(self, request_id: str, last: str) -> list[str]:
         await eventually(lambda: last in self.of(request_id))
         return self.of(request_id)
-
-
-@pytest.fixture
-async def conn(nats_server: EmbeddedNats) -> AsyncIterator[Nats]:
-    connection = await connect(NatsSettings(url=nats_server.url), "subscriber")
-    yield connection
-    await connection.close()
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -10,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import nats as nats_py
 import pytest
+from nats.js.errors import NotFoundError
 
 from jetspool.domain import names
 from jetspool.domain.functions import Function
@@ -23,6 +25,7 @@ from tests.support.stack import start_stack
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from jetspool.jetstream.connection import Nats
     from tests.support.stack import Stack
 
 
@@ -116,6 +119,51 @@ async def test_deleted_function_refuses_new_requests(stack: Stack) -> None:
     assert submit.status_code == 404
     assert again.status_code == 404
     assert (await stack.client.get("/system/functions")).json() == []
+
+
+async def _consumers(conn: Nats, function: str) -> int:
+    """How many of `function`'s queue consumers exist."""
+    found = 0
+    for priority in PRIORITIES:
+        with contextlib.suppress(NotFoundError):
+            await conn.js.consumer_info(names.QUEUE_STREAM, names.queue_consumer(function, priority))
+            found += 1
+    return found
+
+
+async def test_a_function_deleted_with_nothing_queued_leaves_no_consumers(stack: Stack, conn: Nats) -> None:
+    """A soak run found three consumers left per function name ever deleted, for good."""
+    await stack.register("echo")
+    await stack.wait_for_status("echo", await stack.submit("echo", content=b"before"))
+    assert await _consumers(conn, "echo") == len(PRIORITIES)
+
+    deleted = await stack.client.delete("/system/functions/echo")
+    left = await _consumers(conn, "echo")
+    await stack.register("echo")
+    final = await stack.wait_for_status("echo", await stack.submit("echo", content=b"registered again"))
+
+    assert deleted.status_code == 204
+    assert left == 0
+    assert "error_type" not in final
+
+
+async def test_a_function_deleted_with_requests_waiting_runs_them_once_registered_again(
+    stack_without_worker: Stack, conn: Nats
+) -> None:
+    stack = stack_without_worker
+    await stack.register("echo")
+    waiting = await stack.submit("echo", content=b"waits for a new registration")
+
+    deleted = await stack.client.delete("/system/functions/echo")
+    left = await _consumers(conn, "echo")
+    await stack.register("echo")
+    await stack.start_worker()
+    final = await stack.wait_for_status("echo", waiting)
+
+    assert deleted.status_code == 204
+    assert left == len(PRIORITIES)
+    assert "error_type" not in final
+    assert [s.body for s in stack.functions.on("/echo")] == [b"waits for a new registration"]
 
 
 async def test_registering_a_taken_name_is_refused_without_409(stack: Stack) -> None:

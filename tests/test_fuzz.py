@@ -14,13 +14,9 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from jetspool.domain import names
-from jetspool.jetstream.connection import Nats, connect
-from jetspool.settings import NatsSettings
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
-
-    from jetspool.embedded import EmbeddedNats
+    from jetspool.jetstream.connection import Nats
     from tests.support.stack import Stack
 
 _PRINTABLE = st.characters(min_codepoint=32, max_codepoint=126)
@@ -138,13 +134,6 @@ def _lookups(draw: st.DrawFn) -> Hostile:
         )
     )
     return Hostile(method, template.format(n=name, i=request_id), draw(_QUERIES), draw(_SUBMIT_HEADERS), body)
-
-
-@pytest.fixture
-async def conn(nats_server: EmbeddedNats) -> AsyncIterator[Nats]:
-    connection = await connect(NatsSettings(url=nats_server.url), "fuzz")
-    yield connection
-    await connection.close()
 
 
 async def _last_seq(conn: Nats) -> int:

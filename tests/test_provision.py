@@ -10,14 +10,10 @@ from nats.js import api
 
 from jetspool.domain import names
 from jetspool.domain.errors import ConfigError
-from jetspool.jetstream.connection import Nats, connect
 from jetspool.jetstream.provision import ensure_function_consumers, provision
-from jetspool.settings import NatsSettings
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
-
-    from jetspool.embedded import EmbeddedNats
+    from jetspool.jetstream.connection import Nats
 
 _STREAMS = (
     names.QUEUE_STREAM,
@@ -28,13 +24,6 @@ _STREAMS = (
     f"KV_{names.RESULTS_BUCKET}",
     f"OBJ_{names.BLOB_STORE}",
 )
-
-
-@pytest.fixture
-async def conn(nats_server: EmbeddedNats) -> AsyncIterator[Nats]:
-    connection = await connect(NatsSettings(url=nats_server.url), "test")
-    yield connection
-    await connection.close()
 
 
 async def _snapshot(conn: Nats) -> dict[str, object]:

@@ -7,29 +7,17 @@ import uuid
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-import pytest
 from nats.js.errors import NotFoundError
 
 from jetspool.domain import names
 from jetspool.domain.messages import QueuedRequest, encode
-from jetspool.jetstream.connection import Nats, connect
-from jetspool.settings import NatsSettings
 from tests.support.servers import Reply, eventually_true
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
-
-    from jetspool.embedded import EmbeddedNats
+    from jetspool.jetstream.connection import Nats
     from tests.support.stack import Stack
 
 _LARGE = bytes(range(256)) * (5 * 4096)  # 5 MiB: stored out of line (above half the 8 MiB max payload)
-
-
-@pytest.fixture
-async def conn(nats_server: EmbeddedNats) -> AsyncIterator[Nats]:
-    connection = await connect(NatsSettings(url=nats_server.url), "test")
-    yield connection
-    await connection.close()
 
 
 async def _retry(stack: Stack, request_id: str, name: str = "echo") -> dict[str, object]:

@@ -7,8 +7,10 @@ one the server cannot apply stops start-up with a message naming the setting.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from nats.js import api
@@ -17,7 +19,7 @@ from nats.js.errors import APIError, NotFoundError
 from jetspool.domain import names
 from jetspool.domain.errors import ConfigError
 from jetspool.jetstream.logs import MAX_LINES as MAX_LOG_LINES
-from jetspool.jetstream.ridethrough import is_transient
+from jetspool.jetstream.ridethrough import is_transient, ride_through
 from jetspool.settings import EventSettings
 
 if TYPE_CHECKING:
@@ -90,6 +92,25 @@ async def ensure_function_consumers(js: JetStreamContext, function: str, ack_wai
             max_waiting=512,
         )
         await _ensure_consumer(js, names.QUEUE_STREAM, consumer)
+
+
+async def drop_idle_function_consumers(js: JetStreamContext, function: str) -> bool:
+    """Delete the consumers of an unregistered `function` when none holds a request, waiting or in
+    flight; True if so. Kept, they stayed for good: three per function name ever deleted, each with
+    its subscriptions on the server. With requests left, they stay, and the requests run if the
+    function is registered again (a request queued after the check waits in the stream for that)."""
+    consumers = [names.queue_consumer(function, priority) for priority in names.PRIORITIES]
+    for consumer in consumers:
+        try:
+            info = await ride_through(partial(js.consumer_info, names.QUEUE_STREAM, consumer), "queue figures")
+        except NotFoundError:
+            continue
+        if info.num_pending or info.num_ack_pending:
+            return False
+    for consumer in consumers:
+        with contextlib.suppress(NotFoundError):
+            await ride_through(partial(js.delete_consumer, names.QUEUE_STREAM, consumer), "consumer delete")
+    return True
 
 
 async def ensure_callback_consumer(js: JetStreamContext) -> None:

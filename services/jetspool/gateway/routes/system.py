@@ -16,7 +16,7 @@ from jetspool.gateway.intake import function_for
 from jetspool.gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from jetspool.gateway.state import Gateway, GatewayDep
 from jetspool.jetstream.cancel import purge
-from jetspool.jetstream.provision import ensure_function_consumers
+from jetspool.jetstream.provision import drop_idle_function_consumers, ensure_function_consumers
 from jetspool.jetstream.ridethrough import ride_through
 
 
@@ -86,10 +86,12 @@ async def replace_function(
 
 @delete("/system/functions/{name:str}", status_code=204)
 async def delete_function(gateway: GatewayDep, name: FromPath[str]) -> None:
-    """Unregister `name`. Requests still waiting stay queued and run if it is registered again."""
+    """Unregister `name`. Requests still waiting stay queued and run if it is registered again;
+    with none, its consumers go too."""
     function_for(gateway.view, name)
     await gateway.registry.delete(name)
     gateway.view.forget(name)
+    await drop_idle_function_consumers(gateway.conn.js, name)
 
 
 @post("/system/functions/{name:str}/purge", status_code=200)
