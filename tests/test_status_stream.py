@@ -7,6 +7,7 @@ import contextlib
 import uuid
 from typing import TYPE_CHECKING, Any
 
+import httpx
 import nats
 import orjson
 import pytest
@@ -19,8 +20,6 @@ from tests.support.stack import start_stack
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
-
-    import httpx
 
     from jetspool.embedded import EmbeddedNats
     from tests.support.stack import Stack
@@ -315,3 +314,23 @@ async def test_the_gateway_hears_status_changes_only_while_someone_watches(nats_
 
     assert (unwatched, watched, again) == (False, True, True)
     assert (heard.record.request_id, heard.revision) == (request_id, 7)
+
+
+async def test_a_long_poll_its_client_left_gives_its_place_back(nats_server: EmbeddedNats) -> None:
+    """A soak run found a `?wait=S` poll whose client had gone holding one of the gateway's
+    `max_streams` places for the whole S (up to 600 s)."""
+    stack = await start_stack(nats_server, worker=False)
+    feed = stack.app.state.gateway.feed
+    try:
+        await stack.register("echo")
+        request_id = await stack.submit("echo", content=b"never runs")
+        async with httpx.AsyncClient(base_url=stack.url, timeout=30) as leaving:
+            poll = asyncio.create_task(leaving.get(f"/queue/echo/requests/{request_id}", params={"wait": "300"}))
+            await eventually(lambda: feed.watching == 1)
+            poll.cancel()  # the client gives up: httpx closes the connection
+            with contextlib.suppress(asyncio.CancelledError):
+                await poll
+
+        await eventually(lambda: feed.watching == 0, timeout_s=10)
+    finally:
+        await stack.close()

@@ -116,14 +116,22 @@ async def _status(gateway: Gateway, name: str | None, request_id: str, logs: str
 
 @get("/queue/{name:str}/requests/{request_id:str}")
 async def request_result(
-    gateway: GatewayDep, name: FromPath[str], request_id: FromPath[str], wait: FromQuery[str | None] = None
+    request: Request[Any, Any, Any],
+    gateway: GatewayDep,
+    name: FromPath[str],
+    request_id: FromPath[str],
+    wait: FromQuery[str | None] = None,
 ) -> Response[Any]:
     """The function's response once completed (with `?wait=S`, first wait up to S seconds for it);
     400 with the status while it is not."""
     wait_s = _seconds("wait", wait)
     record = (await require_request(gateway, name, request_id)).record
     if record.status is not State.COMPLETED and wait_s > 0:
-        record = await _wait_for_completion(gateway, record, wait_s)
+        gone = asyncio.create_task(_client_gone(request))
+        try:
+            record = await _wait_for_completion(gateway, record, wait_s, gone)
+        finally:
+            gone.cancel()
     if record.status is not State.COMPLETED:
         return Response(
             {"detail": f"request is {record.status.value}, not completed yet", "status": record.status.value},
@@ -223,20 +231,34 @@ def _seconds(name: str, value: str | None) -> float:
     return seconds
 
 
-async def _wait_for_completion(gateway: Gateway, record: StatusRecord, wait_s: float) -> StatusRecord:
-    """The record once COMPLETED, or as it is after `wait_s` seconds."""
+async def _client_gone(request: Request[Any, Any, Any]) -> None:
+    """Returns once the client has closed its connection (or its connection failed)."""
+    with contextlib.suppress(Exception):
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+
+async def _wait_for_completion(
+    gateway: Gateway, record: StatusRecord, wait_s: float, gone: asyncio.Task[None]
+) -> StatusRecord:
+    """The record once COMPLETED, or as it is after `wait_s` seconds, or once the client is `gone`
+    (the wait would hold one of the gateway's `max_streams` for nobody, up to 600 s)."""
     async with gateway.feed.watch(record.request_id, record.function) as watch:
         current = await gateway.status.get(record.request_id)  # read after subscribing: nothing falls between
         if current is None:
             return record
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(wait_s):
-                while True:
+                while not gone.done():
                     watch.own_change.clear()  # before reading: a record offered from now on sets it
                     current = watch.latest(current)
                     if current.record.is_completed or gateway.feed.closing:
                         break
-                    await watch.own_change.wait()
+                    changed = asyncio.ensure_future(watch.own_change.wait())
+                    try:
+                        await asyncio.wait({changed, gone}, return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        changed.cancel()
         return current.record
 
 
