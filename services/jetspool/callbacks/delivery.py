@@ -9,13 +9,11 @@ A job of a run that was retried since is dropped: the new run calls back with it
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 from typing import TYPE_CHECKING
 
 import httpx
-from nats.errors import Error as NatsError
 from opentelemetry.trace import SpanKind
 
 from jetspool import logfmt, tracing
@@ -27,7 +25,7 @@ from jetspool.domain import names
 from jetspool.domain.errors import DecodeError
 from jetspool.domain.messages import CallbackJob, decode
 from jetspool.domain.status import utcnow
-from jetspool.jetstream.pulling import ConnectionGone, fetch
+from jetspool.jetstream.pulling import ConnectionGone, fetch, stop_pulling
 from jetspool.jetstream.stats import count
 from jetspool.settings import RetrySettings
 from jetspool.worker.handler import ACK, HAND_BACK, TERM, Settle, settle
@@ -77,16 +75,9 @@ class CallbackDelivery:
         self._task = asyncio.create_task(self._loop(self._sub), name="callback-delivery")
 
     async def stop(self, grace_s: float) -> None:
-        if self._task is not None:
-            await stop_task(self._task)
-        if self._sub is not None:
-            # The last fetch's pull request stays open on the server for up to its expiry, and
-            # callback jobs sent to it meanwhile (those of this worker's calls ending in the grace)
-            # would wait out the consumer's ack wait (60 s). With nobody subscribed to its inbox,
-            # nats-server drops the request instead and the jobs stay for the next worker.
-            with contextlib.suppress(NatsError):
-                await self._sub.unsubscribe()
-            self._sub = None
+        # Callback jobs of this worker's calls ending in the grace are left for the next worker.
+        await stop_pulling(self._task, self._sub)
+        self._task = self._sub = None
         if self._inflight:
             _, pending = await asyncio.wait(self._inflight, timeout=grace_s)
             await asyncio.gather(*(stop_task(task) for task in pending))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import TYPE_CHECKING
 
@@ -10,7 +11,11 @@ from nats.errors import ConnectionClosedError
 from nats.errors import Error as NatsError
 from nats.errors import TimeoutError as NatsTimeoutError
 
+from jetspool.aio import stop_task
+
 if TYPE_CHECKING:
+    from typing import Any
+
     from nats.aio.msg import Msg
     from nats.js.client import JetStreamContext
 
@@ -36,3 +41,15 @@ async def fetch(sub: JetStreamContext.PullSubscription, batch: int, timeout_s: f
         log.warning("%s fetch failed; retrying", what, exc_info=True)
         await asyncio.sleep(_ERROR_BACKOFF_S)
         return []
+
+
+async def stop_pulling(task: asyncio.Task[Any] | None, sub: JetStreamContext.PullSubscription | None) -> None:
+    """End the pull loop `task` on `sub` for good. The last fetch's pull request stays open on the
+    server until it expires, and messages delivered to it once the loop is gone would wait out the
+    consumer's ack wait (a stopping worker's callback jobs waited 60 s). With nobody subscribed to
+    its inbox, nats-server drops the request instead, and the messages stay for the next puller."""
+    if task is not None:
+        await stop_task(task)
+    if sub is not None:
+        with contextlib.suppress(NatsError):
+            await sub.unsubscribe()

@@ -18,12 +18,11 @@ from typing import TYPE_CHECKING
 
 from nats.errors import Error as NatsError
 
-from jetspool.aio import stop_task
 from jetspool.domain import names
 from jetspool.domain.errors import DecodeError
 from jetspool.domain.messages import DeadlineJob, SweepJob, decode
 from jetspool.domain.status import utcnow
-from jetspool.jetstream.pulling import ConnectionGone, fetch
+from jetspool.jetstream.pulling import ConnectionGone, fetch, stop_pulling
 from jetspool.worker.handler import ACK, TERM, Settle, settle
 
 if TYPE_CHECKING:
@@ -56,14 +55,15 @@ class Timers:
         self._registry = registry
         self._retention = retention
         self._task: asyncio.Task[None] | None = None
+        self._sub: JetStreamContext.PullSubscription | None = None
 
     async def start(self) -> None:
-        sub = await self._js.pull_subscribe_bind(names.TIMER_CONSUMER, stream=names.TIMER_STREAM)
-        self._task = asyncio.create_task(self._loop(sub), name="timers")
+        self._sub = await self._js.pull_subscribe_bind(names.TIMER_CONSUMER, stream=names.TIMER_STREAM)
+        self._task = asyncio.create_task(self._loop(self._sub), name="timers")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            await stop_task(self._task)
+        await stop_pulling(self._task, self._sub)
+        self._task = self._sub = None
 
     async def _loop(self, sub: JetStreamContext.PullSubscription) -> None:
         while True:
