@@ -19,6 +19,7 @@ from nats.js.errors import APIError, NotFoundError
 from jetspool.domain import names
 from jetspool.domain.errors import ConfigError
 from jetspool.jetstream.logs import MAX_LINES as MAX_LOG_LINES
+from jetspool.jetstream.positions import consumer_figures
 from jetspool.jetstream.ridethrough import is_transient, ride_through
 from jetspool.settings import EventSettings
 
@@ -94,23 +95,19 @@ async def ensure_function_consumers(js: JetStreamContext, function: str, ack_wai
         await _ensure_consumer(js, names.QUEUE_STREAM, consumer)
 
 
-async def drop_idle_function_consumers(js: JetStreamContext, function: str) -> bool:
+async def drop_idle_function_consumers(js: JetStreamContext, function: str) -> None:
     """Delete the consumers of an unregistered `function` when none holds a request, waiting or in
-    flight; True if so. Kept, they stayed for good: three per function name ever deleted, each with
-    its subscriptions on the server. With requests left, they stay, and the requests run if the
+    flight. Kept, they stayed for good: three per function name ever deleted, each with its
+    subscriptions on the server. With requests left, they stay, and the requests run if the
     function is registered again (a request queued after the check waits in the stream for that)."""
-    consumers = [names.queue_consumer(function, priority) for priority in names.PRIORITIES]
-    for consumer in consumers:
-        try:
-            info = await ride_through(partial(js.consumer_info, names.QUEUE_STREAM, consumer), "queue figures")
-        except NotFoundError:
-            continue
-        if info.num_pending or info.num_ack_pending:
-            return False
-    for consumer in consumers:
+    for priority in names.PRIORITIES:
+        waiting, in_flight = await consumer_figures(js, function, priority)
+        if waiting or in_flight:
+            return
+    for priority in names.PRIORITIES:
+        delete = partial(js.delete_consumer, names.QUEUE_STREAM, names.queue_consumer(function, priority))
         with contextlib.suppress(NotFoundError):
-            await ride_through(partial(js.delete_consumer, names.QUEUE_STREAM, consumer), "consumer delete")
-    return True
+            await ride_through(delete, "consumer delete")
 
 
 async def ensure_callback_consumer(js: JetStreamContext) -> None:
