@@ -8,6 +8,7 @@ import itertools
 import logging
 import os
 import time
+import uuid
 from typing import TYPE_CHECKING, Any
 
 import nats
@@ -15,6 +16,8 @@ import pytest
 import yaml
 
 from jetspool.domain import names
+from jetspool.domain.messages import QueuedRequest, encode
+from jetspool.domain.status import utcnow
 from jetspool.embedded import EmbeddedNats
 from jetspool.jetstream.queue import RequestQueue
 from tests.support.permissions import as_user, users
@@ -28,7 +31,7 @@ if TYPE_CHECKING:
 
     from nats.aio.msg import Msg
 
-    from jetspool.domain.messages import QueuedRequest
+    from jetspool.jetstream.connection import Nats
     from tests.support.stack import Stack
 
 _MIB = 1024 * 1024
@@ -97,6 +100,35 @@ async def test_a_retry_starts_when_its_backoff_ends_not_at_the_next_poll(nats_se
     assert (final["status"], final["attempts"]) == ("COMPLETED", 2)
     [gap] = _gaps(stack, "/echo")
     assert 0.5 <= gap <= 0.5 + _POLL_SLACK_S, f"waited {gap:.3f} s for a 0.5 s backoff"
+
+
+async def test_every_request_the_queue_stream_stores_wakes_an_idle_worker(
+    nats_server: EmbeddedNats, conn: Nats
+) -> None:
+    """The queue stream sends the wake-up of each message it stores (a republish), so a worker
+    idle for its poll interval (here 30 s) starts at once whatever the request's class, and also a
+    request stored by a writer that sends no wake-up of its own (before, only the gateway's did)."""
+    stack = await start_stack(nats_server, overrides={"worker": {"poll_interval": 30.0}})
+    try:
+        await stack.register("echo")
+        first = await stack.submit("echo", content=b"first")  # the worker has pulled once and found all empty
+        await stack.wait_for_status("echo", first, timeout_s=30)
+        woken = []
+        for priority in ("high", "low", "normal"):
+            request_id = await stack.submit(
+                "echo", content=priority.encode(), headers={names.H_QUEUE_PRIORITY: priority}
+            )
+            woken.append((await stack.wait_for_status("echo", request_id, timeout_s=5))["status"])
+        stored = QueuedRequest(request_id=str(uuid.uuid4()), function="echo", body=b"raw", submitted_at=utcnow())
+        await conn.js.publish(names.queue_subject("echo", "normal"), encode(stored))
+        await eventually(lambda: len(stack.functions.on("/echo")) == 5, timeout_s=5)  # no status before the worker
+        raw = await stack.wait_for_status("echo", stored.request_id, timeout_s=5)
+    finally:
+        await stack.close()
+
+    assert woken == ["COMPLETED"] * 3
+    assert raw["status"] == "COMPLETED"
+    assert [s.body for s in stack.functions.on("/echo")] == [b"first", b"high", b"low", b"normal", b"raw"]
 
 
 async def test_concurrency_is_never_exceeded_under_a_burst(stack: Stack) -> None:

@@ -109,3 +109,27 @@ async def test_a_stream_made_before_keeps_its_persist_mode(conn: Nats, caplog: p
 
     assert (await conn.js.stream_info(names.EVENT_STREAM)).config.persist_mode is None
     assert f"stream {names.EVENT_STREAM} keeps persist mode None" in caplog.text
+
+
+async def test_a_queue_stream_made_before_is_given_the_wake_up_republish(conn: Nats) -> None:
+    """Workers of this version wait for the wake-ups the queue stream sends: an older deployment's
+    stream, which sent none (its gateways published them), gets the republish at start."""
+    await conn.js.add_stream(
+        api.StreamConfig(
+            name=names.QUEUE_STREAM,
+            subjects=[names.QUEUE_SUBJECTS],
+            retention=api.RetentionPolicy.WORK_QUEUE,
+            storage=api.StorageType.FILE,
+        )
+    )
+
+    await provision(conn, replicas=1)
+    woken = await conn.nc.subscribe(names.WAKE_SUBJECTS)
+    await conn.js.publish(names.queue_subject("echo", "high"), b"{}")
+    wake = await woken.next_msg(timeout=5)
+
+    republish = (await conn.js.stream_info(names.QUEUE_STREAM)).config.republish
+    assert republish is not None
+    assert (republish.src, republish.dest, republish.headers_only) == (*names.WAKE_REPUBLISH, True)
+    assert wake.subject == names.wake_subject("echo", "high")
+    assert wake.data == b"", "headers only: the request's body does not travel twice"

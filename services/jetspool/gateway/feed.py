@@ -1,8 +1,9 @@
 """Status changes of every request, from one subscription per gateway, fanned out in memory.
 
-The status bucket republishes each write on `jetspool.status.<request id>`; enqueues wake
-`jetspool.wake.<function>`. One subscription each feeds every long-poll and SSE stream of this
-process, so a thousand open streams cost no more NATS consumers than one.
+The status bucket republishes each write on `jetspool.status.<request id>`; the queue stream each
+stored message on `jetspool.wake.<function>.<priority>`. One subscription each feeds every
+long-poll and SSE stream of this process, so a thousand open streams cost no more NATS consumers
+than one.
 
 The subscriptions exist only while someone watches (and a while after, so that a burst of short
 polls does not subscribe and unsubscribe each time): a gateway nobody follows a request on does
@@ -196,7 +197,7 @@ class StatusFeed:
         self._queue_moved(record.function)
 
     async def _on_wake(self, msg: Msg) -> None:
-        self._queue_moved(msg.subject.rpartition(".")[2])
+        self._queue_moved(msg.subject.split(".")[2])  # jetspool.wake.<function>.<priority>
 
     async def _on_log(self, msg: Msg) -> None:
         for watch in self._by_request.get(msg.subject.rpartition(".")[2], ()):

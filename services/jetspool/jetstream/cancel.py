@@ -124,7 +124,7 @@ class Canceller:
             await self._withdraw(changed, ttl_s)
             await count_outcome(self._conn, changed)
             # The queue changed only now: positions behind it move up, and watchers recompute them.
-            await self._conn.nc.publish(names.wake_subject(record.function), b"")
+            await self._conn.nc.publish(names.wake_subject(record.function), b"")  # any class
             return CancelOutcome.CANCELLED
 
     async def _withdraw(self, record: StatusRecord, ttl_s: float) -> None:

@@ -138,6 +138,7 @@ def _queue_stream(replicas: int) -> api.StreamConfig:
         "jetspool: requests waiting for a worker, one subject per function and priority",
         replicas,
         allow_direct=True,
+        republish=api.RePublish(src=names.WAKE_REPUBLISH[0], dest=names.WAKE_REPUBLISH[1], headers_only=True),
     )
 
 
@@ -180,7 +181,13 @@ def _timer_stream(replicas: int) -> api.StreamConfig:
 
 
 def _work_queue_stream(
-    name: str, subjects: str, description: str, replicas: int, *, allow_direct: bool | None = None
+    name: str,
+    subjects: str,
+    description: str,
+    replicas: int,
+    *,
+    allow_direct: bool | None = None,
+    republish: api.RePublish | None = None,
 ) -> api.StreamConfig:
     """A stream whose messages are removed once a worker acknowledges them."""
     return api.StreamConfig(
@@ -192,6 +199,7 @@ def _work_queue_stream(
         num_replicas=replicas,
         duplicate_window=_DUPLICATE_WINDOW_S,
         allow_direct=allow_direct,
+        republish=republish,
     )
 
 

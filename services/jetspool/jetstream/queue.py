@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import uuid
 from functools import partial
 from typing import TYPE_CHECKING
 
 import msgspec
-from nats.errors import Error as NatsError
 
 from jetspool import tracing
 from jetspool.domain import names
@@ -47,8 +45,6 @@ class RequestQueue:
         headers = tracing.inject({names.NATS_MSG_ID: msg_id})  # the request's trace goes with it
         # Stored or not, a repeat with the same message id stores it exactly once.
         ack = await ride_through(partial(self._conn.js.publish, subject, payload, headers=headers), "enqueue")
-        with contextlib.suppress(NatsError):  # a missed wake-up only delays the start to the next poll
-            await self._conn.nc.publish(names.wake_subject(request.function), request.priority.encode())
         return int(ack.seq)
 
     def fits(self, body: bytes) -> bool:

@@ -8,8 +8,8 @@ a low-priority request starts only when no higher-class request waits.
 Every data message that reaches the inbox is a delivery this worker owns, even one that
 arrives after its pull timed out: it is kept and handed out by the next pull.
 
-A class found empty is not asked again until a wake-up names it (the gateway's wake-up carries
-the priority of the request it queued) or `recheck_s` has passed (a retry's delayed
+A class found empty is not asked again until a wake-up names it (the queue stream sends one on
+`jetspool.wake.<function>.<priority>` for each message it stores) or `recheck_s` has passed (a retry's delayed
 redelivery becomes due with no wake-up): a worker busy with normal requests makes one pull
 per round, not three.
 """

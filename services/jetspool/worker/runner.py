@@ -1,11 +1,11 @@
 """One function's pull loop: fetch as many requests as there are free slots, handle each in a task.
 
 A boring loop: pull (highest priority first); if nothing waits, sleep until a wake-up on
-`jetspool.wake.<function>`, until a request this worker handed back with a delay is due, or
-until the poll interval (a retry another worker handed back becomes due without a wake-up);
-back off on NATS errors. In-flight tasks are held strongly in `_inflight`; their count never
-exceeds the function's `concurrency`. Each message is kept (in-progress acks) from receipt until
-it is settled.
+`jetspool.wake.<function>.*` (the queue stream sends one for each message it stores), until a
+request this worker handed back with a delay is due, or until the poll interval (a retry another
+worker handed back becomes due without a wake-up); back off on NATS errors. In-flight tasks are
+held strongly in `_inflight`; their count never exceeds the function's `concurrency`. Each
+message is kept (in-progress acks) from receipt until it is settled.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ class FunctionRunner:
 
     async def start(self) -> None:
         await self._puller.start()
-        self._wake_sub = await self._nc.subscribe(names.wake_subject(self._function.name), cb=self._on_wake)
+        self._wake_sub = await self._nc.subscribe(names.wake_subject(self._function.name, "*"), cb=self._on_wake)
         self._loop_task = asyncio.create_task(self._loop(), name=f"runner-{self._function.name}")
 
     async def stop(self, grace_s: float) -> None:
@@ -80,7 +80,8 @@ class FunctionRunner:
             await asyncio.gather(*(stop_task(task) for task in pending))
 
     async def _on_wake(self, msg: Msg) -> None:
-        self._puller.heard(msg.data.decode(errors="replace") or None)
+        priority = msg.subject.rpartition(".")[2]
+        self._puller.heard(None if priority == names.WAKE_ANY else priority)
         self._wake.set()
 
     async def _loop(self) -> None:
