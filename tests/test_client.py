@@ -76,8 +76,10 @@ class Driven:
 async def test_sync_errors_carry_their_error_type(stack: Stack) -> None:
     await stack.register("echo")
     await stack.register("down", max_attempts=1)
+    await stack.register("taken")
     stack.functions.script("/echo", [Reply(500, b'{"boom": 1}')])
     stack.functions.script("/down", [Reply(503)])
+    stack.functions.script("/taken", [Reply(409, b'{"taken": 1}')])
 
     def drive() -> dict[str, BaseException]:
         caught: dict[str, BaseException] = {}
@@ -85,6 +87,7 @@ async def test_sync_errors_carry_their_error_type(stack: Stack) -> None:
             calls: dict[str, Callable[[], object]] = {
                 "unknown": lambda: client.submit("nope"),
                 "function_error": lambda: client.run("echo", content=b"x", client_timeout=10),
+                "conflict": lambda: client.run("taken", content=b"x", client_timeout=10),
                 "runner_unavailable": lambda: client.run("down", client_timeout=10),
                 "bad": lambda: client.submit("echo", priority="urgent"),
             }
@@ -103,6 +106,10 @@ async def test_sync_errors_carry_their_error_type(stack: Stack) -> None:
     assert failure.error_type == "function_error"
     assert failure.result is not None
     assert (failure.result.status_code, failure.result.json()) == (500, {"boom": 1})
+    conflict = caught["conflict"]
+    assert isinstance(conflict, FunctionError)
+    assert conflict.result is not None
+    assert conflict.result.status_code == 409, "the function's code, which the result route answers as 400"
     assert isinstance(caught["runner_unavailable"], RunnerUnavailable)
     assert caught["runner_unavailable"].error_type == "runner_unavailable"
     assert isinstance(caught["bad"], Refused)

@@ -10,7 +10,7 @@ import pytest
 
 from jetspool.domain import ids, names
 from jetspool.domain.messages import QueuedRequest, decode
-from tests.support.servers import Reply
+from tests.support.servers import Reply, eventually
 
 if TYPE_CHECKING:
     from tests.support.stack import Stack
@@ -219,6 +219,28 @@ async def test_function_error_is_recorded_and_returned_as_is(stack: Stack) -> No
     assert response.status_code == 500
     assert response.content == b'{"boom": true}'
     assert response.headers["x-error-type"] == "function_error"
+
+
+async def test_a_functions_409_is_answered_400_by_the_result_route_and_relayed_by_callbacks(stack: Stack) -> None:
+    """SPEC §2: no route answers 409 for a final condition, as clients retry a 409; a client
+    polling the result of a request its function answered 409 would never stop (found by a SPEC
+    audit). The function's body, content type and code (`X-Function-Status`) are kept."""
+    await stack.register("echo")
+    stack.functions.script("/echo", [Reply(409, b'{"taken": true}', content_type="application/json")])
+    hook = stack.callback_url("/hook")
+    request_id = await stack.submit("echo", content=b"x", headers={"X-Callback-Url": hook})
+
+    final = await stack.wait_for_status("echo", request_id)
+    response = await stack.client.get(f"/queue/echo/requests/{request_id}")
+    await eventually(lambda: len(stack.receiver.on("/hook")) == 1)
+    [callback] = stack.receiver.on("/hook")
+
+    assert final["error_type"] == "function_error"
+    assert response.status_code == 400
+    assert (response.content, response.headers["content-type"]) == (b'{"taken": true}', "application/json")
+    assert response.headers["x-error-type"] == "function_error"
+    assert response.headers["x-function-status"] == "409"
+    assert callback.header("x-function-status") == "409", "a callback reports the function's own code"
 
 
 async def test_unavailable_function_is_retried_until_it_answers(stack: Stack) -> None:

@@ -382,7 +382,9 @@ def _clipped(text: str) -> str:
 def _result(response: httpx.Response, request_id: str) -> Result | None:
     """The result of a completed request; None while it is not completed; RequestFailed for failures."""
     error_type = response.headers.get(names.H_ERROR_TYPE)
-    result = Result(response.status_code, response.headers.get("content-type"), response.content)
+    code = response.headers.get(names.H_FUNCTION_STATUS)  # the function's 409, which the route answers as 400
+    status = int(code) if code is not None and code.isdigit() else response.status_code
+    result = Result(status, response.headers.get("content-type"), response.content)
     if error_type is not None:
         failure = _FAILURES.get(error_type, RequestFailed)
         try:

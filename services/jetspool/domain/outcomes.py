@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import orjson
@@ -21,6 +21,7 @@ _STATUS_BY_ERROR: dict[ErrorType, int] = {
     ErrorType.REQUEST_TIMEOUT: 504,
     ErrorType.CANCELLED: 400,
 }
+_CLIENTS_RETRY = 409
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +48,18 @@ def completed_answer(record: StatusRecord, result: StoredResult | None) -> Answe
         # fal's name too: fal's clients retry a 504 without it, taking the user's deadline for an outage.
         headers["X-Request-Timeout-Type"] = headers["X-Fal-Request-Timeout-Type"] = "user"
     return _json_error(_STATUS_BY_ERROR[error_type], record.error or error_type.value, error_type, headers)
+
+
+def result_answer(record: StatusRecord, result: StoredResult | None) -> Answer:
+    """What the result route answers: `completed_answer`, except that a function's own 409 goes
+    out as 400, with the function's code in `X-Function-Status` (its body and content type kept).
+    Clients retry a 409 (SPEC §2), and a completed request's answer never changes: a client
+    polling for it would never stop. Callbacks carry the function's code as it was."""
+    answer = completed_answer(record, result)
+    if answer.status_code != _CLIENTS_RETRY:
+        return answer
+    headers = {**answer.headers, names.H_FUNCTION_STATUS: str(_CLIENTS_RETRY)}
+    return replace(answer, status_code=400, headers=headers)
 
 
 def _json_error(status: int, detail: str, error_type: ErrorType | None, headers: dict[str, str]) -> Answer:

@@ -19,7 +19,7 @@ from nats.errors import Error as NatsError
 from jetspool.aio import wait_event
 from jetspool.domain import names
 from jetspool.domain.errors import InvalidInput, NotFound
-from jetspool.domain.outcomes import completed_answer
+from jetspool.domain.outcomes import result_answer
 from jetspool.domain.status import State, StatusRecord, public_status, request_urls
 from jetspool.gateway.feed import PING
 from jetspool.gateway.intake import function_for, parse_request_id, read_submission
@@ -138,7 +138,7 @@ async def request_result(
             status_code=400,
             headers={names.H_REQUEST_ID: record.request_id},
         )
-    answer = completed_answer(record, await gateway.results.of(record))
+    answer = result_answer(record, await gateway.results.of(record))
     content_type = answer.content_type or "application/octet-stream"
     return Response(
         answer.body,
