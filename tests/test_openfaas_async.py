@@ -319,11 +319,15 @@ async def test_status_route_refuses_malformed_and_unknown_ids(stack: Stack) -> N
     request_id = await stack.submit("echo")
 
     malformed = await stack.client.get("/queue/echo/requests/not-a-uuid/status")
+    unprintable = await stack.client.get("/queue/echo/requests/caf%C3%A9/status")
     unknown = await stack.client.get("/queue/echo/requests/00000000-0000-4000-8000-000000000000/status")
     other_function = await stack.client.get(f"/queue/other/requests/{request_id}/status")
     bad_flag = await stack.client.get(f"/queue/echo/requests/{request_id}/status", params={"logs": "maybe"})
 
     assert malformed.status_code == 422
+    assert malformed.headers["x-request-id"] == "not-a-uuid", "every response about a request carries it"
+    assert unprintable.status_code == 422
+    assert "x-request-id" not in unprintable.headers, "not ASCII: not echoed in a header"
     assert unknown.status_code == 404
     assert other_function.status_code == 404
     assert bad_flag.status_code == 422

@@ -54,6 +54,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 _CLIENT_DEFAULTS: Final = ("Accept", "Accept-Encoding", "User-Agent")
 """Headers httpx adds to every request of its own accord (besides the hop-by-hop `Connection`)."""
+_MAX_ECHOED_ID: Final = 200
+"""Longest malformed request id echoed in `X-Request-Id` (SPEC §2: every response about a request has it)."""
 
 
 def stopping(app: Litestar) -> None:
@@ -237,14 +239,16 @@ def _error(
 
 
 def _request_id(request: Request[Any, Any, Any]) -> str | None:
-    """The request id a route's path names, in canonical form; None when it names none or a malformed one."""
+    """The request id a route's path names: in canonical form, a malformed one as given (when it
+    fits a header: printable ASCII, at most _MAX_ECHOED_ID characters); None when it names none."""
     named = request.path_params.get("request_id")
     if not isinstance(named, str):
         return None
     try:
         return parse_request_id(named)
     except RequestError:
-        return None
+        fits = named.isascii() and named.isprintable() and 0 < len(named) <= _MAX_ECHOED_ID
+        return named if fits else None
 
 
 def _request_error(request: Request[Any, Any, Any], exc: RequestError) -> Response[dict[str, Any]]:
