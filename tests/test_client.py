@@ -110,6 +110,7 @@ async def test_sync_errors_carry_their_error_type(stack: Stack) -> None:
     assert isinstance(conflict, FunctionError)
     assert conflict.result is not None
     assert conflict.result.status_code == 409, "the function's code, which the result route answers as 400"
+    assert conflict.status_code == 409
     assert isinstance(caught["runner_unavailable"], RunnerUnavailable)
     assert caught["runner_unavailable"].error_type == "runner_unavailable"
     assert isinstance(caught["bad"], Refused)

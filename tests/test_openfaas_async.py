@@ -320,6 +320,7 @@ async def test_status_route_refuses_malformed_and_unknown_ids(stack: Stack) -> N
 
     malformed = await stack.client.get("/queue/echo/requests/not-a-uuid/status")
     unprintable = await stack.client.get("/queue/echo/requests/caf%C3%A9/status")
+    spaced = await stack.client.get("/queue/echo/requests/%20x/status")
     unknown = await stack.client.get("/queue/echo/requests/00000000-0000-4000-8000-000000000000/status")
     other_function = await stack.client.get(f"/queue/other/requests/{request_id}/status")
     bad_flag = await stack.client.get(f"/queue/echo/requests/{request_id}/status", params={"logs": "maybe"})
@@ -328,6 +329,8 @@ async def test_status_route_refuses_malformed_and_unknown_ids(stack: Stack) -> N
     assert malformed.headers["x-request-id"] == "not-a-uuid", "every response about a request carries it"
     assert unprintable.status_code == 422
     assert "x-request-id" not in unprintable.headers, "not ASCII: not echoed in a header"
+    assert spaced.status_code == 422
+    assert "x-request-id" not in spaced.headers, "a client would strip the space: not the id as given"
     assert unknown.status_code == 404
     assert other_function.status_code == 404
     assert bad_flag.status_code == 422

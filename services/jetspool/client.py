@@ -383,15 +383,15 @@ def _result(response: httpx.Response, request_id: str) -> Result | None:
     """The result of a completed request; None while it is not completed; RequestFailed for failures."""
     error_type = response.headers.get(names.H_ERROR_TYPE)
     code = response.headers.get(names.H_FUNCTION_STATUS)  # the function's 409, which the route answers as 400
-    status = int(code) if code is not None and code.isdigit() else response.status_code
+    status = int(code) if code is not None and code.isascii() and code.isdigit() else response.status_code
     result = Result(status, response.headers.get("content-type"), response.content)
     if error_type is not None:
         failure = _FAILURES.get(error_type, RequestFailed)
         try:
             detail = str(response.json().get("detail") or error_type)
         except (ValueError, AttributeError):
-            detail = f"the function answered {response.status_code}"
-        raise failure(detail, response.status_code, request_id, result if error_type == "function_error" else None)
+            detail = f"the function answered {status}"
+        raise failure(detail, status, request_id, result if error_type == "function_error" else None)
     if response.status_code == 400 and response.headers.get("content-type", "").startswith("application/json"):  # noqa: PLR2004
         body = _parsed(response.content)
         if isinstance(body, dict) and body.get("status") in {"IN_QUEUE", "IN_PROGRESS"}:

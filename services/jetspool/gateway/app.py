@@ -7,6 +7,7 @@ Connections are made in the lifespan and handed to handlers as one `Gateway` obj
 from __future__ import annotations
 
 import logging
+import re
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import TYPE_CHECKING, Any, Final
 
@@ -54,8 +55,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 _CLIENT_DEFAULTS: Final = ("Accept", "Accept-Encoding", "User-Agent")
 """Headers httpx adds to every request of its own accord (besides the hop-by-hop `Connection`)."""
-_MAX_ECHOED_ID: Final = 200
-"""Longest malformed request id echoed in `X-Request-Id` (SPEC §2: every response about a request has it)."""
+_ECHOABLE: Final = re.compile(r"[\x21-\x7e]{1,200}")
+"""A malformed request id echoed in `X-Request-Id` (SPEC §2: every response about a request has
+it): visible ASCII, no space (a client would strip it), at most 200 characters."""
 
 
 def stopping(app: Litestar) -> None:
@@ -239,16 +241,15 @@ def _error(
 
 
 def _request_id(request: Request[Any, Any, Any]) -> str | None:
-    """The request id a route's path names: in canonical form, a malformed one as given (when it
-    fits a header: printable ASCII, at most _MAX_ECHOED_ID characters); None when it names none."""
+    """The request id a route's path names: in canonical form, a malformed one as given when it
+    fits a header (`_ECHOABLE`); None when it names none."""
     named = request.path_params.get("request_id")
     if not isinstance(named, str):
         return None
     try:
         return parse_request_id(named)
     except RequestError:
-        fits = named.isascii() and named.isprintable() and 0 < len(named) <= _MAX_ECHOED_ID
-        return named if fits else None
+        return named if _ECHOABLE.fullmatch(named) else None
 
 
 def _request_error(request: Request[Any, Any, Any], exc: RequestError) -> Response[dict[str, Any]]:
