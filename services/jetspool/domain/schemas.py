@@ -101,6 +101,21 @@ def asyncapi() -> dict[str, Any]:
             f"Every write of the {STATUS_BUCKET} bucket, republished (core NATS).",
             request_id="request id",
         ),
+        "wake": _channel(
+            "jetspool.wake.{function}.{priority}",
+            "wakeUp",
+            f"Work of a function and class was stored: idle workers pull it. Sent by stream {QUEUE_STREAM} "
+            "for each message it stores (a republish of its headers), and by a cancel with the class `any` "
+            "(core NATS).",
+            function="function name",
+            priority="high, normal, low or any",
+        ),
+        "cancel": _channel(
+            "jetspool.cancel.{function}",
+            "cancelRunning",
+            "A running request was cancelled: the worker running it aborts the call (core NATS).",
+            function="function name",
+        ),
     }
     return {
         "asyncapi": "3.0.0",
@@ -120,8 +135,16 @@ def asyncapi() -> dict[str, Any]:
         },
         "components": {
             "messages": {
-                message: {"name": message, "payload": {"$ref": f"{schema}.schema.json"}}
-                for message, schema in messages.items()
+                **{
+                    message: {"name": message, "payload": {"$ref": f"{schema}.schema.json"}}
+                    for message, schema in messages.items()
+                },
+                "wakeUp": {"name": "wakeUp", "payload": {"type": "string", "maxLength": 0}},
+                "cancelRunning": {
+                    "name": "cancelRunning",
+                    "contentType": "text/plain",
+                    "payload": {"type": "string", "description": "the request id"},
+                },
             },
         },
     }
