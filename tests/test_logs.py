@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from tests.support.servers import Reply
+from tests.support.servers import Reply, eventually_true
 
 if TYPE_CHECKING:
     from tests.support.stack import Stack
@@ -61,9 +61,14 @@ async def test_the_worker_logs_retries_and_the_outcome(stack: Stack) -> None:
     stack.functions.script("/echo", [Reply(503)])
     request_id = (await stack.client.post("/queue/echo", json={})).json()["request_id"]
     await stack.wait_for_status("echo", request_id)
+    messages: list[str] = []
 
-    response = await stack.client.get(f"/queue/echo/requests/{request_id}/status", params={"logs": "true"})
-    messages = [line["message"] for line in response.json()["logs"]]
+    async def told_the_outcome() -> bool:  # the worker's last line may come just after COMPLETED
+        response = await stack.client.get(f"/queue/echo/requests/{request_id}/status", params={"logs": "true"})
+        messages[:] = [line["message"] for line in response.json()["logs"]]
+        return bool(messages) and messages[-1].startswith("completed")
+
+    await eventually_true(told_the_outcome, timeout_s=10)
 
     assert messages[0] == "attempt 1 of 10 started"
     assert messages[1].startswith("attempt 1: function answered 503; retrying in")
