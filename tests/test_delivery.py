@@ -396,6 +396,7 @@ async def test_a_worker_stopped_during_start_up_hands_back_what_it_took(tmp_path
         server.stop()
 
     assert code == 0, starting.output
+    assert "worker stopping during start-up" in starting.output
     assert "Traceback" not in starting.output
     assert final["status"] == "COMPLETED"
 

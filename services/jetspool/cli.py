@@ -214,6 +214,7 @@ def _run_worker(settings: Settings) -> int:
             # handing back what it took; repeated cancels would cut the hand-backs short, and the
             # requests would wait out the ack wait. Past the grace (a cancel swallowed inside
             # nats-py, see stop_task), it is cancelled until it ends.
+            log.info("worker stopping during start-up")
             running.cancel()
             await asyncio.wait({running}, timeout=settings.worker.shutdown_grace + _STOP_SLACK_S)
             await stop_task(running)
