@@ -9,9 +9,17 @@ Every data message that reaches the inbox is a delivery this worker owns, even o
 arrives after its pull timed out: it is kept and handed out by the next pull.
 
 A class found empty is not asked again until a wake-up names it (the queue stream sends one on
-`jetspool.wake.<function>.<priority>` for each message it stores) or `recheck_s` has passed (a retry's delayed
-redelivery becomes due with no wake-up): a worker busy with normal requests makes one pull
-per round, not three.
+`jetspool.wake.<function>.<priority>` for each message it stores) or `recheck_s` has passed (a
+retry's delayed redelivery becomes due with no wake-up): a worker busy with normal requests makes
+one pull per round, not three.
+
+A pull made on a wake-up that named its class may wait up to `_WOKEN_WAIT_S` for the request
+the wake-up announced (`no_wait` with `expires`: nats-server answers as soon as one request is
+there, and 404 after what waits). On a cluster the stream's leader sends the wake-up as it
+stores the message, and the consumer's leader, on another node, may not have it yet: a plain
+`no_wait` pull then found the class empty, and the request waited for the poll interval (3 of
+70 submits in a 3-node check, with the two leaders on different nodes). A pull that finds
+nothing (another worker took the request) holds this worker's round for that long.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ if TYPE_CHECKING:
     from nats.aio.subscription import Subscription
 
 _PULL_TIMEOUT_S = 2.0
+_WOKEN_WAIT_S = 0.05
 _HEARTBEAT = "100"
 
 
@@ -51,6 +60,8 @@ class PriorityPuller:
         """Class → when a pull last found it empty."""
         self._heard: dict[str, int] = dict.fromkeys(names.PRIORITIES, 0)
         """Class → wake-ups heard for it (a wake-up during a pull keeps the class from counting as drained)."""
+        self._woken: set[str] = set()
+        """Classes a wake-up named since they were last pulled: their next pull waits for the request."""
         self._inbox = nc.new_inbox()
         self._tokens = itertools.count()
         self._pulls: dict[str, _Pull] = {}
@@ -71,11 +82,13 @@ class PriorityPuller:
         return left
 
     def heard(self, priority: str | None) -> None:
-        """A wake-up: work of `priority` (None: of any class) may wait."""
+        """A wake-up: work of `priority` (None: of any class, none announced) may wait."""
         for name in names.PRIORITIES if priority is None else (priority,):
             if name in self._heard:
                 self._heard[name] += 1
                 self._drained.pop(name, None)
+                if priority is not None:
+                    self._woken.add(name)
 
     def _skip(self, priority: str) -> bool:
         found_empty = self._drained.get(priority)
@@ -89,14 +102,17 @@ class PriorityPuller:
             if self._skip(priority):
                 continue
             heard, asked = self._heard[priority], batch - len(self._ready)
-            if await self._pull_class(priority, asked) < asked and self._heard[priority] == heard:
+            wait_s = _WOKEN_WAIT_S if priority in self._woken else 0.0
+            self._woken.discard(priority)
+            if await self._pull_class(priority, asked, wait_s) < asked and self._heard[priority] == heard:
                 self._drained[priority] = time.monotonic()
             else:
                 self._drained.pop(priority, None)
         return [self._ready.popleft() for _ in range(min(batch, len(self._ready)))]
 
-    async def _pull_class(self, priority: names.Priority, batch: int) -> int:
-        """Ask one class for `batch` requests; returns how many came (all of them, on a time-out)."""
+    async def _pull_class(self, priority: names.Priority, batch: int, wait_s: float = 0.0) -> int:
+        """Ask one class for `batch` requests, waiting up to `wait_s` for the first when none is
+        there yet; returns how many came (all of them, on a time-out)."""
         token = str(next(self._tokens))
         pull = _Pull(batch)
         self._pulls[token] = pull
@@ -105,7 +121,7 @@ class PriorityPuller:
         try:
             await self._nc.publish(
                 f"$JS.API.CONSUMER.MSG.NEXT.{names.QUEUE_STREAM}.{consumer}",
-                orjson.dumps({"batch": batch, "no_wait": True}),
+                orjson.dumps({"batch": batch, "no_wait": True} | ({"expires": round(wait_s * 1e9)} if wait_s else {})),
                 reply=f"{self._inbox}.{token}",
             )
             # On a time-out, whatever this pull still brings lands in _ready and goes out with the next pull.
