@@ -17,9 +17,10 @@ A pull made on a wake-up that named its class may wait up to `_WOKEN_WAIT_S` for
 the wake-up announced (`no_wait` with `expires`: nats-server answers as soon as one request is
 there, and 404 after what waits). On a cluster the stream's leader sends the wake-up as it
 stores the message, and the consumer's leader, on another node, may not have it yet: a plain
-`no_wait` pull then found the class empty, and the request waited for the poll interval (3 of
-70 submits in a 3-node check, with the two leaders on different nodes). A pull that finds
-nothing (another worker took the request) holds this worker's round for that long.
+`no_wait` pull then found the class empty, and the request waited for the poll interval. In a
+3-node check (replicas 3, one submit at a time), 55 of 780 requests did so with a plain `no_wait`
+pull whenever the two leaders were on different nodes, and none of 780 with the wait. A pull that
+finds nothing (another worker took the request) holds this worker's round for that long.
 """
 
 from __future__ import annotations
