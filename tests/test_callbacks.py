@@ -311,6 +311,23 @@ async def test_a_receivers_retry_after_sets_the_wait(stack: Stack) -> None:
     assert delivered["attempts"] == 2
 
 
+async def test_a_receiver_slower_than_the_timeout_is_tried_again(nats_server: EmbeddedNats) -> None:
+    """`callbacks.timeout` bounds a whole attempt: an answer that would come after it counts as none."""
+    stack = await start_stack(nats_server, overrides={"callbacks": {"timeout": 0.5}})
+    try:
+        await stack.register("echo")
+        stack.receiver.script("/hook", [Reply(200, b"too late", delay_s=5.0)])
+        request_id = await stack.submit("echo", headers={"X-Callback-Url": stack.callback_url("/hook")})
+
+        first, second = await stack.receiver.wait_for("/hook", 2)
+        delivered = await _wait_for_callback_state(stack, "echo", request_id, "delivered")
+    finally:
+        await stack.close()
+
+    assert second.at - first.at < 4.0, "the second attempt did not wait for the slow answer"
+    assert (delivered["attempts"], delivered["last_status"]) == (2, 200)
+
+
 async def test_a_redirect_is_not_followed(nats_server: EmbeddedNats) -> None:
     stack = await start_stack(nats_server, overrides={"callbacks": {"max_attempts": 2}})
     try:

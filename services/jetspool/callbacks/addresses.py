@@ -59,18 +59,18 @@ class Destination:
     address: IPAddress
 
     @property
-    def pinned_url(self) -> httpx.URL:
+    def pinned_url(self) -> str:
         """The URL with its host replaced by the checked address."""
-        return self.url.copy_with(host=str(self.address))
+        return str(self.url.copy_with(host=str(self.address)))
 
     @property
     def host_header(self) -> str:
         return self.url.netloc.decode("ascii")
 
     @property
-    def extensions(self) -> dict[str, str]:
-        """httpx request extensions: the TLS server name stays the URL's host."""
-        return {"sni_hostname": self.url.host} if self.url.scheme == "https" else {}
+    def server_hostname(self) -> str | None:
+        """The TLS server name (SNI and the certificate's name) stays the URL's host."""
+        return self.url.host if self.url.scheme == "https" else None
 
 
 class AddressPolicy:

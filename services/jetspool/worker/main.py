@@ -7,10 +7,8 @@ import contextlib
 import logging
 from typing import TYPE_CHECKING
 
-import httpx
-
 from jetspool import tracing
-from jetspool.callbacks.delivery import CallbackDelivery
+from jetspool.callbacks.delivery import CallbackDelivery, callback_client
 from jetspool.domain import names
 from jetspool.domain.functions import shown
 from jetspool.jetstream.callbacks import CallbackQueue
@@ -37,7 +35,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_HTTP_LIMITS = httpx.Limits(max_connections=1000, max_keepalive_connections=200)
 _CONNECT_TIMEOUT_S = 10.0
 _MAX_CALLS = 10_000
 """Open connections to functions, over all of them (a function's `concurrency` is the real bound)."""
@@ -97,10 +94,7 @@ async def run(settings: Settings, stop: asyncio.Event, ready: asyncio.Event | No
     tracing.setup("jetspool-worker")
     async with contextlib.AsyncExitStack() as started:
         conn, stores, _ = await open_jetstream(settings, "jetspool-worker", started)
-        timeout = httpx.Timeout(None, connect=_CONNECT_TIMEOUT_S)
-        http = await started.enter_async_context(
-            httpx.AsyncClient(timeout=timeout, limits=_HTTP_LIMITS, follow_redirects=False)
-        )  # callbacks
+        http = await started.enter_async_context(callback_client(_CONNECT_TIMEOUT_S))
         calls = await started.enter_async_context(function_client(_MAX_CALLS, _CONNECT_TIMEOUT_S))
         status = StatusStore(conn, stores.status)
         retention = Retention(conn.js, stores.envelopes, stores.blobs)
