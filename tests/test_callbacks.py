@@ -181,6 +181,7 @@ async def test_unsigned_callbacks_carry_no_signature(stack: Stack) -> None:
         "http://metadata.test/computeMetadata/v1/",
         "http://[fe80::1]:8080/hook",
         "http://0.0.0.0:9000/hook",
+        "http://127.0.0.1:70000/hook",
         "ftp://example.com/hook",
         "not a url",
     ],
@@ -265,6 +266,26 @@ async def test_delivery_connects_to_the_checked_address_keeping_the_host(nats_se
         await stack.close()
 
     assert seen.header("host") == f"receiver.test:{port}"
+
+
+async def test_credentials_in_the_callback_url_go_in_an_authorization_header(stack: Stack) -> None:
+    await stack.register("echo")
+    port = stack.receiver_server.port
+    await stack.submit("echo", headers={"X-Callback-Url": f"http://us%C3%A9r:p%3Ass@127.0.0.1:{port}/hook"})
+    [seen] = await stack.receiver.wait_for("/hook")
+
+    assert seen.header("authorization") == "Basic " + base64.b64encode("usér:p:ss".encode()).decode()
+    assert seen.header("host") == f"127.0.0.1:{port}"
+
+
+async def test_a_callback_has_no_content_type_the_function_did_not_give(stack: Stack) -> None:
+    await stack.register("echo")
+    stack.functions.script("/echo", [Reply(200, b"plain bytes", content_type="")])
+    await stack.submit("echo", headers={"X-Callback-Url": stack.callback_url("/hook")})
+    [seen] = await stack.receiver.wait_for("/hook")
+
+    assert seen.body == b"plain bytes"
+    assert seen.header("content-type") is None
 
 
 async def test_redeliver_sends_the_callbacks_again(stack: Stack) -> None:

@@ -167,7 +167,7 @@ class RecordingApp:
         reply = self._next_reply(seen)
         if reply.delay_s:
             await asyncio.sleep(reply.delay_s)
-        response_headers = [(b"content-type", reply.content_type.encode())]
+        response_headers = [(b"content-type", reply.content_type.encode())] if reply.content_type else []
         response_headers += [(k.encode(), v.encode()) for k, v in reply.headers]
         await send({"type": "http.response.start", "status": reply.status, "headers": response_headers})
         await send({"type": "http.response.body", "body": reply.body})

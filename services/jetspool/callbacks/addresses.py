@@ -11,6 +11,7 @@ harmless address for the check and a forbidden one for the connection (DNS rebin
 from __future__ import annotations
 
 import asyncio
+import base64
 import ipaddress
 import socket
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ _METADATA: Final = frozenset(
         "192.0.0.192",  # Oracle Cloud
     )
 )
+_PORTS: Final = 65536
 _PROTOCOL_ASSIGNMENTS: Final = ipaddress.ip_network("192.0.0.0/24")
 """Not public (IANA), though Python 3.11's `is_global` says so for most of it."""
 _CARRY_LAST_32: Final = (
@@ -60,17 +62,27 @@ class Destination:
 
     @property
     def pinned_url(self) -> str:
-        """The URL with its host replaced by the checked address."""
-        return str(self.url.copy_with(host=str(self.address)))
+        """The URL with its host replaced by the checked address, without credentials (they go in
+        `authorization`)."""
+        return str(self.url.copy_with(host=str(self.address), username=None, password=None))
 
     @property
     def host_header(self) -> str:
         return self.url.netloc.decode("ascii")
 
     @property
+    def authorization(self) -> str | None:
+        """Basic credentials from the URL's user info, UTF-8 encoded; None without them."""
+        if not self.url.userinfo:
+            return None
+        credentials = f"{self.url.username}:{self.url.password}".encode()
+        return "Basic " + base64.b64encode(credentials).decode("ascii")
+
+    @property
     def server_hostname(self) -> str | None:
-        """The TLS server name (SNI and the certificate's name) stays the URL's host."""
-        return self.url.host if self.url.scheme == "https" else None
+        """The TLS server name (SNI and the certificate's name) stays the URL's host, as the
+        connection names it (an internationalised name in its ASCII form)."""
+        return self.url.raw_host.decode("ascii") if self.url.scheme == "https" else None
 
 
 class AddressPolicy:
@@ -93,6 +105,8 @@ class AddressPolicy:
             raise RefusedAddress(f"callback URL {url!r} is not a valid URL: {exc}") from exc
         if parsed.scheme not in {"http", "https"} or not parsed.host:
             raise RefusedAddress(f"callback URL {url!r} must be an absolute http:// or https:// URL")
+        if parsed.port is not None and not 0 < parsed.port < _PORTS:
+            raise RefusedAddress(f"callback URL {url!r} has port {parsed.port}: ports run from 1 to {_PORTS - 1}")
         addresses = await self._addresses(parsed)
         for address in addresses:
             self._check(url, address)

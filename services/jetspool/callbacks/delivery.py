@@ -33,6 +33,7 @@ from jetspool.jetstream.pulling import ConnectionGone, fetch, stop_pulling
 from jetspool.jetstream.stats import count
 from jetspool.settings import RetrySettings
 from jetspool.worker.handler import ACK, HAND_BACK, TERM, Settle, settle
+from jetspool.worker.invoke import body_payload
 from jetspool.worker.policy import backoff_s, parse_retry_after
 
 if TYPE_CHECKING:
@@ -57,12 +58,14 @@ class _Answer:
     retry_after: str | None
 
 
-def callback_client(connect_timeout_s: float) -> aiohttp.ClientSession:
-    """The worker's one session for callbacks: redirects are not followed (a callback goes to the
-    checked address only) and each attempt has `callbacks.timeout` as a whole."""
+def callback_client() -> aiohttp.ClientSession:
+    """The worker's one session for callbacks. Each attempt has `callbacks.timeout` as a whole and
+    follows no redirect: a callback goes to the checked address only, directly (no proxy from the
+    environment). A callback carries the content type it was built with and none of aiohttp's
+    (a function's answer without one went out as `application/octet-stream`)."""
     return aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=_BATCH, limit_per_host=0),
-        timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s),
+        skip_auto_headers=("Content-Type",),
     )
 
 
@@ -198,10 +201,12 @@ class CallbackDelivery:
             **self._signer.headers(webhook_id, request.body, utcnow()),
             "Host": destination.host_header,
         }
+        if (authorization := destination.authorization) is not None:
+            headers["Authorization"] = authorization
         try:
             async with self._http.post(
                 yarl.URL(destination.pinned_url, encoded=True),
-                data=request.body,
+                data=body_payload(request.body),
                 headers=headers,
                 timeout=self._timeout,
                 allow_redirects=False,
@@ -211,7 +216,7 @@ class CallbackDelivery:
                 return _Answer(response.status, response.headers.get(names.H_RETRY_AFTER))
         except TimeoutError:
             return f"no answer within {self._settings.timeout:g} s"
-        except aiohttp.ClientError as exc:
+        except (aiohttp.ClientError, ValueError) as exc:  # ValueError: a URL aiohttp cannot send
             return f"{exc.__class__.__name__}: {exc}"
 
     async def _failed(

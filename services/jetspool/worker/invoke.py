@@ -113,7 +113,7 @@ def function_url(function: Function, path: str, query: str = "") -> yarl.URL:
     return yarl.URL(with_query(f"{yarl.URL(origin)}{own}", query), encoded=True)
 
 
-def _payload(body: bytes) -> bytes | io.BytesIO | None:
+def body_payload(body: bytes) -> bytes | io.BytesIO | None:
     if not body:
         return None
     return io.BytesIO(body) if len(body) >= _LARGE_BODY else body
@@ -139,7 +139,7 @@ async def _call(
     try:
         async with (
             asyncio.timeout(function.timeout),
-            client.request(method, url, data=_payload(body), headers=headers, allow_redirects=False) as response,
+            client.request(method, url, data=body_payload(body), headers=headers, allow_redirects=False) as response,
         ):
             return _Reply(
                 response.status,

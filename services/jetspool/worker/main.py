@@ -94,7 +94,7 @@ async def run(settings: Settings, stop: asyncio.Event, ready: asyncio.Event | No
     tracing.setup("jetspool-worker")
     async with contextlib.AsyncExitStack() as started:
         conn, stores, _ = await open_jetstream(settings, "jetspool-worker", started)
-        http = await started.enter_async_context(callback_client(_CONNECT_TIMEOUT_S))
+        http = await started.enter_async_context(callback_client())
         calls = await started.enter_async_context(function_client(_MAX_CALLS, _CONNECT_TIMEOUT_S))
         status = StatusStore(conn, stores.status)
         retention = Retention(conn.js, stores.envelopes, stores.blobs)
