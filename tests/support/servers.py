@@ -57,6 +57,9 @@ class AsgiServer:
             log_level="warning",
             lifespan="auto",
             timeout_graceful_shutdown=2,
+            # As `jetspool gateway` serves (75 s). uvicorn's default of 5 s is also httpx's idle
+            # expiry: a test client could reuse a connection as the server closed it (ReadError).
+            timeout_keep_alive=75,
             ssl_certfile=str(tls[0]) if tls else None,
             ssl_keyfile=str(tls[1]) if tls else None,
         )
