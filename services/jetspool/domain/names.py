@@ -66,18 +66,20 @@ def queue_consumer(function: str, priority: Priority) -> str:
 
 WAKE_ANY: Final = "any"
 """The last token of a wake-up that names no class: any class of the function may have work."""
-WAKE_REPUBLISH: Final = ("jetspool.queue.*.*", "jetspool.wake.{{wildcard(1)}}.{{wildcard(2)}}")
-"""(source, destination): the queue stream republishes the headers of each message it stores as
-the wake-up of its function and class. nats-server sends it as it acknowledges the write, so the
-worker pulls while the gateway is still being answered (a wake-up the gateway published after the
-answer made submitted → started 0.3-0.5 ms longer at 100 requests/s), and a request stored by any
-writer wakes the workers."""
 
 
 def wake_subject(function: str, priority: str = WAKE_ANY) -> str:
     """Core NATS subject that tells idle workers new work of `function` and class `priority` waits
     (`any`: any class may have work); the queue stream sends one for each message it stores."""
     return f"jetspool.wake.{function}.{priority}"
+
+
+WAKE_REPUBLISH: Final = ("jetspool.queue.*.*", wake_subject("{{wildcard(1)}}", "{{wildcard(2)}}"))
+"""(source, destination): the queue stream republishes the headers of each message it stores as
+the wake-up of its function and class. nats-server sends it as it acknowledges the write, so the
+worker pulls while the gateway is still being answered (a wake-up the gateway published after the
+answer made submitted → started 0.3-0.5 ms longer at 100 requests/s), and a request stored by any
+writer wakes the workers."""
 
 
 def log_subject(request_id: str) -> str:
