@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import os
+import uuid
 from typing import TYPE_CHECKING, Any
 
 import nats
@@ -15,6 +16,7 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from jetspool.callbacks.addresses import AddressPolicy, RefusedAddress
 from jetspool.domain import names
 from jetspool.domain.messages import CallbackJob, encode
+from jetspool.jetstream.results import RECORD_INLINE_BYTES
 from tests.support.servers import AsgiServer, RecordingApp, Reply, eventually_true, free_port
 from tests.support.stack import start_stack
 
@@ -129,6 +131,58 @@ async def test_a_callback_that_keeps_failing_ends_failed(nats_server: EmbeddedNa
 
     assert (failed["attempts"], failed["last_status"], failed["delivered_at"]) == (3, 503, None)
     assert len(stack.receiver.on("/hook")) == 3
+
+
+async def test_a_callback_whose_result_cannot_be_read_ends_failed(nats_server: EmbeddedNats) -> None:
+    """An attempt that fails inside jetspool (here: the stored result is unreadable) counts like a
+    failing receiver's, so the job ends failed after `max_attempts` instead of coming back for ever."""
+    backoff = {"initial_backoff": 2.0, "max_backoff": 2.0, "max_attempts": 3}
+    stack = await start_stack(nats_server, overrides={"callbacks": backoff})
+    nc = await nats.connect(nats_server.url)
+    try:
+        await stack.register("echo")
+        stack.functions.script("/echo", [Reply(200, b"x" * (RECORD_INLINE_BYTES + 1))])  # kept in the results bucket
+        stack.receiver.script("/hook", [Reply(503, b"down")])
+        request_id = await stack.submit("echo", headers={"X-Callback-Url": stack.callback_url("/hook")})
+        await stack.receiver.wait_for("/hook")
+        results = await nc.jetstream().key_value(names.RESULTS_BUCKET)
+        await results.put(names.result_key(request_id, 1), b"not a stored result")  # before the 2 s backoff ends
+
+        failed = await _wait_for_callback_state(stack, "echo", request_id, "failed", timeout_s=30)
+    finally:
+        await nc.close()
+        await stack.close()
+
+    assert (failed["attempts"], failed["delivered_at"]) == (3, None)
+    assert len(stack.receiver.on("/hook")) == 1, "the later attempts had no body to send"
+
+
+async def test_a_callback_job_whose_request_cannot_be_read_is_dropped_after_max_attempts(
+    nats_server: EmbeddedNats,
+) -> None:
+    """A job failing before any attempt can be recorded (its request's status is unreadable) is
+    tried `max_attempts` times, then dropped: the callbacks consumer has nothing left."""
+    stack = await start_stack(nats_server, overrides={"callbacks": {"max_attempts": 3}})
+    request_id = str(uuid.uuid4())
+    job = CallbackJob(request_id=request_id, function="echo", kind="openfaas", url=stack.callback_url("/hook"))
+    nc = await nats.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        await (await js.key_value(names.STATUS_BUCKET)).put(request_id, b"not a status record")
+        await js.publish(names.callback_subject("openfaas"), encode(job), headers={names.NATS_MSG_ID: request_id})
+
+        async def settled() -> bool:
+            info = await js.consumer_info(names.CALLBACK_STREAM, names.CALLBACK_CONSUMER)
+            return bool(info.num_pending == 0 and info.num_ack_pending == 0)
+
+        await eventually_true(settled, timeout_s=20)
+        info = await js.consumer_info(names.CALLBACK_STREAM, names.CALLBACK_CONSUMER)
+    finally:
+        await nc.close()
+        await stack.close()
+
+    assert info.num_redelivered == 0, "no job waits for another delivery"
+    assert stack.receiver.on("/hook") == []
 
 
 @pytest.fixture

@@ -127,8 +127,13 @@ class CallbackDelivery:
             await asyncio.shield(settle(msg, HAND_BACK))
             raise
         except Exception:
-            log.exception("callback delivery failed unexpectedly")
-            decision = Settle("nak", self._settings.initial_backoff)
+            # The request could not be read, or the attempt not recorded: tried again with backoff,
+            # and dropped after `max_attempts` deliveries, as for a failing receiver (retried without
+            # a bound, an error recurring on every delivery kept the job, and its log lines, for ever).
+            delivered = int(msg.metadata.num_delivered)
+            dropped = delivered >= self._settings.max_attempts
+            log.exception("callback job failed unexpectedly (delivery %d%s)", delivered, ", dropped" if dropped else "")
+            decision = TERM if dropped else Settle("nak", backoff_s(delivered, self._backoff, None, self._rng))
         await settle(msg, decision)
 
     async def _attempt(self, msg: Msg) -> Settle:
@@ -154,7 +159,11 @@ class CallbackDelivery:
             return TERM
         except OSError as exc:
             return await self._failed(current, job, attempt, reason=f"cannot resolve {job.url}: {exc}")
-        response = await self._post(destination, job, current.record)
+        try:
+            response = await self._post(destination, job, current.record)
+        except Exception as exc:  # e.g. a stored result that cannot be read: a failed attempt, counted
+            log.exception("callback for %s could not be sent", job.request_id)
+            response = f"{exc.__class__.__name__}: {exc}"
         if isinstance(response, str):
             return await self._failed(current, job, attempt, reason=response)
         if 200 <= response.status_code < 300:  # noqa: PLR2004
