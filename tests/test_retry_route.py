@@ -12,8 +12,10 @@ from nats.js.errors import NotFoundError
 from jetspool.domain import names
 from jetspool.domain.messages import QueuedRequest, encode
 from tests.support.servers import Reply, eventually_true
+from tests.support.stack import start_stack
 
 if TYPE_CHECKING:
+    from jetspool.embedded import EmbeddedNats
     from jetspool.jetstream.connection import Nats
     from tests.support.stack import Stack
 
@@ -124,6 +126,24 @@ async def test_only_a_failed_or_cancelled_request_can_be_retried(stack: Stack) -
     assert "error_type" not in await stack.status("echo", done)
 
 
+async def test_a_request_of_a_function_no_longer_registered_is_not_retried(stack: Stack) -> None:
+    """A retry queues the request again, and so answers as a submit would: 404 for a function that
+    is not registered (queued, it would wait for a consumer that no longer exists)."""
+    await stack.register("gone")
+    stack.functions.script("/gone", [Reply(500, b"boom")])
+    request_id = await stack.submit("gone", content=b"once")
+    failed = await stack.wait_for_status("gone", request_id)
+    assert (await stack.client.delete("/system/functions/gone")).status_code == 204
+
+    refused = await stack.client.post(f"/queue/gone/requests/{request_id}/retry")
+
+    assert refused.status_code == 404
+    assert "not registered" in refused.json()["detail"]
+    assert refused.headers["x-request-id"] == request_id
+    assert await stack.status("gone", request_id) == failed, "nothing changed"
+    assert len(stack.functions.on("/gone")) == 1
+
+
 async def test_a_request_retried_twice_at_once_runs_once(stack: Stack) -> None:
     await stack.register("echo")
     stack.functions.script("/echo", [Reply(500, b"boom")])
@@ -222,3 +242,24 @@ async def test_a_failed_request_no_longer_kept_is_refused(stack: Stack, conn: Na
     assert "no longer kept" in response.json()["detail"]
     assert (await stack.status("echo", request_id))["error_type"] == "function_error"
     assert [s.body for s in stack.functions.on("/echo")] == [b"x"], "nothing ran again"
+
+
+async def test_each_run_backs_off_from_the_initial_delay(nats_server: EmbeddedNats) -> None:
+    """The second run's first retry waits `initial_backoff`, not the delay its attempt number has
+    over both runs (here 1 s against 100 s)."""
+    backoff = {"initial_backoff": 1.0, "multiplier": 10.0, "max_backoff": 100.0, "jitter": 0.0}
+    stack = await start_stack(nats_server, overrides={"retry": backoff})
+    try:
+        await stack.register("down", max_attempts=2)
+        stack.functions.script("/down", [Reply(503, b"busy")] * 4)
+        request_id = await stack.submit("down")
+        await stack.wait_for_status("down", request_id, timeout_s=20)
+        await _retry(stack, request_id, "down")
+        final = await stack.wait_for_status("down", request_id, timeout_s=20)
+    finally:
+        await stack.close()
+
+    calls = stack.functions.on("/down")
+    assert final["attempts"] == 4
+    assert len(calls) == 4
+    assert 0.9 < calls[3].at - calls[2].at < 10, "the second run's first backoff is the initial one"

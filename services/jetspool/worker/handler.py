@@ -277,7 +277,8 @@ class RequestHandler:
         except RetryableDelivery as exc:
             if attempt < allowed:
                 reason = str(exc)
-                delay = backoff_s(attempt, self._retry, exc.retry_after_s, self._rng)
+                of_run = attempt - (call.record.record.attempt_base if call.record else 0)  # each run backs off afresh
+                delay = backoff_s(of_run, self._retry, exc.retry_after_s, self._rng)
                 log.info("request %s attempt %d: %s; retrying in %.1f s", request.request_id, attempt, reason, delay)
                 await self._s.logs.write(
                     request.request_id, f"attempt {attempt}: {reason}; retrying in {delay:.1f} s", level="WARN"

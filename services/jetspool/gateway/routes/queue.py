@@ -178,8 +178,11 @@ async def _cancel(gateway: Gateway, name: str | None, request_id: str) -> Respon
 @post("/queue/{name:str}/requests/{request_id:str}/retry", status_code=202)
 async def retry_request(gateway: GatewayDep, name: FromPath[str], request_id: FromPath[str]) -> Response[Any]:
     """Run a request that ended in an error or was cancelled again, under its id: 202 with the
-    submit response; 400 for a request that succeeded, has not completed, or is no longer kept."""
-    answer = await gateway.retrier.retry(await require_request(gateway, name, request_id))
+    submit response; 400 for a request that succeeded, has not completed, or is no longer kept;
+    404 when the function is no longer registered, as for a submit."""
+    current = await require_request(gateway, name, request_id)
+    function_for(gateway.view, name)
+    answer = await gateway.retrier.retry(current)
     if answer.outcome is RetryOutcome.NOT_FOUND or answer.current is None:
         raise NotFound(f"request {request_id} not found for function {name!r}")
     record = answer.current.record
