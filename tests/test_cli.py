@@ -9,6 +9,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -127,6 +128,36 @@ def test_sigterm_stops_every_process_it_started(up: Up) -> None:
     assert code == 0
     assert [pid for pid in tree if alive(pid)] == []
     assert "Traceback" not in up.proc.output
+
+
+_PELTED = """
+import os, signal, sys, threading, time
+from jetspool.supervisor import StopRequest
+
+stop, pelting = StopRequest(), True
+signal.signal(signal.SIGUSR1, lambda *_: stop.set())
+
+def pelt():
+    while pelting:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(0.0002)
+
+threading.Thread(target=pelt, daemon=True).start()
+end = time.monotonic() + 2
+while time.monotonic() < end:
+    stop.wait(0.001)
+pelting = False
+print("stopped" if stop.is_set() else "not stopped")
+"""
+
+
+def test_up_waits_for_a_stop_in_a_way_a_signal_handler_cannot_hang() -> None:
+    """Stop signals set what `up` waits on from their handler, thousands of times while it waits.
+    With a `threading.Event` this hangs (or overflows the stack) within a second: a handler's
+    `set` waits for the lock its own thread holds inside `wait`. Seen once with one SIGTERM."""
+    run = subprocess.run([sys.executable, "-c", _PELTED], capture_output=True, text=True, timeout=60, check=False)
+
+    assert (run.returncode, run.stdout.strip()) == (0, "stopped"), run.stderr[-2000:]
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -53,6 +52,30 @@ _ACCEPT_SINGLE_REPLICA = "JETSPOOL_NATS__ACCEPT_SINGLE_REPLICA"
 _PUBLIC_URL = "JETSPOOL_GATEWAY__PUBLIC_URL"
 
 
+class StopRequest:
+    """Whether a stop was asked for: set by the signal handlers, waited on by the main thread.
+
+    A plain flag, no lock: a handler runs in the main thread between two of its bytecodes, possibly
+    while that thread holds a lock. With `threading.Event`, a SIGTERM that came while `up` waited
+    on the event hung it for good: the handler's `set` waited for the event's lock, which its own
+    thread held inside `wait`."""
+
+    def __init__(self) -> None:
+        self._asked = False
+
+    def set(self) -> None:
+        self._asked = True
+
+    def is_set(self) -> bool:
+        return self._asked
+
+    def wait(self, timeout_s: float) -> bool:
+        """Sleep up to `timeout_s` unless a stop was asked for; whether one was."""
+        if not self._asked:
+            time.sleep(timeout_s)
+        return self._asked
+
+
 class Supervisor:
     def __init__(self, settings: Settings, options: UpOptions) -> None:
         self._settings = settings
@@ -60,7 +83,7 @@ class Supervisor:
         self._nats: EmbeddedNats | None = None
         self._children: list[tuple[str, subprocess.Popen[bytes]]] = []
         self._child_env: dict[str, str] = {}
-        self._stop = threading.Event()
+        self._stop = StopRequest()
 
     def run(self) -> int:
         """Run until a signal or a child's death; 0 on a requested stop, 1 when a child died."""
