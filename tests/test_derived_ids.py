@@ -112,6 +112,27 @@ async def test_cancelling_a_waiting_request_writes_its_first_record(stack_withou
         await nc.close()
 
 
+async def test_a_delete_marker_in_place_of_a_waiting_requests_record_is_written_over(
+    stack_without_worker: Stack,
+) -> None:
+    """A delete marker under a waiting request's key (left by an operator, say) is not a record: the
+    status still reads from the message, and the first write names the marker's revision. Naming
+    revision 0, as for no record, it was refused over and over: a cancel never answered."""
+    stack = stack_without_worker
+    request_id, _, _ = await _queue_one(stack)
+    nc, kv = await _status_kv(stack)
+    try:
+        await kv.delete(request_id)
+        waiting = await stack.status("echo", request_id)
+        cancelled = await stack.client.put(f"/queue/echo/requests/{request_id}/cancel")
+    finally:
+        await nc.close()
+
+    assert waiting["status"] == "IN_QUEUE"
+    assert cancelled.status_code == 202, cancelled.text
+    assert (await stack.status("echo", request_id))["error_type"] == "cancelled"
+
+
 @pytest.mark.parametrize(
     "submit",
     [{"headers": {"Idempotency-Key": "k-1"}}, {"content": b"x" * (5 * 1024 * 1024)}],

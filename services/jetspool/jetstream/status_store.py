@@ -8,8 +8,8 @@ callback's delivery state); records still waiting or running have none.
 
 A request whose id derives from its queue message (`jetspool.domain.ids`) has no record until a
 worker takes it: `get` then reads its message and answers the `IN_QUEUE` record it implies, at
-revision 0, so that the first write to it (the worker's start, a cancel) is a create, fenced like
-any other.
+revision 0 (or that of a delete marker left under its key), so that the first write to it (the
+worker's start, a cancel) is a create, fenced like any other.
 """
 
 from __future__ import annotations
@@ -61,26 +61,29 @@ class StatusStore:
 
     async def get(self, request_id: str) -> Versioned | None:
         """The request's record; for a derived id without one, the record its waiting message implies."""
-        stored = await self._stored(request_id)
+        stored, marker = await self._stored(request_id)
         if stored is not None:
             return stored
         derived = ids.parse_derived(request_id)
         if derived is None:
             return None
-        waiting = await self._waiting(request_id, *derived)
+        waiting = await self._waiting(request_id, *derived, revision=marker)
         # Taken (and its message acknowledged) between the two reads: the worker's record stands.
-        return waiting if waiting is not None else await self._stored(request_id)
+        return waiting if waiting is not None else (await self._stored(request_id))[0]
 
-    async def _stored(self, request_id: str) -> Versioned | None:
+    async def _stored(self, request_id: str) -> tuple[Versioned | None, int]:
+        """The stored record; else None and the revision of the delete marker in its place (0: none),
+        which the first write must name: over a marker, a write naming revision 0 is refused for
+        ever, and `change` re-read and retried it without end."""
         try:
             entry = await ride_through(partial(self._kv.get, request_id), "status read")
-        except KeyNotFoundError:
-            return None
+        except KeyNotFoundError as exc:
+            return None, int(exc.entry.revision or 0) if exc.entry is not None else 0
         if entry.value is None:  # pragma: no cover - a get never returns an empty put
-            return None
-        return Versioned(decode_status(entry.value), int(entry.revision or 0))
+            return None, 0
+        return Versioned(decode_status(entry.value), int(entry.revision or 0)), 0
 
-    async def _waiting(self, request_id: str, seq: int, nonce: str) -> Versioned | None:
+    async def _waiting(self, request_id: str, seq: int, nonce: str, *, revision: int) -> Versioned | None:
         """The `IN_QUEUE` record of the derived-id request at queue sequence `seq`, if its message is there."""
         read = partial(self._js.get_msg, names.QUEUE_STREAM, seq=seq, direct=self._direct)
         try:
@@ -93,7 +96,7 @@ class StatusStore:
             return None
         if request.request_id or request.id_nonce != nonce:
             return None  # another request's message (the stream was recreated since)
-        return Versioned(StatusRecord.waiting(request.identified(seq), seq), 0)
+        return Versioned(StatusRecord.waiting(request.identified(seq), seq), revision)
 
     async def update(self, record: StatusRecord, last: int) -> int:
         """Write `record` if the stored revision is still `last`; returns the new revision."""
