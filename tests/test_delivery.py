@@ -102,6 +102,39 @@ async def test_a_retry_starts_when_its_backoff_ends_not_at_the_next_poll(nats_se
     assert 0.5 <= gap <= 0.5 + _POLL_SLACK_S, f"waited {gap:.3f} s for a 0.5 s backoff"
 
 
+def _handling_failures(caplog: pytest.LogCaptureFixture) -> list[float]:
+    """The delays the worker gave, in order, for each message whose handling raised."""
+    return [float(r.args[1]) for r in caplog.records if r.msg.startswith("handling %s failed")]  # type: ignore[index, arg-type]
+
+
+async def test_a_request_whose_handling_keeps_failing_backs_off_and_is_never_dropped(
+    nats_server: EmbeddedNats, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A queue message whose handling raises (here: its request's status record is unreadable) is
+    tried again after the retry backoff, growing each time, not every poll interval as it was; once
+    the record can be read, the request runs."""
+    backoff = {"initial_backoff": 0.2, "multiplier": 2.0, "max_backoff": 5.0, "jitter": 0.0}
+    stack = await start_stack(nats_server, worker=False, overrides={"retry": backoff})
+    nc = await nats.connect(nats_server.url)
+    try:
+        await stack.register("echo")
+        request_id = await stack.submit("echo", content=b"x")
+        status = await nc.jetstream().key_value(names.STATUS_BUCKET)
+        await status.put(request_id, b"not a status record")
+        with caplog.at_level(logging.ERROR, logger="jetspool.worker.runner"):
+            await stack.start_worker()
+            await eventually(lambda: len(_handling_failures(caplog)) >= 3, timeout_s=20)
+            await status.delete(request_id)  # readable again: the record derives from the message
+            final = await stack.wait_for_status("echo", request_id, timeout_s=20)
+    finally:
+        await nc.close()
+        await stack.close()
+
+    assert _handling_failures(caplog)[:3] == [0.2, 0.4, 0.8]
+    assert (final["status"], "error_type" in final) == ("COMPLETED", False)
+    assert [seen.body for seen in stack.functions.on("/echo")] == [b"x"]
+
+
 async def test_every_request_the_queue_stream_stores_wakes_an_idle_worker(
     nats_server: EmbeddedNats, conn: Nats
 ) -> None:

@@ -168,6 +168,13 @@ class RequestHandler:
         ):
             return await self._handle(msg, request)
 
+    def unexpected(self, msg: Msg) -> Settle:
+        """How to hand back a message whose handling raised unexpectedly (the request's status could
+        not be read, say): tried again, never dropped, since the request was accepted, and backing
+        off as a failing function's attempts do, so an error that recurs on every delivery is tried
+        (and logged) about once a `retry.max_backoff`, not once a poll interval."""
+        return Settle("nak", backoff_s(int(msg.metadata.num_delivered), self._retry, None, self._rng))
+
     async def _handle(self, msg: Msg, request: QueuedRequest) -> Settle:
         function = self._s.registry.get(request.function)
         if function is None:

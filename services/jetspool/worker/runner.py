@@ -19,7 +19,7 @@ from nats.errors import Error as NatsError
 
 from jetspool.aio import stop_task, wait_event
 from jetspool.domain import names
-from jetspool.worker.handler import HAND_BACK, Settle, settle
+from jetspool.worker.handler import HAND_BACK, settle
 from jetspool.worker.puller import PriorityPuller
 
 if TYPE_CHECKING:
@@ -123,8 +123,8 @@ class FunctionRunner:
             await asyncio.shield(settle(msg, HAND_BACK))  # shutting down: another worker takes it at once
             raise
         except Exception:
-            log.exception("handling %s failed; it will be redelivered", msg.subject)
-            decision = Settle("nak", self._poll_interval_s)
+            decision = self._handler.unexpected(msg)
+            log.exception("handling %s failed; it is tried again in %.1f s", msg.subject, decision.delay_s)
         finally:
             await stop_task(keeper)  # no in-progress ack goes out after the settlement
         try:
