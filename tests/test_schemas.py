@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,8 +36,11 @@ def test_the_asyncapi_document_is_generated_and_refers_to_committed_schemas() ->
     document = asyncapi()
     assert (SCHEMAS / ASYNCAPI_FILE).read_bytes() == render(document), "regenerate: python -m jetspool.domain.schemas"
     for message in document["components"]["messages"].values():
-        if "$ref" in message["payload"]:
-            assert (SCHEMAS / message["payload"]["$ref"]).exists()
+        if "schema" in message["payload"]:  # a multi-format schema object, naming JSON Schema 2020-12
+            assert message["payload"]["schemaFormat"] == "application/schema+json;version=draft-2020-12"
+            assert (SCHEMAS / message["payload"]["schema"]["$ref"]).exists()
+        else:  # no JSON: an empty wake-up or counter increment, a request id to cancel
+            assert message["contentType"] == "text/plain"
     addresses = {channel["address"] for channel in document["channels"].values()}
     assert names.queue_subject("{function}", "high").replace("high", "{priority}") in addresses
     assert names.event_subject("{function}", "queued").replace("queued", "{type}") in addresses
@@ -44,6 +48,7 @@ def test_the_asyncapi_document_is_generated_and_refers_to_committed_schemas() ->
     assert {names.DEADLINE_SUBJECT, names.SWEEP_SUBJECT} <= addresses
     assert names.wake_subject("{function}", "{priority}") in addresses
     assert names.cancel_subject("{function}") in addresses
+    assert names.counter_subject("{function}", "completed").replace("completed", "{counter}") in addresses
 
 
 def _status_key(request_id: str) -> tuple[str, str]:
@@ -120,3 +125,47 @@ async def test_status_objects_and_webhooks_validate_against_the_schemas(stack: S
     for event in data:
         _validate("status-object.schema.json", event.encode())
     _validate("fal-webhook.schema.json", webhook.body)
+
+
+async def test_the_gateways_http_answers_validate_against_the_schemas(stack: Stack) -> None:
+    """Every JSON answer of the public and admin routes that is not a status object."""
+    entry = await stack.register("echo")
+    listed = (await stack.client.get("/system/functions")).json()
+    one = (await stack.client.get("/system/functions/echo")).json()
+    submitted = await stack.client.post("/queue/echo", json={"x": 1}, headers={"X-Callback-Url": stack.callback_url()})
+    request_id = submitted.json()["request_id"]
+    async_call = await stack.client.post("/function/echo", params={"async": "true"}, content=b"{}")
+    await stack.wait_for_status("echo", request_id)
+    done_cancel = await stack.client.put(f"/queue/echo/requests/{request_id}/cancel")
+    unknown_cancel = await stack.client.put(f"/queue/echo/requests/{uuid.uuid4()}/cancel")
+    redeliver = await stack.client.post(f"/queue/echo/requests/{request_id}/callback/redeliver")
+    refused_retry = await stack.client.post(f"/queue/echo/requests/{request_id}/retry")
+    bad_priority = await stack.client.post("/queue/echo", json={}, headers={"X-Queue-Priority": "urgent"})
+    no_function = await stack.client.post("/async-function/nope", content=b"")
+    running = await stack.occupy()
+    not_done = await stack.client.get(f"/queue/busy/requests/{running}")
+    waiting = await stack.client.post("/queue/busy", json={})
+    waiting_cancel = await stack.client.put(f"/queue/busy/requests/{waiting.json()['request_id']}/cancel")
+    await stack.client.post("/queue/busy", json={})
+    purge = await stack.client.post("/system/functions/busy/purge")
+    [call] = stack.functions.on("/busy")
+    logs = await stack.client.post(call.header("x-logs-url") or "", json={"message": "hello"})
+    stack.functions.release("/busy")
+
+    answers = [
+        ("function-entry", [entry, *listed, one]),
+        ("submit-answer", [submitted.json()]),
+        ("async-call-answer", [async_call.json()]),
+        ("cancel-answer", [done_cancel.json(), unknown_cancel.json(), waiting_cancel.json()]),
+        ("redeliver-answer", [redeliver.json()]),
+        ("error-answer", [refused_retry.json(), bad_priority.json(), no_function.json(), not_done.json()]),
+        ("purge-answer", [purge.json()]),
+        ("logs-answer", [logs.json()]),
+    ]
+    for name, bodies in answers:
+        for body in bodies:
+            _validate(f"{name}.schema.json", orjson.dumps(body))
+    refusals = [done_cancel, unknown_cancel, refused_retry, bad_priority, no_function, not_done]
+    assert [r.status_code for r in refusals] == [400, 404, 400, 422, 404, 400]
+    assert [r.status_code for r in (waiting_cancel, purge, logs)] == [202, 200, 202]
+    assert (not_done.json()["status"], purge.json()["purged"]) == ("IN_PROGRESS", 1)

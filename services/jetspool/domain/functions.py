@@ -59,7 +59,7 @@ def is_valid_name(name: str) -> bool:
 
 
 class Function(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    """Registry entry of one function, as stored in the functions KV bucket and shown by the admin API."""
+    """Registry entry of one function, as stored in the functions KV bucket (the admin API adds `stats`)."""
 
     name: FunctionName
     url: str

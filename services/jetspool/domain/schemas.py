@@ -1,4 +1,5 @@
-"""JSON Schemas of every JSON payload jetspool stores or sends over NATS, generated from the wire types.
+"""JSON Schemas of every JSON payload jetspool stores, sends over NATS or answers over HTTP,
+generated from the wire types.
 
 `schemas/` holds the committed output; `tests/test_schemas.py` fails when it and the types drift
 apart, and validates real payloads captured from a running stack against it.
@@ -19,6 +20,8 @@ from jetspool.domain.functions import Function
 from jetspool.domain.messages import CallbackJob, DeadlineJob, LogLine, QueuedRequest, SweepJob
 from jetspool.domain.names import (
     CALLBACK_STREAM,
+    COUNTER_STREAM,
+    COUNTERS,
     DEADLINE_SUBJECT,
     EVENT_STREAM,
     EVENT_TYPES,
@@ -30,9 +33,23 @@ from jetspool.domain.names import (
     TIMER_STREAM,
 )
 from jetspool.domain.status import StatusRecord
-from jetspool.domain.views import FalWebhook, StatusEvent, StatusObject
+from jetspool.domain.views import (
+    AsyncCallAnswer,
+    CancelAnswer,
+    ErrorAnswer,
+    FalWebhook,
+    FunctionEntry,
+    LogsAnswer,
+    PurgeAnswer,
+    RedeliverAnswer,
+    StatusEvent,
+    StatusObject,
+    SubmitAnswer,
+)
 
 ASYNCAPI_FILE: Final = "asyncapi.json"
+_JSON_SCHEMA_2020_12: Final = "application/schema+json;version=draft-2020-12"
+"""The payload schemas' format: AsyncAPI's own default is based on draft-07, which reads them otherwise."""
 WIRE_TYPES: Final[dict[str, tuple[type, str]]] = {
     "queue-request": (QueuedRequest, f"message on stream {QUEUE_STREAM}, subject jetspool.queue.<function>.<priority>"),
     "callback-job": (CallbackJob, f"message on stream {CALLBACK_STREAM}, subject jetspool.callbacks.<kind>"),
@@ -44,6 +61,17 @@ WIRE_TYPES: Final[dict[str, tuple[type, str]]] = {
     "status-object": (StatusObject, "body of the status route, data of its SSE events, and an event's status"),
     "fal-webhook": (FalWebhook, "body POSTed to a fal webhook (?fal_webhook=)"),
     "status-event": (StatusEvent, f"message on stream {EVENT_STREAM}, subject jetspool.events.<function>.<type>"),
+    "submit-answer": (SubmitAnswer, "body answering POST /queue/{name}[/{path}] (200) and the retry route (202)"),
+    "async-call-answer": (AsyncCallAnswer, "body answering /function/{name}[/{path}]?async=true (202)"),
+    "cancel-answer": (CancelAnswer, "body answering PUT /queue/{name}/requests/{id}/cancel (202, 400, 404)"),
+    "redeliver-answer": (RedeliverAnswer, "body answering POST /queue/{name}/requests/{id}/callback/redeliver (202)"),
+    "error-answer": (ErrorAnswer, "body of every other 4xx and 5xx answer of the gateway"),
+    "function-entry": (
+        FunctionEntry,
+        "body of GET /system/functions/{name}, an item of GET /system/functions, the answer of a registration",
+    ),
+    "purge-answer": (PurgeAnswer, "body answering POST /system/functions/{name}/purge"),
+    "logs-answer": (LogsAnswer, "body answering a function's POST to its X-Logs-Url (202)"),
 }
 
 
@@ -116,13 +144,22 @@ def asyncapi() -> dict[str, Any]:
             "A running request was cancelled: the worker running it aborts the call (core NATS).",
             function="function name",
         ),
+        "counters": _channel(
+            "jetspool.counters.{function}.{counter}",
+            "counterIncrement",
+            f"Totals (stream {COUNTER_STREAM}, a counter stream): each message adds its `Nats-Incr` to the "
+            "subject's total, which a read of the subject's last message gives.",
+            function="function name",
+            counter=", ".join(COUNTERS),
+        ),
     }
     return {
         "asyncapi": "3.0.0",
         "info": {
             "title": "jetspool",
             "version": __version__,
-            "description": "NATS subjects of jetspool. Payloads are JSON; their schemas are the files beside this one.",
+            "description": "NATS subjects of jetspool. Payloads are JSON unless said; their schemas (JSON Schema "
+            "2020-12) are the files beside this one.",
         },
         "defaultContentType": "application/json",
         "channels": channels,
@@ -136,10 +173,27 @@ def asyncapi() -> dict[str, Any]:
         "components": {
             "messages": {
                 **{
-                    message: {"name": message, "payload": {"$ref": f"{schema}.schema.json"}}
+                    message: {
+                        "name": message,
+                        "payload": {"schemaFormat": _JSON_SCHEMA_2020_12, "schema": {"$ref": f"{schema}.schema.json"}},
+                    }
                     for message, schema in messages.items()
                 },
-                "wakeUp": {"name": "wakeUp", "payload": {"type": "string", "maxLength": 0}},
+                "wakeUp": {
+                    "name": "wakeUp",
+                    "contentType": "text/plain",
+                    "payload": {"type": "string", "maxLength": 0, "description": "empty: its headers tell what"},
+                },
+                "counterIncrement": {
+                    "name": "counterIncrement",
+                    "contentType": "text/plain",
+                    "headers": {
+                        "type": "object",
+                        "properties": {"Nats-Incr": {"type": "string", "description": "what to add, e.g. +1"}},
+                        "required": ["Nats-Incr"],
+                    },
+                    "payload": {"type": "string", "maxLength": 0},
+                },
                 "cancelRunning": {
                     "name": "cancelRunning",
                     "contentType": "text/plain",

@@ -1,10 +1,11 @@
-"""The shapes of the JSON jetspool hands out, for `schemas/` (SPEC §3, §6).
+"""The shapes of the JSON jetspool hands out, for `schemas/` (SPEC §2, §3, §6).
 
-The status object, the fal webhook body and the status-change event are built as plain dicts
-where they are sent (`status.public_status`, `callbacks/payloads.py`, `jetstream/events.py`);
-these types describe them for the generated JSON Schemas, and `tests/test_schemas.py`
-validates real captured payloads against those schemas, so the two cannot drift apart.
-Fields that are sometimes absent are `UNSET`; extra fields are allowed.
+The status object, the fal webhook body, the status-change event and the HTTP answers below are
+built as plain dicts where they are sent (`status.public_status`, `callbacks/payloads.py`,
+`jetstream/events.py`, the gateway's routes); these types describe them for the generated JSON
+Schemas, and `tests/test_schemas.py` validates real captured payloads against those schemas, so
+the two cannot drift apart. Fields that are sometimes absent are `UNSET`; extra fields are
+allowed, except in a function entry, which is a registry entry with its figures.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from jetspool.domain.functions import Function
 from jetspool.domain.messages import CallbackKind
 from jetspool.domain.names import EventType, Priority
 from jetspool.domain.status import DeliveryState, ErrorType, State
@@ -91,3 +93,85 @@ class StatusEvent(msgspec.Struct, kw_only=True):
     status: StatusObject
     result: Any | msgspec.UnsetType = msgspec.UNSET
     """The function's JSON output, when it is JSON and at most `events.inline_result_limit` bytes."""
+
+
+class SubmitAnswer(msgspec.Struct, kw_only=True):
+    """The answer of a fal submit (`POST /queue/{name}`) and of the retry route."""
+
+    request_id: str
+    response_url: str
+    status_url: str
+    cancel_url: str
+    queue_position: int | None
+    """Null when the request is stored but its position could not be read in time."""
+
+
+class AsyncCallAnswer(msgspec.Struct, kw_only=True):
+    """The answer of `/function/{name}?async=true` (Cerebrium style)."""
+
+    request_id: str
+    run_id: str
+    response_url: str
+    status_url: str
+    cancel_url: str
+
+
+class CancelAnswer(msgspec.Struct, kw_only=True):
+    """The answer of the cancel routes."""
+
+    status: Literal["CANCELLATION_REQUESTED", "ALREADY_COMPLETED", "NOT_FOUND"]
+    detail: str
+
+
+class ErrorAnswer(msgspec.Struct, kw_only=True):
+    """Any error answer of the gateway (SPEC §2): a human-readable `detail`, and `error_type` where
+    SPEC §5 names one (also in header `X-Error-Type`). The result route's answer for a request
+    that has not completed, the retry and redeliver routes' refusals carry the request's `status`."""
+
+    detail: str
+    error_type: str | msgspec.UnsetType = msgspec.UNSET
+    status: State | msgspec.UnsetType = msgspec.UNSET
+
+
+class RedeliverAnswer(msgspec.Struct, kw_only=True):
+    """The answer of `POST /queue/{name}/requests/{id}/callback/redeliver`."""
+
+    status: Literal["REDELIVERY_REQUESTED"]
+    request_id: str
+    callbacks: list[CallbackView]
+
+
+class PurgeAnswer(msgspec.Struct, kw_only=True):
+    """The answer of `POST /system/functions/{name}/purge`: how many waiting requests were dropped."""
+
+    purged: int
+
+
+class LogsAnswer(msgspec.Struct, kw_only=True):
+    """The answer of a function's POST to its `X-Logs-Url`: how many lines were taken."""
+
+    accepted: int
+
+
+class WaitingCounts(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Requests waiting, per priority class."""
+
+    high: int
+    normal: int
+    low: int
+
+
+class FunctionStats(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """A function's live queue figures."""
+
+    waiting: WaitingCounts
+    in_progress: int
+    """Requests held by workers: running, or waiting out a retry's backoff."""
+    completed: int
+    failed: int
+
+
+class FunctionEntry(Function, frozen=True, kw_only=True):
+    """A function as the admin routes show it (`/system/functions`): its registry entry and `stats`."""
+
+    stats: FunctionStats
