@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any
 
+import nats
 import pytest
 
+from jetspool.domain import names
 from tests.support.servers import Reply, eventually_true
 
 if TYPE_CHECKING:
@@ -81,6 +84,24 @@ async def test_logs_are_null_unless_asked_for(stack: Stack) -> None:
 
     assert (await stack.status("busy", request_id))["logs"] is None
     stack.functions.release("/busy")
+
+
+async def test_a_line_jetspool_did_not_write_shows_with_the_time_it_was_stored(stack: Stack) -> None:
+    """Text some other client published on a request's log subject is shown as a line of its own,
+    timestamped when the stream stored it (it had a null timestamp, which the schema forbids)."""
+    request_id, _ = await _running(stack)
+    nc = await nats.connect(stack.nats.url)
+    try:
+        await nc.jetstream().publish(names.log_subject(request_id), b"written by hand")
+    finally:
+        await nc.close()
+
+    lines = await _logs(stack, request_id)
+    stack.functions.release("/busy")
+
+    [foreign] = [line for line in lines if line["message"] == "written by hand"]
+    assert (foreign["level"], foreign["source"]) == ("INFO", "unknown")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z", foreign["timestamp"])
 
 
 _UNKNOWN = "00000000-0000-4000-8000-000000000000"

@@ -53,8 +53,10 @@ class RequestLogs:
 def _entry(msg: Msg) -> dict[str, Any]:
     try:
         line = decode(msg.data, LogLine)
-    except DecodeError:
-        return {"message": msg.data.decode(errors="replace"), "level": "INFO", "source": "unknown", "timestamp": None}
+    except DecodeError:  # not written by jetspool: its text, at the time the stream stored it
+        stored_at = (msg.headers or {}).get("Nats-Time-Stamp") or utcnow().isoformat().replace("+00:00", "Z")
+        text = msg.data.decode(errors="replace")
+        return {"message": text, "level": "INFO", "source": "unknown", "timestamp": stored_at}
     entry: dict[str, Any] = msgspec.to_builtins(line)
     entry.pop("v", None)
     entry["timestamp"] = line.timestamp.isoformat().replace("+00:00", "Z")
