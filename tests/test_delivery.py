@@ -135,6 +135,38 @@ async def test_a_request_whose_handling_keeps_failing_backs_off_and_is_never_dro
     assert [seen.body for seen in stack.functions.on("/echo")] == [b"x"]
 
 
+async def test_a_worker_cut_off_past_its_ack_wait_leaves_the_retry_to_the_redelivery(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A call asks for a retry after NATS was away longer than the ack wait: the worker does not
+    nak the message, which JetStream may have redelivered meanwhile (to another worker, running the
+    request by now; nats-server applies the nak to the message whichever delivery it names, and a
+    third delivery then ran beside the second, or completed the request as given up while the
+    second answered 200). The redelivery runs the retry."""
+    nats_server = EmbeddedNats(tmp_path / "nats", port=free_port())
+    nats_server.start()
+    stack = await start_stack(nats_server, overrides={"worker": {"ack_wait": 2.0}})
+    try:
+        await stack.register("echo", max_attempts=2)
+        stack.functions.hold("/echo")
+        stack.functions.script("/echo", [Reply(503, b"busy")])
+        request_id = await stack.submit("echo", content=b"x")
+        await stack.functions.wait_for("/echo")
+        with caplog.at_level(logging.INFO, logger="jetspool.worker.handler"):
+            nats_server.kill()
+            await asyncio.sleep(3.0)  # the outage, longer than the ack wait
+            nats_server.start()
+            stack.functions.release("/echo", 2)  # the first call answers 503, the second 200
+            final = await stack.wait_for_status("echo", request_id, timeout_s=60)
+    finally:
+        await stack.close()
+        nats_server.stop()
+
+    assert "was not kept within its ack wait; leaving it to its redelivery" in caplog.text
+    assert (final["attempts"], "error_type" in final) == (2, False)
+    assert [seen.header("x-attempt") for seen in stack.functions.on("/echo")] == ["1", "2"]
+
+
 async def test_every_request_the_queue_stream_stores_wakes_an_idle_worker(
     nats_server: EmbeddedNats, conn: Nats
 ) -> None:

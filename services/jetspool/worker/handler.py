@@ -90,6 +90,33 @@ HAND_BACK = Settle("nak", 0.001)
 keeps a plain nak's "redeliver now" in memory only, so after a restart of the whole stack the
 message waited out the ack wait (30 s); a nak with a delay is written to the consumer's state."""
 LEAVE = Settle("leave")
+_LAPSE_SHARE = 0.8
+"""Of the ack wait: a hold not renewed for this long may have lapsed. It is renewed every third, so
+one renewal missed (NATS away for a moment) is no lapse, two are."""
+
+
+@dataclass
+class Lease:
+    """When JetStream last heard that this delivery's message is being worked on.
+
+    JetStream redelivers a message when its ack wait passes without an acknowledgement or an
+    in-progress signal. A delivery cut off that long (NATS away, or the process paused) may no
+    longer be the only one: another worker may run the request now. A nak it sent then, which
+    nats-server applies to the message whichever delivery it names, put a third delivery beside
+    the one running: with two workers and a NATS outage longer than the ack wait, a request whose
+    second attempt was answering 200 was completed as given up by the other worker, or had its
+    third attempt run beside the second (found by a fault-injection audit)."""
+
+    kept_at: float = field(default_factory=time.monotonic)
+    lapsed: bool = False
+    """Once not renewed in time, for good: a redelivery made then stays out there."""
+
+    def renew(self, ack_wait_s: float) -> None:
+        self.lapsed = self.may_have_lapsed(ack_wait_s)
+        self.kept_at = time.monotonic()
+
+    def may_have_lapsed(self, ack_wait_s: float) -> bool:
+        return self.lapsed or time.monotonic() - self.kept_at > ack_wait_s * _LAPSE_SHARE
 
 
 def _is_current_run(msg: Msg, request: QueuedRequest, record: StatusRecord) -> bool:
@@ -384,20 +411,33 @@ class RequestHandler:
         except (aiohttp.ClientError, TimeoutError) as exc:
             log.warning("cancel_path of %s failed for %s: %s", function.name, request.request_id, exc)
 
-    async def keep_in_progress(self, msg: Msg) -> None:
+    async def keep_in_progress(self, msg: Msg, lease: Lease) -> None:
         """Tell JetStream, every third of the ack wait, that `msg` is being worked on (until cancelled).
 
         The runner keeps every message so from receipt to acknowledgement, not only during the
         call: loading a large body from the object store, or a status write riding through a
         leader election, may outlast the ack wait too, and a redelivery then would start a second
-        attempt beside the first."""
+        attempt beside the first. `lease` notes each signal sent while connected (one sent while
+        NATS is away waits in nats-py's buffer, and may come after the redelivery)."""
         interval = self._worker.ack_wait / 3
         while True:
             await asyncio.sleep(interval)
+            if not self._s.conn.nc.is_connected:
+                continue
             try:
                 await msg.in_progress()
             except Exception:
                 log.warning("in-progress ack failed for %s", msg.subject, exc_info=True)
+            else:
+                lease.renew(self._worker.ack_wait)
+
+    def settlement(self, msg: Msg, decision: Settle, lease: Lease) -> Settle:
+        """`decision`, unless it is a nak from a delivery whose hold may have lapsed: then nothing is
+        sent, and the message comes back after the ack wait, if it is not with another worker already."""
+        if decision.verb == "nak" and lease.may_have_lapsed(self._worker.ack_wait):
+            log.info("%s was not kept within its ack wait; leaving it to its redelivery", msg.subject)
+            return LEAVE
+        return decision
 
     async def _complete(
         self,

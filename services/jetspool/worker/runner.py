@@ -19,7 +19,7 @@ from nats.errors import Error as NatsError
 
 from jetspool.aio import stop_task, wait_event
 from jetspool.domain import names
-from jetspool.worker.handler import HAND_BACK, settle
+from jetspool.worker.handler import HAND_BACK, Lease, settle
 from jetspool.worker.puller import PriorityPuller
 
 if TYPE_CHECKING:
@@ -115,18 +115,21 @@ class FunctionRunner:
         self._slot_freed.set()
 
     async def _handle(self, msg: Msg) -> None:
-        keeper = asyncio.create_task(self._handler.keep_in_progress(msg), name=f"in-progress-{msg.subject}")
+        lease = Lease()
+        keeper = asyncio.create_task(self._handler.keep_in_progress(msg, lease), name=f"in-progress-{msg.subject}")
         try:
             decision = await self._handler.handle(msg)
         except asyncio.CancelledError:
             keeper.cancel()
-            await asyncio.shield(settle(msg, HAND_BACK))  # shutting down: another worker takes it at once
+            # Shutting down: another worker takes it at once.
+            await asyncio.shield(settle(msg, self._handler.settlement(msg, HAND_BACK, lease)))
             raise
         except Exception:
             decision = self._handler.unexpected(msg)
             log.exception("handling %s failed; it is tried again in %.1f s", msg.subject, decision.delay_s)
         finally:
             await stop_task(keeper)  # no in-progress ack goes out after the settlement
+        decision = self._handler.settlement(msg, decision, lease)
         try:
             await settle(msg, decision)
         except NatsError:
