@@ -207,8 +207,13 @@ def decode_status(data: bytes) -> StatusRecord:
     return decode(data, StatusRecord)
 
 
+def rfc3339(at: datetime) -> str:
+    """`at` as the status object and events write times: RFC 3339, UTC, with a `Z`."""
+    return at.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
 def _rfc3339(at: datetime | None) -> str | None:
-    return None if at is None else at.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    return None if at is None else rfc3339(at)
 
 
 def request_urls(base_url: str, function: str, request_id: str) -> dict[str, str]:

@@ -17,7 +17,7 @@ import orjson
 from nats.errors import Error as NatsError
 
 from jetspool.domain import names
-from jetspool.domain.status import ErrorType, State, public_status, utcnow
+from jetspool.domain.status import ErrorType, State, public_status, rfc3339, utcnow
 
 if TYPE_CHECKING:
     from jetspool.domain.status import StatusRecord
@@ -58,7 +58,7 @@ class EventLog:
             "type": kind,
             "function": record.function,
             "request_id": record.request_id,
-            "at": utcnow().isoformat().replace("+00:00", "Z"),
+            "at": rfc3339(utcnow()),
             "status": public_status(record, self._base_url),
         }
         result = self._inline(output)

@@ -15,7 +15,7 @@ from nats.errors import Error as NatsError
 from jetspool.domain import names
 from jetspool.domain.errors import DecodeError
 from jetspool.domain.messages import LogLevel, LogLine, decode, encode
-from jetspool.domain.status import utcnow
+from jetspool.domain.status import rfc3339, utcnow
 from jetspool.jetstream.direct import direct_batch
 
 if TYPE_CHECKING:
@@ -54,10 +54,10 @@ def _entry(msg: Msg) -> dict[str, Any]:
     try:
         line = decode(msg.data, LogLine)
     except DecodeError:  # not written by jetspool: its text, at the time the stream stored it
-        stored_at = (msg.headers or {}).get("Nats-Time-Stamp") or utcnow().isoformat().replace("+00:00", "Z")
+        stored_at = (msg.headers or {}).get("Nats-Time-Stamp") or rfc3339(utcnow())
         text = msg.data.decode(errors="replace")
         return {"message": text, "level": "INFO", "source": "unknown", "timestamp": stored_at}
     entry: dict[str, Any] = msgspec.to_builtins(line)
     entry.pop("v", None)
-    entry["timestamp"] = line.timestamp.isoformat().replace("+00:00", "Z")
+    entry["timestamp"] = rfc3339(line.timestamp)
     return entry
