@@ -23,6 +23,8 @@ from tests.support.stack import start_stack
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
+    from nats.js.client import JetStreamContext
+
     from jetspool.embedded import EmbeddedNats
     from tests.support.stack import Stack
 
@@ -32,6 +34,12 @@ SECRET = "whsec_" + base64.b64encode(os.urandom(32)).decode()
 async def _callbacks(stack: Stack, name: str, request_id: str) -> list[dict[str, Any]]:
     targets: list[dict[str, Any]] = (await stack.status(name, request_id))["callbacks"]
     return targets
+
+
+async def _callbacks_settled(js: JetStreamContext) -> bool:
+    """Whether the callbacks consumer has no job left to deliver or awaiting its acknowledgement."""
+    info = await js.consumer_info(names.CALLBACK_STREAM, names.CALLBACK_CONSUMER)
+    return bool(info.num_pending == 0 and info.num_ack_pending == 0)
 
 
 async def _wait_for_callback_state(
@@ -171,11 +179,7 @@ async def test_a_callback_job_whose_request_cannot_be_read_is_dropped_after_max_
         await (await js.key_value(names.STATUS_BUCKET)).put(request_id, b"not a status record")
         await js.publish(names.callback_subject("openfaas"), encode(job), headers={names.NATS_MSG_ID: request_id})
 
-        async def settled() -> bool:
-            info = await js.consumer_info(names.CALLBACK_STREAM, names.CALLBACK_CONSUMER)
-            return bool(info.num_pending == 0 and info.num_ack_pending == 0)
-
-        await eventually_true(settled, timeout_s=20)
+        await eventually_true(lambda: _callbacks_settled(js), timeout_s=20)
         info = await js.consumer_info(names.CALLBACK_STREAM, names.CALLBACK_CONSUMER)
     finally:
         await nc.close()
@@ -433,11 +437,7 @@ async def test_a_callback_job_delivered_again_is_not_sent_again(stack: Stack) ->
         js = nc.jetstream()
         await js.publish(names.callback_subject("openfaas"), encode(job), headers={names.NATS_MSG_ID: "lost-ack"})
 
-        async def settled() -> bool:
-            info = await js.consumer_info(names.CALLBACK_STREAM, names.CALLBACK_CONSUMER)
-            return bool(info.num_pending == 0 and info.num_ack_pending == 0)
-
-        await eventually_true(settled, timeout_s=15)
+        await eventually_true(lambda: _callbacks_settled(js), timeout_s=15)
     finally:
         await nc.close()
 
