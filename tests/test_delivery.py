@@ -9,6 +9,7 @@ import logging
 import os
 import time
 import uuid
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import nats
@@ -20,6 +21,8 @@ from jetspool.domain.messages import QueuedRequest, encode
 from jetspool.domain.status import utcnow
 from jetspool.embedded import EmbeddedNats
 from jetspool.jetstream.queue import RequestQueue
+from jetspool.worker.handler import LEAVE, Settle
+from jetspool.worker.runner import _log_failure
 from tests.support.permissions import as_user, users
 from tests.support.processes import start_part
 from tests.support.servers import Reply, eventually, free_port
@@ -104,7 +107,7 @@ async def test_a_retry_starts_when_its_backoff_ends_not_at_the_next_poll(nats_se
 
 def _handling_failures(caplog: pytest.LogCaptureFixture) -> list[float]:
     """The delays the worker gave, in order, for each message whose handling raised."""
-    return [float(r.args[1]) for r in caplog.records if r.msg.startswith("handling %s failed")]  # type: ignore[index, arg-type]
+    return [float(r.args[1]) for r in caplog.records if r.msg.startswith("handling %s failed; it is tried again")]  # type: ignore[index, arg-type]
 
 
 async def test_a_request_whose_handling_keeps_failing_backs_off_and_is_never_dropped(
@@ -133,6 +136,25 @@ async def test_a_request_whose_handling_keeps_failing_backs_off_and_is_never_dro
     assert _handling_failures(caplog)[:3] == [0.2, 0.4, 0.8]
     assert (final["status"], "error_type" in final) == ("COMPLETED", False)
     assert [seen.body for seen in stack.functions.on("/echo")] == [b"x"]
+
+
+def test_a_failed_handling_whose_hold_lapsed_is_not_logged_as_tried_again(caplog: pytest.LogCaptureFixture) -> None:
+    """The error line of a handling that raised says what becomes of the message: the nak's delay,
+    or, once its hold may have lapsed and the nak became a leave, that nothing was sent (it said
+    "tried again in 0.2 s" either way)."""
+    msg = SimpleNamespace(subject="jetspool.queue.echo.normal")
+    with caplog.at_level(logging.ERROR, logger="jetspool.worker.runner"):
+        for decision in (Settle("nak", 0.2), LEAVE):
+            try:
+                raise RuntimeError("status unreadable")
+            except RuntimeError as exc:
+                _log_failure(msg, decision, exc)  # type: ignore[arg-type]
+
+    assert [r.getMessage() for r in caplog.records] == [
+        "handling jetspool.queue.echo.normal failed; it is tried again in 0.2 s",
+        "handling jetspool.queue.echo.normal failed; it is left to its redelivery",
+    ]
+    assert all(r.exc_info is not None for r in caplog.records)
 
 
 async def test_a_worker_cut_off_past_its_ack_wait_leaves_the_retry_to_the_redelivery(

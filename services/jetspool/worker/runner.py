@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from nats.aio.subscription import Subscription
 
     from jetspool.domain.functions import Function
-    from jetspool.worker.handler import RequestHandler
+    from jetspool.worker.handler import RequestHandler, Settle
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +117,7 @@ class FunctionRunner:
     async def _handle(self, msg: Msg) -> None:
         lease = Lease()
         keeper = asyncio.create_task(self._handler.keep_in_progress(msg, lease), name=f"in-progress-{msg.subject}")
+        failure: Exception | None = None
         try:
             decision = await self._handler.handle(msg)
         except asyncio.CancelledError:
@@ -124,12 +125,13 @@ class FunctionRunner:
             # Shutting down: another worker takes it at once.
             await asyncio.shield(settle(msg, self._handler.settlement(msg, HAND_BACK, lease)))
             raise
-        except Exception:
-            decision = self._handler.unexpected(msg)
-            log.exception("handling %s failed; it is tried again in %.1f s", msg.subject, decision.delay_s)
+        except Exception as exc:  # noqa: BLE001 - logged with its traceback once settled
+            failure, decision = exc, self._handler.unexpected(msg)
         finally:
             await stop_task(keeper)  # no in-progress ack goes out after the settlement
         decision = self._handler.settlement(msg, decision, lease)
+        if failure is not None:
+            _log_failure(msg, decision, failure)
         try:
             await settle(msg, decision)
         except NatsError:
@@ -149,3 +151,11 @@ class FunctionRunner:
 
         timer = asyncio.get_running_loop().call_later(delay_s + _DUE_SLACK_S, due)
         self._due.add(timer)
+
+
+def _log_failure(msg: Msg, decision: Settle, failure: Exception) -> None:
+    """The error line of a message whose handling raised, saying what becomes of the message."""
+    if decision.verb == "nak":
+        log.error("handling %s failed; it is tried again in %.1f s", msg.subject, decision.delay_s, exc_info=failure)
+    else:  # its hold may have lapsed: the nak became a leave (see `RequestHandler.settlement`)
+        log.error("handling %s failed; it is left to its redelivery", msg.subject, exc_info=failure)
