@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import jsonschema
 import orjson
 import pytest
+from openapi_spec_validator import validate as validate_openapi
 
 from jetspool.domain import names
 from jetspool.domain.schemas import ASYNCAPI_FILE, asyncapi, generate, render
@@ -169,3 +170,41 @@ async def test_the_gateways_http_answers_validate_against_the_schemas(stack: Sta
     assert [r.status_code for r in refusals] == [400, 404, 400, 422, 404, 400]
     assert [r.status_code for r in (waiting_cancel, purge, logs)] == [202, 200, 202]
     assert (not_done.json()["status"], purge.json()["purged"]) == ("IN_PROGRESS", 1)
+
+
+_SPEC_ROUTES = {
+    ("post", "/async-function/{name}"),
+    ("post", "/async-function/{name}/{path}"),
+    *((method, "/function/{name}") for method in ("get", "post", "put", "patch", "delete")),
+    ("post", "/queue/{name}"),
+    ("post", "/queue/{name}/{path}"),
+    ("get", "/queue/{name}/requests/{request_id}/status"),
+    ("get", "/queue/{name}/requests/{request_id}/status/stream"),
+    ("get", "/queue/{name}/requests/{request_id}"),
+    ("put", "/queue/{name}/requests/{request_id}/cancel"),
+    ("post", "/queue/{name}/requests/{request_id}/retry"),
+    ("post", "/queue/{name}/requests/{request_id}/callback/redeliver"),
+    ("post", "/fal/queue/submit/{name}"),
+    ("get", "/fal/queue/{request_id}/get"),
+    ("put", "/fal/queue/{request_id}/cancel"),
+    ("get", "/system/functions"),
+    ("post", "/system/functions"),
+    ("get", "/system/functions/{name}"),
+    ("put", "/system/functions/{name}"),
+    ("delete", "/system/functions/{name}"),
+    ("post", "/system/functions/{name}/purge"),
+    ("get", "/healthz"),
+    ("get", "/readyz"),
+    ("get", "/metrics"),
+}
+"""SPEC §2's routes, as the OpenAPI document names them."""
+
+
+async def test_the_openapi_document_is_valid_and_has_every_route_of_the_spec(stack: Stack) -> None:
+    answer = await stack.client.get("/schema/openapi.json")
+    document = answer.json()
+
+    validate_openapi(document)  # raises on an invalid OpenAPI 3 document
+    assert (answer.status_code, document["openapi"].split(".")[0]) == (200, "3")
+    documented = {(method, path) for path, item in document["paths"].items() for method in item}
+    assert _SPEC_ROUTES - documented == set()
