@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from typing import TYPE_CHECKING
 
@@ -79,6 +80,31 @@ async def test_function_route_calls_the_function_synchronously(stack: Stack) -> 
     assert len(response.headers.get_list("server")) <= 1
     [seen] = stack.functions.on("/echo/sub")
     assert (seen.method, seen.query, seen.body) == ("PUT", "a=1", b"body")
+
+
+async def test_function_route_gives_each_call_an_id_and_its_timing_as_openfaas_does(stack: Stack) -> None:
+    """The function and the caller see one call id (`X-Call-Id`, also `X-Request-Id`: SPEC §2, every
+    response about a request carries it), `X-Start-Time`, and the caller `X-Duration-Seconds`; a
+    caller's UUID `X-Call-Id` is kept (a function calling another), any other value replaced, and
+    the function's own values of these headers are not relayed beside the gateway's."""
+    await stack.register("echo")
+    mine = str(uuid.uuid4())
+    stack.functions.script("/echo/own", [Reply(200, b"ok", headers=(("X-Call-Id", "fn"), ("X-Duration-Seconds", "9")))])
+
+    fresh = await stack.client.post("/function/echo/own", content=b"a", headers={"X-Call-Id": "not-a-uuid"})
+    kept = await stack.client.post("/function/echo/kept", content=b"b", headers={"X-Call-Id": mine})
+
+    [seen_fresh] = stack.functions.on("/echo/own")
+    [seen_kept] = stack.functions.on("/echo/kept")
+    fresh_id = fresh.headers["x-call-id"]
+    assert str(uuid.UUID(fresh_id)) == fresh_id != "not-a-uuid"
+    assert fresh.headers.get_list("x-call-id") == [fresh_id] == fresh.headers.get_list("x-request-id")
+    assert (seen_fresh.header("x-call-id"), seen_fresh.header("x-request-id")) == (fresh_id, fresh_id)
+    assert (kept.headers["x-call-id"], seen_kept.header("x-call-id")) == (mine, mine)
+    assert seen_fresh.header("x-start-time") == fresh.headers["x-start-time"]
+    assert abs(int(fresh.headers["x-start-time"]) / 1e9 - time.time()) < 60
+    assert len(fresh.headers.get_list("x-duration-seconds")) == 1
+    assert 0 < float(fresh.headers["x-duration-seconds"]) < 60
 
 
 async def test_function_route_passes_an_encoded_sub_path_on_as_it_was_sent(stack: Stack) -> None:

@@ -87,7 +87,9 @@ async def test_headers_the_connection_header_names_are_not_forwarded(stack: Stac
         assert seen.header("x-custom") == "kept"
 
 
-_ADDED_BY_JETSPOOL = frozenset({"x-call-id", "x-request-id", "x-attempt", "x-logs-url", "traceparent", "tracestate"})
+_ADDED_BY_JETSPOOL = frozenset(
+    {"x-call-id", "x-request-id", "x-attempt", "x-start-time", "x-logs-url", "traceparent", "tracestate"}
+)
 _TRANSPORT = frozenset({"host", "content-length", "connection"})
 
 

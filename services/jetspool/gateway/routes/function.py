@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+import uuid
 from typing import Any, Final
 
 import httpx
@@ -11,7 +13,7 @@ from litestar.params import FromPath
 
 from jetspool.domain import names
 from jetspool.domain.errors import RequestError
-from jetspool.domain.functions import HOP_BY_HOP, forwardable, with_query
+from jetspool.domain.functions import HOP_BY_HOP, NOT_FORWARDED, forwardable, with_query
 from jetspool.domain.status import request_urls
 from jetspool.gateway.intake import function_for, is_yes, raw_query_and_headers, read_submission
 from jetspool.gateway.state import Gateway, GatewayDep
@@ -25,8 +27,25 @@ _METHODS: Final = [
     HttpMethod.OPTIONS,
     HttpMethod.HEAD,
 ]
-_NOT_RELAYED: Final = HOP_BY_HOP | {"content-encoding", "server", "date"}
+_OWN: Final = frozenset(
+    h.lower() for h in (names.H_CALL_ID, names.H_REQUEST_ID, names.H_START_TIME, names.H_DURATION_SECONDS)
+)
+"""Headers of a synchronous call that the gateway sets itself, both ways (`_call_headers`)."""
+_NOT_FORWARDED: Final = NOT_FORWARDED | _OWN
+_NOT_RELAYED: Final = HOP_BY_HOP | _OWN | {"content-encoding", "server", "date"}
 """httpx hands over the decoded body; the gateway's server sets its own Server and Date."""
+
+
+def _call_headers(headers: list[tuple[str, str]]) -> dict[str, str]:
+    """What the gateway adds to a synchronous call, both ways, as OpenFaaS's gateway does: the call's
+    id (the caller's `X-Call-Id` when it is a UUID, so a function calling another through the gateway
+    keeps one id; else a new one), also as `X-Request-Id`, and `X-Start-Time` (Unix nanoseconds)."""
+    given = next((value for key, value in headers if key.lower() == "x-call-id"), "")
+    try:
+        call_id = str(uuid.UUID(given))
+    except ValueError:
+        call_id = str(uuid.uuid4())
+    return {names.H_CALL_ID: call_id, names.H_REQUEST_ID: call_id, names.H_START_TIME: str(time.time_ns())}
 
 
 class BadGateway(RequestError):
@@ -62,12 +81,14 @@ async def _call(request: Request[Any, Any, Any], gateway: Gateway, name: str, pa
         return Response(body, status_code=202, headers={names.H_REQUEST_ID: record.request_id})
     url = function.endpoint(path.lstrip("/"))
     query, headers = raw_query_and_headers(request)
+    call = _call_headers(headers)
+    started = time.monotonic()
     try:
         answer = await gateway.http.request(
             request.method,
             with_query(url, query),
             content=await request.body(),
-            headers=[*forwardable(headers), *function.headers.items()],
+            headers=[*forwardable(headers, _NOT_FORWARDED), *call.items(), *function.headers.items()],
             timeout=function.timeout,
         )
     except httpx.TimeoutException as exc:
@@ -75,6 +96,7 @@ async def _call(request: Request[Any, Any, Any], gateway: Gateway, name: str, pa
     except httpx.TransportError as exc:
         raise BadGateway(f"cannot reach function {name!r}: {exc.__class__.__name__}") from exc
     relayed = dict(forwardable(list(answer.headers.items()), _NOT_RELAYED))
+    relayed |= call | {names.H_DURATION_SECONDS: f"{time.monotonic() - started:.6f}"}
     if request.method == HttpMethod.HEAD and "content-length" in answer.headers:
         relayed["content-length"] = answer.headers["content-length"]  # what a GET's body would be; none is sent
     content_type = answer.headers.get("content-type", "application/octet-stream")
