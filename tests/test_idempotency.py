@@ -72,6 +72,34 @@ async def test_the_same_key_on_another_function_is_a_new_request(stack: Stack) -
     assert first != second
 
 
+async def test_a_repeat_returns_its_request_where_a_new_submit_would_be_refused(stack: Stack) -> None:
+    """A repeat stands on the first submit: not refused by max_queue_length when the one request
+    waiting is its own (a client retrying after a lost answer was told 429, nothing queued), nor
+    by a callback URL refused now. A new key is refused as before, and changes nothing."""
+    await stack.occupy()
+    key = {"Idempotency-Key": "retry-me"}
+    limit = {"max_queue_length": "1"}
+    first = await stack.client.post("/queue/busy", params=limit, headers=key)
+    first_id = first.json()["request_id"]
+
+    full = await stack.client.post("/queue/busy", params=limit, headers=key)
+    openfaas = await stack.client.post("/async-function/busy", params={"fal_max_queue_length": "1"}, headers=key)
+    refused_hook = await stack.client.post(
+        "/queue/busy", params={"fal_webhook": "http://169.254.169.254/"}, headers=key
+    )
+    new_key = await stack.client.post("/queue/busy", params=limit, headers={"Idempotency-Key": "another"})
+    no_key = await stack.client.post("/queue/busy", params={"fal_webhook": "http://169.254.169.254/"})
+    waiting = (await stack.client.get("/system/functions/busy")).json()["stats"]["waiting"]
+    stack.functions.release("/busy")
+
+    assert first.status_code == 200
+    assert (full.status_code, full.json()["request_id"], full.headers["x-request-id"]) == (200, first_id, first_id)
+    assert (openfaas.status_code, openfaas.headers["x-call-id"]) == (202, first_id)
+    assert (refused_hook.status_code, refused_hook.json()["request_id"]) == (200, first_id)
+    assert (new_key.status_code, no_key.status_code) == (429, 422)
+    assert sum(waiting.values()) == 1
+
+
 @pytest.mark.parametrize("key", ["", "k" * 257])
 async def test_an_unusable_key_is_refused(stack: Stack, key: str) -> None:
     await stack.register("echo")

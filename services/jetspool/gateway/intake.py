@@ -235,7 +235,9 @@ class Intake:
         queue position needs it). A worker that receives the message before the record exists
         creates the same record itself from the message; either way exactly one is stored.
         """
-        await self._check_options(submission)
+        repeat = await self._admit(submission)
+        if repeat is not None:
+            return repeat
         now = utcnow()
         deadline = None if submission.start_timeout_s is None else now + timedelta(seconds=submission.start_timeout_s)
         key, function = submission.idempotency_key, submission.function
@@ -302,6 +304,28 @@ class Intake:
             waiting = sum((await self._positions.waiting(submission.function.name)).values())
             if waiting >= limit:
                 raise QueueFull(f"{waiting} requests of {submission.function.name!r} wait (max_queue_length {limit})")
+
+    async def _admit(self, submission: Submission) -> StatusRecord | None:
+        """Refuse the submit as its options say (`_check_options`), unless it repeats an earlier
+        submit's Idempotency-Key: then that request, which stands though a new one would be refused
+        now (SPEC §2: a repeat returns the first request's id). A client retrying after a lost
+        answer was told 429 by `max_queue_length`, its own request being the one that waited
+        (found by a dialect audit). None: go ahead."""
+        try:
+            await self._check_options(submission)
+        except (InvalidInput, QueueFull):
+            key = submission.idempotency_key
+            if key is None:
+                raise
+            try:
+                first = await self._keys.named(submission.function.name, key, submission.function.result_ttl)
+            except (NatsError, TimeoutError):
+                log.warning("could not look up an idempotency key; refusing the submit", exc_info=True)
+                first = None
+            if first is None:
+                raise
+            return first
+        return None
 
     async def _check_callback(self, url: str) -> None:
         """422 for a callback URL that may not be called (SPEC §6) or cannot be resolved."""

@@ -67,6 +67,16 @@ class IdempotencyKeys:
                 continue  # the record went stale and was removed: claim again
             return None
 
+    async def named(self, function: str, key: str, result_ttl_s: float) -> StatusRecord | None:
+        """The request `key` names, when it names one with a status record; claims nothing."""
+        entry = names.idempotency_key(function, key)
+        try:
+            held = await self._kv.get(entry)
+        except KeyNotFoundError:
+            return None
+        first = await self._first(entry, held, result_ttl_s)
+        return None if isinstance(first, str) else first
+
     async def release(self, function: str, key: str) -> None:
         """Give a key back after the message of the request it reserved was refused."""
         with contextlib.suppress(KeyNotFoundError):
