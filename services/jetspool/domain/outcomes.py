@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import orjson
 
@@ -21,7 +21,8 @@ _STATUS_BY_ERROR: dict[ErrorType, int] = {
     ErrorType.REQUEST_TIMEOUT: 504,
     ErrorType.CANCELLED: 400,
 }
-_CLIENTS_RETRY = 409
+_CLIENTS_RETRY: Final = frozenset({408, 409, 429})
+"""Codes clients retry: SPEC §2's 409, and fal-client's others (it retries 408, 409 and 429)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,14 +52,15 @@ def completed_answer(record: StatusRecord, result: StoredResult | None) -> Answe
 
 
 def result_answer(record: StatusRecord, result: StoredResult | None) -> Answer:
-    """What the result route answers: `completed_answer`, except that a function's own 409 goes
-    out as 400, with the function's code in `X-Function-Status` (its body and content type kept).
-    Clients retry a 409 (SPEC §2), and a completed request's answer never changes: a client
+    """What the result route answers: `completed_answer`, except that a function's own code that
+    clients retry (409, 408, 429) goes out as 400, with the function's code in `X-Function-Status`
+    (its body and content type kept). Clients retry a 409 (SPEC §2), fal-client a 408 and a 429 too
+    (for 55 s, found by a dialect audit), and a completed request's answer never changes: a client
     polling for it would never stop. Callbacks carry the function's code as it was."""
     answer = completed_answer(record, result)
-    if answer.status_code != _CLIENTS_RETRY:
+    if answer.status_code not in _CLIENTS_RETRY:
         return answer
-    headers = {**answer.headers, names.H_FUNCTION_STATUS: str(_CLIENTS_RETRY)}
+    headers = {**answer.headers, names.H_FUNCTION_STATUS: str(answer.status_code)}
     return replace(answer, status_code=400, headers=headers)
 
 
