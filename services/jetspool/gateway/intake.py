@@ -161,7 +161,8 @@ def _start_timeout(sent: dict[str, str]) -> float | None:
         except ValueError:
             seconds = 0.0
         if not 0 < seconds < _MAX_START_TIMEOUT_S:
-            raise InvalidInput(f"{header} must be a positive number of seconds; got {value!r}")
+            limit = f"{_MAX_START_TIMEOUT_S:.0f}"
+            raise InvalidInput(f"{header} must be a number of seconds above 0 and below {limit}; got {value!r}")
         return seconds
     return None
 
