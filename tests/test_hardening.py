@@ -111,3 +111,44 @@ async def test_hostile_names_and_ids_never_reach_nats(strict: Stack) -> None:
     key = await strict.client.post("/queue/echo", json={}, headers={"Idempotency-Key": "a.b.*.>"})
     assert key.status_code == 200, "any key text is safe: it is hashed before it names anything"
     assert isinstance(httpx.URL(key.json()["status_url"]).path, str)
+
+
+async def _raw_post(port: int, target: str) -> int:
+    """POST `target` exactly as written (an HTTP client would resolve its dot segments first)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(f"POST {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 2\r\n\r\n{{}}".encode())
+        await writer.drain()
+        async with asyncio.timeout(10):
+            status_line = await reader.readline()
+    finally:
+        writer.close()
+    return int(status_line.split()[1])
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/function/echo/../../admin",
+        "/async-function/echo/../admin",
+        "/queue/echo/a/../../admin",
+        "/fal/queue/submit/echo/..;/admin",
+        "/async-function/echo/%2e%2e/admin",
+        "/queue/echo/..%2F..%2Fadmin",
+        "/async-function/echo/..%5Cadmin",
+        "/async-function/echo/./admin",
+    ],
+)
+async def test_a_sub_path_that_would_leave_the_functions_url_is_refused(stack: Stack, target: str) -> None:
+    """A function registered at `/echo` is called under `/echo/` only: a `..` segment in a sub-path
+    reached `/admin` on the function's host, with the function's key and headers (found by a
+    security audit). Refused with 422 on every route, before anything is queued or called."""
+    await stack.register("echo")
+
+    status = await _raw_post(stack.gateway.port, target)
+    allowed = await _raw_post(stack.gateway.port, "/async-function/echo/v1.2/..data/.well")
+
+    assert status == 422
+    assert allowed == 202
+    await stack.functions.wait_for("/echo/v1.2/..data/.well")
+    assert [seen.path for seen in stack.functions.seen] == ["/echo/v1.2/..data/.well"]
