@@ -3,9 +3,11 @@ server that refuses the credentials stops start-up at once with a clear message 
 
 from __future__ import annotations
 
+import os
 import time
 from typing import TYPE_CHECKING
 
+import nkeys
 import pytest
 
 from jetspool.domain.errors import ConfigError
@@ -54,6 +56,25 @@ async def test_user_and_password(secured: EmbeddedNats) -> None:
 @pytest.mark.parametrize("secured", [_TOKEN], indirect=True)
 async def test_token(secured: EmbeddedNats) -> None:
     await _round_trip(secured, token="t0ken-value")
+
+
+async def test_an_nkey_seed(tmp_path: Path) -> None:
+    """`nats.nkey_seed` (a seed file) signs the server's challenge. nats-py needs the `nkeys`
+    package for it, which the project did not install: every component stopped with
+    ModuleNotFoundError (found by a security audit); `nats.credentials` uses it too."""
+    seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
+    seed_file = tmp_path / "user.nk"
+    seed_file.write_bytes(seed)
+    public = nkeys.from_seed(bytearray(seed)).public_key.decode()
+    users = f'authorization {{ users: [ {{ nkey: "{public}" }} ] }}\n'
+    server = EmbeddedNats(tmp_path / "nats", port=free_port(), extra_config=users)
+    server.start()
+    try:
+        await _round_trip(server, nkey_seed=str(seed_file))
+        with pytest.raises(ConfigError, match="refused our credentials"):
+            await connect(NatsSettings(url=server.url, connect_timeout=2.0), "no-seed")
+    finally:
+        server.stop()
 
 
 async def test_tls_with_a_private_ca(tmp_path: Path) -> None:
