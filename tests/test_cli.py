@@ -345,6 +345,20 @@ def test_a_gateway_config_error_found_at_start_up_exits_2_without_a_traceback() 
     assert "Traceback" not in proc.output
 
 
+def test_a_gateway_whose_tls_key_is_not_its_certificates_exits_2_naming_them(tmp_path: Path) -> None:
+    cert, _ = self_signed(tmp_path)
+    other = tmp_path / "other"
+    other.mkdir()
+    _, other_key = self_signed(other)
+    env = {"JETSPOOL_GATEWAY__TLS_CERT": str(cert), "JETSPOOL_GATEWAY__TLS_KEY": str(other_key)}
+    proc = JetspoolProcess(["gateway", "--nats-url", "nats://127.0.0.1:1", "--port", str(free_port())], env=env)
+    code = proc.wait(30)
+
+    assert code == 2
+    assert "gateway.tls_cert, gateway.tls_key: cannot use" in proc.output
+    assert "Traceback" not in proc.output
+
+
 def test_up_refuses_a_taken_port_before_starting_anything(tmp_path: Path) -> None:
     """Before, the readiness check took the other server's answer for ours and announced the stack."""
     with socket.socket() as taken:

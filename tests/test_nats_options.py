@@ -90,6 +90,34 @@ async def test_tls_with_a_private_ca(tmp_path: Path) -> None:
         server.stop()
 
 
+async def test_unusable_tls_files_are_a_config_error_naming_the_keys(tmp_path: Path) -> None:
+    """An absent CA file, or a key of another certificate: FileNotFoundError or ssl.SSLError with
+    a traceback and exit code 1 before (found by a security audit)."""
+    cert, _ = self_signed(tmp_path)
+    other = tmp_path / "other"
+    other.mkdir()
+    _, other_key = self_signed(other)
+    absent = str(tmp_path / "absent.pem")
+
+    with pytest.raises(ConfigError, match=r"^nats\.tls_ca: cannot use"):
+        await connect(NatsSettings(url="nats://127.0.0.1:1", tls_ca=absent), "bad-ca")
+    with pytest.raises(ConfigError, match=r"^nats\.tls_cert, nats\.tls_key: cannot use"):
+        await connect(NatsSettings(url="nats://127.0.0.1:1", tls_cert=str(cert), tls_key=str(other_key)), "bad-pair")
+
+
+def test_a_worker_with_an_absent_ca_file_exits_2_naming_it(tmp_path: Path) -> None:
+    env = {"JETSPOOL_NATS__TLS_CA": str(tmp_path / "absent.pem"), ACCEPT_SINGLE_REPLICA: "true"}
+    worker = JetspoolProcess(["worker", "--nats-url", "nats://127.0.0.1:1"], env=env)
+    try:
+        code = worker.wait(30)
+    finally:
+        worker.kill_tree()
+
+    assert code == 2
+    assert "nats.tls_ca: cannot use" in worker.output
+    assert "Traceback" not in worker.output
+
+
 @pytest.mark.parametrize("secured", [_USER], indirect=True)
 async def test_refused_credentials_stop_start_up_at_once(secured: EmbeddedNats) -> None:
     started = time.monotonic()

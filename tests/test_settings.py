@@ -477,6 +477,23 @@ def test_tls_file_that_cannot_be_read_is_refused_naming_the_key(pem_files: tuple
         check_tls_files(gateway)
 
 
+@pytest.mark.parametrize("wrong", ["another pair's key", "not PEM"])
+def test_tls_files_that_do_not_make_a_certificate_chain_are_refused_naming_the_keys(
+    pem_files: tuple[Path, Path], tmp_path: Path, wrong: str
+) -> None:
+    """Readable but unusable (a key of another certificate, a file that is no PEM): uvicorn's
+    failed start-up ended in a traceback and exit code 1 (found by a security audit)."""
+    cert, _ = pem_files
+    other = tmp_path / "other"
+    other.mkdir()
+    key = self_signed(other)[1] if wrong == "another pair's key" else cert.with_name("text.pem")
+    if wrong == "not PEM":
+        key.write_text("not a key\n", encoding="utf-8")
+    gateway = validate({"gateway": {"tls_cert": str(cert), "tls_key": str(key)}}).gateway
+    with pytest.raises(ConfigError, match=rf"^gateway\.tls_cert, gateway\.tls_key: cannot use {re.escape(str(cert))}"):
+        check_tls_files(gateway)
+
+
 def test_tls_files_from_the_environment_are_checked(pem_files: tuple[Path, Path]) -> None:
     cert, _ = pem_files
     with pytest.raises(ConfigError, match=r"gateway\.tls_key"):

@@ -17,6 +17,7 @@ import ipaddress
 import os
 import re
 import socket
+import ssl
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Final, get_args, get_origin
 from urllib.parse import urlsplit
@@ -265,6 +266,17 @@ def check_tls_files(gateway: GatewaySettings) -> None:
                 file.read(1)
         except OSError as exc:
             raise ConfigError(f"{key}: cannot read {path}: {exc.strerror or exc}") from exc
+    if gateway.tls_cert and gateway.tls_key:
+        load_cert_chain(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), gateway.tls_cert, gateway.tls_key, "gateway")
+
+
+def load_cert_chain(context: ssl.SSLContext, cert: str, key: str, section: str) -> None:
+    """Load `section`'s (gateway, nats) certificate and key into `context`; ConfigError naming the
+    keys when they do not go together or are not PEM (a traceback and exit code 1 before)."""
+    try:
+        context.load_cert_chain(cert, key)
+    except OSError as exc:  # ssl.SSLError too
+        raise ConfigError(f"{section}.tls_cert, {section}.tls_key: cannot use {cert} with {key} ({exc})") from exc
 
 
 def check_listen(gateway: GatewaySettings) -> None:

@@ -18,6 +18,7 @@ from nats.errors import Error as NatsError
 from jetspool.aio import stop_task
 from jetspool.domain.errors import ConfigError
 from jetspool.jetstream.ridethrough import ride_through
+from jetspool.settings import load_cert_chain
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
@@ -130,11 +131,14 @@ def connect_options(settings: NatsSettings, name: str) -> dict[str, Any]:
 
 
 def _tls_context(settings: NatsSettings) -> ssl.SSLContext:
-    context = ssl.create_default_context(cafile=settings.tls_ca)
+    try:
+        context = ssl.create_default_context(cafile=settings.tls_ca)
+    except OSError as exc:  # ssl.SSLError too
+        raise ConfigError(f"nats.tls_ca: cannot use {settings.tls_ca} ({exc})") from exc
     if settings.tls_cert:
         if not settings.tls_key:
             raise ConfigError("nats.tls_key: required with nats.tls_cert")
-        context.load_cert_chain(settings.tls_cert, settings.tls_key)
+        load_cert_chain(context, settings.tls_cert, settings.tls_key, "nats")
     return context
 
 
