@@ -359,6 +359,34 @@ def test_a_gateway_whose_tls_key_is_not_its_certificates_exits_2_naming_them(tmp
     assert "Traceback" not in proc.output
 
 
+def test_a_second_up_on_a_data_dir_in_use_is_refused_and_the_first_keeps_serving(up: Up, tmp_path: Path) -> None:
+    """It started a second nats-server on the same store: requests the first had acknowledged were
+    lost to the corruption (found by a CLI audit)."""
+    second = JetspoolProcess(["up", "--port", str(free_port()), "--data-dir", str(tmp_path / "data")], env=_FAST_STOP)
+    code = second.wait(60)
+
+    assert code == 2
+    assert f"data dir {(tmp_path / 'data').resolve()} is in use by another nats-server" in second.output
+    assert "jetspool is up" not in second.output
+    assert "Traceback" not in second.output
+    with httpx.Client(base_url=up.url) as client:
+        request_id = client.post("/queue/echo", json={"after": "refusal"}).json()["request_id"]
+        assert _wait_completed(client, "echo", request_id)["status"] == "COMPLETED"
+
+
+@pytest.mark.parametrize("kind", ["a file", "under /proc"])
+def test_a_data_dir_that_cannot_be_made_exits_2_naming_it(tmp_path: Path, kind: str) -> None:
+    data_dir = tmp_path / "taken.txt" if kind == "a file" else Path("/proc/no-such-process/data")
+    if kind == "a file":
+        data_dir.write_text("not a directory\n", encoding="utf-8")
+    proc = JetspoolProcess(["up", "--port", str(free_port()), "--data-dir", str(data_dir)], env=_FAST_STOP)
+    code = proc.wait(30)
+
+    assert code == 2
+    assert f"data dir {data_dir}: cannot create it" in proc.output
+    assert "Traceback" not in proc.output
+
+
 def test_up_refuses_a_taken_port_before_starting_anything(tmp_path: Path) -> None:
     """Before, the readiness check took the other server's answer for ours and announced the stack."""
     with socket.socket() as taken:

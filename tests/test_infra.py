@@ -17,8 +17,10 @@ import yaml
 
 from jetspool import cli, cluster
 from jetspool.domain import names
-from jetspool.embedded import server_binary
+from jetspool.domain.errors import ConfigError
+from jetspool.embedded import EmbeddedNats, server_binary
 from jetspool.settings import Settings, validate
+from tests.support.servers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 INFRA = ROOT / "infra"
@@ -218,3 +220,20 @@ def test_the_image_installs_jetspool_and_runs_it_unprivileged() -> None:
     assert by_kind["ENTRYPOINT"] == ['["jetspool"]']
     assert by_kind["EXPOSE"] == [str(Settings().gateway.port)]
     _cli_accepts(yaml.safe_load(by_kind["CMD"][-1]))
+
+
+def test_an_embedded_server_holds_its_data_dir_for_as_long_as_it_runs(tmp_path: Path) -> None:
+    """One server per store: a second is refused while the first runs, even once the first's
+    owner is gone (the lock lives with the server process), and starts once the first is killed."""
+    first = EmbeddedNats(tmp_path / "data", port=free_port())
+    second = EmbeddedNats(tmp_path / "data", port=free_port())
+    first.start()
+    try:
+        with pytest.raises(ConfigError, match="is in use by another nats-server"):
+            second.start()
+        first.kill()  # SIGKILL: no clean-up of ours runs
+        second.start()
+        assert second.url
+    finally:
+        first.stop()
+        second.stop()

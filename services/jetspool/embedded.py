@@ -7,6 +7,7 @@ loopback port (read back from the server's ports file) and fsyncs per `sync_inte
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -21,6 +22,7 @@ from jetspool.domain.errors import ConfigError
 
 _READY_TIMEOUT_S = 15.0
 _STOP_TIMEOUT_S = 15.0
+_LOCK_FILE = "nats-server.lock"
 
 
 def server_binary() -> Path:
@@ -71,7 +73,33 @@ class EmbeddedNats:
 
     def start(self) -> str:
         """Start the server and return its client URL once it accepts connections."""
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"data dir {self.data_dir}: cannot create it ({exc.strerror or exc})") from exc
+        lock = self._lock()
+        try:
+            return self._start(lock)
+        finally:
+            os.close(lock)  # the server's copy holds the lock from here
+
+    def _lock(self) -> int:
+        """An open file holding an exclusive lock on the data dir. The server is started with a
+        copy of it, so the lock lasts as long as the server, whatever becomes of this process: a
+        second `up` on a data dir in use started its own server on the same store, and requests
+        the first had acknowledged were lost to the corruption (found by a CLI audit)."""
+        fd = os.open(self.data_dir / _LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ConfigError(
+                f"data dir {self.data_dir} is in use by another nats-server (another `jetspool up`?); "
+                "give each its own --data-dir"
+            ) from None
+        return fd
+
+    def _start(self, lock: int) -> str:
         run_dir = self.data_dir / "run"
         run_dir.mkdir(exist_ok=True)
         for stale in run_dir.glob("*.ports"):
@@ -85,6 +113,7 @@ class EmbeddedNats:
             stderr=subprocess.STDOUT,
             preexec_fn=die_with_parent,  # noqa: PLW1509 - only sets the death signal
             start_new_session=True,  # Ctrl-C reaches the supervisor alone; it stops NATS last
+            pass_fds=(lock,),
         )
         log_file.close()
         self.url = self._wait_for_ports(run_dir)
