@@ -6,17 +6,21 @@ from __future__ import annotations
 import asyncio
 import os
 import pty
+import signal
 import sys
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import orjson
 
-from tests.support.servers import Reply, free_port
+from tests.support.servers import Reply, eventually_true, free_port
+from tests.support.stack import start_stack
 
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from jetspool.embedded import EmbeddedNats
     from tests.support.stack import Stack
 
 
@@ -147,3 +151,50 @@ async def test_submit_wait_shows_a_live_status_line_on_a_terminal(stack: Stack) 
     assert process.returncode == 0
     assert b"\r\x1b[2KIN_QUEUE \xc2\xb7 position 0" in seen, "the line is rewritten in place"
     assert b"\r\x1b[2KCOMPLETED" in seen
+
+
+async def test_submit_wait_gives_up_at_its_timeout_while_the_stream_keeps_alive(nats_server: EmbeddedNats) -> None:
+    """The status stream's keep-alive comments (here every 0.1 s, 15 s by default) restarted a
+    limit on each read: `--wait --timeout 20` gave up after 58 s, when the request moved (found by
+    a CLI audit). Now the deadline is the command's own."""
+    stack = await start_stack(nats_server, overrides={"gateway": {"sse_ping_interval": 0.1}})
+    try:
+        await stack.occupy("busy")
+        started = time.monotonic()
+        gave_up = await _jetspool(stack, "submit", "busy", "--data", "{}", "--wait", "--timeout", "1.5")
+        took = time.monotonic() - started
+        stack.functions.release("/busy", 2)
+    finally:
+        await stack.close()
+
+    assert gave_up.code == 4
+    assert "did not complete in time" in gave_up.err
+    assert took < 30, "it gave up at its deadline, not when the request moved"
+
+
+async def test_ctrl_c_on_a_waiting_command_is_not_success(stack: Stack) -> None:
+    """`submit --wait && next-step` went on to the next step: Ctrl-C exited 0 (found by a CLI audit).
+    It exits 4, as a command that gave up waiting."""
+    await stack.occupy("busy")
+    env = {**os.environ, "JETSPOOL_URL": stack.url, "JETSPOOL_CONFIG": ""}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "jetspool", "submit", "busy", "--data", "{}", "--wait",
+        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        await eventually_true(lambda: _waiting(stack), timeout_s=30)
+        process.send_signal(signal.SIGINT)
+        _, err = await asyncio.wait_for(process.communicate(), 30)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        stack.functions.release("/busy", 2)
+
+    assert process.returncode == 4
+    assert "interrupted" in err.decode()
+
+
+async def _waiting(stack: Stack) -> bool:
+    stats = (await stack.client.get("/system/functions/busy")).json()["stats"]
+    return bool(sum(stats["waiting"].values()) == 1)

@@ -18,8 +18,10 @@ names the URL and the HTTP status.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -45,7 +47,7 @@ from jetspool.domain.errors import ConfigError
 from jetspool.settings import load
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable
+    from collections.abc import Callable, Iterable, Iterator
 
     from jetspool.settings import Settings
 
@@ -153,8 +155,8 @@ def run_client_command(args: argparse.Namespace) -> int:
     except NotFound as exc:
         out.error(exc.detail)
         return EXIT_NOT_FOUND
-    except WaitTimeout as exc:
-        out.error(exc.detail)
+    except (WaitTimeout, KeyboardInterrupt) as exc:  # Ctrl-C too: `submit --wait && next` must not go on
+        out.error(exc.detail if isinstance(exc, WaitTimeout) else "interrupted; the request goes on")
         return EXIT_GAVE_UP
     except Unreachable as exc:
         out.error(exc.detail)
@@ -180,19 +182,39 @@ def _submit(client: Client, args: argparse.Namespace, out: Output) -> int:
 def _follow(handle: Handle, out: Output, deadline: float | None) -> None:
     """Show the request's progress until it completes (or the deadline passes: WaitTimeout)."""
     progress = Progress(sys.stderr, time.monotonic())
-    timeout = None if deadline is None else max(0.01, deadline - time.monotonic())
     try:
-        for status in handle.iter_events(timeout=timeout):
-            progress.show(status)
-            if status.completed:
-                return
-            if deadline is not None and time.monotonic() >= deadline:
-                break
+        with _until(deadline):
+            for status in handle.iter_events():
+                progress.show(status)
+                if status.completed:
+                    return
     except WaitTimeout:
         pass
     finally:
         progress.done()
     raise WaitTimeout(f"request {handle.request_id} did not complete in time; it goes on")
+
+
+@contextlib.contextmanager
+def _until(deadline: float | None) -> Iterator[None]:
+    """WaitTimeout raised wherever the command is at `deadline` (a SIGALRM; the CLI runs in the
+    main thread). A limit on each read of the status stream did not do: the gateway's keep-alive
+    every 15 s restarted it, and a stream resumed after a pause, so `--wait --timeout 20` gave up
+    after 58 s (found by a CLI audit)."""
+    if deadline is None:
+        yield
+        return
+
+    def expired(_signum: int, _frame: object) -> None:
+        raise WaitTimeout("the deadline passed")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, max(0.001, deadline - time.monotonic()))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def _status(client: Client, args: argparse.Namespace, out: Output) -> int:
