@@ -782,3 +782,11 @@ def test_every_config_file_in_the_docs_is_one_every_command_starts_with(doc: str
         settings = validate(config)
         check_durability(settings)
         assert settings.nats.servers, "each names the NATS it runs on"
+
+
+@pytest.mark.parametrize("port", ["0", "65536"])
+def test_a_gateway_port_outside_1_to_65535_is_refused_naming_the_key(port: str) -> None:
+    """Port 0 was taken: `up` then waited 60 s for a gateway at :0, and a gateway handed out
+    URLs with :0 in them (found by a CLI audit)."""
+    with pytest.raises(ConfigError, match=r"gateway\.port"):
+        load(None, env={"JETSPOOL_GATEWAY__PORT": port})

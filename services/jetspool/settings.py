@@ -35,7 +35,8 @@ if TYPE_CHECKING:
 
 ENV_PREFIX: Final = "JETSPOOL_"
 _Positive = Annotated[float, msgspec.Meta(gt=0)]
-_Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+_Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
+"""Port 0 (any free one) is refused: the URLs handed to clients, and `up`'s readiness check, name the port."""
 _SYNC_INTERVAL = re.compile(r"^(always|\d+(ms|s|m|h))$")
 
 
