@@ -4,6 +4,7 @@ receiver recovers, Standard Webhooks signatures, the address policy, redelivery.
 from __future__ import annotations
 
 import base64
+import logging
 import os
 import uuid
 from typing import TYPE_CHECKING, Any
@@ -17,7 +18,7 @@ from jetspool.callbacks.addresses import AddressPolicy, RefusedAddress
 from jetspool.domain import names
 from jetspool.domain.messages import CallbackJob, encode
 from jetspool.jetstream.results import RECORD_INLINE_BYTES
-from tests.support.servers import AsgiServer, RecordingApp, Reply, eventually_true, free_port
+from tests.support.servers import AsgiServer, RecordingApp, Reply, eventually, eventually_true, free_port
 from tests.support.stack import start_stack
 
 if TYPE_CHECKING:
@@ -326,14 +327,25 @@ async def test_delivery_connects_to_the_checked_address_keeping_the_host(nats_se
     assert seen.header("host") == f"receiver.test:{port}"
 
 
-async def test_credentials_in_the_callback_url_go_in_an_authorization_header(stack: Stack) -> None:
+async def test_credentials_in_the_callback_url_go_in_an_authorization_header(
+    stack: Stack, caplog: pytest.LogCaptureFixture
+) -> None:
+    """And neither they nor the URL's query (a token) are written to the log, which showed the URL
+    as given (found by a security audit)."""
     await stack.register("echo")
     port = stack.receiver_server.port
-    await stack.submit("echo", headers={"X-Callback-Url": f"http://us%C3%A9r:p%3Ass@127.0.0.1:{port}/hook"})
-    [seen] = await stack.receiver.wait_for("/hook")
+    url = f"http://us%C3%A9r:p%3Ass@127.0.0.1:{port}/hook?token=QSECRET"
+    with caplog.at_level(logging.INFO, logger="jetspool.callbacks"):
+        await stack.submit("echo", headers={"X-Callback-Url": url})
+        [seen] = await stack.receiver.wait_for("/hook")
+        await eventually(lambda: "delivered to" in caplog.text)
 
     assert seen.header("authorization") == "Basic " + base64.b64encode("usér:p:ss".encode()).decode()
     assert seen.header("host") == f"127.0.0.1:{port}"
+    assert seen.query == "token=QSECRET"
+    assert f"delivered to http://127.0.0.1:{port}/hook" in caplog.text
+    assert "p%3Ass" not in caplog.text
+    assert "QSECRET" not in caplog.text
 
 
 async def test_a_callback_has_no_content_type_the_function_did_not_give(stack: Stack) -> None:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Final
 import httpx
 
 from jetspool.domain.errors import InvalidInput
+from jetspool.domain.functions import shown
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -104,9 +105,10 @@ class AddressPolicy:
         except httpx.InvalidURL as exc:
             raise RefusedAddress(f"callback URL {url!r} is not a valid URL: {exc}") from exc
         if parsed.scheme not in {"http", "https"} or not parsed.host:
-            raise RefusedAddress(f"callback URL {url!r} must be an absolute http:// or https:// URL")
+            raise RefusedAddress(f"callback URL {shown(url)!r} must be an absolute http:// or https:// URL")
         if parsed.port is not None and not 0 < parsed.port < _PORTS:
-            raise RefusedAddress(f"callback URL {url!r} has port {parsed.port}: ports run from 1 to {_PORTS - 1}")
+            port = f"has port {parsed.port}: ports run from 1 to {_PORTS - 1}"
+            raise RefusedAddress(f"callback URL {shown(url)!r} {port}")
         addresses = await self._addresses(parsed)
         for address in addresses:
             self._check(url, address)
@@ -129,15 +131,17 @@ class AddressPolicy:
 
     def _check(self, url: str, address: IPAddress) -> None:
         for checked in (address, *_embedded(address)):
-            shown = str(address) if checked is address else f"{address} ({checked})"
+            found = f"callback URL {shown(url)!r} resolves to " + (
+                str(address) if checked is address else f"{address} ({checked})"
+            )
             if checked in _METADATA or checked.is_link_local:
-                raise RefusedAddress(f"callback URL {url!r} resolves to {shown}, a link-local or metadata address")
+                raise RefusedAddress(f"{found}, a link-local or metadata address")
             if checked.is_unspecified or checked.is_multicast:
-                raise RefusedAddress(f"callback URL {url!r} resolves to {shown}, which cannot receive a callback")
+                raise RefusedAddress(f"{found}, which cannot receive a callback")
             if self._deny_private and (not checked.is_global or checked in _PROTOCOL_ASSIGNMENTS):
                 raise RefusedAddress(
-                    f"callback URL {url!r} resolves to {shown}, a loopback, private or otherwise non-public "
-                    "address (refused: callbacks.deny_private is set)"
+                    f"{found}, a loopback, private or otherwise non-public address "
+                    "(refused: callbacks.deny_private is set)"
                 )
 
 

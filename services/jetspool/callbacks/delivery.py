@@ -27,6 +27,7 @@ from jetspool.callbacks.payloads import build
 from jetspool.callbacks.signing import Signer
 from jetspool.domain import names
 from jetspool.domain.errors import DecodeError
+from jetspool.domain.functions import shown
 from jetspool.domain.messages import CallbackJob, decode
 from jetspool.domain.status import utcnow
 from jetspool.jetstream.pulling import ConnectionGone, fetch, stop_pulling
@@ -158,7 +159,7 @@ class CallbackDelivery:
             await self._note(current, job, "failed", None)
             return TERM
         except OSError as exc:
-            return await self._failed(current, job, attempt, reason=f"cannot resolve {job.url}: {exc}")
+            return await self._failed(current, job, attempt, reason=f"cannot resolve {shown(job.url)}: {exc}")
         try:
             response = await self._post(destination, job, current.record)
         except Exception as exc:  # e.g. a stored result that cannot be read: a failed attempt, counted
@@ -167,7 +168,7 @@ class CallbackDelivery:
         if isinstance(response, str):
             return await self._failed(current, job, attempt, reason=response)
         if 200 <= response.status_code < 300:  # noqa: PLR2004
-            log.info("callback for %s delivered to %s", job.request_id, job.url)
+            log.info("callback for %s delivered to %s", job.request_id, shown(job.url))
             await self._note(current, job, "delivered", response.status_code)
             return ACK
         return await self._failed(
@@ -196,7 +197,9 @@ class CallbackDelivery:
         target = next((t for t in current.record.callbacks if (t.kind, t.url) == (job.kind, job.url)), None)
         if target is not None and target.state != "pending":
             # A job redelivered because its ack was lost: what the status recorded stands.
-            log.info("callback for %s to %s is %s already; not sent again", job.request_id, job.url, target.state)
+            log.info(
+                "callback for %s to %s is %s already; not sent again", job.request_id, shown(job.url), target.state
+            )
             return ACK
         return job, current
 
@@ -239,7 +242,9 @@ class CallbackDelivery:
         retry_after: float | None = None,
     ) -> Settle:
         if attempt >= self._settings.max_attempts:
-            log.error("callback for %s to %s failed %d times, giving up: %s", job.request_id, job.url, attempt, reason)
+            log.error(
+                "callback for %s to %s failed %d times, giving up: %s", job.request_id, shown(job.url), attempt, reason
+            )
             await self._note(current, job, "failed", last_status)
             return TERM
         delay = backoff_s(attempt, self._backoff, retry_after, self._rng)
