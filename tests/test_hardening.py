@@ -9,13 +9,14 @@ from typing import TYPE_CHECKING
 import httpx
 import pytest
 
-from tests.support.servers import eventually_true
+from jetspool.embedded import EmbeddedNats
+from tests.support.servers import eventually_true, free_port
 from tests.support.stack import start_stack
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
+    from pathlib import Path
 
-    from jetspool.embedded import EmbeddedNats
     from tests.support.stack import Stack
 
 
@@ -152,3 +153,32 @@ async def test_a_sub_path_that_would_leave_the_functions_url_is_refused(stack: S
     assert allowed == 202
     await stack.functions.wait_for("/echo/v1.2/..data/.well")
     assert [seen.path for seen in stack.functions.seen] == ["/echo/v1.2/..data/.well"]
+
+
+async def test_headers_too_large_for_a_queue_message_get_431_and_an_inline_body_beside_them_fits(
+    tmp_path: Path,
+) -> None:
+    """NATS's max_payload (64 KiB here) holds a message's headers, query and URLs as well as its
+    body: a request with large headers beside an inline body was refused by NATS, and the client
+    told 503, as if to try again (found by a security audit). Headers beyond a quarter of it get
+    431 and nothing is queued; within it, beside the largest inline body, the request runs."""
+    server = EmbeddedNats(tmp_path / "nats", port=free_port(), extra_config="max_payload: 65536\n")
+    server.start()
+    stack = await start_stack(server)
+    try:
+        await stack.register("echo")
+        body = bytes(range(256)) * 128  # 32 KiB: the largest body kept inline
+        refused = await stack.client.post("/queue/echo", content=body, headers={"X-Pad": "a" * 21_000})
+        waiting = (await stack.client.get("/system/functions/echo")).json()["stats"]["waiting"]
+        accepted = await stack.client.post("/queue/echo", content=body, headers={"X-Pad": "b" * 16_000})
+        final = await stack.wait_for_status("echo", accepted.json()["request_id"])
+    finally:
+        await stack.close()
+        server.stop()
+
+    assert refused.status_code == 431
+    assert "at most 16384 are queued" in refused.json()["detail"]
+    assert sum(waiting.values()) == 0
+    assert (accepted.status_code, final["status"], "error_type" in final) == (200, "COMPLETED", False)
+    [seen] = stack.functions.on("/echo")
+    assert (seen.body, seen.header("x-pad")) == (body, "b" * 16_000)

@@ -66,6 +66,10 @@ class PayloadTooLarge(RequestError):
     status_code = 413
 
 
+class HeadersTooLarge(RequestError):
+    status_code = 431
+
+
 class QueueFull(RequestError):
     status_code = 429
 

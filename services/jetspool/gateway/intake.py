@@ -23,7 +23,7 @@ from opentelemetry.trace import SpanKind
 
 from jetspool import logfmt, tracing
 from jetspool.domain import ids, names
-from jetspool.domain.errors import InvalidInput, NotFound, QueueFull, Unavailable
+from jetspool.domain.errors import HeadersTooLarge, InvalidInput, NotFound, QueueFull, Unavailable
 from jetspool.domain.functions import Function, forwardable, is_valid_name
 from jetspool.domain.messages import DeadlineJob, QueuedRequest
 from jetspool.domain.status import StatusRecord, utcnow
@@ -91,6 +91,24 @@ def parse_request_id(request_id: str) -> str:
         return str(uuid.UUID(request_id))
     except ValueError as exc:
         raise InvalidInput(f"malformed request id {request_id!r}: expected a UUID") from exc
+
+
+def _check_envelope(submission: Submission, limit: int) -> None:
+    """431 for a request whose headers, query, path and callback URLs are too large for a queue
+    message even with its body stored out of line. They went unchecked: a request with large
+    headers beside an inline body was refused by NATS, and the client told 503, as if to try again
+    (found by a security audit)."""
+    texts = [submission.path, submission.query, submission.callback_url or "", submission.webhook_url or ""]
+    size = sum(len(text.encode()) for text in texts)
+    size += sum(len(key.encode()) + len(value.encode()) + _HEADER_JSON_BYTES for key, value in submission.headers)
+    if size > limit:
+        raise HeadersTooLarge(
+            f"the request's headers, query, path and callback URLs take {size} bytes; at most {limit} are queued"
+        )
+
+
+_HEADER_JSON_BYTES: Final = 8
+"""A header's JSON beside its name and value: `["", ""],`."""
 
 
 def sub_path(path: str) -> str:
@@ -248,6 +266,7 @@ class Intake:
         queue position needs it). A worker that receives the message before the record exists
         creates the same record itself from the message; either way exactly one is stored.
         """
+        _check_envelope(submission, self._queue.envelope_limit)
         repeat = await self._admit(submission)
         if repeat is not None:
             return repeat

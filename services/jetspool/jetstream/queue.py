@@ -47,6 +47,13 @@ class RequestQueue:
         ack = await ride_through(partial(self._conn.js.publish, subject, payload, headers=headers), "enqueue")
         return int(ack.seq)
 
+    @property
+    def envelope_limit(self) -> int:
+        """Most bytes a queue message may hold beside the body (headers, query, path, callback URLs):
+        a quarter of NATS's max_payload. An inline body takes up to half of it, two thirds once
+        base64-encoded, so a request within both limits fits in one message."""
+        return int(self._conn.nc.max_payload) // 4
+
     def fits(self, body: bytes) -> bool:
         """Whether `body` travels inside the queue message (else in the object store)."""
         return len(body) <= self._conn.inline_limit
