@@ -117,8 +117,15 @@ class AuthSettings(_Section, frozen=True, kw_only=True):
     """Requests a key may make at once before the rate applies; default twice the rate."""
 
     def __post_init__(self) -> None:
-        if any(not key.strip() or key != key.strip() for key in [*self.api_keys, *self.admin_keys]):
-            raise ValueError("API keys must be non-empty, without surrounding spaces")
+        if not all(_is_sendable_key(key) for key in [*self.api_keys, *self.admin_keys]):
+            raise ValueError("API keys must be non-empty printable ASCII, without surrounding spaces")
+
+
+def _is_sendable_key(key: str) -> bool:
+    """Whether a client can send `key` in an Authorization header and have it match. A key with a
+    letter beyond ASCII never matched: headers arrive as bytes, read as latin-1, while the key was
+    hashed as UTF-8 (found by a security audit); clients disagree on how to encode one anyway."""
+    return key == key.strip() and key.isascii() and key.isprintable() and bool(key)
 
 
 class WorkerSettings(_Section, frozen=True, kw_only=True):
