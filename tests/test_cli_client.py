@@ -69,13 +69,17 @@ async def test_submit_status_result_and_cancel(stack: Stack) -> None:
 
 async def test_exit_codes_scripts_can_rely_on(stack: Stack) -> None:
     await stack.register("echo")
-    stack.functions.script("/echo", [Reply(500, b"boom")])
+    stack.functions.script("/echo", [Reply(500, b"boom"), Reply(422, b'{"error": "bad prompt"}')])
     await stack.occupy("busy")
 
     failed = await _jetspool(stack, "submit", "echo", "--data", "{}", "--wait", "--json")
     failed_id = orjson.loads(failed.out)["request_id"]
     failed_status = await _jetspool(stack, "status", "echo", failed_id)
     failed_watched = await _jetspool(stack, "status", "echo", failed_id, "--watch")
+    failed_result = await _jetspool(stack, "result", "echo", failed_id)
+    refused = await _jetspool(stack, "submit", "echo", "--data", "{}", "--wait")
+    refused_id = refused.err.split("request ")[1].split()[0]
+    refused_json = await _jetspool(stack, "result", "echo", refused_id, "--json")
     unknown = await _jetspool(stack, "submit", "nope", "--wait")
     gave_up = await _jetspool(stack, "submit", "busy", "--data", "{}", "--wait", "--timeout", "0.5")
     waiting_id = gave_up.err.split("request ")[1].split()[0]
@@ -90,6 +94,17 @@ async def test_exit_codes_scripts_can_rely_on(stack: Stack) -> None:
     assert orjson.loads(failed.out)["error_type"] == "function_error"
     assert (failed_status.code, failed_watched.code) == (1, 1), "status shows it completed with an error"
     assert "function_error" in failed_status.out
+    assert (failed_result.code, failed_result.out) == (1, "boom\n"), "the function's answer is shown"
+    assert "failed (function_error): the function answered 500" in failed_result.err
+    assert (refused.code, refused.out) == (1, '{"error": "bad prompt"}\n')
+    assert "failed (function_error): the function answered 422" in refused.err
+    assert orjson.loads(refused_json.out) == {
+        "request_id": refused_id,
+        "error_type": "function_error",
+        "detail": "the function answered 422",
+        "status_code": 422,
+        "result": {"error": "bad prompt"},
+    }
     assert unknown.code == 3
     assert "nope" in unknown.err
     assert gave_up.code == 4

@@ -387,11 +387,11 @@ def _result(response: httpx.Response, request_id: str) -> Result | None:
     result = Result(status, response.headers.get("content-type"), response.content)
     if error_type is not None:
         failure = _FAILURES.get(error_type, RequestFailed)
-        try:
-            detail = str(response.json().get("detail") or error_type)
-        except (ValueError, AttributeError):
-            detail = f"the function answered {status}"
-        raise failure(detail, status, request_id, result if error_type == "function_error" else None)
+        body = _parsed(response.content)
+        detail = body.get("detail") if isinstance(body, dict) else None
+        if not detail:  # a function's own JSON error often has no "detail": "function_error" said nothing
+            detail = f"the function answered {status}" if error_type == "function_error" else error_type
+        raise failure(str(detail), status, request_id, result if error_type == "function_error" else None)
     if response.status_code == 400 and response.headers.get("content-type", "").startswith("application/json"):  # noqa: PLR2004
         body = _parsed(response.content)
         if isinstance(body, dict) and body.get("status") in {"IN_QUEUE", "IN_PROGRESS"}:

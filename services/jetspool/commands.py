@@ -338,6 +338,14 @@ class Progress:
             self._stream.flush()
 
 
+def _shown_body(result: Result) -> Any:
+    """A result's body for --json: its JSON value, else its text."""
+    try:
+        return result.json()
+    except ValueError:
+        return result.text
+
+
 class Output:
     def __init__(self, as_json: bool) -> None:
         self._json = as_json
@@ -347,23 +355,29 @@ class Output:
 
     def result(self, request_id: str, result: Result) -> None:
         if self._json:
-            try:
-                output: Any = result.json()
-            except ValueError:
-                output = result.text
-            self.value({"request_id": request_id, "status_code": result.status_code, "result": output}, "")
+            self.value({"request_id": request_id, "status_code": result.status_code, "result": _shown_body(result)}, "")
             return
-        sys.stdout.buffer.write(result.body)
-        if not result.body.endswith(b"\n"):
+        self._write_body(result.body)
+
+    @staticmethod
+    def _write_body(body: bytes) -> None:
+        sys.stdout.buffer.write(body)
+        if not body.endswith(b"\n"):
             sys.stdout.buffer.write(b"\n")
         sys.stdout.flush()
 
     def failed(self, exc: RequestFailed) -> None:
-        data = {"request_id": exc.request_id, "error_type": exc.error_type, "detail": exc.detail}
+        """The failure; for a `function_error`, the function's own answer too (its body on stdout),
+        which is what its caller needs to see."""
+        data: dict[str, Any] = {"request_id": exc.request_id, "error_type": exc.error_type, "detail": exc.detail}
         if self._json:
+            if exc.result is not None:
+                data |= {"status_code": exc.result.status_code, "result": _shown_body(exc.result)}
             self.value(data, "")
-        else:
-            sys.stderr.write(f"jetspool: request {exc.request_id} failed ({exc.error_type}): {exc.detail}\n")
+            return
+        sys.stderr.write(f"jetspool: request {exc.request_id} failed ({exc.error_type}): {exc.detail}\n")
+        if exc.result is not None and exc.result.body:
+            self._write_body(exc.result.body)
 
     def error(self, detail: str) -> None:
         if self._json:
