@@ -40,7 +40,9 @@ async def test_sync_submit_status_events_result_and_run(stack: Stack) -> None:
 
     def drive() -> Driven:
         with Client(stack.url) as client:
-            handle = client.submit("echo", json={"n": 1}, path="sub", priority="high", idempotency_key="k1")
+            handle = client.submit(
+                "echo", json={"n": 1}, path="sub dir?q=1&q=2&e=", priority="high", idempotency_key="k1"
+            )
             events = [s.status for s in handle.iter_events()]
             return Driven(
                 handle=handle,
@@ -59,8 +61,9 @@ async def test_sync_submit_status_events_result_and_run(stack: Stack) -> None:
     assert driven.status.logs is not None
     assert driven.again.request_id == driven.handle.request_id, "the idempotency key held"
     assert (driven.ran.text, driven.ran.content_type) == ("plain", "text/plain")
-    [seen] = stack.functions.on("/echo/sub")
+    [seen] = stack.functions.on("/echo/sub dir")
     assert seen.header("x-call-id") == driven.handle.request_id
+    assert seen.query == "q=1&q=2&e=", "a query in the path goes to the function"
 
 
 @dataclass

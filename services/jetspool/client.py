@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
@@ -177,7 +178,7 @@ class Submission:
     path: str
     content: bytes
     headers: dict[str, str]
-    params: dict[str, str]
+    params: list[tuple[str, str]]
 
 
 def submission(
@@ -208,8 +209,14 @@ def submission(
         "Idempotency-Key": idempotency_key,
     }
     sent |= {key: value for key, value in options.items() if value is not None}
+    # A query in `path` goes to the function with the sub-path; passed in the URL it was dropped,
+    # since httpx replaces a URL's query with `params` (found by a CLI audit).
+    path, _, query = path.partition("?")
+    params = urllib.parse.parse_qsl(query, keep_blank_values=True)
+    if webhook_url:
+        params.append(("fal_webhook", webhook_url))
     route = f"/queue/{name}" + (f"/{path.lstrip('/')}" if path else "")
-    return Submission(route, body, sent, {"fal_webhook": webhook_url} if webhook_url else {})
+    return Submission(route, body, sent, params)
 
 
 def _auth(api_key: str | None) -> dict[str, str]:

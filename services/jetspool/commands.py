@@ -65,7 +65,7 @@ def add_client_commands(commands: Any) -> None:
     submit = commands.add_parser("submit", help="queue a request (with --wait: follow it and print the result)")
     submit.add_argument("name")
     submit.add_argument("--data", help="the body: JSON text, or @FILE to send a file as it is")
-    submit.add_argument("--path", default="", help="sub-path below the function's URL")
+    submit.add_argument("--path", default="", help="sub-path below the function's URL, query too: /v1/run?mode=fast")
     submit.add_argument("--priority", choices=["high", "normal", "low"])
     submit.add_argument("--wait", action="store_true", help="follow the request and print its result")
     submit.add_argument(
