@@ -161,13 +161,27 @@ async def test_function_route_refuses_unknown_or_invalid_names(stack: Stack, pat
     assert (await stack.client.get(path)).status_code == status
 
 
-async def test_function_route_answers_502_when_the_function_is_down(stack: Stack) -> None:
+async def test_function_route_answers_502_when_the_function_is_down_and_504_when_it_is_late(stack: Stack) -> None:
+    """Both carry the call's id, as an answer from the function does: it is what the logs know the
+    call by (they had none)."""
     await stack.client.post("/system/functions", json={"name": "down", "url": "http://127.0.0.1:9"})
+    await stack.register("late", timeout=0.3)
+    stack.functions.script("/late", [Reply(delay_s=1.5)])
+    given = str(uuid.uuid4())
 
-    response = await stack.client.get("/function/down")
+    down = await stack.client.get("/function/down", headers={"X-Call-Id": given})
+    late = await stack.client.post("/function/late", content=b"x")
 
-    assert response.status_code == 502
-    assert response.json()["detail"]
+    assert (down.status_code, late.status_code) == (502, 504)
+    assert "cannot reach function 'down'" in down.json()["detail"]
+    assert (late.json()["detail"], late.json()["error_type"]) == (
+        "function 'late' did not answer within 0.3 s",
+        "function_timeout",
+    )
+    assert (down.headers["x-call-id"], down.headers["x-request-id"]) == (given, given)
+    [seen] = stack.functions.on("/late")
+    assert late.headers["x-call-id"] == late.headers["x-request-id"] == seen.header("x-call-id")
+    assert int(late.headers["x-start-time"]) > 0
 
 
 @pytest.mark.parametrize(

@@ -41,9 +41,11 @@ class RequestError(JetspoolError):
     status_code: ClassVar[int] = 400
     error_type: ClassVar[str | None] = None
 
-    def __init__(self, detail: str) -> None:
+    def __init__(self, detail: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(detail)
         self.detail = detail
+        self.headers = headers or {}
+        """Headers the error's answer carries besides the gateway's own."""
 
 
 class InvalidInput(RequestError):

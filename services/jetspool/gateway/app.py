@@ -224,13 +224,15 @@ def _error(
     detail: str,
     status_code: int,
     error_type: str | None = None,
+    *,
     extra: Any = None,
     request: Request[Any, Any, Any] | None = None,
+    headers: dict[str, str] | None = None,
 ) -> Response[dict[str, Any]]:
     body: dict[str, Any] = {"detail": detail}
     if extra:
         body["extra"] = extra
-    headers = {}
+    headers = dict(headers or {})
     request_id = None if request is None else _request_id(request)
     if request_id is not None:  # every response about a request, an error included (SPEC §2)
         headers[names.H_REQUEST_ID] = request_id
@@ -253,7 +255,7 @@ def _request_id(request: Request[Any, Any, Any]) -> str | None:
 
 
 def _request_error(request: Request[Any, Any, Any], exc: RequestError) -> Response[dict[str, Any]]:
-    return _error(exc.detail, exc.status_code, exc.error_type, request=request)
+    return _error(exc.detail, exc.status_code, exc.error_type, request=request, headers=exc.headers)
 
 
 def _nats_error(request: Request[Any, Any, Any], exc: NatsError) -> Response[dict[str, Any]]:

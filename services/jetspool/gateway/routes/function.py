@@ -91,10 +91,10 @@ async def _call(request: Request[Any, Any, Any], gateway: Gateway, name: str, pa
             headers=[*forwardable(headers, _NOT_FORWARDED), *call.items(), *function.headers.items()],
             timeout=function.timeout,
         )
-    except httpx.TimeoutException as exc:
-        raise GatewayTimeout(f"function {name!r} did not answer within {function.timeout:g} s") from exc
+    except httpx.TimeoutException as exc:  # the call's headers too: its X-Call-Id is what the logs know it by
+        raise GatewayTimeout(f"function {name!r} did not answer within {function.timeout:g} s", call) from exc
     except httpx.TransportError as exc:
-        raise BadGateway(f"cannot reach function {name!r}: {exc.__class__.__name__}") from exc
+        raise BadGateway(f"cannot reach function {name!r}: {exc.__class__.__name__}", call) from exc
     relayed = dict(forwardable(list(answer.headers.items()), _NOT_RELAYED))
     relayed |= call | {names.H_DURATION_SECONDS: f"{time.monotonic() - started:.6f}"}
     if request.method == HttpMethod.HEAD and "content-length" in answer.headers:
