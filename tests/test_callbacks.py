@@ -330,15 +330,19 @@ async def test_delivery_connects_to_the_checked_address_keeping_the_host(nats_se
 async def test_credentials_in_the_callback_url_go_in_an_authorization_header(
     stack: Stack, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """And neither they nor the URL's query (a token) are written to the log, which showed the URL
-    as given (found by a security audit)."""
+    """And neither they nor the URL's query (a token) are written to the log, or shown in the status
+    object (its events and the dashboard show it too), which showed the URL as given (found by a
+    security audit)."""
     await stack.register("echo")
     port = stack.receiver_server.port
     url = f"http://us%C3%A9r:p%3Ass@127.0.0.1:{port}/hook?token=QSECRET"
     with caplog.at_level(logging.INFO, logger="jetspool.callbacks"):
-        await stack.submit("echo", headers={"X-Callback-Url": url})
+        request_id = await stack.submit("echo", headers={"X-Callback-Url": url})
         [seen] = await stack.receiver.wait_for("/hook")
         await eventually(lambda: "delivered to" in caplog.text)
+    target = await _wait_for_callback_state(stack, "echo", request_id, "delivered")
+
+    assert target["url"] == f"http://***@127.0.0.1:{port}/hook?token=***"
 
     assert seen.header("authorization") == "Basic " + base64.b64encode("usér:p:ss".encode()).decode()
     assert seen.header("host") == f"127.0.0.1:{port}"

@@ -122,6 +122,21 @@ def shown(url: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
 
 
+def masked(url: str) -> str:
+    """`url` as the status object shows it to every reader and event subscriber: its user info and
+    query values masked, its query names kept (which callback a caller gave stays plain to see).
+    The status showed a callback URL's `user:password@` and `?token=` as given (found by a security
+    audit)."""
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")
+    netloc = f"{_MASK}@{host[2]}" if host[1] else host[2]
+    query = "&".join(f"{item.partition('=')[0]}={_MASK}" if item else "" for item in parts.query.split("&"))
+    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+
+
+_MASK: Final = "***"
+
+
 def decode_function(data: bytes) -> Function:
     """Decode a registry entry; raises DecodeError."""
     try:

@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from jetspool.domain.functions import masked
 from jetspool.domain.messages import CallbackKind, QueuedRequest, StoredResult, WireMessage, decode, encode
 from jetspool.domain.names import Priority
 
@@ -61,7 +62,7 @@ class CallbackTarget(msgspec.Struct, frozen=True, kw_only=True):
 
     def view(self) -> dict[str, Any]:
         return {
-            "url": self.url,
+            "url": masked(self.url),
             "kind": self.kind,
             "state": self.state,
             "attempts": self.attempts,
