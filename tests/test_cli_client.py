@@ -87,7 +87,9 @@ async def test_exit_codes_scripts_can_rely_on(stack: Stack) -> None:
     cancelled_result = await _jetspool(stack, "result", "busy", waiting_id)
     bad_data = await _jetspool(stack, "submit", "echo", "--data", "not json")
     bad_usage = await _jetspool(stack, "submit")
-    unreachable = await _jetspool(stack, "submit", "echo", url=f"http://127.0.0.1:{free_port()}")
+    unreachable_url = f"http://127.0.0.1:{free_port()}"
+    unreachable = await _jetspool(stack, "submit", "echo", url=unreachable_url)
+    unreachable_watch = await _jetspool(stack, "status", "echo", failed_id, "--watch", url=unreachable_url)
     stack.functions.release("/busy")
 
     assert failed.code == 1
@@ -114,6 +116,8 @@ async def test_exit_codes_scripts_can_rely_on(stack: Stack) -> None:
     assert (bad_data.code, bad_usage.code) == (2, 2)
     assert unreachable.code == 5
     assert "cannot reach the gateway" in unreachable.err
+    assert unreachable_watch.code == 5
+    assert "cannot reach the gateway" in unreachable_watch.err, "at once, not after resume pauses (16 s)"
 
 
 async def test_functions_list_deploy_and_rm(stack: Stack, tmp_path: Path) -> None:
