@@ -450,6 +450,26 @@ async def test_a_stopping_worker_hands_back_what_outlasts_its_grace(restarted: s
     assert [s.header("x-attempt") for s in stack.functions.on("/echo")] == ["1", "2"]
 
 
+async def test_a_call_handed_back_shows_waiting_until_another_worker_takes_it(nats_server: EmbeddedNats) -> None:
+    """It showed IN_PROGRESS, for good should no worker come (found by an audit)."""
+    stack = await start_stack(nats_server, overrides={"worker": {"shutdown_grace": 0.5, "ack_wait": 60.0}})
+    try:
+        request_id = await stack.held_call("echo", b"hand me back")
+        running = await stack.status("echo", request_id)
+        assert stack.worker is not None
+        await stack.worker.stop()
+        shown = await stack.client.get(f"/queue/echo/requests/{request_id}/status", params={"logs": "1"})
+        final = await _called_again_at_once(stack, request_id)
+    finally:
+        await stack.close()
+
+    waiting = shown.json()
+    assert running["status"] == "IN_PROGRESS"
+    assert (waiting["status"], waiting["attempts"], waiting["queue_position"]) == ("IN_QUEUE", 1, 0)
+    assert "attempt 1: the worker stopped before the function answered" in waiting["logs"][-1]["message"]
+    assert (final["status"], final["attempts"], "error_type" in final) == ("COMPLETED", 2, False)
+
+
 async def test_a_worker_stopped_during_start_up_hands_back_what_it_took(tmp_path: Path) -> None:
     """Found by a rolling-restart audit: a worker starts delivering to a function as soon as it has
     read it from the registry, before the rest of its start-up. Stopped then, it was cancelled until

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Literal
 
 import aiohttp
 import orjson
+from nats.errors import Error as NatsError
 from opentelemetry.trace import SpanKind
 
 from jetspool import logfmt, tracing
@@ -83,6 +84,9 @@ _SPARE_DELIVERIES = 20
 
 
 _CANCEL_TIMEOUT_S = 10.0
+_HANDED_BACK = "the worker stopped before the function answered; another worker takes it"
+_HAND_BACK_WRITE_S = 2.0
+"""At most this long for a stopping worker's status write of a call it hands back."""
 ACK = Settle("ack")
 TERM = Settle("term")
 HAND_BACK = Settle("nak", 0.001)
@@ -276,6 +280,20 @@ class RequestHandler:
             self._running.pop(request.request_id, None)
             call.done.set()
 
+    async def _handed_back(self, request: QueuedRequest, attempt: int, call: _Call) -> None:
+        """Show a call cut by the worker's stop as waiting again. It showed IN_PROGRESS until another
+        worker took it, for good should none run (found by an audit). Fenced on the attempt, as a
+        retry's write is: should another worker have started it meanwhile, nothing changes. A write
+        that fails or is slow is let go: the next start overwrites it anyway."""
+        try:
+            async with asyncio.timeout(_HAND_BACK_WRITE_S):
+                requeued = await self._update(request, attempt, lambda r: r.requeued(_HANDED_BACK), call.record)
+                if requeued is not None:
+                    await self._s.events.publish(requeued.record)
+                    await self._s.logs.write(request.request_id, f"attempt {attempt}: {_HANDED_BACK}", level="WARN")
+        except (TimeoutError, NatsError):
+            log.warning("request %s: could not show it waiting again; it is handed back", request.request_id)
+
     async def _completed(self, request: QueuedRequest, function: Function, record: StatusRecord) -> Settle:
         """Done with a completed request, after repeating what follows a completion (each step
         carries a message id or is idempotent: a crash may have come between them)."""
@@ -308,6 +326,9 @@ class RequestHandler:
         began = time.monotonic()
         try:
             answer = await self._invoke(function, request, call, attempt)
+        except asyncio.CancelledError:  # the worker is stopping and hands the message back
+            await asyncio.shield(self._handed_back(request, attempt, call))
+            raise
         except RetryableDelivery as exc:
             if attempt < allowed:
                 reason = str(exc)
