@@ -105,17 +105,22 @@ async def test_unusable_tls_files_are_a_config_error_naming_the_keys(tmp_path: P
         await connect(NatsSettings(url="nats://127.0.0.1:1", tls_cert=str(cert), tls_key=str(other_key)), "bad-pair")
 
 
-def test_a_worker_with_an_absent_ca_file_exits_2_naming_it(tmp_path: Path) -> None:
-    env = {"JETSPOOL_NATS__TLS_CA": str(tmp_path / "absent.pem"), ACCEPT_SINGLE_REPLICA: "true"}
-    worker = JetspoolProcess(["worker", "--nats-url", "nats://127.0.0.1:1"], env=env)
+def _worker_exit(nats_url: str, env: dict[str, str]) -> tuple[int, str]:
+    """Run `jetspool worker` against `nats_url` until it exits; its exit code and output."""
+    worker = JetspoolProcess(["worker", "--nats-url", nats_url], env={**env, ACCEPT_SINGLE_REPLICA: "true"})
     try:
         code = worker.wait(30)
     finally:
         worker.kill_tree()
+    return code, worker.output
+
+
+def test_a_worker_with_an_absent_ca_file_exits_2_naming_it(tmp_path: Path) -> None:
+    code, output = _worker_exit("nats://127.0.0.1:1", {"JETSPOOL_NATS__TLS_CA": str(tmp_path / "absent.pem")})
 
     assert code == 2
-    assert "nats.tls_ca: cannot use" in worker.output
-    assert "Traceback" not in worker.output
+    assert "nats.tls_ca: cannot use" in output
+    assert "Traceback" not in output
 
 
 @pytest.mark.parametrize("secured", [_USER], indirect=True)
@@ -128,17 +133,11 @@ async def test_refused_credentials_stop_start_up_at_once(secured: EmbeddedNats) 
 
 @pytest.mark.parametrize("secured", [_TOKEN], indirect=True)
 def test_a_worker_with_a_wrong_token_exits_2_naming_the_settings(secured: EmbeddedNats) -> None:
-    worker = JetspoolProcess(
-        ["worker", "--nats-url", secured.url], env={"JETSPOOL_NATS__TOKEN": "wrong", ACCEPT_SINGLE_REPLICA: "true"}
-    )
-    try:
-        code = worker.wait(30)
-    finally:
-        worker.kill_tree()
+    code, output = _worker_exit(secured.url, {"JETSPOOL_NATS__TOKEN": "wrong"})
 
     assert code == 2
-    assert "refused our credentials" in worker.output
-    assert "nats.token" in worker.output
+    assert "refused our credentials" in output
+    assert "nats.token" in output
 
 
 async def test_a_connection_closed_while_nats_is_away_closes_cleanly(nats_server: EmbeddedNats) -> None:
