@@ -11,7 +11,7 @@ import pytest
 from jetspool.domain import names
 from jetspool.jetstream.connection import connect
 from jetspool.settings import NatsSettings
-from tests.support.servers import eventually_true
+from tests.support.servers import Reply, eventually_true
 
 if TYPE_CHECKING:
     from tests.support.stack import Stack
@@ -97,3 +97,16 @@ async def test_a_retried_request_gets_its_deadline_afresh(stack: Stack) -> None:
     assert last.status_code == 202
     assert "error_type" not in final
     assert [seen.header("x-call-id") for seen in stack.functions.on("/busy")].count(request_id) == 1
+
+
+async def test_a_deadline_passed_while_waiting_to_be_retried_says_so(stack: Stack) -> None:
+    """It said "no attempt started" of a request whose first attempt had run (found by a SPEC audit)."""
+    await stack.register("echo")
+    stack.functions.script("/echo", [Reply(503, headers=(("Retry-After", "30"),))])
+
+    response = await stack.client.post("/queue/echo", json={}, headers={"X-Request-Timeout": "0.5"})
+    final = await stack.wait_for_status("echo", response.json()["request_id"], timeout_s=10)
+
+    assert (final["error_type"], final["attempts"]) == ("request_timeout", 1)
+    assert final["error"] == "the request's start deadline passed while it waited to be retried after attempt 1"
+    assert len(stack.functions.on("/echo")) == 1

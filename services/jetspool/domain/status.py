@@ -45,6 +45,15 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def start_deadline_missed(attempts: int) -> str:
+    """The error of a request that completes as `request_timeout` after `attempts` attempts. It said
+    "no attempt started" also of a request whose deadline passed while it waited to be retried
+    (found by a SPEC audit)."""
+    if attempts == 0:
+        return "no attempt started before the request's start deadline"
+    return f"the request's start deadline passed while it waited to be retried after attempt {attempts}"
+
+
 DeliveryState = Literal["pending", "delivered", "failed"]
 
 

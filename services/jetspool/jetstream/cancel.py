@@ -25,7 +25,7 @@ from jetspool.domain import names
 from jetspool.domain.errors import DecodeError
 from jetspool.domain.functions import DEFAULT_RESULT_TTL_S
 from jetspool.domain.messages import QueuedRequest, decode
-from jetspool.domain.status import ErrorType, State, utcnow
+from jetspool.domain.status import ErrorType, State, start_deadline_missed, utcnow
 from jetspool.jetstream.ridethrough import ride_through
 from jetspool.jetstream.stats import count_outcome
 from jetspool.jetstream.status_store import StaleStatus
@@ -54,11 +54,6 @@ class CancelOutcome(Enum):
 _GONE = frozenset({10037, 10043, 10057})
 """JetStream's answers to deleting a message that is no longer there ("no message found",
 "sequence not found"), depending on how it went."""
-
-_ERRORS = {
-    ErrorType.CANCELLED: "cancelled",
-    ErrorType.REQUEST_TIMEOUT: "no attempt started before the request's start deadline",
-}
 
 
 class Canceller:
@@ -106,7 +101,7 @@ class Canceller:
                     keep_s=ttl_s,
                     function_status=None,
                     inference_time=None,
-                    error=_ERRORS[error_type],
+                    error="cancelled" if error_type is ErrorType.CANCELLED else start_deadline_missed(record.attempts),
                     error_type=error_type,
                 )
             try:

@@ -26,7 +26,7 @@ from jetspool import logfmt, tracing
 from jetspool.domain import names
 from jetspool.domain.errors import DecodeError, PermanentDelivery, RetryableDelivery
 from jetspool.domain.messages import QueuedRequest, StoredResult, decode
-from jetspool.domain.status import ErrorType, StatusRecord, utcnow
+from jetspool.domain.status import ErrorType, StatusRecord, start_deadline_missed, utcnow
 from jetspool.jetstream.stats import count, count_outcome
 from jetspool.jetstream.status_store import StaleStatus, StatusStore, Versioned
 from jetspool.worker.invoke import FunctionAnswer, function_url, invoke
@@ -78,7 +78,6 @@ class _Call:
 
 
 _CANCELLED_RUNNING = "cancelled while running"
-_LATE = "no attempt started before the request's start deadline"
 _SPARE_DELIVERIES = 20
 """Deliveries beyond max_attempts that never reached the function (hand-backs, errors) before giving up."""
 
@@ -256,7 +255,8 @@ class RequestHandler:
             await self._complete(request, function, None, ErrorType.CANCELLED, _CANCELLED_RUNNING, current=current)
             return ACK
         if request.start_deadline is not None and utcnow() >= request.start_deadline:
-            await self._complete(request, function, None, ErrorType.REQUEST_TIMEOUT, _LATE, current=current)
+            late = start_deadline_missed(current.record.attempts)
+            await self._complete(request, function, None, ErrorType.REQUEST_TIMEOUT, late, current=current)
             return ACK
         if attempt > allowed or int(msg.metadata.num_delivered) > per_run + _SPARE_DELIVERIES:
             gave_up = f"gave up after {current.record.attempts} attempts"
