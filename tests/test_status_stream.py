@@ -224,6 +224,26 @@ async def test_stream_with_logs_sends_an_event_for_each_new_line(stack: Stack) -
     stack.functions.release("/busy")
 
 
+async def test_the_final_event_with_logs_has_the_workers_closing_line(stack: Stack) -> None:
+    """The stream ends after it: a line written after COMPLETED never reached the client, which
+    happened about half the time (found by a SPEC audit). Five requests, each followed to its end."""
+    await stack.register("echo")
+    finals = []
+    for _ in range(5):
+        request_id = await _queue(stack, "echo")
+        async with stack.client.stream(
+            "GET", f"/queue/echo/requests/{request_id}/status/stream", params={"logs": "1"}
+        ) as response:
+            events = Events(response)
+            _, event = await events.next()
+            while event["status"] != "COMPLETED":
+                _, event = await events.next()
+            assert await events.ended()
+        finals.append(event["logs"][-1]["message"])
+
+    assert finals == ["completed, succeeded"] * 5
+
+
 async def test_a_quiet_stream_sends_ping_comments(nats_server: EmbeddedNats) -> None:
     stack = await start_stack(nats_server, overrides={"gateway": {"sse_ping_interval": 0.2}})
     try:

@@ -501,18 +501,19 @@ class RequestHandler:
                 result=inline,
             )
 
-        completed = await self._update(request, attempt, complete, current)
-        if completed is None:
-            log.info(
-                "request %s: outcome of attempt %s dropped; it completed or moved on meanwhile",
-                request.request_id,
-                attempt,
-            )
-            return False
+        # The closing log line goes before the completion: written after it, a status stream with
+        # ?logs=1 sent its final event, and ended, without it about half the time (found by a SPEC
+        # audit). Published on the same connection first, it is stored before the completion is.
         outcome = "succeeded" if error_type is None else f"failed: {error}"
         await self._s.logs.write(
             request.request_id, f"completed, {outcome}", level="INFO" if error_type is None else "ERROR"
         )
+        completed = await self._update(request, attempt, complete, current)
+        if completed is None:
+            dropped = f"outcome of attempt {attempt} dropped; the request completed or moved on meanwhile"
+            log.info("request %s: %s", request.request_id, dropped)
+            await self._s.logs.write(request.request_id, dropped, level="WARN")
+            return False
         await count_outcome(self._s.conn, completed.record)
         await self._s.events.publish(completed.record, None if answer is None else answer.body)
         # Independent of each other: one round trip of waiting, not two. Should the callback jobs
