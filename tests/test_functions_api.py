@@ -251,6 +251,28 @@ async def test_health_and_readiness(stack: Stack) -> None:
     assert ready.json()["status"] == "ready"
 
 
+async def test_not_ready_while_nats_does_not_answer(nats_server: EmbeddedNats) -> None:
+    """A connected flag alone said ready for a nats-server that hung, while every submit waited
+    31 s for a 503 (found by a SPEC audit)."""
+    stack = await start_stack(nats_server)
+    os.kill(nats_server.pid, signal.SIGSTOP)
+    try:
+        hung = await stack.client.get("/readyz", timeout=10)
+    finally:
+        os.kill(nats_server.pid, signal.SIGCONT)
+    try:
+
+        async def ready_again() -> bool:
+            return (await stack.client.get("/readyz", timeout=10)).status_code == 200
+
+        await eventually_true(ready_again, timeout_s=20)
+    finally:
+        await stack.close()
+
+    assert (hung.status_code, hung.json()["status"]) == (503, "not ready")
+    assert "did not answer a ping" in hung.json()["detail"]
+
+
 async def test_a_function_registered_after_a_nats_restart_is_served_at_once(tmp_path: Path) -> None:
     """The registry watchers are renewed on reconnect (nats-py alone would notice the lost
     consumer only after missed heartbeats, about 15 s later)."""

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from functools import partial
-from typing import Any
+from typing import Any, Final
 
 import msgspec
 from litestar import Request, Response, delete, get, post, put
 from litestar.params import FromPath
+from nats.errors import Error as NatsError
 
 from jetspool.domain.errors import BadRequest, InvalidInput
 from jetspool.domain.functions import Function
@@ -114,6 +115,18 @@ async def healthz() -> dict[str, str]:
 
 @get("/readyz")
 async def readyz(gateway: GatewayDep) -> Response[dict[str, str]]:
-    if gateway.conn.nc.is_connected:
-        return Response({"status": "ready"})
-    return Response({"status": "not ready", "detail": "not connected to NATS"}, status_code=503)
+    """Ready while connected to NATS and NATS answers a ping within `_READY_PING_S`. A connected
+    flag alone stayed true for a nats-server that had hung (SIGSTOP): /readyz said ready while
+    every submit waited 31 s for a 503 (found by a SPEC audit)."""
+    nc = gateway.conn.nc
+    if not nc.is_connected:
+        return Response({"status": "not ready", "detail": "not connected to NATS"}, status_code=503)
+    try:
+        await nc.flush(timeout=_READY_PING_S)
+    except NatsError:  # FlushTimeoutError among them
+        detail = f"NATS did not answer a ping within {_READY_PING_S:g} s"
+        return Response({"status": "not ready", "detail": detail}, status_code=503)
+    return Response({"status": "ready"})
+
+
+_READY_PING_S: Final = 2
