@@ -182,3 +182,24 @@ async def test_headers_too_large_for_a_queue_message_get_431_and_an_inline_body_
     assert (accepted.status_code, final["status"], "error_type" in final) == (200, "COMPLETED", False)
     [seen] = stack.functions.on("/echo")
     assert (seen.body, seen.header("x-pad")) == (body, "b" * 16_000)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [
+        ("POST", "/healthz", {"GET", "OPTIONS"}),
+        ("DELETE", "/queue/echo/requests/00000000-0000-4000-8000-000000000000", {"GET", "OPTIONS"}),
+        ("PUT", "/queue/echo", {"POST", "OPTIONS"}),
+    ],
+)
+async def test_a_wrong_method_gets_405_naming_the_allowed_ones(
+    stack: Stack, method: str, path: str, allowed: set[str]
+) -> None:
+    """RFC 9110 requires `Allow` on a 405; the error handler dropped it (found by a SPEC audit)."""
+    await stack.register("echo")
+
+    response = await stack.client.request(method, path)
+
+    assert response.status_code == 405
+    assert set(response.headers["allow"].split(", ")) == allowed
+    assert response.json()["detail"]

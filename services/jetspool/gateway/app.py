@@ -264,4 +264,5 @@ def _nats_error(request: Request[Any, Any, Any], exc: NatsError) -> Response[dic
 
 
 def _http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[dict[str, Any]]:
-    return _error(str(exc.detail), exc.status_code, extra=exc.extra, request=request)
+    # Its headers too: a 405's Allow (RFC 9110 requires it; it was dropped, found by a SPEC audit).
+    return _error(str(exc.detail), exc.status_code, extra=exc.extra, request=request, headers=exc.headers)
