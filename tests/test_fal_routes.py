@@ -41,11 +41,12 @@ async def test_max_queue_length_refuses_with_429_and_queues_nothing(stack: Stack
     refused = await stack.client.post("/queue/busy", params={"max_queue_length": "2"})
     alias = await stack.client.post("/async-function/busy", params={"fal_max_queue_length": "2"})
     bad = await stack.client.post("/queue/busy", params={"max_queue_length": "two"})
+    empty = await stack.client.post("/queue/busy", params={"max_queue_length": ""})  # was taken as no limit
 
     assert refused.status_code == 429
     assert refused.json()["detail"]
     assert alias.status_code == 429
-    assert bad.status_code == 422
+    assert (bad.status_code, empty.status_code) == (422, 422)
     stats = (await stack.client.get("/system/functions/busy")).json()["stats"]
     assert stats["waiting"]["normal"] == 2
     stack.functions.release("/busy", 3)

@@ -158,7 +158,7 @@ async def read_submission(
         webhook_url=_url_option(query.get("fal_webhook") or query.get("webhook")),
         priority=_priority(sent),
         no_retry=any(is_yes(sent.get(h.lower())) for h in _NO_RETRY_HEADERS),
-        max_queue_length=_max_queue_length(query.get("max_queue_length") or query.get("fal_max_queue_length")),
+        max_queue_length=_max_queue_length(query.get("max_queue_length", query.get("fal_max_queue_length"))),
         start_timeout_s=_start_timeout(sent),
         idempotency_key=_idempotency_key(sent.get("idempotency-key")),
     )
@@ -186,15 +186,16 @@ def _start_timeout(sent: dict[str, str]) -> float | None:
         value = sent.get(header.lower())
         if value is None:
             continue
-        try:
-            seconds = float(value)
-        except ValueError:
-            seconds = 0.0
+        # Decimal digits only: Python's float() also took "1_0", "+5" and "1e3" (found by a SPEC audit).
+        seconds = float(value) if _SECONDS.fullmatch(value) else 0.0
         if not 0 < seconds < _MAX_START_TIMEOUT_S:
             limit = f"{_MAX_START_TIMEOUT_S:.0f}"
             raise InvalidInput(f"{header} must be a number of seconds above 0 and below {limit}; got {value!r}")
         return seconds
     return None
+
+
+_SECONDS: Final = re.compile(r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+")
 
 
 def _max_queue_length(value: str | None) -> int | None:
