@@ -28,6 +28,7 @@ from jetspool.gateway.feed import StatusFeed
 from jetspool.gateway.intake import Intake, parse_request_id
 from jetspool.gateway.limits import receive_deadline
 from jetspool.gateway.metrics import GatewayMetrics
+from jetspool.gateway.openapi import complete_openapi
 from jetspool.gateway.routes import dashboard, function, logs, openfaas, queue, system
 from jetspool.gateway.state import Gateway
 from jetspool.jetstream.callbacks import CallbackQueue
@@ -101,7 +102,7 @@ def create_app(settings: Settings, *, config_errors: list[ConfigError] | None = 
                 log.warning("no API keys configured: every route is open")
             yield
 
-    return Litestar(
+    app = Litestar(
         route_handlers=[
             function.call_function,
             function.call_function_path,
@@ -147,6 +148,8 @@ def create_app(settings: Settings, *, config_errors: list[ConfigError] | None = 
         state=State(),
         logging_config=None,
     )
+    complete_openapi(app)
+    return app
 
 
 def _proxy_client() -> httpx.AsyncClient:

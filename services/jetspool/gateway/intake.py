@@ -51,9 +51,9 @@ CONTROL_QUERY: Final = frozenset(
 _MAX_START_TIMEOUT_S: Final = 366 * 86400.0
 _MAX_IDEMPOTENCY_KEY: Final = 256
 _TRUE: Final = frozenset({"1", "true", "yes"})
-_PRIORITY_HEADERS: Final = (names.H_QUEUE_PRIORITY, names.H_FAL_QUEUE_PRIORITY)
-_NO_RETRY_HEADERS: Final = ("X-No-Retry", "X-Fal-No-Retry")
-_TIMEOUT_HEADERS: Final = (names.H_REQUEST_TIMEOUT, names.H_FAL_REQUEST_TIMEOUT)
+PRIORITY_HEADERS: Final = (names.H_QUEUE_PRIORITY, names.H_FAL_QUEUE_PRIORITY)
+NO_RETRY_HEADERS: Final = ("X-No-Retry", "X-Fal-No-Retry")
+TIMEOUT_HEADERS: Final = (names.H_REQUEST_TIMEOUT, names.H_FAL_REQUEST_TIMEOUT)
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,7 +157,7 @@ async def read_submission(
         callback_url=_url_option(sent.get(names.H_CALLBACK_URL.lower()) or query.get("webhookEndpoint")),
         webhook_url=_url_option(query.get("fal_webhook") or query.get("webhook")),
         priority=_priority(sent),
-        no_retry=any(is_yes(sent.get(h.lower())) for h in _NO_RETRY_HEADERS),
+        no_retry=any(is_yes(sent.get(h.lower())) for h in NO_RETRY_HEADERS),
         max_queue_length=_max_queue_length(query.get("max_queue_length", query.get("fal_max_queue_length"))),
         start_timeout_s=_start_timeout(sent),
         idempotency_key=_idempotency_key(sent.get("idempotency-key")),
@@ -182,7 +182,7 @@ def _idempotency_key(value: str | None) -> str | None:
 
 
 def _start_timeout(sent: dict[str, str]) -> float | None:
-    for header in _TIMEOUT_HEADERS:
+    for header in TIMEOUT_HEADERS:
         value = sent.get(header.lower())
         if value is None:
             continue
@@ -218,7 +218,7 @@ def _url_option(value: str | None) -> str | None:
 
 
 def _priority(sent: dict[str, str]) -> names.Priority:
-    for header in _PRIORITY_HEADERS:
+    for header in PRIORITY_HEADERS:
         value = sent.get(header.lower())
         if value is not None:
             value = value.strip()

@@ -1,0 +1,163 @@
+"""The OpenAPI document at `/schema/openapi.json`, completed with what Litestar cannot see in the
+handlers: the submission options read from headers and query, the answers' JSON Schemas, and the
+error answers each route gives (SPEC §2: the document of all of it). Generated, every error was a
+400 with fields no answer has, and no submit named an option (found by a SPEC audit).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Final
+
+import msgspec
+from litestar._openapi.plugin import OpenAPIPlugin
+
+from jetspool.domain import names
+from jetspool.domain.views import (
+    AsyncCallAnswer,
+    CancelAnswer,
+    ErrorAnswer,
+    FunctionEntry,
+    LogsAnswer,
+    PurgeAnswer,
+    RedeliverAnswer,
+    StatusObject,
+    SubmitAnswer,
+)
+from jetspool.gateway.intake import NO_RETRY_HEADERS, PRIORITY_HEADERS, TIMEOUT_HEADERS
+
+if TYPE_CHECKING:
+    from litestar import Litestar
+
+_TYPES: Final = (
+    ErrorAnswer,
+    SubmitAnswer,
+    StatusObject,
+    CancelAnswer,
+    AsyncCallAnswer,
+    RedeliverAnswer,
+    FunctionEntry,
+    PurgeAnswer,
+    LogsAnswer,
+)
+_REF: Final = "#/components/schemas/{name}"
+
+_OPTION_HEADERS: Final = [
+    *((h, "priority class: high, normal (default) or low", {"enum": list(names.PRIORITIES)}) for h in PRIORITY_HEADERS),
+    *((h, "start deadline in seconds (decimal digits, under 366 days)", {"type": "string"}) for h in TIMEOUT_HEADERS),
+    *((h, "1, true or yes: a single attempt, no retries", {"type": "string"}) for h in NO_RETRY_HEADERS),
+    ("Idempotency-Key", "1 to 256 characters: a repeat returns the first request", {"type": "string"}),
+    (names.H_CALLBACK_URL, "URL that receives the function's response (OpenFaaS callback)", {"type": "string"}),
+]
+OPTION_QUERY: Final = {
+    "fal_webhook": "URL that receives fal's webhook JSON",
+    "webhook": "the same as fal_webhook",
+    "webhookEndpoint": "the same as X-Callback-Url",
+    "max_queue_length": "refuse with 429 when this many requests of the function wait",
+    "fal_max_queue_length": "the same as max_queue_length",
+}
+"""The query options of a submit (`intake.CONTROL_QUERY`, described)."""
+_OPEN: Final = frozenset({"/healthz", "/readyz", "/metrics"})
+_SUBMIT_ERRORS: Final = {
+    413: "the body is larger than gateway.max_body_size",
+    422: "an invalid option or callback URL, or an invalid function name",
+    429: "max_queue_length requests wait, or the API key's rate limit",
+    431: "headers, query and callback URLs too large for a queue message",
+    503: "the queue cannot store the request now; retry",
+}
+
+
+def complete_openapi(app: Litestar) -> None:
+    """Complete the app's OpenAPI document in place (Litestar builds it once and serves that)."""
+    document = app.plugins.get(OpenAPIPlugin).provide_openapi_schema()
+    refs, components = msgspec.json.schema_components(_TYPES, ref_template=_REF)
+    document.setdefault("components", {}).setdefault("schemas", {}).update(components)
+    schema = dict(zip((t.__name__ for t in _TYPES), refs, strict=True))
+    for path, item in document["paths"].items():
+        for method, operation in item.items():
+            _complete(path, method, operation, schema)
+
+
+def _complete(path: str, method: str, operation: dict[str, Any], schema: dict[str, Any]) -> None:
+    responses: dict[str, Any] = operation["responses"]
+    error = schema["ErrorAnswer"]
+    responses["400"] = _json("invalid input", error)
+    if "{request_id}" in path:
+        responses["404"] = _json("no such request (of this function)", error)
+        responses["422"] = _json("a malformed request id or function name", error)
+    elif "{name}" in path:
+        if not (path == "/system/functions/{name}" and method == "put"):  # a PUT registers it
+            responses["404"] = _json("no such function", error)
+        responses["422"] = _json("an invalid function name", error)
+    if _is_submit(path, method):
+        operation.setdefault("parameters", []).extend(_options())
+        for code, what in _SUBMIT_ERRORS.items():
+            responses[str(code)] = _json(what, error)
+    _answers(path, method, responses, schema)
+    if path in _OPEN or path.endswith("/logs"):  # the logs URL: its token guards it
+        return
+    responses["401"] = _json("an API key is required (when auth.api_keys is set)", error)
+    if path.startswith("/system/"):
+        responses["403"] = _json("this route needs an admin key", error)
+
+
+def _answers(path: str, method: str, responses: dict[str, Any], schema: dict[str, Any]) -> None:
+    """The success answers Litestar could not read off the handlers (they return a `Response`)."""
+    if "{request_id}" in path:
+        _request_answers(path, responses, schema)
+    elif path.startswith(("/queue/{name}", "/fal/queue/submit/")) and method == "post":
+        responses["200"] = _json("stored: the request's id and URLs", schema["SubmitAnswer"])
+    elif path.startswith("/function/"):
+        responses["200"] = {"description": "the function's response, as it answered"}
+        responses["202"] = _json("queued (?async=true)", schema["AsyncCallAnswer"])
+        responses["502"] = _json("the function cannot be reached", schema["ErrorAnswer"])
+        responses["504"] = _json("the function did not answer within its timeout", schema["ErrorAnswer"])
+    elif path.startswith("/async-function/"):
+        responses["202"] = {"description": "stored; its id is in X-Call-Id", "headers": _call_id_header()}
+
+
+def _request_answers(path: str, responses: dict[str, Any], schema: dict[str, Any]) -> None:
+    """The answers of the routes about one request."""
+    if path.endswith(("/status", "/get")):
+        responses["200"] = _json("the status object of a completed request", schema["StatusObject"])
+        responses["202"] = _json("the status object of a waiting or running request", schema["StatusObject"])
+    elif path.endswith("/status/stream"):
+        what = "Server-Sent Events: the status object, then one per change, until COMPLETED"
+        responses["200"] = {"description": what, "content": {"text/event-stream": {"schema": {"type": "string"}}}}
+    elif path.endswith("/cancel"):
+        responses["202"] = _json("cancellation requested", schema["CancelAnswer"])
+        responses["400"] = _json("already completed", schema["CancelAnswer"])
+    elif path.endswith("/retry"):
+        responses["202"] = _json("a new run is queued", schema["SubmitAnswer"])
+    elif path.endswith("/logs"):
+        responses["202"] = _json("lines stored", schema["LogsAnswer"])
+    elif path.endswith("/callback/redeliver"):
+        responses["202"] = _json("callbacks sent again", schema["RedeliverAnswer"])
+    else:  # the result route
+        responses["200"] = {"description": "the function's response, as it answered"}
+        responses["400"] = _json("not completed yet (`status` says where it stands)", schema["ErrorAnswer"])
+
+
+def _is_submit(path: str, method: str) -> bool:
+    if method != "post" or "/requests/" in path:
+        return False
+    return path.startswith(("/queue/{name}", "/async-function/", "/fal/queue/submit/"))
+
+
+def _options() -> list[dict[str, Any]]:
+    headers = [
+        {"name": name, "in": "header", "required": False, "description": what, "schema": value}
+        for name, what, value in _OPTION_HEADERS
+    ]
+    query = [
+        {"name": name, "in": "query", "required": False, "description": what, "schema": {"type": "string"}}
+        for name, what in OPTION_QUERY.items()
+    ]
+    return headers + query
+
+
+def _json(description: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _call_id_header() -> dict[str, Any]:
+    return {names.H_CALL_ID: {"description": "the request's id", "schema": {"type": "string"}}}
