@@ -246,9 +246,11 @@ async def test_functions_from_the_config_file_are_registered_at_start(nats_serve
 async def test_health_and_readiness(stack: Stack) -> None:
     health = await stack.client.get("/healthz")
     ready = await stack.client.get("/readyz")
+    heads = [await stack.client.head(path) for path in ("/healthz", "/readyz")]  # `curl -I`: it was 405
 
     assert (health.status_code, ready.status_code) == (200, 200)
     assert ready.json()["status"] == "ready"
+    assert [(head.status_code, head.content) for head in heads] == [(200, b""), (200, b"")]
 
 
 async def test_not_ready_while_nats_does_not_answer(nats_server: EmbeddedNats) -> None:

@@ -6,7 +6,8 @@ from functools import partial
 from typing import Any, Final
 
 import msgspec
-from litestar import Request, Response, delete, get, post, put
+from litestar import Request, Response, delete, get, post, put, route
+from litestar.enums import HttpMethod
 from litestar.params import FromPath
 from nats.errors import Error as NatsError
 
@@ -108,12 +109,16 @@ async def metrics(gateway: GatewayDep) -> Response[bytes]:
     return Response(await gateway.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
 
-@get("/healthz")
-async def healthz() -> dict[str, str]:
-    return {"status": "ok"}
+_PROBE: Final = [HttpMethod.GET, HttpMethod.HEAD]
+"""Probes answer HEAD too (`curl -I`, uptime checkers): uvicorn sends a HEAD answer's headers only."""
 
 
-@get("/readyz")
+@route("/healthz", http_method=_PROBE)
+async def healthz() -> Response[dict[str, str]]:
+    return Response({"status": "ok"})
+
+
+@route("/readyz", http_method=_PROBE)
 async def readyz(gateway: GatewayDep) -> Response[dict[str, str]]:
     """Ready while connected to NATS and NATS answers a ping within `_READY_PING_S`. A connected
     flag alone stayed true for a nats-server that had hung (SIGSTOP): /readyz said ready while
