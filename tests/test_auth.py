@@ -62,6 +62,9 @@ async def test_every_route_but_the_open_ones_needs_a_key(keyed: Stack) -> None:
         assert missing.json()["detail"]
         assert missing.headers["www-authenticate"].startswith("Bearer")
         assert wrong.status_code == 401, f"{method} {path} with a wrong key: {wrong.status_code}"
+        named = re.search(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", path)
+        # A refusal about a request names it, as every answer about one does (SPEC §2); it did not.
+        assert missing.headers.get("x-request-id") == (named.group(0) if named else None), f"{method} {path}"
 
 
 async def test_the_open_routes_answer_without_a_key(keyed: Stack) -> None:

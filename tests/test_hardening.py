@@ -187,7 +187,7 @@ async def test_headers_too_large_for_a_queue_message_get_431_and_an_inline_body_
 @pytest.mark.parametrize(
     ("method", "path", "allowed"),
     [
-        ("POST", "/healthz", {"GET", "OPTIONS"}),
+        ("POST", "/healthz", {"GET", "HEAD", "OPTIONS"}),
         ("DELETE", "/queue/echo/requests/00000000-0000-4000-8000-000000000000", {"GET", "OPTIONS"}),
         ("PUT", "/queue/echo", {"POST", "OPTIONS"}),
     ],
@@ -202,4 +202,6 @@ async def test_a_wrong_method_gets_405_naming_the_allowed_ones(
 
     assert response.status_code == 405
     assert set(response.headers["allow"].split(", ")) == allowed
+    named = path.split("/requests/")[1] if "/requests/" in path else None  # a 405 about a request names it too
+    assert response.headers.get("x-request-id") == named
     assert response.json()["detail"]

@@ -7,7 +7,6 @@ Connections are made in the lifespan and handed to handlers as one `Gateway` obj
 from __future__ import annotations
 
 import logging
-import re
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import TYPE_CHECKING, Any, Final
 
@@ -25,7 +24,7 @@ from jetspool.domain import names
 from jetspool.domain.errors import ConfigError, RequestError
 from jetspool.gateway.auth import KeyGuard
 from jetspool.gateway.feed import StatusFeed
-from jetspool.gateway.intake import Intake, parse_request_id
+from jetspool.gateway.intake import Intake, named_request_id
 from jetspool.gateway.limits import receive_deadline
 from jetspool.gateway.metrics import GatewayMetrics
 from jetspool.gateway.openapi import complete_openapi
@@ -56,9 +55,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 _CLIENT_DEFAULTS: Final = ("Accept", "Accept-Encoding", "User-Agent")
 """Headers httpx adds to every request of its own accord (besides the hop-by-hop `Connection`)."""
-_ECHOABLE: Final = re.compile(r"[\x21-\x7e]{1,200}")
-"""A malformed request id echoed in `X-Request-Id` (SPEC §2: every response about a request has
-it): visible ASCII, no space (a client would strip it), at most 200 characters."""
 
 
 def stopping(app: Litestar) -> None:
@@ -236,25 +232,13 @@ def _error(
     if extra:
         body["extra"] = extra
     headers = dict(headers or {})
-    request_id = None if request is None else _request_id(request)
+    request_id = None if request is None else named_request_id(request.scope["path"])
     if request_id is not None:  # every response about a request, an error included (SPEC §2)
         headers[names.H_REQUEST_ID] = request_id
     if error_type is not None:
         body["error_type"] = error_type
         headers[names.H_ERROR_TYPE] = error_type
     return Response(body, status_code=status_code, headers=headers)
-
-
-def _request_id(request: Request[Any, Any, Any]) -> str | None:
-    """The request id a route's path names: in canonical form, a malformed one as given when it
-    fits a header (`_ECHOABLE`); None when it names none."""
-    named = request.path_params.get("request_id")
-    if not isinstance(named, str):
-        return None
-    try:
-        return parse_request_id(named)
-    except RequestError:
-        return named if _ECHOABLE.fullmatch(named) else None
 
 
 def _request_error(request: Request[Any, Any, Any], exc: RequestError) -> Response[dict[str, Any]]:

@@ -23,6 +23,9 @@ from typing import TYPE_CHECKING, Final
 import orjson
 from litestar.enums import ScopeType
 
+from jetspool.domain import names
+from jetspool.gateway.intake import named_request_id
+
 if TYPE_CHECKING:
     from litestar.types import ASGIApp, HTTPResponseBodyEvent, HTTPResponseStartEvent, Receive, Scope, Send
 
@@ -68,7 +71,11 @@ class KeyGuard:
             if refusal is None:
                 await app(scope, receive, send)
                 return
-            await _answer(send, *refusal)
+            status, detail, headers = refusal
+            request_id = named_request_id(scope["path"])
+            if request_id is not None:  # a refusal about a request names it too (SPEC §2)
+                headers = {**headers, names.H_REQUEST_ID: request_id}
+            await _answer(send, status, detail, headers)
 
         return guarded
 

@@ -93,6 +93,27 @@ def parse_request_id(request_id: str) -> str:
         raise InvalidInput(f"malformed request id {request_id!r}: expected a UUID") from exc
 
 
+def named_request_id(path: str) -> str | None:
+    """The request id a route's path names, as `X-Request-Id` shows it (SPEC §2: every response
+    about a request has it): canonical, a malformed one as given when it fits a header
+    (`_ECHOABLE`); None when the path names none. Read off the path, not the route's parameters,
+    so that answers given before routing (401, 405) carry it too (found by a SPEC audit)."""
+    found = _NAMED_REQUEST.match(path)
+    if found is None:
+        return None
+    named = found.group(1)
+    try:
+        return parse_request_id(named)
+    except InvalidInput:
+        return named if _ECHOABLE.fullmatch(named) else None
+
+
+_NAMED_REQUEST: Final = re.compile(r"/(?:queue/[^/]+/requests|fal/queue)/(?!submit/)([^/]+)")
+_ECHOABLE: Final = re.compile(r"[\x21-\x7e]{1,200}")
+"""A malformed request id echoed in `X-Request-Id`: visible ASCII, no space (a client would strip
+it), at most 200 characters."""
+
+
 def _check_envelope(submission: Submission, limit: int) -> None:
     """431 for a request whose headers, query, path and callback URLs are too large for a queue
     message even with its body stored out of line. They went unchecked: a request with large
