@@ -325,10 +325,6 @@ class _Resume:
 
     def pause(self, broke: httpx.TransportError | None) -> float:
         """How long to wait before resuming; Unreachable once it failed `_RESUMES` times in a row."""
-        if self.last_data is None and isinstance(broke, httpx.ConnectError):
-            # No stream was ever opened: nothing to resume, the gateway is not there (`status --watch`
-            # took 16 s to say so; found by a CLI audit).
-            raise Unreachable(f"cannot reach the gateway: {broke}")
         self.failed += 1
         if self.failed > _RESUMES:
             why = f"it broke: {broke}" if broke else "it kept ending before the request completed"

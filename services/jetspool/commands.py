@@ -222,7 +222,8 @@ def _status(client: Client, args: argparse.Namespace, out: Output) -> int:
     (each once, though every status object carries them all); exit 1 when it shows the request
     completed with an error or cancelled, as every client command does."""
     handle = client.handle(args.name, args.id)
-    shown = handle.iter_events(logs=args.logs) if args.watch else [handle.status(logs=args.logs)]
+    first = handle.status(logs=args.logs)  # Unreachable at once: a stream resumes for about 16 s
+    shown = handle.iter_events(logs=args.logs) if args.watch else [first]
     last = None
     printed = 0
     for status in shown:
