@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from functools import partial
 from typing import Any, Final
 
@@ -120,16 +121,27 @@ async def healthz() -> Response[dict[str, str]]:
 
 @route("/readyz", http_method=_PROBE)
 async def readyz(gateway: GatewayDep) -> Response[dict[str, str]]:
-    """Ready while connected to NATS and NATS answers a ping within `_READY_PING_S`. A connected
-    flag alone stayed true for a nats-server that had hung (SIGSTOP): /readyz said ready while
-    every submit waited 31 s for a 503 (found by a SPEC audit)."""
+    """Ready while connected to NATS and a message to itself comes back through NATS within
+    `_READY_PING_S`. A connected flag alone stayed true for a nats-server that had hung (SIGSTOP):
+    /readyz said ready while every submit waited 31 s for a 503 (found by a SPEC audit).
+
+    Not nats-py's `flush(timeout)`: a pong that arrives after its timeout ends nats-py's read loop
+    for good (it sets the result of the cancelled future), and the connection hears nothing more
+    (found by a review). A late message to an inbox no one reads any more is dropped."""
     nc = gateway.conn.nc
     if not nc.is_connected:
         return Response({"status": "not ready", "detail": "not connected to NATS"}, status_code=503)
+    inbox = nc.new_inbox()
     try:
-        await nc.flush(timeout=_READY_PING_S)
-    except NatsError:  # FlushTimeoutError among them
-        detail = f"NATS did not answer a ping within {_READY_PING_S:g} s"
+        echo = await nc.subscribe(inbox, max_msgs=1)
+        try:
+            await nc.publish(inbox, b"")
+            await echo.next_msg(timeout=_READY_PING_S)
+        finally:
+            with contextlib.suppress(NatsError):
+                await echo.unsubscribe()
+    except NatsError:  # its TimeoutError among them
+        detail = f"NATS did not answer within {_READY_PING_S:g} s"
         return Response({"status": "not ready", "detail": detail}, status_code=503)
     return Response({"status": "ready"})
 
