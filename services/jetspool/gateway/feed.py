@@ -26,6 +26,7 @@ from litestar.response import ServerSentEventMessage
 from jetspool.domain import names
 from jetspool.domain.errors import DecodeError, Unavailable
 from jetspool.domain.status import decode_status
+from jetspool.jetstream.connection import round_trip
 from jetspool.jetstream.status_store import Versioned
 
 if TYPE_CHECKING:
@@ -40,6 +41,8 @@ log = logging.getLogger(__name__)
 _QUEUE_LIMIT = 64
 PING: Final = ServerSentEventMessage(comment="ping", data=None)
 """A keep-alive of an event stream: a comment line and nothing else (with data, it would be an event)."""
+_SUBSCRIBED_S = 10.0
+"""At most this long for the server to confirm the feed's subscriptions."""
 _LINGER_S = 30.0
 """How long the subscriptions stay after the last watcher left."""
 
@@ -107,7 +110,7 @@ class StatusFeed:
             self._subs.append(await self._nc.subscribe(names.STATUS_CHANGE_SUBJECTS, cb=self._on_status))
             self._subs.append(await self._nc.subscribe(names.WAKE_SUBJECTS, cb=self._on_wake))
             self._subs.append(await self._nc.subscribe(names.LOG_SUBJECTS, cb=self._on_log))
-            await self._nc.flush()  # the server has them: what the watcher reads next cannot be missed
+            await round_trip(self._nc, _SUBSCRIBED_S)  # the server has them: no change read next is missed
 
     def _release_later(self) -> None:
         if not self._by_request and self._release is None and not self.closing:

@@ -101,6 +101,23 @@ class Nats:
             log.info("nats: closed while disconnected, what was buffered is dropped (%r)", exc)
 
 
+async def round_trip(nc: Client, timeout_s: float) -> None:
+    """Wait until a message to ourselves has come back through the server: everything published or
+    subscribed before it has reached the server. nats.errors.TimeoutError after `timeout_s`.
+
+    Not nats-py's `flush(timeout)`: a pong that arrives after its timeout ends nats-py's read loop
+    for good (it sets the result of the cancelled future), and the connection hears nothing more
+    (found by a review). A late message to an inbox no one reads any more is dropped."""
+    inbox = nc.new_inbox()
+    echo = await nc.subscribe(inbox, max_msgs=1)
+    try:
+        await nc.publish(inbox, b"")
+        await echo.next_msg(timeout=timeout_s)
+    finally:
+        with contextlib.suppress(NatsError):
+            await echo.unsubscribe()
+
+
 def connect_options(settings: NatsSettings, name: str) -> dict[str, Any]:
     """Keyword arguments for `nats.connect`, built from settings."""
     servers = settings.servers

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from functools import partial
 from typing import Any, Final
 
@@ -19,6 +18,7 @@ from jetspool.gateway.intake import function_for
 from jetspool.gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from jetspool.gateway.state import Gateway, GatewayDep
 from jetspool.jetstream.cancel import purge
+from jetspool.jetstream.connection import round_trip
 from jetspool.jetstream.provision import drop_idle_function_consumers, ensure_function_consumers
 from jetspool.jetstream.ridethrough import ride_through
 
@@ -123,23 +123,12 @@ async def healthz() -> Response[dict[str, str]]:
 async def readyz(gateway: GatewayDep) -> Response[dict[str, str]]:
     """Ready while connected to NATS and a message to itself comes back through NATS within
     `_READY_PING_S`. A connected flag alone stayed true for a nats-server that had hung (SIGSTOP):
-    /readyz said ready while every submit waited 31 s for a 503 (found by a SPEC audit).
-
-    Not nats-py's `flush(timeout)`: a pong that arrives after its timeout ends nats-py's read loop
-    for good (it sets the result of the cancelled future), and the connection hears nothing more
-    (found by a review). A late message to an inbox no one reads any more is dropped."""
+    /readyz said ready while every submit waited 31 s for a 503 (found by a SPEC audit)."""
     nc = gateway.conn.nc
     if not nc.is_connected:
         return Response({"status": "not ready", "detail": "not connected to NATS"}, status_code=503)
-    inbox = nc.new_inbox()
     try:
-        echo = await nc.subscribe(inbox, max_msgs=1)
-        try:
-            await nc.publish(inbox, b"")
-            await echo.next_msg(timeout=_READY_PING_S)
-        finally:
-            with contextlib.suppress(NatsError):
-                await echo.unsubscribe()
+        await round_trip(nc, _READY_PING_S)
     except NatsError:  # its TimeoutError among them
         detail = f"NATS did not answer within {_READY_PING_S:g} s"
         return Response({"status": "not ready", "detail": detail}, status_code=503)
