@@ -9,7 +9,7 @@ import logging
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import Awaitable, Callable, Coroutine
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,17 @@ async def stop_task(task: asyncio.Task[Any]) -> None:
         await asyncio.wait({task}, timeout=_RECHECK_S)
     if not task.cancelled() and task.exception() is not None:
         log.error("task %s failed", task.get_name(), exc_info=task.exception())
+
+
+async def run_to_end(work: Coroutine[Any, Any, Any]) -> None:
+    """Await `work` to its end even though the awaiting task is cancelled meanwhile, for short,
+    bounded work a stopping task still owes (`stop_task` cancels every 50 ms until the task ends,
+    and one `asyncio.shield` gives way to the second). Its exception, if any, is raised."""
+    task = asyncio.ensure_future(work)
+    while not task.done():
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.shield(task)
+    task.result()
 
 
 async def wait_event(event: asyncio.Event, timeout_s: float) -> bool:

@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Literal
 
 import aiohttp
 import orjson
-from nats.errors import Error as NatsError
 from opentelemetry.trace import SpanKind
 
 from jetspool import logfmt, tracing
+from jetspool.aio import run_to_end
 from jetspool.domain import names
 from jetspool.domain.errors import DecodeError, PermanentDelivery, RetryableDelivery
 from jetspool.domain.messages import QueuedRequest, StoredResult, decode
@@ -291,8 +291,10 @@ class RequestHandler:
                 if requeued is not None:
                     await self._s.events.publish(requeued.record)
                     await self._s.logs.write(request.request_id, f"attempt {attempt}: {_HANDED_BACK}", level="WARN")
-        except (TimeoutError, NatsError):
-            log.warning("request %s: could not show it waiting again; it is handed back", request.request_id)
+        except Exception:
+            log.warning(
+                "request %s: could not show it waiting again; it is handed back", request.request_id, exc_info=True
+            )
 
     async def _completed(self, request: QueuedRequest, function: Function, record: StatusRecord) -> Settle:
         """Done with a completed request, after repeating what follows a completion (each step
@@ -327,7 +329,7 @@ class RequestHandler:
         try:
             answer = await self._invoke(function, request, call, attempt)
         except asyncio.CancelledError:  # the worker is stopping and hands the message back
-            await asyncio.shield(self._handed_back(request, attempt, call))
+            await run_to_end(self._handed_back(request, attempt, call))  # before the nak: events in order
             raise
         except RetryableDelivery as exc:
             if attempt < allowed:
