@@ -16,6 +16,7 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from jetspool.callbacks.addresses import AddressPolicy, RefusedAddress
 from jetspool.domain import names
+from jetspool.domain.functions import masked
 from jetspool.domain.messages import CallbackJob, encode
 from jetspool.jetstream.results import RECORD_INLINE_BYTES
 from tests.support.servers import AsgiServer, RecordingApp, Reply, eventually, eventually_true, free_port
@@ -460,3 +461,17 @@ async def test_a_callback_job_delivered_again_is_not_sent_again(stack: Stack) ->
     assert len(stack.receiver.on("/hook")) == 1
     [target] = await _callbacks(stack, "echo", request_id)
     assert (target["state"], target["attempts"]) == ("delivered", 1)
+
+
+@pytest.mark.parametrize(
+    ("url", "shown_as"),
+    [
+        ("https://example.com/hook", "https://example.com/hook"),
+        ("https://user:pw@example.com:8443/hook", "https://***@example.com:8443/hook"),
+        ("https://example.com/hook?token=s3cret&x=&&y", "https://example.com/hook?token=***&x=***&&***"),
+        ("https://example.com/hook?s3cret", "https://example.com/hook?***"),  # all value: it showed as a name
+        ("https://example.com/hook#frag", "https://example.com/hook"),
+    ],
+)
+def test_the_status_object_masks_what_a_callback_url_may_hide(url: str, shown_as: str) -> None:
+    assert masked(url) == shown_as

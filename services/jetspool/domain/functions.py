@@ -130,11 +130,19 @@ def masked(url: str) -> str:
     parts = urlsplit(url)
     host = parts.netloc.rpartition("@")
     netloc = f"{_MASK}@{host[2]}" if host[1] else host[2]
-    query = "&".join(f"{item.partition('=')[0]}={_MASK}" if item else "" for item in parts.query.split("&"))
+    query = "&".join(_masked_item(item) for item in parts.query.split("&"))
     return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
 
 
 _MASK: Final = "***"
+
+
+def _masked_item(item: str) -> str:
+    """A query item with its value masked; one without `=` is all value (`?s3cret`), masked whole."""
+    name, equals, _ = item.partition("=")
+    if not equals:
+        return _MASK if item else ""
+    return f"{name}={_MASK}"
 
 
 def decode_function(data: bytes) -> Function:
