@@ -229,6 +229,13 @@ async def test_the_openapi_document_names_the_submission_options_answers_and_err
     assert status["202"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/StatusObject"}
     assert status["404"]["content"]["application/json"]["schema"] == error
     assert "401" not in paths["/healthz"]["get"]["responses"]
+    assert "503" in paths["/readyz"]["get"]["responses"]
+    assert "401" in paths["/queue/{name}/requests/{request_id}/logs"]["post"]["responses"]  # its token
+    cancel_404 = paths["/queue/{name}/requests/{request_id}/cancel"]["put"]["responses"]["404"]
+    assert cancel_404["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/CancelAnswer"}
+    proxy = paths["/function/{name}"]["post"]
+    assert {"async", "X-Queue-Priority"} <= {p["name"] for p in proxy["parameters"]}
+    assert {"202", "502", "504", "429"} <= set(proxy["responses"])
     assert "403" in paths["/system/functions"]["post"]["responses"]
     error_schema = document["components"]["schemas"]["ErrorAnswer"]
     assert set(error_schema["properties"]) == {"detail", "error_type", "status"}

@@ -80,7 +80,8 @@ def complete_openapi(app: Litestar) -> None:
 def _complete(path: str, method: str, operation: dict[str, Any], schema: dict[str, Any]) -> None:
     responses: dict[str, Any] = operation["responses"]
     error = schema["ErrorAnswer"]
-    responses["400"] = _json("invalid input", error)
+    if "400" in responses:  # Litestar's own, for a route with parameters: its body is ours
+        responses["400"] = _json("invalid input", error)
     if "{request_id}" in path:
         responses["404"] = _json("no such request (of this function)", error)
         responses["422"] = _json("a malformed request id or function name", error)
@@ -89,15 +90,32 @@ def _complete(path: str, method: str, operation: dict[str, Any], schema: dict[st
             responses["404"] = _json("no such function", error)
         responses["422"] = _json("an invalid function name", error)
     if _is_submit(path, method):
-        operation.setdefault("parameters", []).extend(_options())
-        for code, what in _SUBMIT_ERRORS.items():
-            responses[str(code)] = _json(what, error)
+        _submit(path, operation, error)
     _answers(path, method, responses, schema)
-    if path in _OPEN or path.endswith("/logs"):  # the logs URL: its token guards it
-        return
-    responses["401"] = _json("an API key is required (when auth.api_keys is set)", error)
-    if path.startswith("/system/"):
-        responses["403"] = _json("this route needs an admin key", error)
+    _guards(path, responses, error)
+
+
+def _submit(path: str, operation: dict[str, Any], error: dict[str, Any]) -> None:
+    """A submit's options and the errors they may bring."""
+    parameters = operation.setdefault("parameters", [])
+    if path.startswith("/function/"):  # a submit with ?async=true only
+        what = "1, true or yes: queue the call (202) instead of calling now; the options below apply then"
+        parameters.append({"name": "async", "in": "query", "required": False, "description": what})
+        parameters[-1]["schema"] = {"type": "string"}
+    parameters.extend(_options())
+    for code, what in _SUBMIT_ERRORS.items():
+        operation["responses"][str(code)] = _json(what, error)
+
+
+def _guards(path: str, responses: dict[str, Any], error: dict[str, Any]) -> None:
+    """What the API keys (or a logs URL's token) answer."""
+    if path.endswith("/logs"):
+        responses["401"] = _json("the logs URL's token is missing or wrong", error)
+    elif path not in _OPEN:
+        responses["401"] = _json("an API key is required (when auth.api_keys is set)", error)
+        responses.setdefault("429", _json("the API key's rate limit (auth.rate_limit)", error))
+        if path.startswith("/system/"):
+            responses["403"] = _json("this route needs an admin key", error)
 
 
 def _answers(path: str, method: str, responses: dict[str, Any], schema: dict[str, Any]) -> None:
@@ -113,6 +131,8 @@ def _answers(path: str, method: str, responses: dict[str, Any], schema: dict[str
         responses["504"] = _json("the function did not answer within its timeout", schema["ErrorAnswer"])
     elif path.startswith("/async-function/"):
         responses["202"] = {"description": "stored; its id is in X-Call-Id", "headers": _call_id_header()}
+    elif path == "/readyz":
+        responses["503"] = {"description": "not connected to NATS, or NATS does not answer"}
 
 
 def _request_answers(path: str, responses: dict[str, Any], schema: dict[str, Any]) -> None:
@@ -126,6 +146,7 @@ def _request_answers(path: str, responses: dict[str, Any], schema: dict[str, Any
     elif path.endswith("/cancel"):
         responses["202"] = _json("cancellation requested", schema["CancelAnswer"])
         responses["400"] = _json("already completed", schema["CancelAnswer"])
+        responses["404"] = _json("no such request (of this function)", schema["CancelAnswer"])
     elif path.endswith("/retry"):
         responses["202"] = _json("a new run is queued", schema["SubmitAnswer"])
     elif path.endswith("/logs"):
@@ -133,11 +154,16 @@ def _request_answers(path: str, responses: dict[str, Any], schema: dict[str, Any
     elif path.endswith("/callback/redeliver"):
         responses["202"] = _json("callbacks sent again", schema["RedeliverAnswer"])
     else:  # the result route
-        responses["200"] = {"description": "the function's response, as it answered"}
+        what = "the function's response, as it answered; a function error keeps its own status (SPEC §5)"
+        responses["200"] = {"description": what}
         responses["400"] = _json("not completed yet (`status` says where it stands)", schema["ErrorAnswer"])
+        responses["503"] = _json("runner_unavailable: the function could not be reached", schema["ErrorAnswer"])
+        responses["504"] = _json("function_timeout or request_timeout", schema["ErrorAnswer"])
 
 
 def _is_submit(path: str, method: str) -> bool:
+    if path.startswith("/function/"):
+        return method not in {"head", "options"}
     if method != "post" or "/requests/" in path:
         return False
     return path.startswith(("/queue/{name}", "/async-function/", "/fal/queue/submit/"))

@@ -512,7 +512,8 @@ class RequestHandler:
         )
         completed = await self._update(request, attempt, complete, current)
         if completed is None:
-            dropped = f"outcome of attempt {attempt} dropped; the request completed or moved on meanwhile"
+            which = "outcome" if attempt is None else f"outcome of attempt {attempt}"
+            dropped = f"{which} dropped; the request completed or moved on meanwhile"
             log.info("request %s: %s", request.request_id, dropped)
             await self._s.logs.write(request.request_id, dropped, level="WARN")
             return False
