@@ -54,6 +54,13 @@ class Events:
                     return event_id, data
         raise EOFError("the stream ended")
 
+    async def until(self, status: str) -> dict[str, Any]:
+        """The first event that shows `status`."""
+        _, event = await self.next()
+        while event["status"] != status:
+            _, event = await self.next()
+        return event
+
     async def ended(self, timeout_s: float = 10.0) -> bool:
         with contextlib.suppress(EOFError):
             await self.next(timeout_s)
@@ -214,9 +221,7 @@ async def test_stream_with_logs_sends_an_event_for_each_new_line(stack: Stack) -
         "GET", f"/queue/busy/requests/{request_id}/status/stream", params={"logs": "1"}
     ) as response:
         events = Events(response)
-        _, first = await events.next()
-        while first["status"] != "IN_PROGRESS":
-            _, first = await events.next()
+        await events.until("IN_PROGRESS")
         assert (await stack.client.post(logs_url, json={"message": "halfway"})).status_code == 202
         _, event = await events.next()
 
@@ -235,9 +240,7 @@ async def test_the_final_event_with_logs_has_the_workers_closing_line(stack: Sta
             "GET", f"/queue/echo/requests/{request_id}/status/stream", params={"logs": "1"}
         ) as response:
             events = Events(response)
-            _, event = await events.next()
-            while event["status"] != "COMPLETED":
-                _, event = await events.next()
+            event = await events.until("COMPLETED")
             assert await events.ended()
         finals.append(event["logs"][-1]["message"])
 
