@@ -222,8 +222,9 @@ def _status(client: Client, args: argparse.Namespace, out: Output) -> int:
     (each once, though every status object carries them all); exit 1 when it shows the request
     completed with an error or cancelled, as every client command does."""
     handle = client.handle(args.name, args.id)
-    first = handle.status(logs=args.logs)  # Unreachable at once: a stream resumes for about 16 s
-    shown = handle.iter_events(logs=args.logs) if args.watch else [first]
+    if args.watch:
+        _reachable(handle)
+    shown = handle.iter_events(logs=args.logs) if args.watch else [handle.status(logs=args.logs)]
     last = None
     printed = 0
     for status in shown:
@@ -232,6 +233,18 @@ def _status(client: Client, args: argparse.Namespace, out: Output) -> int:
         printed = max(printed, len(lines))
         last = status
     return EXIT_FAILED if last is not None and last.completed and last.error_type is not None else EXIT_OK
+
+
+def _reachable(handle: Handle) -> None:
+    """Unreachable at once when the gateway is not there: a status stream that cannot connect is
+    resumed for about 16 s first, for a gateway that restarts (`status --watch` took that long to
+    exit 5; found by a CLI audit). Any other answer is the stream's to give."""
+    try:
+        handle.status()
+    except Unreachable:
+        raise
+    except JetspoolError:
+        return
 
 
 def _result(client: Client, args: argparse.Namespace, out: Output) -> int:
