@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
     from jetspool.settings import AuthSettings
 
-_OPEN_PATHS: Final = frozenset({"/healthz", "/readyz", "/metrics"})
+OPEN_PATHS: Final = frozenset({"/healthz", "/readyz", "/metrics"})
 _OPEN_PREFIXES: Final = ("/schema", "/ui")
 _LOGS_URL: Final = re.compile(r"^/queue/[^/]+/requests/[^/]+/logs$")
 _ADMIN_PREFIX: Final = "/system/"
@@ -122,7 +122,7 @@ def _known(digest: bytes, keys: list[bytes]) -> bool:
 
 def _is_open(scope: Scope) -> bool:
     path: str = scope["path"]
-    if path in _OPEN_PATHS or path.startswith(_OPEN_PREFIXES):
+    if path in OPEN_PATHS or path.startswith(_OPEN_PREFIXES):
         return True
     return _LOGS_URL.match(path) is not None and b"token=" in scope.get("query_string", b"")
 

@@ -23,6 +23,7 @@ from jetspool.domain.views import (
     StatusObject,
     SubmitAnswer,
 )
+from jetspool.gateway.auth import OPEN_PATHS
 from jetspool.gateway.intake import NO_RETRY_HEADERS, PRIORITY_HEADERS, TIMEOUT_HEADERS
 
 if TYPE_CHECKING:
@@ -48,7 +49,7 @@ _OPTION_HEADERS: Final = [
     ("Idempotency-Key", "1 to 256 characters: a repeat returns the first request", {"type": "string"}),
     (names.H_CALLBACK_URL, "URL that receives the function's response (OpenFaaS callback)", {"type": "string"}),
 ]
-OPTION_QUERY: Final = {
+_OPTION_QUERY: Final = {
     "fal_webhook": "URL that receives fal's webhook JSON",
     "webhook": "the same as fal_webhook",
     "webhookEndpoint": "the same as X-Callback-Url",
@@ -56,7 +57,6 @@ OPTION_QUERY: Final = {
     "fal_max_queue_length": "the same as max_queue_length",
 }
 """The query options of a submit (`intake.CONTROL_QUERY`, described)."""
-_OPEN: Final = frozenset({"/healthz", "/readyz", "/metrics"})
 _SUBMIT_ERRORS: Final = {
     413: "the body is larger than gateway.max_body_size",
     422: "an invalid option or callback URL, or an invalid function name",
@@ -111,7 +111,7 @@ def _guards(path: str, responses: dict[str, Any], error: dict[str, Any]) -> None
     """What the API keys (or a logs URL's token) answer."""
     if path.endswith("/logs"):
         responses["401"] = _json("the logs URL's token is missing or wrong", error)
-    elif path not in _OPEN:
+    elif path not in OPEN_PATHS:
         responses["401"] = _json("an API key is required (when auth.api_keys is set)", error)
         responses.setdefault("429", _json("the API key's rate limit (auth.rate_limit)", error))
         if path.startswith("/system/"):
@@ -176,7 +176,7 @@ def _options() -> list[dict[str, Any]]:
     ]
     query = [
         {"name": name, "in": "query", "required": False, "description": what, "schema": {"type": "string"}}
-        for name, what in OPTION_QUERY.items()
+        for name, what in _OPTION_QUERY.items()
     ]
     return headers + query
 

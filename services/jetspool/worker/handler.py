@@ -291,7 +291,7 @@ class RequestHandler:
                 if requeued is not None:
                     await self._s.events.publish(requeued.record)
                     await self._s.logs.write(request.request_id, f"attempt {attempt}: {_HANDED_BACK}", level="WARN")
-        except Exception:
+        except Exception:  # whatever failed, the message is still handed back at once, not with a backoff
             log.warning(
                 "request %s: could not show it waiting again; it is handed back", request.request_id, exc_info=True
             )
