@@ -1,4 +1,4 @@
-"""NATS connection options (SPEC §7): user/password, token and TLS work for every component; a
+"""NATS connection options (SPEC §7): user/password, token, nkey, credentials file and TLS work for every component; a
 server that refuses the credentials stops start-up at once with a clear message (exit code 2)."""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from jetspool.domain.errors import ConfigError
 from jetspool.embedded import EmbeddedNats
 from jetspool.jetstream.connection import connect
 from jetspool.settings import NatsSettings
+from tests.support.operator import Keys, Operator
 from tests.support.processes import ACCEPT_SINGLE_REPLICA, JetspoolProcess
 from tests.support.servers import eventually, free_port
 from tests.support.stack import start_stack
@@ -73,6 +74,22 @@ async def test_an_nkey_seed(tmp_path: Path) -> None:
         await _round_trip(server, nkey_seed=str(seed_file))
         with pytest.raises(ConfigError, match="refused our credentials"):
             await connect(NatsSettings(url=server.url, connect_timeout=2.0), "no-seed")
+    finally:
+        server.stop()
+
+
+async def test_a_credentials_file(tmp_path: Path) -> None:
+    """`nats.credentials`: a user's `.creds` file (its JWT and nkey seed) on a server in operator
+    mode, as Synadia Cloud and `nsc`-managed servers run. A user signed by a key the operator does
+    not know is refused, with the message naming the settings to check."""
+    operator = Operator.new()
+    server = EmbeddedNats(tmp_path / "nats", port=free_port(), extra_config=operator.server_config())
+    server.start()
+    try:
+        await _round_trip(server, credentials=str(operator.user_creds(tmp_path / "user.creds")))
+        stranger = operator.user_creds(tmp_path / "stranger.creds", signer=Keys.new(nkeys.PREFIX_BYTE_ACCOUNT))
+        with pytest.raises(ConfigError, match=r"refused our credentials .*nats\.credentials"):
+            await connect(NatsSettings(url=server.url, credentials=str(stranger), connect_timeout=2.0), "stranger")
     finally:
         server.stop()
 
