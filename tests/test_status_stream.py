@@ -135,6 +135,28 @@ async def test_reconnecting_with_last_event_id_continues_the_ids(stack: Stack) -
     stack.functions.release("/busy", 2)
 
 
+@pytest.mark.parametrize("ahead", [1, 5_000_000, 10**15])
+async def test_ids_stay_above_a_last_event_id_the_record_never_reached(stack: Stack, ahead: int) -> None:
+    """The first event of a reconnect follows the client's Last-Event-ID, even a made-up one from a
+    revision to come, and the ids of the changes after it keep rising."""
+    await stack.occupy()
+    request_id = await _queue(stack, "busy")
+    async with _stream(stack, "busy", request_id) as events:
+        first_id, _ = await events.next()
+    claimed = first_id + ahead
+
+    async with _stream(stack, "busy", request_id, **{"Last-Event-ID": str(claimed)}) as events:
+        ids = [(await events.next())[0]]
+        stack.functions.release("/busy", 2)
+        while (event := await events.next())[1]["status"] != "COMPLETED":
+            ids.append(event[0])
+        ids.append(event[0])
+
+    assert ids[0] > claimed
+    assert ids == sorted(set(ids)), ids
+    assert len(ids) >= 3, "waiting, running and completed"
+
+
 async def test_reconnecting_after_the_completed_event_gets_nothing_again(stack: Stack) -> None:
     request_id = await _completed(stack)
     async with _stream(stack, "echo", request_id) as events:

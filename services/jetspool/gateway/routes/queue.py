@@ -293,11 +293,16 @@ def _event_id(value: str | None) -> int | None:
 async def _events(
     gateway: Gateway, current: Versioned, *, with_logs: bool, last_id: int | None
 ) -> AsyncIterator[ServerSentEventMessage]:
-    """Event ids are `revision * 1e6 + n`: monotonic, and a reconnect with Last-Event-ID continues them."""
+    """Event ids are `revision * 1e6 + n`: monotonic, and a reconnect with Last-Event-ID continues them.
+
+    An id is never at or below the client's `Last-Event-ID`, even one the record never reached (made
+    up, or from a bucket since recreated): the ids went backwards after it, and a client that keeps
+    the highest id it saw would have taken every event as one it had."""
     record = current.record
     async with gateway.feed.watch(record.request_id, record.function) as watch:
         current = await gateway.status.get(record.request_id) or current
         revision, count, sent = current.revision, 0, None
+        last_sent = -1 if last_id is None else last_id
         if last_id is not None and last_id // _EVENT_IDS_PER_REVISION == revision:
             if current.record.is_completed:
                 return  # the client has the final event: nothing was missed, and it is not sent again
@@ -309,9 +314,8 @@ async def _events(
             if view != sent:
                 if current.revision != revision:
                     revision, count = current.revision, 0
-                yield ServerSentEventMessage(
-                    data=orjson.dumps(view).decode(), id=revision * _EVENT_IDS_PER_REVISION + count
-                )
+                last_sent = max(revision * _EVENT_IDS_PER_REVISION + count, last_sent + 1)
+                yield ServerSentEventMessage(data=orjson.dumps(view).decode(), id=last_sent)
                 count, sent = count + 1, view
             if current.record.is_completed:
                 return
