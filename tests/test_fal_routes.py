@@ -205,3 +205,31 @@ async def test_a_404_about_an_unknown_request_names_it_in_x_request_id(stack: St
     assert response.status_code == 404
     assert response.headers["x-request-id"] == request_id, "in canonical form"
     assert "None" not in response.json()["detail"]
+
+
+async def test_status_and_result_answer_head_as_get_without_a_body(stack: Stack) -> None:
+    """`curl -I` on a request's status or result: 405 before."""
+    await stack.occupy()
+    waiting = (await stack.client.post("/queue/busy", json={})).json()["request_id"]
+    await stack.register("echo")
+    done = (await stack.client.post("/queue/echo", json={"x": 1})).json()["request_id"]
+    await stack.wait_for_status("echo", done)
+    unknown = str(uuid.uuid4())
+
+    paths = [
+        f"/queue/busy/requests/{waiting}/status",
+        f"/queue/echo/requests/{done}/status",
+        f"/queue/echo/requests/{done}",
+        f"/queue/busy/requests/{waiting}",
+        f"/queue/echo/requests/{unknown}/status",
+    ]
+    heads = [await stack.client.head(path) for path in paths]
+    gets = [await stack.client.get(path) for path in paths]
+
+    assert [h.status_code for h in heads] == [g.status_code for g in gets] == [202, 200, 200, 400, 404]
+    assert [h.content for h in heads] == [b""] * len(paths)
+    for head, got in zip(heads, gets, strict=True):
+        assert head.headers["content-type"] == got.headers["content-type"]
+        assert head.headers["x-request-id"] == got.headers["x-request-id"]
+    assert heads[2].headers["content-length"] == str(len(gets[2].content))
+    stack.functions.release("/busy")

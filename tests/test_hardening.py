@@ -189,7 +189,7 @@ async def test_headers_too_large_for_a_queue_message_get_431_and_an_inline_body_
     ("method", "path", "allowed"),
     [
         ("POST", "/healthz", {"GET", "HEAD", "OPTIONS"}),
-        ("DELETE", "/queue/echo/requests/00000000-0000-4000-8000-000000000000", {"GET", "OPTIONS"}),
+        ("DELETE", "/queue/echo/requests/00000000-0000-4000-8000-000000000000", {"GET", "HEAD", "OPTIONS"}),
         ("PUT", "/queue/echo", {"POST", "OPTIONS"}),
     ],
 )

@@ -8,10 +8,11 @@ import logging
 import random
 from collections.abc import AsyncIterator
 from functools import partial
-from typing import Any
+from typing import Any, Final
 
 import orjson
-from litestar import Request, Response, get, post, put
+from litestar import Request, Response, get, post, put, route
+from litestar.enums import HttpMethod
 from litestar.params import FromPath, FromQuery
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 from nats.errors import Error as NatsError
@@ -35,6 +36,8 @@ log = logging.getLogger(__name__)
 _FLAGS = {"1": True, "true": True, "0": False, "false": False}
 _MAX_WAIT_S = 600.0
 _EVENT_IDS_PER_REVISION = 1_000_000
+_READ: Final = [HttpMethod.GET, HttpMethod.HEAD]
+"""A request's status and result answer HEAD too, as GET without the body (`curl -I`, HTTP monitors)."""
 _POSITION_AFTER_SUBMIT_S = 2.0
 """How long a submit's answer waits for the request's queue position, at most."""
 
@@ -95,7 +98,7 @@ def _flag(name: str, value: str | None) -> bool:
         raise InvalidInput(f"{name} must be one of 1, 0, true, false; got {value!r}") from exc
 
 
-@get("/queue/{name:str}/requests/{request_id:str}/status")
+@route("/queue/{name:str}/requests/{request_id:str}/status", http_method=_READ)
 async def request_status(
     gateway: GatewayDep, name: FromPath[str], request_id: FromPath[str], logs: FromQuery[str | None] = None
 ) -> Response[dict[str, Any]]:
@@ -114,7 +117,7 @@ async def _status(gateway: Gateway, name: str | None, request_id: str, logs: str
     )
 
 
-@get("/queue/{name:str}/requests/{request_id:str}")
+@route("/queue/{name:str}/requests/{request_id:str}", http_method=_READ)
 async def request_result(
     request: Request[Any, Any, Any],
     gateway: GatewayDep,
