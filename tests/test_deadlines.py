@@ -110,3 +110,5 @@ async def test_a_deadline_passed_while_waiting_to_be_retried_says_so(stack: Stac
     assert (final["error_type"], final["attempts"]) == ("request_timeout", 1)
     assert final["error"] == "the request's start deadline passed while it waited to be retried after attempt 1"
     assert len(stack.functions.on("/echo")) == 1
+    assert final["metrics"]["inference_time"] is not None, "attempt 1 ran: it was null (found by a SPEC audit)"
+    assert 0 <= final["metrics"]["inference_time"] < 0.5

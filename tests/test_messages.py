@@ -272,6 +272,23 @@ def test_completed_records_the_final_outcome() -> None:
     assert completed.attempts == 1
 
 
+def test_an_outcome_of_no_attempt_keeps_the_run_time_of_the_attempt_before() -> None:
+    """SPEC §3: `inference_time` is the final attempt's, also when the request then ends while it
+    waits (cancelled, or its start deadline passed); null only when no attempt ran."""
+
+    def cancelled(record: StatusRecord) -> StatusRecord:
+        return record.completed(
+            DONE, keep_s=60, function_status=None, inference_time=None, error_type=ErrorType.CANCELLED
+        )
+
+    retried = _record().started(1, STARTED).requeued("function answered 503", 0.25)
+
+    assert retried.status is State.IN_QUEUE
+    assert cancelled(retried).inference_time == 0.25
+    assert retried.started(2, STARTED).requeued("again").inference_time == 0.25, "a hand-back keeps it"
+    assert cancelled(_record()).inference_time is None
+
+
 def test_successful_completion_clears_the_error_of_an_earlier_retry() -> None:
     completed = (
         _record()

@@ -135,9 +135,11 @@ class StatusRecord(WireMessage, frozen=True, kw_only=True):
         """The request's attempt number `attempt` has begun."""
         return msgspec.structs.replace(self, status=State.IN_PROGRESS, attempts=attempt, started_at=at)
 
-    def requeued(self, error: str) -> StatusRecord:
-        """An attempt failed in a way worth retrying; the request waits again."""
-        return msgspec.structs.replace(self, status=State.IN_QUEUE, error=error)
+    def requeued(self, error: str, ran_s: float | None = None) -> StatusRecord:
+        """An attempt failed in a way worth retrying; the request waits again. `ran_s`: how long the
+        attempt ran, which stays the request's `inference_time` should it end with no further attempt."""
+        ran = self.inference_time if ran_s is None else ran_s
+        return msgspec.structs.replace(self, status=State.IN_QUEUE, error=error, inference_time=ran)
 
     def completed(
         self,
@@ -150,14 +152,17 @@ class StatusRecord(WireMessage, frozen=True, kw_only=True):
         error_type: ErrorType | None = None,
         result: StoredResult | None = None,
     ) -> StatusRecord:
-        """The request's final outcome, kept for `keep_s` seconds (`result`: the response, if small)."""
+        """The request's final outcome, kept for `keep_s` seconds (`result`: the response, if small).
+
+        `inference_time` None (an outcome of no attempt: cancelled or timed out while waiting) keeps
+        the run time of the attempt before, if one ran: SPEC §3 gives the final attempt's."""
         return msgspec.structs.replace(
             self,
             status=State.COMPLETED,
             completed_at=at,
             expires_at=at + timedelta(seconds=keep_s),
             function_status=function_status,
-            inference_time=inference_time,
+            inference_time=self.inference_time if inference_time is None else inference_time,
             error=error,
             error_type=error_type,
             result=result,

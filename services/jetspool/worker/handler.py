@@ -340,7 +340,8 @@ class RequestHandler:
                 await self._s.logs.write(
                     request.request_id, f"attempt {attempt}: {reason}; retrying in {delay:.1f} s", level="WARN"
                 )
-                requeued = await self._update(request, attempt, lambda r: r.requeued(reason), call.record)
+                ran_s = time.monotonic() - began
+                requeued = await self._update(request, attempt, lambda r: r.requeued(reason, ran_s), call.record)
                 if requeued is None:
                     return await self._superseded(request, function)
                 await self._s.events.publish(requeued.record)
