@@ -207,6 +207,9 @@ async def test_the_openapi_document_is_valid_and_has_every_route_of_the_spec(sta
 
     validate_openapi(document)  # raises on an invalid OpenAPI 3 document
     assert (answer.status_code, document["openapi"].split(".")[0]) == (200, "3")
+    assert answer.headers["content-type"] == "application/json", "SPEC §2; Litestar's own type failed a strict check"
+    viewer = await stack.client.get("/schema")
+    assert (viewer.status_code, viewer.headers["content-type"].split(";")[0]) == (200, "text/html")
     documented = {(method, path) for path, item in document["paths"].items() for method in item}
     assert _SPEC_ROUTES - documented == set()
 

@@ -15,10 +15,9 @@ from litestar import Litestar, Request, Response
 from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.exceptions import HTTPException
-from litestar.openapi import OpenAPIConfig
 from nats.errors import Error as NatsError
 
-from jetspool import __version__, tracing
+from jetspool import tracing
 from jetspool.callbacks.addresses import AddressPolicy
 from jetspool.domain import names
 from jetspool.domain.errors import ConfigError, RequestError
@@ -27,7 +26,7 @@ from jetspool.gateway.feed import StatusFeed
 from jetspool.gateway.intake import Intake, named_request_id
 from jetspool.gateway.limits import receive_deadline
 from jetspool.gateway.metrics import GatewayMetrics
-from jetspool.gateway.openapi import complete_openapi
+from jetspool.gateway.openapi import complete_openapi, openapi_config
 from jetspool.gateway.routes import dashboard, function, logs, openfaas, queue, system
 from jetspool.gateway.state import Gateway
 from jetspool.jetstream.callbacks import CallbackQueue
@@ -140,7 +139,7 @@ def create_app(settings: Settings, *, config_errors: list[ConfigError] | None = 
         },
         request_max_body_size=settings.gateway.max_body_size,
         middleware=[metrics.timed, KeyGuard(settings.auth), receive_deadline(settings.gateway.receive_timeout)],
-        openapi_config=OpenAPIConfig(title="jetspool", version=__version__, path="/schema"),
+        openapi_config=openapi_config(),
         state=State(),
         logging_config=None,
     )

@@ -10,7 +10,18 @@ from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
 from litestar._openapi.plugin import OpenAPIPlugin
+from litestar.enums import MediaType
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import (
+    JsonRenderPlugin,
+    RapidocRenderPlugin,
+    RedocRenderPlugin,
+    StoplightRenderPlugin,
+    SwaggerRenderPlugin,
+    YamlRenderPlugin,
+)
 
+from jetspool import __version__
 from jetspool.domain import names
 from jetspool.domain.views import (
     AsyncCallAnswer,
@@ -28,6 +39,16 @@ from jetspool.gateway.intake import NO_RETRY_HEADERS, PRIORITY_HEADERS, TIMEOUT_
 
 if TYPE_CHECKING:
     from litestar import Litestar
+
+
+def openapi_config() -> OpenAPIConfig:
+    """Litestar's viewers under `/schema` (ReDoc at its root), and the document at
+    `/schema/openapi.json` as `application/json`, the type SPEC §2 gives every JSON body: Litestar
+    serves it as `application/vnd.oai.openapi+json` (found by a SPEC audit)."""
+    viewers = [RedocRenderPlugin(), SwaggerRenderPlugin(), StoplightRenderPlugin(), RapidocRenderPlugin()]
+    documents = [JsonRenderPlugin(media_type=MediaType.JSON), YamlRenderPlugin()]
+    return OpenAPIConfig(title="jetspool", version=__version__, path="/schema", render_plugins=[*viewers, *documents])
+
 
 _TYPES: Final = (
     ErrorAnswer,
