@@ -80,6 +80,8 @@ async def test_max_attempts_counts_again_for_each_run(stack: Stack) -> None:
     assert second["error_type"] == "runner_unavailable"
     assert second["attempts"] == 4
     assert [s.header("x-attempt") for s in stack.functions.on("/down")] == ["1", "2", "3", "4"]
+    assert first["error"].startswith("gave up after 2 attempts:"), first["error"]
+    assert second["error"].startswith("gave up after 2 attempts of this run, 4 in all:"), "it said 'after 4 attempts'"
 
 
 async def test_a_cancelled_request_runs_again_and_calls_back_for_each_run(stack_without_worker: Stack) -> None:

@@ -122,6 +122,13 @@ class Lease:
         return self.lapsed or time.monotonic() - self.kept_at > ack_wait_s * _LAPSE_SHARE
 
 
+def _attempts_made(attempts: int, base: int) -> str:
+    """How many attempts a run that gives up made: `max_attempts` counts per run (see the retry route)."""
+    if base == 0:
+        return f"{attempts} attempts"
+    return f"{attempts - base} attempts of this run, {attempts} in all"
+
+
 def _is_current_run(msg: Msg, request: QueuedRequest, record: StatusRecord) -> bool:
     """Whether `msg` is the run of the request its record names (a run of the retry route: by sequence)."""
     if request.retry != record.retries:
@@ -259,7 +266,7 @@ class RequestHandler:
             await self._complete(request, function, None, ErrorType.REQUEST_TIMEOUT, late, current=current)
             return ACK
         if attempt > allowed or int(msg.metadata.num_delivered) > per_run + _SPARE_DELIVERIES:
-            gave_up = f"gave up after {current.record.attempts} attempts"
+            gave_up = f"gave up after {_attempts_made(current.record.attempts, current.record.attempt_base)}"
             await self._complete(request, function, None, ErrorType.RUNNER_UNAVAILABLE, gave_up, current=current)
             return ACK
         call = _Call()
@@ -332,10 +339,10 @@ class RequestHandler:
             await run_to_end(self._handed_back(request, attempt, call))  # before the nak: events in order
             raise
         except RetryableDelivery as exc:
+            base = call.record.record.attempt_base if call.record else 0  # each run counts and backs off afresh
             if attempt < allowed:
                 reason = str(exc)
-                of_run = attempt - (call.record.record.attempt_base if call.record else 0)  # each run backs off afresh
-                delay = backoff_s(of_run, self._retry, exc.retry_after_s, self._rng)
+                delay = backoff_s(attempt - base, self._retry, exc.retry_after_s, self._rng)
                 log.info("request %s attempt %d: %s; retrying in %.1f s", request.request_id, attempt, reason, delay)
                 await self._s.logs.write(
                     request.request_id, f"attempt {attempt}: {reason}; retrying in {delay:.1f} s", level="WARN"
@@ -347,7 +354,7 @@ class RequestHandler:
                 await self._s.events.publish(requeued.record)
                 await count(self._s.conn, request.function, "retried")
                 return Settle("nak", delay)
-            gave_up = f"gave up after {attempt} attempts: {exc}"
+            gave_up = f"gave up after {_attempts_made(attempt, base)}: {exc}"
             recorded = await self._complete(
                 request,
                 function,
