@@ -258,3 +258,71 @@ async def test_submit_help_says_timeout_goes_with_wait() -> None:
 
     assert ran.code == 0
     assert "with --wait (ignored without)" in " ".join(ran.out.split())
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["submit", "../system/functions", "--data", '{"name": "evil", "url": "http://127.0.0.1:1"}'],
+        ["submit", "codes/sub"],
+        ["submit", "echo", "--path", "/../codes"],
+        ["submit", "echo", "--path", "a/..\\..;x/admin?k=v"],
+        ["functions", "rm", "aaa/../bbb"],
+        ["status", "a/../b", REQUEST_ID],
+        ["cancel", "Echo", REQUEST_ID],
+    ],
+)
+async def test_a_name_or_path_that_would_leave_its_route_is_refused_before_anything_is_sent(
+    stranger: tuple[RecordingApp, AsgiServer], args: list[str]
+) -> None:
+    """The HTTP client resolved `..` before sending: `submit ../system/functions` registered a
+    function on an open gateway, `functions rm aaa/../bbb` removed bbb, and `--path /../codes` ran
+    the request on another function (found by a CLI audit)."""
+    app, server = stranger
+
+    ran = await _jetspool(*args, url=server.url)
+
+    assert ran.code == EXIT_USAGE, ran.err
+    assert "name" in _one_error_line(ran) or "segment" in ran.err
+    assert app.seen == [], "nothing reached the gateway"
+
+
+@pytest.mark.parametrize("command", ["status", "result", "cancel"])
+async def test_a_request_id_that_is_not_a_uuid_is_refused_before_anything_is_sent(
+    stranger: tuple[RecordingApp, AsgiServer], command: str
+) -> None:
+    """An id with `/` and `..` reached other routes the same way (found by a CLI audit)."""
+    app, server = stranger
+
+    ran = await _jetspool(command, "echo", "../../../system/functions/echo", url=server.url)
+
+    assert ran.code == EXIT_USAGE, ran.err
+    assert "malformed request id" in _one_error_line(ran)
+    assert app.seen == []
+
+
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [
+        ("functions: [\n", "not YAML"),
+        ("", "no functions"),
+        ("just a string\n", "no functions"),
+        ("- echo\n- other\n", "not a mapping with a name"),
+        ("gateway:\n  port: 1\n", "not a mapping with a name"),
+        ("functions: []\n", "no functions"),
+    ],
+)
+async def test_functions_deploy_of_a_file_without_function_entries_exits_2(
+    stranger: tuple[RecordingApp, AsgiServer], tmp_path: Path, content: str, why: str
+) -> None:
+    """A malformed, empty or wrongly shaped file stopped the command with a traceback and exit 1."""
+    app, server = stranger
+    spec = tmp_path / "functions.yaml"
+    spec.write_text(content, encoding="utf-8")
+
+    ran = await _jetspool("functions", "deploy", str(spec), url=server.url)
+
+    assert ran.code == EXIT_USAGE
+    assert why in _one_error_line(ran)
+    assert str(spec) in ran.err
+    assert app.seen == []

@@ -22,6 +22,7 @@ import asyncio
 import os
 import time
 import urllib.parse
+import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
@@ -30,6 +31,7 @@ import orjson
 from httpx_sse import ServerSentEvent, aconnect_sse, connect_sse
 
 from jetspool.domain import names
+from jetspool.domain.functions import NAME_PATTERN, is_valid_name, leaves_its_url
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterator
@@ -212,11 +214,37 @@ def submission(
     # A query in `path` goes to the function with the sub-path; passed in the URL it was dropped,
     # since httpx replaces a URL's query with `params` (found by a CLI audit).
     path, _, query = path.partition("?")
+    if leaves_its_url(path):  # the HTTP client resolved it before the gateway could refuse it
+        raise ValueError(f"sub-path {path!r} has a '.' or '..' segment: it would leave the function's URL")
     params = urllib.parse.parse_qsl(query, keep_blank_values=True)
     if webhook_url:
         params.append(("fal_webhook", webhook_url))
-    route = f"/queue/{name}" + (f"/{path.lstrip('/')}" if path else "")
+    route = f"/queue/{function_name(name)}" + (f"/{path.lstrip('/')}" if path else "")
     return Submission(route, body, sent, params)
+
+
+def function_name(name: str) -> str:
+    """`name`, checked before it goes into a URL: a name with `/` or `..` reached another function
+    or route (`../system/functions` registered a function; found by a CLI audit). ValueError
+    for one that SPEC §1's pattern refuses."""
+    if not is_valid_name(name):
+        raise ValueError(f"{name!r} is not a function name ({NAME_PATTERN})")
+    return name
+
+
+def _entry_path(function: dict[str, Any]) -> str:
+    """The registry route of a function entry."""
+    return f"/system/functions/{function_name(str(function.get('name', '')))}"
+
+
+def _request_path(name: str, request_id: str) -> str:
+    """The URL path of a request. ValueError for an id that is not a UUID, as the gateway's 422: one
+    with `/` and `..` reached another route, resolved by the HTTP client (found by a CLI audit)."""
+    try:
+        canonical = uuid.UUID(request_id)
+    except ValueError:
+        raise ValueError(f"malformed request id {request_id!r}: expected a UUID") from None
+    return f"/queue/{function_name(name)}/requests/{canonical}"
 
 
 def _auth(api_key: str | None) -> dict[str, str]:
@@ -489,10 +517,10 @@ class Client:
 
     def deploy(self, function: dict[str, Any]) -> dict[str, Any]:
         """Create or replace a function (a registry entry: name, url, ...)."""
-        return _object(_checked(self.send("PUT", f"/system/functions/{function['name']}", json=function)), "name")
+        return _object(_checked(self.send("PUT", _entry_path(function), json=function)), "name")
 
     def remove(self, name: str) -> None:
-        _checked(self.send("DELETE", f"/system/functions/{name}"))
+        _checked(self.send("DELETE", f"/system/functions/{function_name(name)}"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -503,7 +531,7 @@ class Handle:
 
     @property
     def _prefix(self) -> str:
-        return f"/queue/{self.function}/requests/{self.request_id}"
+        return _request_path(self.function, self.request_id)
 
     def status(self, *, logs: bool = False) -> Status:
         response = self.client.send("GET", f"{self._prefix}/status", params={"logs": "1" if logs else "0"})
@@ -598,11 +626,11 @@ class AsyncClient:
         return _objects(_checked(await self.send("GET", "/system/functions")), "name", "url")
 
     async def deploy(self, function: dict[str, Any]) -> dict[str, Any]:
-        response = await self.send("PUT", f"/system/functions/{function['name']}", json=function)
+        response = await self.send("PUT", _entry_path(function), json=function)
         return _object(_checked(response), "name")
 
     async def remove(self, name: str) -> None:
-        _checked(await self.send("DELETE", f"/system/functions/{name}"))
+        _checked(await self.send("DELETE", f"/system/functions/{function_name(name)}"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -613,7 +641,7 @@ class AsyncHandle:
 
     @property
     def _prefix(self) -> str:
-        return f"/queue/{self.function}/requests/{self.request_id}"
+        return _request_path(self.function, self.request_id)
 
     async def status(self, *, logs: bool = False) -> Status:
         response = await self.client.send("GET", f"{self._prefix}/status", params={"logs": "1" if logs else "0"})

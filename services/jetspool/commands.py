@@ -266,15 +266,31 @@ def _functions(client: Client, args: argparse.Namespace, out: Output) -> int:
         lines = [f"{f['name']}\t{f['url']}\t{_figures(f.get('stats', {}))}" for f in listed]
         out.value(listed, "\n".join(lines) or "no functions")
     elif args.verb == "deploy":
-        loaded = yaml.safe_load(args.file.read_text(encoding="utf-8"))
-        entries = loaded.get("functions", loaded) if isinstance(loaded, dict) else loaded
-        entries = [entries] if isinstance(entries, dict) else entries
-        deployed = [client.deploy(entry) for entry in entries]
+        deployed = [client.deploy(entry) for entry in _function_entries(args.file)]
         out.value(deployed, "\n".join(f"deployed {d['name']}" for d in deployed))
     else:
         client.remove(args.fname)
         out.value({"removed": args.fname}, f"removed {args.fname}")
     return EXIT_OK
+
+
+def _function_entries(file: Path) -> list[dict[str, Any]]:
+    """The function entries of a file for `functions deploy`: a list of them, one alone, or a config
+    file's `functions`. ConfigError (exit 2) for anything else: an empty, malformed or wrongly
+    shaped file stopped the command with a traceback and exit code 1 (found by a CLI audit)."""
+    try:
+        loaded = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{file}: not YAML or JSON: {' '.join(str(exc).split())}") from exc
+    entries = loaded.get("functions", loaded) if isinstance(loaded, dict) else loaded
+    entries = [entries] if isinstance(entries, dict) else entries
+    if not isinstance(entries, list) or not entries:
+        shapes = "a function (name, url, ...), a list of them, or `functions:`"
+        raise ConfigError(f"{file}: no functions: expected {shapes}")
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, dict) or "name" not in entry:
+            raise ConfigError(f"{file}: function {index + 1} is not a mapping with a name: {entry!r}")
+    return entries
 
 
 _COMMANDS: Final[dict[str, Callable[[Client, argparse.Namespace, Output], int]]] = {

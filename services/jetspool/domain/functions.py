@@ -106,6 +106,12 @@ class Function(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
         return msgspec.json.encode(self)
 
 
+def leaves_its_url(path: str) -> bool:
+    """Whether a sub-path has a `.` or `..` segment, which would take a call out from under its
+    function's URL. Backslashes count as separators and `;` parameters are ignored, as some servers do."""
+    return any(segment.partition(";")[0] in {".", ".."} for segment in re.split(r"[/\\]", path))
+
+
 def with_query(url: str, query: str) -> str:
     """`url` with a caller's query string added after the one it may have."""
     if not query:
