@@ -36,3 +36,18 @@ async def test_a_json_log_line_names_its_request_and_trace(stack_without_worker:
     assert line["time"].endswith("Z")
     for text in worker.output.splitlines():
         orjson.loads(text)  # every line is JSON
+
+
+def test_a_log_format_from_the_environment_is_checked_as_the_flag_is() -> None:
+    """`JETSPOOL_LOG_FORMAT=xml` was ignored (text logs) while `--log-format xml` exits 2."""
+    bad = JetspoolProcess(["worker", "--nats-url", "nats://127.0.0.1:1"], env={"JETSPOOL_LOG_FORMAT": "xml"})
+    flag = JetspoolProcess(["worker", "--log-format", "xml", "--nats-url", "nats://127.0.0.1:1"])
+    try:
+        codes = bad.wait(30), flag.wait(30)
+    finally:
+        bad.kill_tree()
+        flag.kill_tree()
+
+    assert codes == (2, 2)
+    assert "JETSPOOL_LOG_FORMAT: 'xml' is not one of text, json" in bad.output
+    assert "--log-format" in flag.output

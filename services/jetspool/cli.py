@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from jetspool import __version__, logfmt
 from jetspool.aio import stop_task
@@ -37,6 +37,7 @@ _STOP_SLACK_S = 2.0
 """Beyond `worker.shutdown_grace`, for a worker stopped during start-up to unwind."""
 
 log = logging.getLogger("jetspool")
+_LOG_FORMATS: Final = ("text", "json")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,7 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     up = commands.add_parser("up", help="run the whole stack: embedded NATS, gateway, worker(s)")
     _common(up)
     _http(up)
-    up.add_argument("--data-dir", type=Path, default=Path("jetspool-data"), help="embedded NATS data dir")
+    up.add_argument(
+        "--data-dir", type=Path, default=Path("jetspool-data"), help="embedded NATS data dir (default ./jetspool-data)"
+    )
     up.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     up.add_argument("--demo", action="store_true", help="also serve and register demo functions")
 
@@ -72,7 +75,7 @@ def _logging(parser: argparse.ArgumentParser, level: str, log_format: str) -> No
     parser.add_argument(
         "--log-format",
         default=log_format,
-        choices=["text", "json"],
+        choices=_LOG_FORMATS,
         help="log lines as text or JSON objects (or JETSPOOL_LOG_FORMAT); each names its request and trace",
     )
 
@@ -99,6 +102,8 @@ def _settings(args: argparse.Namespace) -> Settings:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.log_format not in _LOG_FORMATS:  # from JETSPOOL_LOG_FORMAT: argparse checks only what is given
+        parser.error(f"JETSPOOL_LOG_FORMAT: {args.log_format!r} is not one of {', '.join(_LOG_FORMATS)}")
     logfmt.configure(args.log_level, args.log_format)
     try:
         return _dispatch(args)
