@@ -65,6 +65,11 @@ class EmbeddedNats:
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
+    def log_path(self) -> Path:
+        """Where the server writes its output."""
+        return self.data_dir / "nats-server.log"
+
+    @property
     def pid(self) -> int:
         """The running server's process id."""
         if self._process is None:
@@ -106,7 +111,7 @@ class EmbeddedNats:
             stale.unlink()
         config = self.data_dir / "nats-server.conf"
         config.write_text(self.config(), encoding="utf-8")
-        log_file = (self.data_dir / "nats-server.log").open("ab")
+        log_file = self.log_path.open("ab")
         self._process = subprocess.Popen(  # noqa: S603 - our own binary and arguments
             [str(server_binary()), "-c", str(config), "--ports_file_dir", str(run_dir)],
             stdout=log_file,
@@ -136,7 +141,7 @@ class EmbeddedNats:
         ports_file = run_dir / f"nats-server_{self._process.pid}.ports"
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
-                log_tail = (self.data_dir / "nats-server.log").read_text(errors="replace")[-2000:]
+                log_tail = self.log_path.read_text(errors="replace")[-2000:]
                 raise ConfigError(f"nats-server exited with {self._process.returncode}:\n{log_tail}")
             if ports_file.exists():
                 with contextlib.suppress(ValueError, KeyError, IndexError):
@@ -144,6 +149,11 @@ class EmbeddedNats:
             time.sleep(0.02)
         self.stop()
         raise ConfigError(f"nats-server did not start within {_READY_TIMEOUT_S:g} s")
+
+    def exit_code(self) -> int | None:
+        """How the server ended if it ended by itself (reaped here): its exit code, or minus the signal
+        that killed it, as `Popen.returncode`. None while it runs, and once `stop` or `kill` ended it."""
+        return None if self._process is None else self._process.poll()
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL if it does not stop in time."""

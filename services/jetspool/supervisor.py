@@ -3,7 +3,8 @@
 Starts an embedded nats-server (unless a NATS URL is configured), then the gateway and the
 worker process(es) (each a `jetspool gateway` / `jetspool worker` child), and with `--demo`
 the demo functions. Prints the gateway URL once it is ready. On SIGINT or SIGTERM, or when a
-child dies, it stops the children and then the NATS server, last.
+part dies (a child or the embedded nats-server), it stops the children and then the NATS
+server, last.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING
 import httpx
 import msgspec
 
+from jetspool.aio import stop_task
 from jetspool.domain.errors import ConfigError
 from jetspool.embedded import EmbeddedNats, die_with_parent
 from jetspool.jetstream.startup import check_durability, open_jetstream
@@ -50,6 +52,8 @@ class UpOptions:
 
 _ACCEPT_SINGLE_REPLICA = "JETSPOOL_NATS__ACCEPT_SINGLE_REPLICA"
 _PUBLIC_URL = "JETSPOOL_GATEWAY__PUBLIC_URL"
+_NATS_SERVER = "nats-server"
+"""The embedded server's name in `up`'s messages, beside the children's ("gateway", "worker 1", ...)."""
 
 
 class StopRequest:
@@ -127,7 +131,9 @@ class Supervisor:
             self._wait_http(f"{demo_url}/healthz", "demo functions")
             from jetspool import demo  # noqa: PLC0415 - only `--demo` needs it
 
-            asyncio.run(_register(self._settings, nats_url, demo.functions(demo_url)))
+            asyncio.run(self._register_demo(nats_url, demo.functions(demo_url)))
+            if self._stop.is_set():
+                return
         gateway = self._settings.gateway
         # Workers hand functions URLs of the gateway (X-Logs-Url, the URLs in events): the one
         # `up` starts, with whatever flags chose its address, not the config file's default.
@@ -145,21 +151,45 @@ class Supervisor:
         )
         self._children.append((name, process))
 
+    async def _register_demo(self, nats_url: str, functions: list[Function]) -> None:
+        """Register `functions`, waiting as for a part to be ready: until a stop is asked for, a part
+        ends or time runs out. Waited on alone, a NATS that did not answer held `up` here for good,
+        deaf to SIGTERM (its handler only notes the request)."""
+        registering = asyncio.create_task(_register(self._settings, nats_url, functions))
+        deadline = time.monotonic() + _READY_TIMEOUT_S
+        try:
+            while not registering.done():
+                if self._stop.is_set():
+                    return
+                self._check_parts()
+                if time.monotonic() >= deadline:
+                    raise ConfigError(
+                        f"the demo functions were not registered within {_READY_TIMEOUT_S:g} s{self._nats_hint()}"
+                    )
+                await asyncio.wait({registering}, timeout=_POLL_S)
+        finally:
+            if not registering.done():
+                await stop_task(registering)
+        registering.result()  # its error, if any
+
+    def _nats_hint(self) -> str:
+        """What to check when a part waiting for a NATS server we did not start is not ready."""
+        return "" if self._nats else f"; is NATS at {','.join(self._settings.nats.servers)} reachable?"
+
     def _wait_ready(self) -> None:
         """Wait for the gateway `up` started, asked where it listens (its public URL may be a proxy's)."""
         gateway = self._settings.gateway
         scheme = "https" if gateway.serves_https else "http"
         host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(gateway.host, gateway.host)  # noqa: S104 - a name, not a bind
         host = f"[{host}]" if ":" in host else host
-        hint = "" if self._nats else f"; is NATS at {','.join(self._settings.nats.servers)} reachable?"
-        self._wait_http(f"{scheme}://{host}:{gateway.port}/readyz", "gateway", hint)
+        self._wait_http(f"{scheme}://{host}:{gateway.port}/readyz", "gateway", self._nats_hint())
 
     def _wait_http(self, url: str, what: str, hint: str = "") -> None:
         deadline = time.monotonic() + _READY_TIMEOUT_S
         # Our own child on this machine: its certificate (often self-signed) is not what is checked here.
         with httpx.Client(timeout=1.0, verify=False) as client:  # noqa: S501
             while time.monotonic() < deadline and not self._stop.is_set():
-                self._check_children()
+                self._check_parts()
                 with contextlib.suppress(httpx.HTTPError):
                     if client.get(url).status_code == 200:  # noqa: PLR2004
                         return
@@ -180,19 +210,40 @@ class Supervisor:
 
     def _watch(self) -> int:
         while not self._stop.wait(_POLL_S):
-            died = self._check_children(raise_on_death=False)
-            if died:
-                sys.stderr.write(f"jetspool: {died} stopped unexpectedly; stopping everything\n")
+            ended = self._ended_part()
+            if ended is not None:
+                name, code = ended
+                sys.stderr.write(
+                    f"jetspool: {name} stopped unexpectedly ({self._how(name, code)}); stopping everything\n"
+                )
                 return 1
         return 0
 
-    def _check_children(self, *, raise_on_death: bool = True) -> str | None:
+    def _check_parts(self) -> None:
+        """During start-up: a part that has ended is an error (exit code 2)."""
+        ended = self._ended_part()
+        if ended is not None:
+            name, code = ended
+            raise ConfigError(f"the {name} stopped during start-up ({self._how(name, code)})")
+
+    def _ended_part(self) -> tuple[str, int] | None:
+        """The first part found ended, with its exit code: the embedded nats-server, then the children.
+
+        The server is a part like the others: killed, it left `up` running for good, its gateway
+        and workers retrying and /readyz answering 503 (found by an external audit)."""
+        if self._nats is not None and (code := self._nats.exit_code()) is not None:
+            return _NATS_SERVER, code
         for name, process in self._children:
-            if process.poll() is not None:
-                if raise_on_death:
-                    raise ConfigError(f"the {name} exited with code {process.returncode} during start-up")
-                return name
+            if (code := process.poll()) is not None:
+                return name, code
         return None
+
+    def _how(self, name: str, code: int) -> str:
+        """How a part ended, for its message; the embedded server's own output is in its log file."""
+        how = _exit_status(code)
+        if name == _NATS_SERVER and self._nats is not None:
+            how += f"; its log: {self._nats.log_path}"
+        return how
 
     def _stop_children(self) -> None:
         for _, process in self._children:
@@ -213,6 +264,16 @@ async def _register(settings: Settings, nats_url: str, functions: list[Function]
     settings = msgspec.structs.replace(settings, nats=msgspec.structs.replace(settings.nats, url=nats_url))
     async with contextlib.AsyncExitStack() as started:
         await open_jetstream(settings, "jetspool-up", started, functions)
+
+
+def _exit_status(code: int) -> str:
+    """A `Popen.returncode` in words: "exit code 3", "killed by SIGKILL"."""
+    if code >= 0:
+        return f"exit code {code}"
+    try:
+        return f"killed by {signal.Signals(-code).name}"
+    except ValueError:  # a signal with no name (a real-time one)
+        return f"killed by signal {-code}"
 
 
 def _free_port() -> int:
