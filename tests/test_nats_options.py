@@ -7,6 +7,7 @@ import os
 import time
 from typing import TYPE_CHECKING
 
+import msgspec
 import nkeys
 import pytest
 
@@ -21,10 +22,11 @@ from tests.support.stack import start_stack
 from tests.support.tls import self_signed
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
     from pathlib import Path
 
 _USER = 'authorization { user: "alice", password: "s3cret" }\n'
+_SHUTDOWN_GRACE = "JETSPOOL_WORKER__SHUTDOWN_GRACE"
 _TOKEN = 'authorization { token: "t0ken-value" }\n'
 
 
@@ -124,12 +126,26 @@ async def test_unusable_tls_files_are_a_config_error_naming_the_keys(tmp_path: P
 
 def _worker_exit(nats_url: str, env: dict[str, str]) -> tuple[int, str]:
     """Run `jetspool worker` against `nats_url` until it exits; its exit code and output."""
-    worker = JetspoolProcess(["worker", "--nats-url", nats_url], env={**env, ACCEPT_SINGLE_REPLICA: "true"})
+    return _command_exit(["worker", "--nats-url", nats_url], env)
+
+
+def _command_exit(args: list[str], env: dict[str, str]) -> tuple[int, str]:
+    """Run `jetspool ARGS` (no config file; one replica accepted) until it exits; its exit code and output."""
+    env = {"JETSPOOL_CONFIG": "", ACCEPT_SINGLE_REPLICA: "true", _SHUTDOWN_GRACE: "1", **env}
+    proc = JetspoolProcess(args, env=env)
     try:
-        code = worker.wait(30)
+        code = proc.wait(30)
     finally:
-        worker.kill_tree()
-    return code, worker.output
+        proc.kill_tree()
+    return code, proc.output
+
+
+def _args(command: str, nats_url: str, tmp_path: Path) -> list[str]:
+    """`up`, `gateway` or `worker` on `nats_url` (`up` and `gateway` on a free port)."""
+    args = [command, "--nats-url", nats_url]
+    if command in {"up", "gateway"}:
+        args += ["--port", str(free_port())]
+    return [*args, "--data-dir", str(tmp_path / "data")] if command == "up" else args
 
 
 def test_a_worker_with_an_absent_ca_file_exits_2_naming_it(tmp_path: Path) -> None:
@@ -138,6 +154,99 @@ def test_a_worker_with_an_absent_ca_file_exits_2_naming_it(tmp_path: Path) -> No
     assert code == 2
     assert "nats.tls_ca: cannot use" in output
     assert "Traceback" not in output
+
+
+@pytest.mark.parametrize("command", ["up", "gateway", "worker"])
+@pytest.mark.parametrize("url", ["nats://127.0.0.1:99999", "notaurl", "http://127.0.0.1:1"])
+def test_every_command_stops_with_exit_2_naming_a_nats_url_that_names_no_server(
+    tmp_path: Path, command: str, url: str
+) -> None:
+    """A port out of range ended the gateway in an ExceptionGroup traceback (exit 3) and the worker
+    in `nats: invalid connect url option` (exit 1); `notaurl` and an http:// URL were tried again
+    for good (found by a CLI audit)."""
+    code, output = _command_exit(_args(command, url, tmp_path), {})
+
+    assert code == 2, output
+    assert f"jetspool: nats.url: {url!r} is not a NATS server URL" in output
+    assert "Traceback" not in output
+    assert not (tmp_path / "data").exists()  # `up` started nothing
+
+
+def _creds(path: Path, *, jwt: bool, seed: bool) -> str:
+    """A credentials file with its JWT block, its seed block, or both, written to `path`."""
+    text = "-----BEGIN NATS USER JWT-----\neyJ0eXAi.e30.sig\n------END NATS USER JWT------\n\n" if jwt else ""
+    if seed:
+        seed_text = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER).decode()
+        text += f"-----BEGIN USER NKEY SEED-----\n{seed_text}\n------END USER NKEY SEED------\n"
+    path.write_text(text)
+    return str(path)
+
+
+def _text(path: Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+_UNUSABLE_KEY_FILES: dict[str, tuple[str, Callable[[Path], str], str]] = {
+    "an absent seed file": ("nkey_seed", lambda tmp: str(tmp / "absent.nk"), "cannot read"),
+    "a directory for a seed": ("nkey_seed", str, "cannot read"),
+    "a seed file without a seed": ("nkey_seed", lambda tmp: _text(tmp / "x.nk", "SUNOTASEED\n"), "holds no nkey seed"),
+    "an absent credentials file": ("credentials", lambda tmp: str(tmp / "absent.creds"), "cannot read"),
+    "credentials without a JWT": (
+        "credentials",
+        lambda tmp: _creds(tmp / "x.creds", jwt=False, seed=True),
+        "is not a user's credentials file",
+    ),
+    "credentials without a seed": (
+        "credentials",
+        lambda tmp: _creds(tmp / "x.creds", jwt=True, seed=False),
+        "is not a user's credentials file",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_UNUSABLE_KEY_FILES))
+async def test_unusable_key_files_are_a_config_error_naming_the_key(
+    nats_server: EmbeddedNats, tmp_path: Path, case: str
+) -> None:
+    """nats-py reads these files only when a server asks for them: on this server, without
+    authentication, an absent or broken credentials file went unnoticed; an absent or broken seed
+    file ended in FileNotFoundError or ErrInvalidSeed (a worker's traceback, exit code 1). And on a
+    server that asks, a credentials file without its JWT line has nats-py read past its end for good."""
+    key, make, says = _UNUSABLE_KEY_FILES[case]
+    path = make(tmp_path)
+    settings = msgspec.structs.replace(NatsSettings(url=nats_server.url, connect_timeout=2.0), **{key: path})
+    with pytest.raises(ConfigError, match=rf"^nats\.{key}: ") as caught:
+        await connect(settings, case)
+    assert says in str(caught.value)
+    assert path in str(caught.value)
+
+
+@pytest.mark.parametrize("command", ["up", "gateway", "worker"])
+@pytest.mark.parametrize("key", ["nkey_seed", "credentials"])
+def test_every_command_stops_with_exit_2_naming_an_absent_key_file(
+    nats_server: EmbeddedNats, tmp_path: Path, command: str, key: str
+) -> None:
+    """On a server without authentication, which never asks for the file."""
+    absent = tmp_path / "absent.nk"
+    env = {f"JETSPOOL_NATS__{key.upper()}": str(absent)}
+    code, output = _command_exit(_args(command, nats_server.url, tmp_path), env)
+
+    assert code == 2, output
+    assert f"jetspool: nats.{key}: cannot read {absent}" in output
+    assert "Traceback" not in output
+
+
+@pytest.mark.parametrize("secured", [_TOKEN], indirect=True)
+def test_an_absent_credentials_file_is_told_as_such_not_as_refused_credentials(secured: EmbeddedNats) -> None:
+    """Against a server that wants a token, an absent `nats.credentials` was reported as
+    credentials the server refused (found by an audit)."""
+    absent = "/nonexistent.creds"
+    code, output = _worker_exit(secured.url, {"JETSPOOL_NATS__CREDENTIALS": absent})
+
+    assert code == 2, output
+    assert f"nats.credentials: cannot read {absent}" in output
+    assert "refused" not in output
 
 
 @pytest.mark.parametrize("secured", [_USER], indirect=True)

@@ -365,9 +365,103 @@ def test_nats_url_from_a_yaml_list_in_the_config_file(tmp_path: Path) -> None:
     assert load(path, env={}).nats.servers == ["nats://a:4222", "nats://b:4222"]
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "nats://127.0.0.1:4222",
+        "nats://127.0.0.1",
+        "tls://nats.example.com:4222",
+        "nats://alice:s3cret@nats.example.com:4222",
+        "nats://[::1]:4222",
+        "nats://a:1,nats://b:65535",
+        "ws://127.0.0.1:8080",
+        "wss://nats.example.com/ws",
+        ["wss://a:443", "ws://b:80"],
+    ],
+)
+def test_nats_url_may_name_any_nats_tls_or_websocket_server(url: str | list[str]) -> None:
+    assert validate({"nats": {"url": url}}).nats.servers
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "notaurl",
+        "127.0.0.1:4222",
+        "http://127.0.0.1:1",
+        "https://nats.example.com",
+        "NATS://127.0.0.1:4222",
+        "nats://",
+        "nats://:4222",
+        "nats://127.0.0.1:99999",
+        "nats://127.0.0.1:0",
+        "nats://127.0.0.1:port",
+        "nats://nats example:4222",
+        "nats://a:4222,notaurl",
+        ["nats://a:4222", "http://b:4222"],
+    ],
+)
+def test_nats_url_that_names_no_nats_server_is_refused_naming_the_key(url: str | list[str]) -> None:
+    """`nats://127.0.0.1:99999` ended the gateway in a traceback (exit 3) and the worker in another
+    (exit 1); `notaurl` and `http://...` were tried again forever (found by a CLI audit)."""
+    with pytest.raises(ConfigError, match=r"^nats\.url: .* is not a NATS server URL"):
+        validate({"nats": {"url": url}})
+
+
+def test_nats_url_may_not_mix_websocket_and_plain_servers() -> None:
+    """nats-py refuses the mix only when it connects, with a traceback."""
+    with pytest.raises(ConfigError, match=r"^nats\.url: websocket servers"):
+        validate({"nats": {"url": "nats://a:4222,ws://b:8080"}})
+
+
+def test_nats_url_is_checked_from_the_environment_and_flags() -> None:
+    with pytest.raises(ConfigError, match=r"^nats\.url: 'nats://127\.0\.0\.1:99999'"):
+        load(None, env={"JETSPOOL_NATS__URL": "nats://127.0.0.1:99999"})
+    with pytest.raises(ConfigError, match=r"^nats\.url: 'notaurl'"):
+        load(None, env={}, flags={"nats.url": "notaurl"})
+
+
 def test_base_url_defaults_to_host_and_port() -> None:
     assert validate({}).gateway.base_url == "http://127.0.0.1:8080"
-    assert validate({"gateway": {"host": "0.0.0.0", "port": 9000}}).gateway.base_url == "http://0.0.0.0:9000"
+    assert validate({"gateway": {"host": "10.1.2.3", "port": 9000}}).gateway.base_url == "http://10.1.2.3:9000"
+    assert validate({"gateway": {"host": "queue.internal"}}).gateway.base_url == "http://queue.internal:8080"
+
+
+@pytest.mark.parametrize(
+    ("host", "base_url"),
+    [
+        ("::1", "http://[::1]:8080"),
+        ("fd00::7", "http://[fd00::7]:8080"),
+        ("::ffff:127.0.0.1", "http://[::ffff:7f00:1]:8080"),
+    ],
+)
+def test_default_base_url_brackets_an_ipv6_host(host: str, base_url: str) -> None:
+    """`up --host ::1` stopped: the URL it handed its children, `http://::1:18791`, was refused as
+    `gateway.public_url`, a key the user never set (found by a CLI audit)."""
+    assert validate({"gateway": {"host": host}}).gateway.base_url == base_url
+
+
+@pytest.mark.parametrize(("host", "base_url"), [("0.0.0.0", "http://127.0.0.1:9000"), ("::", "http://[::1]:9000")])
+def test_default_base_url_of_a_wildcard_bind_is_loopback(host: str, base_url: str) -> None:
+    """`http://0.0.0.0:9000/...` is no address a client can use; a client on this machine reaches
+    the gateway on loopback (who serves clients elsewhere sets `gateway.public_url`)."""
+    assert validate({"gateway": {"host": host, "port": 9000}}).gateway.base_url == base_url
+
+
+def test_default_base_url_of_an_ipv6_host_is_one_client_commands_take() -> None:
+    env = {"JETSPOOL_GATEWAY__HOST": "::1", "JETSPOOL_GATEWAY__PUBLIC_URL": ""}
+    assert load(None, env=env).gateway.base_url == "http://[::1]:8080"
+
+
+@pytest.mark.parametrize("host", ["my gateway", "bad/host", "[::1]", "user@host", ""])
+def test_a_host_that_makes_no_default_public_url_is_named_as_the_host(host: str) -> None:
+    with pytest.raises(ConfigError, match=r"^gateway\.host: "):
+        validate({"gateway": {"host": host}})
+
+
+def test_an_explicit_public_url_is_not_made_of_the_host() -> None:
+    raw = {"gateway": {"host": "0.0.0.0", "public_url": "https://queue.example.com"}}
+    assert validate(raw).gateway.base_url == "https://queue.example.com"
 
 
 @pytest.mark.parametrize(
@@ -498,6 +592,22 @@ def test_tls_files_from_the_environment_are_checked(pem_files: tuple[Path, Path]
     cert, _ = pem_files
     with pytest.raises(ConfigError, match=r"gateway\.tls_key"):
         load(None, env={"JETSPOOL_GATEWAY__TLS_CERT": str(cert)})
+
+
+@pytest.mark.parametrize("section", ["retry", "callbacks"])
+def test_a_backoff_starting_above_its_cap_is_refused_naming_both_keys(section: str) -> None:
+    """`retry.initial_backoff: 10` with `retry.max_backoff: 1` was taken silently (found by an audit)."""
+    keys = rf"^{section}\.initial_backoff, {section}\.max_backoff: "
+    with pytest.raises(ConfigError, match=keys):
+        validate({section: {"initial_backoff": 10, "max_backoff": 1}})
+    with pytest.raises(ConfigError, match=keys):
+        load(None, env={f"JETSPOOL_{section.upper()}__INITIAL_BACKOFF": "5000"})  # above the default cap
+
+
+@pytest.mark.parametrize("section", ["retry", "callbacks"])
+def test_a_backoff_may_start_at_its_cap(section: str) -> None:
+    settings = validate({section: {"initial_backoff": 2, "max_backoff": 2}})
+    assert getattr(settings, section).initial_backoff == getattr(settings, section).max_backoff == 2
 
 
 @pytest.mark.parametrize("interval", ["always", "2m", "500ms", "30s", "1h"])
@@ -656,6 +766,35 @@ def test_every_command_stops_with_exit_2_naming_a_bad_gateway_setting(
     assert named in proc.output
     assert "Traceback" not in proc.output
     assert not data_dir.exists()  # `up` started no NATS server
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(("host", "reached_at"), [("::1", "[::1]"), ("0.0.0.0", "127.0.0.1")])
+def test_up_on_an_ipv6_or_wildcard_host_starts_and_client_commands_find_it(
+    tmp_path: Path, host: str, reached_at: str
+) -> None:
+    """`up --host ::1` stopped with exit code 2 naming `gateway.public_url`, a key never set: the
+    URL it handed its children was `http://::1:PORT`; client commands with `JETSPOOL_GATEWAY__HOST=::1`
+    refused it too (found by a CLI audit). On a wildcard bind, `http://0.0.0.0:PORT` was announced."""
+    port = free_port()
+    env = {"JETSPOOL_CONFIG": "", "JETSPOOL_URL": "", "JETSPOOL_WORKER__SHUTDOWN_GRACE": "1"}
+    proc = JetspoolProcess(["up", "--host", host, "--port", str(port), "--data-dir", str(tmp_path / "data")], env=env)
+    try:
+        announced = proc.wait_for_line("jetspool is up:")
+        client = JetspoolProcess(
+            ["functions", "list"], env={**env, "JETSPOOL_GATEWAY__HOST": host, "JETSPOOL_GATEWAY__PORT": str(port)}
+        )
+        try:
+            listed = client.wait(30)
+        finally:
+            client.kill_tree()
+        code = proc.terminate(30)
+    finally:
+        proc.kill_tree()
+
+    assert announced == f"jetspool is up: http://{reached_at}:{port}"
+    assert listed == 0, client.output
+    assert code == 0, proc.output
 
 
 def test_a_worker_does_not_need_the_gateways_tls_files(pem_files: tuple[Path, Path], tmp_path: Path) -> None:

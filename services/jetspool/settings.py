@@ -4,9 +4,11 @@ Sources, later ones winning: the YAML config file (`--config FILE` or `JETSPOOL_
 `JETSPOOL_*` environment variables (`JETSPOOL_` + the key path in upper case joined by `__`,
 e.g. `JETSPOOL_NATS__URL`; `JETSPOOL_FUNCTIONS` for the list of functions), then command-line
 flags. A bad value raises `ConfigError` naming the key, e.g. ``nats.replicas: Expected `int`,
-got `str```; `validate` also checks what the types cannot (the gateway's public URL, its TLS
-files given both or neither), so every command stops before it starts anything. That those files
-can be read is checked only by what serves the gateway (`check_tls_files`).
+got `str```; `validate` also checks what the types cannot (the NATS server URLs, the gateway's
+public URL, its TLS files given both or neither, backoffs that start above their cap), so every
+command stops before it starts anything. That files can be read is checked only by what needs them:
+the gateway's by what serves it (`check_tls_files`), the NATS ones by what connects
+(`jetspool.jetstream.connection`); client commands need neither.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ _Positive = Annotated[float, msgspec.Meta(gt=0)]
 _Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
 """Port 0 (any free one) is refused: the URLs handed to clients, and `up`'s readiness check, name the port."""
 _SYNC_INTERVAL = re.compile(r"^(always|\d+(ms|s|m|h))$")
+_NATS_SCHEMES: Final = ("nats", "tls", "ws", "wss")
+_WEBSOCKET_SCHEMES: Final = ("ws", "wss")
 
 
 class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -46,13 +50,16 @@ class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
 
 class NatsSettings(_Section, frozen=True, kw_only=True):
     url: str | list[str] | None = None
-    """Server URL, a comma-separated string or a list of a cluster's servers; None: `up` embeds one."""
+    """Server URL (`nats://`, `tls://`, `ws://` or `wss://`), a comma-separated string or a list of a
+    cluster's servers; None: `up` embeds one."""
     replicas: Annotated[int, msgspec.Meta(ge=1, le=5)] = 1
     """Replicas of every stream, KV bucket and object store (3 on a cluster)."""
     sync_interval: str = "always"
     """Embedded server's fsync policy: `always` (an acknowledged request survives power loss) or e.g. `2m`."""
     credentials: str | None = None
+    """A user's `.creds` file (its JWT and nkey seed), read by every component that connects."""
     nkey_seed: str | None = None
+    """A file holding a user's nkey seed, read by every component that connects."""
     user: str | None = None
     password: str | None = None
     token: str | None = None
@@ -83,7 +90,9 @@ class GatewaySettings(_Section, frozen=True, kw_only=True):
     port: _Port = 8080
     public_url: str | None = None
     """Base of the absolute URLs handed to clients (an http:// or https:// URL without query or fragment);
-    default `http://{host}:{port}`, or `https://` when the gateway serves HTTPS."""
+    default `http://{host}:{port}`, or `https://` when the gateway serves HTTPS. An IPv6 host goes in
+    brackets, and a wildcard bind (`0.0.0.0`, `::`) is named by loopback (`127.0.0.1`, `[::1]`), where
+    a client on this machine reaches it: who serves clients elsewhere sets the URL they use."""
     max_body_size: Annotated[int, msgspec.Meta(gt=0)] = 32 * 1024 * 1024
     tls_cert: str | None = None
     """PEM certificate (chain) file; the gateway serves HTTPS when both it and `tls_key` are set."""
@@ -102,8 +111,26 @@ class GatewaySettings(_Section, frozen=True, kw_only=True):
 
     @property
     def base_url(self) -> str:
+        return (self.public_url or self.default_url).rstrip("/")
+
+    @property
+    def default_url(self) -> str:
+        """`public_url` when it is not set: where a client on this machine reaches the gateway."""
         scheme = "https" if self.serves_https else "http"
-        return (self.public_url or f"{scheme}://{self.host}:{self.port}").rstrip("/")
+        return f"{scheme}://{url_host(self.host)}:{self.port}"
+
+
+def url_host(host: str) -> str:
+    """`host` (a bind address) as the host of a URL a client on this machine can use: a wildcard
+    (`0.0.0.0`, `::`) is reached on loopback, and an IPv6 address goes in brackets (`[::1]`)."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host  # a name (or brackets given already)
+    v6 = isinstance(address, ipaddress.IPv6Address)
+    if address.is_unspecified:
+        return "[::1]" if v6 else "127.0.0.1"
+    return f"[{address}]" if v6 else str(address)
 
 
 class AuthSettings(_Section, frozen=True, kw_only=True):
@@ -224,17 +251,68 @@ def validate(raw: Mapping[str, Any]) -> Settings:
         settings = msgspec.convert(raw, Settings, strict=False)
     except msgspec.ValidationError as exc:
         raise ConfigError(describe(exc)) from exc
-    _check_public_url(settings.gateway.public_url)
+    _check_nats_urls(settings.nats.servers)
+    _check_public_url(settings.gateway)
     _check_tls(settings.gateway)
+    _check_backoff("retry", settings.retry.initial_backoff, settings.retry.max_backoff)
+    _check_backoff("callbacks", settings.callbacks.initial_backoff, settings.callbacks.max_backoff)
     return settings
 
 
-def _check_public_url(url: str | None) -> None:
-    """The base of the URLs handed to clients must make them absolute (SPEC §2)."""
+def _check_nats_urls(servers: list[str]) -> None:
+    """Each server a URL nats-py can connect to, and not websocket and plain ones mixed (nats-py
+    refuses both only when it connects: a traceback, or a host name it looks up forever)."""
+    for url in servers:
+        if not _is_nats_url(url):
+            raise ConfigError(
+                f"nats.url: {url!r} is not a NATS server URL: nats://, tls://, ws:// or wss:// with a host, "
+                "and a port from 1 to 65535 if given (several servers: comma-separated, or a YAML list)"
+            )
+    if len({url.partition("://")[0] in _WEBSOCKET_SCHEMES for url in servers}) > 1:
+        raise ConfigError("nats.url: websocket servers (ws://, wss://) cannot be mixed with nats:// or tls:// ones")
+
+
+def _is_nats_url(url: str) -> bool:
+    """`scheme://[user[:password]@]host[:port]`, the scheme in lower case as nats-py looks for it."""
+    scheme, sep, _ = url.partition("://")
+    if not sep or scheme not in _NATS_SCHEMES or re.search(r"[\x00-\x20\x7f]", url):
+        return False
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return False
+    return bool(parts.hostname) and port != 0
+
+
+def _check_backoff(section: str, initial_s: float, max_s: float) -> None:
+    """The first wait of a backoff may not be longer than the cap every wait is held to."""
+    if initial_s > max_s:
+        raise ConfigError(
+            f"{section}.initial_backoff, {section}.max_backoff: the first wait ({initial_s:g} s) may not be "
+            f"longer than the cap on every wait ({max_s:g} s)"
+        )
+
+
+def _check_public_url(gateway: GatewaySettings) -> None:
+    """The base of the URLs handed to clients must make them absolute (SPEC §2); when it is not set,
+    the one made of `gateway.host` too (a host that makes none is named as such)."""
+    url = gateway.public_url
     if url is not None and not _is_base_url(url):
         raise ConfigError(
             f"gateway.public_url: must be an absolute http:// or https:// URL without query or fragment, got {url!r}"
         )
+    if url is None and not _is_host(gateway.host):
+        raise ConfigError(f"gateway.host: {gateway.host!r} is not a host name or IP address")
+
+
+def _is_host(host: str) -> bool:
+    """An IP address, or a name of letters, digits, `-`, `_` and `.`: what a URL can name."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return re.fullmatch(r"[\w.-]+", host) is not None
+    return True
 
 
 def _is_base_url(url: str) -> bool:
@@ -267,15 +345,18 @@ def check_tls_files(gateway: GatewaySettings) -> None:
     serves the gateway (`gateway`, `up`) before it starts. Not by `validate`: workers and client
     commands may share the config file on machines that do not hold the gateway's key."""
     for key, path in _tls_files(gateway).items():
-        if path is None:
-            continue
-        try:
-            with Path(path).open("rb") as file:
-                file.read(1)
-        except OSError as exc:
-            raise ConfigError(f"{key}: cannot read {path}: {exc.strerror or exc}") from exc
+        if path is not None:
+            read_named_file(key, path)
     if gateway.tls_cert and gateway.tls_key:
         load_cert_chain(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), gateway.tls_cert, gateway.tls_key, "gateway")
+
+
+def read_named_file(key: str, path: str) -> bytes:
+    """The contents of the file setting `key` names; ConfigError naming the key when it cannot be read."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot read {path}: {exc.strerror or exc}") from exc
 
 
 def load_cert_chain(context: ssl.SSLContext, cert: str, key: str, section: str) -> None:

@@ -26,8 +26,9 @@ import msgspec
 from jetspool.aio import stop_task
 from jetspool.domain.errors import ConfigError
 from jetspool.embedded import EmbeddedNats, die_with_parent
+from jetspool.jetstream.connection import check_key_files
 from jetspool.jetstream.startup import check_durability, open_jetstream
-from jetspool.settings import check_listen, check_tls_files, load
+from jetspool.settings import check_listen, check_tls_files, load, url_host
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -180,9 +181,7 @@ class Supervisor:
         """Wait for the gateway `up` started, asked where it listens (its public URL may be a proxy's)."""
         gateway = self._settings.gateway
         scheme = "https" if gateway.serves_https else "http"
-        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(gateway.host, gateway.host)  # noqa: S104 - a name, not a bind
-        host = f"[{host}]" if ":" in host else host
-        self._wait_http(f"{scheme}://{host}:{gateway.port}/readyz", "gateway", self._nats_hint())
+        self._wait_http(f"{scheme}://{url_host(gateway.host)}:{gateway.port}/readyz", "gateway", self._nats_hint())
 
     def _wait_http(self, url: str, what: str, hint: str = "") -> None:
         deadline = time.monotonic() + _READY_TIMEOUT_S
@@ -289,5 +288,6 @@ def run_up(settings: Settings, options: UpOptions) -> int:
     load(options.config, flags={"nats.url": None})
     check_durability(settings)
     check_tls_files(settings.gateway)
+    check_key_files(settings.nats)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     return Supervisor(settings, options).run()

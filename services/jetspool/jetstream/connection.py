@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
@@ -12,13 +13,14 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import nats
+import nkeys
 from nats.errors import AuthorizationError
 from nats.errors import Error as NatsError
 
 from jetspool.aio import stop_task
 from jetspool.domain.errors import ConfigError
 from jetspool.jetstream.ridethrough import ride_through
-from jetspool.settings import load_cert_chain
+from jetspool.settings import load_cert_chain, read_named_file
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
@@ -87,7 +89,9 @@ class Nats:
         then ended with a traceback, the rest of its shutdown skipped. What was buffered is lost
         either way (acknowledgements, in-progress signals: JetStream redelivers). On Python 3.12 and
         3.13 (3.12.1 and 3.13.0 at least), asyncio's own loop raises `TypeError` instead: its socket
-        transport, written to once closed, calls the write callback it cleared on closing."""
+        transport, written to once closed, calls the write callback it cleared on closing; uvloop's
+        raises `RuntimeError` (the handler is closed), as `jetspool worker` stopped during an outage
+        did (found by an audit)."""
         if self.nc.is_closed:
             return
         with contextlib.suppress(NatsError, TimeoutError):
@@ -95,7 +99,7 @@ class Nats:
         away = not self.nc.is_connected
         try:
             await self.nc.close()
-        except (OSError, TypeError) as exc:
+        except (OSError, TypeError, RuntimeError) as exc:
             if not away:
                 raise
             log.info("nats: closed while disconnected, what was buffered is dropped (%r)", exc)
@@ -119,10 +123,12 @@ async def round_trip(nc: Client, timeout_s: float) -> None:
 
 
 def connect_options(settings: NatsSettings, name: str) -> dict[str, Any]:
-    """Keyword arguments for `nats.connect`, built from settings."""
+    """Keyword arguments for `nats.connect`, built from settings; ConfigError naming the key for a
+    file among them that cannot be used."""
     servers = settings.servers
     if not servers:
         raise ConfigError("nats.url: no NATS server configured (jetspool up embeds one; gateway and worker need one)")
+    check_key_files(settings)
     options: dict[str, Any] = {
         "servers": servers,
         "name": name,
@@ -145,6 +151,40 @@ def connect_options(settings: NatsSettings, name: str) -> dict[str, Any]:
     if settings.tls_ca or settings.tls_cert:
         options["tls"] = _tls_context(settings)
     return options
+
+
+def check_key_files(settings: NatsSettings) -> None:
+    """ConfigError naming the key unless the nkey seed and credentials files hold what nats-py will
+    read from them, checked before connecting as the TLS files are. nats-py reads them as it
+    connects, some only when the server asks: an absent credentials file went unnoticed on a server
+    without authentication and was told as credentials the server refused on one with a token; an
+    absent seed file ended a worker in a traceback (found by an audit). And a credentials file
+    without its JWT line hangs the process: nats-py reads on past its end, blocking the event loop."""
+    if settings.nkey_seed and not _is_seed(read_named_file("nats.nkey_seed", settings.nkey_seed).strip()):
+        raise ConfigError(f"nats.nkey_seed: {settings.nkey_seed} holds no nkey seed")
+    if settings.credentials:
+        lines = read_named_file("nats.credentials", settings.credentials).splitlines()
+        if not _line_after(lines, b"BEGIN NATS USER JWT") or not _is_seed(_line_after(lines, b"BEGIN USER NKEY SEED")):
+            raise ConfigError(
+                f"nats.credentials: {settings.credentials} is not a user's credentials file "
+                "(its JWT and nkey seed, as `nsc` writes them)"
+            )
+
+
+def _line_after(lines: list[bytes], marker: bytes) -> bytes:
+    """The line after the first one holding `marker`, stripped; empty when there is none."""
+    for line, following in itertools.pairwise(lines):
+        if marker in line:
+            return following.strip()
+    return b""
+
+
+def _is_seed(text: bytes) -> bool:
+    try:
+        nkeys.from_seed(bytearray(text))
+    except nkeys.NkeysError:
+        return False
+    return True
 
 
 def _tls_context(settings: NatsSettings) -> ssl.SSLContext:
