@@ -157,12 +157,12 @@ def test_a_worker_with_an_absent_ca_file_exits_2_naming_it(tmp_path: Path) -> No
 
 
 @pytest.mark.parametrize("command", ["up", "gateway", "worker"])
-@pytest.mark.parametrize("url", ["nats://127.0.0.1:99999", "notaurl", "http://127.0.0.1:1"])
+@pytest.mark.parametrize("url", ["nats://127.0.0.1:99999", "not a url", "http://127.0.0.1:1"])
 def test_every_command_stops_with_exit_2_naming_a_nats_url_that_names_no_server(
     tmp_path: Path, command: str, url: str
 ) -> None:
     """A port out of range ended the gateway in an ExceptionGroup traceback (exit 3) and the worker
-    in `nats: invalid connect url option` (exit 1); `notaurl` and an http:// URL were tried again
+    in `nats: invalid connect url option` (exit 1); an http:// URL was tried again
     for good (found by a CLI audit)."""
     code, output = _command_exit(_args(command, url, tmp_path), {})
 

@@ -370,6 +370,8 @@ def test_nats_url_from_a_yaml_list_in_the_config_file(tmp_path: Path) -> None:
     [
         "nats://127.0.0.1:4222",
         "nats://127.0.0.1",
+        "127.0.0.1:4222",
+        "nats-1",
         "tls://nats.example.com:4222",
         "nats://alice:s3cret@nats.example.com:4222",
         "nats://[::1]:4222",
@@ -386,8 +388,8 @@ def test_nats_url_may_name_any_nats_tls_or_websocket_server(url: str | list[str]
 @pytest.mark.parametrize(
     "url",
     [
-        "notaurl",
-        "127.0.0.1:4222",
+        "not a url",
+        "127.0.0.1:99999",
         "http://127.0.0.1:1",
         "https://nats.example.com",
         "NATS://127.0.0.1:4222",
@@ -397,13 +399,14 @@ def test_nats_url_may_name_any_nats_tls_or_websocket_server(url: str | list[str]
         "nats://127.0.0.1:0",
         "nats://127.0.0.1:port",
         "nats://nats example:4222",
-        "nats://a:4222,notaurl",
+        "nats://a:4222,ftp://b",
         ["nats://a:4222", "http://b:4222"],
     ],
 )
 def test_nats_url_that_names_no_nats_server_is_refused_naming_the_key(url: str | list[str]) -> None:
     """`nats://127.0.0.1:99999` ended the gateway in a traceback (exit 3) and the worker in another
-    (exit 1); `notaurl` and `http://...` were tried again forever (found by a CLI audit)."""
+    (exit 1); `http://...` was tried again forever (found by a CLI audit). Without a scheme, as nats-py
+    takes it: `host[:port]` is a nats:// server."""
     with pytest.raises(ConfigError, match=r"^nats\.url: .* is not a NATS server URL"):
         validate({"nats": {"url": url}})
 
@@ -417,8 +420,8 @@ def test_nats_url_may_not_mix_websocket_and_plain_servers() -> None:
 def test_nats_url_is_checked_from_the_environment_and_flags() -> None:
     with pytest.raises(ConfigError, match=r"^nats\.url: 'nats://127\.0\.0\.1:99999'"):
         load(None, env={"JETSPOOL_NATS__URL": "nats://127.0.0.1:99999"})
-    with pytest.raises(ConfigError, match=r"^nats\.url: 'notaurl'"):
-        load(None, env={}, flags={"nats.url": "notaurl"})
+    with pytest.raises(ConfigError, match=r"^nats\.url: 'http://127\.0\.0\.1:1'"):
+        load(None, env={}, flags={"nats.url": "http://127.0.0.1:1"})
 
 
 def test_base_url_defaults_to_host_and_port() -> None:

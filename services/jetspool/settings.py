@@ -273,9 +273,12 @@ def _check_nats_urls(servers: list[str]) -> None:
 
 
 def _is_nats_url(url: str) -> bool:
-    """`scheme://[user[:password]@]host[:port]`, the scheme in lower case as nats-py looks for it."""
-    scheme, sep, _ = url.partition("://")
-    if not sep or scheme not in _NATS_SCHEMES or re.search(r"[\x00-\x20\x7f]", url):
+    """`scheme://[user[:password]@]host[:port]`, the scheme in lower case as nats-py looks for it;
+    without one, `host[:port]` is a nats:// server, as nats-py and the `nats` CLI take it."""
+    if "://" not in url:
+        url = f"nats://{url}"
+    scheme, _, _ = url.partition("://")
+    if scheme not in _NATS_SCHEMES or re.search(r"[\x00-\x20\x7f]", url):
         return False
     try:
         parts = urlsplit(url)
