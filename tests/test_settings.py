@@ -691,26 +691,6 @@ def test_unknown_section_in_env_is_refused_naming_the_variable() -> None:
     assert "nope" in str(caught.value)
 
 
-@pytest.mark.parametrize(
-    ("name", "meant"),
-    [
-        ("JETSPOOL_NATS_URL", "JETSPOOL_NATS__URL"),
-        ("JETSPOOL_GATEWAY_PORT", "JETSPOOL_GATEWAY__PORT"),
-        ("JETSPOOL_AUTH_API_KEYS", "JETSPOOL_AUTH__API_KEYS"),
-        ("JETSPOOL_NATS", "JETSPOOL_NATS__KEY"),
-    ],
-)
-def test_a_section_key_with_one_underscore_is_refused_naming_the_variable_meant(name: str, meant: str) -> None:
-    """`JETSPOOL_NATS_URL=...` was ignored: the setting kept its default (found by a CLI audit)."""
-    with pytest.raises(ConfigError, match=rf"^{name}: not a setting; a section's keys are set as {meant}"):
-        load(None, env={name: "nats://127.0.0.1:4222"})
-
-
-def test_other_jetspool_variables_are_not_settings() -> None:
-    env = {"JETSPOOL_URL": "http://x", "JETSPOOL_API_KEY": "k", "JETSPOOL_LOG_FORMAT": "json", "JETSPOOL_OTHER": "1"}
-    assert load(None, env=env) == load(None, env={})
-
-
 def test_unknown_key_in_env_names_the_key() -> None:
     with pytest.raises(ConfigError, match=r"nats\.replicaz"):
         load(None, env={"JETSPOOL_NATS__REPLICAZ": "3"})

@@ -411,10 +411,7 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
         if name == _FUNCTIONS_ENV:
             tree["functions"] = _env_functions(text)
             continue
-        if not name.startswith(ENV_PREFIX):
-            continue
-        if "__" not in name:
-            _check_not_a_misspelt_setting(name)
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
             continue
         section, _, key = name.removeprefix(ENV_PREFIX).lower().partition("__")
         if section not in _SECTIONS:
@@ -422,16 +419,6 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
         path = key.split("__")
         _set_path(tree, [section, *path], _env_value(name, section, path, text))
     return tree
-
-
-def _check_not_a_misspelt_setting(name: str) -> None:
-    """ConfigError for `JETSPOOL_NATS_URL` or `JETSPOOL_NATS`: a section's name with one underscore
-    or none after it was ignored, and the setting silently kept its default (found by a CLI audit).
-    Other `JETSPOOL_*` names (`JETSPOOL_URL`, `JETSPOOL_API_KEY`, ...) are not settings."""
-    section, _, key = name.removeprefix(ENV_PREFIX).lower().partition("_")
-    if section in _SECTIONS:
-        meant = f"{ENV_PREFIX}{section.upper()}__{key.upper() or 'KEY'}"
-        raise ConfigError(f"{name}: not a setting; a section's keys are set as {meant} (two underscores)")
 
 
 def _env_functions(text: str) -> Any:
