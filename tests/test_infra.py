@@ -237,3 +237,18 @@ def test_an_embedded_server_holds_its_data_dir_for_as_long_as_it_runs(tmp_path: 
     finally:
         first.stop()
         second.stop()
+
+
+def test_the_nats_chart_is_installed_at_one_pinned_version() -> None:
+    """The values follow one chart's keys: an unpinned install takes whatever chart is newest."""
+    installs = [
+        line
+        for path in (ROOT / "docs" / "deployment.md", INFRA / "helm" / "nats-values.yaml")
+        for line in path.read_text(encoding="utf-8").splitlines()
+        if "helm install" in line
+    ]
+    versions = {found.group(1) if (found := re.search(r"--version (\S+)", line)) else None for line in installs}
+
+    assert len(installs) == 2
+    assert len(versions) == 1
+    assert None not in versions
