@@ -10,7 +10,8 @@ from jetspool.embedded import EmbeddedNats
 from jetspool.jetstream.connection import Nats, connect
 from jetspool.settings import NatsSettings
 from tests.support.faults import CountingEcho
-from tests.support.servers import AsgiServer
+from tests.support.processes import Up
+from tests.support.servers import AsgiServer, free_port
 from tests.support.stack import Stack, start_stack
 
 if TYPE_CHECKING:
@@ -24,6 +25,14 @@ def nats_server(tmp_path: Path) -> Iterator[EmbeddedNats]:
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def up(tmp_path: Path) -> Iterator[Up]:
+    """`jetspool up --demo` on a free port and a temp data dir, announced ready."""
+    running = Up(tmp_path / "data", free_port())
+    yield running
+    running.proc.kill_tree()
 
 
 @pytest.fixture

@@ -21,7 +21,9 @@ import pytest
 from jetspool.cli import _parser
 from tests.support.processes import (
     ACCEPT_SINGLE_REPLICA,
+    FAST_STOP,
     JetspoolProcess,
+    Up,
     alive,
     descendants,
     start_part,
@@ -31,35 +33,10 @@ from tests.support.servers import eventually_true, free_port, wait_until_ready
 from tests.support.tls import self_signed
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
-
     from jetspool.embedded import EmbeddedNats
 
 BASH = shutil.which("bash") or "/bin/bash"
 README = Path(__file__).resolve().parents[1] / "README.md"
-_FAST_STOP = {"JETSPOOL_WORKER__SHUTDOWN_GRACE": "1", "JETSPOOL_WORKER__POLL_INTERVAL": "0.2"}
-
-
-class Up:
-    def __init__(self, data_dir: Path, port: int, *flags: str) -> None:
-        self.port = port
-        self.url = f"http://127.0.0.1:{port}"
-        self.proc = JetspoolProcess(
-            ["up", "--demo", "--port", str(port), "--data-dir", str(data_dir), *flags],
-            env=_FAST_STOP,
-            cwd=data_dir.parent,
-        )
-        self.announced = self.proc.wait_for_line("jetspool is up:")
-
-    def stop(self) -> int:
-        return self.proc.terminate()
-
-
-@pytest.fixture
-def up(tmp_path: Path) -> Iterator[Up]:
-    running = Up(tmp_path / "data", free_port())
-    yield running
-    running.proc.kill_tree()
 
 
 def _walkthrough(port: int) -> str:
@@ -265,7 +242,7 @@ def test_sigterm_stops_a_running_part_with_exit_code_0(part: str, nats_server: E
     (-15): uvicorn raises a stop signal again once it has shut down. Found by a chaos run."""
     port = free_port()
     args = [part, "--nats-url", nats_server.url] + (["--port", str(port)] if part == "gateway" else [])
-    proc = JetspoolProcess(args, env={"JETSPOOL_CONFIG": "", ACCEPT_SINGLE_REPLICA: "true", **_FAST_STOP})
+    proc = JetspoolProcess(args, env={"JETSPOOL_CONFIG": "", ACCEPT_SINGLE_REPLICA: "true", **FAST_STOP})
     try:
         if part == "gateway":
             asyncio.run(wait_until_ready(f"http://127.0.0.1:{port}", timeout_s=30))
@@ -362,7 +339,7 @@ def test_a_gateway_whose_tls_key_is_not_its_certificates_exits_2_naming_them(tmp
 def test_a_second_up_on_a_data_dir_in_use_is_refused_and_the_first_keeps_serving(up: Up, tmp_path: Path) -> None:
     """It started a second nats-server on the same store: requests the first had acknowledged were
     lost to the corruption (found by a CLI audit)."""
-    second = JetspoolProcess(["up", "--port", str(free_port()), "--data-dir", str(tmp_path / "data")], env=_FAST_STOP)
+    second = JetspoolProcess(["up", "--port", str(free_port()), "--data-dir", str(tmp_path / "data")], env=FAST_STOP)
     code = second.wait(60)
 
     assert code == 2
@@ -379,7 +356,7 @@ def test_a_data_dir_that_cannot_be_made_exits_2_naming_it(tmp_path: Path, kind: 
     data_dir = tmp_path / "taken.txt" if kind == "a file" else Path("/proc/no-such-process/data")
     if kind == "a file":
         data_dir.write_text("not a directory\n", encoding="utf-8")
-    proc = JetspoolProcess(["up", "--port", str(free_port()), "--data-dir", str(data_dir)], env=_FAST_STOP)
+    proc = JetspoolProcess(["up", "--port", str(free_port()), "--data-dir", str(data_dir)], env=FAST_STOP)
     code = proc.wait(30)
 
     assert code == 2
@@ -393,7 +370,7 @@ def test_up_refuses_a_taken_port_before_starting_anything(tmp_path: Path) -> Non
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        proc = JetspoolProcess(["up", "--port", str(port), "--data-dir", str(tmp_path / "data")], env=_FAST_STOP)
+        proc = JetspoolProcess(["up", "--port", str(port), "--data-dir", str(tmp_path / "data")], env=FAST_STOP)
         code = proc.wait(30)
 
     assert code == 2
@@ -420,7 +397,7 @@ def test_gateway_refuses_a_taken_port_with_a_message(nats_server: EmbeddedNats) 
 def test_up_refuses_settings_a_worker_would_refuse_before_starting_anything(tmp_path: Path) -> None:
     """The --port flag wins over the environment for up and its gateway, but a worker reads the
     environment alone: it used to fail after NATS and the gateway had started."""
-    env = {**_FAST_STOP, "JETSPOOL_GATEWAY__PORT": "eighty"}
+    env = {**FAST_STOP, "JETSPOOL_GATEWAY__PORT": "eighty"}
     proc = JetspoolProcess(["up", "--port", str(free_port()), "--data-dir", str(tmp_path / "data")], env=env)
     code = proc.wait(30)
 
@@ -430,7 +407,7 @@ def test_up_refuses_settings_a_worker_would_refuse_before_starting_anything(tmp_
 
 
 def test_up_stopped_before_its_gateway_is_ready_announces_nothing(tmp_path: Path) -> None:
-    env = {**_FAST_STOP, "JETSPOOL_NATS__ACCEPT_SINGLE_REPLICA": "true"}
+    env = {**FAST_STOP, "JETSPOOL_NATS__ACCEPT_SINGLE_REPLICA": "true"}
     args = ["up", "--nats-url", f"nats://127.0.0.1:{free_port()}", "--port", str(free_port())]
     proc = JetspoolProcess([*args, "--data-dir", str(tmp_path / "data")], env=env)
     try:
@@ -453,7 +430,7 @@ def test_up_serves_https_when_tls_is_configured(tmp_path: Path) -> None:
     config.write_text(f"gateway:\n  tls_cert: {cert}\n  tls_key: {key}\n", encoding="utf-8")
     port = free_port()
     proc = JetspoolProcess(
-        ["up", "--config", str(config), "--port", str(port), "--data-dir", str(tmp_path / "data")], env=_FAST_STOP
+        ["up", "--config", str(config), "--port", str(port), "--data-dir", str(tmp_path / "data")], env=FAST_STOP
     )
     try:
         announced = proc.wait_for_line("jetspool is up:")

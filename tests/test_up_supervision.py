@@ -8,34 +8,15 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pytest
 
-from tests.support.processes import ACCEPT_SINGLE_REPLICA, JetspoolProcess, alive, descendants
+from tests.support.processes import ACCEPT_SINGLE_REPLICA, FAST_STOP, JetspoolProcess, Up, alive, descendants
 from tests.support.servers import free_port
 
-if TYPE_CHECKING:
-    from collections.abc import Iterator
-
-_FAST_STOP = {"JETSPOOL_WORKER__SHUTDOWN_GRACE": "1", "JETSPOOL_WORKER__POLL_INTERVAL": "0.2"}
 _EXIT_TIMEOUT_S = 30.0
 _KILLED_AFTER_S = 11.0
 """`up` SIGKILLs a child still running `shutdown_grace` (1 s here) plus 10 s after its SIGTERM."""
-
-
-@pytest.fixture
-def up(tmp_path: Path) -> Iterator[JetspoolProcess]:
-    """`jetspool up --demo` on a free port and a temp data dir, announced ready."""
-    port = free_port()
-    proc = JetspoolProcess(
-        ["up", "--demo", "--port", str(port), "--data-dir", str(tmp_path / "data")], env=_FAST_STOP, cwd=tmp_path
-    )
-    try:
-        proc.wait_for_line("jetspool is up:")
-        yield proc
-    finally:
-        proc.kill_tree()
 
 
 def _exit_code(proc: JetspoolProcess, timeout_s: float) -> int | None:
@@ -61,43 +42,43 @@ def _running(pids: set[int], *argv: str) -> list[int]:
 
 
 @pytest.mark.timeout(120)
-def test_up_stops_everything_with_exit_code_1_when_its_nats_server_is_killed(up: JetspoolProcess) -> None:
+def test_up_stops_everything_with_exit_code_1_when_its_nats_server_is_killed(up: Up) -> None:
     """Found by an external audit: `up` went on with nats-server `<defunct>`, its gateway and worker
     retrying for good and /readyz answering 503, until a SIGTERM, which it answered with exit code 0."""
-    tree = descendants(up.process.pid)
+    tree = descendants(up.proc.process.pid)
     servers = _running(tree, "nats-server", "-c")
     assert len(servers) == 1, f"one embedded nats-server among {tree}"
     assert len(tree) >= 4, "embedded nats-server, demo functions, gateway and a worker run as children"
 
     os.kill(servers[0], signal.SIGKILL)
     killed_at = time.monotonic()
-    code = _exit_code(up, _EXIT_TIMEOUT_S)
+    code = _exit_code(up.proc, _EXIT_TIMEOUT_S)
     took_s = time.monotonic() - killed_at
 
-    assert code == 1, f"exit code {code} after {took_s:.1f} s; output ends:\n{up.output[-3000:]}"
-    _, said, after = up.output.partition("jetspool: nats-server stopped unexpectedly (killed by SIGKILL")
-    assert said, up.output[-3000:]
+    assert code == 1, f"exit code {code} after {took_s:.1f} s; output ends:\n{up.proc.output[-3000:]}"
+    _, said, after = up.proc.output.partition("jetspool: nats-server stopped unexpectedly (killed by SIGKILL")
+    assert said, up.proc.output[-3000:]
     assert "worker stopping" in after, "the worker got its normal stop"
     assert took_s < _KILLED_AFTER_S, "no part waited out its grace and was killed"
     assert [pid for pid in tree if alive(pid)] == []
     # No part ends in a traceback: a worker stopped while its NATS was away did, with uvloop's
     # RuntimeError out of nats-py's close.
-    assert "Traceback" not in up.output, up.output[-3000:]
+    assert "Traceback" not in up.proc.output, up.proc.output[-3000:]
 
 
 @pytest.mark.timeout(120)
-def test_up_stops_everything_with_exit_code_1_when_a_worker_is_killed(up: JetspoolProcess) -> None:
-    tree = descendants(up.process.pid)
+def test_up_stops_everything_with_exit_code_1_when_a_worker_is_killed(up: Up) -> None:
+    tree = descendants(up.proc.process.pid)
     workers = _running(tree, "-m", "jetspool", "worker")
     assert len(workers) == 1, f"one worker among {tree}"
 
     os.kill(workers[0], signal.SIGKILL)
-    code = _exit_code(up, _EXIT_TIMEOUT_S)
+    code = _exit_code(up.proc, _EXIT_TIMEOUT_S)
 
-    assert code == 1, up.output[-3000:]
-    assert "jetspool: worker 1 stopped unexpectedly (killed by SIGKILL); stopping everything" in up.output
+    assert code == 1, up.proc.output[-3000:]
+    assert "jetspool: worker 1 stopped unexpectedly (killed by SIGKILL); stopping everything" in up.proc.output
     assert [pid for pid in tree if alive(pid)] == []
-    assert "Traceback" not in up.output
+    assert "Traceback" not in up.proc.output
 
 
 @pytest.mark.timeout(90)
@@ -109,7 +90,7 @@ def test_sigterm_stops_up_while_it_registers_the_demo_functions(tmp_path: Path) 
         silent.listen()
         silent.settimeout(30)
         args = ["up", "--demo", "--nats-url", f"nats://127.0.0.1:{silent.getsockname()[1]}", "--port", str(free_port())]
-        env = {ACCEPT_SINGLE_REPLICA: "true", **_FAST_STOP}
+        env = {ACCEPT_SINGLE_REPLICA: "true", **FAST_STOP}
         proc = JetspoolProcess([*args, "--data-dir", str(tmp_path / "data")], env=env, cwd=tmp_path)
         try:
             connection, _ = silent.accept()  # `up` itself, registering: nothing else of it uses NATS yet

@@ -17,6 +17,8 @@ if TYPE_CHECKING:
 
 _PROC = Path("/proc")
 ACCEPT_SINGLE_REPLICA = "JETSPOOL_NATS__ACCEPT_SINGLE_REPLICA"
+FAST_STOP = {"JETSPOOL_WORKER__SHUTDOWN_GRACE": "1", "JETSPOOL_WORKER__POLL_INTERVAL": "0.2"}
+"""Workers that stop and look for work quickly, for tests that stop a stack."""
 
 
 def descendants(pid: int) -> set[int]:
@@ -169,3 +171,20 @@ def stopped_while_waiting_for_nats(args: list[str], env: dict[str, str]) -> tupl
         return proc.terminate(10), proc
     finally:
         proc.kill_tree()
+
+
+class Up:
+    """`jetspool up --demo` as a real process tree on `port`, announced ready."""
+
+    def __init__(self, data_dir: Path, port: int, *flags: str) -> None:
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc = JetspoolProcess(
+            ["up", "--demo", "--port", str(port), "--data-dir", str(data_dir), *flags],
+            env=FAST_STOP,
+            cwd=data_dir.parent,
+        )
+        self.announced = self.proc.wait_for_line("jetspool is up:")
+
+    def stop(self) -> int:
+        return self.proc.terminate()
