@@ -214,6 +214,17 @@ async def test_the_openapi_document_is_valid_and_has_every_route_of_the_spec(sta
     assert _SPEC_ROUTES - documented == set()
 
 
+@pytest.mark.parametrize("path", ["/schema/nope", "/schema/nope.json", "/schema/swagger/nope"])
+async def test_an_unknown_path_under_schema_gets_a_json_404(stack: Stack, path: str) -> None:
+    """SPEC §2: errors are JSON with `detail`; Litestar answered HTML here (found by a security audit)."""
+    answer = await stack.client.get(path)
+
+    assert answer.status_code == 404
+    assert answer.headers["content-type"] == "application/json"
+    assert answer.json()["detail"]
+    assert (await stack.client.get("/schema/swagger")).headers["content-type"].startswith("text/html")
+
+
 async def test_the_openapi_document_names_the_submission_options_answers_and_errors(stack: Stack) -> None:
     """Generated alone, every error was a 400 with `status_code` and `extra`, which no answer has,
     the status route had no 202, and no submit named an option (found by a SPEC audit)."""
