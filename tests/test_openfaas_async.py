@@ -401,3 +401,27 @@ async def test_exec_timeout_completes_as_function_timeout_without_retry(stack: S
     assert len(stack.functions.on("/echo")) == 1
     assert result.status_code == 504
     assert result.headers["x-error-type"] == "function_timeout"
+
+
+_SET_BY_JETSPOOL = ("X-Api-Key", "X-Call-Id", "X-Request-Id", "X-Attempt", "X-Logs-Url")
+
+
+async def test_a_caller_cannot_send_a_header_jetspool_or_the_function_config_sets(stack: Stack) -> None:
+    """SPEC §1: a function's `headers` (e.g. auth to the function) and jetspool's own headers
+    reach it once, with jetspool's value, on both paths; the caller's copies are dropped. Found by
+    a security audit: on `/function/{name}` the caller's copy came first, the one a function reads."""
+    await stack.register("echo", path="/echo", headers={"X-Api-Key": "function-secret"})
+    forged = {name: "forged" for name in _SET_BY_JETSPOOL}
+    await stack.submit("echo", "queued", content=b"x", headers=forged)
+    proxied = await stack.client.post("/function/echo/now", content=b"y", headers=forged)
+    assert proxied.status_code == 200, proxied.text
+
+    await eventually(lambda: stack.functions.on("/echo/queued"))
+    for path in ("/echo/queued", "/echo/now"):
+        (seen,) = stack.functions.on(path)
+        values = {name: [v for k, v in seen.headers if k.lower() == name.lower()] for name in _SET_BY_JETSPOOL}
+        assert values.pop("X-Api-Key") == ["function-secret"], path
+        if path == "/echo/now":  # a synchronous call has no attempt nor logs URL
+            assert values.pop("X-Attempt") == values.pop("X-Logs-Url") == [], path
+        for name, value in values.items():
+            assert len(value) == 1 and value != ["forged"], f"{path} {name}: {value}"

@@ -53,6 +53,20 @@ def forwardable(headers: list[tuple[str, str]], never: frozenset[str] = NOT_FORW
     return [(key, value) for key, value in headers if key.lower() not in dropped]
 
 
+def call_headers(
+    forwarded: list[tuple[str, str]], own: list[tuple[str, str]], configured: dict[str, str]
+) -> list[tuple[str, str]]:
+    """The headers of a call to a function: the caller's `forwarded` ones, then jetspool's `own`,
+    then the function's `configured` ones, each name once. A later source's name drops the earlier
+    copies, so a caller cannot send a header the function's config sets (its auth to the function)
+    nor one jetspool sets: the function reads the first copy of a repeated header (found by a
+    security audit of the synchronous proxy)."""
+    set_later = {name.lower() for name in configured}
+    own = [(k, v) for k, v in own if k.lower() not in set_later]
+    set_later.update(k.lower() for k, _ in own)
+    return [*((k, v) for k, v in forwarded if k.lower() not in set_later), *own, *configured.items()]
+
+
 def is_valid_name(name: str) -> bool:
     """Whether `name` may be used as a function name (and so in subjects and consumer names)."""
     return _NAME.fullmatch(name) is not None

@@ -21,7 +21,7 @@ from opentelemetry.trace import SpanKind
 from jetspool import tracing
 from jetspool.domain import names
 from jetspool.domain.errors import PermanentDelivery, RetryableDelivery
-from jetspool.domain.functions import forwardable, shown, with_query
+from jetspool.domain.functions import call_headers, forwardable, shown, with_query
 from jetspool.domain.status import ErrorType, utcnow
 from jetspool.worker.policy import check_response
 
@@ -68,15 +68,15 @@ async def invoke(
         kind=SpanKind.CLIENT,
         attributes={"http.request.method": request.method, "url.full": shown(str(url)), "jetspool.attempt": attempt},
     ) as span:
-        headers = [
-            *((k, v) for k, v in forwardable(request.headers) if k.lower() not in tracing.TRACE_HEADERS),
+        own = [
             (names.H_CALL_ID, request.request_id),
             (names.H_REQUEST_ID, request.request_id),
             (names.H_ATTEMPT, str(attempt)),
             (names.H_LOGS_URL, logs_url),
-            *function.headers.items(),
             *tracing.inject({}).items(),
         ]
+        forwarded = [(k, v) for k, v in forwardable(request.headers) if k.lower() not in tracing.TRACE_HEADERS]
+        headers = call_headers(forwarded, own, function.headers)
         reply = await _call(client, function, request.method, url, body=body, headers=headers)
         span.set_attribute("http.response.status_code", reply.status_code)
     check_response(reply.status_code, reply.retry_after, utcnow())

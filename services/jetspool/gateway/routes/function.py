@@ -13,7 +13,7 @@ from litestar.params import FromPath
 
 from jetspool.domain import names
 from jetspool.domain.errors import RequestError
-from jetspool.domain.functions import HOP_BY_HOP, NOT_FORWARDED, forwardable, with_query
+from jetspool.domain.functions import HOP_BY_HOP, NOT_FORWARDED, call_headers, forwardable, with_query
 from jetspool.domain.status import request_urls
 from jetspool.gateway.intake import function_for, is_yes, raw_query_and_headers, read_submission, sub_path
 from jetspool.gateway.state import Gateway, GatewayDep
@@ -31,7 +31,9 @@ _OWN: Final = frozenset(
     h.lower() for h in (names.H_CALL_ID, names.H_REQUEST_ID, names.H_START_TIME, names.H_DURATION_SECONDS)
 )
 """Headers of a synchronous call that the gateway sets itself, both ways (`_call_headers`)."""
-_NOT_FORWARDED: Final = NOT_FORWARDED | _OWN
+_NOT_FORWARDED: Final = NOT_FORWARDED | _OWN | {names.H_ATTEMPT.lower(), names.H_LOGS_URL.lower()}
+"""Nor a caller's `X-Attempt` and `X-Logs-Url`: a function reads them as jetspool's (SPEC §4), and a
+synchronous call has neither."""
 _NOT_RELAYED: Final = HOP_BY_HOP | _OWN | {"content-encoding", "server", "date"}
 """httpx hands over the decoded body; the gateway's server sets its own Server and Date."""
 
@@ -88,7 +90,7 @@ async def _call(request: Request[Any, Any, Any], gateway: Gateway, name: str, pa
             request.method,
             with_query(url, query),
             content=await request.body(),
-            headers=[*forwardable(headers, _NOT_FORWARDED), *call.items(), *function.headers.items()],
+            headers=call_headers(forwardable(headers, _NOT_FORWARDED), list(call.items()), function.headers),
             timeout=function.timeout,
         )
     except httpx.TimeoutException as exc:  # the call's headers too: its X-Call-Id is what the logs know it by
