@@ -302,6 +302,11 @@ async def test_submit_to_unknown_or_invalid_function_is_refused(stack: Stack, pa
         ({}, {"webhookEndpoint": "file:///etc/passwd"}),
         ({"X-Queue-Priority": "urgent"}, {}),
         ({"X-Fal-Queue-Priority": "HIGH"}, {}),
+        # an alias's bad value beside a good one was ignored (found by a security audit)
+        ({"X-Queue-Priority": "high", "X-Fal-Queue-Priority": "bogus"}, {}),
+        ({"X-Queue-Priority": "high", "X-Fal-Queue-Priority": "low"}, {}),
+        ({"X-Request-Timeout": "5", "X-Fal-Request-Timeout": "abc"}, {}),
+        ({"X-Request-Timeout": "5", "X-Fal-Request-Timeout": "6"}, {}),
     ],
 )
 async def test_bad_submission_options_are_refused_and_nothing_is_queued(
@@ -316,6 +321,23 @@ async def test_bad_submission_options_are_refused_and_nothing_is_queued(
     assert response.json()["detail"]
     stats = (await stack.client.get("/system/functions/echo")).json()["stats"]
     assert stats["waiting"] == {"high": 0, "normal": 0, "low": 0}
+
+
+async def test_a_header_and_its_alias_that_agree_are_taken(stack_without_worker: Stack) -> None:
+    stack = stack_without_worker
+    await stack.register("echo")
+    both = {
+        "X-Queue-Priority": "low",
+        "X-Fal-Queue-Priority": "low",
+        "X-Request-Timeout": "60",
+        "X-Fal-Request-Timeout": "60.0",
+    }
+
+    request_id = await stack.submit("echo", content=b"x", headers=both)
+
+    assert (await stack.status("echo", request_id))["priority"] == "low"
+    stats = (await stack.client.get("/system/functions/echo")).json()["stats"]
+    assert stats["waiting"] == {"high": 0, "normal": 0, "low": 1}
 
 
 async def test_status_route_refuses_malformed_and_unknown_ids(stack: Stack) -> None:
@@ -416,7 +438,7 @@ async def test_a_caller_cannot_send_a_header_jetspool_or_the_function_config_set
     proxied = await stack.client.post("/function/echo/now", content=b"y", headers=forged)
     assert proxied.status_code == 200, proxied.text
 
-    await eventually(lambda: stack.functions.on("/echo/queued"))
+    await eventually(lambda: bool(stack.functions.on("/echo/queued")))
     for path in ("/echo/queued", "/echo/now"):
         (seen,) = stack.functions.on(path)
         values = {name: [v for k, v in seen.headers if k.lower() == name.lower()] for name in _SET_BY_JETSPOOL}
