@@ -6,7 +6,9 @@ import time
 import uuid
 from typing import TYPE_CHECKING
 
+import httpx
 import pytest
+from fal_client.client import _should_retry_response
 
 from tests.support.servers import Reply
 
@@ -233,3 +235,20 @@ async def test_status_and_result_answer_head_as_get_without_a_body(stack: Stack)
         assert head.headers["x-request-id"] == got.headers["x-request-id"]
     assert heads[2].headers["content-length"] == str(len(gets[2].content))
     stack.functions.release("/busy")
+
+
+async def test_fal_client_does_not_retry_a_final_503_that_names_nginx(stack: Stack) -> None:
+    """A completed request's answer says it is the server's (`X-Fal-Request-Id`). Without it,
+    fal-client took a 502-504 whose body says `nginx` for its ingress's and retried it for 52 s: a
+    function at `http://nginx.invalid/` that could not be reached did that (found by a dialect audit)."""
+    await stack.register("echo", max_attempts=1)
+    stack.functions.script("/echo", [Reply(503)])
+    request_id = (await stack.client.post("/queue/echo", json={})).json()["request_id"]
+    await stack.wait_for_status("echo", request_id)
+
+    answer = await stack.client.get(f"/queue/echo/requests/{request_id}")
+    named = {"detail": "gave up after 1 attempt: cannot reach function: Cannot connect to host nginx.invalid:80"}
+    as_if_named = httpx.Response(answer.status_code, headers=answer.headers, json=named, request=answer.request)
+
+    assert (answer.status_code, answer.headers["x-fal-request-id"]) == (503, request_id)
+    assert not _should_retry_response(as_if_named)

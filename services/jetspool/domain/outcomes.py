@@ -37,7 +37,7 @@ class Answer:
 
 def completed_answer(record: StatusRecord, result: StoredResult | None) -> Answer:
     """The answer for a COMPLETED request: the function's response, or the JSON error of its outcome."""
-    headers = {names.H_REQUEST_ID: record.request_id}
+    headers = {names.H_REQUEST_ID: record.request_id, names.H_FAL_REQUEST_ID: record.request_id}
     error_type = record.error_type
     if error_type is None or error_type is ErrorType.FUNCTION_ERROR:
         if result is None:
