@@ -189,6 +189,39 @@ async def test_a_worker_cut_off_past_its_ack_wait_leaves_the_retry_to_the_redeli
     assert [seen.header("x-attempt") for seen in stack.functions.on("/echo")] == ["1", "2"]
 
 
+async def test_a_nats_outage_shorter_than_the_ack_wait_starts_no_second_attempt(tmp_path: Path) -> None:
+    """SPEC §4: no request is delivered twice while its first attempt still runs. nats-server is
+    killed and restarted, away for less than the ack wait, while a call runs, with a second worker
+    idle. The worker skipped its in-progress signals while NATS was away and sent the next one a
+    third of the ack wait later; the restarted server had counted the ack wait from its last signal
+    and redelivered the message to the idle worker first (found by a fault audit). The worker now
+    signals as soon as it is reconnected."""
+    ack_wait = 4.0
+    nats_server = EmbeddedNats(tmp_path / "nats", port=free_port())
+    nats_server.start()
+    stack = await start_stack(nats_server, overrides={"worker": {"ack_wait": ack_wait, "poll_interval": 0.2}})
+    idle = Worker(stack.settings)
+    await idle.start()
+    try:
+        await stack.register("long")
+        stack.functions.hold("/long")
+        request_id = await stack.submit("long", content=b"x")
+        await stack.functions.wait_for("/long")
+        nats_server.kill()
+        await asyncio.sleep(ack_wait * 0.7)  # the outage: past two of the worker's turns to signal
+        nats_server.start()
+        await asyncio.sleep(ack_wait * 1.5)  # the call runs on, past the ack wait counted from before
+        stack.functions.release("/long", 2)
+        final = await stack.wait_for_status("long", request_id, timeout_s=30)
+    finally:
+        await idle.stop()
+        await stack.close()
+        nats_server.stop()
+
+    assert [seen.header("x-attempt") for seen in stack.functions.on("/long")] == ["1"]
+    assert (final["attempts"], "error_type" in final) == (1, False)
+
+
 async def test_every_request_the_queue_stream_stores_wakes_an_idle_worker(
     nats_server: EmbeddedNats, conn: Nats
 ) -> None:

@@ -122,6 +122,7 @@ async def run(settings: Settings, stop: asyncio.Event, ready: asyncio.Event | No
         started.push_async_callback(pool.stop)  # unwinds after view.stop: no runner starts once the pool stopped
         started.push_async_callback(view.stop)  # before it starts: a stop during start-up ends the view too
         await view.start()
+        conn.on_reconnect(handler.renew_held)  # first: its deliveries' ack wait runs
         conn.on_reconnect(view.resync)
         callbacks = CallbackDelivery(conn, status, results, settings.callbacks, http)
         await callbacks.start()
