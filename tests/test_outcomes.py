@@ -61,7 +61,7 @@ def test_success_answers_the_functions_status_body_and_content_type() -> None:
     assert answer.status_code == 201
     assert answer.body == b"made it"
     assert answer.content_type == "text/plain; charset=utf-8"
-    assert answer.headers == {"X-Request-Id": REQUEST_ID}
+    assert answer.headers == {"X-Request-Id": REQUEST_ID, "X-Fal-Request-Id": REQUEST_ID}
 
 
 def test_success_answers_binary_bodies_unchanged() -> None:
@@ -79,6 +79,7 @@ def test_function_error_answers_the_functions_status_and_body_with_error_type_he
     assert answer.content_type == "application/json"
     assert answer.headers == {
         "X-Request-Id": REQUEST_ID,
+        "X-Fal-Request-Id": REQUEST_ID,  # the server's answer, to fal-client: not retried
         "X-Error-Type": "function_error",
         "X-Fal-Error-Type": "function_error",  # what fal's clients read when the body is the function's
     }
