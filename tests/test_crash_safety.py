@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import httpx
+import orjson
 import pytest
 import yaml
 
@@ -183,6 +184,49 @@ async def test_nothing_acknowledged_is_lost_when_nats_restarts(
 
 
 @pytest.mark.timeout(150)
+async def test_a_request_cancelled_while_its_worker_is_dead_tells_the_function(
+    nats_server: EmbeddedNats, tmp_path: Path
+) -> None:
+    """SPEC §4: cancelling a running request POSTs the function's cancel_path. When the worker
+    that ran it was killed, the redelivery completed it as cancelled and told the function nothing,
+    which ran the call on to its end (found by a fault audit)."""
+    function = RecordingApp(default=None)
+    function.hold("/echo")
+    function_server = AsgiServer(function)
+    await function_server.start()
+    config = _config(tmp_path / "jetspool.yaml", f"{function_server.url}/echo", ack_wait=1.0)
+    settings = yaml.safe_load(config.read_text(encoding="utf-8"))
+    settings["functions"][0]["cancel_path"] = "/cancel"
+    config.write_text(yaml.safe_dump(settings), encoding="utf-8")
+    parts = Parts(config, nats_server.url)
+    try:
+        await parts.start("gateway", "worker")
+        async with httpx.AsyncClient(base_url=parts.url, timeout=30) as client:
+            request_id = (await client.post("/async-function/echo", content=b"x")).headers["x-call-id"]
+            await function.wait_for("/echo")
+            parts.kill("worker")
+            cancelled = await client.put(f"/queue/echo/requests/{request_id}/cancel")
+            await parts.start("worker")  # gets the message back once the ack wait has passed
+            [notice] = await function.wait_for("/echo/cancel", timeout_s=30)
+
+            async def completed() -> bool:
+                status = (await client.get(f"/queue/echo/requests/{request_id}/status")).json()
+                return bool(status["status"] == "COMPLETED")
+
+            await eventually_true(completed)
+            final = (await client.get(f"/queue/echo/requests/{request_id}/status")).json()
+    finally:
+        function.release("/echo")
+        parts.stop()
+        await function_server.stop()
+
+    assert cancelled.json()["status"] == "CANCELLATION_REQUESTED"
+    assert (final["error_type"], final["error"]) == ("cancelled", "cancelled while running")
+    assert orjson.loads(notice.body) == {"request_id": request_id}
+    assert notice.header("x-call-id") == request_id
+    assert len(function.on("/echo")) == 1, "never called again"
+
+
 async def test_a_worker_paused_past_its_ack_wait_changes_nothing_when_it_resumes(
     nats_server: EmbeddedNats, tmp_path: Path
 ) -> None:

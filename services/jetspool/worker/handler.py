@@ -261,7 +261,11 @@ class RequestHandler:
         allowed = current.record.attempt_base + per_run
         attempt = current.record.attempts + 1
         if current.record.cancel_requested:
+            # The worker that ran it never finished: it died or was cut off, and its call may still
+            # run at the function. Told nothing, the function ran on to the end (found by a fault
+            # audit): it gets the cancel_path POST the holder would have sent (SPEC §4).
             await self._complete(request, function, None, ErrorType.CANCELLED, _CANCELLED_RUNNING, current=current)
+            await self._notify_cancel(function, request)
             return ACK
         if request.start_deadline is not None and utcnow() >= request.start_deadline:
             late = start_deadline_missed(current.record.attempts)
