@@ -96,7 +96,7 @@ async def test_a_superseded_attempt_that_failed_does_not_hand_the_message_back(
     retrying = {**_SETTINGS, "retry": {"initial_backoff": 0.2, "jitter": 0.0}}
     async with _taken_over(nats_server, tmp_path, retrying, [Reply(503)]) as run:
         run.stack.functions.release("/echo")  # attempt 1 answers 503: a retry, but attempt 2 owns the request
-        await asyncio.to_thread(run.first.wait_for_text, "retrying in", 30)
+        await asyncio.to_thread(run.first.wait_for_text, "another attempt owns it; leaving this delivery alone", 30)
         with contextlib.suppress(TimeoutError):  # a redelivery would come after the 0.2 s backoff
             await run.stack.functions.wait_for("/echo", 3, timeout_s=3)
         calls = len(run.stack.functions.on("/echo"))
@@ -139,3 +139,49 @@ async def _redelivered(url: str) -> bool:
     async with await nats.connect(url) as nc:
         info = await nc.jetstream().consumer_info(names.QUEUE_STREAM, names.queue_consumer("echo", "normal"))
     return bool(info.num_redelivered)
+
+
+async def test_a_late_answer_from_before_a_retry_does_not_complete_the_new_run(
+    nats_server: EmbeddedNats, tmp_path: Path
+) -> None:
+    """A worker paused through a cancel and a retry of its request answers late: the retry route's
+    run starts with the attempt count where the last run stopped, so a fence on the attempt alone
+    let that answer complete the new run, which was then never delivered (found by a race review).
+    Completions are fenced on the run too."""
+    stack = await start_stack(nats_server, worker=False, overrides=_SETTINGS)
+    config = tmp_path / "worker.yaml"
+    config.write_text(yaml.safe_dump(_SETTINGS), encoding="utf-8")
+    paused = start_part("worker", config, nats_server.url)
+    try:
+        await asyncio.to_thread(paused.wait_for_text, "worker ready", 60)
+        await stack.register("echo")
+        stack.functions.hold("/echo")
+        stack.functions.script("/echo", [Reply(200, b"from run 1"), Reply(200, b"from run 2")])
+        request_id = await stack.submit("echo", content=b"x")
+        await stack.functions.wait_for("/echo", 1)
+        os.kill(paused.process.pid, signal.SIGSTOP)
+
+        cancelled = await stack.client.put(f"/queue/echo/requests/{request_id}/cancel")
+        other = await stack.start_worker()  # takes the redelivery after the ack wait: cancelled
+        assert (await stack.wait_for_status("echo", request_id, timeout_s=30))["error_type"] == "cancelled"
+        await other.stop()
+        stack.worker = None
+        retried = await stack.client.post(f"/queue/echo/requests/{request_id}/retry")
+        stack.functions.release("/echo")  # run 1's call answers, to the paused worker
+        os.kill(paused.process.pid, signal.SIGCONT)
+        await asyncio.to_thread(paused.wait_for_text, f"request {request_id}: outcome of attempt 1 dropped", 30)
+        await stack.functions.wait_for("/echo", 2, timeout_s=30)  # the new run is delivered
+        stack.functions.release("/echo")
+        final = await stack.wait_for_status("echo", request_id, timeout_s=30)
+        result = await stack.client.get(f"/queue/echo/requests/{request_id}")
+    finally:
+        stack.functions.release("/echo", 5)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(paused.process.pid, signal.SIGCONT)
+        paused.kill_tree()
+        await stack.close()
+
+    assert (cancelled.status_code, retried.status_code) == (202, 202)
+    assert [seen.header("x-attempt") for seen in stack.functions.on("/echo")] == ["1", "2"]
+    assert (final["attempts"], "error_type" in final) == (2, False)
+    assert result.content == b"from run 2"

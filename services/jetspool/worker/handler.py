@@ -280,7 +280,8 @@ class RequestHandler:
         try:
             seen = current.record.attempts
             started = await self._transition(
-                current, lambda r: r.started(attempt, utcnow()) if r.attempts == seen else None
+                current,
+                lambda r: r.started(attempt, utcnow()) if (r.retries, r.attempts) == (request.retry, seen) else None,
             )
             if started is None:
                 return await self._superseded(request, function)
@@ -346,30 +347,35 @@ class RequestHandler:
             raise
         except RetryableDelivery as exc:
             base = call.record.record.attempt_base if call.record else 0  # each run counts and backs off afresh
+            ran_s = time.monotonic() - began
             if attempt < allowed:
                 reason = str(exc)
                 delay = backoff_s(attempt - base, self._retry, exc.retry_after_s, self._rng)
-                log.info("request %s attempt %d: %s; retrying in %.1f s", request.request_id, attempt, reason, delay)
-                await self._s.logs.write(
-                    request.request_id, f"attempt {attempt}: {reason}; retrying in {delay:.1f} s", level="WARN"
-                )
-                ran_s = time.monotonic() - began
-                requeued = await self._update(request, attempt, lambda r: r.requeued(reason, ran_s), call.record)
-                if requeued is None:
+                cancel_requested = False
+
+                def requeue(record: StatusRecord) -> StatusRecord | None:
+                    # A cancel that came as the function answered: no retry. Requeued over it, the
+                    # request showed IN_QUEUE until its backoff ended, up to 10 minutes with a
+                    # Retry-After (found by a race review).
+                    nonlocal cancel_requested
+                    cancel_requested = record.cancel_requested
+                    return None if cancel_requested else record.requeued(reason, ran_s)
+
+                requeued = await self._update(request, attempt, requeue, call.record)
+                if requeued is not None:
+                    retrying = f"attempt {attempt}: {reason}; retrying in {delay:.1f} s"
+                    log.info("request %s %s", request.request_id, retrying)
+                    await self._s.logs.write(request.request_id, retrying, level="WARN")
+                    await self._s.events.publish(requeued.record)
+                    await count(self._s.conn, request.function, "retried")
+                    return Settle("nak", delay)
+                if not cancel_requested:
                     return await self._superseded(request, function)
-                await self._s.events.publish(requeued.record)
-                await count(self._s.conn, request.function, "retried")
-                return Settle("nak", delay)
-            gave_up = f"gave up after {_attempts_made(attempt, base)}: {exc}"
+                outcome: tuple[ErrorType, str] = (ErrorType.CANCELLED, _CANCELLED_RUNNING)
+            else:
+                outcome = (ErrorType.RUNNER_UNAVAILABLE, f"gave up after {_attempts_made(attempt, base)}: {exc}")
             recorded = await self._complete(
-                request,
-                function,
-                None,
-                ErrorType.RUNNER_UNAVAILABLE,
-                gave_up,
-                attempt=attempt,
-                current=call.record,
-                ran_s=time.monotonic() - began,
+                request, function, None, *outcome, attempt=attempt, current=call.record, ran_s=ran_s
             )
         except PermanentDelivery as exc:
             failure, ran_s = ErrorType(exc.error_type), time.monotonic() - began
@@ -569,8 +575,12 @@ class RequestHandler:
         change: Callable[[StatusRecord], StatusRecord | None],
         current: Versioned | None = None,
     ) -> Versioned | None:
-        """Apply `change` to the record, but only while `attempt` is its latest attempt.
+        """Apply `change` to the record, but only while `request`'s run is its current run and
+        `attempt` its latest attempt.
 
+        The run too: the retry route starts a run where the last one stopped, with the same
+        attempt count, so a worker paused through a cancel and a retry completed the new run with
+        its old attempt's late answer, and the new run was never delivered (found by a race review).
         `current`: the record as last written by this worker; read afresh when not given. Either
         way the write is a compare-and-set, re-read and re-applied should the record have moved.
         """
@@ -580,7 +590,7 @@ class RequestHandler:
             return None
 
         def fenced(record: StatusRecord) -> StatusRecord | None:
-            if attempt is not None and record.attempts != attempt:
+            if record.retries != request.retry or (attempt is not None and record.attempts != attempt):
                 return None
             return change(record)
 
