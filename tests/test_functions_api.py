@@ -147,6 +147,24 @@ async def test_a_function_deleted_with_nothing_queued_leaves_no_consumers(stack:
     assert "error_type" not in final
 
 
+async def test_a_registration_racing_a_delete_keeps_its_consumers(stack: Stack, conn: Nats) -> None:
+    """A PUT that lands between a DELETE's registry delete and its drop of the idle consumers found
+    them still there, and the DELETE dropped them after: registered, with no consumers, its
+    requests waited for good (found by a race review, 8 of 20 tries)."""
+    body = {"name": "echo", "url": stack.function_url("/echo")}
+    await stack.register("echo")
+    for n in range(12):
+        await asyncio.gather(
+            stack.client.delete("/system/functions/echo"), stack.client.put("/system/functions/echo", json=body)
+        )
+        if (await stack.client.get("/system/functions/echo")).status_code == 404:
+            await stack.register("echo")
+        assert await _consumers(conn, "echo") == len(PRIORITIES), f"try {n}"
+    final = await stack.wait_for_status("echo", await stack.submit("echo", content=b"x"), timeout_s=30)
+
+    assert "error_type" not in final
+
+
 async def test_a_function_deleted_with_requests_waiting_runs_them_once_registered_again(
     stack_without_worker: Stack, conn: Nats
 ) -> None:

@@ -11,7 +11,7 @@ from litestar.enums import HttpMethod
 from litestar.params import FromPath
 from nats.errors import Error as NatsError
 
-from jetspool.domain.errors import BadRequest, InvalidInput
+from jetspool.domain.errors import BadRequest, InvalidInput, NotFound
 from jetspool.domain.functions import Function
 from jetspool.domain.validation import describe
 from jetspool.gateway.intake import function_for
@@ -95,6 +95,14 @@ async def delete_function(gateway: GatewayDep, name: FromPath[str]) -> None:
     await gateway.registry.delete(name)
     gateway.view.forget(name)
     await drop_idle_function_consumers(gateway.conn.js, name)
+    # A registration between the delete and the drop found the consumers still there and left
+    # them to be dropped: the function stayed registered with no consumers, and its requests
+    # waited for good (found by a race review). Such a registration gets them back.
+    try:
+        again = await gateway.registry.get(name)
+    except NotFound:
+        return
+    await _registered(gateway, again)
 
 
 @post("/system/functions/{name:str}/purge", status_code=200)
