@@ -3,6 +3,7 @@ receiver recovers, Standard Webhooks signatures, the address policy, redelivery.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 import os
@@ -15,9 +16,10 @@ import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from jetspool.callbacks.addresses import AddressPolicy, RefusedAddress
+from jetspool.callbacks.delivery import CallbackDelivery
 from jetspool.domain import names
 from jetspool.domain.functions import masked
-from jetspool.domain.messages import CallbackJob, encode
+from jetspool.domain.messages import CallbackJob, decode, encode
 from jetspool.jetstream.results import RECORD_INLINE_BYTES
 from tests.support.servers import AsgiServer, RecordingApp, Reply, eventually, eventually_true, free_port
 from tests.support.stack import start_stack
@@ -377,6 +379,47 @@ async def test_redeliver_sends_the_callbacks_again(stack: Stack) -> None:
     assert response.json()["callbacks"][0]["state"] == "pending"
     assert first.body == second.body == b"twice"
     assert again["attempts"] == 2
+
+
+async def test_redeliver_asked_while_the_last_attempt_runs_is_sent(
+    nats_server: EmbeddedNats, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The last attempt of the job in flight fails after the redelivery was asked, and writes
+    `failed` over the route's `pending`: the new job, read after that, took it for a finished
+    delivery and dropped it unsent (found by a race review, with the delivery loop kept busy so the
+    new job was read late; here it waits for the failure to be recorded)."""
+    failed_noted = asyncio.Event()
+    note, read = CallbackDelivery._note, CallbackDelivery._job  # noqa: SLF001 - the window, widened
+
+    async def noting(delivery: CallbackDelivery, current: Any, job: CallbackJob, state: Any, status: Any) -> None:
+        await note(delivery, current, job, state, status)
+        if state == "failed":
+            failed_noted.set()
+
+    async def read_late(delivery: CallbackDelivery, msg: Any) -> Any:
+        if decode(msg.data, CallbackJob).again:
+            await failed_noted.wait()
+        return await read(delivery, msg)
+
+    monkeypatch.setattr(CallbackDelivery, "_note", noting)
+    monkeypatch.setattr(CallbackDelivery, "_job", read_late)
+    stack = await start_stack(nats_server, overrides={"callbacks": {"max_attempts": 1}})
+    try:
+        await stack.register("echo")
+        stack.receiver.hold("/hook")
+        stack.receiver.script("/hook", [Reply(500), Reply(200)])
+        hook = {"X-Callback-Url": stack.callback_url("/hook")}
+        request_id = await stack.submit("echo", content=b"x", headers=hook)
+        await stack.receiver.wait_for("/hook")  # the first job's only attempt, held
+        response = await stack.client.post(f"/queue/echo/requests/{request_id}/callback/redeliver")
+        stack.receiver.release("/hook", 2)  # it fails; the redelivery then answers 200
+        await stack.receiver.wait_for("/hook", 2)
+        final = await _wait_for_callback_state(stack, "echo", request_id, "delivered")
+    finally:
+        await stack.close()
+
+    assert response.json()["callbacks"][0]["state"] == "pending"
+    assert (final["attempts"], final["last_status"]) == (2, 200)
 
 
 async def test_redeliver_needs_a_completed_request_with_a_callback(stack: Stack) -> None:

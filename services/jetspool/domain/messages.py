@@ -84,6 +84,8 @@ class CallbackJob(WireMessage, frozen=True, kw_only=True):
     url: str
     run: int = 0
     """The run of the request (`QueuedRequest.retry`) whose outcome this delivers."""
+    again: bool = False
+    """Asked for by the redeliver route: sent whatever state the target shows when it is read."""
 
 
 LogLevel = Literal["STDERR", "STDOUT", "ERROR", "INFO", "WARN", "DEBUG"]

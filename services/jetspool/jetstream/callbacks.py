@@ -36,6 +36,7 @@ class CallbackQueue:
                 kind=target.kind,
                 url=target.url,
                 run=record.retries,
+                again=again,
             )
             subject, payload = names.callback_subject(target.kind), encode(job)
             headers = tracing.inject({names.NATS_MSG_ID: f"{record.request_id}.{target.kind}{run}{nonce}"})
