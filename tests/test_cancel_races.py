@@ -7,12 +7,14 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
+import orjson
 import pytest
 import yaml
 
+from jetspool.embedded import EmbeddedNats
 from jetspool.worker.handler import RequestHandler
 from tests.support.processes import start_part
-from tests.support.servers import Reply
+from tests.support.servers import Reply, free_port
 from tests.support.stack import start_stack
 
 if TYPE_CHECKING:
@@ -21,7 +23,6 @@ if TYPE_CHECKING:
 
     from nats.aio.msg import Msg
 
-    from jetspool.embedded import EmbeddedNats
     from tests.support.stack import Stack
 
 _REQUESTS = 120
@@ -118,3 +119,33 @@ async def test_a_cancel_that_comes_as_the_function_asks_for_a_retry_completes_at
 
 async def _not_heard(handler: RequestHandler, msg: Msg) -> None:
     """A worker's cancel signal that comes too late to abort its call."""
+
+
+async def test_a_cancel_signal_lost_while_nats_was_away_is_read_on_reconnection(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cancel signal is a core NATS message: a worker disconnected when it was sent never gets
+    it, and its call ran on to the end. Once reconnected, the worker reads the marks of the calls it
+    runs (here the signal is kept from it, and NATS restarts)."""
+    monkeypatch.setattr(RequestHandler, "on_cancel", _not_heard)
+    nats_server = EmbeddedNats(tmp_path / "nats", port=free_port())  # the same address after its restart
+    nats_server.start()
+    stack = await start_stack(nats_server)
+    try:
+        await stack.register("echo", cancel_path="/cancel")
+        stack.functions.hold("/echo")
+        request_id = await stack.submit("echo", content=b"x")
+        await stack.functions.wait_for("/echo")
+        cancelled = await stack.client.put(f"/queue/echo/requests/{request_id}/cancel")
+        nats_server.kill()
+        nats_server.start()
+        final = await stack.wait_for_status("echo", request_id, timeout_s=30)
+        [notice] = await stack.functions.wait_for("/echo/cancel")
+    finally:
+        stack.functions.release("/echo")
+        await stack.close()
+        nats_server.stop()
+
+    assert cancelled.json()["status"] == "CANCELLATION_REQUESTED"
+    assert (final["error_type"], final["error"]) == ("cancelled", "cancelled while running")
+    assert orjson.loads(notice.body) == {"request_id": request_id}

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Literal
 
 import aiohttp
 import orjson
+from nats.errors import Error as NatsError
 from opentelemetry.trace import SpanKind
 
 from jetspool import logfmt, tracing
@@ -486,6 +487,20 @@ class RequestHandler:
             held = self._held.get(key)
             if held is not None:
                 await self._renew(*held)
+        await self._abort_cancelled()
+
+    async def _abort_cancelled(self) -> None:
+        """Abort the calls whose request was marked cancelled while NATS was away: the cancel signal
+        is a core NATS message, lost to a worker that was not connected then, and the call ran on to
+        its end (a race review's finding)."""
+        for request_id in list(self._running):
+            try:
+                current = await self._s.status.get(request_id)
+            except (NatsError, TimeoutError):
+                log.warning("could not read whether %s was cancelled meanwhile", request_id, exc_info=True)
+                continue
+            if current is not None and current.record.cancel_requested and self.abort(request_id):
+                log.info("aborting %s: cancelled while NATS was away", request_id)
 
     async def _renew(self, msg: Msg, lease: Lease) -> None:
         try:
