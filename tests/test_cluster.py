@@ -342,6 +342,20 @@ def test_replicas_the_cluster_cannot_place_stop_startup_naming_the_setting(clust
     assert "Traceback" not in worker.output
 
 
+@pytest.mark.timeout(120)
+def test_a_cluster_short_of_its_quorum_at_start_stops_startup_naming_the_setting(cluster: LocalCluster) -> None:
+    """Two of three nodes down at the first start: JetStream stays unavailable, and once the
+    ride-through was spent start-up ended in a traceback, exit code 1 (found by a cluster audit)."""
+    for node in cluster.nodes[1:]:
+        node.kill()
+    worker = JetspoolProcess(["worker", "--nats-url", cluster.urls[0]], env={"JETSPOOL_NATS__REPLICAS": "3"})
+    code = worker.wait(90)
+
+    assert code == 2, worker.output
+    assert "nats.replicas: 3 needs a JetStream cluster with at least 3 servers up" in worker.output
+    assert "Traceback" not in worker.output
+
+
 @pytest.mark.timeout(300)
 async def test_2000_requests_ride_through_a_nats_node_sigkilled_and_restarted(
     cluster: LocalCluster, echo: tuple[CountingEcho, AsgiServer], parts: Parts, capsys: pytest.CaptureFixture[str]

@@ -8,7 +8,7 @@ from jetspool.domain.errors import ConfigError
 from jetspool.jetstream.connection import connect
 from jetspool.jetstream.provision import Stores, ensure_function_consumers, provision
 from jetspool.jetstream.registry import FunctionRegistry
-from jetspool.jetstream.ridethrough import ride_through
+from jetspool.jetstream.ridethrough import RIDE_THROUGH_S, is_transient, ride_through
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -50,5 +50,25 @@ async def open_jetstream(
 
     # All of it is idempotent: on a cluster electing leaders (or busy with other components
     # starting), a step that timed out is simply done again.
-    stores, registry = await ride_through(prepare, "provisioning")
+    try:
+        stores, registry = await ride_through(prepare, "provisioning")
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
+        raise ConfigError(_unprovisioned(settings.nats.replicas, exc)) from exc
     return conn, stores, registry
+
+
+def _unprovisioned(replicas: int, exc: BaseException) -> str:
+    """Why start-up stopped when JetStream would not set up the streams within the ride-through:
+    on a cluster short of JetStream servers it ended in a traceback, exit code 1 or 3 (found by a
+    cluster audit); SPEC §9 asks for a message naming `nats.replicas`."""
+    waited = (
+        f"JetStream did not set up jetspool's streams within {RIDE_THROUGH_S:g} s ({exc.__class__.__name__}: {exc})"
+    )
+    if replicas > 1:
+        return (
+            f"nats: {waited}. nats.replicas: {replicas} needs a JetStream cluster with at least {replicas} "
+            "servers up, each with JetStream enabled, and a meta leader elected among them"
+        )
+    return f"nats: {waited}. Is JetStream enabled on the server?"
