@@ -7,14 +7,18 @@ import uuid
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from nats.js.errors import NotFoundError
+import orjson
+from nats.js.errors import KeyNotFoundError, NotFoundError
 
 from jetspool.domain import names
 from jetspool.domain.messages import QueuedRequest, encode
+from jetspool.jetstream.retention import Retention
 from tests.support.servers import Reply, eventually_true
 from tests.support.stack import start_stack
 
 if TYPE_CHECKING:
+    import pytest
+
     from jetspool.embedded import EmbeddedNats
     from jetspool.jetstream.connection import Nats
     from tests.support.stack import Stack
@@ -102,6 +106,38 @@ async def test_a_cancelled_request_runs_again_and_calls_back_for_each_run(stack_
     assert [s.body for s in stack.functions.on("/echo")] == [b"again"]
     assert first.header("x-function-status") == "400"
     assert (second.header("x-function-status"), second.body) == ("200", b"again")
+
+
+async def test_a_request_ended_while_waiting_is_kept_for_a_retry_before_its_status_says_so(
+    stack: Stack, conn: Nats, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A retry sent the moment the status showed a waiting request cancelled or past its start
+    deadline was refused as no longer kept: its status was written before it was kept (found by a
+    soak test). What the status says when each is kept is noted here."""
+    bucket = await conn.js.key_value(names.STATUS_BUCKET)
+    seen_when_kept: list[str] = []
+    keep = Retention.keep_for_retry
+
+    async def noting(retention: Retention, request: QueuedRequest, ttl_s: float) -> None:
+        try:
+            seen_when_kept.append(orjson.loads((await bucket.get(request.request_id)).value or b"")["status"])
+        except KeyNotFoundError:
+            seen_when_kept.append("no status yet")
+        await keep(retention, request, ttl_s)
+
+    monkeypatch.setattr(Retention, "keep_for_retry", noting)
+    await stack.occupy()  # the function's only slot is taken: both requests wait
+    cancelled = await stack.submit("busy", content=b"cancelled")
+    timed_out = await stack.submit("busy", content=b"late", headers={"X-Request-Timeout": "0.5"})
+    assert (await stack.client.put(f"/queue/busy/requests/{cancelled}/cancel")).status_code == 202
+    late = await stack.wait_for_status("busy", timed_out, timeout_s=30)
+    stack.functions.release("/busy")
+
+    assert late["error_type"] == "request_timeout"
+    assert len(seen_when_kept) == 2
+    assert "COMPLETED" not in seen_when_kept, seen_when_kept
+    await _retry(stack, cancelled, "busy")
+    await _retry(stack, timed_out, "busy")
 
 
 async def test_only_a_failed_or_cancelled_request_can_be_retried(stack: Stack) -> None:

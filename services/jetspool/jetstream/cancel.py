@@ -93,9 +93,14 @@ class Canceller:
             if running and only_waiting:
                 return CancelOutcome.STARTED
             ttl_s = function.result_ttl if function is not None else DEFAULT_RESULT_TTL_S
+            kept: QueuedRequest | None = None
             if running:
                 changed = msgspec.structs.replace(record, cancel_requested=True)
             else:
+                # Kept for the retry route before the status says it ended, as the worker keeps a
+                # failed request: a retry sent on seeing the status was refused as no longer kept
+                # (found by a soak test, for requests whose start deadline had passed).
+                kept = await self._keep_for_retry(record, ttl_s)
                 changed = record.completed(
                     utcnow(),
                     keep_s=ttl_s,
@@ -116,28 +121,37 @@ class Canceller:
                 await self._conn.nc.publish(names.cancel_subject(record.function), record.request_id.encode())
                 return CancelOutcome.SIGNALLED
             await self._events.publish(changed)
-            await self._withdraw(changed, ttl_s)
+            await self._withdraw(changed, kept)
             await count_outcome(self._conn, changed)
             # The queue changed only now: positions behind it move up, and watchers recompute them.
             await self._conn.nc.publish(names.wake_subject(record.function), b"")  # any class
             return CancelOutcome.CANCELLED
 
-    async def _withdraw(self, record: StatusRecord, ttl_s: float) -> None:
-        """Delete the cancelled request's message, first queueing its callbacks and keeping it for a retry."""
+    async def _keep_for_retry(self, record: StatusRecord, ttl_s: float) -> QueuedRequest | None:
+        """Keep the waiting request `record` describes for the retry route; None when its message
+        is gone (taken meanwhile: the worker sees the status and drops it) or unreadable."""
         seq = record.queue_seq
         if seq is None:
-            return
+            return None
         try:
             msg = await ride_through(partial(self._conn.js.get_msg, names.QUEUE_STREAM, seq=seq), "queue read")
         except NotFoundError:
-            return  # taken meanwhile: the worker sees the cancelled status and drops it
+            return None
         try:
             request = decode(msg.data or b"", QueuedRequest).identified(seq)
         except DecodeError:
             log.exception("cancelled message %d is unreadable; no callbacks for it", seq)
-        else:
-            await self._retention.keep_for_retry(request, ttl_s)
+            return None
+        await self._retention.keep_for_retry(request, ttl_s)
+        return request
+
+    async def _withdraw(self, record: StatusRecord, kept: QueuedRequest | None) -> None:
+        """Queue the cancelled request's callbacks (when its message was `kept`) and delete its message."""
+        if kept is not None:
             await self._callbacks.emit(record)
+        seq = record.queue_seq
+        if seq is None:
+            return
         try:
             await ride_through(partial(self._conn.js.delete_msg, names.QUEUE_STREAM, seq), "queue delete")
         except APIError as exc:
