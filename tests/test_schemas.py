@@ -225,6 +225,23 @@ async def test_an_unknown_path_under_schema_gets_a_json_404(stack: Stack, path: 
     assert (await stack.client.get("/schema/swagger")).headers["content-type"].startswith("text/html")
 
 
+async def test_a_functions_own_html_404_is_relayed_as_it_is(stack: Stack) -> None:
+    """The JSON 404 of unknown `/schema` paths is for them alone: made on the app, it replaced a
+    function's `text/html` 404 (nginx's own page) on the proxy and the result route (found by a review)."""
+    await stack.register("echo")
+    page = Reply(404, b"<html>nginx: not here</html>", content_type="text/html")
+    stack.functions.script("/echo", [page, page])
+    proxied = await stack.client.get("/function/echo")
+    request_id = await stack.submit("echo", content=b"x")
+    await stack.wait_for_status("echo", request_id)
+    result = await stack.client.get(f"/queue/echo/requests/{request_id}")
+
+    for answer in (proxied, result):
+        assert (answer.status_code, answer.content) == (404, b"<html>nginx: not here</html>")
+        assert answer.headers["content-type"] == "text/html"
+    assert result.headers["x-error-type"] == "function_error"
+
+
 async def test_the_openapi_document_names_the_submission_options_answers_and_errors(stack: Stack) -> None:
     """Generated alone, every error was a 400 with `status_code` and `extra`, which no answer has,
     the status route had no 202, and no submit named an option (found by a SPEC audit)."""

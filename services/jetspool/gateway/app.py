@@ -26,7 +26,7 @@ from jetspool.gateway.feed import StatusFeed
 from jetspool.gateway.intake import Intake, named_request_id
 from jetspool.gateway.limits import receive_deadline
 from jetspool.gateway.metrics import GatewayMetrics
-from jetspool.gateway.openapi import complete_openapi, json_not_found, openapi_config
+from jetspool.gateway.openapi import complete_openapi, openapi_config
 from jetspool.gateway.routes import dashboard, function, logs, openfaas, queue, system
 from jetspool.gateway.state import Gateway
 from jetspool.jetstream.callbacks import CallbackQueue
@@ -140,7 +140,6 @@ def create_app(settings: Settings, *, config_errors: list[ConfigError] | None = 
         request_max_body_size=settings.gateway.max_body_size,
         middleware=[metrics.timed, KeyGuard(settings.auth), receive_deadline(settings.gateway.receive_timeout)],
         openapi_config=openapi_config(),
-        after_request=json_not_found,
         state=State(),
         logging_config=None,
     )

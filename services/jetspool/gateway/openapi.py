@@ -22,6 +22,7 @@ from litestar.openapi.plugins import (
     YamlRenderPlugin,
 )
 from litestar.status_codes import HTTP_404_NOT_FOUND
+from litestar.utils import ensure_async_callable
 
 from jetspool import __version__
 from jetspool.domain import names
@@ -40,7 +41,7 @@ from jetspool.gateway.auth import OPEN_PATHS
 from jetspool.gateway.intake import NO_RETRY_HEADERS, PRIORITY_HEADERS, TIMEOUT_HEADERS
 
 if TYPE_CHECKING:
-    from litestar import Litestar, Response
+    from litestar import Litestar, Response, Router
 
 
 def openapi_config() -> OpenAPIConfig:
@@ -48,14 +49,23 @@ def openapi_config() -> OpenAPIConfig:
     `/schema/openapi.json` as `application/json`, the type SPEC §2 gives every JSON body: Litestar
     serves it as `application/vnd.oai.openapi+json` (found by a SPEC audit)."""
     viewers = [RedocRenderPlugin(), SwaggerRenderPlugin(), StoplightRenderPlugin(), RapidocRenderPlugin()]
-    documents = [JsonRenderPlugin(media_type=MediaType.JSON), YamlRenderPlugin()]
+    documents = [_JsonDocument(media_type=MediaType.JSON), YamlRenderPlugin()]
     return OpenAPIConfig(title="jetspool", version=__version__, path="/schema", render_plugins=[*viewers, *documents])
 
 
+class _JsonDocument(JsonRenderPlugin):
+    """The JSON document's plugin, which also gives the `/schema` router `json_not_found`."""
+
+    def receive_router(self, router: Router) -> None:
+        super().receive_router(router)
+        router.after_request = ensure_async_callable(json_not_found)
+
+
 def json_not_found(response: Response[Any]) -> Response[Any]:
-    """An app's `after_request`: Litestar answers an unknown path under `/schema` with an HTML page,
-    where SPEC §2 gives every error a JSON body with `detail` (found by a security audit). No other
-    route answers 404 with HTML."""
+    """The `/schema` router's `after_request`: Litestar answers an unknown path under it with an
+    HTML page, where SPEC §2 gives every error a JSON body with `detail` (found by a security
+    audit). On that router alone: on the app, it also took a function's own `text/html` 404,
+    relayed by the proxy or the result route, for that page (found by a review)."""
     if response.status_code == HTTP_404_NOT_FOUND and response.media_type == MediaType.HTML:
         raise NotFoundException
     return response
