@@ -195,10 +195,11 @@ class CallbackDelivery:
             log.info("callback for %s: run %d was retried since; its new run calls back", job.request_id, job.run)
             return TERM
         target = next((t for t in current.record.callbacks if (t.kind, t.url) == (job.kind, job.url)), None)
-        if target is not None and target.state != "pending" and not job.again:
+        if target is not None and target.state != "pending" and not (job.again and target.state == "failed"):
             # A job redelivered because its ack was lost: what the status recorded stands. Not so a
-            # redelivery asked for: the last attempt of a job in flight when it was asked wrote
-            # `failed` over its `pending`, and it was dropped unsent (found by a race review).
+            # redelivery asked for that finds `failed`: the last attempt of a job in flight when it
+            # was asked wrote that over its `pending`, and it was dropped unsent (found by a race
+            # review). One that finds `delivered` is not sent again: its own ack may have been lost.
             log.info(
                 "callback for %s to %s is %s already; not sent again", job.request_id, shown(job.url), target.state
             )

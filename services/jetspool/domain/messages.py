@@ -85,7 +85,7 @@ class CallbackJob(WireMessage, frozen=True, kw_only=True):
     run: int = 0
     """The run of the request (`QueuedRequest.retry`) whose outcome this delivers."""
     again: bool = False
-    """Asked for by the redeliver route: sent whatever state the target shows when it is read."""
+    """Asked for by the redeliver route: sent even when the target shows `failed` when it is read."""
 
 
 LogLevel = Literal["STDERR", "STDOUT", "ERROR", "INFO", "WARN", "DEBUG"]

@@ -99,8 +99,9 @@ class Canceller:
             else:
                 # Kept for the retry route before the status says it ended, as the worker keeps a
                 # failed request: a retry sent on seeing the status was refused as no longer kept
-                # (found by a soak test, for requests whose start deadline had passed).
-                kept = await self._keep_for_retry(record, ttl_s)
+                # (found by a soak test, for requests whose start deadline had passed). Its body's
+                # sweep waits for the status write: a worker may start the request meanwhile.
+                kept = await self._keep_envelope(record, ttl_s)
                 changed = record.completed(
                     utcnow(),
                     keep_s=ttl_s,
@@ -121,15 +122,18 @@ class Canceller:
                 await self._conn.nc.publish(names.cancel_subject(record.function), record.request_id.encode())
                 return CancelOutcome.SIGNALLED
             await self._events.publish(changed)
+            if kept is not None:
+                await self._retention.sweep_body_later(kept, ttl_s)  # only now: it has ended
             await self._withdraw(changed, kept)
             await count_outcome(self._conn, changed)
             # The queue changed only now: positions behind it move up, and watchers recompute them.
             await self._conn.nc.publish(names.wake_subject(record.function), b"")  # any class
             return CancelOutcome.CANCELLED
 
-    async def _keep_for_retry(self, record: StatusRecord, ttl_s: float) -> QueuedRequest | None:
-        """Keep the waiting request `record` describes for the retry route; None when its message
-        is gone (taken meanwhile: the worker sees the status and drops it) or unreadable."""
+    async def _keep_envelope(self, record: StatusRecord, ttl_s: float) -> QueuedRequest | None:
+        """Keep the queued form of the waiting request `record` describes for the retry route; None
+        when its message is gone (taken meanwhile: the worker sees the status and drops it) or
+        unreadable."""
         seq = record.queue_seq
         if seq is None:
             return None
@@ -142,7 +146,7 @@ class Canceller:
         except DecodeError:
             log.exception("cancelled message %d is unreadable; no callbacks for it", seq)
             return None
-        await self._retention.keep_for_retry(request, ttl_s)
+        await self._retention.keep_envelope(request, ttl_s)
         return request
 
     async def _withdraw(self, record: StatusRecord, kept: QueuedRequest | None) -> None:

@@ -39,7 +39,15 @@ class Retention:
 
     async def keep_for_retry(self, request: QueuedRequest, ttl_s: float) -> None:
         """Keep what the retry route needs to run `request` again, for `ttl_s` seconds."""
+        await self.keep_envelope(request, ttl_s)
+        await self.sweep_body_later(request, ttl_s)
+
+    async def keep_envelope(self, request: QueuedRequest, ttl_s: float) -> None:
+        """Keep the queued form of `request` for the retry route, for `ttl_s` seconds."""
         await self._js.publish(f"{self._prefix}{request.request_id}", encode(request), msg_ttl=max(1, int(ttl_s)))
+
+    async def sweep_body_later(self, request: QueuedRequest, ttl_s: float) -> None:
+        """Delete the out-of-line body of `request`, which has ended, in `ttl_s` seconds, unless retried."""
         if request.body_ref is not None:
             await self.sweep_later(request.request_id, [request.body_ref], ttl_s, unless_retried_after=request.retry)
 
