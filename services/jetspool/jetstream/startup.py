@@ -71,4 +71,4 @@ def _unprovisioned(replicas: int, exc: BaseException) -> str:
             f"nats: {waited}. nats.replicas: {replicas} needs a JetStream cluster with at least {replicas} "
             "servers up, each with JetStream enabled, and a meta leader elected among them"
         )
-    return f"nats: {waited}. Is JetStream enabled on the server?"
+    return f"nats: {waited}. Is the server up, with JetStream enabled?"

@@ -487,9 +487,8 @@ class RequestHandler:
             held = self._held.get(key)
             if held is not None:
                 await self._renew(*held)
-        await self._abort_cancelled()
 
-    async def _abort_cancelled(self) -> None:
+    async def abort_cancelled(self) -> None:
         """Abort the calls whose request was marked cancelled while NATS was away: the cancel signal
         is a core NATS message, lost to a worker that was not connected then, and the call ran on to
         its end (a race review's finding)."""

@@ -124,6 +124,7 @@ async def run(settings: Settings, stop: asyncio.Event, ready: asyncio.Event | No
         await view.start()
         conn.on_reconnect(handler.renew_held)  # first: its deliveries' ack wait runs
         conn.on_reconnect(view.resync)
+        conn.on_reconnect(handler.abort_cancelled)  # last: a status read per running call
         callbacks = CallbackDelivery(conn, status, results, settings.callbacks, http)
         await callbacks.start()
         started.push_async_callback(callbacks.stop, settings.worker.shutdown_grace)
