@@ -483,14 +483,16 @@ async def test_a_redirect_is_not_followed(nats_server: EmbeddedNats) -> None:
     assert stack.receiver.on("/elsewhere") == []
 
 
-async def test_a_callback_job_delivered_again_is_not_sent_again(stack: Stack) -> None:
+@pytest.mark.parametrize("again", [False, True], ids=["a job", "a job of the redeliver route"])
+async def test_a_callback_job_delivered_again_is_not_sent_again(stack: Stack, again: bool) -> None:
     """A job whose ack was lost comes back after its ack wait: the status says the callback was
-    delivered, so the receiver does not get it a second time."""
+    delivered, so the receiver does not get it a second time. So too for a job of the redeliver
+    route, which is sent over a `failed` state only (a review found it sent over any)."""
     await stack.register("echo")
     hook = stack.callback_url("/hook")
     request_id = await stack.submit("echo", headers={"X-Callback-Url": hook})
     await _wait_for_callback_state(stack, "echo", request_id, "delivered")
-    job = CallbackJob(request_id=request_id, function="echo", kind="openfaas", url=hook)
+    job = CallbackJob(request_id=request_id, function="echo", kind="openfaas", url=hook, again=again)
 
     nc = await nats.connect(stack.nats.url)
     try:
