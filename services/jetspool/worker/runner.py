@@ -138,15 +138,18 @@ class FunctionRunner:
             log.warning("acknowledging %s failed; JetStream will redeliver it", msg.subject, exc_info=True)
         else:
             if decision.verb == "nak" and decision.delay_s:
-                self._pull_later(decision.delay_s)
+                self._pull_later(msg.subject.rpartition(".")[2], decision.delay_s)
 
-    def _pull_later(self, delay_s: float) -> None:
+    def _pull_later(self, priority: str, delay_s: float) -> None:
         """Pull when a message handed back with a delay (a retry's backoff) is due again, rather
-        than at the next poll: a backoff of 2 s took up to 2 s plus the poll interval."""
+        than at the next poll: a backoff of 2 s took up to 2 s plus the poll interval. The pull
+        waits for the message, as one on a wake-up does: JetStream's timer, begun when its nak
+        arrived, may fire just after this one, and a plain `no_wait` pull then found the class
+        empty and left the retry to the poll interval (found by a test audit)."""
 
         def due() -> None:
             self._due.discard(timer)
-            self._puller.heard(None)
+            self._puller.heard(priority)
             self._wake.set()
 
         timer = asyncio.get_running_loop().call_later(delay_s + _DUE_SLACK_S, due)
