@@ -33,10 +33,20 @@ class RequestLogs:
     def __init__(self, conn: Nats) -> None:
         self._conn = conn
 
-    async def write(self, request_id: str, message: str, *, level: LogLevel = "INFO", source: str = "worker") -> None:
+    async def write(
+        self, request_id: str, message: str, *, level: LogLevel = "INFO", source: str = "worker", acked: bool = False
+    ) -> None:
+        """Store a line of jetspool's own; a failure is let go. `acked`: wait until the stream has
+        it, for a line that must be stored before a write that follows to another stream:
+        nats-server stores each stream's messages in that stream's own goroutine, so the order of
+        publishes on one connection is not the order they are stored in across streams."""
         line = LogLine(message=message[:MAX_MESSAGE_CHARS], level=level, source=source, timestamp=utcnow())
-        with contextlib.suppress(NatsError):
-            await self._conn.nc.publish(names.log_subject(request_id), encode(line))
+        subject, data = names.log_subject(request_id), encode(line)
+        with contextlib.suppress(NatsError, TimeoutError):
+            if acked:
+                await self._conn.js.publish(subject, data)
+            else:
+                await self._conn.nc.publish(subject, data)
 
     async def write_acked(self, request_id: str, lines: list[LogLine]) -> None:
         """Store lines and wait for the stream to take them (for lines a function sends us)."""

@@ -558,12 +558,13 @@ class RequestHandler:
                 result=inline,
             )
 
-        # The closing log line goes before the completion: written after it, a status stream with
-        # ?logs=1 sent its final event, and ended, without it about half the time (found by a SPEC
-        # audit). Published on the same connection first, it is stored before the completion is.
+        # The closing log line is stored before the completion: written after it, a status stream
+        # with ?logs=1 sent its final event, and ended, without it about half the time (found by a
+        # SPEC audit). Published first without waiting, it could still be stored second, each
+        # stream storing in its own goroutine (found by a test audit).
         outcome = "succeeded" if error_type is None else f"failed: {error}"
         await self._s.logs.write(
-            request.request_id, f"completed, {outcome}", level="INFO" if error_type is None else "ERROR"
+            request.request_id, f"completed, {outcome}", level="INFO" if error_type is None else "ERROR", acked=True
         )
         completed = await self._update(request, attempt, complete, current)
         if completed is None:
