@@ -227,6 +227,7 @@ async def test_a_request_cancelled_while_its_worker_is_dead_tells_the_function(
     assert len(function.on("/echo")) == 1, "never called again"
 
 
+@pytest.mark.timeout(150)  # the callback may wait out its consumer's 60 s ack wait (below)
 async def test_a_worker_paused_past_its_ack_wait_changes_nothing_when_it_resumes(
     nats_server: EmbeddedNats, tmp_path: Path
 ) -> None:

@@ -23,6 +23,9 @@ if TYPE_CHECKING:
     from jetspool.embedded import EmbeddedNats
 
 USER, ADMIN = "user-key-1", "admin-key-1"
+# The overview refreshes every 2 s and Chromium shares two cores with the whole stack: Playwright's
+# default of 5 s per expectation left little room on a loaded machine (a test audit).
+expect.set_options(timeout=20_000)
 SCREENSHOTS_ENV = "JETSPOOL_SCREENSHOTS"
 """A directory to copy the screenshots to (the README's comes from here); they always go to tmp_path."""
 

@@ -314,7 +314,7 @@ async def test_a_function_registered_after_a_nats_restart_is_served_at_once(tmp_
 
         await eventually_true(registered, timeout_s=30, interval_s=0.2)
         request_id = await stack.submit("late", content=b"after the restart")
-        final = await stack.wait_for_status("late", request_id, timeout_s=5)
+        final = await stack.wait_for_status("late", request_id, timeout_s=10)
     finally:
         await stack.close()
         nats.stop()
