@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
+import os
+import random
 import socket
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any
 
 import httpx
 import uvicorn
-
-if TYPE_CHECKING:
-    from pathlib import Path
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -33,23 +34,67 @@ async def read_body(receive: Receive) -> bytes:
             return body
 
 
+_PORTS_PER_PROCESS = 1500
+_LOWEST_PORT = 10000
+
+
+def _port_block() -> Iterator[int]:
+    """The ports `free_port` hands out in this test process, round and round from a random start.
+
+    Below the kernel's range of ephemeral ports: a port found free there was taken by an outgoing
+    connection before the server meant for it started (seen under `pytest -n 4`: "Address already
+    in use"). Each xdist worker has a block of its own, so two never pick the same port."""
+    try:
+        ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32768
+    blocks = max(1, (ephemeral_low - _LOWEST_PORT) // _PORTS_PER_PROCESS)
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    start = _LOWEST_PORT + (int(worker) if worker.isdigit() else 0) % blocks * _PORTS_PER_PROCESS
+    size = min(_PORTS_PER_PROCESS, ephemeral_low - start)
+    offset = random.randrange(size)  # noqa: S311 - spreads the ports of successive runs; no secret
+    return (start + (offset + i) % size for i in itertools.count())
+
+
+_ports = _port_block()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+    """A loopback port nothing listens on, for a server a test starts in another process."""
+    for port in itertools.islice(_ports, _PORTS_PER_PROCESS):
+        try:
+            with loopback_socket(port):
+                return port
+        except OSError:
+            continue
+    with loopback_socket(0) as sock:  # every port of the block in use: let the kernel pick one
         return int(sock.getsockname()[1])
+
+
+def loopback_socket(port: int = 0) -> socket.socket:
+    """A TCP socket bound to 127.0.0.1:`port` (0: a free one), ready to hand to a server."""
+    sock = socket.socket()
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # Accepted connections inherit this; without it a response written in two parts waits
+        # out the peer's delayed ACK (about 40 ms a request).
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.bind(("127.0.0.1", port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 class AsgiServer:
     """A real uvicorn server for `app` on a free loopback port."""
 
-    def __init__(self, app: Any, port: int | None = None, tls: tuple[Path, Path] | None = None) -> None:
-        """`app`: any ASGI application; `tls`: (cert, key) PEM files to serve HTTPS."""
-        self._sock = socket.socket()
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        # Accepted connections inherit this; without it a response written in two parts waits
-        # out the peer's delayed ACK (about 40 ms a request).
-        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._sock.bind(("127.0.0.1", port or 0))
+    def __init__(
+        self, app: Any, port: int | None = None, tls: tuple[Path, Path] | None = None, sock: socket.socket | None = None
+    ) -> None:
+        """`app`: any ASGI application; `tls`: (cert, key) PEM files to serve HTTPS; `sock`: a bound
+        socket to serve on (`loopback_socket`), for an app that must know its port before it exists."""
+        self._sock = sock or loopback_socket(port or 0)
         self.port = int(self._sock.getsockname()[1])
         self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         config = uvicorn.Config(

@@ -16,7 +16,7 @@ import httpx
 from jetspool.gateway.app import create_app
 from jetspool.settings import Settings, validate
 from jetspool.worker.main import run as run_worker
-from tests.support.servers import AsgiServer, RecordingApp, free_port
+from tests.support.servers import AsgiServer, RecordingApp, loopback_socket
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -186,18 +186,32 @@ async def start_stack(
 ) -> Stack:
     functions, receiver = RecordingApp(), RecordingApp(default=None)
     function_server, receiver_server = AsgiServer(functions), AsgiServer(receiver)
-    await function_server.start()
-    await receiver_server.start()
-    port = free_port()  # the gateway's own settings name its port, for the absolute URLs it hands out
-    if tls is not None:
-        overrides = _merge(overrides or {}, {"gateway": {"public_url": f"https://127.0.0.1:{port}"}})
-    settings = stack_settings(nats.url, port, overrides)
-    app = create_app(settings)
-    gateway = AsgiServer(app, port=port, tls=tls)
-    await gateway.start()
-    verify = ssl.create_default_context(cafile=str(tls[0])) if tls else True
-    client = httpx.AsyncClient(base_url=gateway.url, timeout=_WAIT_S, verify=verify)
-    stack = Stack(nats, settings, gateway, functions, function_server, receiver, receiver_server, client, app)
-    if worker:
-        await stack.start_worker()
+    # The gateway's own settings name its port, for the absolute URLs it hands out: bound first,
+    # so that no other process takes the port before the gateway serves on it.
+    sock = loopback_socket()
+    servers, stack = [function_server, receiver_server], None
+    try:
+        await function_server.start()
+        await receiver_server.start()
+        port = int(sock.getsockname()[1])
+        if tls is not None:
+            overrides = _merge(overrides or {}, {"gateway": {"public_url": f"https://127.0.0.1:{port}"}})
+        settings = stack_settings(nats.url, port, overrides)
+        app = create_app(settings)
+        gateway = AsgiServer(app, tls=tls, sock=sock)
+        servers.append(gateway)
+        await gateway.start()
+        verify = ssl.create_default_context(cafile=str(tls[0])) if tls else True
+        client = httpx.AsyncClient(base_url=gateway.url, timeout=_WAIT_S, verify=verify)
+        stack = Stack(nats, settings, gateway, functions, function_server, receiver, receiver_server, client, app)
+        if worker:
+            await stack.start_worker()
+    except BaseException:  # a stack that did not start leaves no server behind
+        sock.close()
+        if stack is not None:
+            await stack.close()
+        else:
+            for server in servers:
+                await server.stop()
+        raise
     return stack
