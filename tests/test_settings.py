@@ -521,6 +521,35 @@ def test_public_url_is_checked_when_loading_from_the_file_and_the_environment(tm
         load(None, env={"JETSPOOL_GATEWAY__PUBLIC_URL": "queue.example.com"})
 
 
+_SPEC_GATEWAY = "gateway:\n  host: 127.0.0.1\n  port: 8080\n  public_url: http://127.0.0.1:8080/\n"
+"""SPEC §9's example: the public URL spells out the gateway's own address."""
+
+
+@pytest.mark.parametrize(
+    ("env", "flags", "base_url"),
+    [
+        ({}, {"gateway.port": 9001}, "http://127.0.0.1:9001"),
+        ({"JETSPOOL_GATEWAY__PORT": "9002"}, {}, "http://127.0.0.1:9002"),
+        ({}, {"gateway.host": "localhost"}, "http://localhost:8080"),
+        ({}, {}, "http://127.0.0.1:8080"),
+        ({"JETSPOOL_GATEWAY__PUBLIC_URL": "http://127.0.0.1:7000"}, {"gateway.port": 9001}, "http://127.0.0.1:7000"),
+    ],
+)
+def test_a_public_url_spelling_out_the_files_address_follows_the_port_and_host_given(
+    tmp_path: Path, env: dict[str, str], flags: dict[str, Any], base_url: str
+) -> None:
+    """`up --port` with SPEC §9's example config served on the new port and handed out URLs on
+    8080, where nothing listened (found by a CLI audit)."""
+    assert load(_config(tmp_path, _SPEC_GATEWAY), env=env, flags=flags).gateway.base_url == base_url
+
+
+def test_a_public_url_of_another_address_stays_when_the_port_is_given(tmp_path: Path) -> None:
+    text = "gateway:\n  port: 8080\n  public_url: http://127.0.0.1:80/queue\n"
+    assert load(_config(tmp_path, text), env={}, flags={"gateway.port": 9001}).gateway.base_url == (
+        "http://127.0.0.1:80/queue"
+    )
+
+
 # --- the gateway's TLS files ---------------------------------------------------------------
 
 

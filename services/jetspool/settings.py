@@ -240,9 +240,30 @@ def load(
     env = os.environ if env is None else env
     config_file = config_file or env.get(f"{ENV_PREFIX}CONFIG") or None
     merged = _read_file(Path(config_file)) if config_file else {}
-    _deep_merge(merged, _from_env(env))
-    _deep_merge(merged, _from_flags(flags or {}))
+    from_file = dict(merged["gateway"]) if isinstance(merged.get("gateway"), dict) else None
+    overrides = _from_env(env)
+    _deep_merge(overrides, _from_flags(flags or {}))
+    _deep_merge(merged, overrides)
+    _follow_address(merged, from_file, overrides.get("gateway"))
     return validate(merged)
+
+
+def _follow_address(merged: dict[str, Any], from_file: object, overridden: object) -> None:
+    """A file's `gateway.public_url` that only spells out the address its `host` and `port` make,
+    as SPEC §9's example does, follows a host or port given by flag or environment: `up --port`
+    served on the new port and handed out URLs of the file's, where nothing listened (found by a
+    CLI audit). A URL of another address (a proxy's, a name) stays as written."""
+    if not isinstance(from_file, dict) or not isinstance(overridden, dict) or "public_url" in overridden:
+        return
+    if not {"host", "port"} & overridden.keys() or not isinstance(from_file.get("public_url"), str):
+        return
+    address = {k: v for k, v in from_file.items() if k in ("host", "port", "tls_cert", "tls_key")}
+    try:
+        spelled_out = msgspec.convert(address, GatewaySettings, strict=False).default_url
+    except msgspec.ValidationError:
+        return  # validation names the bad key
+    if from_file["public_url"].rstrip("/") == spelled_out:
+        del merged["gateway"]["public_url"]
 
 
 def validate(raw: Mapping[str, Any]) -> Settings:
