@@ -364,6 +364,29 @@ def test_a_data_dir_that_cannot_be_made_exits_2_naming_it(tmp_path: Path, kind: 
     assert "Traceback" not in proc.output
 
 
+def test_a_data_dir_that_takes_no_files_exits_2_naming_it() -> None:
+    """`/proc/self` exists but no file can be made in it: a traceback and exit 1 (found by a CLI audit)."""
+    proc = JetspoolProcess(["up", "--port", str(free_port()), "--data-dir", "/proc/self"], env=FAST_STOP)
+    code = proc.wait(30)
+
+    assert code == 2
+    assert re.search(r"data dir /proc/\d+: cannot write to it", proc.output), proc.output  # resolved
+    assert "Traceback" not in proc.output
+
+
+@pytest.mark.parametrize("part", ["gateway", "worker", "up"])
+def test_a_config_file_that_is_not_utf8_exits_2_naming_it(tmp_path: Path, part: str) -> None:
+    """The client commands said so; the servers ended in a traceback with exit 1 (found by a CLI audit)."""
+    config = tmp_path / "binary.yaml"
+    config.write_bytes(b"\xff\xfe\x00nats: {}\n")
+    proc = JetspoolProcess([part, "--config", str(config)], env=FAST_STOP)
+    code = proc.wait(30)
+
+    assert code == 2
+    assert f"config file {config}: not UTF-8 text" in proc.output
+    assert "Traceback" not in proc.output
+
+
 def test_up_refuses_a_taken_port_before_starting_anything(tmp_path: Path) -> None:
     """Before, the readiness check took the other server's answer for ours and announced the stack."""
     with socket.socket() as taken:

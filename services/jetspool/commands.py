@@ -138,10 +138,7 @@ def _gateway_url(args: argparse.Namespace) -> str:
 
 
 def _settings(config: str | None) -> Settings:
-    try:
-        return load(config)
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"config file {config}: not UTF-8 text ({exc.reason})") from exc
+    return load(config)
 
 
 def run_client_command(args: argparse.Namespace) -> int:

@@ -93,7 +93,10 @@ class EmbeddedNats:
         copy of it, so the lock lasts as long as the server, whatever becomes of this process: a
         second `up` on a data dir in use started its own server on the same store, and requests
         the first had acknowledged were lost to the corruption (found by a CLI audit)."""
-        fd = os.open(self.data_dir / _LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fd = os.open(self.data_dir / _LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:  # a directory that exists but takes no files: a traceback (a CLI audit)
+            raise ConfigError(f"data dir {self.data_dir}: cannot write to it ({exc.strerror or exc})") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

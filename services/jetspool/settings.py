@@ -413,6 +413,8 @@ def _read_file(path: Path) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"config file {path}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:  # a traceback and exit 1 from `up` and `worker` (a CLI audit)
+        raise ConfigError(f"config file {path}: not UTF-8 text ({exc.reason})") from exc
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
