@@ -307,6 +307,12 @@ async def test_submit_to_unknown_or_invalid_function_is_refused(stack: Stack, pa
         ({"X-Queue-Priority": "high", "X-Fal-Queue-Priority": "low"}, {}),
         ({"X-Request-Timeout": "5", "X-Fal-Request-Timeout": "abc"}, {}),
         ({"X-Request-Timeout": "5", "X-Fal-Request-Timeout": "6"}, {}),
+        # any value but yes or no meant no, and the alias was or-ed in (found by a docs audit)
+        ({"X-No-Retry": "ture"}, {}),
+        ({"X-No-Retry": "1", "X-Fal-No-Retry": "0"}, {}),
+        # one of two different callback URLs was dropped without a word (found by a docs audit)
+        ({"X-Callback-Url": "http://127.0.0.1:9/a"}, {"webhookEndpoint": "http://127.0.0.1:9/b"}),
+        ({}, {"fal_webhook": "http://127.0.0.1:9/a", "webhook": "http://127.0.0.1:9/b"}),
     ],
 )
 async def test_bad_submission_options_are_refused_and_nothing_is_queued(
@@ -407,6 +413,17 @@ async def test_no_retry_gives_exactly_one_attempt(stack: Stack) -> None:
 
     assert final["error_type"] == "runner_unavailable"
     assert len(stack.functions.on("/echo")) == 1
+
+
+@pytest.mark.parametrize("value", ["0", "false", "No"])
+async def test_no_retry_saying_no_leaves_the_retries(stack: Stack, value: str) -> None:
+    await stack.register("echo")
+    stack.functions.script("/echo", [Reply(503), Reply(200, b"second")])
+    request_id = await stack.submit("echo", headers={"X-No-Retry": value, "X-Fal-No-Retry": value})
+
+    final = await stack.wait_for_status("echo", request_id)
+
+    assert (final["attempts"], "error_type" in final) == (2, False)
 
 
 async def test_exec_timeout_completes_as_function_timeout_without_retry(stack: Stack) -> None:

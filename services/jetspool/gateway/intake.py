@@ -173,10 +173,13 @@ async def read_submission(
         query=_forwarded_query(raw_query, CONTROL_QUERY | also_control),
         headers=forwardable(headers),  # what reaches the function: no credentials stored in the queue
         body=body,
-        callback_url=_url_option(sent.get(names.H_CALLBACK_URL.lower()) or query.get("webhookEndpoint")),
-        webhook_url=_url_option(query.get("fal_webhook") or query.get("webhook")),
+        callback_url=_one_url(
+            (names.H_CALLBACK_URL, sent.get(names.H_CALLBACK_URL.lower())),
+            ("webhookEndpoint", query.get("webhookEndpoint")),
+        ),
+        webhook_url=_one_url(("fal_webhook", query.get("fal_webhook")), ("webhook", query.get("webhook"))),
         priority=_priority(sent),
-        no_retry=any(is_yes(sent.get(h.lower())) for h in NO_RETRY_HEADERS),
+        no_retry=_aliased(sent, NO_RETRY_HEADERS, _flag) or False,
         max_queue_length=_max_queue_length(query.get("max_queue_length", query.get("fal_max_queue_length"))),
         start_timeout_s=_start_timeout(sent),
         idempotency_key=_idempotency_key(sent.get("idempotency-key")),
@@ -244,9 +247,27 @@ def _forwarded_query(raw: str, control: frozenset[str]) -> str:
     return "&".join(kept)
 
 
-def _url_option(value: str | None) -> str | None:
-    """A callback URL option; checked against the address policy by `Intake.submit`."""
-    return value or None
+def _one_url(*given: tuple[str, str | None]) -> str | None:
+    """A callback URL option that has two spellings; checked against the address policy by
+    `Intake.submit`. Both given must agree: one of two different URLs was dropped without a word
+    (found by a docs audit)."""
+    urls = [(name, value) for name, value in given if value]
+    if len({value for _, value in urls}) > 1:
+        shown = " and ".join(name for name, _ in urls)
+        raise InvalidInput(f"{shown} name different callback URLs; send one of them")
+    return urls[0][1] if urls else None
+
+
+_FLAGS: Final = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+
+
+def _flag(header: str, value: str) -> bool:
+    """A yes/no header (SPEC §2: `1|true|yes`; `0|false|no` say no): other values 422, where a
+    typo such as `ture` quietly meant no (found by a docs audit)."""
+    flag = _FLAGS.get(value.strip().lower())
+    if flag is None:
+        raise InvalidInput(f"{header} must be 1, true or yes (0, false or no to say no); got {value!r}")
+    return flag
 
 
 def _priority(sent: dict[str, str]) -> names.Priority:
