@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TextIO
 
 import httpx
+import msgspec
 import orjson
 import yaml
 
@@ -44,6 +45,8 @@ from jetspool.client import (
     escaped,
 )
 from jetspool.domain.errors import ConfigError
+from jetspool.domain.functions import Function
+from jetspool.domain.validation import describe
 from jetspool.settings import load
 
 if TYPE_CHECKING:
@@ -287,6 +290,12 @@ def _function_entries(file: Path) -> list[dict[str, Any]]:
     for index, entry in enumerate(entries):
         if not isinstance(entry, dict) or "name" not in entry:
             raise ConfigError(f"{file}: function {index + 1} is not a mapping with a name: {entry!r}")
+        # Every entry checked before any is sent: a bad one after good ones stopped the command
+        # with those registered, and the message did not say so (found by a CLI audit).
+        try:
+            msgspec.convert({k: v for k, v in entry.items() if k != "stats"}, Function)
+        except msgspec.ValidationError as exc:
+            raise ConfigError(f"{file}: function {index + 1} ({entry['name']!r}): {describe(exc)}") from exc
     return entries
 
 
