@@ -374,6 +374,26 @@ def test_a_data_dir_that_takes_no_files_exits_2_naming_it() -> None:
     assert "Traceback" not in proc.output
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["up", "--data-dir", ""],
+        ["up", "--config", " "],
+        ["worker", "--nats-url", ""],
+        ["gateway", "--host", ""],
+        ["status", "echo", "00000000-0000-0000-0000-000000000000", "--url", ""],
+    ],
+)
+def test_an_empty_option_exits_2_naming_it(args: list[str]) -> None:
+    """`--data-dir ''` put the data in the working directory, `--url ''` and `--config ''` fell
+    back to the defaults (found by a CLI audit)."""
+    proc = JetspoolProcess(args, env=FAST_STOP)
+    code = proc.wait(30)
+
+    assert code == 2
+    assert f"argument {args[-2]}: must not be empty" in proc.output
+
+
 @pytest.mark.parametrize("part", ["gateway", "worker", "up"])
 def test_a_config_file_that_is_not_utf8_exits_2_naming_it(tmp_path: Path, part: str) -> None:
     """The client commands said so; the servers ended in a traceback with exit 1 (found by a CLI audit)."""

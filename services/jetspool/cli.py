@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from jetspool import __version__, logfmt
 from jetspool.aio import stop_task
-from jetspool.commands import CLIENT_COMMANDS, add_client_commands, run_client_command
+from jetspool.commands import CLIENT_COMMANDS, add_client_commands, given, run_client_command
 from jetspool.domain.errors import ConfigError
 from jetspool.settings import Settings, check_listen, check_tls_files, load
 
@@ -50,7 +50,10 @@ def _parser() -> argparse.ArgumentParser:
     _common(up)
     _http(up)
     up.add_argument(
-        "--data-dir", type=Path, default=Path("jetspool-data"), help="embedded NATS data dir (default ./jetspool-data)"
+        "--data-dir",
+        type=lambda value: Path(given(value)),
+        default=Path("jetspool-data"),
+        help="embedded NATS data dir (default ./jetspool-data)",
     )
     up.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     up.add_argument("--demo", action="store_true", help="also serve and register demo functions")
@@ -81,14 +84,14 @@ def _logging(parser: argparse.ArgumentParser, level: str, log_format: str) -> No
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML config file (or JETSPOOL_CONFIG)")
-    parser.add_argument("--nats-url", help="NATS server URL(s), comma-separated")
+    parser.add_argument("--config", type=given, help="YAML config file (or JETSPOOL_CONFIG)")
+    parser.add_argument("--nats-url", type=given, help="NATS server URL(s), comma-separated")
     # also after the command (`jetspool up --log-format json`); given there, it wins over one before it
     _logging(parser, argparse.SUPPRESS, argparse.SUPPRESS)
 
 
 def _http(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", help="gateway bind address (default 127.0.0.1)")
+    parser.add_argument("--host", type=given, help="gateway bind address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="gateway port (default 8080)")
 
 

@@ -63,6 +63,14 @@ EXIT_UNREACHABLE: Final = 5
 CLIENT_COMMANDS: Final = frozenset({"submit", "status", "result", "cancel", "functions"})
 
 
+def given(value: str) -> str:
+    """An option's value, which may not be empty: `--data-dir ''` put the data in the working
+    directory and `--url ''` or `--config ''` fell back to the defaults (found by a CLI audit)."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return value
+
+
 def add_client_commands(commands: Any) -> None:
     """Add the client commands to the CLI's subparsers."""
     submit = commands.add_parser("submit", help="queue a request (with --wait: follow it and print the result)")
@@ -101,9 +109,11 @@ def add_client_commands(commands: Any) -> None:
 
 
 def _client_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--url", help="gateway URL (or JETSPOOL_URL; default gateway.public_url of the config)")
-    parser.add_argument("--api-key", help="API key (or JETSPOOL_API_KEY)")
-    parser.add_argument("--config", help="YAML config file (or JETSPOOL_CONFIG), for the default URL")
+    parser.add_argument(
+        "--url", type=given, help="gateway URL (or JETSPOOL_URL; default gateway.public_url of the config)"
+    )
+    parser.add_argument("--api-key", type=given, help="API key (or JETSPOOL_API_KEY)")
+    parser.add_argument("--config", type=given, help="YAML config file (or JETSPOOL_CONFIG), for the default URL")
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")
 
 
