@@ -203,7 +203,7 @@ def test_variables_without_the_jetspool_prefix_are_ignored() -> None:
         ("JETSPOOL_CALLBACKS__DENY_PRIVATE", "true", "callbacks.deny_private", True),
         ("JETSPOOL_CALLBACKS__DENY_PRIVATE", "false", "callbacks.deny_private", False),
         ("JETSPOOL_NATS__SYNC_INTERVAL", "2m", "nats.sync_interval", "2m"),
-        ("JETSPOOL_CALLBACKS__SIGNING_SECRET", "whsec_abc", "callbacks.signing_secret", "whsec_abc"),
+        ("JETSPOOL_CALLBACKS__SIGNING_SECRET", f"whsec_{'A' * 32}", "callbacks.signing_secret", f"whsec_{'A' * 32}"),
         ("JETSPOOL_GATEWAY__PUBLIC_URL", "", "gateway.public_url", None),
     ],
 )
@@ -228,7 +228,7 @@ def test_env_list_field_accepts_comma_lists_and_yaml_lists(text: str, expected: 
 
 
 def test_env_comma_list_does_not_split_a_plain_string_field() -> None:
-    settings = load(None, env={"JETSPOOL_NATS__PASSWORD": "a,b"})
+    settings = load(None, env={"JETSPOOL_NATS__USER": "u", "JETSPOOL_NATS__PASSWORD": "a,b"})
     assert settings.nats.password == "a,b"
 
 
@@ -242,7 +242,8 @@ def test_env_comma_list_does_not_split_a_plain_string_field() -> None:
 def test_env_value_that_looks_like_a_number_is_kept_as_text_for_a_text_setting(
     name: str, key: str, expected: object
 ) -> None:
-    assert operator.attrgetter(key)(load(None, env={name: "123456"})) == expected
+    env = {name: "123456", "JETSPOOL_NATS__USER": "u"}  # a password needs its user
+    assert operator.attrgetter(key)(load(None, env=env)) == expected
 
 
 @pytest.mark.parametrize("name", ["JETSPOOL_AUTH__API_KEYS", "JETSPOOL_AUTH__ADMIN_KEYS"])
@@ -689,6 +690,26 @@ def test_invalid_setting_raises_config_error_naming_the_key(raw: dict[str, Any],
         validate(raw)
     for fragment in fragments:
         assert fragment in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("raw", "fragment"),
+    [
+        ({"callbacks": {"signing_secret": "nope"}}, "signing_secret must be a Standard Webhooks secret"),
+        ({"callbacks": {"signing_secret": "A" * 32}}, "whsec_"),
+        ({"callbacks": {"signing_secret": "whsec_" + "A" * 8}}, "24 to 64 bytes"),
+        ({"callbacks": {"signing_secret": "whsec_" + "A" * 100}}, "24 to 64 bytes"),
+        ({"nats": {"tls_key": "/key.pem"}}, "tls_key needs tls_cert"),
+        ({"nats": {"password": "pw"}}, "password needs user"),
+        ({"nats": {"user": "u", "password": "pw", "token": "t"}}, "set one of them"),
+    ],
+)
+def test_a_half_or_a_malformed_credential_is_refused_naming_it(raw: dict[str, Any], fragment: str) -> None:
+    """Each was taken, a 3-byte signing key made of `nope`, the other half ignored (found by a CLI audit)."""
+    section = next(iter(raw))
+    with pytest.raises(ConfigError, match=section) as refused:
+        validate(raw)
+    assert fragment in str(refused.value)
 
 
 def test_duplicate_function_names_are_refused() -> None:

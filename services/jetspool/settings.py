@@ -13,6 +13,7 @@ the gateway's by what serves it (`check_tls_files`), the NATS ones by what conne
 
 from __future__ import annotations
 
+import base64
 import binascii
 import errno
 import ipaddress
@@ -41,6 +42,7 @@ _Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
 """Port 0 (any free one) is refused: the URLs handed to clients, and `up`'s readiness check, name the port."""
 _SYNC_INTERVAL = re.compile(r"^(always|\d+(ms|s|m|h))$")
 _NATS_SCHEMES: Final = ("nats", "tls", "ws", "wss")
+_SECRET_BYTES: Final = (24, 64)
 _WEBSOCKET_SCHEMES: Final = ("ws", "wss")
 
 
@@ -75,6 +77,13 @@ class NatsSettings(_Section, frozen=True, kw_only=True):
     def __post_init__(self) -> None:
         if not _SYNC_INTERVAL.match(self.sync_interval):
             raise ValueError("sync_interval must be `always` or a duration such as `2m`")
+        # Each of these was taken, and its half ignored or one of the two sent (found by a CLI audit).
+        if self.tls_key and not self.tls_cert:
+            raise ValueError("tls_key needs tls_cert, the certificate it belongs to")
+        if self.password is not None and not self.user:
+            raise ValueError("password needs user")
+        if self.token and self.user:
+            raise ValueError("token and user/password are two ways to log in: set one of them")
 
     @property
     def servers(self) -> list[str]:
@@ -190,10 +199,18 @@ class CallbackSettings(_Section, frozen=True, kw_only=True):
 
     def __post_init__(self) -> None:
         if self.signing_secret is not None:
+            # The library takes any base64 with or without the prefix: `nope` made a 3-byte key
+            # (found by a CLI audit). Standard Webhooks keys are 24 to 64 bytes.
+            shape = "signing_secret must be a Standard Webhooks secret: whsec_ + the base64 of 24 to 64 bytes"
+            if not self.signing_secret.startswith("whsec_"):
+                raise ValueError(shape)
             try:
                 Webhook(self.signing_secret)
+                key = base64.b64decode(self.signing_secret.removeprefix("whsec_"), validate=True)
             except (ValueError, binascii.Error, EmptyWebhookSecretError) as exc:
-                raise ValueError("signing_secret must be a Standard Webhooks secret: whsec_ + base64") from exc
+                raise ValueError(shape) from exc
+            if not _SECRET_BYTES[0] <= len(key) <= _SECRET_BYTES[1]:
+                raise ValueError(shape)
         for name, address in self.hosts.items():
             try:
                 ipaddress.ip_address(address)
