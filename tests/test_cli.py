@@ -394,6 +394,18 @@ def test_an_empty_option_exits_2_naming_it(args: list[str]) -> None:
     assert f"argument {args[-2]}: must not be empty" in proc.output
 
 
+def test_up_refuses_an_absent_nats_tls_file_before_it_makes_anything(tmp_path: Path) -> None:
+    """The data dir was made and nats-server started before the worker refused it (found by a CLI audit)."""
+    data_dir = tmp_path / "data"
+    env = {**FAST_STOP, "JETSPOOL_NATS__TLS_CA": str(tmp_path / "absent-ca.pem")}
+    proc = JetspoolProcess(["up", "--port", str(free_port()), "--data-dir", str(data_dir)], env=env)
+    code = proc.wait(30)
+
+    assert code == 2
+    assert "nats.tls_ca: cannot use" in proc.output
+    assert not data_dir.exists()
+
+
 @pytest.mark.parametrize("part", ["gateway", "worker", "up"])
 def test_a_config_file_that_is_not_utf8_exits_2_naming_it(tmp_path: Path, part: str) -> None:
     """The client commands said so; the servers ended in a traceback with exit 1 (found by a CLI audit)."""

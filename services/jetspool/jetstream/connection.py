@@ -169,6 +169,10 @@ def check_key_files(settings: NatsSettings) -> None:
                 f"nats.credentials: {settings.credentials} is not a user's credentials file "
                 "(its JWT and nkey seed, as `nsc` writes them)"
             )
+    if settings.tls_ca or settings.tls_cert:
+        # Read now too: `up` made its data dir and started nats-server before a worker refused an
+        # absent CA file (found by a CLI audit).
+        _tls_context(settings)
 
 
 def _line_after(lines: list[bytes], marker: bytes) -> bytes:
