@@ -669,6 +669,8 @@ def test_sync_interval_accepts_always_or_a_duration(interval: str) -> None:
         ({"nope": {"x": 1}}, ["nope"]),
         ({"nats": {"sync_interval": "sometimes"}}, ["nats", "sync_interval"]),
         ({"nats": {"sync_interval": "2 minutes"}}, ["nats", "sync_interval"]),
+        # past a Go duration: nats-server refused it once the data dir was made (found by a CLI audit)
+        ({"nats": {"sync_interval": "99999999h"}}, ["nats", "sync_interval", "2562047h"]),
         ({"functions": [{"name": "Echo", "url": "http://f"}]}, ["functions[0].name"]),
         (
             {"functions": [{"name": "echo", "url": "http://f"}, {"name": "a_b", "url": "http://f"}]},

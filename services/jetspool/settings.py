@@ -43,6 +43,7 @@ _Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
 _SYNC_INTERVAL = re.compile(r"^(always|\d+(ms|s|m|h))$")
 _NATS_SCHEMES: Final = ("nats", "tls", "ws", "wss")
 _SECRET_BYTES: Final = (24, 64)
+_NANOS: Final = {"ms": 10**6, "s": 10**9, "m": 60 * 10**9, "h": 3600 * 10**9}
 _WEBSOCKET_SCHEMES: Final = ("ws", "wss")
 
 
@@ -75,8 +76,12 @@ class NatsSettings(_Section, frozen=True, kw_only=True):
     which jetspool cannot check: say so here (`jetspool up` says so for the server it embeds)."""
 
     def __post_init__(self) -> None:
-        if not _SYNC_INTERVAL.match(self.sync_interval):
+        found = _SYNC_INTERVAL.match(self.sync_interval)
+        if not found:
             raise ValueError("sync_interval must be `always` or a duration such as `2m`")
+        if found.group(2) and int(self.sync_interval[: -len(found.group(2))]) * _NANOS[found.group(2)] >= 2**63:
+            # past what nats-server reads (a Go duration): it refused to start after the data dir was made
+            raise ValueError("sync_interval is longer than nats-server takes (at most 2562047h)")
         # Each of these was taken, and its half ignored or one of the two sent (found by a CLI audit).
         if self.tls_key and not self.tls_cert:
             raise ValueError("tls_key needs tls_cert, the certificate it belongs to")
