@@ -42,6 +42,21 @@ async def _jetspool(stack: Stack, *args: str, url: str | None = None) -> Ran:
     return Ran(process.returncode, out.decode(), err.decode())
 
 
+async def test_submit_reads_the_body_from_standard_input_with_data_at_dash(stack: Stack) -> None:
+    """As `faas-cli invoke` reads it; `@-` was taken for a file named `-` (found by a CLI audit)."""
+    await stack.register("echo")
+    env = {**os.environ, "JETSPOOL_URL": stack.url, "JETSPOOL_CONFIG": ""}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "jetspool", "submit", "echo", "--data", "@-", "--wait", env=env,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(process.communicate(b"from stdin \x00\xff"), 60)
+
+    assert process.returncode == 0, err.decode()
+    assert out == b"from stdin \x00\xff\n", "the answer as it came, then a newline"
+    assert [seen.body for seen in stack.functions.on("/echo")] == [b"from stdin \x00\xff"]
+
+
 async def test_submit_status_result_and_cancel(stack: Stack) -> None:
     await stack.register("echo")
 
@@ -83,6 +98,7 @@ async def test_exit_codes_scripts_can_rely_on(stack: Stack) -> None:
     unknown = await _jetspool(stack, "submit", "nope", "--wait")
     gave_up = await _jetspool(stack, "submit", "busy", "--data", "{}", "--wait", "--timeout", "0.5")
     waiting_id = gave_up.err.split("request ")[1].split()[0]
+    not_yet = await _jetspool(stack, "result", "busy", waiting_id)
     cancelled = await _jetspool(stack, "cancel", "busy", waiting_id)
     cancelled_result = await _jetspool(stack, "result", "busy", waiting_id)
     bad_data = await _jetspool(stack, "submit", "echo", "--data", "not json")
@@ -113,7 +129,10 @@ async def test_exit_codes_scripts_can_rely_on(stack: Stack) -> None:
     assert (cancelled.code, cancelled.out.strip()) == (0, "CANCELLATION_REQUESTED")
     assert cancelled_result.code == 1
     assert "cancelled" in cancelled_result.err
+    assert (not_yet.code, not_yet.out) == (4, "")
+    assert "has not completed yet" in not_yet.err, "it said: did not complete within 0 s"
     assert (bad_data.code, bad_usage.code) == (2, 2)
+    assert "--data is not JSON" in bad_data.err
     assert unreachable.code == 5
     assert "cannot reach the gateway" in unreachable.err
     assert unreachable_watch.code == 5
@@ -129,6 +148,13 @@ async def test_functions_list_deploy_and_rm(stack: Stack, tmp_path: Path) -> Non
     )
 
     deployed = await _jetspool(stack, "functions", "deploy", str(spec))
+    stack.functions.script("/tag", [Reply(500, b"no")])
+    await stack.wait_for_status("tag", await stack.submit("tag"))
+
+    async def counted() -> bool:  # the counter is written after the status
+        return bool((await stack.client.get("/system/functions/tag")).json()["stats"]["failed"] == 1)
+
+    await eventually_true(counted)
     listed = await _jetspool(stack, "functions", "list")
     listed_json = await _jetspool(stack, "functions", "list", "--json")
     removed = await _jetspool(stack, "functions", "rm", "tag")
@@ -137,6 +163,7 @@ async def test_functions_list_deploy_and_rm(stack: Stack, tmp_path: Path) -> Non
 
     assert (deployed.code, deployed.out.split()) == (0, ["deployed", "resize", "deployed", "tag"])
     assert listed.out.splitlines()[0].startswith("resize\t")
+    assert listed.out.splitlines()[1].endswith("\twaiting 0 · running 0 · done 0 · failed 1"), listed.out
     assert {f["name"]: f["concurrency"] for f in orjson.loads(listed_json.out)} == {"resize": 2, "tag": 8}
     assert (removed.code, missing.code) == (0, 3)
     assert [f["name"] for f in orjson.loads(after.out)] == ["resize"]

@@ -232,6 +232,14 @@ def function_name(name: str) -> str:
     return name
 
 
+def _not_completed(request_id: str, timeout: float | None) -> str:
+    """The message of a result not there in time; a look without a wait (the `result` command) said
+    "did not complete within 0 s" (found by a CLI audit)."""
+    if not timeout:
+        return f"request {request_id} has not completed yet; it goes on"
+    return f"request {request_id} did not complete within {timeout:g} s"
+
+
 def _entry_path(function: dict[str, Any]) -> str:
     """The registry route of a function entry."""
     return f"/system/functions/{function_name(str(function.get('name', '')))}"
@@ -554,7 +562,7 @@ class Handle:
             if result is not None:
                 return result
             if deadline is not None and time.monotonic() >= deadline:
-                raise WaitTimeout(f"request {self.request_id} did not complete within {timeout:g} s")
+                raise WaitTimeout(_not_completed(self.request_id, timeout))
 
     def cancel(self) -> bool:
         """Ask for cancellation; True when requested, False when it had already completed."""
@@ -664,7 +672,7 @@ class AsyncHandle:
             if result is not None:
                 return result
             if deadline is not None and time.monotonic() >= deadline:
-                raise WaitTimeout(f"request {self.request_id} did not complete within {timeout:g} s")
+                raise WaitTimeout(_not_completed(self.request_id, timeout))
 
     async def cancel(self) -> bool:
         response = await self.client.send("PUT", f"{self._prefix}/cancel")

@@ -75,7 +75,7 @@ def add_client_commands(commands: Any) -> None:
     """Add the client commands to the CLI's subparsers."""
     submit = commands.add_parser("submit", help="queue a request (with --wait: follow it and print the result)")
     submit.add_argument("name")
-    submit.add_argument("--data", help="the body: JSON text, or @FILE to send a file as it is")
+    submit.add_argument("--data", help="the body: JSON text, @FILE to send a file as it is, or @- for standard input")
     submit.add_argument("--path", default="", help="sub-path below the function's URL, query too: /v1/run?mode=fast")
     submit.add_argument("--priority", choices=["high", "normal", "low"])
     submit.add_argument("--wait", action="store_true", help="follow the request and print its result")
@@ -321,9 +321,14 @@ _COMMANDS: Final[dict[str, Callable[[Client, argparse.Namespace, Output], int]]]
 def _body(data: str | None) -> bytes:
     if data is None:
         return b""
+    if data == "@-":  # standard input, as `faas-cli invoke` reads it (found by a CLI audit)
+        return sys.stdin.buffer.read()
     if data.startswith("@"):
         return Path(data[1:]).read_bytes()
-    orjson.loads(data)  # ValueError (exit 2) for text that is not JSON
+    try:
+        orjson.loads(data)
+    except orjson.JSONDecodeError as exc:  # exit 2, saying which option (found by a CLI audit)
+        raise ValueError(f"--data is not JSON ({exc}); a file's bytes go as --data @FILE") from exc
     return data.encode()
 
 
@@ -335,7 +340,8 @@ def _content_type(data: str | None) -> dict[str, str]:
 
 def _figures(stats: dict[str, Any]) -> str:
     waiting = sum((stats.get("waiting") or {}).values())
-    return f"waiting {waiting} · running {stats.get('in_progress', 0)} · done {stats.get('completed', 0)}"
+    running, done, failed = stats.get("in_progress", 0), stats.get("completed", 0), stats.get("failed", 0)
+    return f"waiting {waiting} · running {running} · done {done} · failed {failed}"  # failures showed as nothing
 
 
 def _describe(status: Status) -> str:
