@@ -26,7 +26,7 @@ from jetspool.client import (
     WaitTimeout,
 )
 from tests.support.processes import start_part
-from tests.support.servers import Reply, free_port, wait_until_ready
+from tests.support.servers import AsgiServer, RecordingApp, Reply, free_port, wait_until_ready
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -160,8 +160,24 @@ async def test_async_client_events_run_and_functions(stack: Stack) -> None:
 
 async def test_an_unreachable_gateway_is_reported_as_such() -> None:
     async with AsyncClient(f"http://127.0.0.1:{free_port()}") as client:
-        with pytest.raises(Unreachable):
+        with pytest.raises(Unreachable, match="cannot reach the gateway"):
             await client.submit("echo", json={})
+
+
+async def test_a_gateway_slower_than_the_timeout_is_not_called_unreachable() -> None:
+    """A submit riding out a NATS outage was told the gateway could not be reached (a CLI audit)."""
+    slow = RecordingApp()
+    slow.script("/queue/echo", [Reply(200, b"{}", delay_s=2.0)])
+    server = AsgiServer(slow)
+    await server.start()
+    try:
+        async with AsyncClient(server.url, timeout=0.3) as client:
+            with pytest.raises(Unreachable, match="did not answer in time") as refused:
+                await client.submit("echo", json={})
+    finally:
+        await server.stop()
+
+    assert "cannot reach" not in str(refused.value)
 
 
 async def test_sync_cancel_handles_and_the_registry(stack: Stack) -> None:

@@ -39,7 +39,9 @@ if TYPE_CHECKING:
 DEFAULT_URL: Final = "http://127.0.0.1:8080"
 _MAX_WAIT_S: Final = 600.0
 """The gateway's longest `?wait=`; longer waits are made of several."""
-_TIMEOUT_S: Final = 30.0
+_TIMEOUT_S: Final = 40.0
+"""Longer than a gateway rides through a NATS outage (30 s) before it answers 503: at 30 s the client
+gave up first, and a retry could not tell whether the submit was stored (found by a CLI audit)."""
 _PROXY_UNAVAILABLE: Final = frozenset({502, 503, 504})
 """Statuses a proxy or load balancer answers, in its own words, when the gateway behind it is down."""
 _QUOTED_CHARS: Final = 80
@@ -230,6 +232,14 @@ def function_name(name: str) -> str:
     if not is_valid_name(name):
         raise ValueError(f"{name!r} is not a function name ({NAME_PATTERN})")
     return name
+
+
+def _unreachable(base_url: httpx.URL, exc: httpx.TransportError) -> Unreachable:
+    """Unreachable, saying whether the gateway was not reached or did not answer in time: a submit
+    riding out a NATS outage was told the gateway could not be reached (found by a CLI audit)."""
+    if isinstance(exc, httpx.ReadTimeout):
+        return Unreachable(f"the gateway at {base_url} did not answer in time (is its NATS down?): {exc}")
+    return Unreachable(f"cannot reach the gateway at {base_url}: {exc}")
 
 
 def _not_completed(request_id: str, timeout: float | None) -> str:
@@ -477,7 +487,7 @@ class Client:
         try:
             return self._http.request(method, url, **kwargs)
         except httpx.TransportError as exc:
-            raise Unreachable(f"cannot reach the gateway at {self._http.base_url}: {exc}") from exc
+            raise _unreachable(self._http.base_url, exc) from exc
 
     def events(self, url: str, params: dict[str, str], idle_s: float | None = None) -> Iterator[Status]:
         """The status objects of an SSE stream at `url`, until COMPLETED (WaitTimeout: none for
@@ -592,7 +602,7 @@ class AsyncClient:
         try:
             return await self._http.request(method, url, **kwargs)
         except httpx.TransportError as exc:
-            raise Unreachable(f"cannot reach the gateway at {self._http.base_url}: {exc}") from exc
+            raise _unreachable(self._http.base_url, exc) from exc
 
     async def events(self, url: str, params: dict[str, str], idle_s: float | None = None) -> AsyncIterator[Status]:
         """As `Client.events`."""
