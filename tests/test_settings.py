@@ -714,6 +714,14 @@ def test_a_half_or_a_malformed_credential_is_refused_naming_it(raw: dict[str, An
     assert fragment in str(refused.value)
 
 
+def test_a_key_given_twice_in_the_config_file_is_refused_naming_it(tmp_path: Path) -> None:
+    """The last one won without a word (found by a CLI audit); a YAML merge may still be overridden."""
+    with pytest.raises(ConfigError, match="the key 'port' is given twice"):
+        load(_config(tmp_path, "gateway:\n  port: 9001\n  port: 9002\n"), env={})
+    merged = "functions:\n  - &fn {name: a, url: 'http://127.0.0.1:9/'}\n  - <<: *fn\n    name: b\n"
+    assert [f.name for f in load(_config(tmp_path, merged), env={}).functions] == ["a", "b"]
+
+
 def test_duplicate_function_names_are_refused() -> None:
     raw = {"functions": [{"name": "echo", "url": "http://a"}, {"name": "echo", "url": "http://b"}]}
     with pytest.raises(ConfigError, match="unique") as caught:

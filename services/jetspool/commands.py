@@ -47,7 +47,7 @@ from jetspool.client import (
 from jetspool.domain.errors import ConfigError
 from jetspool.domain.functions import Function
 from jetspool.domain.validation import describe
-from jetspool.settings import load
+from jetspool.settings import load, load_yaml
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator
@@ -289,7 +289,7 @@ def _function_entries(file: Path) -> list[dict[str, Any]]:
     file's `functions`. ConfigError (exit 2) for anything else: an empty, malformed or wrongly
     shaped file stopped the command with a traceback and exit code 1 (found by a CLI audit)."""
     try:
-        loaded = yaml.safe_load(file.read_text(encoding="utf-8"))
+        loaded = load_yaml(file.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise ConfigError(f"{file}: not YAML or JSON: {' '.join(str(exc).split())}") from exc
     entries = loaded.get("functions", loaded) if isinstance(loaded, dict) else loaded

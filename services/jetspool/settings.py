@@ -430,6 +430,29 @@ def check_listen(gateway: GatewaySettings) -> None:
             raise ConfigError(f"{key}: cannot listen on {where} ({exc.strerror})") from None
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        if any(key_node.tag == "tag:yaml.org,2002:merge" for key_node, _ in node.value):
+            return super().construct_mapping(node, deep=deep)  # `<<:` keys may be overridden
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} is given twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str) -> Any:
+    """Read YAML as `yaml.safe_load` does, but a mapping with a key given twice is a YAMLError: the
+    last one won without a word (found by a CLI audit)."""
+    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader
+
+
 def _read_file(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
@@ -438,7 +461,7 @@ def _read_file(path: Path) -> dict[str, Any]:
     except UnicodeDecodeError as exc:  # a traceback and exit 1 from `up` and `worker` (a CLI audit)
         raise ConfigError(f"config file {path}: not UTF-8 text ({exc.reason})") from exc
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path}: not valid YAML: {exc}") from exc
     if data is None:
@@ -476,7 +499,7 @@ def _env_functions(text: str) -> Any:
     except msgspec.DecodeError:
         pass  # not JSON: YAML, then
     try:
-        return yaml.safe_load(text)
+        return load_yaml(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"functions: {_FUNCTIONS_ENV} is not a JSON or YAML list: {exc}") from exc
 
