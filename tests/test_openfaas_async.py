@@ -415,7 +415,7 @@ async def test_no_retry_gives_exactly_one_attempt(stack: Stack) -> None:
     assert len(stack.functions.on("/echo")) == 1
 
 
-@pytest.mark.parametrize("value", ["0", "false", "No"])
+@pytest.mark.parametrize("value", ["0", "false", "No", ""])
 async def test_no_retry_saying_no_leaves_the_retries(stack: Stack, value: str) -> None:
     await stack.register("echo")
     stack.functions.script("/echo", [Reply(503), Reply(200, b"second")])

@@ -530,13 +530,13 @@ _SPEC_GATEWAY = "gateway:\n  host: 127.0.0.1\n  port: 8080\n  public_url: http:/
     ("env", "flags", "base_url"),
     [
         ({}, {"gateway.port": 9001}, "http://127.0.0.1:9001"),
-        ({"JETSPOOL_GATEWAY__PORT": "9002"}, {}, "http://127.0.0.1:9002"),
+        ({"JETSPOOL_GATEWAY__PORT": "9002"}, {}, "http://127.0.0.1:8080"),  # a container's port map, maybe
         ({}, {"gateway.host": "localhost"}, "http://localhost:8080"),
         ({}, {}, "http://127.0.0.1:8080"),
         ({"JETSPOOL_GATEWAY__PUBLIC_URL": "http://127.0.0.1:7000"}, {"gateway.port": 9001}, "http://127.0.0.1:7000"),
     ],
 )
-def test_a_public_url_spelling_out_the_files_address_follows_the_port_and_host_given(
+def test_a_public_url_spelling_out_the_files_address_follows_the_port_and_host_flags(
     tmp_path: Path, env: dict[str, str], flags: dict[str, Any], base_url: str
 ) -> None:
     """`up --port` with SPEC §9's example config served on the new port and handed out URLs on
@@ -714,12 +714,22 @@ def test_a_half_or_a_malformed_credential_is_refused_naming_it(raw: dict[str, An
     assert fragment in str(refused.value)
 
 
+def test_a_signing_secret_may_end_with_a_newline_as_a_kubernetes_secret_file_does() -> None:
+    secret = "whsec_" + "A" * 32 + "\n"
+    assert validate({"callbacks": {"signing_secret": secret}}).callbacks.signing_secret == secret
+
+
 def test_a_key_given_twice_in_the_config_file_is_refused_naming_it(tmp_path: Path) -> None:
     """The last one won without a word (found by a CLI audit); a YAML merge may still be overridden."""
     with pytest.raises(ConfigError, match="the key 'port' is given twice"):
         load(_config(tmp_path, "gateway:\n  port: 9001\n  port: 9002\n"), env={})
     merged = "functions:\n  - &fn {name: a, url: 'http://127.0.0.1:9/'}\n  - <<: *fn\n    name: b\n"
     assert [f.name for f in load(_config(tmp_path, merged), env={}).functions] == ["a", "b"]
+    with pytest.raises(ConfigError, match="the key 'timeout' is given twice"):  # beside a merge too
+        load(_config(tmp_path, merged + "    timeout: 5\n    timeout: 6\n"), env={})
+    twice = '[{"name": "a", "url": "http://127.0.0.1:9/", "name": "b"}]'
+    with pytest.raises(ConfigError, match="the key 'name' is given twice"):  # JSON too (a review)
+        load(None, env={"JETSPOOL_FUNCTIONS": twice})
 
 
 def test_duplicate_function_names_are_refused() -> None:

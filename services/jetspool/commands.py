@@ -112,7 +112,7 @@ def _client_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--url", type=given, help="gateway URL (or JETSPOOL_URL; default gateway.public_url of the config)"
     )
-    parser.add_argument("--api-key", type=given, help="API key (or JETSPOOL_API_KEY)")
+    parser.add_argument("--api-key", help="API key (or JETSPOOL_API_KEY; '' sends none)")
     parser.add_argument("--config", type=given, help="YAML config file (or JETSPOOL_CONFIG), for the default URL")
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")
 

@@ -17,6 +17,7 @@ import base64
 import binascii
 import errno
 import ipaddress
+import json
 import os
 import re
 import socket
@@ -207,11 +208,12 @@ class CallbackSettings(_Section, frozen=True, kw_only=True):
             # The library takes any base64 with or without the prefix: `nope` made a 3-byte key
             # (found by a CLI audit). Standard Webhooks keys are 24 to 64 bytes.
             shape = "signing_secret must be a Standard Webhooks secret: whsec_ + the base64 of 24 to 64 bytes"
-            if not self.signing_secret.startswith("whsec_"):
+            secret = self.signing_secret.strip()  # a Kubernetes secret's file ends with a newline
+            if not secret.startswith("whsec_"):
                 raise ValueError(shape)
             try:
                 Webhook(self.signing_secret)
-                key = base64.b64decode(self.signing_secret.removeprefix("whsec_"), validate=True)
+                key = base64.b64decode(secret.removeprefix("whsec_"), validate=True)
             except (ValueError, binascii.Error, EmptyWebhookSecretError) as exc:
                 raise ValueError(shape) from exc
             if not _SECRET_BYTES[0] <= len(key) <= _SECRET_BYTES[1]:
@@ -263,21 +265,24 @@ def load(
     config_file = config_file or env.get(f"{ENV_PREFIX}CONFIG") or None
     merged = _read_file(Path(config_file)) if config_file else {}
     from_file = dict(merged["gateway"]) if isinstance(merged.get("gateway"), dict) else None
-    overrides = _from_env(env)
-    _deep_merge(overrides, _from_flags(flags or {}))
-    _deep_merge(merged, overrides)
-    _follow_address(merged, from_file, overrides.get("gateway"))
+    from_env, from_flags = _from_env(env), _from_flags(flags or {})
+    _deep_merge(merged, from_env)
+    _deep_merge(merged, from_flags)
+    _follow_address(merged, from_file, from_env.get("gateway"), from_flags.get("gateway"))
     return validate(merged)
 
 
-def _follow_address(merged: dict[str, Any], from_file: object, overridden: object) -> None:
+def _follow_address(merged: dict[str, Any], from_file: object, from_env: object, flagged: object) -> None:
     """A file's `gateway.public_url` that only spells out the address its `host` and `port` make,
-    as SPEC §9's example does, follows a host or port given by flag or environment: `up --port`
-    served on the new port and handed out URLs of the file's, where nothing listened (found by a
-    CLI audit). A URL of another address (a proxy's, a name) stays as written."""
-    if not isinstance(from_file, dict) or not isinstance(overridden, dict) or "public_url" in overridden:
+    as SPEC §9's example does, follows a host or port given by flag (`--host`, `--port`): `up
+    --port` served on the new port and handed out URLs of the file's, where nothing listened (found
+    by a CLI audit). A URL of another address (a proxy's, a name) stays as written, and so does any
+    with an environment variable for the port (a container's port map may publish the file's)."""
+    if not isinstance(from_file, dict) or not isinstance(flagged, dict):
         return
-    if not {"host", "port"} & overridden.keys() or not isinstance(from_file.get("public_url"), str):
+    if (isinstance(from_env, dict) and "public_url" in from_env) or "public_url" in flagged:
+        return
+    if not {"host", "port"} & flagged.keys() or not isinstance(from_file.get("public_url"), str):
         return
     address = {k: v for k, v in from_file.items() if k in ("host", "port", "tls_cert", "tls_key")}
     try:
@@ -434,17 +439,28 @@ class _StrictLoader(yaml.SafeLoader):
     """YAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        if any(key_node.tag == "tag:yaml.org,2002:merge" for key_node, _ in node.value):
-            return super().construct_mapping(node, deep=deep)  # `<<:` keys may be overridden
         seen: set[Any] = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # what `<<:` brings in may be overridden
             key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, (str, int, float, bool)) and key in seen:
+            if not isinstance(key, (str, int, float, bool)):
+                continue
+            if key in seen:  # `1:` and `true:` too: they are one key of the mapping, the last one kept
                 raise yaml.constructor.ConstructorError(
                     None, None, f"the key {key!r} is given twice", key_node.start_mark
                 )
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object, refusing a key given twice, as `load_yaml` does."""
+    found = dict(pairs)
+    if len(found) < len(pairs):
+        twice = next(key for key in found if sum(k == key for k, _ in pairs) > 1)
+        raise ConfigError(f"functions: {_FUNCTIONS_ENV}: the key {twice!r} is given twice")
+    return found
 
 
 def load_yaml(text: str) -> Any:
@@ -495,8 +511,8 @@ def _env_functions(text: str) -> Any:
     if not text.strip():
         return []
     try:
-        return msgspec.json.decode(text)
-    except msgspec.DecodeError:
+        return json.loads(text, object_pairs_hook=_unique_keys)
+    except json.JSONDecodeError:
         pass  # not JSON: YAML, then
     try:
         return load_yaml(text)

@@ -43,15 +43,18 @@ def _port_block() -> Iterator[int]:
 
     Below the kernel's range of ephemeral ports: a port found free there was taken by an outgoing
     connection before the server meant for it started (seen under `pytest -n 4`: "Address already
-    in use"). Each xdist worker has a block of its own, so two never pick the same port."""
+    in use"). Each xdist worker has a block of its own (up to as many workers as fit below the
+    range; more share blocks). Where there is no room below the range, the kernel picks."""
     try:
         ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     except (OSError, ValueError, IndexError):
         ephemeral_low = 32768
-    blocks = max(1, (ephemeral_low - _LOWEST_PORT) // _PORTS_PER_PROCESS)
+    blocks = (ephemeral_low - _LOWEST_PORT) // _PORTS_PER_PROCESS
+    if blocks < 1:
+        return iter(())
     worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
     start = _LOWEST_PORT + (int(worker) if worker.isdigit() else 0) % blocks * _PORTS_PER_PROCESS
-    size = min(_PORTS_PER_PROCESS, ephemeral_low - start)
+    size = _PORTS_PER_PROCESS
     offset = random.randrange(size)  # noqa: S311 - spreads the ports of successive runs; no secret
     return (start + (offset + i) % size for i in itertools.count())
 

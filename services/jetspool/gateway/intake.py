@@ -258,11 +258,11 @@ def _one_url(*given: tuple[str, str | None]) -> str | None:
     return urls[0][1] if urls else None
 
 
-_FLAGS: Final = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+_FLAGS: Final = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False, "": False}
 
 
 def _flag(header: str, value: str) -> bool:
-    """A yes/no header (SPEC §2: `1|true|yes`; `0|false|no` say no): other values 422, where a
+    """A yes/no header (SPEC §2: `1|true|yes`; `0|false|no` or empty say no): other values 422, where a
     typo such as `ture` quietly meant no (found by a docs audit)."""
     flag = _FLAGS.get(value.strip().lower())
     if flag is None:

@@ -87,7 +87,10 @@ _REF: Final = "#/components/schemas/{name}"
 _OPTION_HEADERS: Final = [
     *((h, "priority class: high, normal (default) or low", {"enum": list(names.PRIORITIES)}) for h in PRIORITY_HEADERS),
     *((h, "start deadline in seconds (decimal digits, under 366 days)", {"type": "string"}) for h in TIMEOUT_HEADERS),
-    *((h, "1, true or yes: a single attempt, no retries", {"type": "string"}) for h in NO_RETRY_HEADERS),
+    *(
+        (h, "1, true or yes: a single attempt, no retries (0, false or no: retries; else 422)", {"type": "string"})
+        for h in NO_RETRY_HEADERS
+    ),
     ("Idempotency-Key", "1 to 256 characters: a repeat returns the first request", {"type": "string"}),
     (names.H_CALLBACK_URL, "URL that receives the function's response (OpenFaaS callback)", {"type": "string"}),
 ]

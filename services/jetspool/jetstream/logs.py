@@ -1,7 +1,8 @@
 """Log lines of requests: one subject per request on the logs stream (SPEC §3).
 
 Writes are plain publishes into the stream (no round trip on the worker's path: a log line
-is worth less than a request). Reads take every line of a request in one batched direct get.
+is worth less than a request), but for the worker's closing line, which is acknowledged within
+`_ACKED_TIMEOUT_S` before the completion is written. Reads take every line of a request in one batched direct get.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ MAX_LINES: Final = 1000
 """Log lines kept per request (the oldest go first), and the most one POST may add."""
 MAX_MESSAGE_CHARS: Final = 8192
 _READ_TIMEOUT_S = 5.0
+_ACKED_TIMEOUT_S = 1.0
+"""How long a completion waits for its closing line: a logs stream electing a leader drops the
+publish without a reply, and nats-py's 5 s default held every completion for that long."""
 
 
 class RequestLogs:
@@ -44,7 +48,7 @@ class RequestLogs:
         subject, data = names.log_subject(request_id), encode(line)
         with contextlib.suppress(NatsError, TimeoutError):
             if acked:
-                await self._conn.js.publish(subject, data)
+                await self._conn.js.publish(subject, data, timeout=_ACKED_TIMEOUT_S)
             else:
                 await self._conn.nc.publish(subject, data)
 

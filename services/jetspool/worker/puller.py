@@ -43,6 +43,9 @@ if TYPE_CHECKING:
 
 _PULL_TIMEOUT_S = 2.0
 _WOKEN_WAIT_S = 0.05
+DUE_WAIT_S = 0.25
+"""How long a pull made when a handed-back request is due waits for it: JetStream's timer, begun
+when the nak arrived, may fire after the worker's by more than a wake-up's wait (a review)."""
 _HEARTBEAT = "100"
 
 
@@ -61,8 +64,8 @@ class PriorityPuller:
         """Class → when a pull last found it empty."""
         self._heard: dict[str, int] = dict.fromkeys(names.PRIORITIES, 0)
         """Class → wake-ups heard for it (a wake-up during a pull keeps the class from counting as drained)."""
-        self._woken: set[str] = set()
-        """Classes a wake-up named since they were last pulled: their next pull waits for the request."""
+        self._woken: dict[str, float] = {}
+        """Class → how long its next pull waits for a request a wake-up (or a due retry) announced."""
         self._inbox = nc.new_inbox()
         self._tokens = itertools.count()
         self._pulls: dict[str, _Pull] = {}
@@ -82,14 +85,15 @@ class PriorityPuller:
         self._ready.clear()
         return left
 
-    def heard(self, priority: str | None) -> None:
-        """A wake-up: work of `priority` (None: of any class, none announced) may wait."""
+    def heard(self, priority: str | None, wait_s: float = _WOKEN_WAIT_S) -> None:
+        """A wake-up: work of `priority` (None: of any class, none announced) may wait; the class's
+        next pull waits up to `wait_s` for it."""
         for name in names.PRIORITIES if priority is None else (priority,):
             if name in self._heard:
                 self._heard[name] += 1
                 self._drained.pop(name, None)
                 if priority is not None:
-                    self._woken.add(name)
+                    self._woken[name] = max(wait_s, self._woken.get(name, 0.0))
 
     def _skip(self, priority: str) -> bool:
         found_empty = self._drained.get(priority)
@@ -103,8 +107,7 @@ class PriorityPuller:
             if self._skip(priority):
                 continue
             heard, asked = self._heard[priority], batch - len(self._ready)
-            wait_s = _WOKEN_WAIT_S if priority in self._woken else 0.0
-            self._woken.discard(priority)
+            wait_s = self._woken.pop(priority, 0.0)
             if await self._pull_class(priority, asked, wait_s) < asked and self._heard[priority] == heard:
                 self._drained[priority] = time.monotonic()
             else:

@@ -20,7 +20,7 @@ from nats.errors import Error as NatsError
 from jetspool.aio import stop_task, wait_event
 from jetspool.domain import names
 from jetspool.worker.handler import HAND_BACK, Lease, settle
-from jetspool.worker.puller import PriorityPuller
+from jetspool.worker.puller import DUE_WAIT_S, PriorityPuller
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
@@ -149,7 +149,7 @@ class FunctionRunner:
 
         def due() -> None:
             self._due.discard(timer)
-            self._puller.heard(priority)
+            self._puller.heard(priority, DUE_WAIT_S)
             self._wake.set()
 
         timer = asyncio.get_running_loop().call_later(delay_s + _DUE_SLACK_S, due)
