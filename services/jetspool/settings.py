@@ -41,7 +41,7 @@ ENV_PREFIX: Final = "JETSPOOL_"
 _Positive = Annotated[float, msgspec.Meta(gt=0)]
 _Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
 """Port 0 (any free one) is refused: the URLs handed to clients, and `up`'s readiness check, name the port."""
-_SYNC_INTERVAL = re.compile(r"^(always|\d+(ms|s|m|h))$")
+_SYNC_INTERVAL = re.compile(r"^(?:always|(\d+)(ms|s|m|h))$")
 _NATS_SCHEMES: Final = ("nats", "tls", "ws", "wss")
 _SECRET_BYTES: Final = (24, 64)
 _NANOS: Final = {"ms": 10**6, "s": 10**9, "m": 60 * 10**9, "h": 3600 * 10**9}
@@ -80,7 +80,8 @@ class NatsSettings(_Section, frozen=True, kw_only=True):
         found = _SYNC_INTERVAL.match(self.sync_interval)
         if not found:
             raise ValueError("sync_interval must be `always` or a duration such as `2m`")
-        if found.group(2) and int(self.sync_interval[: -len(found.group(2))]) * _NANOS[found.group(2)] >= 2**63:
+        count, unit = found.groups()
+        if unit is not None and int(count) * _NANOS[unit] >= 2**63:
             # past what nats-server reads (a Go duration): it refused to start after the data dir was made
             raise ValueError("sync_interval is longer than nats-server takes (at most 2562047h)")
         # Each of these was taken, and its half ignored or one of the two sent (found by a CLI audit).
@@ -455,11 +456,12 @@ class _StrictLoader(yaml.SafeLoader):
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """A JSON object, refusing a key given twice, as `load_yaml` does."""
-    found = dict(pairs)
-    if len(found) < len(pairs):
-        twice = next(key for key in found if sum(k == key for k, _ in pairs) > 1)
-        raise ConfigError(f"functions: {_FUNCTIONS_ENV}: the key {twice!r} is given twice")
+    """A JSON object of `JETSPOOL_FUNCTIONS`, refusing a key given twice, as `load_yaml` does."""
+    found: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in found:
+            raise ConfigError(f"functions: {_FUNCTIONS_ENV}: the key {key!r} is given twice")
+        found[key] = value
     return found
 
 

@@ -54,9 +54,8 @@ def _port_block() -> Iterator[int]:
         return iter(())
     worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
     start = _LOWEST_PORT + (int(worker) if worker.isdigit() else 0) % blocks * _PORTS_PER_PROCESS
-    size = _PORTS_PER_PROCESS
-    offset = random.randrange(size)  # noqa: S311 - spreads the ports of successive runs; no secret
-    return (start + (offset + i) % size for i in itertools.count())
+    offset = random.randrange(_PORTS_PER_PROCESS)  # noqa: S311 - spreads the ports of successive runs; no secret
+    return (start + (offset + i) % _PORTS_PER_PROCESS for i in itertools.count())
 
 
 _ports = _port_block()

@@ -53,7 +53,6 @@ CONTROL_QUERY: Final = frozenset(
 
 _MAX_START_TIMEOUT_S: Final = 366 * 86400.0
 _MAX_IDEMPOTENCY_KEY: Final = 256
-_TRUE: Final = frozenset({"1", "true", "yes"})
 PRIORITY_HEADERS: Final = (names.H_QUEUE_PRIORITY, names.H_FAL_QUEUE_PRIORITY)
 NO_RETRY_HEADERS: Final = ("X-No-Retry", "X-Fal-No-Retry")
 TIMEOUT_HEADERS: Final = (names.H_REQUEST_TIMEOUT, names.H_FAL_REQUEST_TIMEOUT)
@@ -150,7 +149,7 @@ def raw_query_and_headers(request: Request[Any, Any, Any]) -> tuple[str, list[tu
 
 def is_yes(value: str | None) -> bool:
     """Whether a header or query flag says yes (`1`, `true`, `yes`, any case)."""
-    return value is not None and value.strip().lower() in _TRUE
+    return value is not None and _FLAGS.get(value.strip().lower()) is True
 
 
 async def read_submission(

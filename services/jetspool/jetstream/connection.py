@@ -128,7 +128,7 @@ def connect_options(settings: NatsSettings, name: str) -> dict[str, Any]:
     servers = settings.servers
     if not servers:
         raise ConfigError("nats.url: no NATS server configured (jetspool up embeds one; gateway and worker need one)")
-    check_key_files(settings)
+    tls = check_key_files(settings)
     options: dict[str, Any] = {
         "servers": servers,
         "name": name,
@@ -148,18 +148,19 @@ def connect_options(settings: NatsSettings, name: str) -> dict[str, Any]:
         options["password"] = settings.password
     if settings.token:
         options["token"] = settings.token
-    if settings.tls_ca or settings.tls_cert:
-        options["tls"] = _tls_context(settings)
+    if tls is not None:
+        options["tls"] = tls
     return options
 
 
-def check_key_files(settings: NatsSettings) -> None:
+def check_key_files(settings: NatsSettings) -> ssl.SSLContext | None:
     """ConfigError naming the key unless the nkey seed and credentials files hold what nats-py will
     read from them, checked before connecting as the TLS files are. nats-py reads them as it
     connects, some only when the server asks: an absent credentials file went unnoticed on a server
     without authentication and was told as credentials the server refused on one with a token; an
     absent seed file ended a worker in a traceback (found by an audit). And a credentials file
-    without its JWT line hangs the process: nats-py reads on past its end, blocking the event loop."""
+    without its JWT line hangs the process: nats-py reads on past its end, blocking the event loop.
+    Returns the context the TLS files make (None without them), read here like the others."""
     if settings.nkey_seed and not _is_seed(read_named_file("nats.nkey_seed", settings.nkey_seed).strip()):
         raise ConfigError(f"nats.nkey_seed: {settings.nkey_seed} holds no nkey seed")
     if settings.credentials:
@@ -171,8 +172,9 @@ def check_key_files(settings: NatsSettings) -> None:
             )
     if settings.tls_ca or settings.tls_cert:
         # Read now too: `up` made its data dir and started nats-server before a worker refused an
-        # absent CA file (found by a CLI audit).
-        _tls_context(settings)
+        # absent CA file (found by a CLI audit). Returned, for the connection to use.
+        return _tls_context(settings)
+    return None
 
 
 def _line_after(lines: list[bytes], marker: bytes) -> bytes:

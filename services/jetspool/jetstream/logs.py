@@ -2,7 +2,8 @@
 
 Writes are plain publishes into the stream (no round trip on the worker's path: a log line
 is worth less than a request), but for the worker's closing line, which is acknowledged within
-`_ACKED_TIMEOUT_S` before the completion is written. Reads take every line of a request in one batched direct get.
+`_ACKED_TIMEOUT_S` before the completion is written. Reads take every line of a request in one
+batched direct get.
 """
 
 from __future__ import annotations
