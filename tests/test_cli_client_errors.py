@@ -312,7 +312,7 @@ async def test_a_request_id_that_is_not_a_uuid_is_refused_before_anything_is_sen
         ("functions: []\n", "no functions"),
         # checked before any is sent: the good ones before a bad one were registered (a CLI audit)
         ("- {name: ok2, url: 'http://127.0.0.1:9'}\n- {name: Bad, url: 'http://127.0.0.1:9'}\n", "function 2 ('Bad')"),
-        ("- {name: ok2, url: 'http://127.0.0.1:9'}\n- {name: ok3, url: 'ftp://x'}\n", "url must be an absolute"),
+        ("- {name: ok2, url: 'http://127.0.0.1:9'}\n- {name: ok3, url: 'ftp://x'}\n", "url: must be an absolute"),
     ],
 )
 async def test_functions_deploy_of_a_file_without_function_entries_exits_2(

@@ -4,6 +4,7 @@ into a stream subscribers can replay; every payload validates against schemas/."
 from __future__ import annotations
 
 import asyncio
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -75,6 +76,22 @@ async def test_a_request_is_queued_started_and_succeeded(stack: Stack, listener:
     assert (started["status"]["status"], started["status"]["attempts"]) == ("IN_PROGRESS", 1)
 
 
+async def test_each_event_is_stamped_with_the_time_of_its_change(stack: Stack, listener: Listener) -> None:
+    """`queued` is stamped when the gateway took the request: a worker may start and finish the
+    request before the gateway's event goes out, and a publish-time stamp came after theirs."""
+    await stack.register("echo")
+    request_id = await stack.submit("echo", content=b"{}")
+
+    await listener.wait_for(request_id, "succeeded")
+
+    stamped = {e["type"]: e for _, e in listener.events if e["request_id"] == request_id}
+    queued, started, succeeded = (stamped[kind] for kind in ("queued", "started", "succeeded"))
+    assert queued["at"] == queued["status"]["submitted_at"]
+    assert succeeded["status"]["submitted_at"] == queued["at"]
+    moments = [datetime.fromisoformat(event["at"]) for event in (queued, started, succeeded)]
+    assert moments == sorted(moments)
+
+
 async def test_exhausted_attempts_are_retrying_then_failed(stack: Stack, listener: Listener) -> None:
     await stack.register("down", max_attempts=2)
     stack.functions.script("/down", [Reply(503, b"busy"), Reply(503, b"busy")])
@@ -113,7 +130,8 @@ async def test_results_ride_along_only_when_json_and_small(nats_server: Embedded
         small = await stack.submit("echo", content=b"[1, 2]")
         large = await stack.submit("echo", content=b'{"text": "more than sixteen bytes"}')
         text = await stack.submit("echo", content=b"plain words")
-        for request_id in (small, large, text):
+        null = await stack.submit("echo", content=b"null")
+        for request_id in (small, large, text, null):
             await found.wait_for(request_id, "succeeded")
     finally:
         await sub.unsubscribe()
@@ -123,6 +141,7 @@ async def test_results_ride_along_only_when_json_and_small(nats_server: Embedded
     assert done[small]["result"] == [1, 2]
     assert "result" not in done[large]
     assert "result" not in done[text]
+    assert done[null]["result"] is None  # JSON's null is an output too
 
 
 async def test_a_late_subscriber_replays_the_events_from_the_stream(stack: Stack, conn: Nats) -> None:

@@ -667,20 +667,21 @@ def test_sync_interval_accepts_always_or_a_duration(interval: str) -> None:
         ({"auth": {"admin_keys": ["clé"]}}, ["auth", "printable ASCII"]),
         ({"auth": {"admin_keys": ["k1\tk2"]}}, ["auth", "printable ASCII"]),
         ({"nope": {"x": 1}}, ["nope"]),
-        ({"nats": {"sync_interval": "sometimes"}}, ["nats", "sync_interval"]),
+        ({"callbacks": {"hosts": {"hooks.example.com": "nope"}}}, ["callbacks.hosts.hooks.example.com: must be an IP"]),
+        ({"nats": {"sync_interval": "sometimes"}}, ["nats.sync_interval: must be"]),
         ({"nats": {"sync_interval": "2 minutes"}}, ["nats", "sync_interval"]),
         # past a Go duration: nats-server refused it once the data dir was made (found by a CLI audit)
-        ({"nats": {"sync_interval": "99999999h"}}, ["nats", "sync_interval", "2562047h"]),
+        ({"nats": {"sync_interval": "99999999h"}}, ["nats.sync_interval: longer", "2562047h"]),
         ({"functions": [{"name": "Echo", "url": "http://f"}]}, ["functions[0].name"]),
         (
             {"functions": [{"name": "echo", "url": "http://f"}, {"name": "a_b", "url": "http://f"}]},
             ["functions[1].name"],
         ),
-        ({"functions": [{"name": "echo", "url": "ftp://f"}]}, ["functions[0]", "url"]),
+        ({"functions": [{"name": "echo", "url": "ftp://f"}]}, ["functions[0].url: must be an absolute"]),
         ({"functions": [{"name": "echo", "url": "f.example.com"}]}, ["functions[0]", "url"]),
         (
             {"functions": [{"name": "echo", "url": "http://f", "cancel_path": "cancel"}]},
-            ["functions[0]", "cancel_path"],
+            ["functions[0].cancel_path: must start with /"],
         ),
         ({"functions": [{"name": "echo", "url": "http://f", "timout": 3}]}, ["functions[0].timout"]),
         ({"functions": [{"name": "echo", "url": "http://f", "concurrency": 0}]}, ["functions[0].concurrency"]),
@@ -697,13 +698,13 @@ def test_invalid_setting_raises_config_error_naming_the_key(raw: dict[str, Any],
 @pytest.mark.parametrize(
     ("raw", "fragment"),
     [
-        ({"callbacks": {"signing_secret": "nope"}}, "signing_secret must be a Standard Webhooks secret"),
+        ({"callbacks": {"signing_secret": "nope"}}, "callbacks.signing_secret: must be a Standard Webhooks secret"),
         ({"callbacks": {"signing_secret": "A" * 32}}, "whsec_"),
         ({"callbacks": {"signing_secret": "whsec_" + "A" * 8}}, "24 to 64 bytes"),
         ({"callbacks": {"signing_secret": "whsec_" + "A" * 100}}, "24 to 64 bytes"),
-        ({"nats": {"tls_key": "/key.pem"}}, "tls_key needs tls_cert"),
-        ({"nats": {"password": "pw"}}, "password needs user"),
-        ({"nats": {"user": "u", "password": "pw", "token": "t"}}, "set one of them"),
+        ({"nats": {"tls_key": "/key.pem"}}, "nats.tls_key: needs tls_cert"),
+        ({"nats": {"password": "pw"}}, "nats.password: needs user"),
+        ({"nats": {"user": "u", "password": "pw", "token": "t"}}, "nats.token: "),
     ],
 )
 def test_a_half_or_a_malformed_credential_is_refused_naming_it(raw: dict[str, Any], fragment: str) -> None:

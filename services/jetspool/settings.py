@@ -79,18 +79,18 @@ class NatsSettings(_Section, frozen=True, kw_only=True):
     def __post_init__(self) -> None:
         found = _SYNC_INTERVAL.match(self.sync_interval)
         if not found:
-            raise ValueError("sync_interval must be `always` or a duration such as `2m`")
+            raise ValueError("sync_interval: must be `always` or a duration such as `2m`")
         count, unit = found.groups()
         if unit is not None and int(count) * _NANOS[unit] >= 2**63:
             # past what nats-server reads (a Go duration): it refused to start after the data dir was made
-            raise ValueError("sync_interval is longer than nats-server takes (at most 2562047h)")
+            raise ValueError("sync_interval: longer than nats-server takes (at most 2562047h)")
         # Each of these was taken, and its half ignored or one of the two sent (found by a CLI audit).
         if self.tls_key and not self.tls_cert:
-            raise ValueError("tls_key needs tls_cert, the certificate it belongs to")
+            raise ValueError("tls_key: needs tls_cert, the certificate it belongs to")
         if self.password is not None and not self.user:
-            raise ValueError("password needs user")
+            raise ValueError("password: needs user")
         if self.token and self.user:
-            raise ValueError("token and user/password are two ways to log in: set one of them")
+            raise ValueError("token: token and user/password are two ways to log in: set one of them")
 
     @property
     def servers(self) -> list[str]:
@@ -208,7 +208,7 @@ class CallbackSettings(_Section, frozen=True, kw_only=True):
         if self.signing_secret is not None:
             # The library takes any base64 with or without the prefix: `nope` made a 3-byte key
             # (found by a CLI audit). Standard Webhooks keys are 24 to 64 bytes.
-            shape = "signing_secret must be a Standard Webhooks secret: whsec_ + the base64 of 24 to 64 bytes"
+            shape = "signing_secret: must be a Standard Webhooks secret: whsec_ + the base64 of 24 to 64 bytes"
             secret = self.signing_secret.strip()  # a Kubernetes secret's file ends with a newline
             if not secret.startswith("whsec_"):
                 raise ValueError(shape)
@@ -223,7 +223,7 @@ class CallbackSettings(_Section, frozen=True, kw_only=True):
             try:
                 ipaddress.ip_address(address)
             except ValueError as exc:
-                raise ValueError(f"hosts.{name} must be an IP address, got {address!r}") from exc
+                raise ValueError(f"hosts.{name}: must be an IP address, got {address!r}") from exc
 
 
 class EventSettings(_Section, frozen=True, kw_only=True):

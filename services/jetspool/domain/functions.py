@@ -91,12 +91,12 @@ class Function(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
 
     def __post_init__(self) -> None:
         if not is_valid_name(self.name):  # the pattern's `$` alone would let a trailing newline through
-            raise ValueError(f"invalid function name {self.name!r}")
+            raise ValueError(f"name: invalid function name {self.name!r}")
         if not re.match(r"^https?://[^/\s]+", self.url):
-            raise ValueError("url must be an absolute http:// or https:// URL")
+            raise ValueError("url: must be an absolute http:// or https:// URL")
         if "#" in self.url:
             raise ValueError(
-                "url must not have a fragment (#...): it is never sent, and what followed it would be lost"
+                "url: must not have a fragment (#...): it is never sent, and what followed it would be lost"
             )
         for header, value in self.headers.items():
             if not _HEADER_NAME.fullmatch(header) or header.lower() in FRAMING_HEADERS:
@@ -104,7 +104,7 @@ class Function(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
             if not _HEADER_VALUE.fullmatch(value):
                 raise ValueError(f"headers: the value of {header!r} holds a control character")
         if self.cancel_path is not None and not self.cancel_path.startswith("/"):
-            raise ValueError("cancel_path must start with /")
+            raise ValueError("cancel_path: must start with /")
 
     def endpoint(self, path: str) -> str:
         """The URL a request with sub-path `path` is delivered to (SPEC §4: `url + path`): the URL

@@ -15,6 +15,7 @@ from litestar import Litestar, Request, Response
 from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.exceptions import HTTPException
+from litestar.exceptions.http_exceptions import RequestEntityTooLarge
 from nats.errors import Error as NatsError
 
 from jetspool import tracing
@@ -250,5 +251,9 @@ def _nats_error(request: Request[Any, Any, Any], exc: NatsError) -> Response[dic
 
 
 def _http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[dict[str, Any]]:
+    detail = str(exc.detail)
+    if isinstance(exc, RequestEntityTooLarge):  # it said only "Request Entity Too Large" (found by an audit)
+        limit = request.route_handler.resolve_request_max_body_size()
+        detail = f"the request body is larger than the gateway takes: {limit} bytes (gateway.max_body_size)"
     # Its headers too: a 405's Allow (RFC 9110 requires it; it was dropped, found by a SPEC audit).
-    return _error(str(exc.detail), exc.status_code, extra=exc.extra, request=request, headers=exc.headers)
+    return _error(detail, exc.status_code, extra=exc.extra, request=request, headers=exc.headers)

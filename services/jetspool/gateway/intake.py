@@ -372,7 +372,10 @@ class Intake:
         record = StatusRecord.waiting(request, seq)
         if nonce is None:
             await self._record_status(record)
-        await self._events.publish(record)
+        # Stamped with the time the gateway took the request, not the time of publishing: a worker
+        # may start (and finish) the request before this event goes out, and its `at` came after
+        # theirs (found by an audit). The events' `at` then orders them as the changes happened.
+        await self._events.publish(record, at=record.submitted_at)
         if deadline is not None:
             await self._queue.set_deadline(
                 DeadlineJob(request_id=request.request_id, function=request.function, due_at=deadline)

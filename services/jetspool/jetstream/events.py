@@ -11,7 +11,7 @@ harmless within the duplicate window.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import orjson
 from nats.errors import Error as NatsError
@@ -20,6 +20,8 @@ from jetspool.domain import names
 from jetspool.domain.status import ErrorType, State, public_status, rfc3339, utcnow
 
 if TYPE_CHECKING:
+    from datetime import datetime
+
     from jetspool.domain.status import StatusRecord
     from jetspool.jetstream.connection import Nats
 
@@ -45,8 +47,9 @@ class EventLog:
         self._base_url = base_url
         self._inline_limit = inline_result_limit
 
-    async def publish(self, record: StatusRecord, output: bytes | None = None) -> None:
-        """Publish the event of `record`, just written; `output`: the function's response body.
+    async def publish(self, record: StatusRecord, output: bytes | None = None, at: datetime | None = None) -> None:
+        """Publish the event of `record`, just written; `output`: the function's response body;
+        `at`: when the change happened, if not now.
 
         On one server it is sent without waiting for the stream's acknowledgement (events observe,
         they do not steer: the status write stands either way), which spares a round trip per
@@ -58,11 +61,11 @@ class EventLog:
             "type": kind,
             "function": record.function,
             "request_id": record.request_id,
-            "at": rfc3339(utcnow()),
+            "at": rfc3339(at or utcnow()),
             "status": public_status(record, self._base_url),
         }
         result = self._inline(output)
-        if result is not None:
+        if result is not _NOT_INLINE:
             event["result"] = result
         msg_id = f"{record.request_id}.{kind}.{record.attempts}.{record.retries}"
         try:
@@ -73,10 +76,14 @@ class EventLog:
             log.warning("could not publish the %s event of %s", kind, record.request_id, exc_info=True)
 
     def _inline(self, output: bytes | None) -> Any:
-        """The output as JSON when it is JSON and small enough; None otherwise."""
+        """The output as JSON when it is JSON and small enough; `_NOT_INLINE` otherwise. (An output
+        of `null` rides along as null: it was left out, like one that is not JSON, found by an audit.)"""
         if not output or len(output) > self._inline_limit:
-            return None
+            return _NOT_INLINE
         try:
             return orjson.loads(output)
         except orjson.JSONDecodeError:
-            return None
+            return _NOT_INLINE
+
+
+_NOT_INLINE: Final = object()
