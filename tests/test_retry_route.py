@@ -3,6 +3,7 @@ its id; what a finished request leaves in the object store is deleted in time.""
 
 from __future__ import annotations
 
+import time
 import uuid
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
@@ -260,6 +261,43 @@ async def test_a_run_the_status_never_names_is_dropped_without_a_call(stack: Sta
     assert final["status"] == "COMPLETED"
     assert final["error_type"] == "function_error"
     assert [s.body for s in stack.functions.on("/echo")] == [b"x"]
+
+
+async def test_a_run_taken_before_the_retry_route_names_it_starts_once_named(
+    nats_server: EmbeddedNats, conn: Nats
+) -> None:
+    """The route queues a run, then names it in the status record. A worker that took the run in
+    between handed it back for a whole poll interval: the function sat idle that long, and a run
+    with a start deadline of a second timed out unstarted (found by an audit, 2 of 10 retries)."""
+    stack = await start_stack(nats_server, overrides={"worker": {"poll_interval": 5.0}})
+    try:
+        await stack.register("echo")
+        stack.functions.script("/echo", [Reply(500, b"boom")])
+        request_id = await stack.submit("echo", content=b"x")
+        await stack.wait_for_status("echo", request_id)
+        now = datetime.now(UTC)
+        run = QueuedRequest(request_id=request_id, function="echo", body=b"again", submitted_at=now, retry=1)
+        queued = time.monotonic()
+        ack = await conn.js.publish(names.queue_subject("echo", "normal"), encode(run))
+
+        async def handed_back() -> bool:  # taken, handed back, taken again
+            info = await conn.js.consumer_info(names.QUEUE_STREAM, names.queue_consumer("echo", "normal"))
+            return info.delivered.stream_seq >= ack.seq and info.num_redelivered > 0
+
+        await eventually_true(handed_back, timeout_s=10)
+        status = StatusStore(conn, await conn.js.key_value(names.STATUS_BUCKET))
+        current = await status.get(request_id)
+        assert current is not None
+        await status.update(current.record.retried(ack.seq), current.revision)
+        calls = await stack.functions.wait_for("/echo", 2, timeout_s=10)
+        waited_s = time.monotonic() - queued
+        final = await stack.wait_for_status("echo", request_id)
+    finally:
+        await stack.close()
+
+    assert [call.body for call in calls] == [b"x", b"again"]
+    assert (final["status"], final.get("error_type")) == ("COMPLETED", None)
+    assert waited_s < 2.5, f"the run started {waited_s:.2f} s after it was queued (a poll interval is 5 s)"
 
 
 async def test_a_large_body_is_kept_for_a_retry_and_deleted_after_success(stack: Stack, conn: Nats) -> None:

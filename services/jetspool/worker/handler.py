@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -81,6 +82,10 @@ class _Call:
 _CANCELLED_RUNNING = "cancelled while running"
 _SPARE_DELIVERIES = 20
 """Deliveries beyond max_attempts that never reached the function (hand-backs, errors) before giving up."""
+_QUICK_HAND_BACKS = 5
+_FIRST_HAND_BACK_S = 0.02
+"""A run the retry route has not named yet goes back for 20, 40, ... 320 ms, then a poll interval
+at a time (`_SPARE_DELIVERIES` of them), before it is dropped as never to be named."""
 
 
 _CANCEL_TIMEOUT_S = 10.0
@@ -232,10 +237,16 @@ class RequestHandler:
         return await self._run(msg, request, function, current)
 
     def _not_current(self, msg: Msg, request: QueuedRequest, current: Versioned | None) -> Settle:
-        """A message that is not the request's current run: wait for the retry route to name it, or drop it."""
+        """A message that is not the request's current run: wait for the retry route to name it, or drop it.
+
+        The route names its run a write after queueing it, so the first hand-backs are short: a
+        hand-back of a whole poll interval (1 s) made a retried run wait that long with its function
+        idle, and one with a start deadline of a second time out unstarted (found by an audit)."""
         named_soon = current is not None and request.retry > current.record.retries
-        if named_soon and int(msg.metadata.num_delivered) <= _SPARE_DELIVERIES:
-            return Settle("nak", self._worker.poll_interval)
+        delivered = int(msg.metadata.num_delivered)
+        if named_soon and delivered <= _QUICK_HAND_BACKS + _SPARE_DELIVERIES:
+            quick = _FIRST_HAND_BACK_S * 2 ** (delivered - 1) if delivered <= _QUICK_HAND_BACKS else math.inf
+            return Settle("nak", min(quick, self._worker.poll_interval))
         log.info("request %s: dropping a message of run %d, not its current run", request.request_id, request.retry)
         return ACK
 
