@@ -234,12 +234,12 @@ async def test_put_with_a_different_name_in_the_body_is_refused(stack: Stack) ->
     assert (await stack.client.get("/system/functions")).json() == []
 
 
-@pytest.mark.parametrize(("path", "status"), [("/system/functions/nobody", 404), ("/system/functions/No_Pe", 422)])
-async def test_unknown_or_invalid_function_lookup(stack: Stack, path: str, status: int) -> None:
+@pytest.mark.parametrize("path", ["/system/functions/nobody", "/system/functions/No_Pe"])
+async def test_unknown_or_invalid_function_lookup(stack: Stack, path: str) -> None:
     response = await stack.client.get(path)
 
-    assert response.status_code == status
-    assert response.json()["detail"]
+    assert response.status_code == 404
+    assert "is not registered" in response.json()["detail"]
 
 
 async def test_functions_from_the_config_file_are_registered_at_start(nats_server: EmbeddedNats) -> None:

@@ -285,7 +285,7 @@ async def test_result_of_unfinished_request_is_400_with_its_status(stack_without
 
 @pytest.mark.parametrize(
     ("path", "expected_status"),
-    [("/async-function/nobody", 404), ("/async-function/Bad_Name", 422), ("/async-function/a.b", 422)],
+    [("/async-function/nobody", 404), ("/async-function/Bad_Name", 404), ("/async-function/a.b", 404)],
 )
 async def test_submit_to_unknown_or_invalid_function_is_refused(stack: Stack, path: str, expected_status: int) -> None:
     response = await stack.client.post(path, content=b"x")

@@ -78,9 +78,13 @@ class Submission:
 
 
 def function_for(view: RegistryView, name: str) -> Function:
-    """The registered function `name`: 422 for an impossible name, 404 for an unknown one."""
+    """The registered function `name`, or 404 (SPEC §1). A name no function may have is unknown too,
+    and the answer says why: it was a 422, and a client submitting to `my_fn` got a validation error
+    where SPEC promises the unknown function's 404 (found by an audit)."""
     if not is_valid_name(name):
-        raise InvalidInput(f"invalid function name {name!r}: lower-case letters, digits and '-', at most 63")
+        raise NotFound(
+            f"function {name!r} is not registered: function names are lower-case letters, digits and '-', at most 63"
+        )
     function = view.get(name)
     if function is None:
         raise NotFound(f"function {name!r} is not registered")

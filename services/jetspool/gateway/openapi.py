@@ -104,7 +104,7 @@ _OPTION_QUERY: Final = {
 """The query options of a submit (`intake.CONTROL_QUERY`, described)."""
 _SUBMIT_ERRORS: Final = {
     413: "the body is larger than gateway.max_body_size",
-    422: "an invalid option or callback URL, or an invalid function name",
+    422: "an invalid option or callback URL",
     429: "max_queue_length requests wait, or the API key's rate limit",
     431: "headers, query and callback URLs too large for a queue message",
     503: "the queue cannot store the request now; retry",
@@ -129,11 +129,12 @@ def _complete(path: str, method: str, operation: dict[str, Any], schema: dict[st
         responses["400"] = _json("invalid input", error)
     if "{request_id}" in path:
         responses["404"] = _json("no such request (of this function)", error)
-        responses["422"] = _json("a malformed request id or function name", error)
+        responses["422"] = _json("a malformed request id", error)
     elif "{name}" in path:
-        if not (path == "/system/functions/{name}" and method == "put"):  # a PUT registers it
-            responses["404"] = _json("no such function", error)
-        responses["422"] = _json("an invalid function name", error)
+        if path == "/system/functions/{name}" and method == "put":  # a PUT registers it
+            responses["422"] = _json("an invalid function entry or name", error)
+        else:
+            responses["404"] = _json("no such function (a name no function may have included)", error)
     if _is_submit(path, method):
         _submit(path, operation, error)
     _answers(path, method, responses, schema)
