@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import re
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import nats
 import pytest
 
 from jetspool.domain import names
-from tests.support.servers import Reply
+from tests.support.servers import Reply, eventually_true
 
 if TYPE_CHECKING:
     from tests.support.stack import Stack
@@ -71,6 +72,30 @@ async def test_the_worker_logs_retries_and_the_outcome(stack: Stack) -> None:
     assert messages[1].startswith("attempt 1: function answered 503; retrying in")
     assert messages[2] == "attempt 2 of 10 started"
     assert messages[-1] == "completed, succeeded"
+
+
+async def test_a_request_that_ends_while_it_waits_says_why_in_its_logs(stack: Stack) -> None:
+    """Cancelled, or past its start deadline, before any attempt: its logs were empty (found by an audit)."""
+    await stack.occupy()
+    cancelled = (await stack.client.post("/queue/busy", json={})).json()["request_id"]
+    late = (await stack.client.post("/queue/busy", json={}, headers={"X-Request-Timeout": "0.5"})).json()["request_id"]
+    await stack.client.put(f"/queue/busy/requests/{cancelled}/cancel")
+
+    ended = {request_id: await stack.wait_for_status("busy", request_id) for request_id in (cancelled, late)}
+
+    for request_id in ended:  # the line is written after the status (a start may still win the write)
+        await eventually_true(partial(_has_lines, stack, request_id))
+    [cancel_line], [late_line] = [await _logs(stack, request_id) for request_id in (cancelled, late)]
+    stack.functions.release("/busy")
+
+    assert ended[cancelled]["error_type"] == "cancelled"
+    assert ended[late]["error_type"] == "request_timeout"
+    assert (cancel_line["message"], cancel_line["level"]) == ("completed, failed: cancelled", "ERROR")
+    assert late_line["message"] == f"completed, failed: {ended[late]['error']}"
+
+
+async def _has_lines(stack: Stack, request_id: str) -> bool:
+    return bool(await _logs(stack, request_id))
 
 
 async def test_logs_are_null_unless_asked_for(stack: Stack) -> None:

@@ -282,7 +282,7 @@ async def test_a_run_taken_before_the_retry_route_names_it_starts_once_named(
 
         async def handed_back() -> bool:  # taken, handed back, taken again
             info = await conn.js.consumer_info(names.QUEUE_STREAM, names.queue_consumer("echo", "normal"))
-            return info.delivered.stream_seq >= ack.seq and info.num_redelivered > 0
+            return bool(info.delivered.stream_seq >= ack.seq and (info.num_redelivered or 0) > 0)
 
         await eventually_true(handed_back, timeout_s=10)
         status = StatusStore(conn, await conn.js.key_value(names.STATUS_BUCKET))

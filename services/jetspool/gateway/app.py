@@ -174,6 +174,7 @@ def _wire(
     retention = Retention(conn.js, stores.envelopes, stores.blobs)
     callbacks = CallbackQueue(conn.js)
     events = EventLog(conn, settings.gateway.base_url, settings.events.inline_result_limit)
+    logs = RequestLogs(conn)
     return Gateway(
         settings=settings,
         conn=conn,
@@ -191,12 +192,12 @@ def _wire(
         view=view,
         stats=stats,
         positions=positions,
-        canceller=Canceller(conn, status, callbacks, retention, events),
+        canceller=Canceller(conn, status, callbacks, retention, events, logs=logs),
         retrier=Retrier(status, retention, queue, events),
         callbacks=callbacks,
         feed=feed,
         http=http,
-        logs=RequestLogs(conn),
+        logs=logs,
         metrics=metrics,
     )
 

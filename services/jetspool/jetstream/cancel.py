@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from jetspool.jetstream.callbacks import CallbackQueue
     from jetspool.jetstream.connection import Nats
     from jetspool.jetstream.events import EventLog
+    from jetspool.jetstream.logs import RequestLogs
     from jetspool.jetstream.retention import Retention
     from jetspool.jetstream.status_store import StatusStore, Versioned
 
@@ -58,13 +59,21 @@ _GONE = frozenset({10037, 10043, 10057})
 
 class Canceller:
     def __init__(
-        self, conn: Nats, status: StatusStore, callbacks: CallbackQueue, retention: Retention, events: EventLog
+        self,
+        conn: Nats,
+        status: StatusStore,
+        callbacks: CallbackQueue,
+        retention: Retention,
+        events: EventLog,
+        *,
+        logs: RequestLogs,
     ) -> None:
         self._conn = conn
         self._status = status
         self._callbacks = callbacks
         self._retention = retention
         self._events = events
+        self._logs = logs
 
     async def expire(self, current: Versioned, function: Function | None) -> bool:
         """Complete a request still waiting at its start deadline as `request_timeout`; whether it did."""
@@ -121,6 +130,11 @@ class Canceller:
             if running:
                 await self._conn.nc.publish(names.cancel_subject(record.function), record.request_id.encode())
                 return CancelOutcome.SIGNALLED
+            # The line a worker writes when a request ends: a request cancelled or timed out while it
+            # waited ended with no log line, its status saying nothing of why (found by an audit).
+            # Written after the status write, which may yet lose to a start; a status stream with
+            # ?logs=1 may then end a moment before it (a status read shows it).
+            await self._logs.write(record.request_id, f"completed, failed: {changed.error}", level="ERROR")
             await self._events.publish(changed)
             if kept is not None:
                 await self._retention.sweep_body_later(kept, ttl_s)  # only now: it has ended

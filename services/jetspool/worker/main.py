@@ -102,6 +102,7 @@ async def run(settings: Settings, stop: asyncio.Event, ready: asyncio.Event | No
         results = ResultStore(conn.js, stores.results, stores.blobs, retention, conn.inline_limit)
         view = RegistryView(stores.functions)
         queue = RequestQueue(conn, stores.blobs)
+        logs = RequestLogs(conn)
         services = Services(
             conn,
             status,
@@ -110,7 +111,7 @@ async def run(settings: Settings, stop: asyncio.Event, ready: asyncio.Event | No
             view,
             calls,
             CallbackQueue(conn.js),
-            RequestLogs(conn),
+            logs,
             retention,
             events,
             settings.gateway.base_url,
@@ -128,7 +129,7 @@ async def run(settings: Settings, stop: asyncio.Event, ready: asyncio.Event | No
         callbacks = CallbackDelivery(conn, status, results, settings.callbacks, http)
         await callbacks.start()
         started.push_async_callback(callbacks.stop, settings.worker.shutdown_grace)
-        canceller = Canceller(conn, status, CallbackQueue(conn.js), retention, events)
+        canceller = Canceller(conn, status, CallbackQueue(conn.js), retention, events, logs=logs)
         timers = Timers(conn.js, status, canceller, view, retention)
         await timers.start()
         started.push_async_callback(timers.stop)
