@@ -289,9 +289,8 @@ def _admin(path: str, method: str, operation: dict[str, Any], schema: dict[str, 
     elif method == "get":
         responses["200"] = _json("the function's entry and live queue figures", entry)
     elif method in {"post", "put"}:
-        body = {"description": "the function (SPEC §1)", "required": True, "content": {}}
-        body["content"]["application/json"] = {"schema": schema["Function"]}
-        operation["requestBody"] = body
+        content = {"application/json": {"schema": schema["Function"]}}
+        operation["requestBody"] = {"description": "the function (SPEC §1)", "required": True, "content": content}
         responses.pop("400", None)
         if method == "post":
             responses["201"] = _json("registered", entry)
