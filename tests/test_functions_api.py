@@ -184,6 +184,19 @@ async def test_a_function_deleted_with_requests_waiting_runs_them_once_registere
     assert [s.body for s in stack.functions.on("/echo")] == [b"waits for a new registration"]
 
 
+async def test_a_repeated_registration_of_the_same_entry_is_no_conflict(stack: Stack) -> None:
+    """A client repeating a POST whose answer it lost (a 503 while NATS was away, the entry stored
+    once it came back) was refused for its own registration (found by an audit)."""
+    entry = {"name": "echo", "url": stack.function_url("/echo")}
+    first = await stack.client.post("/system/functions", json=entry)
+    again = await stack.client.post("/system/functions", json=entry)
+    other = await stack.client.post("/system/functions", json={**entry, "timeout": 5})
+
+    assert (first.status_code, again.status_code, other.status_code) == (201, 200, 400)
+    assert again.json() == first.json()
+    assert (await stack.client.get("/system/functions/echo")).json()["timeout"] == 3600
+
+
 async def test_registering_a_taken_name_is_refused_without_409(stack: Stack) -> None:
     await stack.register("echo")
 

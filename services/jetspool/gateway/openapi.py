@@ -294,7 +294,8 @@ def _admin(path: str, method: str, operation: dict[str, Any], schema: dict[str, 
         responses.pop("400", None)
         if method == "post":
             responses["201"] = _json("registered", entry)
-            responses["400"] = _json("a function of this name is registered: PUT replaces it", error)
+            responses["200"] = _json("exactly this entry was registered already (a repeated POST)", entry)
+            responses["400"] = _json("another entry of this name is registered: PUT replaces it", error)
         else:
             responses["200"] = _json("replaced", entry)
             responses["201"] = _json("registered", entry)

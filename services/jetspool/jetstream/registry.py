@@ -45,24 +45,22 @@ class FunctionRegistry:
             raise NotFound(f"function {name!r} is not registered")
         return decode_function(value)
 
-    async def create(self, function: Function) -> None:
-        """Register a new function; BadRequest if the name is taken.
+    async def create(self, function: Function) -> bool:
+        """Register a new function: True once written, False when exactly this entry is registered
+        already; BadRequest if the name is taken by another entry.
 
-        Rides through a node loss: a repeat refused because the name is taken is ours when the
-        stored entry is exactly what we wrote (the first try landed, its acknowledgement did not)."""
-        value, tries = function.encode(), 0
-
-        async def create() -> None:
-            nonlocal tries
-            tries += 1
-            await self._kv.create(function.name, value)
-
+        The same entry is no conflict: our own first try may have landed with its acknowledgement
+        lost (riding through a node loss), or a client repeats a POST whose answer it did not get,
+        and was refused for its own registration (found by an audit: a 503 during a NATS outage,
+        the entry stored once NATS was back, then a 400 for the repeat)."""
+        value = function.encode()
         try:
-            await ride_through_create(create, "registry write")
+            await ride_through_create(partial(self._kv.create, function.name, value), "registry write")
         except KeyWrongLastSequenceError as exc:
-            if tries > 1 and await self._stored(function.name) == value:
-                return
+            if await self._stored(function.name) == value:
+                return False
             raise BadRequest(f"function {function.name!r} is already registered; use PUT to update it") from exc
+        return True
 
     async def _stored(self, name: str) -> bytes | None:
         """The stored entry of `name`, encoded; None when there is none."""

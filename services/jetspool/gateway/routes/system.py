@@ -69,11 +69,12 @@ async def get_function(gateway: GatewayDep, name: FromPath[str]) -> dict[str, An
 
 
 @post("/system/functions", status_code=201)
-async def create_function(request: Request[Any, Any, Any], gateway: GatewayDep) -> dict[str, Any]:
+async def create_function(request: Request[Any, Any, Any], gateway: GatewayDep) -> Response[dict[str, Any]]:
+    """Register a function: 201; 200 when exactly this entry is registered already (a repeat)."""
     function = await _function_body(request)
-    await gateway.registry.create(function)
+    created = await gateway.registry.create(function)
     await _registered(gateway, function)
-    return await _with_stats(gateway, function)
+    return Response(await _with_stats(gateway, function), status_code=201 if created else 200)
 
 
 @put("/system/functions/{name:str}")
