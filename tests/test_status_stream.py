@@ -285,6 +285,34 @@ async def test_a_quiet_stream_sends_ping_comments(nats_server: EmbeddedNats) -> 
     assert after_ping == "", "the keep-alive is a comment alone; a data line would make it an event"
 
 
+async def test_a_stream_pings_on_time_while_other_requests_keep_the_queue_moving(nats_server: EmbeddedNats) -> None:
+    """Each change of the function's queue wakes the stream; one that found nothing new to send
+    timed its ping afresh, so a request waiting behind a busy queue's traffic got none at all (found
+    by an audit: 43 s of silence, where a proxy cuts an idle stream after 60)."""
+    stack = await start_stack(nats_server, overrides={"gateway": {"sse_ping_interval": 1.0}})
+    try:
+        await stack.occupy()
+        waiting = await _queue(stack, "busy")
+        async with _stream(stack, "busy", waiting) as events:
+            await events.next()
+            reader = asyncio.create_task(_comments(events))
+            for _ in range(12):  # 3 s of submits behind it: its position stays, the queue moves
+                await _queue(stack, "busy")
+                await asyncio.sleep(0.25)
+            reader.cancel()
+        stack.functions.release("/busy", 20)
+    finally:
+        await stack.close()
+
+    assert events.comments.count(": ping") >= 2, events.comments
+
+
+async def _comments(events: Events) -> None:
+    async for line in events.lines:
+        if line.startswith(":"):
+            events.comments.append(line)
+
+
 async def _read_until_comment(events: Events) -> bool:
     line = await anext(events.lines)
     if line.startswith(":"):

@@ -302,9 +302,10 @@ async def _events(
     up, or from a bucket since recreated): the ids went backwards after it, and a client that keeps
     the highest id it saw would have taken every event as one it had."""
     record = current.record
+    loop, ping_s = asyncio.get_running_loop(), gateway.settings.gateway.sse_ping_interval
     async with gateway.feed.watch(record.request_id, record.function) as watch:
         current = await gateway.status.get(record.request_id) or current
-        revision, count, sent = current.revision, 0, None
+        revision, count, sent, spoke_at = current.revision, 0, None, loop.time()
         last_sent = -1 if last_id is None else last_id
         if last_id is not None and last_id // _EVENT_IDS_PER_REVISION == revision:
             if current.record.is_completed:
@@ -319,11 +320,15 @@ async def _events(
                     revision, count = current.revision, 0
                 last_sent = max(revision * _EVENT_IDS_PER_REVISION + count, last_sent + 1)
                 yield ServerSentEventMessage(data=orjson.dumps(view).decode(), id=last_sent)
-                count, sent = count + 1, view
+                count, sent, spoke_at = count + 1, view, loop.time()
             if current.record.is_completed:
                 return
-            if not await wait_event(watch.queue_moved, gateway.settings.gateway.sse_ping_interval):
+            # The ping is due `ping_s` after the stream last said anything: timed from each wait, it
+            # never came while other requests of the function kept moving the queue and this one
+            # did not move, and a proxy's idle timeout could cut the stream (found by an audit).
+            if not await wait_event(watch.queue_moved, max(0.0, spoke_at + ping_s - loop.time())):
                 yield PING
+                spoke_at = loop.time()
             elif not watch.own_change.is_set():
                 # Only others moved: a new queue position goes out at most once per interval, so a
                 # thousand streams on one busy function do not each recompute it on every change.
