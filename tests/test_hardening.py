@@ -94,6 +94,43 @@ async def test_a_gateway_holds_at_most_max_streams_open(strict: Stack) -> None:
     await eventually_true(accepted_again)
 
 
+async def test_streams_opened_at_once_past_the_maximum_get_503_not_a_broken_200(strict: Stack) -> None:
+    """Checked before the answer started and taken once the stream began, the places of streams
+    opened at once were all free at the check: those past the maximum answered 200, then broke off
+    without an event (found by an audit)."""
+    request_id = (await strict.client.post("/queue/echo", json={})).json()["request_id"]
+    url = f"/queue/echo/requests/{request_id}/status/stream"
+
+    answered: list[tuple[int, str, str | None]] = []
+    everyone = asyncio.Event()
+
+    async def open_one() -> tuple[int, str, str | None]:
+        async with strict.client.stream("GET", url) as response:
+            if response.status_code != 200:
+                await response.aread()
+                answer = response.status_code, response.json()["detail"], response.headers.get("retry-after")
+            else:
+                answer = 200, await anext(response.aiter_lines()), None  # a stream answered 200 has its first event
+            answered.append(answer)
+            if len(answered) == 8:
+                everyone.set()
+            async with asyncio.timeout(20):
+                await everyone.wait()  # an open stream keeps its place until every one has its answer
+            return answer
+
+    answers = await asyncio.gather(*(open_one() for _ in range(8)))
+
+    assert sorted(code for code, _, _ in answers) == [200, 200] + [503] * 6
+    assert all(first.startswith(("id:", "data:")) for code, first, _ in answers if code == 200)
+    assert all(after == "1" for code, _, after in answers if code == 503)
+
+    async def all_free() -> bool:  # each place is given back
+        responses = [await strict.client.get(f"/queue/echo/requests/{request_id}", params={"wait": "0.05"})]
+        return all(r.status_code == 400 for r in responses)
+
+    await eventually_true(all_free)
+
+
 async def test_a_plain_request_is_not_limited_once_received(strict: Stack) -> None:
     """The deadline covers receiving the request, not answering it: a long ?wait= outlasts it."""
     request_id = (await strict.client.post("/queue/echo", json={})).json()["request_id"]

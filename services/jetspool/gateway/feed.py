@@ -75,6 +75,24 @@ class Watch:
         return current
 
 
+class Slot:
+    """A place taken on the gateway (`StatusFeed.reserve`), given back once: by the watch that used
+    it, or, for a stream whose answer never started (its client went first), when it is dropped."""
+
+    __slots__ = ("_feed",)
+
+    def __init__(self, feed: StatusFeed) -> None:
+        self._feed: StatusFeed | None = feed
+
+    def release(self) -> None:
+        feed, self._feed = self._feed, None
+        if feed is not None:
+            feed._give_back()  # noqa: SLF001 - the feed's own bookkeeping
+
+    def __del__(self) -> None:
+        self.release()
+
+
 class StatusFeed:
     def __init__(self, nc: Client, max_watches: int, linger_s: float = _LINGER_S) -> None:
         self._nc = nc
@@ -151,23 +169,33 @@ class StatusFeed:
                 await sub.unsubscribe()
         self._subs.clear()
 
-    def check_capacity(self) -> None:
-        """503 (Unavailable) when this gateway already holds its maximum of streams and waits."""
-        if self.watching >= self._max_watches:
-            raise Unavailable(f"this gateway holds {self._max_watches} status streams and waits already; try later")
+    def reserve(self) -> Slot:
+        """Take one of this gateway's places for a stream or wait; 503 (Unavailable, with Retry-After)
+        when it holds its maximum already.
+
+        A stream takes its place before its answer starts, so that a refusal can still be a 503:
+        checked then and taken once the stream began, streams opened at once all passed the check,
+        and those over the maximum failed after their 200 (found by an audit)."""
+        if self._watching >= self._max_watches:
+            busy = f"this gateway holds {self._max_watches} status streams and waits already; try later"
+            raise Unavailable(busy, headers={"Retry-After": "1"})
+        self._watching += 1
+        return Slot(self)
+
+    def _give_back(self) -> None:
+        self._watching -= 1
 
     @contextlib.asynccontextmanager
-    async def watch(self, request_id: str, function: str) -> AsyncIterator[Watch]:
-        """Hear the changes of one request (see `check_capacity`)."""
-        self.check_capacity()
+    async def watch(self, request_id: str, function: str, slot: Slot | None = None) -> AsyncIterator[Watch]:
+        """Hear the changes of one request, in the place `slot` took (else one taken now, see `reserve`)."""
+        slot = slot or self.reserve()
         watch = Watch(request_id, function)
         self._by_request[request_id].add(watch)
-        self._watching += 1
         try:
             await self._subscribe()
             yield watch
         finally:
-            self._watching -= 1
+            slot.release()
             self._discard(self._by_request, request_id, watch)
             self._discard(self._armed, function, watch)
             self._release_later()

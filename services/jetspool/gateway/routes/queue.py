@@ -22,7 +22,7 @@ from jetspool.domain import names
 from jetspool.domain.errors import InvalidInput, NotFound
 from jetspool.domain.outcomes import result_answer
 from jetspool.domain.status import State, StatusRecord, public_status, request_urls
-from jetspool.gateway.feed import PING
+from jetspool.gateway.feed import PING, Slot
 from jetspool.gateway.intake import function_for, parse_request_id, read_submission
 from jetspool.gateway.lookup import find_request, require_request
 from jetspool.gateway.state import Gateway, GatewayDep
@@ -280,10 +280,11 @@ async def status_stream(
     log lines), ending after COMPLETED; a `: ping` comment after `gateway.sse_ping_interval` (15 s) of quiet."""
     with_logs = _flag("logs", logs)
     current = await require_request(gateway, name, request_id)
-    gateway.feed.check_capacity()  # before the answer starts: a refusal can still be a 503
+    slot = gateway.feed.reserve()  # before the answer starts: a refusal can still be a 503
     last_id = _event_id(request.headers.get("last-event-id"))
     headers = {names.H_REQUEST_ID: current.record.request_id, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    return ServerSentEvent(_events(gateway, current, with_logs=with_logs, last_id=last_id), headers=headers)
+    events = _events(gateway, current, slot, with_logs=with_logs, last_id=last_id)
+    return ServerSentEvent(events, headers=headers)
 
 
 def _event_id(value: str | None) -> int | None:
@@ -294,7 +295,7 @@ def _event_id(value: str | None) -> int | None:
 
 
 async def _events(
-    gateway: Gateway, current: Versioned, *, with_logs: bool, last_id: int | None
+    gateway: Gateway, current: Versioned, slot: Slot, *, with_logs: bool, last_id: int | None
 ) -> AsyncIterator[ServerSentEventMessage]:
     """Event ids are `revision * 1e6 + n`: monotonic, and a reconnect with Last-Event-ID continues them.
 
@@ -303,7 +304,7 @@ async def _events(
     the highest id it saw would have taken every event as one it had."""
     record = current.record
     loop, ping_s = asyncio.get_running_loop(), gateway.settings.gateway.sse_ping_interval
-    async with gateway.feed.watch(record.request_id, record.function) as watch:
+    async with gateway.feed.watch(record.request_id, record.function, slot) as watch:
         current = await gateway.status.get(record.request_id) or current
         revision, count, sent, spoke_at = current.revision, 0, None, loop.time()
         last_sent = -1 if last_id is None else last_id
