@@ -7,6 +7,7 @@ import asyncio
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import orjson
 import pytest
 
 from jetspool import client as client_module
@@ -162,6 +163,34 @@ async def test_an_unreachable_gateway_is_reported_as_such() -> None:
     async with AsyncClient(f"http://127.0.0.1:{free_port()}") as client:
         with pytest.raises(Unreachable, match="cannot reach the gateway"):
             await client.submit("echo", json={})
+
+
+async def test_a_result_wait_rides_through_a_gateway_going_away() -> None:
+    """A 503 (the gateway holds its maximum of waits, or its NATS is away) or a proxy's 502 ended
+    the wait at once, and `run()` did not say which request it had queued (found by an audit)."""
+    request_id = "00000000-0000-4000-8000-000000000001"
+    path = f"/queue/echo/requests/{request_id}"
+    busy = b'{"detail": "this gateway holds 3 status streams and waits already; try later"}'
+    gateway = RecordingApp()
+    gateway.script("/queue/echo", [Reply(200, orjson.dumps({"request_id": request_id}))])
+    gateway.script(path, [Reply(503, busy), Reply(502, b"<html>bad gateway</html>", "text/html"), Reply(200, b"[7]")])
+    server = AsgiServer(gateway)
+    await server.start()
+    try:
+        async with AsyncClient(server.url) as client:
+            ran = await client.run("echo", json={})
+            gateway.script(path, [Reply(503, busy)] * 3)
+            with pytest.raises(Unreachable, match=f"request {request_id} is queued and goes on") as gave_up:
+                await client.handle("echo", request_id).result(timeout=0.5)
+        gateway.script(path, [Reply(503, busy), Reply(200, b"[8]")])
+        with Client(server.url) as sync_client:
+            ran_sync = await asyncio.to_thread(sync_client.handle("echo", request_id).result)
+    finally:
+        await server.stop()
+
+    assert (ran.status_code, ran.json(), ran_sync.json()) == (200, [7], [8])
+    assert len(gateway.on(path)) > 3, "three polls for the result, then at least one before the wait ran out"
+    assert gave_up.value.status_code == 503
 
 
 async def test_a_gateway_slower_than_the_timeout_is_not_called_unreachable() -> None:

@@ -378,6 +378,30 @@ class _Resume:
         return float(_RESUME_FIRST_PAUSE_S * 2 ** (self.failed - 1))
 
 
+@dataclass
+class _Polls:
+    """A result's wait rides through what a gateway going away looks like: a refused connection
+    (it restarts), a 503 (its NATS is away, or it holds its maximum of waits) or a proxy's 502/504.
+    Each is tried again after a growing pause, up to `_RESUMES` times in a row (about 16 s), as a
+    status stream is resumed; then Unreachable, naming the request, which is queued and goes on. A
+    wait gave up at the first of them, and `run()` said nothing of the request it had queued
+    (found by an audit)."""
+
+    request_id: str
+    deadline: float | None
+    failed: int = 0
+
+    def pause(self, exc: Unreachable) -> float:
+        """How long to wait before polling again; Unreachable when it is time to give up."""
+        self.failed += 1
+        pause_s = float(_RESUME_FIRST_PAUSE_S * 2 ** (self.failed - 1))
+        late = self.deadline is not None and time.monotonic() + pause_s >= self.deadline
+        if self.failed > _RESUMES or late:
+            queued = f"request {self.request_id} is queued and goes on, but its result could not be fetched"
+            raise Unreachable(f"{queued}: {exc.detail}", exc.status_code) from exc
+        return pause_s
+
+
 def _event_stream(response: httpx.Response) -> None:
     """BadAnswer unless `response` is a stream of Server-Sent Events."""
     if not response.headers.get("content-type", "").startswith("text/event-stream"):
@@ -561,14 +585,21 @@ class Handle:
         return self.client.events(f"{self._prefix}/status/stream", {"logs": "1" if logs else "0"}, timeout)
 
     def result(self, timeout: float | None = None) -> Result:
-        """The function's response once completed, waiting at most `timeout` seconds (None: as long as it takes)."""
+        """The function's response once completed, waiting at most `timeout` seconds (None: as long as
+        it takes); a gateway going away is ridden through (`_Polls`)."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        polls = _Polls(self.request_id, deadline)
         while True:
             wait_s = _remaining(deadline)
-            response = self.client.send(
-                "GET", self._prefix, params={"wait": f"{wait_s:g}"}, timeout=wait_s + _TIMEOUT_S
-            )
-            result = _result(response, self.request_id)
+            try:
+                response = self.client.send(
+                    "GET", self._prefix, params={"wait": f"{wait_s:g}"}, timeout=wait_s + _TIMEOUT_S
+                )
+                result = _result(response, self.request_id)
+            except Unreachable as exc:
+                time.sleep(polls.pause(exc))
+                continue
+            polls.failed = 0
             if result is not None:
                 return result
             if deadline is not None and time.monotonic() >= deadline:
@@ -671,14 +702,21 @@ class AsyncHandle:
         return self.client.events(f"{self._prefix}/status/stream", {"logs": "1" if logs else "0"}, timeout)
 
     async def result(self, timeout: float | None = None) -> Result:  # noqa: ASYNC109 - fal's `result(timeout=)`
-        """The function's response once completed, waiting at most `timeout` seconds (None: as long as it takes)."""
+        """The function's response once completed, waiting at most `timeout` seconds (None: as long as
+        it takes); a gateway going away is ridden through (`_Polls`)."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        polls = _Polls(self.request_id, deadline)
         while True:
             wait_s = _remaining(deadline)
-            response = await self.client.send(
-                "GET", self._prefix, params={"wait": f"{wait_s:g}"}, timeout=wait_s + _TIMEOUT_S
-            )
-            result = _result(response, self.request_id)
+            try:
+                response = await self.client.send(
+                    "GET", self._prefix, params={"wait": f"{wait_s:g}"}, timeout=wait_s + _TIMEOUT_S
+                )
+                result = _result(response, self.request_id)
+            except Unreachable as exc:
+                await asyncio.sleep(polls.pause(exc))
+                continue
+            polls.failed = 0
             if result is not None:
                 return result
             if deadline is not None and time.monotonic() >= deadline:
