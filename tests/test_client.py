@@ -28,11 +28,13 @@ from jetspool.client import (
 )
 from tests.support.processes import start_part
 from tests.support.servers import AsgiServer, RecordingApp, Reply, free_port, wait_until_ready
+from tests.support.stack import start_stack
 
 if TYPE_CHECKING:
     from collections.abc import Callable
     from pathlib import Path
 
+    from jetspool.embedded import EmbeddedNats
     from tests.support.stack import Stack
 
 
@@ -157,6 +159,45 @@ async def test_async_client_events_run_and_functions(stack: Stack) -> None:
     assert ran.json() == [1, 2]
     assert [f["name"] for f in listed] == ["echo"]
     assert after == []
+
+
+async def test_an_events_wait_gives_up_at_its_timeout_while_the_stream_keeps_alive(nats_server: EmbeddedNats) -> None:
+    """`iter_events(timeout=T)` waited forever for T above 15 s: the gateway's keep-alive comment
+    restarted a limit on each read (found by an audit). Here the keep-alive comes every 0.1 s and
+    T is 1 s; the request waits behind another, and both clients give up."""
+    stack = await start_stack(nats_server, overrides={"gateway": {"sse_ping_interval": 0.1}})
+    try:
+        await stack.occupy("busy")
+
+        def sync_wait() -> list[str]:
+            seen: list[str] = []
+            with Client(stack.url) as client:
+                handle = client.submit("busy", json={})
+                try:
+                    seen.extend(status.status for status in handle.iter_events(timeout=1.0))
+                except WaitTimeout as exc:
+                    seen.append(str(exc))
+            return seen
+
+        async def async_wait() -> list[str]:
+            seen: list[str] = []
+            async with AsyncClient(stack.url) as client:
+                handle = await client.submit("busy", json={})
+                try:
+                    async for status in handle.iter_events(timeout=1.0):
+                        seen.append(status.status)
+                except WaitTimeout as exc:
+                    seen.append(str(exc))
+            return seen
+
+        sync_seen = await asyncio.wait_for(asyncio.to_thread(sync_wait), 30)
+        async_seen = await asyncio.wait_for(async_wait(), 30)
+        stack.functions.release("/busy", 3)
+    finally:
+        await stack.close()
+
+    timed_out = ["IN_QUEUE", "no status change within 1 s"]
+    assert (sync_seen, async_seen) == (timed_out, timed_out), "the first event at once, then nothing new"
 
 
 async def test_an_unreachable_gateway_is_reported_as_such() -> None:

@@ -24,11 +24,11 @@ import time
 import urllib.parse
 import uuid
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, cast
 
 import httpx
 import orjson
-from httpx_sse import ServerSentEvent, aconnect_sse, connect_sse
+from httpx_sse import EventSource, ServerSentEvent, aconnect_sse, connect_sse
 
 from jetspool.domain import names
 from jetspool.domain.functions import NAME_PATTERN, is_valid_name, leaves_its_url
@@ -379,6 +379,52 @@ class _Resume:
 
 
 @dataclass
+class _Quiet:
+    """How long a status stream has said nothing new, against the caller's `idle_s`: WaitTimeout
+    once it passes. A limit on each read did not do: the gateway's keep-alive comment every 15 s
+    restarted it, so a wait of more than 15 s never gave up (found by an audit). The time is
+    checked whenever the stream speaks (its keep-alive included), and on each read's own limit."""
+
+    idle_s: float | None
+    since: float = field(default_factory=time.monotonic)
+
+    def heard(self) -> None:
+        self.since = time.monotonic()
+
+    def check(self) -> None:
+        if self.idle_s is not None and time.monotonic() - self.since >= self.idle_s:
+            raise WaitTimeout(f"no status change within {self.idle_s:g} s")
+
+    def source(self, response: httpx.Response) -> EventSource:
+        """The events of `response`, checked as its text arrives."""
+        return EventSource(cast("httpx.Response", _Watched(response, self)))
+
+    def read_timeout(self) -> httpx.Timeout:
+        """The limit on each read: what is left of `idle_s` (no limit on the stream's length)."""
+        left = None if self.idle_s is None else max(0.001, self.since + self.idle_s - time.monotonic())
+        return httpx.Timeout(_TIMEOUT_S, read=left)
+
+
+class _Watched:
+    """The part of a response an `EventSource` reads, checking the quiet before each piece of text."""
+
+    def __init__(self, response: httpx.Response, quiet: _Quiet) -> None:
+        self.headers = response.headers
+        self._response = response
+        self._quiet = quiet
+
+    def iter_text(self) -> Iterator[str]:
+        for text in self._response.iter_text():
+            self._quiet.check()
+            yield text
+
+    async def aiter_text(self) -> AsyncIterator[str]:
+        async for text in self._response.aiter_text():
+            self._quiet.check()
+            yield text
+
+
+@dataclass
 class _Polls:
     """A result's wait rides through what a gateway going away looks like: a refused connection
     (it restarts), a 503 (its NATS is away, or it holds its maximum of waits) or a proxy's 502/504.
@@ -477,11 +523,6 @@ def _result(response: httpx.Response, request_id: str) -> Result | None:
     return result
 
 
-def _stream_timeout(timeout: float | None) -> httpx.Timeout:
-    """No limit on a stream's length; `timeout` (None: none) on the wait for each next event."""
-    return httpx.Timeout(_TIMEOUT_S, read=timeout)
-
-
 def _remaining(deadline: float | None) -> float:
     if deadline is None:
         return _MAX_WAIT_S
@@ -516,21 +557,22 @@ class Client:
     def events(self, url: str, params: dict[str, str], idle_s: float | None = None) -> Iterator[Status]:
         """The status objects of an SSE stream at `url`, until COMPLETED (WaitTimeout: none for
         `idle_s` s). A stream that ends or breaks before is resumed (see `_Resume`)."""
-        resume = _Resume()
+        resume, quiet = _Resume(), _Quiet(idle_s)
         while True:
             broke: httpx.TransportError | None = None
             try:
-                timeout = _stream_timeout(idle_s)
+                timeout = quiet.read_timeout()
                 with connect_sse(
                     self._http, "GET", url, params=params, headers=resume.headers, timeout=timeout
                 ) as source:
                     if not source.response.is_success:
                         source.response.read()
                     _event_stream(_checked(source.response))
-                    for event in source.iter_sse():
+                    for event in quiet.source(source.response).iter_sse():
                         status = resume.take(source.response, event)
                         if status is not None:
                             yield status
+                            quiet.heard()
             except httpx.ReadTimeout as exc:
                 raise WaitTimeout(f"no status change within {idle_s:g} s") from exc
             except httpx.TransportError as exc:
@@ -637,21 +679,22 @@ class AsyncClient:
 
     async def events(self, url: str, params: dict[str, str], idle_s: float | None = None) -> AsyncIterator[Status]:
         """As `Client.events`."""
-        resume = _Resume()
+        resume, quiet = _Resume(), _Quiet(idle_s)
         while True:
             broke: httpx.TransportError | None = None
             try:
-                timeout = _stream_timeout(idle_s)
+                timeout = quiet.read_timeout()
                 async with aconnect_sse(
                     self._http, "GET", url, params=params, headers=resume.headers, timeout=timeout
                 ) as source:
                     if not source.response.is_success:
                         await source.response.aread()
                     _event_stream(_checked(source.response))
-                    async for event in source.aiter_sse():
+                    async for event in quiet.source(source.response).aiter_sse():
                         status = resume.take(source.response, event)
                         if status is not None:
                             yield status
+                            quiet.heard()
             except httpx.ReadTimeout as exc:
                 raise WaitTimeout(f"no status change within {idle_s:g} s") from exc
             except httpx.TransportError as exc:
