@@ -94,6 +94,31 @@ async def test_a_gateway_holds_at_most_max_streams_open(strict: Stack) -> None:
     await eventually_true(accepted_again)
 
 
+async def test_dashboard_event_streams_count_among_the_gateways_streams(strict: Stack) -> None:
+    """Each dashboard event stream holds a NATS subscription and a task, and any number of them was
+    taken (found by an audit): they count against `gateway.max_streams` as status streams do."""
+    request_id = (await strict.client.post("/queue/echo", json={})).json()["request_id"]
+    streams = [strict.client.stream("GET", "/system/dashboard/events?limit=0") for _ in range(2)]
+    opened = [await stream.__aenter__() for stream in streams]
+    try:
+        codes = [response.status_code for response in opened]
+        third = await strict.client.get("/system/dashboard/events?limit=0")
+        status_stream = await strict.client.get(f"/queue/echo/requests/{request_id}/status/stream")
+    finally:
+        for stream in streams:
+            await stream.__aexit__(None, None, None)
+
+    assert codes == [200, 200]
+    assert (third.status_code, third.headers.get("retry-after")) == (503, "1")
+    assert status_stream.status_code == 503
+
+    async def accepted_again() -> bool:  # a closed dashboard stream gives its place back
+        response = await strict.client.get(f"/queue/echo/requests/{request_id}", params={"wait": "0.1"})
+        return response.status_code == 400
+
+    await eventually_true(accepted_again)
+
+
 async def test_streams_opened_at_once_past_the_maximum_get_503_not_a_broken_200(strict: Stack) -> None:
     """Checked before the answer started and taken once the stream began, the places of streams
     opened at once were all free at the check: those past the maximum answered 200, then broke off

@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 
     from nats.aio.msg import Msg
 
+    from jetspool.gateway.feed import Slot
+
 _PAGE: Final = resources.files("jetspool.gateway") / "ui"
 _ASSETS: Final = {
     "dashboard.js": "text/javascript",
@@ -84,13 +86,24 @@ async def overview(gateway: GatewayDep) -> dict[str, Any]:
 async def events(gateway: GatewayDep, limit: FromQuery[int] = 100) -> ServerSentEvent:
     if not 0 <= limit <= _MAX_RECENT:
         raise InvalidInput(f"limit must be 0 to {_MAX_RECENT}; got {limit}")
+    # A place among the gateway's streams, as a status stream takes: each holds a subscription and
+    # a task, and a client opening them without end was not held back (found by an audit).
+    slot = gateway.feed.reserve()
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    return ServerSentEvent(_event_feed(gateway, limit), headers=headers)
+    return ServerSentEvent(_event_feed(gateway, limit, slot), headers=headers)
 
 
-async def _event_feed(gateway: Gateway, limit: int) -> AsyncIterator[ServerSentEventMessage]:
+async def _event_feed(gateway: Gateway, limit: int, slot: Slot) -> AsyncIterator[ServerSentEventMessage]:
     """Subscribe first, then send the stored latest events, then the live ones: none falls between
     (one may come twice, which the page takes as the same change)."""
+    try:
+        async for message in _events_of(gateway, limit):
+            yield message
+    finally:
+        slot.release()
+
+
+async def _events_of(gateway: Gateway, limit: int) -> AsyncIterator[ServerSentEventMessage]:
     live: asyncio.Queue[bytes] = asyncio.Queue(_LIVE_BUFFER)
 
     async def heard(msg: Msg) -> None:
