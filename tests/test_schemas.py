@@ -293,6 +293,8 @@ async def test_the_openapi_document_names_the_submission_options_answers_and_err
     assert status["404"]["content"]["application/json"]["schema"] == error
     assert "401" not in paths["/healthz"]["get"]["responses"]
     assert "503" in paths["/readyz"]["get"]["responses"]
+    for stream in ("/queue/{name}/requests/{request_id}/status/stream", "/system/dashboard/events"):
+        assert "max_streams" in paths[stream]["get"]["responses"]["503"]["description"], stream
     assert "401" in paths["/queue/{name}/requests/{request_id}/logs"]["post"]["responses"]  # its token
     cancel_404 = paths["/queue/{name}/requests/{request_id}/cancel"]["put"]["responses"]["404"]
     assert cancel_404["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/CancelAnswer"}

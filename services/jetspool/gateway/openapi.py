@@ -204,6 +204,9 @@ def _guards(path: str, operation: dict[str, Any], error: dict[str, Any]) -> None
             responses["403"] = _json("this route needs an admin key", error)
 
 
+_FULL: Final = "this gateway holds `gateway.max_streams` streams and waits already (Retry-After: 1)"
+
+
 def _answers(path: str, method: str, responses: dict[str, Any], schema: dict[str, Any]) -> None:
     """The success answers Litestar could not read off the handlers (they return a `Response`)."""
     if "{request_id}" in path:
@@ -217,6 +220,8 @@ def _answers(path: str, method: str, responses: dict[str, Any], schema: dict[str
         responses["504"] = _json("the function did not answer within its timeout", schema["ErrorAnswer"])
     elif path.startswith("/async-function/"):
         responses["202"] = {"description": "stored; its id is in X-Call-Id", "headers": _call_id_headers()}
+    elif path == "/system/dashboard/events":
+        responses["503"] = _json(_FULL, schema["ErrorAnswer"])
     elif path == "/readyz":
         responses["503"] = {"description": "not connected to NATS, or NATS does not answer"}
 
@@ -229,6 +234,7 @@ def _request_answers(path: str, responses: dict[str, Any], schema: dict[str, Any
     elif path.endswith("/status/stream"):
         what = "Server-Sent Events: the status object, then one per change, until COMPLETED"
         responses["200"] = {"description": what, "content": {"text/event-stream": {"schema": {"type": "string"}}}}
+        responses["503"] = _json(_FULL, schema["ErrorAnswer"])
     elif path.endswith("/cancel"):
         responses["202"] = _json("cancellation requested", schema["CancelAnswer"])
         responses["400"] = _json("already completed", schema["CancelAnswer"])
