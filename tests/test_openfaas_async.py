@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING
 
 import nats
@@ -413,6 +414,35 @@ async def test_no_retry_gives_exactly_one_attempt(stack: Stack) -> None:
 
     assert final["error_type"] == "runner_unavailable"
     assert len(stack.functions.on("/echo")) == 1
+
+
+@pytest.mark.parametrize("method", ["GET", "PUT", "DELETE", "POST"])
+async def test_a_function_that_drops_the_connection_gets_one_call_per_attempt(stack: Stack, method: str) -> None:
+    """aiohttp sent a GET, PUT, DELETE (any idempotent method) a second time, in the same attempt,
+    when the function closed the connection without an answer: twice the calls `max_attempts`
+    allows, and two where `X-No-Retry` promises one (found by an outside audit)."""
+    calls: list[bytes] = []
+
+    async def drop(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        calls.append(await reader.readuntil(b"\r\n\r\n"))  # the request's head, then no answer
+        writer.close()
+
+    server = await asyncio.start_server(drop, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        body = {"name": "dropper", "url": f"http://127.0.0.1:{port}/", "max_attempts": 2}
+        assert (await stack.client.post("/system/functions", json=body)).status_code == 201
+        tried = await stack.client.request(method, "/function/dropper?async=true")
+        once = await stack.client.request(method, "/function/dropper?async=true", headers={"X-No-Retry": "1"})
+        finals = [await stack.wait_for_status("dropper", r.json()["request_id"]) for r in (tried, once)]
+    finally:
+        server.close()
+        await server.wait_closed()
+
+    assert [final["error_type"] for final in finals] == ["runner_unavailable"] * 2
+    assert [final["attempts"] for final in finals] == [2, 1]
+    assert len(calls) == 3, [call.split(b"\r\n")[0] for call in calls]
+    assert all(call.startswith(method.encode()) for call in calls)
 
 
 @pytest.mark.parametrize("value", ["0", "false", "No", ""])

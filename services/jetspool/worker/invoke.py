@@ -43,12 +43,22 @@ def function_client(max_connections: int, connect_timeout_s: float) -> aiohttp.C
 
     A function gets the caller's headers and jetspool's (SPEC §4), none of aiohttp's defaults: a
     body-less POST went out with `Content-Type: application/octet-stream`, and every call with
-    `Accept: */*` and `Accept-Encoding: gzip, deflate`."""
-    return aiohttp.ClientSession(
+    `Accept: */*` and `Accept-Encoding: gzip, deflate`.
+
+    aiohttp's own second try is turned off: it sent a GET, PUT or DELETE again, in the same attempt,
+    when the function closed the connection without an answer, so a function got twice the calls
+    `max_attempts` allows and two where `X-No-Retry` says one (found by an outside audit). Retrying
+    is the worker's, counted and paced. aiohttp has only this private switch for it (its own test
+    client turns it off the same way; aio-libs/aiohttp#10790); a release without it fails here."""
+    session = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=max_connections, limit_per_host=0, ttl_dns_cache=60),
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s),
         skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
     )
+    if not hasattr(session, "_retry_connection"):
+        raise RuntimeError(f"aiohttp {aiohttp.__version__} has no switch for its own retries; jetspool needs 3.11+")
+    session._retry_connection = False  # noqa: SLF001 - see above
+    return session
 
 
 async def invoke(
