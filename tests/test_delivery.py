@@ -115,6 +115,24 @@ async def test_a_retry_starts_when_its_backoff_ends_not_at_the_next_poll(
     assert 0.5 <= gap <= 0.5 + _POLL_SLACK_S, f"waited {gap:.3f} s for a 0.5 s backoff"
 
 
+async def test_a_retry_after_of_0_retries_at_once_not_at_the_next_poll(nats_server: EmbeddedNats) -> None:
+    """`Retry-After: 0` handed the request back without a delay, and the worker pulled again only
+    at its next poll (1 s by default, here 30 s), while its log said "retrying in 0.0 s" (found by
+    an outside audit)."""
+    stack = await start_stack(nats_server, overrides={"worker": {"poll_interval": 30.0}})
+    try:
+        await stack.register("echo")
+        stack.functions.script("/echo", [Reply(503, headers=(("Retry-After", "0"),)), Reply(200, b"ok")])
+        request_id = await stack.submit("echo", content=b"x")
+        final = await stack.wait_for_status("echo", request_id, timeout_s=60)
+    finally:
+        await stack.close()
+
+    assert (final["status"], final["attempts"]) == ("COMPLETED", 2)
+    [gap] = _gaps(stack, "/echo")
+    assert gap <= _POLL_SLACK_S, f"waited {gap:.3f} s for Retry-After: 0"
+
+
 def _handling_failures(caplog: pytest.LogCaptureFixture) -> list[float]:
     """The delays the worker gave, in order, for each message whose handling raised."""
     return [float(r.args[1]) for r in caplog.records if r.msg.startswith("handling %s failed; it is tried again")]  # type: ignore[index, arg-type]

@@ -10,7 +10,7 @@ import pytest
 
 from jetspool.domain.errors import RetryableDelivery
 from jetspool.settings import RetrySettings
-from jetspool.worker.policy import backoff_s, check_response, parse_retry_after
+from jetspool.worker.policy import SOONEST_S, backoff_s, check_response, parse_retry_after
 
 NOW = datetime(2024, 1, 2, 3, 4, 5, tzinfo=UTC)
 
@@ -147,9 +147,13 @@ def test_backoff_with_the_same_seed_is_reproducible() -> None:
     assert first == second
 
 
-@pytest.mark.parametrize("retry_after", [0.0, 3.0, 60.0, 120.0, 599.0, 600.0])
+@pytest.mark.parametrize("retry_after", [3.0, 60.0, 120.0, 599.0, 600.0])
 def test_retry_after_sets_the_wait_even_above_the_backoff_cap(retry_after: float) -> None:
     assert backoff_s(1, RetrySettings(), retry_after, _rng(1)) == retry_after
+
+
+def test_a_retry_after_of_0_is_the_soonest_hand_back_not_a_plain_nak() -> None:
+    assert backoff_s(1, RetrySettings(), 0.0, _rng(1)) == SOONEST_S > 0
 
 
 def test_retry_after_is_not_jittered() -> None:

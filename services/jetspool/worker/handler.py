@@ -32,7 +32,7 @@ from jetspool.domain.status import ErrorType, StatusRecord, start_deadline_misse
 from jetspool.jetstream.stats import count, count_outcome
 from jetspool.jetstream.status_store import StaleStatus, StatusStore, Versioned
 from jetspool.worker.invoke import FunctionAnswer, function_url, invoke
-from jetspool.worker.policy import backoff_s
+from jetspool.worker.policy import SOONEST_S, backoff_s
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -94,7 +94,7 @@ _HAND_BACK_WRITE_S = 2.0
 """At most this long for a stopping worker's status write of a call it hands back."""
 ACK = Settle("ack")
 TERM = Settle("term")
-HAND_BACK = Settle("nak", 0.001)
+HAND_BACK = Settle("nak", SOONEST_S)
 """A message given back unhandled (the worker is stopping), for another worker at once. nats-server
 keeps a plain nak's "redeliver now" in memory only, so after a restart of the whole stack the
 message waited out the ack wait (30 s); a nak with a delay is written to the consumer's state."""

@@ -41,9 +41,15 @@ def parse_retry_after(value: str | None, now: datetime) -> float | None:
     return max(0.0, (when - now).total_seconds())
 
 
+SOONEST_S: Final = 0.001
+"""The shortest delay a message is handed back with. A nak with no delay is nats-server's "redeliver
+now", kept in its memory only (lost with a restart, and then the ack wait passes first), and the
+worker scheduled no pull for it: `Retry-After: 0` waited for the next poll (found by an audit)."""
+
+
 def backoff_s(attempt: int, settings: RetrySettings, retry_after_s: float | None, rng: random.Random) -> float:
     """Delay before attempt `attempt + 1`: the function's Retry-After (capped), else jittered exponential."""
     if retry_after_s is not None:
-        return min(retry_after_s, settings.max_retry_after)
+        return max(SOONEST_S, min(retry_after_s, settings.max_retry_after))
     base = min(settings.initial_backoff * settings.multiplier ** max(0, attempt - 1), settings.max_backoff)
     return base * rng.uniform(1 - settings.jitter, 1 + settings.jitter)
