@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from typing import TYPE_CHECKING
@@ -44,14 +45,34 @@ async def test_max_queue_length_refuses_with_429_and_queues_nothing(stack: Stack
     alias = await stack.client.post("/async-function/busy", params={"fal_max_queue_length": "2"})
     bad = await stack.client.post("/queue/busy", params={"max_queue_length": "two"})
     empty = await stack.client.post("/queue/busy", params={"max_queue_length": ""})  # was taken as no limit
+    # the alias was not read when both were given (found by an outside audit)
+    disagree = await stack.client.post("/queue/busy", params={"max_queue_length": "5", "fal_max_queue_length": "1"})
+    agree = await stack.client.post("/queue/busy", params={"max_queue_length": "2", "fal_max_queue_length": "2"})
 
     assert refused.status_code == 429
     assert refused.json()["detail"]
     assert alias.status_code == 429
     assert (bad.status_code, empty.status_code) == (422, 422)
+    assert (disagree.status_code, agree.status_code) == (422, 429)
+    assert "disagree" in disagree.json()["detail"]
     stats = (await stack.client.get("/system/functions/busy")).json()["stats"]
     assert stats["waiting"]["normal"] == 2
     stack.functions.release("/busy", 3)
+
+
+async def test_max_queue_length_holds_under_concurrent_submits(stack: Stack) -> None:
+    """Each submit counted what waited at once, and all 30 of a burst saw fewer than 5: 7 to 11
+    were queued where 5 were allowed (found by an outside audit)."""
+    await stack.occupy()
+
+    answers = await asyncio.gather(
+        *(stack.client.post("/queue/busy", json={}, params={"max_queue_length": "5"}) for _ in range(30))
+    )
+
+    assert sorted(answer.status_code for answer in answers) == [200] * 5 + [429] * 25
+    stats = (await stack.client.get("/system/functions/busy")).json()["stats"]
+    assert stats["waiting"]["normal"] == 5
+    stack.functions.release("/busy", 6)
 
 
 async def test_purge_cancels_every_waiting_request_and_spares_the_running_one(stack: Stack) -> None:

@@ -10,9 +10,11 @@ message's stream sequence.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import uuid
+from collections import defaultdict
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Final, TypeVar
@@ -183,7 +185,7 @@ async def read_submission(
         webhook_url=_one_url(("fal_webhook", query.get("fal_webhook")), ("webhook", query.get("webhook"))),
         priority=_priority(sent),
         no_retry=_aliased(sent, NO_RETRY_HEADERS, _flag) or False,
-        max_queue_length=_max_queue_length(query.get("max_queue_length", query.get("fal_max_queue_length"))),
+        max_queue_length=_aliased(query, ("max_queue_length", "fal_max_queue_length"), _max_queue_length),
         start_timeout_s=_start_timeout(sent),
         idempotency_key=_idempotency_key(sent.get("idempotency-key")),
     )
@@ -236,11 +238,9 @@ def _aliased(sent: dict[str, str], headers: tuple[str, ...], parse: Callable[[st
 _SECONDS: Final = re.compile(r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+")
 
 
-def _max_queue_length(value: str | None) -> int | None:
-    if value is None:
-        return None
+def _max_queue_length(name: str, value: str) -> int:
     if not value.isascii() or not value.isdigit():
-        raise InvalidInput(f"max_queue_length must be a whole number; got {value!r}")
+        raise InvalidInput(f"{name} must be a whole number; got {value!r}")
     return int(value)
 
 
@@ -302,6 +302,8 @@ class Intake:
         self._keys = keys
         self._addresses = addresses
         self._events = events
+        self._bounded: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        """Per function, held by a submit with `max_queue_length` from its count to its write."""
 
     async def submit(self, submission: Submission) -> StatusRecord:
         """Queue the request and record its status (see `_submit`), in the request trace's first span."""
@@ -316,6 +318,16 @@ class Intake:
             return record
 
     async def _submit(self, submission: Submission) -> StatusRecord:
+        """As `_store`. Submits with `max_queue_length` to one function take turns on this gateway,
+        each counting what waits once the one before is stored: counted at once, 30 concurrent
+        submits with `max_queue_length=5` all saw fewer than 5 waiting, and 7 to 11 were queued
+        (found by an outside audit). Across gateways the limit is as exact as the counts they read."""
+        if submission.max_queue_length is None:
+            return await self._store(submission)
+        async with self._bounded[submission.function.name]:
+            return await self._store(submission)
+
+    async def _store(self, submission: Submission) -> StatusRecord:
         """Queue the request; returns its first status once the message is durable in JetStream.
 
         The status record of a request with an id of its own (keyed, or with a large body) is
