@@ -11,6 +11,7 @@ import orjson
 import pytest
 import yaml
 
+from jetspool.domain import names
 from jetspool.embedded import EmbeddedNats
 from jetspool.worker.handler import RequestHandler
 from tests.support.processes import start_part
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
 
     from nats.aio.msg import Msg
 
+    from jetspool.jetstream.connection import Nats
     from tests.support.stack import Stack
 
 _REQUESTS = 120
@@ -89,6 +91,45 @@ async def test_a_purge_racing_the_worker_drops_what_still_waits(stack: Stack) ->
     assert response.json() == {"purged": cancelled}
     assert cancelled >= _REQUESTS // 2
     assert len(stack.functions.on("/race")) == _REQUESTS - cancelled, "no dropped request was called"
+
+
+async def test_no_request_waiting_when_a_purge_begins_starts_while_it_runs(worker_process: Stack, conn: Nats) -> None:
+    """The purge walked the queue one request at a time (2,000 took 18 s), and the workers went on
+    taking requests it had not reached yet: 83 of 2,000 waiting ran (found by an outside audit).
+    The function's consumers are now paused while it runs. Here the worker's held calls end as
+    the purge's first cancellation is heard, and nothing waiting may start before it answers."""
+    stack = worker_process
+    await stack.register("race", concurrency=4)
+    stack.functions.hold("/race")
+    ids = await _submitted(stack, 300)
+    await stack.functions.wait_for("/race", 4)
+    running = {str(seen.header("x-call-id")) for seen in stack.functions.on("/race")}
+
+    freed = asyncio.Event()
+
+    async def on_event(msg: Msg) -> None:
+        if orjson.loads(msg.data)["type"] == "cancelled" and not freed.is_set():
+            freed.set()
+            stack.functions.release("/race", 4)  # the worker is free while the purge goes on
+
+    heard = await conn.nc.subscribe(names.event_subject("race", "cancelled"), cb=on_event)
+    try:
+        response = await stack.client.post("/system/functions/race/purge")
+    finally:
+        await heard.unsubscribe()
+    called_by_then = len(stack.functions.on("/race"))
+    after = (await stack.client.post("/queue/race", json={"n": "after"})).json()["request_id"]
+    stack.functions.release("/race", 10)
+    late = await stack.wait_for_status("race", after)
+
+    assert (response.status_code, response.json()) == (200, {"purged": 296}), response.text
+    assert freed.is_set()
+    assert called_by_then == 4, "only the four running when it began were called"
+    done = await _all_completed(stack, ids)
+    assert sorted(
+        request_id for request_id, status in zip(ids, done, strict=True) if "error_type" not in status
+    ) == sorted(running)
+    assert "error_type" not in late, "the function's queue moves again once the purge is done"
 
 
 async def test_a_cancel_that_comes_as_the_function_asks_for_a_retry_completes_at_once(

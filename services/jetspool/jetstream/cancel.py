@@ -13,24 +13,31 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+from datetime import timedelta
 from enum import Enum
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import msgspec
+from nats.errors import Error as NatsError
 from nats.js.errors import APIError, NotFoundError
 
+from jetspool.aio import stop_task
 from jetspool.domain import names
 from jetspool.domain.errors import DecodeError
 from jetspool.domain.functions import DEFAULT_RESULT_TTL_S
 from jetspool.domain.messages import QueuedRequest, decode
-from jetspool.domain.status import ErrorType, State, start_deadline_missed, utcnow
+from jetspool.domain.status import ErrorType, State, rfc3339, start_deadline_missed, utcnow
 from jetspool.jetstream.ridethrough import ride_through
 from jetspool.jetstream.stats import count_outcome
 from jetspool.jetstream.status_store import StaleStatus
 
 if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
     from jetspool.domain.functions import Function
     from jetspool.domain.status import StatusRecord
     from jetspool.jetstream.callbacks import CallbackQueue
@@ -179,16 +186,60 @@ class Canceller:
                 raise
 
 
-async def purge(conn: Nats, status: StatusStore, canceller: Canceller, function: Function) -> int:
-    """Cancel every waiting request of `function` (running ones go on); returns how many were dropped.
+_PURGE_HOLD_S: Final = 30.0
+"""How long a purge pauses its function's consumers at a time: renewed while it runs, so that a
+gateway dying mid-purge holds the function's queue up for at most this long."""
+_PURGE_AT_ONCE: Final = 32
+"""Cancellations a purge has in flight at once."""
 
-    Walks the function's queue subjects message by message (an administrative operation, linear
-    in the backlog by nature); each waiting request is cancelled as by the cancel route.
+
+async def purge(conn: Nats, status: StatusStore, canceller: Canceller, function: Function) -> int:
+    """Cancel every request of `function` waiting when it begins (running ones go on); returns how
+    many were dropped.
+
+    The function's consumers are paused while it runs, so that no worker starts a request it has
+    not reached yet: it walked the queue one request at a time (2,000 took 18 s), and the workers
+    went on taking what it had not reached, 83 of 2,000 (found by an outside audit). It walks the
+    function's queue subjects message by message, up to the last stored when it began (requests
+    submitted meanwhile wait for it, and run after), and cancels `_PURGE_AT_ONCE` at a time, each
+    as by the cancel route. A request a worker had already pulled when the pause began may still
+    start: it is running, and goes on.
     """
+    last = (await ride_through(partial(conn.js.stream_info, names.QUEUE_STREAM), "queue read")).state.last_seq
     purged = 0
+    in_flight: set[asyncio.Task[bool]] = set()
+
+    async def drop(request_id: str) -> bool:
+        current = await status.get(request_id)
+        if current is None or current.record.status is not State.IN_QUEUE:
+            return False
+        return await canceller.cancel(current, function, only_waiting=True) is CancelOutcome.CANCELLED
+
+    async def settle(tasks: set[asyncio.Task[bool]]) -> None:
+        nonlocal purged
+        purged += sum(task.result() for task in tasks)  # the first failure answers the purge
+
+    async with _paused(conn, function):
+        try:
+            async for request_id in _waiting_ids(conn, function, last):
+                if len(in_flight) >= _PURGE_AT_ONCE:
+                    done, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                    await settle(done)
+                in_flight.add(asyncio.create_task(drop(request_id)))
+            if in_flight:
+                done, in_flight = await asyncio.wait(in_flight)
+                await settle(done)
+        finally:  # none is left half done: a cancellation cut between its writes would lose its callbacks
+            if in_flight:
+                await asyncio.wait(in_flight)
+    return purged
+
+
+async def _waiting_ids(conn: Nats, function: Function, last: int) -> AsyncIterator[str]:
+    """The request ids of `function`'s queue messages up to stream sequence `last`, class by class."""
     for priority in names.PRIORITIES:
         subject, seq = names.queue_subject(function.name, priority), 1
-        while True:
+        while seq <= last:
             try:
                 read = partial(conn.js.get_msg, names.QUEUE_STREAM, seq=seq, subject=subject, next=True)
                 msg = await ride_through(read, "queue read")
@@ -196,12 +247,46 @@ async def purge(conn: Nats, status: StatusStore, canceller: Canceller, function:
                 break
             found = int(msg.seq or seq)
             seq = found + 1
+            if found > last:
+                break
             try:
-                request_id = decode(msg.data or b"", QueuedRequest).identified(found).request_id
+                yield decode(msg.data or b"", QueuedRequest).identified(found).request_id
             except DecodeError:
                 continue
-            current = await status.get(request_id)
-            if current is not None and current.record.status is State.IN_QUEUE:
-                outcome = await canceller.cancel(current, function, only_waiting=True)  # one that started goes on
-                purged += outcome is CancelOutcome.CANCELLED
-    return purged
+
+
+@contextlib.asynccontextmanager
+async def _paused(conn: Nats, function: Function) -> AsyncIterator[None]:
+    """`function`'s queue consumers paused (nats-server 2.11+) for as long as the block runs."""
+    consumers = [names.queue_consumer(function.name, priority) for priority in names.PRIORITIES]
+
+    async def pause() -> None:
+        until = rfc3339(utcnow() + timedelta(seconds=_PURGE_HOLD_S))
+        await asyncio.gather(*(conn.js.pause_consumer(names.QUEUE_STREAM, c, until) for c in consumers))
+
+    async def keep_paused() -> None:
+        while True:
+            await asyncio.sleep(_PURGE_HOLD_S / 3)
+            await pause()
+
+    try:
+        await pause()
+    except (NatsError, TimeoutError) as exc:
+        log.warning(
+            "purging %s without pausing its consumers (%s): workers may start what it has not reached",
+            function.name,
+            exc,
+        )
+        yield
+        return
+    keeper = asyncio.create_task(keep_paused())
+    try:
+        yield
+    finally:
+        await stop_task(keeper)
+        resumed = await asyncio.gather(
+            *(conn.js.resume_consumer(names.QUEUE_STREAM, c) for c in consumers), return_exceptions=True
+        )
+        for consumer, outcome in zip(consumers, resumed, strict=True):
+            if isinstance(outcome, BaseException):
+                log.warning("consumer %s stays paused up to %g s after a purge: %s", consumer, _PURGE_HOLD_S, outcome)
