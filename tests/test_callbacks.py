@@ -244,6 +244,9 @@ async def test_unsigned_callbacks_carry_no_signature(stack: Stack) -> None:
         "http://[::ffff:169.254.169.254]/",
         "http://metadata.test/computeMetadata/v1/",
         "http://[fe80::1]:8080/hook",
+        # a zone hid the metadata address, and no callback can go to a zone (found by an outside audit)
+        "http://[fd00:ec2::254%25lo]/",
+        "http://[::1%25lo]:9/hook",
         "http://0.0.0.0:9000/hook",
         "http://127.0.0.1:70000/hook",
         "ftp://example.com/hook",

@@ -109,6 +109,9 @@ class AddressPolicy:
         if parsed.port is not None and not 0 < parsed.port < _PORTS:
             port = f"has port {parsed.port}: ports run from 1 to {_PORTS - 1}"
             raise RefusedAddress(f"callback URL {shown(url)!r} {port}")
+        if "%" in parsed.host:  # an IPv6 zone: no callback can be sent to one, and it hid a metadata address
+            zone = "names an IPv6 zone (%), which a callback cannot be sent to"
+            raise RefusedAddress(f"callback URL {shown(url)!r} {zone}")
         addresses = await self._addresses(parsed)
         for address in addresses:
             self._check(url, address)
