@@ -12,13 +12,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import httpx
 import orjson
 import pytest
 
 from jetspool.cli import _parser
+from jetspool.embedded import EmbeddedNats
 from tests.support.processes import (
     ACCEPT_SINGLE_REPLICA,
     FAST_STOP,
@@ -31,9 +31,6 @@ from tests.support.processes import (
 )
 from tests.support.servers import eventually_true, free_port, wait_until_ready
 from tests.support.tls import self_signed
-
-if TYPE_CHECKING:
-    from jetspool.embedded import EmbeddedNats
 
 BASH = shutil.which("bash") or "/bin/bash"
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -498,3 +495,66 @@ def test_up_serves_https_when_tls_is_configured(tmp_path: Path) -> None:
     assert announced.strip() == f"jetspool is up: https://127.0.0.1:{port}"
     assert healthy.status_code == 200
     assert code == 0
+
+
+@pytest.mark.timeout(120)
+def test_up_guards_its_nats_with_the_configured_password_and_shows_it_nowhere(tmp_path: Path) -> None:
+    """The embedded server took anyone on the machine, whatever `nats.user` and `nats.password`
+    said; a password in `nats.url` was on every part's command line and on the screen; and a
+    `queue.py` in the working directory was imported by the parts (found by an outside audit)."""
+    config = tmp_path / "guarded.yaml"
+    config.write_text("nats:\n  user: jets\n  password: s3cret-pw\n", encoding="utf-8")
+    (tmp_path / "queue.py").write_text("raise SystemExit('the working directory was imported')\n", encoding="utf-8")
+    up = Up(tmp_path / "data", free_port(), "--config", str(config))
+    try:
+        nats_url = up.proc.wait_for_line("  nats:").split()[1]
+        command_lines = [Path(f"/proc/{pid}/cmdline").read_bytes() for pid in descendants(up.proc.process.pid)]
+        anonymous = _answer_to_connect(nats_url, {})
+        with_password = _answer_to_connect(nats_url, {"user": "jets", "pass": "s3cret-pw"})
+        with httpx.Client(base_url=up.url, timeout=30) as client:
+            request_id = client.post("/async-function/echo", content=b"hi").headers["x-call-id"]
+            completed = _wait_completed(client, "echo", request_id)
+        server_config = (tmp_path / "data" / "nats-server.conf").stat().st_mode & 0o777
+    finally:
+        up.proc.kill_tree()
+
+    assert "authorization violation" in anonymous.lower()
+    assert with_password == "PONG"
+    assert "error_type" not in completed
+    assert "s3cret-pw" not in up.proc.output
+    assert all(b"s3cret-pw" not in line for line in command_lines)
+    assert server_config == 0o600
+
+
+def _answer_to_connect(url: str, connect: dict[str, object]) -> str:
+    """What a NATS server at `url` answers a CONNECT with `connect` and a PING: PONG, or its -ERR."""
+    host, port = url.removeprefix("nats://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as sock, sock.makefile("rwb") as wire:
+        assert wire.readline().startswith(b"INFO ")
+        wire.write(b"CONNECT " + orjson.dumps({"verbose": False, **connect}) + b"\r\nPING\r\n")
+        wire.flush()
+        return wire.readline().decode().strip()
+
+
+@pytest.mark.timeout(120)
+def test_a_password_in_the_nats_url_stays_off_the_command_lines_and_the_screen(tmp_path: Path) -> None:
+    server = EmbeddedNats(tmp_path / "nats", extra_config='authorization {\n  user: jets\n  password: "s3cret-pw"\n}\n')
+    server.start()
+    guarded_url = server.url.replace("nats://", "nats://jets:s3cret-pw@")
+    port = free_port()
+    args = ["up", "--nats-url", guarded_url, "--port", str(port), "--data-dir", str(tmp_path / "data")]
+    proc = JetspoolProcess(args, env={**FAST_STOP, ACCEPT_SINGLE_REPLICA: "true"})
+    try:
+        shown = proc.wait_for_line("  nats:")
+        command_lines = [Path(f"/proc/{pid}/cmdline").read_bytes() for pid in descendants(proc.process.pid)]
+        ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=10)
+        code = proc.terminate(30)
+    finally:
+        proc.kill_tree()
+        server.stop()
+
+    assert shown.split()[1] == server.url.replace("nats://", "nats://***@")
+    assert ready.status_code == 200
+    assert code == 0
+    assert len(command_lines) >= 2, "a gateway and a worker"
+    assert all(b"s3cret-pw" not in line for line in command_lines)

@@ -113,6 +113,9 @@ class EmbeddedNats:
         for stale in run_dir.glob("*.ports"):
             stale.unlink()
         config = self.data_dir / "nats-server.conf"
+        # Readable by its owner alone: it may hold the server's password (`extra_config`).
+        config.touch(mode=0o600)
+        config.chmod(0o600)
         config.write_text(self.config(), encoding="utf-8")
         log_file = self.log_path.open("ab")
         self._process = subprocess.Popen(  # noqa: S603 - our own binary and arguments

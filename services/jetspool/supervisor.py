@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -25,6 +26,7 @@ import msgspec
 
 from jetspool.aio import stop_task
 from jetspool.domain.errors import ConfigError
+from jetspool.domain.functions import masked
 from jetspool.embedded import EmbeddedNats, die_with_parent
 from jetspool.jetstream.connection import check_key_files
 from jetspool.jetstream.startup import check_durability, open_jetstream
@@ -34,7 +36,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from jetspool.domain.functions import Function
-    from jetspool.settings import Settings
+    from jetspool.settings import NatsSettings, Settings
 
 _READY_TIMEOUT_S = 60.0
 _POLL_S = 0.2
@@ -53,6 +55,7 @@ class UpOptions:
 
 _ACCEPT_SINGLE_REPLICA = "JETSPOOL_NATS__ACCEPT_SINGLE_REPLICA"
 _PUBLIC_URL = "JETSPOOL_GATEWAY__PUBLIC_URL"
+_NATS_URL = "JETSPOOL_NATS__URL"
 _NATS_SERVER = "nats-server"
 """The embedded server's name in `up`'s messages, beside the children's ("gateway", "worker 1", ...)."""
 
@@ -112,7 +115,9 @@ class Supervisor:
         servers = self._settings.nats.servers
         if servers:
             return ",".join(servers)
-        self._nats = EmbeddedNats(self._options.data_dir, self._settings.nats.sync_interval)
+        self._nats = EmbeddedNats(
+            self._options.data_dir, self._settings.nats.sync_interval, extra_config=_authorization(self._settings.nats)
+        )
         # The server is ours, with the configured fsync policy: a single replica is what it has.
         self._settings = msgspec.structs.replace(
             self._settings, nats=msgspec.structs.replace(self._settings.nats, accept_single_replica=True)
@@ -121,7 +126,10 @@ class Supervisor:
         return self._nats.start()
 
     def _start_children(self, nats_url: str) -> None:
-        common = ["--nats-url", nats_url, "--log-level", self._options.log_level]
+        # In the environment, not on the command line: a password in the URL was there for every
+        # local user to read in `ps` (found by an outside audit).
+        self._child_env[_NATS_URL] = nats_url
+        common = ["--log-level", self._options.log_level]
         common += ["--log-format", self._options.log_format]
         if self._options.config:
             common += ["--config", self._options.config]
@@ -145,7 +153,9 @@ class Supervisor:
 
     def _spawn(self, name: str, args: list[str]) -> None:
         process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
-            [sys.executable, "-m", "jetspool", *args],
+            # -P: no module of the working directory shadows one of the parts' (a `queue.py` there
+            # broke the start-up, and would run as the gateway; found by an outside audit).
+            [sys.executable, "-P", "-m", "jetspool", *args],
             preexec_fn=die_with_parent,  # noqa: PLW1509 - only sets the death signal
             start_new_session=True,  # Ctrl-C reaches the supervisor alone; it stops NATS last
             env={**os.environ, **self._child_env},
@@ -199,7 +209,8 @@ class Supervisor:
     def _announce(self, base_url: str, nats_url: str) -> None:
         lines = [f"jetspool is up: {base_url}"]
         where = f"embedded, data in {self._options.data_dir.resolve()}" if self._nats else "external"
-        lines.append(f"  nats:    {nats_url} ({where})")
+        shown_url = ",".join(masked(url) for url in nats_url.split(","))  # no password on the screen
+        lines.append(f"  nats:    {shown_url} ({where})")
         lines.append(f"  workers: {self._options.workers}")
         if self._options.demo:
             lines.append("  demo functions: echo, sleep, flaky")
@@ -256,6 +267,20 @@ class Supervisor:
                 process.kill()
                 process.wait()
         self._children.clear()
+
+
+def _authorization(nats: NatsSettings) -> str:
+    """The embedded server's `authorization` block: the user and password, or the token, that the
+    parts are configured to connect with. It took anyone on the machine without them, and they
+    could read the registry (the functions' own headers) past the admin key (found by an outside
+    audit). Without any, the server is open to local connections, as the README says."""
+    if nats.user is not None and nats.password is not None:
+        fields = f"user: {json.dumps(nats.user)}\n  password: {json.dumps(nats.password)}"
+    elif nats.token is not None:
+        fields = f"token: {json.dumps(nats.token)}"
+    else:
+        return ""
+    return f"authorization {{\n  {fields}\n}}\n"
 
 
 async def _register(settings: Settings, nats_url: str, functions: list[Function]) -> None:
