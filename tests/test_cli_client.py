@@ -4,6 +4,7 @@ for scripts (--json), every documented exit code, and the live status line on a 
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import pty
 import signal
@@ -53,8 +54,36 @@ async def test_submit_reads_the_body_from_standard_input_with_data_at_dash(stack
     out, err = await asyncio.wait_for(process.communicate(b"from stdin \x00\xff"), 60)
 
     assert process.returncode == 0, err.decode()
-    assert out == b"from stdin \x00\xff\n", "the answer as it came, then a newline"
+    assert out == b"from stdin \x00\xff", "the answer as it came, byte for byte (no terminal: no line break added)"
     assert [seen.body for seen in stack.functions.on("/echo")] == [b"from stdin \x00\xff"]
+
+
+async def test_result_writes_a_binary_answer_byte_for_byte_and_json_keeps_it(stack: Stack) -> None:
+    """`jetspool result f ID > out.png` added a line break to the file, and `--json` gave the bytes
+    as text with replacement characters, past recovery, without the content type (found by an
+    outside audit)."""
+    await stack.register("echo")
+    body = bytes(range(256)) * 4  # not UTF-8, no line break at the end
+    request_id = (await stack.client.post("/queue/echo", content=body, headers={"Content-Type": "image/png"})).json()[
+        "request_id"
+    ]
+    await stack.wait_for_status("echo", request_id)
+    env = {**os.environ, "JETSPOOL_URL": stack.url, "JETSPOOL_CONFIG": ""}
+
+    async def result(*flags: str) -> bytes:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "jetspool", "result", "echo", request_id, *flags,
+            env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(process.communicate(), 60)
+        assert process.returncode == 0, err.decode()
+        return out
+
+    raw, as_json = await result(), orjson.loads(await result("--json"))
+
+    assert raw == body
+    assert base64.b64decode(as_json.pop("result_base64")) == body
+    assert as_json == {"request_id": request_id, "status_code": 200, "content_type": "image/png", "result": None}
 
 
 async def test_submit_status_result_and_cancel(stack: Stack) -> None:
@@ -71,14 +100,15 @@ async def test_submit_status_result_and_cancel(stack: Stack) -> None:
     result_json = await _jetspool(stack, "result", "echo", request_id, "--json")
     cancel_done = await _jetspool(stack, "cancel", "echo", request_id)
 
-    assert (waited.code, waited.out) == (0, '{"n": 1}\n')
+    assert (waited.code, waited.out) == (0, '{"n": 1}')
     assert "COMPLETED" in waited.err, "progress goes to stderr"
     assert queued.code == 0
     assert (status.code, status.out.strip()) == (0, f"{request_id} COMPLETED (attempts 1)")
     assert orjson.loads(status_json.out)["logs"] is not None
     assert orjson.loads(watched.out.splitlines()[-1])["status"] == "COMPLETED"
-    assert (result.code, result.out) == (0, "[1]\n")
-    assert orjson.loads(result_json.out) == {"request_id": request_id, "status_code": 200, "result": [1]}
+    assert (result.code, result.out) == (0, "[1]")
+    shown = {"request_id": request_id, "status_code": 200, "content_type": "application/json", "result": [1]}
+    assert orjson.loads(result_json.out) == shown
     assert (cancel_done.code, cancel_done.out.strip()) == (1, "ALREADY_COMPLETED")
 
 
@@ -112,15 +142,16 @@ async def test_exit_codes_scripts_can_rely_on(stack: Stack) -> None:
     assert orjson.loads(failed.out)["error_type"] == "function_error"
     assert (failed_status.code, failed_watched.code) == (1, 1), "status shows it completed with an error"
     assert "function_error" in failed_status.out
-    assert (failed_result.code, failed_result.out) == (1, "boom\n"), "the function's answer is shown"
+    assert (failed_result.code, failed_result.out) == (1, "boom"), "the function's answer is shown"
     assert "failed (function_error): the function answered 500" in failed_result.err
-    assert (refused.code, refused.out) == (1, '{"error": "bad prompt"}\n')
+    assert (refused.code, refused.out) == (1, '{"error": "bad prompt"}')
     assert "failed (function_error): the function answered 422" in refused.err
     assert orjson.loads(refused_json.out) == {
         "request_id": refused_id,
         "error_type": "function_error",
         "detail": "the function answered 422",
         "status_code": 422,
+        "content_type": "application/json",
         "result": {"error": "bad prompt"},
     }
     assert unknown.code == 3

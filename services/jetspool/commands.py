@@ -18,6 +18,7 @@ names the URL and the HTTP status.
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import math
 import os
@@ -390,12 +391,19 @@ class Progress:
             self._stream.flush()
 
 
-def _shown_body(result: Result) -> Any:
-    """A result's body for --json: its JSON value, else its text."""
+def _shown_body(result: Result) -> dict[str, Any]:
+    """A result for --json: its status code, content type and body, as its JSON value, else its
+    text, else (bytes that are not UTF-8) `result_base64`. A binary result came out as text with
+    its bytes replaced, past recovery, and without its content type (found by an outside audit)."""
+    shown: dict[str, Any] = {"status_code": result.status_code, "content_type": result.content_type}
     try:
-        return result.json()
-    except ValueError:
-        return result.text
+        return shown | {"result": orjson.loads(result.body)}
+    except orjson.JSONDecodeError:
+        pass
+    try:
+        return shown | {"result": result.body.decode("utf-8")}
+    except UnicodeDecodeError:
+        return shown | {"result": None, "result_base64": base64.b64encode(result.body).decode("ascii")}
 
 
 class Output:
@@ -407,14 +415,16 @@ class Output:
 
     def result(self, request_id: str, result: Result) -> None:
         if self._json:
-            self.value({"request_id": request_id, "status_code": result.status_code, "result": _shown_body(result)}, "")
+            self.value({"request_id": request_id} | _shown_body(result), "")
             return
         self._write_body(result.body)
 
     @staticmethod
     def _write_body(body: bytes) -> None:
+        """The body byte for byte; on a terminal, a line break after it if it has none. Added
+        everywhere, it changed a binary result written to a file (found by an outside audit)."""
         sys.stdout.buffer.write(body)
-        if not body.endswith(b"\n"):
+        if sys.stdout.isatty() and not body.endswith(b"\n"):
             sys.stdout.buffer.write(b"\n")
         sys.stdout.flush()
 
@@ -424,7 +434,7 @@ class Output:
         data: dict[str, Any] = {"request_id": exc.request_id, "error_type": exc.error_type, "detail": exc.detail}
         if self._json:
             if exc.result is not None:
-                data |= {"status_code": exc.result.status_code, "result": _shown_body(exc.result)}
+                data |= _shown_body(exc.result)
             self.value(data, "")
             return
         sys.stderr.write(f"jetspool: request {exc.request_id} failed ({exc.error_type}): {exc.detail}\n")
