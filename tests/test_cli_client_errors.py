@@ -164,6 +164,9 @@ _REQUEST = f"/queue/fn/requests/{REQUEST_ID}"
         (["status", "fn", REQUEST_ID, "--watch"], f"{_REQUEST}/status/stream", Reply(200, b'data: {"a": 1}\n\n', _SSE),
          EXIT_USAGE),
         (["result", "fn", REQUEST_ID], _REQUEST, Reply(500, b"oops", "text/plain"), EXIT_USAGE),
+        # another server's page was printed as the result, exit 0 (found by an outside audit)
+        (["result", "fn", REQUEST_ID], _REQUEST, Reply(200, b"<html>oops</html>", "text/html"), EXIT_USAGE),
+        (["result", "fn", REQUEST_ID], _REQUEST, Reply(404, b'{"detail": "Not Found"}'), EXIT_USAGE),
         (["cancel", "fn", REQUEST_ID], f"{_REQUEST}/cancel", Reply(400, b"bad", "text/plain"), EXIT_USAGE),
         (["cancel", "fn", REQUEST_ID], f"{_REQUEST}/cancel", Reply(200, b"sure", "text/plain"), EXIT_USAGE),
         (["functions", "list"], "/system/functions", Reply(200, b'{"functions": []}'), EXIT_USAGE),

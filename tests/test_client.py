@@ -214,7 +214,11 @@ async def test_a_result_wait_rides_through_a_gateway_going_away() -> None:
     busy = b'{"detail": "this gateway holds 3 status streams and waits already; try later"}'
     gateway = RecordingApp()
     gateway.script("/queue/echo", [Reply(200, orjson.dumps({"request_id": request_id}))])
-    gateway.script(path, [Reply(503, busy), Reply(502, b"<html>bad gateway</html>", "text/html"), Reply(200, b"[7]")])
+    named = (("X-Request-Id", request_id),)  # as a gateway's every answer about a request
+    gateway.script(
+        path,
+        [Reply(503, busy), Reply(502, b"<html>bad gateway</html>", "text/html"), Reply(200, b"[7]", headers=named)],
+    )
     server = AsgiServer(gateway)
     await server.start()
     try:
@@ -223,7 +227,7 @@ async def test_a_result_wait_rides_through_a_gateway_going_away() -> None:
             gateway.script(path, [Reply(503, busy)] * 3)
             with pytest.raises(Unreachable, match=f"request {request_id} is queued and goes on") as gave_up:
                 await client.handle("echo", request_id).result(timeout=0.5)
-        gateway.script(path, [Reply(503, busy), Reply(200, b"[8]")])
+        gateway.script(path, [Reply(503, busy), Reply(200, b"[8]", headers=named)])
         with Client(server.url) as sync_client:
             ran_sync = await asyncio.to_thread(sync_client.handle("echo", request_id).result)
     finally:

@@ -503,7 +503,13 @@ def _clipped(text: str) -> str:
 
 
 def _result(response: httpx.Response, request_id: str) -> Result | None:
-    """The result of a completed request; None while it is not completed; RequestFailed for failures."""
+    """The result of a completed request; None while it is not completed; RequestFailed for failures.
+
+    A gateway's every answer about a request names it in `X-Request-Id` (SPEC §2): one without,
+    short of a 5xx (a proxy's, while the gateway is away), is BadAnswer. Another server's page was
+    taken for the result, and `jetspool result` printed it and exited 0 (found by an outside audit)."""
+    if response.status_code < 500 and names.H_REQUEST_ID not in response.headers:  # noqa: PLR2004
+        raise _bad_answer(response, "an answer without X-Request-Id")
     error_type = response.headers.get(names.H_ERROR_TYPE)
     code = response.headers.get(names.H_FUNCTION_STATUS)  # the function's 409, which the route answers as 400
     status = int(code) if code is not None and code.isascii() and code.isdigit() else response.status_code
