@@ -3,6 +3,8 @@ a larger one in the results bucket. Either way the result route and callbacks gi
 
 from __future__ import annotations
 
+import asyncio
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 import nats
@@ -64,3 +66,23 @@ async def test_the_result_is_not_part_of_the_status_object(stack: Stack) -> None
 
     assert b"secret" not in orjson.dumps(done)
     assert "result" not in done
+
+
+@pytest.mark.parametrize("size", [10, RECORD_INLINE_BYTES + 1], ids=["in-record", "results-bucket"])
+async def test_status_and_result_are_kept_for_all_of_result_ttl(stack: Stack, size: int) -> None:
+    """The records' time to live was rounded down to whole seconds: they went up to a second
+    before `result_ttl` had passed (found by an outside audit, at 19.4-19.9 s of 20)."""
+    await stack.register("echo", result_ttl=2)
+    request_id = await stack.submit("echo", content=b"x" * size)
+    completed_at = datetime.fromisoformat((await stack.wait_for_status("echo", request_id))["completed_at"])
+
+    while True:
+        status = await stack.client.get(f"/queue/echo/requests/{request_id}/status")
+        result = await stack.client.get(f"/queue/echo/requests/{request_id}")
+        kept_s = (datetime.now(UTC) - completed_at).total_seconds()
+        if status.status_code == 404 or result.status_code == 404:
+            break
+        assert kept_s < 30, "they go in the end"
+        await asyncio.sleep(0.05)
+
+    assert kept_s >= 2.0, f"gone {kept_s:.2f} s after completion, for a result_ttl of 2 s"

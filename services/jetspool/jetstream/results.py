@@ -15,6 +15,7 @@ from nats.js.errors import KeyNotFoundError, NotFoundError
 
 from jetspool.domain import names
 from jetspool.domain.messages import StoredResult, decode, encode
+from jetspool.domain.status import ttl_seconds
 from jetspool.jetstream.ridethrough import ride_through
 
 if TYPE_CHECKING:
@@ -57,7 +58,7 @@ class ResultStore:
             result = StoredResult(status_code=result.status_code, content_type=result.content_type, body_ref=ref)
         subject, payload = f"{self._prefix}{names.result_key(request_id, attempt)}", encode(result)
         # Putting the same result again changes nothing a reader sees.
-        await ride_through(partial(self._js.publish, subject, payload, msg_ttl=max(1, int(ttl_s))), "result write")
+        await ride_through(partial(self._js.publish, subject, payload, msg_ttl=ttl_seconds(ttl_s)), "result write")
 
     async def of(self, record: StatusRecord) -> StoredResult | None:
         """The final response of the completed `record`: in it, or stored under its last attempt."""

@@ -21,7 +21,7 @@ from nats.js.object_store import OBJ_META_PRE_TEMPLATE
 
 from jetspool.domain import names
 from jetspool.domain.messages import QueuedRequest, SweepJob, decode, encode
-from jetspool.domain.status import utcnow
+from jetspool.domain.status import ttl_seconds, utcnow
 from jetspool.jetstream.ridethrough import ride_through
 
 if TYPE_CHECKING:
@@ -44,7 +44,7 @@ class Retention:
 
     async def keep_envelope(self, request: QueuedRequest, ttl_s: float) -> None:
         """Keep the queued form of `request` for the retry route, for `ttl_s` seconds."""
-        await self._js.publish(f"{self._prefix}{request.request_id}", encode(request), msg_ttl=max(1, int(ttl_s)))
+        await self._js.publish(f"{self._prefix}{request.request_id}", encode(request), msg_ttl=ttl_seconds(ttl_s))
 
     async def sweep_body_later(self, request: QueuedRequest, ttl_s: float) -> None:
         """Delete the out-of-line body of `request`, which has ended, in `ttl_s` seconds, unless retried."""

@@ -23,7 +23,7 @@ from nats.js.errors import APIError, KeyNotFoundError, NotFoundError
 from jetspool.domain import ids, names
 from jetspool.domain.errors import DecodeError, JetspoolError
 from jetspool.domain.messages import QueuedRequest, decode
-from jetspool.domain.status import StatusRecord, decode_status, utcnow
+from jetspool.domain.status import StatusRecord, decode_status, ttl_seconds, utcnow
 from jetspool.jetstream.ridethrough import ride_through
 
 if TYPE_CHECKING:
@@ -111,7 +111,7 @@ class StatusStore:
         subject, payload = f"{self._prefix}{record.request_id}", record.encode()
         headers = {names.NATS_EXPECTED_LAST_SUBJECT_SEQ: str(last)}
         ttl_s = None if record.expires_at is None else (record.expires_at - utcnow()).total_seconds()
-        msg_ttl = None if ttl_s is None else max(1, int(ttl_s))
+        msg_ttl = None if ttl_s is None else ttl_seconds(ttl_s)
         tries = 0
 
         async def publish() -> int:
