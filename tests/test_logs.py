@@ -60,6 +60,26 @@ async def test_a_running_function_appends_lines_in_every_accepted_form(stack: St
     stack.functions.release("/busy")
 
 
+async def test_plain_lines_are_read_in_their_declared_charset(stack: Stack) -> None:
+    """A declared charset was ignored: Latin-1 text came out with its accented letters replaced
+    (found by an outside audit). A charset Python does not know is refused."""
+    request_id, logs_url = await _running(stack)
+
+    latin = await stack.client.post(
+        logs_url, content=b"caf\xe9\n", headers={"Content-Type": "text/plain; charset=latin-1"}
+    )
+    quoted = await stack.client.post(
+        logs_url, content="naïve\n".encode("utf-16"), headers={"Content-Type": 'text/plain; charset="utf-16"'}
+    )
+    unknown = await stack.client.post(logs_url, content=b"x\n", headers={"Content-Type": "text/plain; charset=klingon"})
+
+    assert [r.status_code for r in (latin, quoted, unknown)] == [202, 202, 422]
+    assert "klingon" in unknown.json()["detail"]
+    posted = [line["message"] for line in await _logs(stack, request_id) if line["source"] == "function"]
+    assert posted == ["café", "naïve"]
+    stack.functions.release("/busy")
+
+
 async def test_the_worker_logs_retries_and_the_outcome(stack: Stack) -> None:
     await stack.register("echo")
     stack.functions.script("/echo", [Reply(503)])

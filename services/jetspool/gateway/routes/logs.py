@@ -6,6 +6,7 @@ Open without an API key: the per-request token is the credential. The body is a 
 
 from __future__ import annotations
 
+import codecs
 import hmac
 from typing import Any, Final
 
@@ -55,8 +56,10 @@ async def append_logs(
 
 def _lines(body: bytes, content_type: str) -> list[LogLine]:
     now = utcnow()
-    if content_type.split(";", maxsplit=1)[0].strip().lower() == _PLAIN:
-        posted = [_Posted(message=text) for text in body.decode(errors="replace").splitlines() if text.strip()]
+    media_type, _, parameters = content_type.partition(";")
+    if media_type.strip().lower() == _PLAIN:
+        text = body.decode(_charset(parameters), errors="replace")
+        posted = [_Posted(message=line) for line in text.splitlines() if line.strip()]
     else:
         try:
             raw = msgspec.json.decode(body)
@@ -72,3 +75,18 @@ def _lines(body: bytes, content_type: str) -> list[LogLine]:
         LogLine(message=p.message[:MAX_MESSAGE_CHARS], level=p.level, source=p.source[:64], timestamp=now)
         for p in posted
     ]
+
+
+def _charset(parameters: str) -> str:
+    """The codec `charset=` names among a content type's parameters (UTF-8 if none); 422 for one
+    Python does not know. A declared charset was ignored: Latin-1 text came out with its accented
+    letters replaced (found by an outside audit)."""
+    for parameter in parameters.split(";"):
+        key, _, value = parameter.partition("=")
+        if key.strip().lower() == "charset":
+            charset = value.strip().strip('"')
+            try:
+                return codecs.lookup(charset).name
+            except LookupError:
+                raise InvalidInput(f"unknown charset {charset!r} in the content type") from None
+    return "utf-8"
