@@ -3,6 +3,7 @@ server that refuses the credentials stops start-up at once with a clear message 
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from typing import TYPE_CHECKING
@@ -277,3 +278,21 @@ async def test_a_connection_closed_while_nats_is_away_closes_cleanly(nats_server
     await conn.close()
 
     assert conn.nc.is_closed
+
+
+async def test_disconnected_is_logged_for_an_outage_not_for_our_own_close(
+    nats_server: EmbeddedNats, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every start-up logged "nats: disconnected" when it closed a connection of its own (found by
+    an outside audit)."""
+    caplog.set_level(logging.INFO, logger="jetspool.jetstream.connection")
+    closed = await connect(NatsSettings(url=nats_server.url), "test")
+    await closed.close()
+    after_close = [r.getMessage() for r in caplog.records]
+    away = await connect(NatsSettings(url=nats_server.url), "test")
+    nats_server.stop()
+    await eventually(lambda: away.nc.is_reconnecting, timeout_s=10)
+    await away.close()
+
+    assert "nats: disconnected" not in after_close
+    assert "nats: disconnected" in [r.getMessage() for r in caplog.records]
