@@ -10,7 +10,7 @@ if TYPE_CHECKING:
 
 _AT = re.compile(r"^(?P<what>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)
 _UNKNOWN = re.compile(r"Object contains unknown field `(?P<key>[^`]+)`")
-_NAMED = re.compile(r"(?P<key>[a-z][a-z0-9_]*(?:\.[^\s:]+)?): (?P<rest>.*)", re.DOTALL)
+_NAMED = re.compile(r"(?P<key>[a-z][a-z0-9_]*(?:\[\d+\])?(?:\.[^\s:]+)?): (?P<rest>.*)", re.DOTALL)
 """A message of a section's own check that starts with the key it is about (`sync_interval: ...`):
 said as `nats: sync_interval ...`, the key was not in the dotted form of every other message
 (found by an audit)."""

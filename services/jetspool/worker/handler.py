@@ -131,8 +131,12 @@ class Lease:
 def _attempts_made(attempts: int, base: int) -> str:
     """How many attempts a run that gives up made: `max_attempts` counts per run (see the retry route)."""
     if base == 0:
-        return f"{attempts} attempts"
-    return f"{attempts - base} attempts of this run, {attempts} in all"
+        return _counted(attempts, "attempt")
+    return f"{_counted(attempts - base, 'attempt')} of this run, {attempts} in all"
+
+
+def _counted(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 def _is_current_run(msg: Msg, request: QueuedRequest, record: StatusRecord) -> bool:
