@@ -413,6 +413,7 @@ async def test_no_retry_gives_exactly_one_attempt(stack: Stack) -> None:
     final = await stack.wait_for_status("echo", request_id)
 
     assert final["error_type"] == "runner_unavailable"
+    assert final["error"] == "gave up after 1 attempt: function answered 503"
     assert len(stack.functions.on("/echo")) == 1
 
 
