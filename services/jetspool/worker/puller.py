@@ -20,7 +20,11 @@ stores the message, and the consumer's leader, on another node, may not have it 
 `no_wait` pull then found the class empty, and the request waited for the poll interval. In a
 3-node check (replicas 3, one submit at a time), 55 of 780 requests did so with a plain `no_wait`
 pull whenever the two leaders were on different nodes, and none of 780 with the wait. A pull that
-finds nothing (another worker took the request) holds this worker's round for that long.
+finds nothing (another worker took the request) holds this worker's round for that long. The
+wait is the server's to keep: nats-server ends every `no_wait` request when its consumer next
+finds nothing to deliver, which may be at once (a pull made before the message was stored ended
+so in about one of thirty tries on one server); the request then waits for the next wake-up or
+recheck, as it did without the wait.
 """
 
 from __future__ import annotations
