@@ -295,6 +295,21 @@ async def test_the_openapi_document_names_the_submission_options_answers_and_err
     assert "503" in paths["/readyz"]["get"]["responses"]
     for stream in ("/queue/{name}/requests/{request_id}/status/stream", "/system/dashboard/events"):
         assert "max_streams" in paths[stream]["get"]["responses"]["503"]["description"], stream
+    assert "text/event-stream" in paths["/system/dashboard/events"]["get"]["responses"]["200"]["content"]
+    # an outside audit: the result route gives the function's own answers (any status, any type), and
+    # every answer about a request names it in X-Request-Id (SPEC §2)
+    result = paths["/queue/{name}/requests/{request_id}"]["get"]["responses"]
+    assert {"*/*", "application/json"} <= result["404"]["content"].keys()
+    assert "X-Error-Type" in result["default"]["headers"]
+    about_a_request = [
+        (route, method, code)
+        for route, operations in paths.items()
+        if "{request_id}" in route
+        for method, operation in operations.items()
+        for code, answer in operation["responses"].items()
+        if "X-Request-Id" not in answer.get("headers", {})
+    ]
+    assert about_a_request == []
     assert "401" in paths["/queue/{name}/requests/{request_id}/logs"]["post"]["responses"]  # its token
     cancel_404 = paths["/queue/{name}/requests/{request_id}/cancel"]["put"]["responses"]["404"]
     assert cancel_404["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/CancelAnswer"}

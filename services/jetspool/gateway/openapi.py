@@ -170,6 +170,9 @@ def _complete(path: str, method: str, operation: dict[str, Any], schema: dict[st
     if path.startswith("/system/functions"):
         _admin(path, method, operation, schema)
     _guards(path, operation, error)
+    if "{request_id}" in path:  # SPEC §2: every answer about a request names it
+        for answer in responses.values():
+            answer.setdefault("headers", {})[names.H_REQUEST_ID] = _REQUEST_ID_HEADER
 
 
 def _submit(path: str, operation: dict[str, Any], error: dict[str, Any]) -> None:
@@ -221,6 +224,8 @@ def _answers(path: str, method: str, responses: dict[str, Any], schema: dict[str
     elif path.startswith("/async-function/"):
         responses["202"] = {"description": "stored; its id is in X-Call-Id", "headers": _call_id_headers()}
     elif path == "/system/dashboard/events":
+        what = "Server-Sent Events: the latest status-change events, then each new one"
+        responses["200"] = {"description": what, "content": {"text/event-stream": {"schema": {"type": "string"}}}}
         responses["503"] = _json(_FULL, schema["ErrorAnswer"])
     elif path == "/readyz":
         responses["503"] = {"description": "not connected to NATS, or NATS does not answer"}
@@ -246,11 +251,41 @@ def _request_answers(path: str, responses: dict[str, Any], schema: dict[str, Any
     elif path.endswith("/callback/redeliver"):
         responses["202"] = _json("callbacks sent again", schema["RedeliverAnswer"])
     else:  # the result route
-        what = "the function's response, as it answered; a function error keeps its own status (SPEC §5)"
-        responses["200"] = {"description": what}
-        responses["400"] = _json("not completed yet (`status` says where it stands)", schema["ErrorAnswer"])
-        responses["503"] = _json("runner_unavailable: the function could not be reached", schema["ErrorAnswer"])
-        responses["504"] = _json("function_timeout or request_timeout", schema["ErrorAnswer"])
+        _result_answers(responses, schema["ErrorAnswer"])
+
+
+def _result_answers(responses: dict[str, Any], error: dict[str, Any]) -> None:
+    """The result route's answers. Besides its own (JSON), it gives the function's answer, with the
+    function's status and content type: any status, a function error's too (SPEC §5). Declared as
+    JSON errors alone, a function's 404 or 409 (answered as 400) did not fit the document (found
+    by an outside audit)."""
+    function_answer = {"schema": {"type": "string", "format": "binary"}}
+    own = {
+        "400": "not completed yet (`status` says where it stands); or the function's 408 or 409 (X-Function-Status)",
+        "404": "no such request (of this function); or the function's own 404",
+        "503": "runner_unavailable: the function could not be reached (its 502-504 are retried, never relayed)",
+        "504": "function_timeout or request_timeout (then with X-Request-Timeout-Type: user)",
+    }
+    for code, what in own.items():
+        responses[code] = _json(what, error)
+        if code in {"400", "404"}:  # or the function's own answer
+            responses[code]["content"]["*/*"] = function_answer
+    responses["200"] = {"description": "the function's response, as it answered", "content": {"*/*": function_answer}}
+    responses["default"] = {
+        "description": "the function's own answer, with its status: a success (2xx) or a function error (SPEC §5)",
+        "content": {"*/*": function_answer},
+        "headers": {
+            header: {"description": what, "schema": {"type": "string"}} for header, what in _RESULT_HEADERS.items()
+        },
+    }
+
+
+_RESULT_HEADERS: Final = {
+    names.H_ERROR_TYPE: "an error outcome's type (function_error, runner_unavailable, ...)",
+    names.H_FAL_ERROR_TYPE: "the same, by fal's name",
+    names.H_FUNCTION_STATUS: "the function's own status code, when the answer's differs (408, 409 → 400)",
+}
+_REQUEST_ID_HEADER: Final = {"description": "the request's id", "schema": {"type": "string"}}
 
 
 def _is_submit(path: str, method: str) -> bool:
