@@ -190,3 +190,26 @@ async def test_a_cancel_signal_lost_while_nats_was_away_is_read_on_reconnection(
     assert cancelled.json()["status"] == "CANCELLATION_REQUESTED"
     assert (final["error_type"], final["error"]) == ("cancelled", "cancelled while running")
     assert orjson.loads(notice.body) == {"request_id": request_id}
+
+
+async def test_a_purge_resumes_every_consumer_even_when_one_could_not_be_paused(
+    stack: Stack, conn: Nats, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The pauses went out together and the first failure ended them: the purge went on without
+    pausing, and the classes already paused stayed so for 30 s after it answered (found by a
+    review). Here the low class's consumer is gone."""
+    await stack.occupy()
+    waiting = [(await stack.client.post("/queue/busy", json={})).json()["request_id"] for _ in range(3)]
+    await conn.js.delete_consumer(names.QUEUE_STREAM, names.queue_consumer("busy", "low"))
+
+    response = await stack.client.post("/system/functions/busy/purge")
+    paused = [
+        (await conn.js.consumer_info(names.QUEUE_STREAM, names.queue_consumer("busy", priority))).paused
+        for priority in ("high", "normal")
+    ]
+    stack.functions.release("/busy")
+
+    assert (response.status_code, response.json()) == (200, {"purged": 3})
+    assert not any(paused), paused
+    assert "consumer jetspool-busy-low is not paused" in caplog.text
+    assert [(await stack.status("busy", request_id))["error_type"] for request_id in waiting] == ["cancelled"] * 3

@@ -16,13 +16,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import defaultdict
 from datetime import timedelta
 from enum import Enum
 from functools import partial
 from typing import TYPE_CHECKING, Final
 
 import msgspec
-from nats.errors import Error as NatsError
 from nats.js.errors import APIError, NotFoundError
 
 from jetspool.aio import stop_task
@@ -81,6 +81,11 @@ class Canceller:
         self._retention = retention
         self._events = events
         self._logs = logs
+        self._purges: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+
+    def purging(self, function: str) -> asyncio.Lock:
+        """Held by a purge of `function` on this gateway: purges of one function take turns."""
+        return self._purges[function]
 
     async def expire(self, current: Versioned, function: Function | None) -> bool:
         """Complete a request still waiting at its start deadline as `request_timeout`; whether it did."""
@@ -197,14 +202,20 @@ async def purge(conn: Nats, status: StatusStore, canceller: Canceller, function:
     """Cancel every request of `function` waiting when it begins (running ones go on); returns how
     many were dropped.
 
-    The function's consumers are paused while it runs, so that no worker starts a request it has
-    not reached yet: it walked the queue one request at a time (2,000 took 18 s), and the workers
-    went on taking what it had not reached, 83 of 2,000 (found by an outside audit). It walks the
-    function's queue subjects message by message, up to the last stored when it began (requests
-    submitted meanwhile wait for it, and run after), and cancels `_PURGE_AT_ONCE` at a time, each
-    as by the cancel route. A request a worker had already pulled when the pause began may still
-    start: it is running, and goes on.
+    The function's consumers are paused while it runs (nats-server 2.11+), so that no worker starts
+    a request it has not reached yet: it walked the queue one request at a time (2,000 took 18 s),
+    and the workers went on taking what it had not reached, 83 of 2,000 (found by an outside
+    audit). It walks the function's queue subjects message by message, up to the last stored when
+    it began (requests submitted meanwhile wait for it, and run after), and cancels
+    `_PURGE_AT_ONCE` at a time, each as by the cancel route. A request a worker had already pulled
+    when the pause began may still start: it is running, and goes on. Purges of one function on one
+    gateway take turns: the first to end lifted the pause of the other.
     """
+    async with canceller.purging(function.name), _paused(conn, function):
+        return await _cancel_waiting(conn, status, canceller, function)
+
+
+async def _cancel_waiting(conn: Nats, status: StatusStore, canceller: Canceller, function: Function) -> int:
     last = (await ride_through(partial(conn.js.stream_info, names.QUEUE_STREAM), "queue read")).state.last_seq
     purged = 0
     in_flight: set[asyncio.Task[bool]] = set()
@@ -215,23 +226,22 @@ async def purge(conn: Nats, status: StatusStore, canceller: Canceller, function:
             return False
         return await canceller.cancel(current, function, only_waiting=True) is CancelOutcome.CANCELLED
 
-    async def settle(tasks: set[asyncio.Task[bool]]) -> None:
+    def settle(tasks: set[asyncio.Task[bool]]) -> None:
         nonlocal purged
         purged += sum(task.result() for task in tasks)  # the first failure answers the purge
 
-    async with _paused(conn, function):
-        try:
-            async for request_id in _waiting_ids(conn, function, last):
-                if len(in_flight) >= _PURGE_AT_ONCE:
-                    done, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
-                    await settle(done)
-                in_flight.add(asyncio.create_task(drop(request_id)))
-            if in_flight:
-                done, in_flight = await asyncio.wait(in_flight)
-                await settle(done)
-        finally:  # none is left half done: a cancellation cut between its writes would lose its callbacks
-            if in_flight:
-                await asyncio.wait(in_flight)
+    try:
+        async for request_id in _waiting_ids(conn, function, last):
+            if len(in_flight) >= _PURGE_AT_ONCE:
+                done, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                settle(done)
+            in_flight.add(asyncio.create_task(drop(request_id)))
+        if in_flight:
+            done, in_flight = await asyncio.wait(in_flight)
+            settle(done)
+    finally:  # none is left half done: a cancellation cut between its writes would lose its callbacks
+        if in_flight:
+            await asyncio.wait(in_flight)
     return purged
 
 
@@ -257,28 +267,28 @@ async def _waiting_ids(conn: Nats, function: Function, last: int) -> AsyncIterat
 
 @contextlib.asynccontextmanager
 async def _paused(conn: Nats, function: Function) -> AsyncIterator[None]:
-    """`function`'s queue consumers paused (nats-server 2.11+) for as long as the block runs."""
+    """`function`'s queue consumers paused for as long as the block runs, the pause renewed every
+    third of `_PURGE_HOLD_S`. One that cannot be paused (an older nats-server, a NATS error) is
+    said in a warning and the purge goes on; every one is resumed after, whatever happened: a
+    failed pause of one left the others paused for `_PURGE_HOLD_S` after the purge (found by a
+    review)."""
     consumers = [names.queue_consumer(function.name, priority) for priority in names.PRIORITIES]
 
     async def pause() -> None:
         until = rfc3339(utcnow() + timedelta(seconds=_PURGE_HOLD_S))
-        await asyncio.gather(*(conn.js.pause_consumer(names.QUEUE_STREAM, c, until) for c in consumers))
+        paused = await asyncio.gather(
+            *(conn.js.pause_consumer(names.QUEUE_STREAM, c, until) for c in consumers), return_exceptions=True
+        )
+        for consumer, outcome in zip(consumers, paused, strict=True):
+            if isinstance(outcome, Exception):
+                log.warning("purge of %s: consumer %s is not paused (%s)", function.name, consumer, outcome)
 
     async def keep_paused() -> None:
         while True:
             await asyncio.sleep(_PURGE_HOLD_S / 3)
             await pause()
 
-    try:
-        await pause()
-    except (NatsError, TimeoutError) as exc:
-        log.warning(
-            "purging %s without pausing its consumers (%s): workers may start what it has not reached",
-            function.name,
-            exc,
-        )
-        yield
-        return
+    await pause()
     keeper = asyncio.create_task(keep_paused())
     try:
         yield
@@ -288,5 +298,5 @@ async def _paused(conn: Nats, function: Function) -> AsyncIterator[None]:
             *(conn.js.resume_consumer(names.QUEUE_STREAM, c) for c in consumers), return_exceptions=True
         )
         for consumer, outcome in zip(consumers, resumed, strict=True):
-            if isinstance(outcome, BaseException):
+            if isinstance(outcome, Exception) and not isinstance(outcome, NotFoundError):
                 log.warning("consumer %s stays paused up to %g s after a purge: %s", consumer, _PURGE_HOLD_S, outcome)
