@@ -11,6 +11,7 @@ import httpx
 import pytest
 from fal_client.client import _should_retry_response
 
+from jetspool.callbacks.addresses import AddressPolicy, Destination
 from tests.support.servers import Reply
 
 if TYPE_CHECKING:
@@ -73,6 +74,38 @@ async def test_max_queue_length_holds_under_concurrent_submits(stack: Stack) -> 
     stats = (await stack.client.get("/system/functions/busy")).json()["stats"]
     assert stats["waiting"]["normal"] == 5
     stack.functions.release("/busy", 6)
+
+
+async def test_a_bounded_submit_waiting_on_its_callback_check_holds_up_no_other(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Submits with `max_queue_length` take turns from their count to their write; the turn took in
+    the callback URL's check too, so one slow DNS answer held up every bounded submit to the
+    function (found by a review). Here the check of one host waits until the other submit is in."""
+    checked = asyncio.Event()
+    other_in = asyncio.Event()
+    resolve = AddressPolicy.resolve
+
+    async def slow_for_one_host(policy: AddressPolicy, url: str) -> Destination:
+        if "slow.test" in url:
+            checked.set()
+            await asyncio.wait_for(other_in.wait(), 20)
+            url = url.replace("slow.test", "127.0.0.1")
+        return await resolve(policy, url)
+
+    monkeypatch.setattr(AddressPolicy, "resolve", slow_for_one_host)
+    await stack.occupy()
+    bounded = {"max_queue_length": "5"}
+    slow = asyncio.create_task(
+        stack.client.post("/queue/busy", json={}, params={**bounded, "fal_webhook": "http://slow.test:9/hook"})
+    )
+    await asyncio.wait_for(checked.wait(), 10)
+    other = await asyncio.wait_for(stack.client.post("/queue/busy", json={}, params=bounded), 10)
+    other_in.set()
+    slow_answer = await slow
+    stack.functions.release("/busy", 3)
+
+    assert (other.status_code, slow_answer.status_code) == (200, 200)
 
 
 async def test_purge_cancels_every_waiting_request_and_spares_the_running_one(stack: Stack) -> None:

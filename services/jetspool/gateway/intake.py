@@ -11,6 +11,7 @@ message's stream sequence.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import uuid
@@ -34,7 +35,7 @@ from jetspool.jetstream.ridethrough import is_transient
 from jetspool.jetstream.status_store import StaleStatus
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Awaitable, Callable
 
     from litestar import Request
 
@@ -318,16 +319,22 @@ class Intake:
             return record
 
     async def _submit(self, submission: Submission) -> StatusRecord:
-        """As `_store`. Submits with `max_queue_length` to one function take turns on this gateway,
-        each counting what waits once the one before is stored: counted at once, 30 concurrent
-        submits with `max_queue_length=5` all saw fewer than 5 waiting, and 7 to 11 were queued
-        (found by an outside audit). Across gateways the limit is as exact as the counts they read."""
-        if submission.max_queue_length is None:
-            return await self._store(submission)
-        async with self._bounded[submission.function.name]:
-            return await self._store(submission)
+        """Check the submission's options (`_admit`), then queue it (`_store`).
 
-    async def _store(self, submission: Submission) -> StatusRecord:
+        Submits with `max_queue_length` to one function take turns on this gateway from their
+        count of what waits to their write, each counting once the one before is stored: counted
+        at once, 30 concurrent submits with `max_queue_length=5` all saw fewer than 5 waiting, and
+        7 to 11 were queued (found by an outside audit). Their callback URLs are checked before,
+        so that a slow DNS answer holds up no other submit (found by a review). Across gateways the
+        limit is as exact as the counts they read."""
+        _check_envelope(submission, self._queue.envelope_limit)
+        repeat = await self._admit(submission, self._check_callbacks)
+        if repeat is not None:
+            return repeat
+        bound = None if submission.max_queue_length is None else self._bounded[submission.function.name]
+        return await self._store(submission, bound)
+
+    async def _store(self, submission: Submission, bound: asyncio.Lock | None) -> StatusRecord:
         """Queue the request; returns its first status once the message is durable in JetStream.
 
         The status record of a request with an id of its own (keyed, or with a large body) is
@@ -335,10 +342,33 @@ class Intake:
         queue position needs it). A worker that receives the message before the record exists
         creates the same record itself from the message; either way exactly one is stored.
         """
-        _check_envelope(submission, self._queue.envelope_limit)
-        repeat = await self._admit(submission)
-        if repeat is not None:
-            return repeat
+        async with bound or contextlib.nullcontext():
+            if bound is not None:  # counted now, with the submits before it stored
+                repeat = await self._admit(submission, self._check_limit)
+                if repeat is not None:
+                    return repeat
+            queued = await self._enqueue(submission)
+        if isinstance(queued, StatusRecord):
+            return queued  # the same key was used before: that request stands
+        request, seq = queued
+        request = request.identified(seq)
+        logfmt.request_id.set(request.request_id)
+        record = StatusRecord.waiting(request, seq)
+        if request.id_nonce is None:
+            await self._record_status(record)
+        # Stamped with the time the gateway took the request, not the time of publishing: a worker
+        # may start (and finish) the request before this event goes out, and its `at` came after
+        # theirs (found by an audit). The events' `at` then orders them as the changes happened.
+        await self._events.publish(record, at=record.submitted_at)
+        if request.start_deadline is not None:
+            await self._queue.set_deadline(
+                DeadlineJob(request_id=request.request_id, function=request.function, due_at=request.start_deadline)
+            )
+        return record
+
+    async def _enqueue(self, submission: Submission) -> tuple[QueuedRequest, int] | StatusRecord:
+        """Write the request's message; the request and its stream sequence, or the request an
+        earlier submit with the same Idempotency-Key stands for."""
         now = utcnow()
         deadline = None if submission.start_timeout_s is None else now + timedelta(seconds=submission.start_timeout_s)
         key, function = submission.idempotency_key, submission.function
@@ -383,40 +413,32 @@ class Intake:
             if key is not None and claimed and not is_transient(exc):
                 await self._keys.release(function.name, key)
             raise Unavailable(f"the queue is unavailable: {exc}") from exc
-        request = request.identified(seq)
-        logfmt.request_id.set(request.request_id)
-        record = StatusRecord.waiting(request, seq)
-        if nonce is None:
-            await self._record_status(record)
-        # Stamped with the time the gateway took the request, not the time of publishing: a worker
-        # may start (and finish) the request before this event goes out, and its `at` came after
-        # theirs (found by an audit). The events' `at` then orders them as the changes happened.
-        await self._events.publish(record, at=record.submitted_at)
-        if deadline is not None:
-            await self._queue.set_deadline(
-                DeadlineJob(request_id=request.request_id, function=request.function, due_at=deadline)
-            )
-        return record
+        return request, seq
 
-    async def _check_options(self, submission: Submission) -> None:
-        """422 for a callback URL that may not be called; 429 when `max_queue_length` requests wait."""
+    async def _check_callbacks(self, submission: Submission) -> None:
+        """422 for a callback URL that may not be called."""
         for url in (submission.callback_url, submission.webhook_url):
             if url is not None:
                 await self._check_callback(url)
+
+    async def _check_limit(self, submission: Submission) -> None:
+        """429 when `max_queue_length` requests wait."""
         limit = submission.max_queue_length
         if limit is not None:
             waiting = sum((await self._positions.waiting(submission.function.name)).values())
             if waiting >= limit:
                 raise QueueFull(f"{waiting} requests of {submission.function.name!r} wait (max_queue_length {limit})")
 
-    async def _admit(self, submission: Submission) -> StatusRecord | None:
-        """Refuse the submit as its options say (`_check_options`), unless it repeats an earlier
-        submit's Idempotency-Key: then that request, which stands though a new one would be refused
-        now (SPEC §2: a repeat returns the first request's id). A client retrying after a lost
-        answer was told 429 by `max_queue_length`, its own request being the one that waited
-        (found by a dialect audit). None: go ahead."""
+    async def _admit(
+        self, submission: Submission, check: Callable[[Submission], Awaitable[None]]
+    ) -> StatusRecord | None:
+        """Refuse the submit as `check` of its options says, unless it repeats an earlier submit's
+        Idempotency-Key: then that request, which stands though a new one would be refused now
+        (SPEC §2: a repeat returns the first request's id). A client retrying after a lost answer
+        was told 429 by `max_queue_length`, its own request being the one that waited (found by a
+        dialect audit). None: go ahead."""
         try:
-            await self._check_options(submission)
+            await check(submission)
         except (InvalidInput, QueueFull):
             key = submission.idempotency_key
             if key is None:
