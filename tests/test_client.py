@@ -4,6 +4,7 @@ every error row of SPEC §5 carrying its error_type."""
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -31,7 +32,7 @@ from tests.support.servers import AsgiServer, RecordingApp, Reply, free_port, wa
 from tests.support.stack import start_stack
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Awaitable, Callable
     from pathlib import Path
 
     from jetspool.embedded import EmbeddedNats
@@ -198,6 +199,47 @@ async def test_an_events_wait_gives_up_at_its_timeout_while_the_stream_keeps_ali
 
     timed_out = ["IN_QUEUE", "no status change within 1 s"]
     assert (sync_seen, async_seen) == (timed_out, timed_out), "the first event at once, then nothing new"
+
+
+async def test_an_events_wait_resumed_after_news_keeps_its_whole_timeout() -> None:
+    """After a resume, each read was limited to what was left of the timeout when the stream was
+    opened again, though news came since: a wait of 6 s gave up 4.75 s after the last status
+    (found by a review). Here the first stream ends after one status; the second brings news at
+    once, keeps quiet for twice the timeout's leftover, then says COMPLETED."""
+    request_id = "00000000-0000-4000-8000-000000000002"
+    statuses = [
+        {"status": "IN_QUEUE", "request_id": request_id, "queue_position": 3},
+        {"status": "IN_QUEUE", "request_id": request_id, "queue_position": 2},
+        {"status": "COMPLETED", "request_id": request_id},
+    ]
+    opened = []
+
+    async def gateway(scope: dict[str, object], receive: object, send: Callable[..., Awaitable[None]]) -> None:
+        if scope["type"] != "http":
+            return
+        opened.append(time.monotonic())
+        headers = [(b"content-type", b"text/event-stream"), (b"x-request-id", request_id.encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        first = len(opened) == 1
+        for n, status in enumerate(statuses[:1] if first else statuses[1:]):
+            if n == 1:
+                await asyncio.sleep(2.0)  # quiet for longer than the 1.5 s left when it opened
+            event = f"id: {len(opened)}{n}\ndata: {orjson.dumps(status).decode()}\n\n"
+            await send({"type": "http.response.body", "body": event.encode(), "more_body": True})
+        if first:
+            await asyncio.sleep(1.5)  # the first stream: one status, then quiet, then it ends
+        await send({"type": "http.response.body", "body": b""})
+
+    server = AsgiServer(gateway)
+    await server.start()
+    try:
+        async with AsyncClient(server.url) as client:
+            seen = [s.status async for s in client.handle("echo", request_id).iter_events(timeout=3.0)]
+    finally:
+        await server.stop()
+
+    assert seen == ["IN_QUEUE", "IN_QUEUE", "COMPLETED"]
+    assert len(opened) == 2
 
 
 async def test_an_unreachable_gateway_is_reported_as_such() -> None:
