@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+import unicodedata
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -275,12 +275,25 @@ def _authorization(nats: NatsSettings) -> str:
     could read the registry (the functions' own headers) past the admin key (found by an outside
     audit). Without any, the server is open to local connections, as the README says."""
     if nats.user is not None and nats.password is not None:
-        fields = f"user: {json.dumps(nats.user)}\n  password: {json.dumps(nats.password)}"
+        fields = (
+            f"user: {_conf_string('nats.user', nats.user)}\n  password: {_conf_string('nats.password', nats.password)}"
+        )
     elif nats.token is not None:
-        fields = f"token: {json.dumps(nats.token)}"
+        fields = f"token: {_conf_string('nats.token', nats.token)}"
     else:
         return ""
     return f"authorization {{\n  {fields}\n}}\n"
+
+
+def _conf_string(key: str, value: str) -> str:
+    """`value` as a quoted string of nats-server's configuration. Its parser takes the escapes
+    `\\"`, `\\\\`, `\\t`, `\\n` and `\\r` only: JSON's `\\uXXXX` for a letter beyond ASCII
+    stopped it from starting (found by a review). Other control characters have no escape there."""
+    if any(unicodedata.category(c) == "Cc" and c not in "\t\n\r" for c in value):
+        raise ConfigError(f"{key}: control characters cannot be given to the embedded nats-server")
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+    escaped = escaped.replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+    return f'"{escaped}"'
 
 
 async def _register(settings: Settings, nats_url: str, functions: list[Function]) -> None:
