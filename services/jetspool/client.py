@@ -430,7 +430,7 @@ class _Polls:
     """A result's wait rides through what a gateway going away looks like: a refused connection
     (it restarts), a 503 (its NATS is away, or it holds its maximum of waits) or a proxy's 502/504.
     Each is tried again after a growing pause, up to `_RESUMES` times in a row (about 16 s), as a
-    status stream is resumed; then Unreachable, naming the request, which is queued and goes on. A
+    status stream is resumed; then Unreachable, naming the request (a queued one goes on). A
     wait gave up at the first of them, and `run()` said nothing of the request it had queued
     (found by an audit)."""
 
@@ -444,7 +444,9 @@ class _Polls:
         pause_s = float(_RESUME_FIRST_PAUSE_S * 2 ** (self.failed - 1))
         late = self.deadline is not None and time.monotonic() + pause_s >= self.deadline
         if self.failed > _RESUMES or late:
-            queued = f"request {self.request_id} is queued and goes on, but its result could not be fetched"
+            queued = (
+                f"the result of request {self.request_id} could not be fetched (a queued request goes on meanwhile)"
+            )
             raise Unreachable(f"{queued}: {exc.detail}", exc.status_code) from exc
         return pause_s
 
