@@ -14,7 +14,7 @@ import contextlib
 from base64 import urlsafe_b64encode
 from datetime import timedelta
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from nats.js.errors import KeyNotFoundError, NotFoundError
 from nats.js.object_store import OBJ_META_PRE_TEMPLATE
@@ -28,6 +28,11 @@ if TYPE_CHECKING:
     from nats.js.client import JetStreamContext
     from nats.js.kv import KeyValue
     from nats.js.object_store import ObjectStore
+
+
+_SWEEP_AFTER_S: Final = 1.0
+"""How long an object outlives the records naming it (their TTLs are whole seconds, written a few
+milliseconds apart)."""
 
 
 class Retention:
@@ -69,11 +74,13 @@ class Retention:
     async def sweep_later(
         self, request_id: str, objects: list[str], after_s: float, *, unless_retried_after: int | None = None
     ) -> None:
-        """Have `objects` deleted in `after_s` seconds (see `SweepJob` for `unless_retried_after`)."""
+        """Have `objects` deleted in `after_s` seconds, rounded up as the records' time to live is,
+        and `_SWEEP_AFTER_S` more: an object goes after the records that name it, so that a read
+        never finds a record whose object is gone (see `SweepJob` for `unless_retried_after`)."""
         job = SweepJob(
             request_id=request_id,
             objects=objects,
-            due_at=utcnow() + timedelta(seconds=after_s),
+            due_at=utcnow() + timedelta(seconds=ttl_seconds(after_s) + _SWEEP_AFTER_S),
             unless_retried_after=unless_retried_after,
         )
         msg_id = f"sweep.{request_id}.{objects[0]}.{unless_retried_after}"  # a repeat schedules nothing twice
