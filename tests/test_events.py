@@ -88,6 +88,9 @@ async def test_each_event_is_stamped_with_the_time_of_its_change(stack: Stack, l
     queued, started, succeeded = (stamped[kind] for kind in ("queued", "started", "succeeded"))
     assert queued["at"] == queued["status"]["submitted_at"]
     assert succeeded["status"]["submitted_at"] == queued["at"]
+    # the status object's own times, not a few milliseconds after them (found by an outside audit)
+    assert started["at"] == started["status"]["started_at"]
+    assert succeeded["at"] == succeeded["status"]["completed_at"]
     moments = [datetime.fromisoformat(event["at"]) for event in (queued, started, succeeded)]
     assert moments == sorted(moments)
 

@@ -41,6 +41,17 @@ def event_type(record: StatusRecord) -> names.EventType:
     return "cancelled" if record.error_type is ErrorType.CANCELLED else "failed"
 
 
+def _changed_at(record: StatusRecord, kind: names.EventType) -> datetime:
+    """When the change an event tells happened: the status object's own time of it where it has one,
+    now otherwise (a retry's requeue). Taken as the event went out, `at` came a few milliseconds
+    after the `started_at` or `completed_at` it tells of (found by an outside audit)."""
+    if kind == "started" and record.started_at is not None:
+        return record.started_at
+    if kind in {"succeeded", "failed", "cancelled"} and record.completed_at is not None:
+        return record.completed_at
+    return utcnow()
+
+
 class EventLog:
     def __init__(self, conn: Nats, base_url: str, inline_result_limit: int) -> None:
         self._conn = conn
@@ -61,7 +72,7 @@ class EventLog:
             "type": kind,
             "function": record.function,
             "request_id": record.request_id,
-            "at": rfc3339(at or utcnow()),
+            "at": rfc3339(at or _changed_at(record, kind)),
             "status": public_status(record, self._base_url),
         }
         result = self._inline(output)
