@@ -51,3 +51,30 @@ def test_a_log_format_from_the_environment_is_checked_as_the_flag_is() -> None:
     assert codes == (2, 2)
     assert "JETSPOOL_LOG_FORMAT: 'xml' is not one of text, json" in bad.output
     assert "--log-format" in flag.output
+
+
+async def test_a_cancel_and_a_missed_start_deadline_log_lines_naming_their_request(
+    stack_without_worker: Stack,
+) -> None:
+    """Handled in a NATS subscription's task, these two named no request (found by an outside
+    audit)."""
+    stack = stack_without_worker
+    await stack.register("busy", concurrency=1)
+    stack.functions.hold("/busy")
+    worker = JetspoolProcess(
+        ["worker", "--nats-url", stack.nats.url],
+        env={"JETSPOOL_LOG_FORMAT": "json", "JETSPOOL_WORKER__POLL_INTERVAL": "0.2", ACCEPT_SINGLE_REPLICA: "true"},
+    )
+    try:
+        running = await stack.submit("busy", content=b"x")
+        await stack.functions.wait_for("/busy")
+        late = await stack.submit("busy", content=b"y", headers={"X-Request-Timeout": "0.5"})
+        expired = await asyncio.to_thread(worker.wait_for_text, f"request {late} passed its start deadline", 30)
+        await stack.client.put(f"/queue/busy/requests/{running}/cancel")
+        aborting = await asyncio.to_thread(worker.wait_for_text, f"aborting {running}", 30)
+    finally:
+        worker.kill_tree()
+        stack.functions.release("/busy", 2)
+
+    assert orjson.loads(expired)["request_id"] == late
+    assert orjson.loads(aborting)["request_id"] == running

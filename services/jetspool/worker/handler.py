@@ -439,7 +439,8 @@ class RequestHandler:
         """A `jetspool.cancel.<function>` signal: abort the call if this worker runs it."""
         request_id = msg.data.decode(errors="replace")
         if self.abort(request_id):
-            log.info("aborting %s: cancelled while running", request_id)
+            with logfmt.about(request_id):
+                log.info("aborting %s: cancelled while running", request_id)
 
     def _logs_url(self, record: StatusRecord) -> str:
         prefix = f"{self._s.base_url}/queue/{record.function}/requests/{record.request_id}"

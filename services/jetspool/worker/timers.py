@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from nats.errors import Error as NatsError
 
+from jetspool import logfmt
 from jetspool.domain import names
 from jetspool.domain.errors import DecodeError
 from jetspool.domain.messages import DeadlineJob, SweepJob, decode
@@ -105,5 +106,6 @@ class Timers:
         current = await self._status.get(job.request_id)
         if current is None or current.record.retries != job.retry:
             return  # gone, or retried since: the new run has its own deadline
-        if await self._canceller.expire(current, self._registry.get(job.function)):
-            log.info("request %s passed its start deadline waiting", job.request_id)
+        with logfmt.about(job.request_id):
+            if await self._canceller.expire(current, self._registry.get(job.function)):
+                log.info("request %s passed its start deadline waiting", job.request_id)
