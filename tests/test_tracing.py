@@ -59,6 +59,11 @@ async def test_gateway_worker_function_call_and_callback_share_one_trace(stack: 
     assert trace_id == _CALLER_TRACE, "the function received the trace"
     assert parent_id == _id(invoke), "its parent is the call's span"
     assert _parent(spans["jetspool.callback"]) != ""
+    # the receiver joins the trace too, under the callback's span (found by an outside audit)
+    [hook] = stack.receiver.on("/hook")
+    _, hook_trace, hook_parent, _ = (hook.header("traceparent") or "").split("-")
+    assert (hook_trace, hook_parent) == (_CALLER_TRACE, _id(spans["jetspool.callback"]))
+    assert dict(spans["jetspool.callback"].attributes or {})["jetspool.request_id"] == request_id
     assert dict(submit.attributes or {})["jetspool.request_id"] == request_id
 
 
