@@ -259,7 +259,7 @@ class CallbackDelivery:
             await self._note(current, job, "failed", last_status)
             return TERM
         delay = backoff_s(attempt, self._backoff, retry_after, self._rng)
-        log.warning("callback for %s attempt %d: %s; retrying in %.0f s", job.request_id, attempt, reason, delay)
+        log.warning("callback for %s attempt %d: %s; retrying in %.1f s", job.request_id, attempt, reason, delay)
         await self._note(current, job, "pending", last_status)
         return Settle("nak", delay)
 
