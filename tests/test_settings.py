@@ -1007,3 +1007,19 @@ def test_a_gateway_port_outside_1_to_65535_is_refused_naming_the_key(port: str) 
     URLs with :0 in them (found by a CLI audit)."""
     with pytest.raises(ConfigError, match=r"gateway\.port"):
         load(None, env={"JETSPOOL_GATEWAY__PORT": port})
+
+
+def test_a_bad_value_from_the_environment_names_its_variable() -> None:
+    """It named the key only, as if the config file had it (found by an outside audit); a flag
+    that overrides the variable leaves it unnamed."""
+    with pytest.raises(ConfigError) as from_env:
+        load(env={"JETSPOOL_GATEWAY__PORT": "abc"})
+    with pytest.raises(ConfigError) as unknown:
+        load(env={"JETSPOOL_GATEWAY__PROT": "1"})
+    with pytest.raises(ConfigError) as from_flag:
+        load(env={"JETSPOOL_GATEWAY__PORT": "80"}, flags={"gateway.port": 70000})
+
+    assert str(from_env.value).endswith("(set by JETSPOOL_GATEWAY__PORT)")
+    assert str(unknown.value) == "gateway.prot: unknown key (set by JETSPOOL_GATEWAY__PROT)"
+    assert "JETSPOOL_" not in str(from_flag.value)
+    assert str(from_flag.value).startswith("gateway.port:")

@@ -276,7 +276,32 @@ def load(
     _deep_merge(merged, from_env)
     _deep_merge(merged, from_flags)
     _follow_address(merged, from_file, from_env.get("gateway"), from_flags.get("gateway"))
-    return validate(merged)
+    try:
+        return validate(merged)
+    except ConfigError as exc:
+        raise ConfigError(_with_source(str(exc), from_env, from_flags)) from exc
+
+
+def _with_source(message: str, from_env: dict[str, Any], from_flags: dict[str, Any]) -> str:
+    """`message` about a key, saying which environment variable set it, when one did and no flag
+    overrode it: `gateway.port: ...` did not say the bad value came from `JETSPOOL_GATEWAY__PORT`
+    (found by an outside audit)."""
+    key = message.partition(":")[0]
+    path = key.split(".")
+    if len(path) < 2 or not all(part.isidentifier() for part in path) or _has_path(from_flags, path):  # noqa: PLR2004
+        return message
+    if not _has_path(from_env, path):
+        return message
+    return f"{message} (set by {ENV_PREFIX}{'__'.join(part.upper() for part in path)})"
+
+
+def _has_path(tree: dict[str, Any], path: list[str]) -> bool:
+    node: Any = tree
+    for part in path:
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
 
 
 def _follow_address(merged: dict[str, Any], from_file: object, from_env: object, flagged: object) -> None:
