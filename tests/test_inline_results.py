@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import nats
 import orjson
 import pytest
 from nats.js.errors import KeyNotFoundError
+from nats.js.object_store import ObjectStore
 
 from jetspool.domain import names
 from jetspool.domain.status import decode_status
@@ -94,3 +95,36 @@ async def test_status_and_result_are_kept_for_all_of_result_ttl(stack: Stack, si
 
     assert kept_s >= 2.0, f"gone {kept_s:.2f} s after completion, for a result_ttl of 2 s"
     assert set(answers) == {(200, True)}
+
+
+async def test_a_large_result_stays_readable_while_its_record_lives_after_a_slow_upload(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sweep of a large result is scheduled before its object and record are written: an
+    upload that took longer than the sweep's margin had the object go while its record lived, and
+    a read of it as it went hung for good (found by a review). The sweep now waits for the record.
+    Here each result upload takes 2.5 s more than it does."""
+    put = ObjectStore.put
+
+    async def slow_put(store: ObjectStore, name: str, data: Any, **kwargs: Any) -> Any:
+        info = await put(store, name, data, **kwargs)
+        if name.startswith("result-"):
+            await asyncio.sleep(2.5)
+        return info
+
+    monkeypatch.setattr(ObjectStore, "put", slow_put)
+    await stack.register("echo", result_ttl=2)
+    body = b"y" * (4 * 1024 * 1024 + 1)
+    request_id = await stack.submit("echo", content=body)
+    await stack.wait_for_status("echo", request_id, timeout_s=30)
+
+    answers = []
+    for _ in range(400):
+        result = await stack.client.get(f"/queue/echo/requests/{request_id}", timeout=10)
+        if result.status_code == 404:
+            break
+        answers.append((result.status_code, result.content == body))
+        await asyncio.sleep(0.05)
+
+    assert answers, "read at least once"
+    assert set(answers) == {(200, True)}, "whole until it is gone, never a 503 nor a hang"

@@ -7,6 +7,7 @@ Streams, subjects, consumers, KV buckets, object stores and HTTP headers. Code, 
 from __future__ import annotations
 
 import hashlib
+import re
 from typing import Final, Literal
 
 Priority = Literal["high", "normal", "low"]
@@ -136,6 +137,15 @@ def result_key(request_id: str, attempt: int) -> str:
 def result_object(request_id: str, attempt: int) -> str:
     """Object-store name of a result too large for one KV value."""
     return f"result-{request_id}-{attempt}"
+
+
+def result_key_of_object(name: str) -> str | None:
+    """The results-bucket key naming the result object `name` (`result_object`); None for another object."""
+    found = _RESULT_OBJECT.fullmatch(name)
+    return None if found is None else result_key(found.group(1), int(found.group(2)))
+
+
+_RESULT_OBJECT: Final = re.compile(r"result-([0-9a-f-]{36})-([0-9]+)")
 
 
 # --- HTTP headers ------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from functools import partial
 from typing import TYPE_CHECKING
@@ -11,6 +12,7 @@ import msgspec
 from jetspool import tracing
 from jetspool.domain import names
 from jetspool.domain.messages import DeadlineJob, QueuedRequest, encode
+from jetspool.jetstream.results import BLOB_READ_S
 from jetspool.jetstream.ridethrough import ride_through
 
 if TYPE_CHECKING:
@@ -70,5 +72,6 @@ class RequestQueue:
         """The request's body, read from the object store when it was stored out of line."""
         if request.body_ref is None:
             return request.body
-        stored = await self._blobs.get(request.body_ref)
+        async with asyncio.timeout(BLOB_READ_S):  # nats-py's read of an object deleted meanwhile never ends
+            stored = await self._blobs.get(request.body_ref)
         return stored.data or b""

@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 
 _BATCH = 256
 _FETCH_TIMEOUT_S = 1.0
+_NAMED_RECHECK_S = 1.0
+"""How soon a sweep due while a record still names its object looks again."""
 
 
 class Timers:
@@ -90,6 +92,8 @@ class Timers:
         if remaining_s > 0:
             return Settle("nak", remaining_s)
         if isinstance(job, SweepJob):
+            if await self._retention.still_named(job.objects):
+                return Settle("nak", _NAMED_RECHECK_S)
             await self._sweep(job)
         else:
             await self._expire(job)
