@@ -383,7 +383,8 @@ class _Quiet:
     """How long a status stream has said nothing new, against the caller's `idle_s`: WaitTimeout
     once it passes. A limit on each read did not do: the gateway's keep-alive comment every 15 s
     restarted it, so a wait of more than 15 s never gave up (found by an audit). The time is
-    checked whenever the stream speaks (its keep-alive included), and on each read's own limit."""
+    checked whenever the stream speaks (its keep-alive included), and on each read's own limit: a
+    wait ends at most one keep-alive interval after its time is up."""
 
     idle_s: float | None
     since: float = field(default_factory=time.monotonic)
