@@ -564,6 +564,8 @@ def test_a_password_in_the_nats_url_stays_off_the_command_lines_and_the_screen(t
     assert all(b"s3cret-pw" not in line for line in command_lines)
 
 
-def test_a_control_character_in_the_embedded_servers_password_is_a_config_error() -> None:
+def test_a_password_the_embedded_server_cannot_take_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match=r"nats.password: control characters"):
         _authorization(NatsSettings(user="jets", password="a\x01b"))
+    with pytest.raises(ConfigError, match=r"nats.password: .*bcrypt"):  # nats-server's own reading (a review)
+        _authorization(NatsSettings(user="jets", password="$2a$10$abcdefghijklmnopqrstuv"))

@@ -291,6 +291,8 @@ def _conf_string(key: str, value: str) -> str:
     stopped it from starting (found by a review). Other control characters have no escape there."""
     if any(unicodedata.category(c) == "Cc" and c not in "\t\n\r" for c in value):
         raise ConfigError(f"{key}: control characters cannot be given to the embedded nats-server")
+    if key == "nats.password" and value.startswith("$2"):  # nats-server reads it as a bcrypt hash (a review)
+        raise ConfigError(f"{key}: one beginning with `$2` is taken by nats-server for a bcrypt hash; choose another")
     escaped = value.replace("\\", "\\\\").replace('"', '\\"')
     escaped = escaped.replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
     return f'"{escaped}"'
