@@ -31,6 +31,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+_OUTLIVES_STATUS_S: Final = 1
+"""Seconds a result record is kept past its TTL: written just before the completed status, it went a
+few milliseconds before it, and a read between found the request COMPLETED and its result gone
+(503; found by a review). The status goes first, and a read then finds no request (404)."""
 BLOB_READ_S: Final = 60.0
 """The longest a read of one stored object may take (up to 32 MiB; a read took 0.5 s on a 2-core VM)."""
 
@@ -65,7 +69,8 @@ class ResultStore:
             result = StoredResult(status_code=result.status_code, content_type=result.content_type, body_ref=ref)
         subject, payload = f"{self._prefix}{names.result_key(request_id, attempt)}", encode(result)
         # Putting the same result again changes nothing a reader sees.
-        await ride_through(partial(self._js.publish, subject, payload, msg_ttl=ttl_seconds(ttl_s)), "result write")
+        keep_s = ttl_seconds(ttl_s) + _OUTLIVES_STATUS_S
+        await ride_through(partial(self._js.publish, subject, payload, msg_ttl=keep_s), "result write")
 
     async def of(self, record: StatusRecord) -> StoredResult | None:
         """The final response of the completed `record`: in it, or stored under its last attempt."""
