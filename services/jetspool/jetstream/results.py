@@ -78,6 +78,22 @@ class ResultStore:
             return record.result
         return await self.get(record.request_id, record.attempts)
 
+    async def names_any(self, objects: list[str]) -> bool:
+        """Whether a result record still names one of `objects`. The sweep of a result's object is
+        scheduled before the object and its record are written, so a slow upload or write made the
+        record outlive its due time, and a read of the object as it went hung (found by a review):
+        such a sweep waits for the record to go."""
+        for name in objects:
+            key = names.result_key_of_object(name)
+            if key is None:
+                continue
+            try:
+                await ride_through(partial(self._kv.get, key), "result read")
+            except KeyNotFoundError:
+                continue
+            return True
+        return False
+
     async def get(self, request_id: str, attempt: int) -> StoredResult | None:
         try:
             key = names.result_key(request_id, attempt)

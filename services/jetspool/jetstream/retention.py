@@ -86,23 +86,6 @@ class Retention:
         msg_id = f"sweep.{request_id}.{objects[0]}.{unless_retried_after}"  # a repeat schedules nothing twice
         await self._js.publish(names.SWEEP_SUBJECT, encode(job), headers={names.NATS_MSG_ID: msg_id})
 
-    async def still_named(self, objects: list[str]) -> bool:
-        """Whether a record still names one of `objects` (a large result's, in the results bucket).
-        The sweep of a result object is scheduled before the object and its record are written, so
-        a slow upload or write made the record outlive its due time, and a read of the object as
-        it went hung (found by a review): such a sweep waits for the record to go."""
-        for name in objects:
-            key = names.result_key_of_object(name)
-            if key is None:
-                continue
-            try:
-                msg = await self._js.get_last_msg(f"KV_{names.RESULTS_BUCKET}", f"$KV.{names.RESULTS_BUCKET}.{key}")
-            except NotFoundError:
-                continue
-            if not (msg.headers or {}).get("KV-Operation"):  # a put, not a delete or purge marker
-                return True
-        return False
-
     async def delete(self, objects: list[str]) -> None:
         for name in objects:
             with contextlib.suppress(NotFoundError):

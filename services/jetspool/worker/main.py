@@ -130,7 +130,7 @@ async def run(settings: Settings, stop: asyncio.Event, ready: asyncio.Event | No
         await callbacks.start()
         started.push_async_callback(callbacks.stop, settings.worker.shutdown_grace)
         canceller = Canceller(conn, status, CallbackQueue(conn.js), retention, events, logs=logs)
-        timers = Timers(conn.js, status, canceller, view, retention)
+        timers = Timers(conn.js, status, canceller, view, retention=retention, results=results)
         await timers.start()
         started.push_async_callback(timers.stop)
         cancels = await conn.nc.subscribe(names.CANCEL_SUBJECTS, cb=handler.on_cancel)

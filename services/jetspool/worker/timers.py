@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
     from jetspool.jetstream.cancel import Canceller
     from jetspool.jetstream.registry import RegistryView
+    from jetspool.jetstream.results import ResultStore
     from jetspool.jetstream.retention import Retention
     from jetspool.jetstream.status_store import StatusStore
 
@@ -50,13 +51,16 @@ class Timers:
         status: StatusStore,
         canceller: Canceller,
         registry: RegistryView,
+        *,
         retention: Retention,
+        results: ResultStore,
     ) -> None:
         self._js = js
         self._status = status
         self._canceller = canceller
         self._registry = registry
         self._retention = retention
+        self._results = results
         self._task: asyncio.Task[None] | None = None
         self._sub: JetStreamContext.PullSubscription | None = None
 
@@ -92,7 +96,7 @@ class Timers:
         if remaining_s > 0:
             return Settle("nak", remaining_s)
         if isinstance(job, SweepJob):
-            if await self._retention.still_named(job.objects):
+            if await self._results.names_any(job.objects):
                 return Settle("nak", _NAMED_RECHECK_S)
             await self._sweep(job)
         else:
