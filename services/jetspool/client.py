@@ -375,7 +375,12 @@ class _Resume:
         if self.failed > _RESUMES:
             why = f"it broke: {broke}" if broke else "it kept ending before the request completed"
             raise Unreachable(f"the status stream could not be resumed; {why}")
-        return float(_RESUME_FIRST_PAUSE_S * 2 ** (self.failed - 1))
+        return _growing_pause(self.failed)
+
+
+def _growing_pause(failed: int) -> float:
+    """The pause before trying again after `failed` failures in a row: 0.25 s, doubling."""
+    return float(_RESUME_FIRST_PAUSE_S * 2 ** (failed - 1))
 
 
 @dataclass
@@ -442,7 +447,7 @@ class _Polls:
     def pause(self, exc: Unreachable) -> float:
         """How long to wait before polling again; Unreachable when it is time to give up."""
         self.failed += 1
-        pause_s = float(_RESUME_FIRST_PAUSE_S * 2 ** (self.failed - 1))
+        pause_s = _growing_pause(self.failed)
         late = self.deadline is not None and time.monotonic() + pause_s >= self.deadline
         if self.failed > _RESUMES or late:
             queued = (

@@ -224,8 +224,7 @@ def _answers(path: str, method: str, responses: dict[str, Any], schema: dict[str
     elif path.startswith("/async-function/"):
         responses["202"] = {"description": "stored; its id is in X-Call-Id", "headers": _call_id_headers()}
     elif path == "/system/dashboard/events":
-        what = "Server-Sent Events: the latest status-change events, then each new one"
-        responses["200"] = {"description": what, "content": {"text/event-stream": {"schema": {"type": "string"}}}}
+        responses["200"] = _sse("Server-Sent Events: the latest status-change events, then each new one")
         responses["503"] = _json(_FULL, schema["ErrorAnswer"])
     elif path == "/readyz":
         responses["503"] = {"description": "not connected to NATS, or NATS does not answer"}
@@ -237,8 +236,7 @@ def _request_answers(path: str, responses: dict[str, Any], schema: dict[str, Any
         responses["200"] = _json("the status object of a completed request", schema["StatusObject"])
         responses["202"] = _json("the status object of a waiting or running request", schema["StatusObject"])
     elif path.endswith("/status/stream"):
-        what = "Server-Sent Events: the status object, then one per change, until COMPLETED"
-        responses["200"] = {"description": what, "content": {"text/event-stream": {"schema": {"type": "string"}}}}
+        responses["200"] = _sse("Server-Sent Events: the status object, then one per change, until COMPLETED")
         responses["503"] = _json(_FULL, schema["ErrorAnswer"])
     elif path.endswith("/cancel"):
         responses["202"] = _json("cancellation requested", schema["CancelAnswer"])
@@ -310,6 +308,10 @@ def _options() -> list[dict[str, Any]]:
 
 def _json(description: str, schema: dict[str, Any]) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _sse(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"text/event-stream": {"schema": {"type": "string"}}}}
 
 
 def _call_id_headers() -> dict[str, Any]:
