@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import os
+import signal
 from typing import TYPE_CHECKING, Any, cast
 
 import nats
@@ -12,8 +16,9 @@ from nats.js.errors import APIError, KeyNotFoundError, NoStreamResponseError, Se
 
 from jetspool.domain.errors import BadRequest
 from jetspool.domain.functions import Function
-from jetspool.jetstream.registry import FunctionRegistry
+from jetspool.jetstream.registry import FunctionRegistry, RegistryView
 from jetspool.jetstream.ridethrough import is_transient, ride_through
+from tests.support.servers import eventually
 
 if TYPE_CHECKING:
     from nats.js.kv import KeyValue
@@ -130,3 +135,30 @@ async def test_a_registration_whose_answer_was_lost_is_recognised_as_ours(nats_s
 
     assert lossy.lost == 1, "the first answer was lost and the create repeated"
     assert stored.url == "http://127.0.0.1:7/", "a name someone else holds stays theirs"
+
+
+async def test_a_registry_view_started_while_nats_does_not_answer_waits_it_out(
+    nats_server: EmbeddedNats, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its watch was not ridden through: a worker starting during a cluster's election stopped
+    with a timeout from the watch's consumer create."""
+    caplog.set_level(logging.INFO, logger="jetspool.jetstream.ridethrough")
+    nc = await nats.connect(nats_server.url)
+    try:
+        kv = await nc.jetstream().create_key_value(bucket="functions-test")
+        await FunctionRegistry(kv).create(Function(name="f", url="http://127.0.0.1:9/"))
+        view = RegistryView(kv)
+        os.kill(nats_server.pid, signal.SIGSTOP)
+        try:
+            started = asyncio.create_task(view.start())
+            await eventually(lambda: "registry watch failed" in caplog.text, timeout_s=20)
+        finally:
+            os.kill(nats_server.pid, signal.SIGCONT)
+        await asyncio.wait_for(started, timeout=30)
+        seen = view.get("f")
+        await view.stop()
+    finally:
+        await nc.close()
+
+    assert seen is not None
+    assert seen.url == "http://127.0.0.1:9/"

@@ -119,8 +119,11 @@ class RegistryView:
         self._functions.pop(name, None)
 
     async def start(self) -> None:
-        """Load every entry and keep following changes; returns once the initial entries are in."""
-        watcher = await self._kv.watchall()
+        """Load every entry and keep following changes; returns once the initial entries are in.
+
+        The watch rides through a cluster's election: a worker started just after a node came
+        back had its watch's consumer create time out, and it stopped (found by a flaky cluster test)."""
+        watcher = await ride_through(self._kv.watchall, "registry watch")
         self._task = asyncio.create_task(self._follow(watcher), name="registry-view")
         await self._ready.wait()
 
