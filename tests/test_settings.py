@@ -138,6 +138,18 @@ def test_empty_config_file_gives_the_defaults(tmp_path: Path) -> None:
     assert load(_config(tmp_path, ""), env={}) == load(None, env={})
 
 
+def test_a_section_left_empty_in_the_config_file_keeps_its_defaults(tmp_path: Path) -> None:
+    """Every key of a section commented out leaves it null: it was refused ("gateway: Expected
+    `object`, got `null`")."""
+    text = "gateway:\n  # port: 9000\nauth:\nfunctions:\nnats:\n  replicas: 1\n"
+    assert load(_config(tmp_path, text), env={}) == load(None, env={})
+
+
+def test_an_unknown_section_left_empty_is_still_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="gatway"):
+        load(_config(tmp_path, "gatway:\n"), env={})
+
+
 def test_config_file_is_found_through_jetspool_config(tmp_path: Path) -> None:
     path = _config(tmp_path, "gateway:\n  port: 9100\n")
     assert load(None, env={"JETSPOOL_CONFIG": str(path)}).gateway.port == 9100

@@ -260,6 +260,7 @@ class Settings(_Section, frozen=True, kw_only=True):
 
 _SECTIONS: Final = {f.name: f.type for f in msgspec.structs.fields(Settings) if f.name != "functions"}
 _FUNCTIONS_ENV: Final = f"{ENV_PREFIX}FUNCTIONS"
+_KNOWN_TOP: Final = frozenset(f.name for f in msgspec.structs.fields(Settings))
 
 
 def load(
@@ -517,7 +518,9 @@ def _read_file(path: Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: the top level must be a mapping of sections")
-    return data
+    # A section left empty (every key under it commented out) reads as null: its defaults, not a
+    # refusal ("gateway: Expected `object`, got `null`"). An unknown one is still refused.
+    return {key: value for key, value in data.items() if not (value is None and key in _KNOWN_TOP)}
 
 
 def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
