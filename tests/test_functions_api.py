@@ -233,6 +233,36 @@ async def test_invalid_registry_entry_is_refused_naming_the_field(
     assert (await stack.client.get("/system/functions")).json() == [], "nothing was registered"
 
 
+async def test_a_url_or_headers_no_call_could_use_are_refused_naming_the_field(stack: Stack) -> None:
+    """Each was registered (201), and every call then failed without a reason, or the synchronous
+    proxy answered a bare 500; a configured X-Call-Id replaced the request's id (found by an audit)."""
+    ok = "http://127.0.0.1:1"
+    refused = [
+        ({"url": "http://127.0.0.1:99999/"}, "url"),
+        ({"url": "http://127.0.0.1:0/"}, "url"),
+        ({"url": "http://127.0.0.1:ab/"}, "url"),
+        ({"url": "http://[::1/"}, "url"),
+        ({"url": "http://a b/"}, "url"),
+        ({"url": "http://a\tb/"}, "url"),
+        ({"url": "http://ab/\x01"}, "url"),
+        ({"url": ok, "headers": {"X-Tenant": "café"}}, "headers"),
+        ({"url": ok, "headers": {"X-Call-Id": "mine"}}, "X-Call-Id"),
+        ({"url": ok, "headers": {"x-logs-url": "http://127.0.0.1:1/"}}, "x-logs-url"),
+        ({"url": ok, "headers": {"x-fn": "a", "X-FN": "b"}}, "same header"),
+        ({"url": ok, "cancel_path": "/../admin"}, "cancel_path"),
+    ]
+    answers = [
+        (await stack.client.post("/system/functions", json={"name": "ok", **body}), named) for body, named in refused
+    ]
+
+    for response, named in answers:
+        assert response.status_code == 422, response.request.content
+        assert named in response.json()["detail"]
+    assert (await stack.client.get("/system/functions")).json() == [], "nothing was registered"
+    accepted = await stack.client.post("/system/functions", json={"name": "ok", "url": "http://[::1]:8080/a?code=k"})
+    assert accepted.status_code == 201
+
+
 async def test_non_json_registry_body_is_refused(stack: Stack) -> None:
     for body in (b"not json", b"[1, 2]"):
         response = await stack.client.post("/system/functions", content=body)

@@ -17,6 +17,10 @@ MAX_SECONDS: Final = 315_360_000.0
 """Ten years: the longest timeout or result_ttl (NATS message TTLs and datetimes overflow far above it)."""
 _HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _HEADER_VALUE = re.compile(r"^[^\x00-\x08\x0a-\x1f\x7f]*$")
+_SPACE_OR_CONTROL = re.compile(r"[\s\x00-\x1f\x7f]")
+_SET_BY_JETSPOOL: Final = frozenset({"x-call-id", "x-request-id", "x-attempt", "x-logs-url"})
+"""What a call carries from jetspool (SPEC §4): a function's configured `headers` took its place,
+and the function got the configured `X-Call-Id` instead of the request's id (found by an audit)."""
 FRAMING_HEADERS: Final = frozenset(
     {"content-length", "transfer-encoding", "host", "connection", "keep-alive", "te", "trailer", "upgrade", "expect"}
 )
@@ -67,6 +71,47 @@ def call_headers(
     return [*((k, v) for k, v in forwarded if k.lower() not in set_later), *own, *configured.items()]
 
 
+def _check_url(url: str) -> None:
+    """A function's URL as both HTTP clients (aiohttp in the worker, httpx in the gateway's
+    synchronous proxy) can call it. A port out of range, a broken IPv6 literal and a space or control
+    character were registered, and every call then failed with no reason given, or a bare 500 from
+    the synchronous proxy (found by an audit)."""
+    if not re.match(r"^https?://[^/\s]+", url):
+        raise ValueError("url: must be an absolute http:// or https:// URL")
+    if "#" in url:
+        raise ValueError("url: must not have a fragment (#...): it is never sent, and what followed it would be lost")
+    if _SPACE_OR_CONTROL.search(url):
+        raise ValueError("url: must not hold spaces or control characters (percent-encode them)")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"url: not a valid URL ({exc})") from exc
+    if not parts.hostname:
+        raise ValueError("url: must name a host")
+    if port == 0:
+        raise ValueError("url: the port must be 1 to 65535")
+
+
+def _check_headers(headers: dict[str, str]) -> None:
+    """A function's configured headers, as they can be sent on every call."""
+    seen: dict[str, str] = {}
+    for header, value in headers.items():
+        lower = header.lower()
+        if not _HEADER_NAME.fullmatch(header) or lower in FRAMING_HEADERS:
+            raise ValueError(f"headers: {header!r} cannot be sent as a header name")
+        if lower in _SET_BY_JETSPOOL:
+            raise ValueError(f"headers: {header} is set by jetspool on every call (SPEC §4)")
+        if lower in seen:
+            raise ValueError(f"headers: {seen[lower]!r} and {header!r} name the same header")
+        seen[lower] = header
+        if not _HEADER_VALUE.fullmatch(value):
+            raise ValueError(f"headers: the value of {header!r} holds a control character")
+        if not value.isascii():
+            # The synchronous proxy's httpx sends ASCII only: a `café` there was a bare 500 (an audit).
+            raise ValueError(f"headers: the value of {header!r} must be ASCII (percent-encode or base64 the rest)")
+
+
 def is_valid_name(name: str) -> bool:
     """Whether `name` may be used as a function name (and so in subjects and consumer names)."""
     return _NAME.fullmatch(name) is not None
@@ -92,19 +137,13 @@ class Function(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     def __post_init__(self) -> None:
         if not is_valid_name(self.name):  # the pattern's `$` alone would let a trailing newline through
             raise ValueError(f"name: invalid function name {self.name!r}")
-        if not re.match(r"^https?://[^/\s]+", self.url):
-            raise ValueError("url: must be an absolute http:// or https:// URL")
-        if "#" in self.url:
-            raise ValueError(
-                "url: must not have a fragment (#...): it is never sent, and what followed it would be lost"
-            )
-        for header, value in self.headers.items():
-            if not _HEADER_NAME.fullmatch(header) or header.lower() in FRAMING_HEADERS:
-                raise ValueError(f"headers: {header!r} cannot be sent as a header name")
-            if not _HEADER_VALUE.fullmatch(value):
-                raise ValueError(f"headers: the value of {header!r} holds a control character")
-        if self.cancel_path is not None and not self.cancel_path.startswith("/"):
-            raise ValueError("cancel_path: must start with /")
+        _check_url(self.url)
+        _check_headers(self.headers)
+        if self.cancel_path is not None:
+            if not self.cancel_path.startswith("/"):
+                raise ValueError("cancel_path: must start with /")
+            if leaves_its_url(self.cancel_path) or _SPACE_OR_CONTROL.search(self.cancel_path):
+                raise ValueError("cancel_path: must not hold a '.' or '..' segment, spaces or control characters")
 
     def endpoint(self, path: str) -> str:
         """The URL a request with sub-path `path` is delivered to (SPEC §4: `url + path`): the URL
