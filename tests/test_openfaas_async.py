@@ -151,6 +151,28 @@ async def test_a_queued_encoded_sub_path_reaches_the_function_as_it_was_sent(sta
     assert seen.body == b"odd"
 
 
+async def test_a_sub_paths_trailing_slash_empty_segments_and_empty_query_parts_reach_the_function(
+    stack: Stack,
+) -> None:
+    """Litestar's path parameter dropped them: `items/` was called as `items` (a redirect from most
+    frameworks) and `a//b` as `a/b`; the queued query lost `&&` (found by an audit)."""
+    await stack.register("echo", path="/echo")
+    queued = [
+        await stack.submit("echo", "items/?a=1&&b=2&", content=b"1"),
+        (await stack.client.post("/queue/echo/a//b/", content=b"2")).json()["request_id"],
+        await stack.submit("echo", "c/?webhookEndpoint=&x=1&", content=b"3"),
+    ]
+    called = await stack.client.get("/function/echo/sync/?&a=1")
+
+    finals = [(await stack.wait_for_status("echo", request_id))["status"] for request_id in queued]
+    assert finals == ["COMPLETED"] * 3
+    assert called.status_code == 200
+    assert [seen.query for seen in stack.functions.on("/echo/items/")] == ["a=1&&b=2&"]
+    assert [seen.body for seen in stack.functions.on("/echo/a//b/")] == [b"2"]
+    assert [seen.query for seen in stack.functions.on("/echo/c/")] == ["x=1&"]
+    assert [seen.query for seen in stack.functions.on("/echo/sync/")] == ["&a=1"]
+
+
 async def test_result_route_returns_the_functions_response(stack: Stack) -> None:
     await stack.register("echo")
     stack.functions.script("/echo", [Reply(200, b"<p>hi</p>", "text/html; charset=utf-8")])

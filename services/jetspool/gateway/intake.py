@@ -19,7 +19,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Final, TypeVar
-from urllib.parse import parse_qsl, unquote_plus
+from urllib.parse import parse_qsl, unquote, unquote_plus
 
 import orjson
 from nats.errors import Error as NatsError
@@ -147,6 +147,26 @@ def sub_path(path: str) -> str:
     return path.lstrip("/")
 
 
+def as_sent(request: Request[Any, Any, Any], matched: str) -> str:
+    """The sub-path a route matched as `matched`, as the client sent it (decoded): Litestar's path
+    parameter drops a trailing slash and empty segments, and `items/` reached the function as
+    `items` (a redirect from most frameworks), `a//b` as `a/b` (found by an audit)."""
+    raw = request.scope.get("raw_path")
+    if not matched or not raw:
+        return matched
+    parts = unquote(raw.decode("latin-1")).split("/")
+    wanted, start = len(_segments(matched)), len(parts)
+    while wanted and start:
+        start -= 1
+        wanted -= bool(parts[start])
+    sent = "/".join(parts[start:])
+    return sent if _segments(sent) == _segments(matched) else matched
+
+
+def _segments(path: str) -> list[str]:
+    return [segment for segment in path.split("/") if segment]
+
+
 def raw_query_and_headers(request: Request[Any, Any, Any]) -> tuple[str, list[tuple[str, str]]]:
     """The query string and headers exactly as the client sent them (order and repeats kept)."""
     query = request.scope.get("query_string", b"").decode("latin-1")
@@ -175,7 +195,7 @@ async def read_submission(
     return Submission(
         function=function,
         method=request.method,
-        path=sub_path(path),
+        path=sub_path(as_sent(request, path)),
         query=_forwarded_query(raw_query, CONTROL_QUERY | also_control),
         headers=forwardable(headers),  # what reaches the function: no credentials stored in the queue
         body=body,
@@ -246,9 +266,11 @@ def _max_queue_length(name: str, value: str) -> int:
 
 
 def _forwarded_query(raw: str, control: frozenset[str]) -> str:
-    """The query string without jetspool's own parameters, the rest byte for byte as the client sent it."""
-    kept = [part for part in raw.split("&") if part and unquote_plus(part.partition("=")[0]) not in control]
-    return "&".join(kept)
+    """The query string without jetspool's own parameters, the rest byte for byte as the client sent
+    it, empty segments included (`a=1&&b=2` went on as `a=1&b=2`; found by an audit)."""
+    parts = raw.split("&")
+    kept = [part for part in parts if unquote_plus(part.partition("=")[0]) not in control]
+    return raw if len(kept) == len(parts) else "&".join(kept)
 
 
 def _one_url(*given: tuple[str, str | None]) -> str | None:

@@ -15,7 +15,7 @@ from jetspool.domain import names
 from jetspool.domain.errors import RequestError
 from jetspool.domain.functions import HOP_BY_HOP, NOT_FORWARDED, call_headers, forwardable, with_query
 from jetspool.domain.status import request_urls
-from jetspool.gateway.intake import function_for, is_yes, raw_query_and_headers, read_submission, sub_path
+from jetspool.gateway.intake import as_sent, function_for, is_yes, raw_query_and_headers, read_submission, sub_path
 from jetspool.gateway.state import Gateway, GatewayDep
 
 _METHODS: Final = [
@@ -81,7 +81,7 @@ async def _call(request: Request[Any, Any, Any], gateway: Gateway, name: str, pa
         urls = request_urls(gateway.base_url, record.function, record.request_id)
         body = {"request_id": record.request_id, "run_id": record.request_id, **urls}
         return Response(body, status_code=202, headers={names.H_REQUEST_ID: record.request_id})
-    url = function.endpoint(sub_path(path))
+    url = function.endpoint(sub_path(as_sent(request, path)))
     query, headers = raw_query_and_headers(request)
     call = _call_headers(headers)
     started = time.monotonic()
