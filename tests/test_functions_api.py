@@ -237,7 +237,7 @@ async def test_a_url_or_headers_no_call_could_use_are_refused_naming_the_field(s
     """Each was registered (201), and every call then failed without a reason, or the synchronous
     proxy answered a bare 500; a configured X-Call-Id replaced the request's id (found by an audit)."""
     ok = "http://127.0.0.1:1"
-    refused = [
+    refused: list[tuple[dict[str, Any], str]] = [
         ({"url": "http://127.0.0.1:99999/"}, "url"),
         ({"url": "http://127.0.0.1:0/"}, "url"),
         ({"url": "http://127.0.0.1:ab/"}, "url"),
