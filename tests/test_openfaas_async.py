@@ -173,6 +173,35 @@ async def test_a_sub_paths_trailing_slash_empty_segments_and_empty_query_parts_r
     assert [seen.query for seen in stack.functions.on("/echo/sync/")] == ["&a=1"]
 
 
+async def test_non_ascii_header_values_reach_the_function_and_come_back_byte_for_byte(stack: Stack) -> None:
+    """A queued UTF-8 value reached the function encoded twice (`cafÃ©`); the synchronous proxy
+    answered a bare 500 for a Latin-1 one, and for a UTF-8 one in the function's answer (an audit)."""
+    await stack.register("echo", path="/echo")
+    stack.functions.script("/echo/sync", [Reply(body=b"s", headers=(("X-Back", "€uro"),))])
+    queued = await stack.submit("echo", "queued", content=b"q", headers=[(b"X-Odd", "café".encode())])
+    called = await stack.client.post("/function/echo/sync", content=b"s", headers=[(b"X-Odd", b"caf\xe9")])
+
+    assert (await stack.wait_for_status("echo", queued))["status"] == "COMPLETED"
+    assert called.status_code == 200
+    assert called.headers.raw[[k.lower() for k, _ in called.headers.raw].index(b"x-back")][1] == "€uro".encode()
+    [seen_queued], [seen_called] = stack.functions.on("/echo/queued"), stack.functions.on("/echo/sync")
+    assert dict(seen_queued.headers)["x-odd"].encode("latin-1") == "café".encode()
+    assert dict(seen_called.headers)["x-odd"].encode("latin-1") == b"caf\xe9"
+
+
+async def test_a_queued_header_value_that_is_not_utf8_is_refused_and_nothing_is_queued(
+    stack_without_worker: Stack,
+) -> None:
+    stack = stack_without_worker
+    await stack.register("echo")
+
+    refused = await stack.client.post("/async-function/echo", content=b"x", headers=[(b"X-Odd", b"caf\xe9")])
+
+    assert refused.status_code == 422
+    assert "x-odd" in refused.json()["detail"].lower()
+    assert (await stack.client.get("/system/functions/echo")).json()["stats"]["waiting"]["normal"] == 0
+
+
 async def test_result_route_returns_the_functions_response(stack: Stack) -> None:
     await stack.register("echo")
     stack.functions.script("/echo", [Reply(200, b"<p>hi</p>", "text/html; charset=utf-8")])

@@ -57,6 +57,27 @@ def forwardable(headers: list[tuple[str, str]], never: frozenset[str] = NOT_FORW
     return [(key, value) for key, value in headers if key.lower() not in dropped]
 
 
+def as_utf8(value: str) -> str:
+    """A header value as read off the wire (each byte a Latin-1 character), in the form aiohttp
+    sends byte for byte (it encodes header values as UTF-8): a caller's UTF-8 `café` reached the
+    function encoded twice (found by an audit). Submits refuse values that are not UTF-8
+    (`not_utf8`); one stored before that is sent with replacement characters."""
+    if value.isascii():
+        return value
+    return value.encode("latin-1").decode("utf-8", "replace")
+
+
+def not_utf8(headers: list[tuple[str, str]]) -> str | None:
+    """The first header, read off the wire, whose value is not UTF-8; None when all are."""
+    for name, value in headers:
+        if not value.isascii():
+            try:
+                value.encode("latin-1").decode("utf-8")
+            except UnicodeError:
+                return name
+    return None
+
+
 def call_headers(
     forwarded: list[tuple[str, str]], own: list[tuple[str, str]], configured: dict[str, str]
 ) -> list[tuple[str, str]]:

@@ -28,7 +28,7 @@ from opentelemetry.trace import SpanKind
 from jetspool import logfmt, tracing
 from jetspool.domain import ids, names
 from jetspool.domain.errors import HeadersTooLarge, InvalidInput, NotFound, QueueFull, Unavailable
-from jetspool.domain.functions import Function, forwardable, is_valid_name, leaves_its_url
+from jetspool.domain.functions import Function, forwardable, is_valid_name, leaves_its_url, not_utf8
 from jetspool.domain.messages import DeadlineJob, QueuedRequest
 from jetspool.domain.status import StatusRecord, utcnow
 from jetspool.jetstream.ridethrough import is_transient
@@ -191,13 +191,17 @@ async def read_submission(
     raw_query, headers = raw_query_and_headers(request)
     query = dict(parse_qsl(raw_query, keep_blank_values=True)) if raw_query else {}
     sent = _first_values(headers)
+    forwarded = forwardable(headers)  # what reaches the function: no credentials stored in the queue
+    odd = not_utf8(forwarded)
+    if odd is not None:  # the worker's HTTP client sends UTF-8 only: it could not be forwarded as sent
+        raise InvalidInput(f"header {odd}: its value is not UTF-8, and could not reach the function as sent")
     body = await request.body()
     return Submission(
         function=function,
         method=request.method,
         path=sub_path(as_sent(request, path)),
         query=_forwarded_query(raw_query, CONTROL_QUERY | also_control),
-        headers=forwardable(headers),  # what reaches the function: no credentials stored in the queue
+        headers=forwarded,
         body=body,
         callback_url=_one_url(
             (names.H_CALLBACK_URL, sent.get(names.H_CALLBACK_URL.lower())),

@@ -21,7 +21,7 @@ from opentelemetry.trace import SpanKind
 from jetspool import tracing
 from jetspool.domain import names
 from jetspool.domain.errors import PermanentDelivery, RetryableDelivery
-from jetspool.domain.functions import call_headers, forwardable, shown, with_query
+from jetspool.domain.functions import as_utf8, call_headers, forwardable, shown, with_query
 from jetspool.domain.status import ErrorType, utcnow
 from jetspool.worker.policy import check_response
 
@@ -85,7 +85,7 @@ async def invoke(
             (names.H_LOGS_URL, logs_url),
             *tracing.inject({}).items(),
         ]
-        forwarded = [(k, v) for k, v in forwardable(request.headers) if k.lower() not in tracing.TRACE_HEADERS]
+        forwarded = [(k, as_utf8(v)) for k, v in forwardable(request.headers) if k.lower() not in tracing.TRACE_HEADERS]
         headers = call_headers(forwarded, own, function.headers)
         reply = await _call(client, function, request.method, url, body=body, headers=headers)
         span.set_attribute("http.response.status_code", reply.status_code)

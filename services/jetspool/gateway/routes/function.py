@@ -50,6 +50,18 @@ def _call_headers(headers: list[tuple[str, str]]) -> dict[str, str]:
     return {names.H_CALL_ID: call_id, names.H_REQUEST_ID: call_id, names.H_START_TIME: str(time.time_ns())}
 
 
+def _latin1(headers: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
+    """Headers as bytes, each character of a value read off the wire (Latin-1) the byte it was:
+    httpx encodes a str value as ASCII, and a caller's `café` made the call a bare 500 (an audit)."""
+    return [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers]
+
+
+def _read_off(raw: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
+    """A function's answer headers as the gateway's server sends them back, byte for byte (Latin-1):
+    httpx decoded UTF-8 ones as such, which the server could not encode again."""
+    return [(name.decode("latin-1"), value.decode("latin-1")) for name, value in raw]
+
+
 class BadGateway(RequestError):
     status_code = 502
 
@@ -90,14 +102,14 @@ async def _call(request: Request[Any, Any, Any], gateway: Gateway, name: str, pa
             request.method,
             with_query(url, query),
             content=await request.body(),
-            headers=call_headers(forwardable(headers, _NOT_FORWARDED), list(call.items()), function.headers),
+            headers=_latin1(call_headers(forwardable(headers, _NOT_FORWARDED), list(call.items()), function.headers)),
             timeout=function.timeout,
         )
     except httpx.TimeoutException as exc:  # the call's headers too: its X-Call-Id is what the logs know it by
         raise GatewayTimeout(f"function {name!r} did not answer within {function.timeout:g} s", call) from exc
     except httpx.TransportError as exc:
         raise BadGateway(f"cannot reach function {name!r}: {exc.__class__.__name__}", call) from exc
-    relayed = dict(forwardable(list(answer.headers.items()), _NOT_RELAYED))
+    relayed = dict(forwardable(_read_off(answer.headers.raw), _NOT_RELAYED))
     relayed |= call | {names.H_DURATION_SECONDS: f"{time.monotonic() - started:.6f}"}
     if request.method == HttpMethod.HEAD and "content-length" in answer.headers:
         relayed["content-length"] = answer.headers["content-length"]  # what a GET's body would be; none is sent
