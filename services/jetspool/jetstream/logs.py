@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 MAX_LINES: Final = 1000
 """Log lines kept per request (the oldest go first), and the most one POST may add."""
 MAX_MESSAGE_CHARS: Final = 8192
+CLOSING_LINE: Final = "completed, "
+"""How the worker's last line of a request begins: `completed, succeeded` or `completed, failed: ...`."""
 _READ_TIMEOUT_S = 5.0
 _ACKED_TIMEOUT_S = 1.0
 """How long a completion waits for its closing line: a logs stream electing a leader drops the

@@ -29,6 +29,7 @@ from jetspool.domain import names
 from jetspool.domain.errors import DecodeError, PermanentDelivery, RetryableDelivery
 from jetspool.domain.messages import QueuedRequest, StoredResult, decode
 from jetspool.domain.status import ErrorType, StatusRecord, start_deadline_missed, utcnow
+from jetspool.jetstream.logs import CLOSING_LINE
 from jetspool.jetstream.stats import count, count_outcome
 from jetspool.jetstream.status_store import StaleStatus, StatusStore, Versioned
 from jetspool.worker.invoke import FunctionAnswer, function_url, invoke
@@ -580,7 +581,7 @@ class RequestHandler:
         # stream storing in its own goroutine (found by a test audit).
         outcome = "succeeded" if error_type is None else f"failed: {error}"
         await self._s.logs.write(
-            request.request_id, f"completed, {outcome}", level="INFO" if error_type is None else "ERROR", acked=True
+            request.request_id, f"{CLOSING_LINE}{outcome}", level="INFO" if error_type is None else "ERROR", acked=True
         )
         completed = await self._update(request, attempt, complete, current)
         if completed is None:

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import random
 from collections.abc import AsyncIterator
+from datetime import datetime
 from functools import partial
 from typing import Any, Final
 
@@ -27,6 +28,7 @@ from jetspool.gateway.intake import function_for, parse_request_id, read_submiss
 from jetspool.gateway.lookup import find_request, require_request
 from jetspool.gateway.state import Gateway, GatewayDep
 from jetspool.jetstream.cancel import CancelOutcome
+from jetspool.jetstream.logs import CLOSING_LINE
 from jetspool.jetstream.retry import RetryOutcome
 from jetspool.jetstream.ridethrough import ride_through
 from jetspool.jetstream.status_store import Versioned
@@ -361,10 +363,27 @@ def position_interval_s(watching: int) -> float:
 async def _view(gateway: Gateway, record: StatusRecord, *, with_logs: bool) -> dict[str, Any]:
     position = await gateway.positions.position(record) if record.status is State.IN_QUEUE else None
     lines = await gateway.logs.read(record.request_id) if with_logs else None
+    if lines and record.status is State.IN_PROGRESS and _closes(lines[-1], record):
+        lines = lines[:-1]  # it shows with the COMPLETED record, written just after it
     view = public_status(record, gateway.base_url, logs=lines, queue_position=position)
     if position is not None:
         view["eta_seconds"] = _eta_s(gateway, record.function, position)
     return view
+
+
+def _closes(line: dict[str, Any], record: StatusRecord) -> bool:
+    """Whether `line` is the worker's closing line ("completed, ...") of the attempt under way. The
+    worker stores it just before the completion, so that a stream's last event has it; shown until
+    then, a request read as IN_PROGRESS and completed at once, in an event of its own (found by an
+    audit, in 10 of 10 streams)."""
+    if record.started_at is None or line.get("source") != "worker":
+        return False
+    if not str(line.get("message", "")).startswith(CLOSING_LINE):
+        return False
+    try:
+        return datetime.fromisoformat(str(line["timestamp"])) >= record.started_at
+    except (KeyError, ValueError, TypeError):
+        return False
 
 
 def _eta_s(gateway: Gateway, function: str, position: int) -> float | None:
