@@ -189,6 +189,19 @@ async def test_non_ascii_header_values_reach_the_function_and_come_back_byte_for
     assert dict(seen_called.headers)["x-odd"].encode("latin-1") == b"caf\xe9"
 
 
+async def test_the_synchronous_proxy_relays_every_copy_of_a_repeated_answer_header(stack: Stack) -> None:
+    """Relayed through a dict, only the last `Set-Cookie` of two came back (found by a review)."""
+    await stack.register("echo", path="/echo")
+    repeated = (("Set-Cookie", "a=1"), ("Set-Cookie", "b=2"), ("X-Multi", "1"), ("x-multi", "2"))
+    stack.functions.script("/echo/sync", [Reply(body=b"s", headers=repeated)])
+
+    called = await stack.client.get("/function/echo/sync")
+
+    assert called.status_code == 200
+    assert called.headers.get_list("set-cookie") == ["a=1", "b=2"]
+    assert called.headers.get_list("x-multi") == ["1", "2"]
+
+
 async def test_a_queued_header_value_that_is_not_utf8_is_refused_and_nothing_is_queued(
     stack_without_worker: Stack,
 ) -> None:

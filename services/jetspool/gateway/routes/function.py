@@ -7,9 +7,11 @@ import uuid
 from typing import Any, Final
 
 import httpx
-from litestar import Request, Response, route
+import orjson
+from litestar import Request, route
 from litestar.enums import HttpMethod
 from litestar.params import FromPath
+from litestar.response.base import ASGIResponse
 
 from jetspool.domain import names
 from jetspool.domain.errors import RequestError
@@ -72,7 +74,7 @@ class GatewayTimeout(RequestError):
 
 
 @route("/function/{name:str}", http_method=_METHODS, status_code=200)
-async def call_function(request: Request[Any, Any, Any], gateway: GatewayDep, name: FromPath[str]) -> Response[Any]:
+async def call_function(request: Request[Any, Any, Any], gateway: GatewayDep, name: FromPath[str]) -> ASGIResponse:
     """Call `name` now and answer with its response; `?async=true` queues it instead (202)."""
     return await _call(request, gateway, name, "")
 
@@ -80,19 +82,22 @@ async def call_function(request: Request[Any, Any, Any], gateway: GatewayDep, na
 @route("/function/{name:str}/{path:path}", http_method=_METHODS, status_code=200)
 async def call_function_path(
     request: Request[Any, Any, Any], gateway: GatewayDep, name: FromPath[str], path: FromPath[str]
-) -> Response[Any]:
+) -> ASGIResponse:
     """Call `name` at sub-path `path`."""
     return await _call(request, gateway, name, path)
 
 
-async def _call(request: Request[Any, Any, Any], gateway: Gateway, name: str, path: str) -> Response[Any]:
+async def _call(request: Request[Any, Any, Any], gateway: Gateway, name: str, path: str) -> ASGIResponse:
     function = function_for(gateway.view, name)
     if is_yes(request.query_params.get("async")):
         submission = await read_submission(request, function, path, also_control=frozenset({"async"}))
         record = await gateway.intake.submit(submission)
         urls = request_urls(gateway.base_url, record.function, record.request_id)
         body = {"request_id": record.request_id, "run_id": record.request_id, **urls}
-        return Response(body, status_code=202, headers={names.H_REQUEST_ID: record.request_id})
+        answer_headers = {names.H_REQUEST_ID: record.request_id}
+        return ASGIResponse(
+            body=orjson.dumps(body), status_code=202, media_type="application/json", headers=answer_headers
+        )
     url = function.endpoint(sub_path(as_sent(request, path)))
     query, headers = raw_query_and_headers(request)
     call = _call_headers(headers)
@@ -109,9 +114,11 @@ async def _call(request: Request[Any, Any, Any], gateway: Gateway, name: str, pa
         raise GatewayTimeout(f"function {name!r} did not answer within {function.timeout:g} s", call) from exc
     except httpx.TransportError as exc:
         raise BadGateway(f"cannot reach function {name!r}: {exc.__class__.__name__}", call) from exc
-    relayed = dict(forwardable(_read_off(answer.headers.raw), _NOT_RELAYED))
-    relayed |= call | {names.H_DURATION_SECONDS: f"{time.monotonic() - started:.6f}"}
+    # A list, not a dict: a header the function repeats (`Set-Cookie`) is relayed as often, where only
+    # its last copy was (found by a review).
+    relayed = forwardable(_read_off(answer.headers.raw), _NOT_RELAYED)
+    relayed += [*call.items(), (names.H_DURATION_SECONDS, f"{time.monotonic() - started:.6f}")]
     if request.method == HttpMethod.HEAD and "content-length" in answer.headers:
-        relayed["content-length"] = answer.headers["content-length"]  # what a GET's body would be; none is sent
+        relayed.append(("content-length", answer.headers["content-length"]))  # a GET's body's; none is sent
     content_type = answer.headers.get("content-type", "application/octet-stream")
-    return Response(answer.content, status_code=answer.status_code, media_type=content_type, headers=relayed)
+    return ASGIResponse(body=answer.content, status_code=answer.status_code, media_type=content_type, headers=relayed)
