@@ -3,6 +3,7 @@ server that refuses the credentials stops start-up at once with a clear message 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -106,6 +107,28 @@ async def test_tls_with_a_private_ca(tmp_path: Path) -> None:
         await _round_trip(server, tls_ca=str(cert))
         with pytest.raises(ConfigError, match=r"not trusted .* check nats\.tls_ca"):
             await connect(NatsSettings(url=server.url, connect_timeout=2.0), "no-ca")
+    finally:
+        server.stop()
+
+
+async def test_a_client_certificate_the_server_refuses_stops_start_up_at_once(tmp_path: Path) -> None:
+    """Without one, or with one of another CA, the server's TLS alert was logged and retried for
+    ever, where a refused password stops start-up (found by an audit)."""
+    (tmp_path / "server").mkdir()
+    (tmp_path / "stranger").mkdir()
+    cert, key = self_signed(tmp_path / "server")
+    stranger_cert, stranger_key = self_signed(tmp_path / "stranger")
+    tls = f'tls {{ cert_file: "{cert}", key_file: "{key}", ca_file: "{cert}", verify: true }}\n'
+    server = EmbeddedNats(tmp_path / "nats", port=free_port(), extra_config=tls)
+    server.start()
+    try:
+        await _round_trip(server, tls_ca=str(cert), tls_cert=str(cert), tls_key=str(key))
+        for client_cert, client_key in ((None, None), (str(stranger_cert), str(stranger_key))):
+            settings = NatsSettings(
+                url=server.url, tls_ca=str(cert), tls_cert=client_cert, tls_key=client_key, connect_timeout=2.0
+            )
+            with pytest.raises(ConfigError, match=r"refused our TLS client certificate .* check nats\.tls_cert"):
+                await asyncio.wait_for(connect(settings, "refused-cert"), timeout=20)
     finally:
         server.stop()
 

@@ -10,7 +10,7 @@ import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import nats
 import nkeys
@@ -260,7 +260,22 @@ def _refusal(exc: Exception) -> str | None:
         )
     if isinstance(exc, ssl.SSLCertVerificationError) or "certificate verify failed" in text:
         return f"nats: the server's TLS certificate is not trusted ({exc}): check nats.tls_ca"
+    if isinstance(exc, ssl.SSLError) and any(alert in text for alert in _CLIENT_CERT_ALERTS):
+        # The server's TLS alert about our certificate: it was retried, and logged, for ever (found by an audit).
+        return f"nats: the server refused our TLS client certificate ({exc}): check nats.tls_cert and nats.tls_key"
     return None
+
+
+_CLIENT_CERT_ALERTS: Final = (
+    "alert certificate required",
+    "alert unknown ca",
+    "alert bad certificate",
+    "alert certificate unknown",
+    "alert certificate expired",
+    "alert certificate revoked",
+    "alert unsupported certificate",
+)
+"""TLS alerts a server sends about the client's certificate (OpenSSL's wording, lower case)."""
 
 
 async def _on_error(exc: Exception) -> None:
