@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import time
 from typing import TYPE_CHECKING
 
 import nats
@@ -94,3 +97,30 @@ async def test_metrics_count_a_known_workload(nats_server: EmbeddedNats) -> None
     latency = "jetspool_gateway_request_seconds_count"
     assert _value(samples, latency, method="POST", route="/async-function/{name}", status="202") == 7
     assert _value(samples, "jetspool_run_seconds_bucket", function="echo", le="+Inf") == 6
+
+
+async def test_a_scrape_while_nats_does_not_answer_gives_the_gateways_own_figures_in_time(
+    nats_server: EmbeddedNats,
+) -> None:
+    """It waited 31 s for a 503, blind to everything, beyond Prometheus's 10 s scrape timeout
+    (found by an audit): now the queue figures are left out and say so."""
+    stack = await start_stack(nats_server, worker=False)
+    try:
+        await stack.register("echo")
+        before = await _scrape(stack)
+        os.kill(nats_server.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            during = await _scrape(stack)
+            took_s = time.monotonic() - started
+        finally:
+            os.kill(nats_server.pid, signal.SIGCONT)
+    finally:
+        await stack.close()
+
+    assert _value(before, "jetspool_queue_figures_read") == 1
+    assert _value(before, "jetspool_requests_waiting", function="echo", priority="normal") == 0
+    assert _value(during, "jetspool_queue_figures_read") == 0
+    assert _value(during, "jetspool_requests_waiting", function="echo", priority="normal") is None
+    assert any(name == "jetspool_gateway_request_seconds_count" for name, _ in during)
+    assert took_s < 10, "within Prometheus's default scrape timeout"
