@@ -246,14 +246,14 @@ def test_sigterm_stops_a_running_part_with_exit_code_0(part: str, nats_server: E
     try:
         if part == "gateway":
             asyncio.run(wait_until_ready(f"http://127.0.0.1:{port}", timeout_s=30))
-        else:
-            proc.wait_for_text("worker ready", 30)
+        proc.wait_for_text(f"{part} ready", 30)  # a gateway logged nothing at all (found by an audit)
         code = proc.terminate(30)
     finally:
         proc.kill_tree()
 
     assert code == 0, proc.output
     assert "Traceback" not in proc.output
+    assert f"{part} stopping" in proc.output
 
 
 async def test_a_stopping_gateway_ends_its_status_streams_and_answers_its_long_polls(

@@ -96,7 +96,10 @@ def create_app(settings: Settings, *, config_errors: list[ConfigError] | None = 
             )
             if not settings.auth.api_keys and not settings.auth.admin_keys:
                 log.warning("no API keys configured: every route is open")
+            # As the worker's: a gateway started with API keys logged nothing at all (found by an audit).
+            log.info("gateway ready at %s", settings.gateway.base_url)
             yield
+            log.info("gateway stopping")
 
     app = Litestar(
         route_handlers=[
