@@ -349,6 +349,7 @@ def test_bad_jetspool_functions_is_refused_naming_functions(text: str, fragments
         load(None, env={"JETSPOOL_FUNCTIONS": text})
     for fragment in fragments:
         assert fragment in str(caught.value)
+    assert "JETSPOOL_FUNCTIONS" in str(caught.value), "the variable is named (found by an audit)"
 
 
 # --- NATS servers and the gateway's base URL -----------------------------------------------

@@ -288,6 +288,8 @@ def _with_source(message: str, from_env: dict[str, Any], from_flags: dict[str, A
     overrode it: `gateway.port: ...` did not say the bad value came from `JETSPOOL_GATEWAY__PORT`
     (found by an outside audit)."""
     key = message.partition(":")[0]
+    if re.match(r"functions\b", key) and "functions" in from_env and _FUNCTIONS_ENV not in message:
+        return f"{message} (set by {_FUNCTIONS_ENV})"  # it did not say so (found by an audit)
     path = key.split(".")
     if len(path) < 2 or not all(part.isidentifier() for part in path) or _has_path(from_flags, path):  # noqa: PLR2004
         return message
