@@ -133,6 +133,7 @@ async def test_exit_codes_scripts_can_rely_on(stack: Stack) -> None:
     cancelled_result = await _jetspool(stack, "result", "busy", waiting_id)
     bad_data = await _jetspool(stack, "submit", "echo", "--data", "not json")
     bad_usage = await _jetspool(stack, "submit")
+    timeout_alone = await _jetspool(stack, "submit", "echo", "--data", "{}", "--timeout", "5")  # was ignored
     unreachable_url = f"http://127.0.0.1:{free_port()}"
     unreachable = await _jetspool(stack, "submit", "echo", url=unreachable_url)
     unreachable_watch = await _jetspool(stack, "status", "echo", failed_id, "--watch", url=unreachable_url)
@@ -162,7 +163,8 @@ async def test_exit_codes_scripts_can_rely_on(stack: Stack) -> None:
     assert "cancelled" in cancelled_result.err
     assert (not_yet.code, not_yet.out) == (4, "")
     assert "has not completed yet" in not_yet.err, "it said: did not complete within 0 s"
-    assert (bad_data.code, bad_usage.code) == (2, 2)
+    assert (bad_data.code, bad_usage.code, timeout_alone.code) == (2, 2, 2)
+    assert "--wait" in timeout_alone.err
     assert "--data is not JSON" in bad_data.err
     assert unreachable.code == 5
     assert "cannot reach the gateway" in unreachable.err

@@ -80,9 +80,7 @@ def add_client_commands(commands: Any) -> None:
     submit.add_argument("--path", default="", help="sub-path below the function's URL, query too: /v1/run?mode=fast")
     submit.add_argument("--priority", choices=["high", "normal", "low"])
     submit.add_argument("--wait", action="store_true", help="follow the request and print its result")
-    submit.add_argument(
-        "--timeout", type=_seconds, metavar="S", help="with --wait (ignored without): give up after S seconds (exit 4)"
-    )
+    submit.add_argument("--timeout", type=_seconds, metavar="S", help="with --wait: give up after S seconds (exit 4)")
     _client_options(submit)
 
     status = commands.add_parser("status", help="show a request's status (--watch: follow it)")
@@ -178,6 +176,8 @@ def run_client_command(args: argparse.Namespace) -> int:
 
 
 def _submit(client: Client, args: argparse.Namespace, out: Output) -> int:
+    if args.timeout is not None and not args.wait:  # it was ignored without a word (found by an audit)
+        raise ConfigError("--timeout is how long --wait waits: give --wait too, or leave --timeout out")
     handle = client.submit(args.name, content=_body(args.data), path=args.path, priority=args.priority,
                            headers=_content_type(args.data))  # fmt: skip
     if not args.wait:
