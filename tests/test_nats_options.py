@@ -133,6 +133,33 @@ async def test_a_client_certificate_the_server_refuses_stops_start_up_at_once(tm
         server.stop()
 
 
+def test_a_worker_on_a_tls_nats_stops_without_asyncios_ssl_eof_warning(tmp_path: Path) -> None:
+    """asyncio warned "returning true from eof_received() has no effect when using ssl" at every
+    stop, which tells an operator nothing (found by an audit)."""
+    cert, key = self_signed(tmp_path)
+    server = EmbeddedNats(
+        tmp_path / "nats", port=free_port(), extra_config=f'tls {{ cert_file: "{cert}", key_file: "{key}" }}\n'
+    )
+    server.start()
+    env = {
+        "JETSPOOL_CONFIG": "",
+        ACCEPT_SINGLE_REPLICA: "true",
+        _SHUTDOWN_GRACE: "0",
+        "JETSPOOL_NATS__TLS_CA": str(cert),
+    }
+    proc = JetspoolProcess(["worker", "--nats-url", server.url], env=env)
+    try:
+        proc.wait_for_text("worker ready", 30)
+        code = proc.terminate(30)
+    finally:
+        proc.kill_tree()
+        server.stop()
+
+    assert code == 0, proc.output
+    assert "worker stopping" in proc.output
+    assert "eof_received" not in proc.output
+
+
 async def test_unusable_tls_files_are_a_config_error_naming_the_keys(tmp_path: Path) -> None:
     """An absent CA file, or a key of another certificate: FileNotFoundError or ssl.SSLError with
     a traceback and exit code 1 before (found by a security audit)."""
