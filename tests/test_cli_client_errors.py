@@ -260,7 +260,7 @@ async def test_submit_help_says_timeout_goes_with_wait() -> None:
     ran = await _jetspool("submit", "--help", url=None)
 
     assert ran.code == 0
-    assert "with --wait (ignored without)" in " ".join(ran.out.split())
+    assert "with --wait: give up after S seconds" in " ".join(ran.out.split())
 
 
 @pytest.mark.parametrize(
