@@ -217,7 +217,9 @@ def _answers(path: str, method: str, responses: dict[str, Any], schema: dict[str
     elif path.startswith(("/queue/{name}", "/fal/queue/submit/")) and method == "post":
         responses["200"] = _json("stored: the request's id and URLs", schema["SubmitAnswer"])
     elif path.startswith("/function/"):
-        responses["200"] = {"description": "the function's response, as it answered"}
+        responses["200"] = {"description": "the function's response, as it answered", "content": {"*/*": {}}}
+        # The function answers with any status it likes, a 204 or a 405 too (found by an audit).
+        responses["default"] = {"description": "the function's own answer, with its status", "content": {"*/*": {}}}
         responses["202"] = _json("queued (?async=true)", schema["AsyncCallAnswer"])
         responses["502"] = _json("the function cannot be reached", schema["ErrorAnswer"])
         responses["504"] = _json("the function did not answer within its timeout", schema["ErrorAnswer"])
@@ -257,7 +259,7 @@ def _result_answers(responses: dict[str, Any], error: dict[str, Any]) -> None:
     function's status and content type: any status, a function error's too (SPEC §5). Declared as
     JSON errors alone, a function's 404 or 409 (answered as 400) did not fit the document (found
     by an outside audit)."""
-    function_answer = {"schema": {"type": "string", "format": "binary"}}
+    function_answer: dict[str, Any] = {}  # any body: a schema of binary strings failed a JSON answer (an audit)
     own = {
         "400": "not completed yet (`status` says where it stands); or the function's 408 or 409 (X-Function-Status)",
         "404": "no such request (of this function); or the function's own 404",
