@@ -270,6 +270,14 @@ async def test_non_json_registry_body_is_refused(stack: Stack) -> None:
         assert response.json()["detail"]
 
 
+async def test_put_with_a_null_name_takes_the_paths_as_without_one(stack: Stack) -> None:
+    """It was a 400 saying the body named None (found by an audit)."""
+    response = await stack.client.put("/system/functions/one", json={"name": None, "url": stack.function_url("/x")})
+
+    assert response.status_code == 201
+    assert response.json()["name"] == "one"
+
+
 async def test_put_with_a_different_name_in_the_body_is_refused(stack: Stack) -> None:
     response = await stack.client.put("/system/functions/one", json={"name": "two", "url": stack.function_url("/x")})
 

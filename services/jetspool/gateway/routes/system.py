@@ -33,7 +33,9 @@ async def _function_body(request: Request[Any, Any, Any], name: str | None = Non
     if not isinstance(data, dict):
         raise InvalidInput("body must be a JSON object describing the function")
     if name is not None:
-        if data.setdefault("name", name) != name:
+        if data.get("name") is None:  # `"name": null` too: it was a 400 naming None (found by an audit)
+            data["name"] = name
+        if data["name"] != name:
             raise BadRequest(f"the body names {data['name']!r} but the path names {name!r}")
         data.pop("stats", None)
     try:
