@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated, Final
+from typing import TYPE_CHECKING, Annotated, Final
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import msgspec
 
 from jetspool.domain.errors import DecodeError
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
 
 NAME_PATTERN: Final = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
 _NAME = re.compile(NAME_PATTERN)
@@ -55,6 +58,17 @@ def forwardable(headers: list[tuple[str, str]], never: frozenset[str] = NOT_FORW
     named = {token.strip().lower() for value in listed for token in value.split(",")}
     dropped = never | named if named else never
     return [(key, value) for key, value in headers if key.lower() not in dropped]
+
+
+def read_off_wire(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
+    """Headers as text, each byte a Latin-1 character, so that `to_wire` gives back the same bytes."""
+    return [(name.decode("latin-1"), value.decode("latin-1")) for name, value in raw]
+
+
+def to_wire(headers: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
+    """Headers read off the wire (`read_off_wire`) as the bytes they were: httpx encodes a str value as
+    ASCII, and a caller's `café` made a synchronous call a bare 500 (found by an audit)."""
+    return [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers]
 
 
 def as_utf8(value: str) -> str:

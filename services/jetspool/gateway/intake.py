@@ -28,7 +28,7 @@ from opentelemetry.trace import SpanKind
 from jetspool import logfmt, tracing
 from jetspool.domain import ids, names
 from jetspool.domain.errors import HeadersTooLarge, InvalidInput, NotFound, QueueFull, Unavailable
-from jetspool.domain.functions import Function, forwardable, is_valid_name, leaves_its_url, not_utf8
+from jetspool.domain.functions import Function, forwardable, is_valid_name, leaves_its_url, not_utf8, read_off_wire
 from jetspool.domain.messages import DeadlineJob, QueuedRequest
 from jetspool.domain.status import StatusRecord, utcnow
 from jetspool.jetstream.ridethrough import is_transient
@@ -170,8 +170,7 @@ def _segments(path: str) -> list[str]:
 def raw_query_and_headers(request: Request[Any, Any, Any]) -> tuple[str, list[tuple[str, str]]]:
     """The query string and headers exactly as the client sent them (order and repeats kept)."""
     query = request.scope.get("query_string", b"").decode("latin-1")
-    headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.scope["headers"]]
-    return query, headers
+    return query, read_off_wire(request.scope["headers"])
 
 
 def is_yes(value: str | None) -> bool:

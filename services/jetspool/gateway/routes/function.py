@@ -15,7 +15,15 @@ from litestar.response.base import ASGIResponse
 
 from jetspool.domain import names
 from jetspool.domain.errors import RequestError
-from jetspool.domain.functions import HOP_BY_HOP, NOT_FORWARDED, call_headers, forwardable, with_query
+from jetspool.domain.functions import (
+    HOP_BY_HOP,
+    NOT_FORWARDED,
+    call_headers,
+    forwardable,
+    read_off_wire,
+    to_wire,
+    with_query,
+)
 from jetspool.domain.status import request_urls
 from jetspool.gateway.intake import as_sent, function_for, is_yes, raw_query_and_headers, read_submission, sub_path
 from jetspool.gateway.state import Gateway, GatewayDep
@@ -50,18 +58,6 @@ def _call_headers(headers: list[tuple[str, str]]) -> dict[str, str]:
     except ValueError:
         call_id = str(uuid.uuid4())
     return {names.H_CALL_ID: call_id, names.H_REQUEST_ID: call_id, names.H_START_TIME: str(time.time_ns())}
-
-
-def _latin1(headers: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
-    """Headers as bytes, each character of a value read off the wire (Latin-1) the byte it was:
-    httpx encodes a str value as ASCII, and a caller's `café` made the call a bare 500 (an audit)."""
-    return [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers]
-
-
-def _read_off(raw: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
-    """A function's answer headers as the gateway's server sends them back, byte for byte (Latin-1):
-    httpx decoded UTF-8 ones as such, which the server could not encode again."""
-    return [(name.decode("latin-1"), value.decode("latin-1")) for name, value in raw]
 
 
 class BadGateway(RequestError):
@@ -107,7 +103,7 @@ async def _call(request: Request[Any, Any, Any], gateway: Gateway, name: str, pa
             request.method,
             with_query(url, query),
             content=await request.body(),
-            headers=_latin1(call_headers(forwardable(headers, _NOT_FORWARDED), list(call.items()), function.headers)),
+            headers=to_wire(call_headers(forwardable(headers, _NOT_FORWARDED), list(call.items()), function.headers)),
             timeout=function.timeout,
         )
     except httpx.TimeoutException as exc:  # the call's headers too: its X-Call-Id is what the logs know it by
@@ -116,7 +112,8 @@ async def _call(request: Request[Any, Any, Any], gateway: Gateway, name: str, pa
         raise BadGateway(f"cannot reach function {name!r}: {exc.__class__.__name__}", call) from exc
     # A list, not a dict: a header the function repeats (`Set-Cookie`) is relayed as often, where only
     # its last copy was (found by a review).
-    relayed = forwardable(_read_off(answer.headers.raw), _NOT_RELAYED)
+    # Read off the wire, not as httpx decodes them (UTF-8 when it can), which the server could not encode again.
+    relayed = forwardable(read_off_wire(answer.headers.raw), _NOT_RELAYED)
     relayed += [*call.items(), (names.H_DURATION_SECONDS, f"{time.monotonic() - started:.6f}")]
     if request.method == HttpMethod.HEAD and "content-length" in answer.headers:
         relayed.append(("content-length", answer.headers["content-length"]))  # a GET's body's; none is sent
