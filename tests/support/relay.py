@@ -1,0 +1,74 @@
+"""A TCP relay a test can cut: one part loses NATS while the server, and every other part, stay up."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from urllib.parse import urlsplit
+
+from tests.support.servers import loopback_socket
+
+_CHUNK = 64 * 1024
+
+
+class Relay:
+    """Relays connections from a loopback port to the server at `target` (a nats:// URL).
+
+    `cut()` drops every connection through it and refuses new ones until `mend()`, as a broken
+    network link would; the server behind it sees its clients go."""
+
+    def __init__(self, target: str) -> None:
+        parts = urlsplit(target)
+        self._host, self._port = parts.hostname or "127.0.0.1", parts.port or 4222
+        self._server: asyncio.Server | None = None
+        self._open = True
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._relay, sock=loopback_socket())
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None, "start() first"
+        return f"nats://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+
+    def cut(self) -> None:
+        self._open = False
+        for writer in list(self._writers):
+            writer.transport.abort()
+
+    def mend(self) -> None:
+        self._open = True
+
+    async def stop(self) -> None:
+        self.cut()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self._open:
+            writer.transport.abort()
+            return
+        try:
+            upstream_reader, upstream_writer = await asyncio.open_connection(self._host, self._port)
+        except OSError:
+            writer.transport.abort()
+            return
+        pair = {writer, upstream_writer}
+        self._writers |= pair
+        try:
+            await asyncio.gather(_pump(reader, upstream_writer), _pump(upstream_reader, writer))
+        finally:
+            self._writers -= pair
+            for end in pair:
+                end.transport.abort()
+
+
+async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Copy until either side goes; then close the other, as the link between them is gone."""
+    with contextlib.suppress(ConnectionError, OSError):
+        while data := await reader.read(_CHUNK):
+            writer.write(data)
+            await writer.drain()
+    writer.transport.abort()
