@@ -402,7 +402,7 @@ async def test_redeliver_asked_while_the_last_attempt_runs_is_sent(
             failed_noted.set()
 
     async def read_late(delivery: CallbackDelivery, msg: Any) -> Any:
-        if decode(msg.data, CallbackJob).again:
+        if decode(msg.data, CallbackJob).round:
             await failed_noted.wait()
         return await read(delivery, msg)
 
@@ -488,16 +488,20 @@ async def test_a_redirect_is_not_followed(nats_server: EmbeddedNats) -> None:
     assert stack.receiver.on("/elsewhere") == []
 
 
-@pytest.mark.parametrize("again", [False, True], ids=["a job", "a job of the redeliver route"])
-async def test_a_callback_job_delivered_again_is_not_sent_again(stack: Stack, again: bool) -> None:
+@pytest.mark.parametrize("redelivered", [False, True], ids=["a job", "a job of a round since redelivered"])
+async def test_a_callback_job_delivered_again_is_not_sent_again(stack: Stack, redelivered: bool) -> None:
     """A job whose ack was lost comes back after its ack wait: the status says the callback was
-    delivered, so the receiver does not get it a second time. So too for a job of the redeliver
-    route, which is sent over a `failed` state only (a review found it sent over any)."""
+    delivered, so the receiver does not get it a second time. A job of a round the redeliver route
+    has superseded is not sent either, whatever the state."""
     await stack.register("echo")
     hook = stack.callback_url("/hook")
     request_id = await stack.submit("echo", headers={"X-Callback-Url": hook})
     await _wait_for_callback_state(stack, "echo", request_id, "delivered")
-    job = CallbackJob(request_id=request_id, function="echo", kind="openfaas", url=hook, again=again)
+    if redelivered:
+        await stack.client.post(f"/queue/echo/requests/{request_id}/callback/redeliver")
+        await stack.receiver.wait_for("/hook", 2)
+        await _wait_for_callback_state(stack, "echo", request_id, "delivered")
+    job = CallbackJob(request_id=request_id, function="echo", kind="openfaas", url=hook, round=0)
 
     nc = await nats.connect(stack.nats.url)
     try:
@@ -508,9 +512,43 @@ async def test_a_callback_job_delivered_again_is_not_sent_again(stack: Stack, ag
     finally:
         await nc.close()
 
-    assert len(stack.receiver.on("/hook")) == 1
+    sent = 2 if redelivered else 1
+    assert len(stack.receiver.on("/hook")) == sent
     [target] = await _callbacks(stack, "echo", request_id)
-    assert (target["state"], target["attempts"]) == ("delivered", 1)
+    assert (target["state"], target["attempts"]) == ("delivered", sent)
+
+
+async def test_redeliver_while_retries_are_pending_stops_the_old_chain(nats_server: EmbeddedNats) -> None:
+    """A redelivery asked while the callback still waits for its next retry: the old job is dropped
+    at its turn, and the receiver gets each retry once, up to `max_attempts` for the new round. Both
+    chains ran on, and the receiver got every retry twice (found by an audit)."""
+    retries = {"max_attempts": 3, "initial_backoff": 1.0, "multiplier": 1.0, "max_backoff": 1.0, "jitter": 0.0}
+    stack = await start_stack(nats_server, overrides={"callbacks": retries})
+    try:
+        await stack.register("echo")
+        stack.receiver.script("/hook", [Reply(500)] * 10)
+        request_id = await stack.submit("echo", headers={"X-Callback-Url": stack.callback_url("/hook")})
+        await _wait_for_callback_state(stack, "echo", request_id, "pending")
+        await eventually_true(lambda: _attempts_noted(stack, request_id, 1))  # its retry waits a second
+
+        response = await stack.client.post(f"/queue/echo/requests/{request_id}/callback/redeliver")
+        failed = await _wait_for_callback_state(stack, "echo", request_id, "failed", timeout_s=30)
+        nc = await nats.connect(stack.nats.url)
+        try:
+            await eventually_true(lambda: _callbacks_settled(nc.jetstream()), timeout_s=15)
+        finally:
+            await nc.close()
+    finally:
+        await stack.close()
+
+    assert response.status_code == 202
+    assert len(stack.receiver.on("/hook")) == 1 + 3, "one attempt before the redelivery, then max_attempts"
+    assert (failed["attempts"], failed["last_status"]) == (4, 500)
+
+
+async def _attempts_noted(stack: Stack, request_id: str, attempts: int) -> bool:
+    [target] = await _callbacks(stack, "echo", request_id)
+    return bool(target["attempts"] == attempts)
 
 
 @pytest.mark.parametrize(

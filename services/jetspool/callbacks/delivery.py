@@ -200,11 +200,13 @@ class CallbackDelivery:
             log.info("callback for %s: run %d was retried since; its new run calls back", job.request_id, job.run)
             return TERM
         target = next((t for t in current.record.callbacks if (t.kind, t.url) == (job.kind, job.url)), None)
-        if target is not None and target.state != "pending" and not (job.again and target.state == "failed"):
-            # A job redelivered because its ack was lost: what the status recorded stands. Not so a
-            # redelivery asked for that finds `failed`: the last attempt of a job in flight when it
-            # was asked wrote that over its `pending`, and it was dropped unsent (found by a race
-            # review). One that finds `delivered` is not sent again: its own ack may have been lost.
+        if target is not None and target.round != job.round:
+            # A redelivery was asked for while this job's retries were still pending: its own job
+            # delivers now. Both chains ran on, and the receiver got every retry twice.
+            log.info("callback for %s to %s: a redelivery asked since sends it", job.request_id, shown(job.url))
+            return ACK
+        if target is not None and target.state != "pending":
+            # A job redelivered because its ack was lost: what the status recorded stands.
             log.info(
                 "callback for %s to %s is %s already; not sent again", job.request_id, shown(job.url), target.state
             )
@@ -271,7 +273,9 @@ class CallbackDelivery:
         def attempted(record: StatusRecord) -> StatusRecord | None:
             if record.retries != job.run:
                 return None
-            return record.callback_attempted(job.kind, job.url, state=state, last_status=last_status, at=utcnow())
+            return record.callback_attempted(
+                job.kind, job.url, in_round=job.round, state=state, last_status=last_status, at=utcnow()
+            )
 
         await self._status.change(current, attempted)
 

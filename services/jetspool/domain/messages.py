@@ -84,8 +84,8 @@ class CallbackJob(WireMessage, frozen=True, kw_only=True):
     url: str
     run: int = 0
     """The run of the request (`QueuedRequest.retry`) whose outcome this delivers."""
-    again: bool = False
-    """Asked for by the redeliver route: sent even when the target shows `failed` when it is read."""
+    round: int = 0
+    """The target's round (`CallbackTarget.round`) the job was made in: 0, or a redelivery asked for."""
 
 
 LogLevel = Literal["STDERR", "STDOUT", "ERROR", "INFO", "WARN", "DEBUG"]

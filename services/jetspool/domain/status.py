@@ -73,9 +73,27 @@ class CallbackTarget(msgspec.Struct, frozen=True, kw_only=True):
     state: DeliveryState = "pending"
     attempts: int = 0
     """Delivery attempts made, over every run and redelivery."""
+    round: int = 0
+    """Redeliveries asked for so far (the redeliver route): a job of an earlier round is dropped,
+    so that a chain of retries still pending when a redelivery is asked stops beside the new one."""
     last_status: int | None = None
     """HTTP status of the receiver's last answer (none when it could not be reached)."""
     delivered_at: datetime | None = None
+
+    def attempted(self, in_round: int, state: DeliveryState, last_status: int | None, at: datetime) -> CallbackTarget:
+        """This target after an attempt made in `in_round` ended in `state`. An attempt of a round
+        superseded meanwhile counts, but leaves the state to the new round: the last attempt of a
+        job in flight when a redelivery was asked wrote `failed` over the new round's `pending`,
+        and the new job, read after that, was dropped unsent (found by a race review)."""
+        if in_round != self.round:
+            return msgspec.structs.replace(self, attempts=self.attempts + 1)
+        return msgspec.structs.replace(
+            self,
+            state=state,
+            attempts=self.attempts + 1,
+            last_status=last_status,
+            delivered_at=at if state == "delivered" else self.delivered_at,
+        )
 
     def view(self) -> dict[str, Any]:
         return {
@@ -197,27 +215,27 @@ class StatusRecord(WireMessage, frozen=True, kw_only=True):
         )
 
     def callbacks_again(self) -> StatusRecord:
-        """Every callback of the request is to be delivered again."""
+        """Every callback of the request is to be delivered again, in a round of its own."""
         return msgspec.structs.replace(
-            self, callbacks=[msgspec.structs.replace(t, state="pending") for t in self.callbacks]
+            self,
+            callbacks=[msgspec.structs.replace(t, state="pending", round=t.round + 1) for t in self.callbacks],
         )
 
     def callback_attempted(
-        self, kind: CallbackKind, url: str, *, state: DeliveryState, last_status: int | None, at: datetime
+        self,
+        kind: CallbackKind,
+        url: str,
+        *,
+        in_round: int,
+        state: DeliveryState,
+        last_status: int | None,
+        at: datetime,
     ) -> StatusRecord:
-        """One delivery attempt of the callback `kind` to `url` ended in `state`."""
+        """One delivery attempt of the callback `kind` to `url`, made in `in_round`, ended in `state`."""
         return msgspec.structs.replace(
             self,
             callbacks=[
-                msgspec.structs.replace(
-                    t,
-                    state=state,
-                    attempts=t.attempts + 1,
-                    last_status=last_status,
-                    delivered_at=at if state == "delivered" else t.delivered_at,
-                )
-                if (t.kind, t.url) == (kind, url)
-                else t
+                t.attempted(in_round, state, last_status, at) if (t.kind, t.url) == (kind, url) else t
                 for t in self.callbacks
             ],
         )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -21,23 +20,23 @@ class CallbackQueue:
     def __init__(self, js: JetStreamContext) -> None:
         self._js = js
 
-    async def emit(self, record: StatusRecord, *, again: bool = False) -> None:
-        """One job per callback target of the record's run.
+    async def emit(self, record: StatusRecord) -> None:
+        """One job per callback target of the record's run, in the target's round.
 
-        Message ids make a repeat within the duplicate window harmless; `again` (a redelivery
-        asked for) is never taken for a repeat.
+        Message ids make a repeat within the duplicate window harmless: a run's outcome, or one
+        redelivery asked for, is delivered once.
         """
         run = f".retry{record.retries}" if record.retries else ""
-        nonce = f".again.{uuid.uuid4().hex}" if again else ""
         for target in record.callbacks:
+            again = f".round{target.round}" if target.round else ""
             job = CallbackJob(
                 request_id=record.request_id,
                 function=record.function,
                 kind=target.kind,
                 url=target.url,
                 run=record.retries,
-                again=again,
+                round=target.round,
             )
             subject, payload = names.callback_subject(target.kind), encode(job)
-            headers = tracing.inject({names.NATS_MSG_ID: f"{record.request_id}.{target.kind}{run}{nonce}"})
+            headers = tracing.inject({names.NATS_MSG_ID: f"{record.request_id}.{target.kind}{run}{again}"})
             await ride_through(partial(self._js.publish, subject, payload, headers=headers), "callback enqueue")

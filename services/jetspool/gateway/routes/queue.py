@@ -218,7 +218,7 @@ async def redeliver_callbacks(gateway: GatewayDep, name: FromPath[str], request_
             status_code=400,
             headers={names.H_REQUEST_ID: seen.request_id},
         )
-    await gateway.callbacks.emit(changed.record, again=True)
+    await gateway.callbacks.emit(changed.record)
     body = {
         "status": "REDELIVERY_REQUESTED",
         "request_id": seen.request_id,
