@@ -213,6 +213,29 @@ async def test_function_route_with_async_true_queues_like_cerebrium(stack: Stack
     assert callback.body == b"later"
 
 
+@pytest.mark.parametrize(("flag", "queued"), [("yes", True), ("0", False), ("", False)])
+async def test_function_routes_async_flag_reads_as_the_submit_flags_do(stack: Stack, flag: str, queued: bool) -> None:
+    await stack.register("echo")
+
+    response = await stack.client.post("/function/echo", params={"async": flag}, content=b"x")
+
+    assert response.status_code == (202 if queued else 200)
+    if queued:
+        await stack.wait_for_status("echo", response.json()["request_id"])
+    assert len(stack.functions.on("/echo")) == 1
+
+
+async def test_function_routes_async_flag_with_a_typo_is_refused_and_calls_nothing(stack: Stack) -> None:
+    """It made a synchronous call, which may run for minutes, where the client meant to queue."""
+    await stack.register("echo")
+
+    response = await stack.client.post("/function/echo", params={"async": "ture"}, content=b"x")
+
+    assert response.status_code == 422
+    assert response.json()["detail"] == "async must be 1, true or yes (0, false or no to say no); got 'ture'"
+    assert stack.functions.on("/echo") == []
+
+
 @pytest.mark.parametrize("path", ["/function/nobody", "/function/Bad_Name"])
 async def test_function_route_refuses_unknown_or_invalid_names(stack: Stack, path: str) -> None:
     """A name no function may have is an unknown function too (SPEC §1: 404)."""

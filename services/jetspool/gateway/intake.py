@@ -173,11 +173,6 @@ def raw_query_and_headers(request: Request[Any, Any, Any]) -> tuple[str, list[tu
     return query, read_off_wire(request.scope["headers"])
 
 
-def is_yes(value: str | None) -> bool:
-    """Whether a header or query flag says yes (`1`, `true`, `yes`, any case)."""
-    return value is not None and _FLAGS.get(value.strip().lower()) is True
-
-
 async def read_submission(
     request: Request[Any, Any, Any],
     function: Function,
@@ -208,7 +203,7 @@ async def read_submission(
         ),
         webhook_url=_one_url(("fal_webhook", query.get("fal_webhook")), ("webhook", query.get("webhook"))),
         priority=_priority(sent),
-        no_retry=_aliased(sent, NO_RETRY_HEADERS, _flag) or False,
+        no_retry=_aliased(sent, NO_RETRY_HEADERS, flag) or False,
         max_queue_length=_aliased(query, ("max_queue_length", "fal_max_queue_length"), _max_queue_length),
         start_timeout_s=_start_timeout(sent),
         idempotency_key=_idempotency_key(sent.get("idempotency-key")),
@@ -290,13 +285,15 @@ def _one_url(*given: tuple[str, str | None]) -> str | None:
 _FLAGS: Final = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False, "": False}
 
 
-def _flag(header: str, value: str) -> bool:
-    """A yes/no header (SPEC §2: `1|true|yes`; `0|false|no` or empty say no): other values 422, where a
-    typo such as `ture` quietly meant no (found by a docs audit)."""
-    flag = _FLAGS.get(value.strip().lower())
-    if flag is None:
-        raise InvalidInput(f"{header} must be 1, true or yes (0, false or no to say no); got {value!r}")
-    return flag
+def flag(name: str, value: str | None) -> bool:
+    """A yes/no header or query flag (SPEC §2: `1|true|yes`; `0|false|no` or empty say no; absent:
+    no): other values 422, where a typo such as `ture` quietly meant no (found by a docs audit)."""
+    if value is None:
+        return False
+    said = _FLAGS.get(value.strip().lower())
+    if said is None:
+        raise InvalidInput(f"{name} must be 1, true or yes (0, false or no to say no); got {value!r}")
+    return said
 
 
 def _priority(sent: dict[str, str]) -> names.Priority:

@@ -25,7 +25,7 @@ from jetspool.domain.functions import (
     with_query,
 )
 from jetspool.domain.status import request_urls
-from jetspool.gateway.intake import as_sent, function_for, is_yes, raw_query_and_headers, read_submission, sub_path
+from jetspool.gateway.intake import as_sent, flag, function_for, raw_query_and_headers, read_submission, sub_path
 from jetspool.gateway.state import Gateway, GatewayDep
 
 _METHODS: Final = [
@@ -85,7 +85,8 @@ async def call_function_path(
 
 async def _call(request: Request[Any, Any, Any], gateway: Gateway, name: str, path: str) -> ASGIResponse:
     function = function_for(gateway.view, name)
-    if is_yes(request.query_params.get("async")):
+    # A typo (`?async=ture`) is refused, not taken for a synchronous call that may run for minutes.
+    if flag("async", request.query_params.get("async")):
         submission = await read_submission(request, function, path, also_control=frozenset({"async"}))
         record = await gateway.intake.submit(submission)
         urls = request_urls(gateway.base_url, record.function, record.request_id)

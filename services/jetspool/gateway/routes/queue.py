@@ -24,7 +24,7 @@ from jetspool.domain.errors import InvalidInput, NotFound
 from jetspool.domain.outcomes import result_answer
 from jetspool.domain.status import State, StatusRecord, public_status, request_urls
 from jetspool.gateway.feed import PING, Slot
-from jetspool.gateway.intake import function_for, parse_request_id, read_submission
+from jetspool.gateway.intake import flag, function_for, parse_request_id, read_submission
 from jetspool.gateway.lookup import find_request, require_request
 from jetspool.gateway.state import Gateway, GatewayDep
 from jetspool.jetstream.cancel import CancelOutcome
@@ -35,7 +35,6 @@ from jetspool.jetstream.status_store import Versioned
 
 log = logging.getLogger(__name__)
 
-_FLAGS = {"1": True, "true": True, "0": False, "false": False}
 _MAX_WAIT_S = 600.0
 _EVENT_IDS_PER_REVISION = 1_000_000
 _READ: Final = [HttpMethod.GET, HttpMethod.HEAD]
@@ -91,15 +90,6 @@ async def _position_after_submit(gateway: Gateway, record: StatusRecord) -> int 
         return None
 
 
-def _flag(name: str, value: str | None) -> bool:
-    if value is None:
-        return False
-    try:
-        return _FLAGS[value.strip().lower()]
-    except KeyError as exc:
-        raise InvalidInput(f"{name} must be one of 1, 0, true, false; got {value!r}") from exc
-
-
 @route("/queue/{name:str}/requests/{request_id:str}/status", http_method=_READ)
 async def request_status(
     gateway: GatewayDep, name: FromPath[str], request_id: FromPath[str], logs: FromQuery[str | None] = None
@@ -109,7 +99,7 @@ async def request_status(
 
 
 async def _status(gateway: Gateway, name: str | None, request_id: str, logs: str | None) -> Response[dict[str, Any]]:
-    with_logs = _flag("logs", logs)
+    with_logs = flag("logs", logs)
     record = (await require_request(gateway, name, request_id)).record
     body = await _view(gateway, record, with_logs=with_logs)
     return Response(
@@ -280,7 +270,7 @@ async def status_stream(
 ) -> ServerSentEvent:
     """Server-Sent Events: the status object at once, then one per change (status, queue position,
     log lines), ending after COMPLETED; a `: ping` comment after `gateway.sse_ping_interval` (15 s) of quiet."""
-    with_logs = _flag("logs", logs)
+    with_logs = flag("logs", logs)
     current = await require_request(gateway, name, request_id)
     slot = gateway.feed.reserve()  # before the answer starts: a refusal can still be a 503
     last_id = _event_id(request.headers.get("last-event-id"))
