@@ -52,6 +52,7 @@ async def test_max_queue_length_refuses_with_429_and_queues_nothing(stack: Stack
 
     assert refused.status_code == 429
     assert refused.json()["detail"]
+    assert refused.headers["retry-after"] == "1"
     assert alias.status_code == 429
     assert (bad.status_code, empty.status_code) == (422, 422)
     assert (disagree.status_code, agree.status_code) == (422, 429)

@@ -288,6 +288,7 @@ async def test_the_openapi_document_names_the_submission_options_answers_and_err
         assert {("header", "X-Queue-Priority"), ("header", "X-Request-Timeout"), ("header", "Idempotency-Key")} <= named
         for code in ("400", "404", "413", "422", "429", "431", "503"):
             assert submit["responses"][code]["content"]["application/json"]["schema"] == error, (route, code)
+        assert "Retry-After" in submit["responses"]["429"]["headers"], route
     status = paths["/queue/{name}/requests/{request_id}/status"]["get"]["responses"]
     assert status["202"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/StatusObject"}
     assert status["404"]["content"]["application/json"]["schema"] == error

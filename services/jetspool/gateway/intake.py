@@ -282,6 +282,10 @@ def _one_url(*given: tuple[str, str | None]) -> str | None:
     return urls[0][1] if urls else None
 
 
+_QUEUE_FULL_RETRY_AFTER: Final = "1"
+"""Seconds a client refused by `max_queue_length` waits before trying again: a hint (RFC 6585), as
+the queue drains at the function's pace; without one, clients retried at once or not at all."""
+
 _FLAGS: Final = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False, "": False}
 
 
@@ -449,7 +453,10 @@ class Intake:
         if limit is not None:
             waiting = sum((await self._positions.waiting(submission.function.name)).values())
             if waiting >= limit:
-                raise QueueFull(f"{waiting} requests of {submission.function.name!r} wait (max_queue_length {limit})")
+                raise QueueFull(
+                    f"{waiting} requests of {submission.function.name!r} wait (max_queue_length {limit})",
+                    {names.H_RETRY_AFTER: _QUEUE_FULL_RETRY_AFTER},
+                )
 
     async def _admit(
         self, submission: Submission, check: Callable[[Submission], Awaitable[None]]

@@ -170,6 +170,8 @@ def _complete(path: str, method: str, operation: dict[str, Any], schema: dict[st
     if path.startswith("/system/functions"):
         _admin(path, method, operation, schema)
     _guards(path, operation, error)
+    if "429" in responses:  # a full queue and a key's rate limit both say when to come back
+        responses["429"].setdefault("headers", {})[names.H_RETRY_AFTER] = _RETRY_AFTER_HEADER
     if "{request_id}" in path:  # SPEC §2: every answer about a request names it
         for answer in responses.values():
             answer.setdefault("headers", {})[names.H_REQUEST_ID] = _REQUEST_ID_HEADER
@@ -286,6 +288,7 @@ _RESULT_HEADERS: Final = {
     names.H_FUNCTION_STATUS: "the function's own status code, when the answer's differs (408, 409 → 400)",
 }
 _REQUEST_ID_HEADER: Final = {"description": "the request's id", "schema": {"type": "string"}}
+_RETRY_AFTER_HEADER: Final = {"description": "seconds to wait before trying again", "schema": {"type": "string"}}
 
 
 def _is_submit(path: str, method: str) -> bool:
