@@ -121,6 +121,7 @@ def create_app(settings: Settings, *, config_errors: list[ConfigError] | None = 
             queue.legacy_cancel,
             system.purge_function,
             queue.request_result,
+            *system.REGISTRY_OPTIONS,
             system.list_functions,
             system.get_function,
             system.create_function,

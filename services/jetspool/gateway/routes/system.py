@@ -8,6 +8,7 @@ from typing import Any, Final
 import msgspec
 from litestar import Request, Response, delete, get, post, put, route
 from litestar.enums import HttpMethod
+from litestar.handlers import HTTPRouteHandler
 from litestar.params import FromPath
 from nats.errors import Error as NatsError
 
@@ -58,6 +59,23 @@ async def _with_stats(gateway: GatewayDep, function: Function) -> dict[str, Any]
     entry: dict[str, Any] = msgspec.to_builtins(function)
     entry["stats"] = await gateway.stats.for_function(function.name)
     return entry
+
+
+def _allow(path: str) -> HTTPRouteHandler:
+    """OPTIONS on `path`, naming every method its handlers serve. Litestar's own answer, made for
+    handlers registered one by one, named the first handler's only (`Allow: GET, OPTIONS` on the
+    registry, found by an audit; litestar#4169, fixed in Litestar 3). Registered before them."""
+
+    @route(path, http_method=[HttpMethod.OPTIONS], status_code=204, include_in_schema=False)
+    async def allow(request: Request[Any, Any, Any]) -> Response[None]:
+        methods = next(r.methods for r in request.app.routes if r.path == path)
+        return Response(None, status_code=204, headers={"Allow": ", ".join(sorted(methods))})
+
+    return allow
+
+
+REGISTRY_OPTIONS: Final = (_allow("/system/functions"), _allow("/system/functions/{name:str}"))
+"""The registry paths' OPTIONS, each served by several handlers."""
 
 
 @get("/system/functions")
