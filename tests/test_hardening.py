@@ -249,6 +249,34 @@ async def test_headers_too_large_for_a_queue_message_get_431_and_an_inline_body_
     assert (seen.body, seen.header("x-pad")) == (body, "b" * 16_000)
 
 
+async def test_a_url_beyond_the_http_servers_limit_is_refused_and_queues_nothing(nats_server: EmbeddedNats) -> None:
+    """The README's limit: httptools, which uvicorn parses requests with, takes URLs of up to 65,535
+    bytes; a longer one gets a plain-text 400 before jetspool sees it (the README said a query
+    could reach a quarter of max_payload, 2 MiB: an audit found this limit first)."""
+    stack = await start_stack(nats_server, worker=False)
+    answers = []
+    try:
+        await stack.register("echo")
+        host, port = stack.gateway.url.removeprefix("http://").rsplit(":", 1)
+        for length in (65_535, 65_536):
+            target = b"/queue/echo?q="
+            reader, writer = await asyncio.open_connection(host, int(port))
+            try:
+                padded = target + b"x" * (length - len(target))
+                writer.write(
+                    b"POST " + padded + b" HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                )
+                answers.append((await asyncio.wait_for(reader.read(), 30)).split(b"\r\n", 1)[0])
+            finally:
+                writer.close()
+        waiting = (await stack.client.get("/system/functions/echo")).json()["stats"]["waiting"]
+    finally:
+        await stack.close()
+
+    assert answers == [b"HTTP/1.1 200 OK", b"HTTP/1.1 400 Bad Request"]
+    assert sum(waiting.values()) == 1, "the URL within the limit only"
+
+
 @pytest.mark.parametrize(
     ("method", "path", "allowed"),
     [
