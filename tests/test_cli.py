@@ -203,6 +203,34 @@ def test_restart_on_the_same_data_dir_keeps_requests_and_statuses(tmp_path: Path
     assert all("error_type" not in status for status in finished)
 
 
+@pytest.mark.timeout(180)
+def test_the_demo_functions_stop_with_up_and_a_function_registered_in_their_place_stays(tmp_path: Path) -> None:
+    """Left registered at the port of demo functions no longer served, they took the requests of
+    the next `up` without `--demo` and failed every attempt (found by an audit)."""
+    data_dir, port = tmp_path / "data", free_port()
+    own = {"name": "flaky", "url": "http://127.0.0.1:9/own"}
+    demo = Up(data_dir, port)
+    try:
+        with httpx.Client(base_url=demo.url, timeout=10) as client:
+            shown = {entry["name"] for entry in client.get("/system/functions").json()}
+            assert client.put("/system/functions/flaky", json=own).status_code == 200
+        assert demo.stop() == 0
+    finally:
+        demo.proc.kill_tree()
+
+    plain = JetspoolProcess(["up", "--port", str(port), "--data-dir", str(data_dir)], env=FAST_STOP, cwd=tmp_path)
+    try:
+        plain.wait_for_line("jetspool is up:")
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+            left = {entry["name"]: entry["url"] for entry in client.get("/system/functions").json()}
+        assert plain.terminate() == 0
+    finally:
+        plain.kill_tree()
+
+    assert shown == {"echo", "sleep", "flaky"}
+    assert left == {"flaky": own["url"]}, "the demo's own entries went with it; the one put in their place stayed"
+
+
 def test_a_bad_config_file_stops_with_the_key_and_exit_code_2(tmp_path: Path) -> None:
     config = tmp_path / "bad.yaml"
     config.write_text("nats:\n  url: nats://127.0.0.1:4222\n  replicas: many\n", encoding="utf-8")

@@ -25,10 +25,13 @@ import httpx
 import msgspec
 
 from jetspool.aio import stop_task
+from jetspool.domain import names
 from jetspool.domain.errors import ConfigError
 from jetspool.domain.functions import masked
 from jetspool.embedded import EmbeddedNats, die_with_parent
-from jetspool.jetstream.connection import check_key_files
+from jetspool.jetstream.connection import check_key_files, connect
+from jetspool.jetstream.provision import drop_idle_function_consumers
+from jetspool.jetstream.registry import FunctionRegistry
 from jetspool.jetstream.startup import check_durability, open_jetstream
 from jetspool.settings import check_listen, check_tls_files, load, url_host
 
@@ -39,6 +42,7 @@ if TYPE_CHECKING:
     from jetspool.settings import NatsSettings, Settings
 
 _READY_TIMEOUT_S = 60.0
+_WITHDRAW_TIMEOUT_S = 10.0
 _POLL_S = 0.2
 
 
@@ -92,6 +96,8 @@ class Supervisor:
         self._children: list[tuple[str, subprocess.Popen[bytes]]] = []
         self._child_env: dict[str, str] = {}
         self._stop = StopRequest()
+        self._demo: list[Function] = []
+        """The demo functions registered, unregistered again at the stop."""
 
     def run(self) -> int:
         """Run until a signal or a child's death; 0 on a requested stop, 1 when a child died."""
@@ -108,6 +114,8 @@ class Supervisor:
             return self._watch()
         finally:
             self._stop_children()
+            if self._demo:
+                self._withdraw_demo()
             if self._nats is not None:
                 self._nats.stop()
 
@@ -140,7 +148,9 @@ class Supervisor:
             self._wait_http(f"{demo_url}/healthz", "demo functions")
             from jetspool import demo  # noqa: PLC0415 - only `--demo` needs it
 
-            asyncio.run(self._register_demo(nats_url, demo.functions(demo_url)))
+            functions = demo.functions(demo_url)
+            asyncio.run(self._register_demo(nats_url, functions))
+            self._demo = functions
             if self._stop.is_set():
                 return
         gateway = self._settings.gateway
@@ -182,6 +192,19 @@ class Supervisor:
             if not registering.done():
                 await stop_task(registering)
         registering.result()  # its error, if any
+
+    def _withdraw_demo(self) -> None:
+        """Unregister the demo functions, which stop with `up`: left registered, at the port of demo
+        functions no longer served, the next `up` without `--demo` took their requests and failed
+        every attempt (found by an audit). Requests still waiting for them run when `up --demo`
+        registers them again."""
+        nats_url = self._child_env[_NATS_URL]
+        try:
+            asyncio.run(asyncio.wait_for(_withdraw(self._settings, nats_url, self._demo), _WITHDRAW_TIMEOUT_S))
+        except Exception as exc:  # noqa: BLE001 - stopping: told, and the stop goes on
+            listed = ", ".join(function.name for function in self._demo)
+            sys.stderr.write(f"jetspool: the demo functions ({listed}) could not be unregistered: {exc!r}\n")
+        self._demo = []
 
     def _nats_hint(self) -> str:
         """What to check when a part waiting for a NATS server we did not start is not ready."""
@@ -303,6 +326,20 @@ async def _register(settings: Settings, nats_url: str, functions: list[Function]
     settings = msgspec.structs.replace(settings, nats=msgspec.structs.replace(settings.nats, url=nats_url))
     async with contextlib.AsyncExitStack() as started:
         await open_jetstream(settings, "jetspool-up", started, functions)
+
+
+async def _withdraw(settings: Settings, nats_url: str, functions: list[Function]) -> None:
+    """Unregister `functions` where the registry still holds them as registered (not replaced
+    since), and drop their consumers when no request waits."""
+    settings = msgspec.structs.replace(settings, nats=msgspec.structs.replace(settings.nats, url=nats_url))
+    conn = await connect(settings.nats, "jetspool-up")
+    try:
+        registry = FunctionRegistry(await conn.js.key_value(names.FUNCTIONS_BUCKET))
+        for function in functions:
+            if await registry.withdraw(function):
+                await drop_idle_function_consumers(conn.js, function.name)
+    finally:
+        await conn.close()
 
 
 def _exit_status(code: int) -> str:

@@ -93,6 +93,22 @@ class FunctionRegistry:
         await self.get(name)
         await ride_through(partial(self._kv.delete, name), "registry delete")  # a repeated delete marker is harmless
 
+    async def withdraw(self, function: Function) -> bool:
+        """Unregister `function` if the stored entry is still exactly it, not one written since in
+        its place; whether it was."""
+        try:
+            entry = await ride_through(partial(self._kv.get, function.name), "registry read")
+        except KeyNotFoundError:
+            return False
+        if entry.value != function.encode():
+            return False
+        delete = partial(self._kv.delete, function.name, last=entry.revision)
+        try:
+            await ride_through(delete, "registry delete")
+        except KeyWrongLastSequenceError:
+            return False  # written over meanwhile (or our own first try landed, its answer lost)
+        return True
+
 
 class RegistryView:
     """An in-memory copy of the registry, kept current by one KV watcher."""
