@@ -310,6 +310,7 @@ async def test_the_openapi_document_names_the_submission_options_answers_and_err
         for code in ("400", "404", "413", "422", "429", "431", "503"):
             assert submit["responses"][code]["content"]["application/json"]["schema"] == error, (route, code)
         assert "Retry-After" in submit["responses"]["429"]["headers"], route
+        assert submit["requestBody"]["content"] == {"*/*": {}}, route
     status = paths["/queue/{name}/requests/{request_id}/status"]["get"]["responses"]
     assert status["202"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/StatusObject"}
     assert status["404"]["content"]["application/json"]["schema"] == error
@@ -342,6 +343,12 @@ async def test_the_openapi_document_names_the_submission_options_answers_and_err
     assert proxy["responses"]["default"]["content"] == {"*/*": {}}
     assert result["200"]["content"]["*/*"] == {}
     assert "403" in paths["/system/functions"]["post"]["responses"]
+    # an audit: a registry write's body is bounded too, and so is the dashboard's `limit`
+    assert {"413", "422"} <= set(paths["/system/functions/{name}"]["put"]["responses"])
+    assert "413" in paths["/system/functions"]["post"]["responses"]
+    assert "413" not in paths["/system/functions/{name}"]["get"]["responses"]
+    assert "422" in paths["/system/dashboard/events"]["get"]["responses"]
+    assert "requestBody" not in paths["/function/{name}"]["get"]
     error_schema = document["components"]["schemas"]["ErrorAnswer"]
     assert set(error_schema["properties"]) == {"detail", "error_type", "status"}
     accepted = paths["/async-function/{name}"]["post"]["responses"]["202"]["headers"]

@@ -40,6 +40,7 @@ from jetspool.domain.views import (
 )
 from jetspool.gateway.auth import OPEN_PATHS
 from jetspool.gateway.intake import NO_RETRY_HEADERS, PRIORITY_HEADERS, TIMEOUT_HEADERS
+from jetspool.gateway.routes.dashboard import MAX_RECENT
 
 if TYPE_CHECKING:
     from litestar import Litestar, Response, Router
@@ -85,6 +86,8 @@ _TYPES: Final = (
     LogsAnswer,
 )
 _REF: Final = "#/components/schemas/{name}"
+_WITH_BODY: Final = frozenset({"post", "put", "patch"})
+"""The methods whose body the document describes (OpenAPI gives a GET's or DELETE's none)."""
 
 _OPTION_HEADERS: Final = [
     *((h, "priority class: high, normal (default) or low", {"enum": list(names.PRIORITIES)}) for h in PRIORITY_HEADERS),
@@ -154,18 +157,11 @@ _SCHEMA_PATHS: Final = {
 def _complete(path: str, method: str, operation: dict[str, Any], schema: dict[str, Any]) -> None:
     responses: dict[str, Any] = operation["responses"]
     error = schema["ErrorAnswer"]
-    if "400" in responses:  # Litestar's own, for a route with parameters: its body is ours
-        responses["400"] = _json("invalid input", error)
-    if "{request_id}" in path:
-        responses["404"] = _json("no such request (of this function)", error)
-        responses["422"] = _json("a malformed request id", error)
-    elif "{name}" in path:
-        if path == "/system/functions/{name}" and method == "put":  # a PUT registers it
-            responses["422"] = _json("an invalid function entry or name", error)
-        else:
-            responses["404"] = _json("no such function (a name no function may have included)", error)
+    _input_errors(path, method, responses, error)
     if _is_submit(path, method):
-        _submit(path, operation, error)
+        _submit(path, method, operation, error)
+    if method in _WITH_BODY:  # gateway.max_body_size holds for every body (found by an audit: declared on submits only)
+        responses.setdefault("413", _json(_SUBMIT_ERRORS[413], error))
     _answers(path, method, responses, schema)
     if path.startswith("/system/functions"):
         _admin(path, method, operation, schema)
@@ -177,8 +173,25 @@ def _complete(path: str, method: str, operation: dict[str, Any], schema: dict[st
             answer.setdefault("headers", {})[names.H_REQUEST_ID] = _REQUEST_ID_HEADER
 
 
-def _submit(path: str, operation: dict[str, Any], error: dict[str, Any]) -> None:
-    """A submit's options and the errors they may bring."""
+def _input_errors(path: str, method: str, responses: dict[str, Any], error: dict[str, Any]) -> None:
+    """The errors of the path's parameters."""
+    if "400" in responses:  # Litestar's own, for a route with parameters: its body is ours
+        responses["400"] = _json("invalid input", error)
+    if "{request_id}" in path:
+        responses["404"] = _json("no such request (of this function)", error)
+        responses["422"] = _json("a malformed request id", error)
+    elif "{name}" in path:
+        if path == "/system/functions/{name}" and method == "put":  # a PUT registers it
+            responses["422"] = _json("an invalid function entry or name", error)
+        else:
+            responses["404"] = _json("no such function (a name no function may have included)", error)
+
+
+def _submit(path: str, method: str, operation: dict[str, Any], error: dict[str, Any]) -> None:
+    """A submit's body, its options and the errors they may bring."""
+    if method in _WITH_BODY:
+        body = {"description": "the function's input, passed on as sent (any type)", "content": {"*/*": {}}}
+        operation["requestBody"] = {**body, "required": False}
     parameters = operation.setdefault("parameters", [])
     if path.startswith("/function/"):  # a submit with ?async=true only
         what = "1, true or yes: queue the call (202) instead of calling now; the options below apply then"
@@ -230,6 +243,7 @@ def _answers(path: str, method: str, responses: dict[str, Any], schema: dict[str
     elif path == "/system/dashboard/events":
         responses["200"] = _sse("Server-Sent Events: the latest status-change events, then each new one")
         responses["503"] = _json(_FULL, schema["ErrorAnswer"])
+        responses["422"] = _json(f"`limit` is out of its range, 0 to {MAX_RECENT}", schema["ErrorAnswer"])
     elif path == "/readyz":
         responses["503"] = {"description": "not connected to NATS, or NATS does not answer"}
 

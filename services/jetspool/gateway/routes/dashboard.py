@@ -40,7 +40,7 @@ _ASSETS: Final = {
     "dashboard.js": "text/javascript",
     "dashboard.css": "text/css",
 }
-_MAX_RECENT: Final = 500
+MAX_RECENT: Final = 500
 _LIVE_BUFFER: Final = 10_000
 """Events a slow dashboard may fall behind by before the oldest are dropped."""
 _CLOSING_CHECK_S: Final = 1.0
@@ -84,8 +84,8 @@ async def overview(gateway: GatewayDep) -> dict[str, Any]:
 
 @get("/system/dashboard/events")
 async def events(gateway: GatewayDep, limit: FromQuery[int] = 100) -> ServerSentEvent:
-    if not 0 <= limit <= _MAX_RECENT:
-        raise InvalidInput(f"limit must be 0 to {_MAX_RECENT}; got {limit}")
+    if not 0 <= limit <= MAX_RECENT:
+        raise InvalidInput(f"limit must be 0 to {MAX_RECENT}; got {limit}")
     # A place among the gateway's streams, as a status stream takes: each holds a subscription and
     # a task, and a client opening them without end was not held back (found by an audit).
     slot = gateway.feed.reserve()
