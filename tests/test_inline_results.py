@@ -31,7 +31,8 @@ async def test_the_result_route_gives_the_response_wherever_it_is_kept(
 ) -> None:
     body = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
     await stack.register("echo")
-    stack.functions.script("/echo", [Reply(207, body, "application/octet-stream")])
+    own = (("X-Model", "v2"),)  # kept beside the body, wherever that is
+    stack.functions.script("/echo", [Reply(207, body, "application/octet-stream", headers=own)])
     request_id = await stack.submit("echo", headers={"X-Callback-Url": stack.callback_url()})
 
     await stack.wait_for_status("echo", request_id)
@@ -39,8 +40,9 @@ async def test_the_result_route_gives_the_response_wherever_it_is_kept(
 
     assert (response.status_code, response.content) == (207, body)
     assert response.headers["content-type"] == "application/octet-stream"
+    assert response.headers["x-model"] == "v2"
     callbacks = await stack.receiver.wait_for("/callback")
-    assert callbacks[0].body == body
+    assert (callbacks[0].body, callbacks[0].header("x-model")) == (body, "v2")
     nc = await nats.connect(stack.nats.url)
     try:
         js = nc.jetstream()

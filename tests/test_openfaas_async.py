@@ -229,6 +229,40 @@ async def test_result_route_returns_the_functions_response(stack: Stack) -> None
     assert response.headers["x-request-id"] == request_id
 
 
+async def test_the_result_and_its_callback_carry_the_functions_own_headers(stack: Stack) -> None:
+    """As the synchronous proxy relays them, and OpenFaaS's queue-worker passes them to a callback:
+    a 303 came without its Location (found by an audit). Not kept: those of the hop, the function's
+    server's Date and Server, its cookies, and the headers jetspool sets itself."""
+    await stack.register("echo")
+    own = (
+        ("Location", "/elsewhere"),
+        ("X-Model", "v2"),
+        ("Link", "<a>; rel=next"),
+        ("Link", "<b>; rel=prev"),
+        ("Set-Cookie", "session=1"),
+        ("X-Request-Id", "not-the-request"),
+        ("Connection", "close"),
+    )
+    stack.functions.script("/echo", [Reply(303, b"see there", "text/plain", headers=own)])
+    hook = {"X-Callback-Url": stack.callback_url("/hook")}
+    request_id = await stack.submit("echo", content=b"x", headers=hook)
+    await stack.wait_for_status("echo", request_id)
+
+    result = await stack.client.get(f"/queue/echo/requests/{request_id}")
+    [callback] = await stack.receiver.wait_for("/hook")
+
+    assert (result.status_code, result.content) == (303, b"see there")
+    assert (result.headers["location"], result.headers["x-model"]) == ("/elsewhere", "v2")
+    assert result.headers.get_list("link") == ["<a>; rel=next", "<b>; rel=prev"]
+    assert result.headers.get_list("x-request-id") == [request_id]
+    assert "set-cookie" not in result.headers
+    assert len(result.headers.get_list("date")) == len(result.headers.get_list("server")) == 1
+    assert (callback.header("location"), callback.header("x-model")) == ("/elsewhere", "v2")
+    assert [value for name, value in callback.headers if name == "link"] == ["<a>; rel=next", "<b>; rel=prev"]
+    assert (callback.header("x-function-status"), callback.header("x-call-id")) == ("303", request_id)
+    assert callback.header("set-cookie") is None
+
+
 async def test_callback_receives_the_response_with_openfaas_headers(stack: Stack) -> None:
     await stack.register("echo")
     stack.functions.script("/echo", [Reply(201, b'{"made": 1}', "application/json")])

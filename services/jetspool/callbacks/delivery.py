@@ -28,7 +28,7 @@ from jetspool.callbacks.payloads import build
 from jetspool.callbacks.signing import Signer
 from jetspool.domain import names
 from jetspool.domain.errors import DecodeError
-from jetspool.domain.functions import shown
+from jetspool.domain.functions import as_utf8, shown
 from jetspool.domain.messages import CallbackJob, decode
 from jetspool.domain.status import utcnow
 from jetspool.jetstream.pulling import ConnectionGone, fetch, stop_pulling
@@ -228,11 +228,14 @@ class CallbackDelivery:
         # The receiver joins the request's trace, as the function does: the callback went without
         # its `traceparent` (found by an outside audit).
         tracing.inject(headers)
+        # The function's own first: none has a name of jetspool's (`NOT_KEPT`). aiohttp sends a value as
+        # UTF-8; `as_utf8` makes that the bytes the function sent.
+        sent = [*((name, as_utf8(value)) for name, value in request.relayed), *headers.items()]
         try:
             async with self._http.post(
                 yarl.URL(destination.pinned_url, encoded=True),
                 data=body_payload(request.body),
-                headers=headers,
+                headers=sent,
                 timeout=self._timeout,
                 allow_redirects=False,
                 server_hostname=destination.server_hostname,

@@ -1,8 +1,9 @@
-"""What a callback carries, per kind (SPEC §6): OpenFaaS raw response + headers, or fal webhook JSON."""
+"""What a callback carries, per kind (SPEC §6): OpenFaaS raw response + headers (jetspool's and the
+function's own), or fal webhook JSON."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
@@ -22,6 +23,8 @@ if TYPE_CHECKING:
 class CallbackRequest:
     body: bytes
     headers: dict[str, str]
+    relayed: list[tuple[str, str]] = field(default_factory=list)
+    """The function's own headers, as its result kept them (read off the wire)."""
 
 
 def build(kind: CallbackKind, record: StatusRecord, result: StoredResult | None) -> CallbackRequest:
@@ -43,7 +46,8 @@ def _openfaas(record: StatusRecord, result: StoredResult | None) -> CallbackRequ
     }
     if answer.content_type:
         headers["Content-Type"] = answer.content_type
-    return CallbackRequest(answer.body, headers)
+    # With the function's own headers, as OpenFaaS's queue-worker sends them (a 3xx its Location).
+    return CallbackRequest(answer.body, headers, answer.relayed)
 
 
 def _fal(record: StatusRecord, result: StoredResult | None) -> CallbackRequest:

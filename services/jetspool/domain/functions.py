@@ -44,6 +44,31 @@ NOT_FORWARDED: Final = HOP_BY_HOP | {"accept-encoding"}
 is stored and handed out later as it was meant, so it must come back decoded: a function that
 honoured a caller's `br` or `zstd` answered in a coding the worker cannot decode, and the call
 failed as if the function could not be reached."""
+_SET_ON_ANSWERS: Final = frozenset(
+    {
+        "x-call-id",
+        "x-request-id",
+        "x-fal-request-id",
+        "x-function-name",
+        "x-function-status",
+        "x-duration-seconds",
+        "x-start-time",
+        "x-error-type",
+        "x-fal-error-type",
+        "x-request-timeout-type",
+        "x-fal-request-timeout-type",
+        "webhook-id",
+        "webhook-timestamp",
+        "webhook-signature",
+        "traceparent",
+        "tracestate",
+    }
+)
+"""What jetspool sets on a result it hands out and on a callback (SPEC §5, §6)."""
+NOT_KEPT: Final = HOP_BY_HOP | _SET_ON_ANSWERS | {"content-encoding", "content-type", "server", "date", "set-cookie"}
+"""Headers of a function's answer not kept with its result: those of the hop, jetspool's own, the
+coding (the body is kept decoded), the type (kept on its own), those each server sets for itself,
+and cookies, which were the function's business with the worker's call."""
 _PATH_SAFE: Final = "/:@!$&'()*+,;="
 """Characters a URL path may hold as they are (RFC 3986 pchar); the rest of a decoded sub-path is
 percent-encoded again, so `%1F` or `%25` in a caller's path reaches the function as it was sent."""
@@ -58,6 +83,14 @@ def forwardable(headers: list[tuple[str, str]], never: frozenset[str] = NOT_FORW
     named = {token.strip().lower() for value in listed for token in value.split(",")}
     dropped = never | named if named else never
     return [(key, value) for key, value in headers if key.lower() not in dropped]
+
+
+def kept_headers(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
+    """The headers of a function's answer that its result keeps (see `NOT_KEPT`), read off the wire.
+
+    The result route and an OpenFaaS callback hand them out as the synchronous proxy would, as
+    OpenFaaS's queue-worker passes them to a callback: a 3xx came without its `Location`."""
+    return forwardable(read_off_wire(raw), NOT_KEPT)
 
 
 def read_off_wire(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]:

@@ -130,6 +130,8 @@ class StoredResult(WireMessage, frozen=True, kw_only=True):
     content_type: str | None = None
     body: bytes = b""
     body_ref: str | None = None
+    headers: list[tuple[str, str]] = msgspec.field(default_factory=list)
+    """The answer's own headers, as read off the wire (`functions.kept_headers`)."""
 
 
 _T = TypeVar("_T", bound=WireMessage)

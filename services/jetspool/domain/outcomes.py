@@ -33,6 +33,9 @@ class Answer:
     body: bytes
     content_type: str | None
     headers: dict[str, str] = field(default_factory=dict)
+    """jetspool's own."""
+    relayed: list[tuple[str, str]] = field(default_factory=list)
+    """The function's, as its result kept them (read off the wire: see `functions.kept_headers`)."""
 
 
 def completed_answer(record: StatusRecord, result: StoredResult | None) -> Answer:
@@ -44,7 +47,7 @@ def completed_answer(record: StatusRecord, result: StoredResult | None) -> Answe
             return _json_error(503, "the result of this request is no longer stored", None, headers)
         if error_type is not None:
             headers[names.H_ERROR_TYPE] = headers[names.H_FAL_ERROR_TYPE] = error_type.value
-        return Answer(result.status_code, result.body, result.content_type, headers)
+        return Answer(result.status_code, result.body, result.content_type, headers, result.headers)
     if error_type is ErrorType.REQUEST_TIMEOUT:
         # fal's name too: fal's clients retry a 504 without it, taking the user's deadline for an outage.
         headers["X-Request-Timeout-Type"] = headers["X-Fal-Request-Timeout-Type"] = "user"

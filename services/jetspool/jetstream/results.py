@@ -13,6 +13,7 @@ import logging
 from functools import partial
 from typing import TYPE_CHECKING, Final
 
+import msgspec
 from nats.js.errors import KeyNotFoundError, NotFoundError
 
 from jetspool.domain import names
@@ -66,7 +67,7 @@ class ResultStore:
             ref = names.result_object(request_id, attempt)
             await self._retention.sweep_later(request_id, [ref], ttl_s)  # first: no object is ever left behind
             await self._blobs.put(ref, result.body)
-            result = StoredResult(status_code=result.status_code, content_type=result.content_type, body_ref=ref)
+            result = msgspec.structs.replace(result, body=b"", body_ref=ref)
         subject, payload = f"{self._prefix}{names.result_key(request_id, attempt)}", encode(result)
         # Putting the same result again changes nothing a reader sees.
         keep_s = ttl_seconds(ttl_s) + _OUTLIVES_STATUS_S
@@ -115,4 +116,4 @@ class ResultStore:
             # held the result route for good (found by a review). It is gone, or unreadable now.
             log.warning("the result object %s could not be read within %g s", result.body_ref, BLOB_READ_S)
             return None
-        return StoredResult(status_code=result.status_code, content_type=result.content_type, body=stored.data or b"")
+        return msgspec.structs.replace(result, body=stored.data or b"", body_ref=None)

@@ -559,7 +559,12 @@ class RequestHandler:
             await self._s.retention.keep_for_retry(request, function.result_ttl)
         inline: StoredResult | None = None  # a small answer goes in the completed record: one write
         if answer is not None and attempt is not None:
-            stored = StoredResult(status_code=answer.status_code, content_type=answer.content_type, body=answer.body)
+            stored = StoredResult(
+                status_code=answer.status_code,
+                content_type=answer.content_type,
+                body=answer.body,
+                headers=answer.headers,
+            )
             inline = await self._s.results.keep(request.request_id, attempt, stored, function.result_ttl)
 
         def complete(record: StatusRecord) -> StatusRecord | None:

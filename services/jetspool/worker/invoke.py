@@ -21,7 +21,7 @@ from opentelemetry.trace import SpanKind
 from jetspool import tracing
 from jetspool.domain import names
 from jetspool.domain.errors import PermanentDelivery, RetryableDelivery
-from jetspool.domain.functions import as_utf8, call_headers, forwardable, shown, with_query
+from jetspool.domain.functions import as_utf8, call_headers, forwardable, kept_headers, shown, with_query
 from jetspool.domain.status import ErrorType, utcnow
 from jetspool.worker.policy import check_response
 
@@ -36,6 +36,8 @@ class FunctionAnswer:
     content_type: str | None
     body: bytes
     duration_s: float
+    headers: list[tuple[str, str]]
+    """The answer's headers its result keeps (`kept_headers`)."""
 
 
 def function_client(max_connections: int, connect_timeout_s: float) -> aiohttp.ClientSession:
@@ -95,6 +97,7 @@ async def invoke(
         content_type=reply.content_type,
         body=reply.body,
         duration_s=time.monotonic() - started,
+        headers=reply.headers,
     )
 
 
@@ -135,6 +138,7 @@ class _Reply:
     retry_after: str | None
     content_type: str | None
     body: bytes
+    headers: list[tuple[str, str]]
 
 
 async def _call(
@@ -156,6 +160,7 @@ async def _call(
                 response.headers.get(names.H_RETRY_AFTER),
                 response.headers.get("content-type"),
                 await response.read(),
+                kept_headers(response.raw_headers),
             )
     except aiohttp.ClientError as exc:  # before TimeoutError: a connect time-out is both, and retryable
         raise RetryableDelivery(f"cannot reach function: {exc.__class__.__name__}: {exc}") from exc

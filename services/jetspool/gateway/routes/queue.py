@@ -16,12 +16,13 @@ from litestar import Request, Response, get, post, put, route
 from litestar.enums import HttpMethod
 from litestar.params import FromPath, FromQuery
 from litestar.response import ServerSentEvent, ServerSentEventMessage
+from litestar.response.base import ASGIResponse
 from nats.errors import Error as NatsError
 
 from jetspool.aio import wait_event
 from jetspool.domain import names
 from jetspool.domain.errors import InvalidInput, NotFound
-from jetspool.domain.outcomes import result_answer
+from jetspool.domain.outcomes import JSON, Answer, result_answer
 from jetspool.domain.status import State, StatusRecord, public_status, request_urls
 from jetspool.gateway.feed import PING, Slot
 from jetspool.gateway.intake import flag, function_for, parse_request_id, read_submission
@@ -116,9 +117,9 @@ async def request_result(
     name: FromPath[str],
     request_id: FromPath[str],
     wait: FromQuery[str | None] = None,
-) -> Response[Any]:
-    """The function's response once completed (with `?wait=S`, first wait up to S seconds for it);
-    400 with the status while it is not."""
+) -> ASGIResponse:
+    """The function's response once completed (with `?wait=S`, first wait up to S seconds for it),
+    with the headers its result kept; 400 with the status while it is not."""
     wait_s = _seconds("wait", wait)
     record = (await require_request(gateway, name, request_id)).record
     if record.status is not State.COMPLETED and wait_s > 0:
@@ -128,19 +129,18 @@ async def request_result(
         finally:
             gone.cancel()
     if record.status is not State.COMPLETED:
-        return Response(
-            {"detail": f"request is {record.status.value}, not completed yet", "status": record.status.value},
-            status_code=400,
-            headers={names.H_REQUEST_ID: record.request_id},
-        )
-    answer = result_answer(record, await gateway.results.of(record))
+        waiting = {"detail": f"request is {record.status.value}, not completed yet", "status": record.status.value}
+        answer = Answer(400, orjson.dumps(waiting), JSON, {names.H_REQUEST_ID: record.request_id})
+    else:
+        answer = result_answer(record, await gateway.results.of(record))
     content_type = answer.content_type or "application/octet-stream"
-    return Response(
-        answer.body,
-        status_code=answer.status_code,
-        media_type=content_type,
-        headers={**answer.headers, "content-type": content_type},  # exactly the function's, no charset added
-    )
+    # A list: a header the function repeated (`Link`) goes out as often. The type is exactly the
+    # function's, no charset added.
+    headers = [*answer.relayed, *answer.headers.items(), ("content-type", content_type)]
+    if request.method == HttpMethod.HEAD:  # what a GET would say, without its body
+        headers.append(("content-length", str(len(answer.body))))
+        return ASGIResponse(status_code=answer.status_code, headers=headers, is_head_response=True)
+    return ASGIResponse(body=answer.body, status_code=answer.status_code, headers=headers)
 
 
 _CANCEL_ANSWERS = {
