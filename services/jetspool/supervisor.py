@@ -42,7 +42,8 @@ if TYPE_CHECKING:
     from jetspool.settings import NatsSettings, Settings
 
 _READY_TIMEOUT_S = 60.0
-_WITHDRAW_TIMEOUT_S = 10.0
+_WITHDRAW_TIMEOUT_S = 5.0
+"""How long a stop waits to unregister the demo functions (from a NATS that does not answer)."""
 _POLL_S = 0.2
 
 
@@ -114,7 +115,8 @@ class Supervisor:
             return self._watch()
         finally:
             self._stop_children()
-            if self._demo:
+            nats_gone = self._nats is not None and self._nats.exit_code() is not None
+            if self._demo and not nats_gone:  # with the server gone, so is any way to unregister
                 self._withdraw_demo()
             if self._nats is not None:
                 self._nats.stop()
