@@ -149,6 +149,7 @@ async def test_async_client_events_run_and_functions(stack: Stack) -> None:
         deployed = await client.deploy({"name": "echo", "url": stack.function_url("/echo"), "concurrency": 3})
         handle = await client.submit("echo", json={"a": 1}, no_retry=True)
         events = [status async for status in handle.iter_events()]
+        stack.functions.script("/echo", [Reply(200, b"[1, 2]", headers=(("X-Model", "v2"),))])
         ran = await client.run("echo", json=[1, 2], client_timeout=10)
         listed = await client.functions()
         await client.remove("echo")
@@ -158,6 +159,7 @@ async def test_async_client_events_run_and_functions(stack: Stack) -> None:
     assert events[-1].completed
     assert events[0].request_id == handle.request_id
     assert ran.json() == [1, 2]
+    assert ran.headers["x-model"] == "v2", "the function's own headers come with its result"
     assert [f["name"] for f in listed] == ["echo"]
     assert after == []
 

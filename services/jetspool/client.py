@@ -166,6 +166,8 @@ class Result:
     status_code: int
     content_type: str | None
     body: bytes
+    headers: httpx.Headers = field(default_factory=httpx.Headers)
+    """The answer's headers: the function's own, as its result kept them, and jetspool's."""
 
     def json(self) -> Any:
         return orjson.loads(self.body)
@@ -522,7 +524,7 @@ def _result(response: httpx.Response, request_id: str) -> Result | None:
     error_type = response.headers.get(names.H_ERROR_TYPE)
     code = response.headers.get(names.H_FUNCTION_STATUS)  # the function's 409, which the route answers as 400
     status = int(code) if code is not None and code.isascii() and code.isdigit() else response.status_code
-    result = Result(status, response.headers.get("content-type"), response.content)
+    result = Result(status, response.headers.get("content-type"), response.content, response.headers)
     if error_type is not None:
         failure = _FAILURES.get(error_type, RequestFailed)
         body = _parsed(response.content)
