@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING, Any
 
 from jetspool.domain import names
@@ -10,7 +11,7 @@ from jetspool.jetstream.connection import connect
 from jetspool.settings import NatsSettings
 from tests.support.permissions import PASSWORD, as_user, users
 from tests.support.servers import free_port
-from tests.support.stack import start_stack
+from tests.support.stack import Worker, start_stack
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -56,6 +57,27 @@ async def test_positions_count_the_requests_ahead(stack: Stack) -> None:
     assert await _positions(stack, "busy", ids) == [0, 1, 2, 3, 4]
     running = await stack.status("busy", (await stack.functions.wait_for("/busy"))[0].header("x-call-id") or "")
     assert "queue_position" not in running
+
+
+async def test_a_submit_answer_never_counts_a_request_stored_after_it_as_ahead(nats_server: EmbeddedNats) -> None:
+    """Submits 48 at a time into a queue that does not move: a request's class figure was read
+    beside its own message's count of those after it, and one stored between the two reads was
+    counted as ahead (up to 27 too many; found by a load audit)."""
+    stack = await start_stack(nats_server, worker=False)
+    try:
+        await stack.register("echo")
+
+        answers: list[dict[str, Any]] = []
+        for _ in range(5):
+            answers += await asyncio.gather(*(_queue(stack, "echo") for _ in range(48)))
+        settled = await _positions(stack, "echo", [answer["request_id"] for answer in answers])
+    finally:
+        await stack.close()
+
+    assert sorted(p or 0 for p in settled) == list(range(len(answers))), "read in a quiet queue: exact"
+    told = [answer["queue_position"] for answer in answers]
+    overstated = [(said, truth) for said, truth in zip(told, settled, strict=True) if truth is None or said > truth]
+    assert overstated == []
 
 
 async def test_low_waits_behind_later_normal_and_high_goes_first(stack: Stack) -> None:
@@ -195,6 +217,33 @@ async def test_eta_comes_from_recent_run_times_position_and_concurrency(stack: S
     assert status["queue_position"] == 0
     assert status["eta_seconds"] > 0
     stack.functions.release("/busy", 2)
+
+
+async def test_eta_spreads_the_wait_over_every_workers_calls(stack: Stack) -> None:
+    """`concurrency` holds per worker process: with two workers running a call each, the estimate
+    was twice the wait (found by a load audit)."""
+    second = Worker(stack.settings)
+    await second.start()
+    try:
+        await stack.register("busy", concurrency=1)
+        stack.functions.hold("/busy")
+        seeding = (await _queue(stack, "busy"))["request_id"]
+        await stack.functions.wait_for("/busy", 1)
+        stack.functions.release("/busy")  # one run seen: the mean run time is known
+        await stack.wait_for_status("busy", seeding)
+        running = [(await _queue(stack, "busy"))["request_id"] for _ in range(2)]
+        for request_id in running:  # one on each worker
+            await stack.wait_for_status("busy", request_id, "IN_PROGRESS")
+        waiting = (await _queue(stack, "busy"))["request_id"]
+
+        status = await stack.status("busy", waiting)
+        mean_s = stack.app.state.gateway.metrics.run_times["busy"]
+    finally:
+        stack.functions.release("/busy", 3)
+        await second.stop()
+
+    assert status["queue_position"] == 0
+    assert status["eta_seconds"] == round(mean_s / 2, 3), "one run's time, over the two calls under way"
 
 
 async def test_a_stored_request_is_answered_with_its_id_when_its_position_cannot_be_read(tmp_path: Path) -> None:

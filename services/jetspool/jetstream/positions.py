@@ -11,10 +11,15 @@ state (bounded by one block's scan, not by the backlog). Cancelled requests are 
 the stream, so neither figure counts them. A request waiting out a retry backoff has been
 delivered already: it is redelivered before any new message, so only higher classes precede it.
 
-The figures are read concurrently, not atomically: while requests start, a reading may be one
-off for an instant, never more than the starts in between. Concurrent askers of a class's
-figure share one read (`SharedRead`), begun after each of them asked: a thousand status streams
-refreshing their positions at once cost a few consumer reads, not a thousand.
+The two figures of R's class cannot be read atomically. A request of the class stored between
+the reads counted as ahead of R (read concurrently, a submit answer under 64 concurrent submits
+said up to 27 too many; found by a load audit). So `after(R)` is read before and after
+`num_pending(c)`: equal, no request was stored in between, and the position is exact; else it is
+read again, up to `_TRIES` times, and then the later reading is taken, which may count a request
+stored meanwhile as behind R but never one behind as ahead. While requests start, a reading may
+also be off by the starts in between. Concurrent askers of a class's figure share one read
+(`SharedRead`), begun after each of them asked: a thousand status streams refreshing their
+positions at once cost a few consumer reads, not a thousand.
 """
 
 from __future__ import annotations
@@ -38,12 +43,14 @@ if TYPE_CHECKING:
     from jetspool.jetstream.connection import Nats
 
 _TIMEOUT_S = 5.0
+_TRIES = 3
+"""Readings of a position before one taken while requests of its class are being stored is given."""
 
 
 class QueuePositions:
     def __init__(self, conn: Nats) -> None:
         self._conn = conn
-        self._pending_reads: dict[tuple[str, names.Priority], SharedRead[int]] = {}
+        self._figure_reads: dict[tuple[str, names.Priority], SharedRead[tuple[int, int]]] = {}
 
     async def waiting(self, function: str) -> dict[names.Priority, int]:
         """Undelivered requests of `function` per priority class."""
@@ -53,30 +60,38 @@ class QueuePositions:
     async def position(self, record: StatusRecord) -> int:
         """How many requests of the same function will start before `record` (which is IN_QUEUE)."""
         classes = names.PRIORITIES[: names.PRIORITIES.index(record.priority) + 1]
-        delivered_before = record.attempts > 0 or record.queue_seq is None
-        pending, after = await asyncio.gather(
-            asyncio.gather(*(self._pending(record.function, p) for p in classes)),
-            self._no_count() if delivered_before else self._after(record),
-        )
+        if record.attempts > 0 or record.queue_seq is None:  # a retry waits before new messages
+            return sum(await self._all_pending(record.function, classes[:-1]))
+        for _ in range(_TRIES):
+            before = await self._after(record)
+            pending = await self._all_pending(record.function, classes)
+            after = await self._after(record)
+            if before is None or after is None or after == before:
+                break
         higher = sum(pending[:-1])
         if after is None:
-            return higher  # delivered before (a retry waits before new messages), or taken a moment ago
+            return higher  # taken a moment ago
         return higher + max(0, pending[-1] - 1 - after)
 
-    @staticmethod
-    async def _no_count() -> int | None:
-        return None
+    async def _all_pending(self, function: str, classes: tuple[names.Priority, ...]) -> list[int]:
+        return list(await asyncio.gather(*(self._pending(function, p) for p in classes)))
+
+    async def in_flight(self, function: str) -> int:
+        """Requests of `function` delivered and not yet settled, over every class: its calls under
+        way (and those waiting out a retry backoff), on every worker."""
+        figures = await asyncio.gather(*(self._figures(function, p) for p in names.PRIORITIES))
+        return sum(delivered for _, delivered in figures)
 
     async def _pending(self, function: str, priority: names.Priority) -> int:
-        key = (function, priority)
-        shared = self._pending_reads.get(key)
-        if shared is None:
-            shared = self._pending_reads[key] = SharedRead(partial(self._read_pending, function, priority))
-        return await shared.get()
-
-    async def _read_pending(self, function: str, priority: names.Priority) -> int:
-        waiting, _ = await consumer_figures(self._conn.js, function, priority)
+        waiting, _ = await self._figures(function, priority)
         return waiting
+
+    async def _figures(self, function: str, priority: names.Priority) -> tuple[int, int]:
+        key = (function, priority)
+        shared = self._figure_reads.get(key)
+        if shared is None:
+            shared = self._figure_reads[key] = SharedRead(partial(consumer_figures, self._conn.js, function, priority))
+        return await shared.get()
 
     async def _after(self, record: StatusRecord) -> int | None:
         """Messages on the record's subject stored after its own; None when its message is gone."""

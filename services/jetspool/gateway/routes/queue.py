@@ -357,7 +357,7 @@ async def _view(gateway: Gateway, record: StatusRecord, *, with_logs: bool) -> d
         lines = lines[:-1]  # it shows with the COMPLETED record, written just after it
     view = public_status(record, gateway.base_url, logs=lines, queue_position=position)
     if position is not None:
-        view["eta_seconds"] = _eta_s(gateway, record.function, position)
+        view["eta_seconds"] = await _eta_s(gateway, record.function, position)
     return view
 
 
@@ -376,14 +376,20 @@ def _closes(line: dict[str, Any], record: StatusRecord) -> bool:
         return False
 
 
-def _eta_s(gateway: Gateway, function: str, position: int) -> float | None:
-    """(position + 1) runs of the recent mean run time, spread over the function's concurrency;
-    None until this gateway has seen the function complete something."""
+async def _eta_s(gateway: Gateway, function: str, position: int) -> float | None:
+    """(position + 1) runs of the recent mean run time, spread over the calls the function runs at
+    once: its concurrency, or the calls under way when more (`concurrency` is per worker process,
+    and with two workers the estimate was twice the wait; found by a load audit). None until this
+    gateway has seen the function complete something."""
     mean_s = gateway.metrics.run_times.get(function)
     registered = gateway.view.get(function)
     if mean_s is None or registered is None:
         return None
-    return round((position + 1) * mean_s / registered.concurrency, 3)
+    try:
+        parallel = max(registered.concurrency, await gateway.positions.in_flight(function))
+    except (NatsError, TimeoutError):
+        parallel = registered.concurrency
+    return round((position + 1) * mean_s / parallel, 3)
 
 
 # --- legacy fal-serverless aliases (seed 000): the request id alone identifies the request ----------
