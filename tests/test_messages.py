@@ -101,14 +101,21 @@ def test_stored_result_with_out_of_line_body_round_trips() -> None:
 
 
 def test_stored_result_is_msgpack() -> None:
-    result = StoredResult(status_code=200, content_type="text/plain", body=b"hi")
+    result = StoredResult(status_code=200, content_type="text/plain", body=b"hi", headers=[("Location", "/x")])
     assert msgspec.msgpack.decode(encode(result)) == {
         "v": 1,
         "status_code": 200,
         "content_type": "text/plain",
         "body": b"hi",
         "body_ref": None,
+        "headers": [["Location", "/x"]],
     }
+    assert decode(encode(result), StoredResult) == result
+
+
+def test_a_stored_result_written_before_headers_were_kept_reads_with_none() -> None:
+    earlier = msgspec.msgpack.encode({"v": 1, "status_code": 200, "content_type": None, "body": b"", "body_ref": None})
+    assert decode(earlier, StoredResult).headers == []
 
 
 def test_status_record_round_trips() -> None:
@@ -397,3 +404,9 @@ def test_public_status_carries_the_extension_fields() -> None:
     assert view["function"] == "echo"
     assert view["priority"] == "low"
     assert view["attempts"] == 0
+
+
+def test_a_callback_job_of_the_previous_version_reads_as_one_of_the_first_round() -> None:
+    """Jobs queued before rounds were kept carry `again` instead: they deliver in round 0."""
+    earlier = b'{"v":1,"request_id":"r","function":"echo","kind":"openfaas","url":"http://h/","run":0,"again":true}'
+    assert decode(earlier, CallbackJob).round == 0
