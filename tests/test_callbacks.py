@@ -546,6 +546,64 @@ async def test_redeliver_while_retries_are_pending_stops_the_old_chain(nats_serv
     assert (failed["attempts"], failed["last_status"]) == (4, 500)
 
 
+_SLOW_RETRIES = {"max_attempts": 5, "initial_backoff": 1.0, "multiplier": 1.0, "max_backoff": 1.0, "jitter": 0.0}
+
+
+async def test_a_redelivery_whose_job_cannot_be_queued_leaves_the_pending_retries_to_send_it(
+    nats_server: EmbeddedNats, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The route recorded the new round first: with its job refused (NATS away past the ride
+    through, a 503), the pending retries of the round before were dropped at their turn and the
+    callback was never sent (found by a review)."""
+    stack = await start_stack(nats_server, overrides={"callbacks": _SLOW_RETRIES})
+    try:
+        await stack.register("echo")
+        stack.receiver.script("/hook", [Reply(500)])  # then 200: the retry succeeds
+        request_id = await stack.submit("echo", headers={"X-Callback-Url": stack.callback_url("/hook")})
+        await eventually_true(lambda: _attempts_noted(stack, request_id, 1))  # its retry waits a second
+
+        async def unqueued(*_: Any, **__: Any) -> None:
+            raise nats.errors.TimeoutError
+
+        monkeypatch.setattr(stack.app.state.gateway.callbacks, "emit", unqueued)
+        refused = await stack.client.post(f"/queue/echo/requests/{request_id}/callback/redeliver")
+        delivered = await _wait_for_callback_state(stack, "echo", request_id, "delivered")
+    finally:
+        await stack.close()
+
+    assert refused.status_code == 503
+    assert (delivered["attempts"], delivered["last_status"]) == (2, 200)
+
+
+async def test_a_redelivery_is_sent_after_a_write_that_lost_its_round(nats_server: EmbeddedNats) -> None:
+    """A worker of the previous version rewrites a status record without the targets' rounds: the
+    redelivery's job, of a later round than the record now says, was dropped as superseded, and
+    the callback stayed pending for good (found by a review)."""
+    stack = await start_stack(nats_server, overrides={"callbacks": _SLOW_RETRIES})
+    nc = await nats.connect(stack.nats.url)
+    try:
+        await stack.register("echo")
+        stack.receiver.script("/hook", [Reply(200), Reply(500)])  # then 200: the round's retry succeeds
+        request_id = await stack.submit("echo", headers={"X-Callback-Url": stack.callback_url("/hook")})
+        await _wait_for_callback_state(stack, "echo", request_id, "delivered")
+        await stack.client.post(f"/queue/echo/requests/{request_id}/callback/redeliver")
+        await eventually_true(lambda: _attempts_noted(stack, request_id, 2))  # round 1 failed once
+
+        kv = await nc.jetstream().key_value(names.STATUS_BUCKET)
+        entry = await kv.get(request_id)
+        written = orjson.loads(entry.value or b"{}")
+        for target in written["callbacks"]:
+            target.pop("round", None)  # what the previous version's struct writes back
+        await kv.update(request_id, orjson.dumps(written), last=entry.revision)
+        delivered = await _wait_for_callback_state(stack, "echo", request_id, "delivered")
+    finally:
+        await nc.close()
+        await stack.close()
+
+    assert (delivered["attempts"], delivered["last_status"]) == (3, 200)
+    assert len(stack.receiver.on("/hook")) == 3
+
+
 async def _attempts_noted(stack: Stack, request_id: str, attempts: int) -> bool:
     [target] = await _callbacks(stack, "echo", request_id)
     return bool(target["attempts"] == attempts)

@@ -200,12 +200,14 @@ class CallbackDelivery:
             log.info("callback for %s: run %d was retried since; its new run calls back", job.request_id, job.run)
             return TERM
         target = next((t for t in current.record.callbacks if (t.kind, t.url) == (job.kind, job.url)), None)
-        if target is not None and target.round != job.round:
+        if target is not None and job.round < target.round:
             # A redelivery was asked for while this job's retries were still pending: its own job
             # delivers now. Both chains ran on, and the receiver got every retry twice.
             log.info("callback for %s to %s: a redelivery asked since sends it", job.request_id, shown(job.url))
             return ACK
-        if target is not None and target.state != "pending":
+        # A later round than the record's: the redeliver route queues its job before it records the
+        # round, or a worker of an earlier version wrote the record without rounds. It is sent.
+        if target is not None and job.round == target.round and target.state != "pending":
             # A job redelivered because its ack was lost: what the status recorded stands.
             log.info(
                 "callback for %s to %s is %s already; not sent again", job.request_id, shown(job.url), target.state

@@ -85,7 +85,7 @@ class CallbackTarget(msgspec.Struct, frozen=True, kw_only=True):
         superseded meanwhile counts, but leaves the state to the new round: the last attempt of a
         job in flight when a redelivery was asked wrote `failed` over the new round's `pending`,
         and the new job, read after that, was dropped unsent (found by a race review)."""
-        if in_round != self.round:
+        if in_round < self.round:
             return msgspec.structs.replace(self, attempts=self.attempts + 1)
         return msgspec.structs.replace(
             self,
@@ -93,6 +93,7 @@ class CallbackTarget(msgspec.Struct, frozen=True, kw_only=True):
             attempts=self.attempts + 1,
             last_status=last_status,
             delivered_at=at if state == "delivered" else self.delivered_at,
+            round=in_round,  # a round the route had not recorded yet, or one an older version's write lost
         )
 
     def view(self) -> dict[str, Any]:
@@ -214,12 +215,21 @@ class StatusRecord(WireMessage, frozen=True, kw_only=True):
             callbacks=[msgspec.structs.replace(t, state="pending") for t in self.callbacks],
         )
 
-    def callbacks_again(self) -> StatusRecord:
-        """Every callback of the request is to be delivered again, in a round of its own."""
+    def callbacks_again(self, rounds: list[int]) -> StatusRecord:
+        """Every callback of the request is to be delivered again, each in the round `rounds` gives
+        it (in the order of `callbacks`). A target in that round already, or a later one, stays as it
+        is: its job may have been sent, and its outcome recorded, before this write."""
         return msgspec.structs.replace(
             self,
-            callbacks=[msgspec.structs.replace(t, state="pending", round=t.round + 1) for t in self.callbacks],
+            callbacks=[
+                t if t.round >= wanted else msgspec.structs.replace(t, state="pending", round=wanted)
+                for t, wanted in zip(self.callbacks, rounds, strict=True)
+            ],
         )
+
+    def next_rounds(self) -> list[int]:
+        """The round a redelivery asked now gives each callback target."""
+        return [t.round + 1 for t in self.callbacks]
 
     def callback_attempted(
         self,

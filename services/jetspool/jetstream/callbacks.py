@@ -20,22 +20,23 @@ class CallbackQueue:
     def __init__(self, js: JetStreamContext) -> None:
         self._js = js
 
-    async def emit(self, record: StatusRecord) -> None:
-        """One job per callback target of the record's run, in the target's round.
+    async def emit(self, record: StatusRecord, rounds: list[int] | None = None) -> None:
+        """One job per callback target of the record's run, in the target's round, or the one
+        `rounds` gives it (a redelivery's, in the order of `callbacks`).
 
         Message ids make a repeat within the duplicate window harmless: a run's outcome, or one
-        redelivery asked for, is delivered once.
+        round of redelivery, is delivered once.
         """
         run = f".retry{record.retries}" if record.retries else ""
-        for target in record.callbacks:
-            again = f".round{target.round}" if target.round else ""
+        for target, in_round in zip(record.callbacks, rounds or [t.round for t in record.callbacks], strict=True):
+            again = f".round{in_round}" if in_round else ""
             job = CallbackJob(
                 request_id=record.request_id,
                 function=record.function,
                 kind=target.kind,
                 url=target.url,
                 run=record.retries,
-                round=target.round,
+                round=in_round,
             )
             subject, payload = names.callback_subject(target.kind), encode(job)
             headers = tracing.inject({names.NATS_MSG_ID: f"{record.request_id}.{target.kind}{run}{again}"})

@@ -196,11 +196,18 @@ async def redeliver_callbacks(gateway: GatewayDep, name: FromPath[str], request_
     400 when it has not completed or has no callback URL."""
     current = await require_request(gateway, name, request_id)
     seen = current.record
+    rounds = seen.next_rounds()
 
     def again(record: StatusRecord) -> StatusRecord | None:
-        return record.callbacks_again() if record.is_completed and record.retries == seen.retries else None
+        return record.callbacks_again(rounds) if record.is_completed and record.retries == seen.retries else None
 
-    changed = await gateway.status.change(current, again) if seen.is_completed and seen.callbacks else None
+    changed = None
+    if seen.is_completed and seen.callbacks:
+        # The jobs first: a round recorded with no job queued (NATS away, a 503) stopped the pending
+        # retries of the round before it, and the callback was never sent (found by a review). A job
+        # read before its round is recorded is sent all the same (see `CallbackDelivery._job`).
+        await gateway.callbacks.emit(seen, rounds)
+        changed = await gateway.status.change(current, again)
     if changed is None:
         detail = "the request has no callback URL" if seen.is_completed else "the request has not completed yet"
         return Response(
@@ -208,7 +215,6 @@ async def redeliver_callbacks(gateway: GatewayDep, name: FromPath[str], request_
             status_code=400,
             headers={names.H_REQUEST_ID: seen.request_id},
         )
-    await gateway.callbacks.emit(changed.record)
     body = {
         "status": "REDELIVERY_REQUESTED",
         "request_id": seen.request_id,
