@@ -318,6 +318,22 @@ async def test_status_and_result_answer_head_as_get_without_a_body(stack: Stack)
     stack.functions.release("/busy")
 
 
+@pytest.mark.parametrize("status", [204, 304])
+async def test_a_result_without_a_body_has_no_content_length_on_head_as_on_get(stack: Stack, status: int) -> None:
+    """RFC 9110 gives a 204 no Content-Length, and a 304's would be the 200's: HEAD said 0 (a review)."""
+    await stack.register("echo")
+    stack.functions.script("/echo", [Reply(status, b"", "")])
+    request_id = await stack.submit("echo")
+    await stack.wait_for_status("echo", request_id)
+
+    got = await stack.client.get(f"/queue/echo/requests/{request_id}")
+    head = await stack.client.head(f"/queue/echo/requests/{request_id}")
+
+    assert (got.status_code, head.status_code) == (status, status)
+    assert "content-length" not in got.headers
+    assert "content-length" not in head.headers
+
+
 async def test_fal_client_does_not_retry_a_final_503_that_names_nginx(stack: Stack) -> None:
     """A completed request's answer says it is the server's (`X-Fal-Request-Id`). Without it,
     fal-client took a 502-504 whose body says `nginx` for its ingress's and retried it for 52 s: a

@@ -18,6 +18,7 @@ from jetspool.domain.functions import Function
 from jetspool.domain.names import PRIORITIES
 from jetspool.embedded import EmbeddedNats
 from jetspool.jetstream import ridethrough
+from jetspool.jetstream.registry import FunctionRegistry
 from tests.support.permissions import PASSWORD, as_user, users
 from tests.support.servers import AsgiServer, RecordingApp, Reply, eventually, eventually_true, free_port
 from tests.support.stack import start_stack
@@ -446,3 +447,35 @@ async def test_a_registry_watch_that_cannot_be_renewed_leaves_the_old_one_follow
         nats.stop()
 
     assert "registry watch not renewed" in caplog.text
+
+
+async def test_withdrawing_an_entry_written_over_since_it_was_read_leaves_the_new_one(stack: Stack) -> None:
+    """`up --demo` unregisters its demo functions only as it registered them. An entry written over
+    between its read and its delete made the delete raise nats-py's plain BadRequestError, which
+    stopped the others' unregistering (found by a review)."""
+    ours = Function(name="echo", url=stack.function_url("/echo"))
+    theirs = Function(name="echo", url=stack.function_url("/theirs"))
+    nc = await nats_py.connect(stack.nats.url)
+    try:
+        kv = await nc.jetstream().key_value(names.FUNCTIONS_BUCKET)
+        registry = FunctionRegistry(kv)
+        await registry.put(ours)
+
+        class WrittenOverAfterTheRead:
+            """The real bucket; its read is followed at once by another writer's real write."""
+
+            async def get(self, key: str) -> Any:
+                entry = await kv.get(key)
+                await kv.put(key, theirs.encode())
+                return entry
+
+            async def delete(self, key: str, last: int | None = None) -> bool:
+                return bool(await kv.delete(key, last=last))
+
+        withdrawn = await FunctionRegistry(WrittenOverAfterTheRead()).withdraw(ours)  # type: ignore[arg-type]
+        left = await registry.get("echo")
+    finally:
+        await nc.close()
+
+    assert withdrawn is False
+    assert left == theirs

@@ -11,9 +11,13 @@ import pytest
 
 from jetspool.domain import ids, names
 from jetspool.domain.messages import QueuedRequest, decode
-from tests.support.servers import Reply, eventually
+from jetspool.embedded import EmbeddedNats
+from tests.support.servers import Reply, eventually, free_port
+from tests.support.stack import start_stack
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from tests.support.stack import Stack
 
 
@@ -261,6 +265,33 @@ async def test_the_result_and_its_callback_carry_the_functions_own_headers(stack
     assert [value for name, value in callback.headers if name == "link"] == ["<a>; rel=next", "<b>; rel=prev"]
     assert (callback.header("x-function-status"), callback.header("x-call-id")) == ("303", request_id)
     assert callback.header("set-cookie") is None
+
+
+async def test_a_functions_headers_beyond_what_a_result_keeps_are_left_out_and_the_call_runs_once(
+    tmp_path: Path,
+) -> None:
+    """Kept whole, 800 KB of them made the completion write too large for NATS (1 MB here): the
+    call, which succeeded, ran again at every attempt and the request ended runner_unavailable
+    (found by a review)."""
+    server = EmbeddedNats(tmp_path / "nats", port=free_port(), extra_config="max_payload: 1MB\n")
+    server.start()
+    stack = await start_stack(server)
+    try:
+        await stack.register("echo")
+        many = tuple((f"x-h{i}", '"' * 8000) for i in range(100))
+        stack.functions.script("/echo", [Reply(200, b"ok", "text/plain", headers=many)])
+        request_id = await stack.submit("echo", content=b"x")
+        final = await stack.wait_for_status("echo", request_id)
+        result = await stack.client.get(f"/queue/echo/requests/{request_id}")
+    finally:
+        await stack.close()
+        server.stop()
+
+    assert (final["status"], final["attempts"], "error_type" in final) == ("COMPLETED", 1, False)
+    assert len(stack.functions.on("/echo")) == 1
+    assert (result.status_code, result.content) == (200, b"ok")
+    assert result.headers["x-h0"] == '"' * 8000
+    assert "x-h2" not in result.headers, "16 KiB of them are kept"
 
 
 async def test_callback_receives_the_response_with_openfaas_headers(stack: Stack) -> None:

@@ -65,6 +65,8 @@ _SET_ON_ANSWERS: Final = frozenset(
     }
 )
 """What jetspool sets on a result it hands out and on a callback (SPEC §5, §6)."""
+KEPT_HEADERS_BYTES: Final = 16 * 1024
+"""The most of a function's answer headers its result keeps (names, values and separators)."""
 NOT_KEPT: Final = HOP_BY_HOP | _SET_ON_ANSWERS | {"content-encoding", "content-type", "server", "date", "set-cookie"}
 """Headers of a function's answer not kept with its result: those of the hop, jetspool's own, the
 coding (the body is kept decoded), the type (kept on its own), those each server sets for itself,
@@ -85,12 +87,23 @@ def forwardable(headers: list[tuple[str, str]], never: frozenset[str] = NOT_FORW
     return [(key, value) for key, value in headers if key.lower() not in dropped]
 
 
-def kept_headers(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
-    """The headers of a function's answer that its result keeps (see `NOT_KEPT`), read off the wire.
+def kept_headers(raw: Iterable[tuple[bytes, bytes]]) -> tuple[list[tuple[str, str]], int]:
+    """The headers of a function's answer that its result keeps (see `NOT_KEPT`), read off the
+    wire, and how many were left out for size.
 
     The result route and an OpenFaaS callback hand them out as the synchronous proxy would, as
-    OpenFaaS's queue-worker passes them to a callback: a 3xx came without its `Location`."""
-    return forwardable(read_off_wire(raw), NOT_KEPT)
+    OpenFaaS's queue-worker passes them to a callback: a 3xx came without its `Location`. They are
+    kept in the order sent up to `KEPT_HEADERS_BYTES`: a small result travels in the status record,
+    and one too large for a NATS message failed its completion write, so that a call that succeeded
+    ran again at every attempt (found by a review)."""
+    kept, size = [], 0
+    candidates = forwardable(read_off_wire(raw), NOT_KEPT)
+    for name, value in candidates:
+        size += len(name) + len(value) + 4  # as on the wire: `name: value\r\n`
+        if size > KEPT_HEADERS_BYTES:
+            break
+        kept.append((name, value))
+    return kept, len(candidates) - len(kept)
 
 
 def read_off_wire(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]:

@@ -12,9 +12,9 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import BadRequestError, KeyNotFoundError, KeyWrongLastSequenceError
 
 from jetspool.aio import stop_task
 from jetspool.domain.errors import BadRequest, DecodeError, NotFound
@@ -31,6 +31,10 @@ _APPLY_BACKOFF_S = 1.0
 
 OnChange = Callable[[str, Function | None], Awaitable[None]]
 """Called with a function's name and its new entry (None when it was removed)."""
+
+
+_WRONG_LAST_SEQUENCE: Final = 10071
+"""JetStream's error code for a write whose expected last sequence is not the stream's."""
 
 
 class FunctionRegistry:
@@ -105,8 +109,12 @@ class FunctionRegistry:
         delete = partial(self._kv.delete, function.name, last=entry.revision)
         try:
             await ride_through(delete, "registry delete")
-        except KeyWrongLastSequenceError:
-            return False  # written over meanwhile (or our own first try landed, its answer lost)
+        except BadRequestError as exc:
+            # Written over meanwhile (or our own first try landed, its answer lost). nats-py's delete
+            # raises the plain error, not KeyWrongLastSequenceError (found by a review).
+            if exc.err_code != _WRONG_LAST_SEQUENCE:
+                raise
+            return False
         return True
 
 

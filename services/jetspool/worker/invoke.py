@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 import re
 import time
 from dataclasses import dataclass
@@ -21,13 +22,23 @@ from opentelemetry.trace import SpanKind
 from jetspool import tracing
 from jetspool.domain import names
 from jetspool.domain.errors import PermanentDelivery, RetryableDelivery
-from jetspool.domain.functions import as_utf8, call_headers, forwardable, kept_headers, shown, with_query
+from jetspool.domain.functions import (
+    KEPT_HEADERS_BYTES,
+    as_utf8,
+    call_headers,
+    forwardable,
+    kept_headers,
+    shown,
+    with_query,
+)
 from jetspool.domain.status import ErrorType, utcnow
 from jetspool.worker.policy import check_response
 
 if TYPE_CHECKING:
     from jetspool.domain.functions import Function
     from jetspool.domain.messages import QueuedRequest
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,12 +166,20 @@ async def _call(
             asyncio.timeout(function.timeout),
             client.request(method, url, data=body_payload(body), headers=headers, allow_redirects=False) as response,
         ):
+            kept, left_out = kept_headers(response.raw_headers)
+            if left_out:
+                log.warning(
+                    "function %s answered with %d headers beyond the %d bytes a result keeps; they are left out",
+                    function.name,
+                    left_out,
+                    KEPT_HEADERS_BYTES,
+                )
             return _Reply(
                 response.status,
                 response.headers.get(names.H_RETRY_AFTER),
                 response.headers.get("content-type"),
                 await response.read(),
-                kept_headers(response.raw_headers),
+                kept,
             )
     except aiohttp.ClientError as exc:  # before TimeoutError: a connect time-out is both, and retryable
         raise RetryableDelivery(f"cannot reach function: {exc.__class__.__name__}: {exc}") from exc

@@ -138,10 +138,14 @@ async def request_result(
     # function's, no charset added.
     headers = [*answer.relayed, *answer.headers.items(), ("content-type", content_type)]
     if request.method == HttpMethod.HEAD:  # what a GET would say, without its body
-        headers.append(("content-length", str(len(answer.body))))
+        if answer.status_code not in _NO_BODY:  # which has no Content-Length on a GET either (RFC 9110)
+            headers.append(("content-length", str(len(answer.body))))
         return ASGIResponse(status_code=answer.status_code, headers=headers, is_head_response=True)
     return ASGIResponse(body=answer.body, status_code=answer.status_code, headers=headers)
 
+
+_NO_BODY: Final = frozenset({204, 304})
+"""Statuses whose answer has no body, nor a Content-Length for one."""
 
 _CANCEL_ANSWERS = {
     CancelOutcome.CANCELLED: (202, "CANCELLATION_REQUESTED", "the request was removed from the queue"),
