@@ -62,8 +62,9 @@ class QueuePositions:
         classes = names.PRIORITIES[: names.PRIORITIES.index(record.priority) + 1]
         if record.attempts > 0 or record.queue_seq is None:  # a retry waits before new messages
             return sum(await self._all_pending(record.function, classes[:-1]))
+        after = await self._after(record)
         for _ in range(_TRIES):
-            before = await self._after(record)
+            before = after  # read before the class's figure, as the last reading was
             pending = await self._all_pending(record.function, classes)
             after = await self._after(record)
             if before is None or after is None or after == before:
