@@ -349,9 +349,10 @@ def position_interval_s(watching: int) -> float:
 
     With few streams open, a new position goes out almost at once: within about 10 ms for a stream
     alone (SPEC: one event per change). With more, each position read costs the gateway (up to
-    three consumer reads and two direct gets, and those of eta_seconds): up to 100 streams, their
+    three consumer reads and a direct get, and those of eta_seconds): up to 100 streams, their
     reads together stay near 100 per second; from 100 on, each stream sends a new position at most
-    about once a second, as all did before (so 1,000 streams read about 1,000 times a second on a busy function). The
+    about once a second, as all did before (so 1,000 streams read about 1,000 times a second on a
+    busy function). The
     wait is drawn from 0.5 to 1.5 times the mean: streams woken by the same change would otherwise
     all read their positions at the same instant one interval later (with 1,000 streams that
     stalled the gateway for about 250 ms, and the status changes behind it reached their streams
