@@ -124,3 +124,19 @@ async def test_a_scrape_while_nats_does_not_answer_gives_the_gateways_own_figure
     assert _value(during, "jetspool_requests_waiting", function="echo", priority="normal") is None
     assert any(name == "jetspool_gateway_request_seconds_count" for name, _ in during)
     assert took_s < 10, "within Prometheus's default scrape timeout"
+
+
+async def test_requests_the_router_refuses_are_timed_too(stack: Stack) -> None:
+    """A path no route serves, or a method its route does not take, went unseen: the latency
+    middleware ran after routing (an audit's finding). A method HTTP does not define shows as `other`."""
+    for _ in range(3):
+        assert (await stack.client.get("/no/such/route")).status_code == 404
+    assert (await stack.client.patch("/healthz")).status_code == 405
+    assert (await stack.client.request("PROPFIND", "/healthz")).status_code == 405  # WebDAV: parsed, not HTTP
+
+    samples = await _scrape(stack)
+
+    latency = "jetspool_gateway_request_seconds_count"
+    assert _value(samples, latency, method="GET", route="unmatched", status="404") == 3
+    assert _value(samples, latency, method="PATCH", route="unmatched", status="405") == 1
+    assert _value(samples, latency, method="other", route="unmatched", status="405") == 1

@@ -143,12 +143,13 @@ def create_app(settings: Settings, *, config_errors: list[ConfigError] | None = 
             HTTPException: _http_error,
         },
         request_max_body_size=settings.gateway.max_body_size,
-        middleware=[metrics.timed, KeyGuard(settings.auth), receive_deadline(settings.gateway.receive_timeout)],
+        middleware=[KeyGuard(settings.auth), receive_deadline(settings.gateway.receive_timeout)],
         openapi_config=openapi_config(),
         state=State(),
         logging_config=None,
     )
     complete_openapi(app)
+    app.asgi_handler = metrics.timed(app.asgi_handler)  # around the router: 404s and 405s are timed too
     return app
 
 

@@ -175,13 +175,17 @@ class GatewayMetrics:
             self.run_times[function] = ran if previous is None else previous + _EWMA * (ran - previous)
 
     def timed(self, app: ASGIApp) -> ASGIApp:
-        """ASGI middleware: observe each request's latency under its route template."""
+        """ASGI middleware around the app's router: observe each request's latency under its route
+        template, `unmatched` when the router found none (a 404, or a 405 for a method the path
+        does not take). Set as a Litestar middleware, it ran after routing, and those went unseen,
+        a flood of them too. A method HTTP does not define shows as `other`: a label per made-up
+        method would grow without bound."""
 
         async def observed(scope: Scope, receive: Receive, send: Send) -> None:
             if scope["type"] != ScopeType.HTTP:
                 await app(scope, receive, send)
                 return
-            method = scope["method"]
+            method = scope["method"] if scope["method"] in _METHODS else "other"
             started = time.perf_counter()
             status = 500
 
@@ -199,6 +203,10 @@ class GatewayMetrics:
                 self.request_latency.labels(method, route, str(status)).observe(elapsed)
 
         return observed
+
+
+_METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"})
+"""HTTP's methods (RFC 9110 §9, and PATCH)."""
 
 
 def _seconds_between(earlier: str, later: str) -> float:
