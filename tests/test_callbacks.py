@@ -604,6 +604,74 @@ async def test_a_redelivery_is_sent_after_a_write_that_lost_its_round(nats_serve
     assert len(stack.receiver.on("/hook")) == 3
 
 
+async def test_a_redeliverys_job_finds_its_round_recorded(
+    nats_server: EmbeddedNats, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker of the previous version knows no rounds: a job read before the record said
+    `pending` was dropped as delivered already (found by an upgrade audit). The round is recorded
+    before its job is queued."""
+    seen: list[tuple[int, int, str]] = []
+    read = CallbackDelivery._job  # noqa: SLF001 - what the job finds when it is read
+
+    async def noting(delivery: CallbackDelivery, msg: Any) -> Any:
+        found = await read(delivery, msg)
+        if not isinstance(found, tuple):
+            return found
+        job, current = found
+        [target] = current.record.callbacks
+        seen.append((job.round, target.round, target.state))
+        return found
+
+    monkeypatch.setattr(CallbackDelivery, "_job", noting)
+    stack = await start_stack(nats_server)
+    try:
+        await stack.register("echo")
+        request_id = await stack.submit("echo", headers={"X-Callback-Url": stack.callback_url("/hook")})
+        await _wait_for_callback_state(stack, "echo", request_id, "delivered")
+        for _ in range(3):
+            await stack.client.post(f"/queue/echo/requests/{request_id}/callback/redeliver")
+        await stack.receiver.wait_for("/hook", 2)
+        await _wait_for_callback_state(stack, "echo", request_id, "delivered")
+    finally:
+        await stack.close()
+
+    redelivered = [(job, recorded, state) for job, recorded, state in seen if job > 0]
+    assert redelivered
+    assert all(job == recorded and state == "pending" for job, recorded, state in redelivered), redelivered
+
+
+async def test_a_redelivery_after_a_write_that_lost_the_round_is_queued_all_the_same(
+    nats_server: EmbeddedNats,
+) -> None:
+    """A part of the previous version writes the round back to 0; the next redelivery's round was
+    one already used, and its job, of the same message id, was taken for a repeat and dropped by
+    JetStream: the callback stayed pending (found by an upgrade audit)."""
+    stack = await start_stack(nats_server)
+    nc = await nats.connect(stack.nats.url)
+    try:
+        await stack.register("echo")
+        request_id = await stack.submit("echo", headers={"X-Callback-Url": stack.callback_url("/hook")})
+        await _wait_for_callback_state(stack, "echo", request_id, "delivered")
+        await stack.client.post(f"/queue/echo/requests/{request_id}/callback/redeliver")
+        await stack.receiver.wait_for("/hook", 2)
+        await eventually_true(lambda: _attempts_noted(stack, request_id, 2))
+
+        kv = await nc.jetstream().key_value(names.STATUS_BUCKET)
+        entry = await kv.get(request_id)
+        written = orjson.loads(entry.value or b"{}")
+        for target in written["callbacks"]:
+            target.pop("round", None)  # what the previous version's struct writes back
+        await kv.update(request_id, orjson.dumps(written), last=entry.revision)
+        await stack.client.post(f"/queue/echo/requests/{request_id}/callback/redeliver")
+        await stack.receiver.wait_for("/hook", 3)
+        delivered = await _wait_for_callback_state(stack, "echo", request_id, "delivered")
+    finally:
+        await nc.close()
+        await stack.close()
+
+    assert delivered["attempts"] == 3
+
+
 async def _attempts_noted(stack: Stack, request_id: str, attempts: int) -> bool:
     [target] = await _callbacks(stack, "echo", request_id)
     return bool(target["attempts"] == attempts)

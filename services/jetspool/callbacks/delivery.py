@@ -205,8 +205,8 @@ class CallbackDelivery:
             # delivers now. Both chains ran on, and the receiver got every retry twice.
             log.info("callback for %s to %s: a redelivery asked since sends it", job.request_id, shown(job.url))
             return ACK
-        # A later round than the record's: the redeliver route queues its job before it records the
-        # round, or a worker of an earlier version wrote the record without rounds. It is sent.
+        # A later round than the record's: a part of the previous version, which knows no rounds,
+        # wrote the record since (back to round 0). It is sent (found by a review).
         if target is not None and job.round == target.round and target.state != "pending":
             # A job redelivered because its ack was lost: what the status recorded stands.
             log.info(

@@ -86,6 +86,9 @@ class CallbackJob(WireMessage, frozen=True, kw_only=True):
     """The run of the request (`QueuedRequest.retry`) whose outcome this delivers."""
     round: int = 0
     """The target's round (`CallbackTarget.round`) the job was made in: 0, or a redelivery asked for."""
+    again: bool = False
+    """Set on a redelivery's jobs for workers of the previous version, which read it (this one reads
+    `round`): with it, they send the job over a `failed` state too."""
 
 
 LogLevel = Literal["STDERR", "STDOUT", "ERROR", "INFO", "WARN", "DEBUG"]

@@ -215,21 +215,21 @@ class StatusRecord(WireMessage, frozen=True, kw_only=True):
             callbacks=[msgspec.structs.replace(t, state="pending") for t in self.callbacks],
         )
 
-    def callbacks_again(self, rounds: list[int]) -> StatusRecord:
-        """Every callback of the request is to be delivered again, each in the round `rounds` gives
-        it (in the order of `callbacks`). A target in that round already, or a later one, stays as it
-        is: its job may have been sent, and its outcome recorded, before this write."""
+    def callbacks_again(self) -> StatusRecord:
+        """Every callback of the request is to be delivered again, each in a round of its own."""
         return msgspec.structs.replace(
             self,
-            callbacks=[
-                t if t.round >= wanted else msgspec.structs.replace(t, state="pending", round=wanted)
-                for t, wanted in zip(self.callbacks, rounds, strict=True)
-            ],
+            callbacks=[msgspec.structs.replace(t, state="pending", round=t.round + 1) for t in self.callbacks],
         )
 
-    def next_rounds(self) -> list[int]:
-        """The round a redelivery asked now gives each callback target."""
-        return [t.round + 1 for t in self.callbacks]
+    def callbacks_put_back(self, written: StatusRecord, before: StatusRecord) -> StatusRecord | None:
+        """The targets as they were in `before` where they are still as `written` left them (a
+        redelivery whose jobs could not be queued); None when none is."""
+        restored = [
+            was if now == wrote else now
+            for now, wrote, was in zip(self.callbacks, written.callbacks, before.callbacks, strict=True)
+        ]
+        return None if restored == self.callbacks else msgspec.structs.replace(self, callbacks=restored)
 
     def callback_attempted(
         self,

@@ -200,18 +200,23 @@ async def redeliver_callbacks(gateway: GatewayDep, name: FromPath[str], request_
     400 when it has not completed or has no callback URL."""
     current = await require_request(gateway, name, request_id)
     seen = current.record
-    rounds = seen.next_rounds()
+    before: list[StatusRecord] = []
 
     def again(record: StatusRecord) -> StatusRecord | None:
-        return record.callbacks_again(rounds) if record.is_completed and record.retries == seen.retries else None
+        if not record.is_completed or record.retries != seen.retries:
+            return None
+        before[:] = [record]
+        return record.callbacks_again()
 
-    changed = None
-    if seen.is_completed and seen.callbacks:
-        # The jobs first: a round recorded with no job queued (NATS away, a 503) stopped the pending
-        # retries of the round before it, and the callback was never sent (found by a review). A job
-        # read before its round is recorded is sent all the same (see `CallbackDelivery._job`).
-        await gateway.callbacks.emit(seen, rounds)
-        changed = await gateway.status.change(current, again)
+    changed = await gateway.status.change(current, again) if seen.is_completed and seen.callbacks else None
+    if changed is not None:
+        # The round is recorded first, then its jobs queued: a worker of the previous version, which
+        # knows no rounds, dropped a job that came before its `pending` (found by an upgrade audit).
+        try:
+            await gateway.callbacks.emit(changed.record, again=True)
+        except BaseException:  # a time-out, NATS away, or the handler cancelled
+            await asyncio.shield(_put_back(gateway, changed, before[0]))
+            raise
     if changed is None:
         detail = "the request has no callback URL" if seen.is_completed else "the request has not completed yet"
         return Response(
@@ -225,6 +230,16 @@ async def redeliver_callbacks(gateway: GatewayDep, name: FromPath[str], request_
         "callbacks": [target.view() for target in changed.record.callbacks],
     }
     return Response(body, status_code=202, headers={names.H_REQUEST_ID: seen.request_id})
+
+
+async def _put_back(gateway: Gateway, written: Versioned, before: StatusRecord) -> None:
+    """Undo a redelivery's round whose jobs could not be queued, where nothing changed it since: left
+    recorded with no job, it stopped the pending retries of the round before, and the callback was
+    never sent (found by a review). At best: the client, told 503, asks again."""
+    try:
+        await gateway.status.change(written, lambda record: record.callbacks_put_back(written.record, before))
+    except (NatsError, TimeoutError):
+        log.warning("could not undo the redelivery of %s, whose jobs were not queued", written.record.request_id)
 
 
 def _seconds(name: str, value: str | None) -> float:
