@@ -53,33 +53,36 @@ class QueuePositions:
 
     async def waiting(self, function: str) -> dict[names.Priority, int]:
         """Undelivered requests of `function` per priority class."""
-        counts = await asyncio.gather(*(self._pending(function, p) for p in names.PRIORITIES))
-        return dict(zip(names.PRIORITIES, counts, strict=True))
+        figures = await self._all_figures(function, names.PRIORITIES)
+        return {priority: waiting for priority, (waiting, _) in zip(names.PRIORITIES, figures, strict=True)}
 
     async def position(self, record: StatusRecord) -> int:
-        """How many requests of the same function will start before `record` (which is IN_QUEUE)."""
-        classes = names.PRIORITIES[: names.PRIORITIES.index(record.priority) + 1]
-        if record.attempts > 0 or record.queue_seq is None:  # a retry waits before new messages
-            return sum(await self._all_pending(record.function, classes[:-1]))
-        pending = await self._all_pending(record.function, classes)
+        """How many requests of the same function will start before `record` (which is IN_QUEUE),
+        reading the figures of its class and those above it only."""
+        own = names.PRIORITIES.index(record.priority)
+        position, _ = await self._place(record, names.PRIORITIES[: own + (0 if _retried(record) else 1)])
+        return position
+
+    async def place(self, record: StatusRecord) -> tuple[int, int]:
+        """`position(record)`, and the requests of its function delivered and not yet settled (its
+        calls under way on every worker, and those waiting out a retry backoff), from one read of
+        every class's figures: read apart for `eta_seconds`, each class's consumer was read twice."""
+        return await self._place(record, names.PRIORITIES)
+
+    async def _place(self, record: StatusRecord, classes: tuple[names.Priority, ...]) -> tuple[int, int]:
+        figures = await self._all_figures(record.function, classes)
+        in_flight = sum(delivered for _, delivered in figures)
+        own = names.PRIORITIES.index(record.priority)
+        higher = sum(waiting for waiting, _ in figures[:own])
+        if _retried(record):  # a retry waits before new messages
+            return higher, in_flight
         after = await self._after(record)  # after the class's figure: see the module's docstring
-        higher = sum(pending[:-1])
         if after is None:
-            return higher  # taken a moment ago
-        return higher + max(0, pending[-1] - 1 - after)
+            return higher, in_flight  # taken a moment ago
+        return higher + max(0, figures[own][0] - 1 - after), in_flight
 
-    async def _all_pending(self, function: str, classes: tuple[names.Priority, ...]) -> list[int]:
-        return list(await asyncio.gather(*(self._pending(function, p) for p in classes)))
-
-    async def in_flight(self, function: str) -> int:
-        """Requests of `function` delivered and not yet settled, over every class: its calls under
-        way (and those waiting out a retry backoff), on every worker."""
-        figures = await asyncio.gather(*(self._figures(function, p) for p in names.PRIORITIES))
-        return sum(delivered for _, delivered in figures)
-
-    async def _pending(self, function: str, priority: names.Priority) -> int:
-        waiting, _ = await self._figures(function, priority)
-        return waiting
+    async def _all_figures(self, function: str, classes: tuple[names.Priority, ...]) -> list[tuple[int, int]]:
+        return list(await asyncio.gather(*(self._figures(function, p) for p in classes)))
 
     async def _figures(self, function: str, priority: names.Priority) -> tuple[int, int]:
         key = (function, priority)
@@ -105,6 +108,12 @@ class QueuePositions:
         if headers.get("Nats-Sequence") != str(record.queue_seq):
             return None  # gone: the next message on the subject answered instead, or none (404)
         return int(headers.get("Nats-Num-Pending", "0"))
+
+
+def _retried(record: StatusRecord) -> bool:
+    """Whether `record` was delivered before (or has no queue sequence): then only higher classes
+    count before it."""
+    return record.attempts > 0 or record.queue_seq is None
 
 
 async def consumer_figures(js: JetStreamContext, function: str, priority: names.Priority) -> tuple[int, int]:

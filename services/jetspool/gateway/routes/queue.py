@@ -364,7 +364,7 @@ def position_interval_s(watching: int) -> float:
 
     With few streams open, a new position goes out almost at once: within about 10 ms for a stream
     alone (SPEC: one event per change). With more, each position read costs the gateway (up to
-    three consumer reads and a direct get, and those of eta_seconds): up to 100 streams, their
+    three consumer reads and a direct get): up to 100 streams, their
     reads together stay near 100 per second; from 100 on, each stream sends a new position at most
     about once a second, as all did before (so 1,000 streams read about 1,000 times a second on a
     busy function). The
@@ -377,13 +377,13 @@ def position_interval_s(watching: int) -> float:
 
 
 async def _view(gateway: Gateway, record: StatusRecord, *, with_logs: bool) -> dict[str, Any]:
-    position = await gateway.positions.position(record) if record.status is State.IN_QUEUE else None
+    place = await gateway.positions.place(record) if record.status is State.IN_QUEUE else None
     lines = await gateway.logs.read(record.request_id) if with_logs else None
     if lines and record.status is State.IN_PROGRESS and _closes(lines[-1], record):
         lines = lines[:-1]  # it shows with the COMPLETED record, written just after it
-    view = public_status(record, gateway.base_url, logs=lines, queue_position=position)
-    if position is not None:
-        view["eta_seconds"] = await _eta_s(gateway, record.function, position)
+    view = public_status(record, gateway.base_url, logs=lines, queue_position=None if place is None else place[0])
+    if place is not None:
+        view["eta_seconds"] = _eta_s(gateway, record.function, *place)
     return view
 
 
@@ -402,7 +402,7 @@ def _closes(line: dict[str, Any], record: StatusRecord) -> bool:
         return False
 
 
-async def _eta_s(gateway: Gateway, function: str, position: int) -> float | None:
+def _eta_s(gateway: Gateway, function: str, position: int, in_flight: int) -> float | None:
     """(position + 1) runs of the recent mean run time, spread over the calls the function runs at
     once: its concurrency, or the calls under way when more (`concurrency` is per worker process,
     and with two workers the estimate was twice the wait; found by a load audit). None until this
@@ -411,11 +411,7 @@ async def _eta_s(gateway: Gateway, function: str, position: int) -> float | None
     registered = gateway.view.get(function)
     if mean_s is None or registered is None:
         return None
-    try:
-        parallel = max(registered.concurrency, await gateway.positions.in_flight(function))
-    except (NatsError, TimeoutError):
-        parallel = registered.concurrency
-    return round((position + 1) * mean_s / parallel, 3)
+    return round((position + 1) * mean_s / max(registered.concurrency, in_flight), 3)
 
 
 # --- legacy fal-serverless aliases (seed 000): the request id alone identifies the request ----------
