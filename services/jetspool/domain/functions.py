@@ -67,10 +67,12 @@ _SET_ON_ANSWERS: Final = frozenset(
 """What jetspool sets on a result it hands out and on a callback (SPEC §5, §6)."""
 KEPT_HEADERS_BYTES: Final = 16 * 1024
 """The most of a function's answer headers its result keeps (names, values and separators)."""
-NOT_KEPT: Final = HOP_BY_HOP | _SET_ON_ANSWERS | {"content-encoding", "content-type", "server", "date", "set-cookie"}
-"""Headers of a function's answer not kept with its result: those of the hop, jetspool's own, the
-coding (the body is kept decoded), the type (kept on its own), those each server sets for itself,
-and cookies, which were the function's business with the worker's call."""
+NOT_HANDED_ON: Final = HOP_BY_HOP | {"content-encoding", "server", "date"}
+"""Headers of a function's answer never handed on, by the synchronous proxy or with a result: those
+of the hop, the coding (the body comes decoded), and those each server sets for itself."""
+NOT_KEPT: Final = NOT_HANDED_ON | _SET_ON_ANSWERS | {"content-type", "set-cookie"}
+"""Headers of a function's answer not kept with its result: `NOT_HANDED_ON`, jetspool's own, the
+type (kept on its own), and cookies, which were the function's business with the worker's call."""
 _PATH_SAFE: Final = "/:@!$&'()*+,;="
 """Characters a URL path may hold as they are (RFC 3986 pchar); the rest of a decoded sub-path is
 percent-encoded again, so `%1F` or `%25` in a caller's path reaches the function as it was sent."""

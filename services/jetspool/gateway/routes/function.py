@@ -16,8 +16,8 @@ from litestar.response.base import ASGIResponse
 from jetspool.domain import names
 from jetspool.domain.errors import RequestError
 from jetspool.domain.functions import (
-    HOP_BY_HOP,
     NOT_FORWARDED,
+    NOT_HANDED_ON,
     call_headers,
     forwardable,
     read_off_wire,
@@ -44,8 +44,7 @@ _OWN: Final = frozenset(
 _NOT_FORWARDED: Final = NOT_FORWARDED | _OWN | {names.H_ATTEMPT.lower(), names.H_LOGS_URL.lower()}
 """Nor a caller's `X-Attempt` and `X-Logs-Url`: a function reads them as jetspool's (SPEC §4), and a
 synchronous call has neither."""
-_NOT_RELAYED: Final = HOP_BY_HOP | _OWN | {"content-encoding", "server", "date"}
-"""httpx hands over the decoded body; the gateway's server sets its own Server and Date."""
+_NOT_RELAYED: Final = NOT_HANDED_ON | _OWN
 
 
 def _call_headers(headers: list[tuple[str, str]]) -> dict[str, str]:
