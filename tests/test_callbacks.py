@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from nats.js.client import JetStreamContext
 
     from jetspool.embedded import EmbeddedNats
+    from jetspool.jetstream.stats import StatsReader
     from tests.support.stack import Stack
 
 SECRET = "whsec_" + base64.b64encode(os.urandom(32)).decode()
@@ -421,11 +422,20 @@ async def test_redeliver_asked_while_the_last_attempt_runs_is_sent(
         stack.receiver.release("/hook", 2)  # it fails; the redelivery then answers 200
         await stack.receiver.wait_for("/hook", 2)
         final = await _wait_for_callback_state(stack, "echo", request_id, "delivered")
+        stats = stack.app.state.gateway.stats
+        # Counts go out unacknowledged, in order: the superseded attempt's would be in by then.
+        await eventually_true(lambda: _total_is(stats, "callbacks_delivered", 1))
+        totals = await stats.totals("echo")
     finally:
         await stack.close()
 
     assert response.json()["callbacks"][0]["state"] == "pending"
     assert (final["attempts"], final["last_status"]) == (2, 200)
+    assert totals["callbacks_failed"] == 0, "the superseded round's last attempt was not given up on"
+
+
+async def _total_is(stats: StatsReader, counter: names.Counter, value: int) -> bool:
+    return (await stats.totals("echo"))[counter] == value
 
 
 async def test_redeliver_needs_a_completed_request_with_a_callback(stack: Stack) -> None:

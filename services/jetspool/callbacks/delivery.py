@@ -199,7 +199,7 @@ class CallbackDelivery:
         if current.record.retries != job.run or not current.record.is_completed:
             log.info("callback for %s: run %d was retried since; its new run calls back", job.request_id, job.run)
             return TERM
-        target = next((t for t in current.record.callbacks if (t.kind, t.url) == (job.kind, job.url)), None)
+        target = current.record.callback_target(job.kind, job.url)
         if target is not None and job.round < target.round:
             # A redelivery was asked for while this job's retries were still pending: its own job
             # delivers now. Both chains ran on, and the receiver got every retry twice.
@@ -271,18 +271,24 @@ class CallbackDelivery:
         return Settle("nak", delay)
 
     async def _note(self, current: Versioned, job: CallbackJob, state: DeliveryState, last_status: int | None) -> None:
-        """Record the attempt in the request's status object (for its run only), and count final outcomes."""
-        if state != "pending":
-            await count(self._conn, job.function, "callbacks_delivered" if state == "delivered" else "callbacks_failed")
+        """Record the attempt in the request's status object (for its run only), and count final
+        outcomes. The last attempt of a round a redelivery superseded is not counted: the new
+        round's outcome is, and one callback showed in both totals (found by a review)."""
+        superseded = False
 
         def attempted(record: StatusRecord) -> StatusRecord | None:
+            nonlocal superseded
             if record.retries != job.run:
                 return None
+            target = record.callback_target(job.kind, job.url)
+            superseded = target is not None and job.round < target.round
             return record.callback_attempted(
                 job.kind, job.url, in_round=job.round, state=state, last_status=last_status, at=utcnow()
             )
 
         await self._status.change(current, attempted)
+        if state != "pending" and not superseded:
+            await count(self._conn, job.function, "callbacks_delivered" if state == "delivered" else "callbacks_failed")
 
 
 def _as_retry(settings: CallbackSettings) -> RetrySettings:

@@ -231,6 +231,10 @@ class StatusRecord(WireMessage, frozen=True, kw_only=True):
         ]
         return None if restored == self.callbacks else msgspec.structs.replace(self, callbacks=restored)
 
+    def callback_target(self, kind: CallbackKind, url: str) -> CallbackTarget | None:
+        """The callback `kind` to `url`, if the request has it."""
+        return next((t for t in self.callbacks if (t.kind, t.url) == (kind, url)), None)
+
     def callback_attempted(
         self,
         kind: CallbackKind,
