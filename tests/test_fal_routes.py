@@ -237,6 +237,17 @@ async def test_function_routes_async_flag_with_a_typo_is_refused_and_calls_nothi
     assert stack.functions.on("/echo") == []
 
 
+async def test_function_routes_async_flag_given_twice_differently_is_refused(stack: Stack) -> None:
+    """The first value made a synchronous call of `?async=0&async=true`."""
+    await stack.register("echo")
+
+    response = await stack.client.post("/function/echo", params=[("async", "0"), ("async", "true")], content=b"x")
+
+    assert response.status_code == 422
+    assert response.json()["detail"] == "async is given twice, as '0' and as 'true'; send it once"
+    assert stack.functions.on("/echo") == []
+
+
 @pytest.mark.parametrize("path", ["/function/nobody", "/function/Bad_Name"])
 async def test_function_route_refuses_unknown_or_invalid_names(stack: Stack, path: str) -> None:
     """A name no function may have is an unknown function too (SPEC §1: 404)."""

@@ -443,10 +443,21 @@ async def test_submit_to_unknown_or_invalid_function_is_refused(stack: Stack, pa
         # one of two different callback URLs was dropped without a word (found by a docs audit)
         ({"X-Callback-Url": "http://127.0.0.1:9/a"}, {"webhookEndpoint": "http://127.0.0.1:9/b"}),
         ({}, {"fal_webhook": "http://127.0.0.1:9/a", "webhook": "http://127.0.0.1:9/b"}),
+        # an option given twice: a header's first value was taken, a query parameter's last, and a
+        # refused callback URL went through as the second (found by a SPEC audit)
+        ([("X-Callback-Url", "http://127.0.0.1:9/a"), ("X-Callback-Url", "http://169.254.169.254/latest/")], {}),
+        ([("X-Queue-Priority", "high"), ("x-queue-priority", "low")], {}),
+        ([("X-No-Retry", "0"), ("X-No-Retry", "1")], {}),
+        ([("X-Request-Timeout", "5"), ("X-Request-Timeout", "6")], {}),
+        ([("Idempotency-Key", "a"), ("Idempotency-Key", "b")], {}),
+        ({}, (("fal_webhook", "http://127.0.0.1:9/a"), ("fal_webhook", "http://127.0.0.1:9/b"))),
+        ({}, (("max_queue_length", "5"), ("max_queue_length", "6"))),
     ],
 )
 async def test_bad_submission_options_are_refused_and_nothing_is_queued(
-    stack_without_worker: Stack, headers: dict[str, str], params: dict[str, str]
+    stack_without_worker: Stack,
+    headers: dict[str, str] | list[tuple[str, str]],
+    params: dict[str, str] | tuple[tuple[str, str], ...],
 ) -> None:
     stack = stack_without_worker
     await stack.register("echo")
@@ -460,16 +471,18 @@ async def test_bad_submission_options_are_refused_and_nothing_is_queued(
 
 
 async def test_a_header_and_its_alias_that_agree_are_taken(stack_without_worker: Stack) -> None:
+    """So is an option given twice alike."""
     stack = stack_without_worker
     await stack.register("echo")
-    both = {
-        "X-Queue-Priority": "low",
-        "X-Fal-Queue-Priority": "low",
-        "X-Request-Timeout": "60",
-        "X-Fal-Request-Timeout": "60.0",
-    }
+    both = [
+        ("X-Queue-Priority", "low"),
+        ("X-Fal-Queue-Priority", "low"),
+        ("X-Queue-Priority", "low"),
+        ("X-Request-Timeout", "60"),
+        ("X-Fal-Request-Timeout", "60.0"),
+    ]
 
-    request_id = await stack.submit("echo", content=b"x", headers=both)
+    request_id = await stack.submit("echo", content=b"x", headers=both, params=[("max_queue_length", "9")] * 2)
 
     assert (await stack.status("echo", request_id))["priority"] == "low"
     stats = (await stack.client.get("/system/functions/echo")).json()["stats"]

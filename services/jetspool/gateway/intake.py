@@ -18,7 +18,7 @@ import uuid
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, NoReturn, TypeVar
 from urllib.parse import parse_qsl, unquote, unquote_plus
 
 import orjson
@@ -59,6 +59,10 @@ _MAX_IDEMPOTENCY_KEY: Final = 256
 PRIORITY_HEADERS: Final = (names.H_QUEUE_PRIORITY, names.H_FAL_QUEUE_PRIORITY)
 NO_RETRY_HEADERS: Final = ("X-No-Retry", "X-Fal-No-Retry")
 TIMEOUT_HEADERS: Final = (names.H_REQUEST_TIMEOUT, names.H_FAL_REQUEST_TIMEOUT)
+_OPTION_HEADERS: Final = frozenset(
+    h.lower() for h in (*PRIORITY_HEADERS, *NO_RETRY_HEADERS, *TIMEOUT_HEADERS, names.H_CALLBACK_URL, "Idempotency-Key")
+)
+"""The headers a submit reads its options from (SPEC §2), by lower-case name."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,7 +187,7 @@ async def read_submission(
 
     `also_control` names further query parameters of the route that are not forwarded."""
     raw_query, headers = raw_query_and_headers(request)
-    query = dict(parse_qsl(raw_query, keep_blank_values=True)) if raw_query else {}
+    query = control_values(raw_query, CONTROL_QUERY | also_control) if raw_query else {}
     sent = _first_values(headers)
     forwarded = forwardable(headers)  # what reaches the function: no credentials stored in the queue
     odd = not_utf8(forwarded)
@@ -212,11 +216,34 @@ async def read_submission(
 
 def _first_values(headers: list[tuple[str, str]]) -> dict[str, str]:
     """Each header's first value, by its lower-case name, in one pass (a submit reads up to eight
-    options from headers; each look-up through Litestar's `request.headers` went through the scope)."""
+    options from headers; each look-up through Litestar's `request.headers` went through the scope).
+    An option header sent twice must say the same both times (`_once`)."""
     first: dict[str, str] = {}
     for key, value in headers:
-        first.setdefault(key.lower(), value)
+        name = key.lower()
+        had = first.setdefault(name, value)
+        if had != value and name in _OPTION_HEADERS:
+            _once(key, had, value)
     return first
+
+
+def control_values(raw_query: str, control: frozenset[str]) -> dict[str, str]:
+    """The values of the query parameters named in `control`; one sent twice must say the same
+    both times (`_once`)."""
+    found: dict[str, str] = {}
+    for name, value in parse_qsl(raw_query, keep_blank_values=True):
+        if name in control:
+            had = found.setdefault(name, value)
+            if had != value:
+                _once(name, had, value)
+    return found
+
+
+def _once(name: str, first: str, second: str) -> NoReturn:
+    """422 for an option given twice with different values, as for two of its aliases: one of them
+    was taken without a word, the first of a header, the last of a query parameter, and a callback
+    URL refused on its own went through as the second of two (found by a SPEC audit)."""
+    raise InvalidInput(f"{name} is given twice, as {first!r} and as {second!r}; send it once")
 
 
 def _idempotency_key(value: str | None) -> str | None:

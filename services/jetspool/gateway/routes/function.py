@@ -25,7 +25,15 @@ from jetspool.domain.functions import (
     with_query,
 )
 from jetspool.domain.status import request_urls
-from jetspool.gateway.intake import as_sent, flag, function_for, raw_query_and_headers, read_submission, sub_path
+from jetspool.gateway.intake import (
+    as_sent,
+    control_values,
+    flag,
+    function_for,
+    raw_query_and_headers,
+    read_submission,
+    sub_path,
+)
 from jetspool.gateway.state import Gateway, GatewayDep
 
 _METHODS: Final = [
@@ -45,6 +53,8 @@ _NOT_FORWARDED: Final = NOT_FORWARDED | _OWN | {names.H_ATTEMPT.lower(), names.H
 """Nor a caller's `X-Attempt` and `X-Logs-Url`: a function reads them as jetspool's (SPEC §4), and a
 synchronous call has neither."""
 _NOT_RELAYED: Final = NOT_HANDED_ON | _OWN
+_ASYNC: Final = frozenset({"async"})
+"""The sync route's own query parameter (`?async=true` queues the call), not forwarded."""
 
 
 def _call_headers(headers: list[tuple[str, str]]) -> dict[str, str]:
@@ -85,8 +95,9 @@ async def call_function_path(
 async def _call(request: Request[Any, Any, Any], gateway: Gateway, name: str, path: str) -> ASGIResponse:
     function = function_for(gateway.view, name)
     # A typo (`?async=ture`) is refused, not taken for a synchronous call that may run for minutes.
-    if flag("async", request.query_params.get("async")):
-        submission = await read_submission(request, function, path, also_control=frozenset({"async"}))
+    query, headers = raw_query_and_headers(request)
+    if flag("async", control_values(query, _ASYNC).get("async")):
+        submission = await read_submission(request, function, path, also_control=_ASYNC)
         record = await gateway.intake.submit(submission)
         urls = request_urls(gateway.base_url, record.function, record.request_id)
         body = {"request_id": record.request_id, "run_id": record.request_id, **urls}
@@ -95,7 +106,6 @@ async def _call(request: Request[Any, Any, Any], gateway: Gateway, name: str, pa
             body=orjson.dumps(body), status_code=202, media_type="application/json", headers=answer_headers
         )
     url = function.endpoint(sub_path(as_sent(request, path)))
-    query, headers = raw_query_and_headers(request)
     call = _call_headers(headers)
     started = time.monotonic()
     try:
