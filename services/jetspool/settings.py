@@ -384,7 +384,7 @@ def _check_public_url(gateway: GatewaySettings) -> None:
     """The base of the URLs handed to clients must make them absolute (SPEC §2); when it is not set,
     the one made of `gateway.host` too (a host that makes none is named as such)."""
     url = gateway.public_url
-    if url is not None and not _is_base_url(url):
+    if url is not None and not is_base_url(url):
         raise ConfigError(
             f"gateway.public_url: must be an absolute http:// or https:// URL without query or fragment, got {url!r}"
         )
@@ -401,7 +401,7 @@ def _is_host(host: str) -> bool:
     return True
 
 
-def _is_base_url(url: str) -> bool:
+def is_base_url(url: str) -> bool:
     """`http(s)://host[:port][/path]`: no spaces or control characters, no query, no fragment."""
     if re.search(r"[\x00-\x20\x7f?#]", url):
         return False
