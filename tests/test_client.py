@@ -250,6 +250,17 @@ async def test_an_unreachable_gateway_is_reported_as_such() -> None:
             await client.submit("echo", json={})
 
 
+@pytest.mark.parametrize("url", ["http://127.0.0.1:9?x=1", "http://127.0.0.1:9/#f", "ftp://127.0.0.1:9", "127.0.0.1:9"])
+def test_a_url_that_is_not_a_gateways_is_refused_at_once(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """httpx dropped the path of a base URL with a query: every call went to `/`, whose 404 was
+    taken for an unknown request (found by a SPEC audit)."""
+    with pytest.raises(ValueError, match="is not a gateway URL"):
+        Client(url)
+    monkeypatch.setenv("JETSPOOL_URL", url)
+    with pytest.raises(ValueError, match="is not a gateway URL"):
+        AsyncClient()
+
+
 async def test_a_result_wait_rides_through_a_gateway_going_away() -> None:
     """A 503 (the gateway holds its maximum of waits, or its NATS is away) or a proxy's 502 ended
     the wait at once, and `run()` did not say which request it had queued (found by an audit)."""

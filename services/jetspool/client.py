@@ -31,7 +31,7 @@ import orjson
 from httpx_sse import EventSource, ServerSentEvent, aconnect_sse, connect_sse
 
 from jetspool.domain import names
-from jetspool.domain.functions import NAME_PATTERN, is_valid_name, leaves_its_url
+from jetspool.domain.functions import NAME_PATTERN, is_base_url, is_valid_name, leaves_its_url
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterator
@@ -273,7 +273,13 @@ def _auth(api_key: str | None) -> dict[str, str]:
 
 
 def _base_url(url: str | None) -> str:
-    return (url or os.environ.get("JETSPOOL_URL") or DEFAULT_URL).rstrip("/")
+    """The gateway's base URL; ValueError for one that is not `http(s)://HOST[:PORT][/PATH]`: httpx
+    drops the path of a base URL with a query, and every call went to `/`, a 404 taken for an
+    unknown request."""
+    base = url or os.environ.get("JETSPOOL_URL") or DEFAULT_URL
+    if not is_base_url(base):
+        raise ValueError(f"{base!r} is not a gateway URL: http://HOST[:PORT][/PATH] or https://..., no query")
+    return base.rstrip("/")
 
 
 def _checked(response: httpx.Response) -> httpx.Response:

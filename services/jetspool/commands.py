@@ -45,9 +45,9 @@ from jetspool.client import (
     escaped,
 )
 from jetspool.domain.errors import ConfigError
-from jetspool.domain.functions import Function
+from jetspool.domain.functions import Function, is_base_url
 from jetspool.domain.validation import describe
-from jetspool.settings import is_base_url, load, load_yaml
+from jetspool.settings import load, load_yaml
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator

@@ -31,7 +31,7 @@ import yaml
 from standardwebhooks.webhooks import EmptyWebhookSecretError, Webhook
 
 from jetspool.domain.errors import ConfigError
-from jetspool.domain.functions import Function
+from jetspool.domain.functions import Function, is_base_url
 from jetspool.domain.validation import describe
 
 if TYPE_CHECKING:
@@ -399,18 +399,6 @@ def _is_host(host: str) -> bool:
     except ValueError:
         return re.fullmatch(r"[\w.-]+", host) is not None
     return True
-
-
-def is_base_url(url: str) -> bool:
-    """`http(s)://host[:port][/path]`: no spaces or control characters, no query, no fragment."""
-    if re.search(r"[\x00-\x20\x7f?#]", url):
-        return False
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 - reading it checks the port
-    except ValueError:
-        return False
-    return parts.scheme in {"http", "https"} and bool(parts.hostname)
 
 
 def _check_tls(gateway: GatewaySettings) -> None:

@@ -248,6 +248,19 @@ def leaves_its_url(path: str) -> bool:
     return any(segment.partition(";")[0] in {".", ".."} for segment in re.split(r"[/\\]", path))
 
 
+def is_base_url(url: str) -> bool:
+    """`http(s)://host[:port][/path]`, the base of a gateway's URLs: no spaces or control
+    characters, no query, no fragment."""
+    if re.search(r"[\x00-\x20\x7f?#]", url):
+        return False
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - reading it checks the port
+    except ValueError:
+        return False
+    return parts.scheme in {"http", "https"} and bool(parts.hostname)
+
+
 def with_query(url: str, query: str) -> str:
     """`url` with a caller's query string added after the one it may have."""
     if not query:
