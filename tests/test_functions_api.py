@@ -50,6 +50,19 @@ async def test_registered_function_is_listed_with_defaults_and_live_stats(stack:
     }
 
 
+async def test_an_entry_as_read_back_registers_with_post_and_put(stack: Stack) -> None:
+    """Its `stats` are read-only and left out: a POST refused them as an unknown key (found by a
+    SPEC audit), where a PUT took the same body."""
+    await stack.register("echo", concurrency=2)
+    entry = (await stack.client.get("/system/functions/echo")).json()
+
+    posted = await stack.client.post("/system/functions", json={**entry, "name": "copy"})
+    put = await stack.client.put("/system/functions/echo", json=entry)
+
+    assert (posted.status_code, posted.json()["concurrency"]) == (201, 2)
+    assert put.status_code == 200
+
+
 async def test_stats_count_completed_and_failed_requests(stack: Stack) -> None:
     await stack.register("echo")
     stack.functions.script("/echo", [Reply(400, b"no")])
