@@ -10,7 +10,7 @@ from jetspool.embedded import EmbeddedNats
 from jetspool.jetstream.connection import connect
 from jetspool.settings import NatsSettings
 from tests.support.permissions import PASSWORD, as_user, users
-from tests.support.servers import free_port
+from tests.support.servers import Reply, free_port
 from tests.support.stack import Worker, start_stack
 
 if TYPE_CHECKING:
@@ -113,6 +113,28 @@ async def test_positions_move_up_after_a_cancel_and_after_each_start(stack: Stac
         await stack.wait_for_status("busy", request_id)
     called = [seen.header("x-call-id") for seen in stack.functions.on("/busy")]
     assert ids[1] not in called, "a cancelled request is never delivered"
+
+
+async def test_a_run_of_the_retry_route_counts_the_requests_of_its_class_stored_before_it(stack: Stack) -> None:
+    """Its new message waits behind them; the attempts of its run before made it count none of
+    them (queue_position 0 where 2 wait ahead; found by a review)."""
+    await stack.register("busy", concurrency=1)
+    stack.functions.script("/busy", [Reply(500, b"boom")])
+    failed = (await _queue(stack, "busy"))["request_id"]
+    assert (await stack.wait_for_status("busy", failed))["error_type"] == "function_error"
+    stack.functions.hold("/busy")
+    running = (await _queue(stack, "busy"))["request_id"]
+    await stack.wait_for_status("busy", running, "IN_PROGRESS")
+    ahead = [(await _queue(stack, "busy"))["request_id"] for _ in range(2)]
+
+    retried = await stack.client.post(f"/queue/busy/requests/{failed}/retry")
+    positions = await _positions(stack, "busy", [*ahead, failed])
+    stack.functions.release("/busy", 4)
+    started = [(await stack.wait_for_status("busy", r))["started_at"] for r in (*ahead, failed)]
+
+    assert (retried.status_code, retried.json()["queue_position"]) == (202, 2)
+    assert positions == [0, 1, 2]
+    assert started == sorted(started), "they did start in that order"
 
 
 async def test_cancelled_waiting_request_completes_as_cancelled(stack: Stack) -> None:

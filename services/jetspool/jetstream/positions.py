@@ -111,9 +111,11 @@ class QueuePositions:
 
 
 def _retried(record: StatusRecord) -> bool:
-    """Whether `record` was delivered before (or has no queue sequence): then only higher classes
-    count before it."""
-    return record.attempts > 0 or record.queue_seq is None
+    """Whether `record`'s message was delivered before (or it has no queue sequence): then only
+    higher classes count before it. Delivered in its current run: a run of the retry route is a new
+    message, behind every request of its class stored before it, and its attempts of the runs
+    before made it count none of them (found by a review)."""
+    return record.attempts > record.attempt_base or record.queue_seq is None
 
 
 async def consumer_figures(js: JetStreamContext, function: str, priority: names.Priority) -> tuple[int, int]:
