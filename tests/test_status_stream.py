@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -12,16 +13,19 @@ import nats
 import orjson
 import pytest
 
-from jetspool.domain.status import StatusRecord, utcnow
+from jetspool.domain import names
+from jetspool.domain.status import StatusRecord, decode_status, utcnow
 from jetspool.gateway.feed import StatusFeed
 from jetspool.gateway.routes.queue import position_interval_s
+from tests.support.relay import Relay
 from tests.support.servers import Reply, eventually, eventually_true
-from tests.support.stack import start_stack
+from tests.support.stack import Worker, stack_settings, start_stack
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
     from jetspool.embedded import EmbeddedNats
+    from jetspool.jetstream.connection import Nats
     from tests.support.stack import Stack
 
 
@@ -52,6 +56,17 @@ class Events:
                 elif line == "" and data is not None:
                     assert event_id is not None
                     return event_id, data
+        raise EOFError("the stream ended")
+
+    async def pings(self, count: int, timeout_s: float) -> None:
+        """Read on until `count` more comments (keep-alives) came."""
+        wanted = len(self.comments) + count
+        async with asyncio.timeout(timeout_s):
+            async for line in self.lines:
+                if line.startswith(":"):
+                    self.comments.append(line)
+                    if len(self.comments) >= wanted:
+                        return
         raise EOFError("the stream ended")
 
     async def until(self, status: str) -> dict[str, Any]:
@@ -413,3 +428,86 @@ async def test_a_long_poll_its_client_left_gives_its_place_back(nats_server: Emb
         await eventually(lambda: feed.watching == 0, timeout_s=10)
     finally:
         await stack.close()
+
+
+@dataclass(frozen=True)
+class _Through:
+    """Where a stack's gateway finds NATS: a relay in front of the server (`start_stack` reads `url`)."""
+
+    url: str
+
+
+@contextlib.asynccontextmanager
+async def _gateway_behind_a_relay(
+    nats_server: EmbeddedNats, overrides: dict[str, Any] | None = None
+) -> AsyncIterator[tuple[Stack, Relay]]:
+    """A stack whose gateway reaches NATS through a relay the test can cut, and whose worker does not."""
+    relay = Relay(nats_server.url)
+    await relay.start()
+    stack = await start_stack(_Through(relay.url), worker=False, overrides=overrides)  # type: ignore[arg-type]
+    worker = Worker(stack_settings(nats_server.url, stack.gateway.port, overrides))
+    try:
+        await worker.start()
+        yield stack, relay
+    finally:
+        await relay.mend()
+        await worker.stop()
+        await stack.close()
+        await relay.stop()
+
+
+async def _completed_in_store(conn: Nats, request_id: str) -> bool:
+    kv = await conn.js.key_value(names.STATUS_BUCKET)
+    return decode_status((await kv.get(request_id)).value or b"").is_completed
+
+
+async def _gateway_ready(stack: Stack) -> bool:
+    return (await stack.client.get("/readyz")).status_code == 200
+
+
+async def test_a_stream_and_a_wait_open_across_a_cut_of_the_gateways_link_hear_the_completion(
+    nats_server: EmbeddedNats, conn: Nats
+) -> None:
+    """The request completed while the gateway was away from NATS: the change never reached its
+    subscriptions, the stream went on with pings and the `?wait=` answered 400 IN_PROGRESS at the
+    end of its wait, though a status read said COMPLETED (found by a review)."""
+    async with _gateway_behind_a_relay(nats_server) as (stack, relay):
+        await stack.register("echo")
+        stack.functions.hold("/echo")
+        stack.functions.script("/echo", [Reply(200, b"done", "text/plain")])
+        request_id = await _queue(stack, "echo")
+        await stack.functions.wait_for("/echo")
+        async with _stream(stack, "echo", request_id) as events:
+            await events.until("IN_PROGRESS")
+            waiting = asyncio.create_task(stack.client.get(f"/queue/echo/requests/{request_id}", params={"wait": "60"}))
+            await eventually(lambda: stack.app.state.gateway.feed.watching == 2)
+            relay.cut()
+            stack.functions.release("/echo")
+            await eventually_true(lambda: _completed_in_store(conn, request_id))
+            await relay.mend()
+            await eventually_true(lambda: _gateway_ready(stack))
+            completed = await events.until("COMPLETED")
+            answered = await asyncio.wait_for(waiting, timeout=10)
+
+    assert completed["status"] == "COMPLETED"
+    assert (answered.status_code, answered.content) == (200, b"done")
+
+
+async def test_a_waiting_requests_stream_stays_open_through_a_nats_outage(nats_server: EmbeddedNats) -> None:
+    """Its queue position could not be read: the stream said nothing while each read rode through
+    for 30 s, then broke off mid-answer (found by a review). It pings, and reads again after."""
+    overrides = {"gateway": {"sse_ping_interval": 0.5}}
+    async with _gateway_behind_a_relay(nats_server, overrides) as (stack, relay):
+        await stack.occupy()
+        request_id = await _queue(stack, "busy")
+        async with _stream(stack, "busy", request_id) as events:
+            first = await events.until("IN_QUEUE")
+            relay.cut()
+            await events.pings(3, timeout_s=10)  # not cut off: it says it is alive, and no more
+            await relay.mend()
+            await eventually_true(lambda: _gateway_ready(stack))
+            stack.functions.release("/busy", 2)
+            last = await events.until("COMPLETED")
+
+    assert first["queue_position"] == 0
+    assert last["status"] == "COMPLETED"

@@ -134,7 +134,7 @@ async def test_a_redelivery_of_a_request_this_worker_runs_waits_for_that_call(
 
         relay.cut()
         await asyncio.sleep(2 * _ACK_WAIT_S)  # the outage itself: longer than the ack wait
-        relay.mend()
+        await relay.mend()
         await eventually_true(lambda: _redelivered(nats_server.url), timeout_s=30)
         stack.functions.release("/echo")
         final = await stack.wait_for_status("echo", request_id, timeout_s=30)

@@ -15,41 +15,45 @@ class Relay:
     """Relays connections from a loopback port to the server at `target` (a nats:// URL).
 
     `cut()` drops every connection through it and refuses new ones until `mend()`, as a broken
-    network link would; the server behind it sees its clients go."""
+    network link would; the server behind it sees its clients go. Refused while it stops listening:
+    a connection accepted and dropped at once was left half-open by nats-py's reconnection
+    attempts, and its unclosed stream warned when collected."""
 
     def __init__(self, target: str) -> None:
         parts = urlsplit(target)
         self._host, self._port = parts.hostname or "127.0.0.1", parts.port or 4222
         self._server: asyncio.Server | None = None
-        self._open = True
+        self._listen_port = 0
         self._writers: set[asyncio.StreamWriter] = set()
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._relay, sock=loopback_socket())
+        sock = loopback_socket()
+        self._listen_port = int(sock.getsockname()[1])
+        self._server = await asyncio.start_server(self._relay, sock=sock)
 
     @property
     def url(self) -> str:
-        assert self._server is not None, "start() first"
-        return f"nats://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+        assert self._listen_port, "start() first"
+        return f"nats://127.0.0.1:{self._listen_port}"
 
     def cut(self) -> None:
-        self._open = False
+        if self._server is not None:
+            self._server.close()  # no new connections: they are refused
+            self._server = None
         for writer in list(self._writers):
             writer.transport.abort()
 
-    def mend(self) -> None:
-        self._open = True
+    async def mend(self) -> None:
+        if self._server is None:
+            self._server = await asyncio.start_server(self._relay, "127.0.0.1", self._listen_port)
 
     async def stop(self) -> None:
+        server = self._server
         self.cut()
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
+        if server is not None:
+            await server.wait_closed()
 
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if not self._open:
-            writer.transport.abort()
-            return
         try:
             upstream_reader, upstream_writer = await asyncio.open_connection(self._host, self._port)
         except OSError:

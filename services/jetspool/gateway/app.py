@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import AsyncExitStack, asynccontextmanager
+from functools import partial
 from typing import TYPE_CHECKING, Any, Final
 
 import httpx
@@ -94,6 +95,7 @@ def create_app(settings: Settings, *, config_errors: list[ConfigError] | None = 
             app.state.gateway = wired.gateway = _wire(
                 settings, conn, stores, registry=registry, view=view, feed=feed, http=http, metrics=metrics, stats=stats
             )
+            conn.on_reconnect(partial(feed.read_again, wired.gateway.status.get))
             if not settings.auth.api_keys and not settings.auth.admin_keys:
                 log.warning("no API keys configured: every route is open")
             # As the worker's: a gateway started with API keys logged nothing at all (found by an audit).

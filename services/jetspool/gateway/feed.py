@@ -10,7 +10,9 @@ polls does not subscribe and unsubscribe each time): a gateway nobody follows a 
 not read every status change of the system.
 
 A watcher subscribes first and reads the current record after, so no change can fall between:
-the first watcher's `watch` returns once the server has its subscriptions (a flush).
+the first watcher's `watch` returns once the server has its subscriptions (a flush). Changes
+published while the gateway is away from NATS never reach it: after a reconnection, every watched
+request is read again (`read_again`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import TYPE_CHECKING, Final
 
 from litestar.response import ServerSentEventMessage
 
+from jetspool.aio import stop_task
 from jetspool.domain import names
 from jetspool.domain.errors import DecodeError, Unavailable
 from jetspool.domain.status import decode_status
@@ -30,7 +33,7 @@ from jetspool.jetstream.connection import round_trip
 from jetspool.jetstream.status_store import Versioned
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Awaitable, Callable
 
     from nats.aio.client import Client
     from nats.aio.msg import Msg
@@ -45,6 +48,8 @@ _SUBSCRIBED_S = 10.0
 """At most this long for the server to confirm the feed's subscriptions."""
 _LINGER_S = 30.0
 """How long the subscriptions stay after the last watcher left."""
+_READS_AT_ONCE = 32
+"""Watched requests read at once after a reconnection."""
 
 
 class Watch:
@@ -106,6 +111,7 @@ class StatusFeed:
         self._subscribing = asyncio.Lock()
         self._release: asyncio.TimerHandle | None = None
         self._releasing: asyncio.Task[None] | None = None
+        self._rereads: set[asyncio.Task[None]] = set()
         self.closing = False
         """Set at shutdown: streams end so the server can stop."""
 
@@ -162,6 +168,8 @@ class StatusFeed:
 
     async def stop(self) -> None:
         self.close()
+        for task in list(self._rereads):
+            await stop_task(task)
         if self._releasing is not None:
             await self._releasing
         for sub in self._subs:
@@ -238,3 +246,33 @@ class StatusFeed:
     def _queue_moved(self, function: str) -> None:
         for watch in self._armed.pop(function, ()):
             watch.queue_moved.set()
+
+    async def read_again(self, read: Callable[[str], Awaitable[Versioned | None]]) -> None:
+        """After a reconnection: read every watched request again with `read`, and have every
+        stream recompute its queue position. The changes published while this gateway was away
+        from NATS never reach its subscriptions (nats-py renews them on reconnecting, before this
+        runs): a stream open across a moment's cut heard no COMPLETED, and a `?wait=` answered
+        "IN_PROGRESS" at the end of its wait (found by a review). In the background: the
+        reconnection's other hooks do not wait for a thousand reads."""
+        task = asyncio.create_task(self._read_again(read))
+        self._rereads.add(task)
+        task.add_done_callback(self._rereads.discard)
+
+    async def _read_again(self, read: Callable[[str], Awaitable[Versioned | None]]) -> None:
+        for function in list(self._armed):
+            self._queue_moved(function)
+        turns = asyncio.Semaphore(_READS_AT_ONCE)
+
+        async def one(request_id: str) -> None:
+            async with turns:
+                try:
+                    current = await read(request_id)
+                except Exception:  # the next change it hears goes on as before
+                    log.warning("status of %s not read again after a reconnection", request_id, exc_info=True)
+                    return
+            for watch in self._by_request.get(request_id, ()):
+                if current is not None:
+                    watch.offer(current)
+                watch.queue_moved.set()
+
+        await asyncio.gather(*(one(request_id) for request_id in list(self._by_request)))

@@ -332,7 +332,17 @@ async def _events(
         while not gateway.feed.closing:
             gateway.feed.arm(watch)  # before reading: a change from now on wakes the wait below
             current = watch.latest(current)
-            view = await _view(gateway, current.record, with_logs=with_logs)
+            try:
+                async with asyncio.timeout(ping_s * _VIEW_READ_SHARE):
+                    view = await _view(gateway, current.record, with_logs=with_logs)
+            except (NatsError, TimeoutError) as exc:
+                # NATS away: the stream said nothing while each read rode through for 30 s, and then
+                # broke off mid-answer (found by a review). It says it is alive, and reads again.
+                log.info("status stream of %s: its view not read (%r); reading again", record.request_id, exc)
+                yield PING
+                spoke_at = loop.time()
+                await wait_event(watch.own_change, ping_s * _VIEW_READ_SHARE)
+                continue
             if view != sent:
                 if current.revision != revision:
                     revision, count = current.revision, 0
@@ -353,6 +363,9 @@ async def _events(
                 await wait_event(watch.own_change, position_interval_s(gateway.feed.watching))
 
 
+_VIEW_READ_SHARE = 0.5
+"""Of `gateway.sse_ping_interval`: how long a stream's read of what it shows (queue position, log
+lines) may take before it sends a keep-alive instead and reads again."""
 _POSITION_INTERVAL_S = 1.0
 """Mean time between two stream events that only move the queue position, at most."""
 _POSITION_INTERVAL_PER_WATCH_S = 0.01
