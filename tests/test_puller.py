@@ -7,12 +7,14 @@ import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
+import orjson
+
 from jetspool.domain import names
 from jetspool.domain.messages import QueuedRequest, encode
 from jetspool.jetstream.provision import ensure_function_consumers, provision
 from jetspool.worker import puller
 from jetspool.worker.puller import PriorityPuller
-from tests.support.servers import eventually_true
+from tests.support.servers import eventually, eventually_true
 
 if TYPE_CHECKING:
     import pytest
@@ -76,4 +78,49 @@ async def test_a_pull_on_a_wake_up_waits_for_the_request_the_wake_up_announced(
     assert [msg.subject for msg in delivered] == [names.queue_subject("fn", "normal")]
     assert waited_s < 5, f"the pull ended {waited_s:.1f} s after the request came: it waited out its time"
     for msg in delivered:
+        await msg.ack()
+
+
+async def test_deliveries_no_pull_asked_for_are_handed_back_and_not_kept(
+    conn: Nats, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Answers to pull requests that are no longer in flight (nats-py held them while NATS was away
+    and sent them all on reconnecting) were kept and handed out later: the worker held several
+    times its free slots, without in-progress signals, and after the ack wait another worker ran
+    them beside it (found by a review). They go back to the queue at once."""
+    await provision(conn, replicas=1)
+    await ensure_function_consumers(conn.js, "fn", ack_wait_s=30.0)
+    consumer = names.queue_consumer("fn", "normal")
+    for n in range(6):
+        request = QueuedRequest(request_id=f"r{n}", function="fn", body=b"x", submitted_at=datetime.now(UTC))
+        await conn.js.publish(names.queue_subject("fn", "normal"), encode(request))
+    handed_back: list[Msg] = []
+    hand_back = PriorityPuller._hand_back  # noqa: SLF001 - watched, not replaced
+
+    async def watched(msg: Msg) -> None:
+        await hand_back(msg)
+        handed_back.append(msg)
+
+    monkeypatch.setattr(PriorityPuller, "_hand_back", staticmethod(watched))
+    pulls = PriorityPuller(conn.nc, "fn", recheck_s=30.0)
+    await pulls.start()
+    try:
+        stale = {"batch": 4, "no_wait": True}  # as a held pull request, sent when no pull waits for it
+        await conn.nc.publish(
+            f"$JS.API.CONSUMER.MSG.NEXT.{names.QUEUE_STREAM}.{consumer}",
+            orjson.dumps(stale),
+            reply=f"{pulls._inbox}.stale",  # noqa: SLF001 - the puller's own inbox, as nats-py would use it
+        )
+
+        await eventually(lambda: len(handed_back) == 4)
+        await conn.nc.flush()  # the naks are in before the pull
+        taken = await pulls.pull(2)
+    finally:
+        kept = await pulls.stop()
+        for msg in kept:
+            await msg.nak()
+
+    assert kept == [], "nothing held beyond what the pull asked for"
+    assert [msg.metadata.num_delivered for msg in taken] == [2, 2], "the handed-back ones, at once"
+    for msg in taken:
         await msg.ack()

@@ -198,3 +198,46 @@ async def test_a_late_answer_from_before_a_retry_does_not_complete_the_new_run(
     assert [seen.header("x-attempt") for seen in stack.functions.on("/echo")] == ["1", "2"]
     assert (final["attempts"], "error_type" in final) == (2, False)
     assert result.content == b"from run 2"
+
+
+async def test_pulls_held_through_an_outage_take_no_more_than_the_free_slots(
+    nats_server: EmbeddedNats, tmp_path: Path
+) -> None:
+    """A worker cut off from NATS while idle went on pulling; nats-py held each pull request and
+    sent them all on reconnecting, and the worker kept every request they brought: several times
+    its free slots, with no in-progress signal. Past the ack wait another worker ran them, and
+    once its slots freed the first ran them again beside it (found by a review). It takes what its
+    slots allow and hands the rest back at once."""
+    stack = await start_stack(nats_server, worker=False, overrides=_SETTINGS)
+    relay = Relay(nats_server.url)
+    await relay.start()
+    config = tmp_path / "worker.yaml"
+    config.write_text(yaml.safe_dump(_SETTINGS), encoding="utf-8")
+    workers = [start_part("worker", config, relay.url)]
+    try:
+        await asyncio.to_thread(workers[0].wait_for_text, "worker ready", 60)
+        await stack.register("echo", concurrency=2)
+        stack.functions.hold("/echo")
+        relay.cut()
+        await asyncio.sleep(9.0)  # the outage itself: its pulls time out, 2 s each, a class at a time
+        keyed = [await stack.submit("echo", content=b"x", headers={"Idempotency-Key": f"k{n}"}) for n in range(4)]
+        await relay.mend()
+        await stack.functions.wait_for("/echo", 2, timeout_s=30)  # the first worker's two slots
+
+        workers.append(start_part("worker", config, nats_server.url))
+        await stack.functions.wait_for("/echo", 4, timeout_s=30)  # the second takes the other two
+        first_two = [seen.header("x-call-id") for seen in stack.functions.on("/echo")[:2]]
+        stack.functions.release("/echo", 2)  # the first worker's calls answer; its slots free
+        for request_id in first_two:
+            await stack.wait_for_status("echo", request_id or "", timeout_s=30)
+        later = await stack.submit("echo", content=b"after")  # the first worker takes it: its slots are free
+        await stack.functions.wait_for("/echo", 5, timeout_s=30)
+        calls = [seen.header("x-call-id") or "" for seen in stack.functions.on("/echo")]
+    finally:
+        stack.functions.release("/echo", 10)
+        for worker in workers:
+            worker.kill_tree()
+        await relay.stop()
+        await stack.close()
+
+    assert sorted(calls) == sorted([*keyed, later]), "each request called once, none beside itself"

@@ -5,8 +5,12 @@ own inbox: JetStream sends what is waiting and then a 404 status, at once. Class
 in order (high, normal, low) and a lower class only for the slots the higher ones left, so
 a low-priority request starts only when no higher-class request waits.
 
-Every data message that reaches the inbox is a delivery this worker owns, even one that
-arrives after its pull timed out: it is kept and handed out by the next pull.
+Every data message that reaches the inbox is a delivery this worker owns. It is kept only as an
+answer to the pull in flight, within what that pull asked of its class; any other (one that comes
+after its pull timed out, or the answer to a pull request nats-py held while NATS was away and sent
+on reconnecting) is handed back at once. Kept, such deliveries held several times `concurrency`
+after an outage, without in-progress signals: redelivered to another worker after the ack wait,
+they then ran twice at once (found by a review). No pull is sent while NATS is away.
 
 A class found empty is not asked again until a wake-up names it (the queue stream sends one on
 `jetspool.wake.<function>.<priority>` for each message it stores) or `recheck_s` has passed (a
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import time
 from collections import deque
 from typing import TYPE_CHECKING
@@ -45,6 +50,8 @@ if TYPE_CHECKING:
     from nats.aio.msg import Msg
     from nats.aio.subscription import Subscription
 
+log = logging.getLogger(__name__)
+
 _PULL_TIMEOUT_S = 2.0
 _WOKEN_WAIT_S = 0.05
 DUE_WAIT_S = 0.25
@@ -54,7 +61,9 @@ _HEARTBEAT = "100"
 
 
 class _Pull:
-    def __init__(self, batch: int) -> None:
+    def __init__(self, subject: str, batch: int) -> None:
+        self.subject = subject
+        """The queue subject of the class asked: its deliveries carry it."""
         self.remaining = batch
         self.done = asyncio.Event()
 
@@ -121,8 +130,10 @@ class PriorityPuller:
     async def _pull_class(self, priority: names.Priority, batch: int, wait_s: float = 0.0) -> int:
         """Ask one class for `batch` requests, waiting up to `wait_s` for the first when none is
         there yet; returns how many came (all of them, on a time-out)."""
+        if not self._nc.is_connected:  # held by nats-py, it would be sent late (see the module's docstring)
+            return batch  # not known to be empty
         token = str(next(self._tokens))
-        pull = _Pull(batch)
+        pull = _Pull(names.queue_subject(self._function, priority), batch)
         self._pulls[token] = pull
         self._current = pull
         consumer = names.queue_consumer(self._function, priority)
@@ -144,13 +155,26 @@ class PriorityPuller:
         status = msg.headers.get("Status") if msg.headers else None
         if status is None and msg.reply:
             # A delivery shows the message's own subject, not our inbox token: it counts against the
-            # pull in flight (pulls are made one at a time).
+            # pull in flight (pulls are made one at a time), if that pull asked its class for more.
+            current = self._current
+            if current is None or current.remaining <= 0 or msg.subject != current.subject:
+                await self._hand_back(msg)
+                return
             self._ready.append(msg)
-            if self._current is not None:
-                self._current.remaining -= 1
-                if self._current.remaining <= 0:
-                    self._current.done.set()
+            current.remaining -= 1
+            if current.remaining <= 0:
+                current.done.set()
             return
         pull = self._pulls.get(msg.subject.rpartition(".")[2])  # status replies do come on the token
         if status != _HEARTBEAT and pull is not None:
             pull.done.set()  # 404 no messages, 408 expired, 409 consumer gone: this pull is over
+
+    @staticmethod
+    async def _hand_back(msg: Msg) -> None:
+        """A delivery no pull in flight asked for: back to the queue for the next pull, of any worker."""
+        try:
+            await msg.nak()
+        except Exception:  # it comes back after the ack wait instead
+            log.warning("handing back %s, which no pull asked for, failed", msg.subject, exc_info=True)
+        else:
+            log.info("handed back %s: no pull in flight asked for it", msg.subject)
