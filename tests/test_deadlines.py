@@ -14,6 +14,7 @@ from jetspool.settings import NatsSettings
 from tests.support.servers import Reply, eventually_true
 
 if TYPE_CHECKING:
+    from jetspool.jetstream.connection import Nats
     from tests.support.stack import Stack
 
 
@@ -39,6 +40,22 @@ async def test_a_request_not_started_by_its_deadline_times_out_and_is_never_deli
     called = [seen.header("x-call-id") for seen in stack.functions.on("/busy")]
     assert late not in called
     assert after in called
+
+
+async def test_a_timer_job_that_fails_leaves_the_later_deadlines_to_fire(stack: Stack, conn: Nats) -> None:
+    """A job whose handling raised an error that was not NATS's (here its request's status record
+    cannot be read) ended the worker's timers loop for good: no start deadline fired after it
+    (found by a review)."""
+    await stack.occupy()
+    unreadable = (await stack.client.post("/queue/busy", json={}, headers={"X-Request-Timeout": "0.3"})).json()
+    kv = await conn.js.key_value(names.STATUS_BUCKET)
+    await kv.put(unreadable["request_id"], b"\x00 not a status record")
+    late = (await stack.client.post("/queue/busy", json={}, headers={"X-Request-Timeout": "1.0"})).json()
+
+    final = await stack.wait_for_status("busy", late["request_id"], timeout_s=10)
+    stack.functions.release("/busy", 5)
+
+    assert final["error_type"] == "request_timeout"
 
 
 async def test_a_request_that_started_in_time_may_run_past_its_deadline(stack: Stack) -> None:

@@ -42,6 +42,13 @@ _BATCH = 256
 _FETCH_TIMEOUT_S = 1.0
 _NAMED_RECHECK_S = 1.0
 """How soon a sweep due while a record still names its object looks again."""
+_FAILED_FIRST_S = 1.0
+_FAILED_MAX_S = 60.0
+
+
+def _failed_backoff_s(delivered: int) -> float:
+    """How long a job whose handling failed waits before it is tried again: doubling, up to a minute."""
+    return min(_FAILED_MAX_S, _FAILED_FIRST_S * 2.0 ** min(delivered - 1, 16))
 
 
 class Timers:
@@ -80,9 +87,18 @@ class Timers:
                 return
             for msg in msgs:
                 try:
-                    await settle(msg, await self._check(msg))
+                    decision = await self._check(msg)
+                except Exception:
+                    # Any error ends this job's turn, not the loop: one that was not NATS's (a status
+                    # record that cannot be read) ended the loop for good, and no start deadline fired
+                    # on this worker again (found by a review). Tried again later, without a bound:
+                    # a job's deliveries also count its turns before it is due.
+                    log.exception("a timer job on %s failed; it is tried again", msg.subject)
+                    decision = Settle("nak", _failed_backoff_s(int(msg.metadata.num_delivered)))
+                try:
+                    await settle(msg, decision)
                 except NatsError:
-                    log.warning("a timer job failed; JetStream will bring it back", exc_info=True)
+                    log.warning("a timer job was not settled; JetStream will bring it back", exc_info=True)
 
     async def _check(self, msg: Msg) -> Settle:
         try:
