@@ -529,6 +529,33 @@ async def test_a_callback_job_delivered_again_is_not_sent_again(stack: Stack, re
     assert (target["state"], target["attempts"]) == ("delivered", sent)
 
 
+async def test_a_late_failure_of_a_second_delivery_leaves_the_callback_delivered(stack: Stack) -> None:
+    """Two deliveries of one job (a nats-server restart forgot the first, or a worker was paused past
+    the ack wait): one succeeded, and the other's late failure wrote `pending` over `delivered`, for
+    good once the success had acknowledged the job (found by a fault audit). It counts as an
+    attempt, is not retried, and the callback stays delivered."""
+    await stack.register("echo")
+    hook = stack.callback_url("/hook")
+    stack.receiver.script("/hook", [Reply(503, b"late", delay_s=3.0), Reply(200)])
+    request_id = await stack.submit("echo", headers={"X-Callback-Url": hook})
+    await stack.receiver.wait_for("/hook")  # the first delivery's attempt, answered in 3 s
+    job = CallbackJob(request_id=request_id, function="echo", kind="openfaas", url=hook, round=0)
+    nc = await nats.connect(stack.nats.url)
+    try:
+        js = nc.jetstream()
+        await js.publish(names.callback_subject("openfaas"), encode(job), headers={names.NATS_MSG_ID: "second"})
+        delivered = await _wait_for_callback_state(stack, "echo", request_id, "delivered")
+        await eventually_true(lambda: _attempts_noted(stack, request_id, 2))  # the late 503 too
+        await eventually_true(lambda: _callbacks_settled(js), timeout_s=15)
+    finally:
+        await nc.close()
+    [target] = await _callbacks(stack, "echo", request_id)
+
+    assert delivered["last_status"] == 200
+    assert len(stack.receiver.on("/hook")) == 2, "the late failure was not retried"
+    assert (target["state"], target["attempts"], target["last_status"]) == ("delivered", 2, 200)
+
+
 async def test_redeliver_while_retries_are_pending_stops_the_old_chain(nats_server: EmbeddedNats) -> None:
     """A redelivery asked while the callback still waits for its next retry: the old job is dropped
     at its turn, and the receiver gets each retry once, up to `max_attempts` for the new round. Both

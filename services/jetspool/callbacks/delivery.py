@@ -265,30 +265,39 @@ class CallbackDelivery:
             )
             await self._note(current, job, "failed", last_status)
             return TERM
+        if not await self._note(current, job, "pending", last_status):
+            log.info(
+                "callback for %s attempt %d: %s; delivered or asked again meanwhile, so not retried",
+                job.request_id,
+                attempt,
+                reason,
+            )
+            return ACK
         delay = backoff_s(attempt, self._backoff, retry_after, self._rng)
         log.warning("callback for %s attempt %d: %s; retrying in %.1f s", job.request_id, attempt, reason, delay)
-        await self._note(current, job, "pending", last_status)
         return Settle("nak", delay)
 
-    async def _note(self, current: Versioned, job: CallbackJob, state: DeliveryState, last_status: int | None) -> None:
+    async def _note(self, current: Versioned, job: CallbackJob, state: DeliveryState, last_status: int | None) -> bool:
         """Record the attempt in the request's status object (for its run only), and count final
-        outcomes. The last attempt of a round a redelivery superseded is not counted: the new
-        round's outcome is, and one callback showed in both totals (found by a review)."""
-        superseded = False
+        outcomes: only one that the target `takes`. The last attempt of a round a redelivery
+        superseded was counted too, and one callback showed in both totals (found by a review).
+        Whether the target took it."""
+        taken = True
 
         def attempted(record: StatusRecord) -> StatusRecord | None:
-            nonlocal superseded
+            nonlocal taken
             if record.retries != job.run:
                 return None
             target = record.callback_target(job.kind, job.url)
-            superseded = target is not None and job.round < target.round
+            taken = target is None or target.takes(job.round, state)
             return record.callback_attempted(
                 job.kind, job.url, in_round=job.round, state=state, last_status=last_status, at=utcnow()
             )
 
         await self._status.change(current, attempted)
-        if state != "pending" and not superseded:
+        if state != "pending" and taken:
             await count(self._conn, job.function, "callbacks_delivered" if state == "delivered" else "callbacks_failed")
+        return taken
 
 
 def _as_retry(settings: CallbackSettings) -> RetrySettings:

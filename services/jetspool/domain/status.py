@@ -80,12 +80,24 @@ class CallbackTarget(msgspec.Struct, frozen=True, kw_only=True):
     """HTTP status of the receiver's last answer (none when it could not be reached)."""
     delivered_at: datetime | None = None
 
-    def attempted(self, in_round: int, state: DeliveryState, last_status: int | None, at: datetime) -> CallbackTarget:
-        """This target after an attempt made in `in_round` ended in `state`. An attempt of a round
-        superseded meanwhile counts, but leaves the state to the new round: the last attempt of a
-        job in flight when a redelivery was asked wrote `failed` over the new round's `pending`,
-        and the new job, read after that, was dropped unsent (found by a race review)."""
+    def takes(self, in_round: int, state: DeliveryState) -> bool:
+        """Whether an attempt made in `in_round` that ended in `state` sets this target's state.
+
+        Not one of a round superseded meanwhile: the last attempt of a job in flight when a
+        redelivery was asked wrote `failed` over the new round's `pending`, and the new job, read
+        after that, was dropped unsent (found by a race review). Nor a failed one over a delivery
+        of its own round: two deliveries of one job (a nats-server restart forgot the first, or a
+        worker was paused past the ack wait) each made an attempt, and the late failure wrote
+        `pending` over `delivered`, for good, since the job its success acknowledged was gone
+        (found by a fault audit)."""
         if in_round < self.round:
+            return False
+        return not (in_round == self.round and self.state == "delivered" and state != "delivered")
+
+    def attempted(self, in_round: int, state: DeliveryState, last_status: int | None, at: datetime) -> CallbackTarget:
+        """This target after an attempt made in `in_round` ended in `state`: counted, and its
+        outcome taken if it `takes`."""
+        if not self.takes(in_round, state):
             return msgspec.structs.replace(self, attempts=self.attempts + 1)
         return msgspec.structs.replace(
             self,
