@@ -198,6 +198,28 @@ async def test_a_function_deleted_with_requests_waiting_runs_them_once_registere
     assert [s.body for s in stack.functions.on("/echo")] == [b"waits for a new registration"]
 
 
+async def test_a_function_deleted_with_a_call_running_holds_up_no_other_function(nats_server: EmbeddedNats) -> None:
+    """The worker stopped the deleted function's runner, whose calls may take `shutdown_grace`, in
+    the one loop that follows the registry: a function registered meanwhile got no runner, and its
+    requests waited with the worker idle (found by a review)."""
+    stack = await start_stack(nats_server, overrides={"worker": {"shutdown_grace": 60.0}})
+    try:
+        await stack.register("old", concurrency=1)
+        stack.functions.hold("/old")
+        await stack.submit("old", content=b"a long call")
+        await stack.functions.wait_for("/old")
+        deleted = await stack.client.delete("/system/functions/old")
+        await stack.register("new")
+        request_id = await stack.submit("new", content=b"x")
+        final = await stack.wait_for_status("new", request_id, timeout_s=15)  # well within the old call's grace
+    finally:
+        stack.functions.release("/old", 5)
+        await stack.close()
+
+    assert deleted.status_code == 204
+    assert "error_type" not in final
+
+
 async def test_a_repeated_registration_of_the_same_entry_is_no_conflict(stack: Stack) -> None:
     """A client repeating a POST whose answer it lost (a 503 while NATS was away, the entry stored
     once it came back) was refused for its own registration (found by an audit)."""

@@ -48,6 +48,8 @@ class RunnerPool:
         self._handler = handler
         self._settings = settings
         self._runners: dict[str, FunctionRunner] = {}
+        self._stopping: dict[str, asyncio.Task[None]] = {}
+        """The runners of functions unregistered, stopping: their calls may take `shutdown_grace`."""
         self._lock = asyncio.Lock()
 
     async def on_change(self, name: str, function: Function | None) -> None:
@@ -56,22 +58,39 @@ class RunnerPool:
             if function is None:
                 if runner is not None:
                     del self._runners[name]
-                    await runner.stop(self._settings.worker.shutdown_grace)
-                    log.info("stopped delivering to %s (unregistered)", name)
+                    # In the background: stopped here, its calls' grace held up every registry change
+                    # after it, and a function registered meanwhile got no runner (found by a review).
+                    self._stopping[name] = asyncio.create_task(self._stop_unregistered(name, runner))
                 return
             if runner is not None:
                 runner.update(function)
                 return
+            stopping = self._stopping.get(name)
+            if stopping is not None:  # registered again: its old runner's calls end first, within their grace
+                await asyncio.shield(stopping)
             await ensure_function_consumers(self._nc.jetstream(), name, self._settings.worker.ack_wait)
             runner = FunctionRunner(self._nc, function, self._handler, self._settings.worker.poll_interval)
             await runner.start()
             self._runners[name] = runner
             log.info("delivering to %s at %s (concurrency %d)", name, shown(function.url), function.concurrency)
 
+    async def _stop_unregistered(self, name: str, runner: FunctionRunner) -> None:
+        try:
+            await runner.stop(self._settings.worker.shutdown_grace)
+            log.info("stopped delivering to %s (unregistered)", name)
+        except Exception:
+            log.exception("stopping the runner of %s (unregistered) failed", name)
+        finally:
+            if self._stopping.get(name) is asyncio.current_task():
+                del self._stopping[name]
+
     async def stop(self) -> None:
         async with self._lock:
             runners, self._runners = list(self._runners.values()), {}
-        await asyncio.gather(*(r.stop(self._settings.worker.shutdown_grace) for r in runners))
+        await asyncio.gather(
+            *(r.stop(self._settings.worker.shutdown_grace) for r in runners),
+            *(asyncio.shield(task) for task in list(self._stopping.values())),
+        )
 
 
 async def _drain(view: RegistryView, pool: RunnerPool, callbacks: CallbackDelivery, grace_s: float) -> None:
