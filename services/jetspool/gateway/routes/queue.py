@@ -338,7 +338,7 @@ async def _events(
             except (NatsError, TimeoutError) as exc:
                 # NATS away: the stream said nothing while each read rode through for 30 s, and then
                 # broke off mid-answer (found by a review). It says it is alive, and reads again.
-                log.info("status stream of %s: its view not read (%r); reading again", record.request_id, exc)
+                log.debug("status stream of %s: its view not read (%r); reading again", record.request_id, exc)
                 yield PING
                 spoke_at = loop.time()
                 await wait_event(watch.own_change, ping_s * _VIEW_READ_SHARE)
