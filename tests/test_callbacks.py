@@ -434,8 +434,8 @@ async def test_redeliver_asked_while_the_last_attempt_runs_is_sent(
     assert totals["callbacks_failed"] == 0, "the superseded round's last attempt was not given up on"
 
 
-async def _total_is(stats: StatsReader, counter: names.Counter, value: int) -> bool:
-    return (await stats.totals("echo"))[counter] == value
+async def _total_is(stats: StatsReader, counter: names.Counter, value: int, function: str = "echo") -> bool:
+    return (await stats.totals(function))[counter] == value
 
 
 async def test_redeliver_needs_a_completed_request_with_a_callback(stack: Stack) -> None:
@@ -554,6 +554,36 @@ async def test_a_late_failure_of_a_second_delivery_leaves_the_callback_delivered
     assert delivered["last_status"] == 200
     assert len(stack.receiver.on("/hook")) == 2, "the late failure was not retried"
     assert (target["state"], target["attempts"], target["last_status"]) == ("delivered", 2, 200)
+
+
+async def test_a_late_success_over_a_callback_given_up_on_shows_and_counts_once(nats_server: EmbeddedNats) -> None:
+    """Two deliveries of one job: the second's only attempt fails (given up on, counted), then the
+    first's slow attempt succeeds. The callback shows as delivered, and is not counted a second
+    time: it was in both totals (found by a review)."""
+    stack = await start_stack(nats_server, overrides={"callbacks": {"max_attempts": 1}})
+    nc = await nats.connect(stack.nats.url)
+    try:
+        await stack.register("echo")
+        await stack.register("marker")
+        hook = stack.callback_url("/hook")
+        stack.receiver.script("/hook", [Reply(200, b"slow", delay_s=3.0), Reply(503)])
+        request_id = await stack.submit("echo", headers={"X-Callback-Url": hook})
+        await stack.receiver.wait_for("/hook")  # the first delivery's attempt, answered 200 in 3 s
+        job = CallbackJob(request_id=request_id, function="echo", kind="openfaas", url=hook, round=0)
+        await nc.jetstream().publish(names.callback_subject("openfaas"), encode(job), headers={names.NATS_MSG_ID: "2"})
+        delivered = await _wait_for_callback_state(stack, "echo", request_id, "delivered")
+        # Counts go out unacknowledged, in order, from the one worker: once a later one of another
+        # function is in, any count of this callback is in too.
+        await stack.submit("marker", headers={"X-Callback-Url": stack.callback_url("/marker")})
+        stats = stack.app.state.gateway.stats
+        await eventually_true(lambda: _total_is(stats, "callbacks_delivered", 1, function="marker"))
+        totals = await stats.totals("echo")
+    finally:
+        await nc.close()
+        await stack.close()
+
+    assert (delivered["attempts"], delivered["last_status"]) == (2, 200)
+    assert (totals["callbacks_failed"], totals["callbacks_delivered"]) == (1, 0), "counted once, when given up on"
 
 
 async def test_redeliver_while_retries_are_pending_stops_the_old_chain(nats_server: EmbeddedNats) -> None:

@@ -278,24 +278,25 @@ class CallbackDelivery:
         return Settle("nak", delay)
 
     async def _note(self, current: Versioned, job: CallbackJob, state: DeliveryState, last_status: int | None) -> bool:
-        """Record the attempt in the request's status object (for its run only), and count final
-        outcomes: only one that the target `takes`. The last attempt of a round a redelivery
-        superseded was counted too, and one callback showed in both totals (found by a review).
-        Whether the target took it."""
-        taken = True
+        """Record the attempt in the request's status object (for its run only), and count its final
+        outcome if the target `counts` it: the last attempt of a round a redelivery superseded was
+        counted too, and one callback showed in both totals (found by a review). Whether the
+        target took it."""
+        taken, counted = True, state != "pending"
 
         def attempted(record: StatusRecord) -> StatusRecord | None:
-            nonlocal taken
+            nonlocal taken, counted
             if record.retries != job.run:
                 return None
             target = record.callback_target(job.kind, job.url)
-            taken = target is None or target.takes(job.round, state)
+            if target is not None:
+                taken, counted = target.takes(job.round, state), target.counts(job.round, state)
             return record.callback_attempted(
                 job.kind, job.url, in_round=job.round, state=state, last_status=last_status, at=utcnow()
             )
 
         await self._status.change(current, attempted)
-        if state != "pending" and taken:
+        if counted:
             await count(self._conn, job.function, "callbacks_delivered" if state == "delivered" else "callbacks_failed")
         return taken
 

@@ -92,7 +92,19 @@ class CallbackTarget(msgspec.Struct, frozen=True, kw_only=True):
         (found by a fault audit)."""
         if in_round < self.round:
             return False
-        return not (in_round == self.round and self.state == "delivered" and state != "delivered")
+        if in_round > self.round:
+            return True
+        if self.state == "delivered":
+            return state == "delivered"
+        return not (self.state == "failed" and state == "pending")  # given up on: a late retry stays off
+
+    def counts(self, in_round: int, state: DeliveryState) -> bool:
+        """Whether that attempt's outcome counts in the totals: a final one the target `takes`, the
+        first of its round. A late success over `failed` shows, and is not counted again: one
+        callback was in both totals (found by a review)."""
+        if state == "pending" or not self.takes(in_round, state):
+            return False
+        return in_round > self.round or self.state == "pending"
 
     def attempted(self, in_round: int, state: DeliveryState, last_status: int | None, at: datetime) -> CallbackTarget:
         """This target after an attempt made in `in_round` ended in `state`: counted, and its
