@@ -198,10 +198,14 @@ async def test_a_function_deleted_with_requests_waiting_runs_them_once_registere
     assert [s.body for s in stack.functions.on("/echo")] == [b"waits for a new registration"]
 
 
-async def test_a_function_deleted_with_a_call_running_holds_up_no_other_function(nats_server: EmbeddedNats) -> None:
+@pytest.mark.parametrize("again", [False, True], ids=["deleted", "deleted and registered again"])
+async def test_a_function_deleted_with_a_call_running_holds_up_no_other_function(
+    nats_server: EmbeddedNats, again: bool
+) -> None:
     """The worker stopped the deleted function's runner, whose calls may take `shutdown_grace`, in
     the one loop that follows the registry: a function registered meanwhile got no runner, and its
-    requests waited with the worker idle (found by a review)."""
+    requests waited with the worker idle (found by a review). Registered again, its new runner
+    starts once the old one's calls are over (a request waits for that), and holds up no other."""
     stack = await start_stack(nats_server, overrides={"worker": {"shutdown_grace": 60.0}})
     try:
         await stack.register("old", concurrency=1)
@@ -209,9 +213,16 @@ async def test_a_function_deleted_with_a_call_running_holds_up_no_other_function
         await stack.submit("old", content=b"a long call")
         await stack.functions.wait_for("/old")
         deleted = await stack.client.delete("/system/functions/old")
+        if again:
+            await stack.register("old", concurrency=1)
+            waiting = await stack.submit("old", content=b"after the old call")
         await stack.register("new")
         request_id = await stack.submit("new", content=b"x")
         final = await stack.wait_for_status("new", request_id, timeout_s=15)  # well within the old call's grace
+        if again:
+            assert len(stack.functions.on("/old")) == 1, "no call beside the old runner's"
+            stack.functions.release("/old", 2)
+            assert "error_type" not in await stack.wait_for_status("old", waiting, timeout_s=15)
     finally:
         stack.functions.release("/old", 5)
         await stack.close()

@@ -8,6 +8,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from jetspool import tracing
+from jetspool.aio import stop_task
 from jetspool.callbacks.delivery import CallbackDelivery, callback_client
 from jetspool.domain import names
 from jetspool.domain.functions import shown
@@ -50,16 +51,21 @@ class RunnerPool:
         self._runners: dict[str, FunctionRunner] = {}
         self._stopping: dict[str, asyncio.Task[None]] = {}
         """The runners of functions unregistered, stopping: their calls may take `shutdown_grace`."""
+        self._waiting: dict[str, Function] = {}
+        """Functions registered again while their old runner stops: started once it has."""
+        self._starts: set[asyncio.Task[None]] = set()
         self._lock = asyncio.Lock()
 
     async def on_change(self, name: str, function: Function | None) -> None:
+        """Follow one registry change. A runner stopping (its calls may take `shutdown_grace`) is
+        waited for in the background: waited for here, it held up every registry change after it,
+        and a function registered meanwhile got no runner (found by a review)."""
         async with self._lock:
             runner = self._runners.get(name)
             if function is None:
+                self._waiting.pop(name, None)
                 if runner is not None:
                     del self._runners[name]
-                    # In the background: stopped here, its calls' grace held up every registry change
-                    # after it, and a function registered meanwhile got no runner (found by a review).
                     self._stopping[name] = asyncio.create_task(self._stop_unregistered(name, runner))
                 return
             if runner is not None:
@@ -67,12 +73,31 @@ class RunnerPool:
                 return
             stopping = self._stopping.get(name)
             if stopping is not None:  # registered again: its old runner's calls end first, within their grace
-                await asyncio.shield(stopping)
-            await ensure_function_consumers(self._nc.jetstream(), name, self._settings.worker.ack_wait)
-            runner = FunctionRunner(self._nc, function, self._handler, self._settings.worker.poll_interval)
-            await runner.start()
-            self._runners[name] = runner
-            log.info("delivering to %s at %s (concurrency %d)", name, shown(function.url), function.concurrency)
+                if name not in self._waiting:
+                    start = asyncio.create_task(self._start_once_stopped(name, stopping))
+                    self._starts.add(start)
+                    start.add_done_callback(self._starts.discard)
+                self._waiting[name] = function
+                return
+            await self._start(name, function)
+
+    async def _start(self, name: str, function: Function) -> None:
+        await ensure_function_consumers(self._nc.jetstream(), name, self._settings.worker.ack_wait)
+        runner = FunctionRunner(self._nc, function, self._handler, self._settings.worker.poll_interval)
+        await runner.start()
+        self._runners[name] = runner
+        log.info("delivering to %s at %s (concurrency %d)", name, shown(function.url), function.concurrency)
+
+    async def _start_once_stopped(self, name: str, stopping: asyncio.Task[None]) -> None:
+        await asyncio.shield(stopping)
+        async with self._lock:
+            function = self._waiting.pop(name, None)  # as registered now: changed or gone meanwhile
+            if function is None or name in self._runners:
+                return
+            try:
+                await self._start(name, function)
+            except Exception:
+                log.exception("starting delivery to %s failed", name)
 
     async def _stop_unregistered(self, name: str, runner: FunctionRunner) -> None:
         try:
@@ -85,8 +110,11 @@ class RunnerPool:
                 del self._stopping[name]
 
     async def stop(self) -> None:
+        for start in list(self._starts):
+            await stop_task(start)
         async with self._lock:
             runners, self._runners = list(self._runners.values()), {}
+            self._waiting.clear()
         await asyncio.gather(
             *(r.stop(self._settings.worker.shutdown_grace) for r in runners),
             *(asyncio.shield(task) for task in list(self._stopping.values())),
