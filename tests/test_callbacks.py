@@ -586,6 +586,41 @@ async def test_a_late_success_over_a_callback_given_up_on_shows_and_counts_once(
     assert (totals["callbacks_failed"], totals["callbacks_delivered"]) == (1, 0), "counted once, when given up on"
 
 
+async def test_a_late_success_after_a_retry_of_the_request_is_not_counted(nats_server: EmbeddedNats) -> None:
+    """As above, with the request retried between the two outcomes: the success is not recorded
+    (its run is over), and it was counted all the same, worked out on the record read before the
+    retry (found by a review)."""
+    stack = await start_stack(nats_server, overrides={"callbacks": {"max_attempts": 1}})
+    nc = await nats.connect(stack.nats.url)
+    try:
+        await stack.register("echo")
+        await stack.register("marker")
+        stack.functions.script("/echo", [Reply(500, b"boom")])  # run 0 fails: it may be retried
+        hook = stack.callback_url("/hook")
+        stack.receiver.script("/hook", [Reply(200, b"late", delay_s=4.0), Reply(503)])
+        request_id = await stack.submit("echo", headers={"X-Callback-Url": hook})
+        await stack.receiver.wait_for("/hook")  # the first delivery's attempt, answered 200 in 4 s
+        job = CallbackJob(request_id=request_id, function="echo", kind="openfaas", url=hook, round=0)
+        js = nc.jetstream()
+        await js.publish(names.callback_subject("openfaas"), encode(job), headers={names.NATS_MSG_ID: "2"})
+        await _wait_for_callback_state(stack, "echo", request_id, "failed")  # given up on, counted
+        stack.functions.hold("/echo")  # run 1 runs on: no callback of its own yet
+        retried = await stack.client.post(f"/queue/echo/requests/{request_id}/retry")
+        await stack.functions.wait_for("/echo", 2)  # retried before the late 200 comes
+        await eventually_true(lambda: _callbacks_settled(js), timeout_s=15)  # the late 200 handled
+        await stack.submit("marker", headers={"X-Callback-Url": stack.callback_url("/marker")})
+        stats = stack.app.state.gateway.stats
+        await eventually_true(lambda: _total_is(stats, "callbacks_delivered", 1, function="marker"))
+        totals = await stats.totals("echo")
+    finally:
+        stack.functions.release("/echo", 5)
+        await nc.close()
+        await stack.close()
+
+    assert retried.status_code == 202
+    assert (totals["callbacks_failed"], totals["callbacks_delivered"]) == (1, 0), "run 0's callback, counted once"
+
+
 async def test_redeliver_while_retries_are_pending_stops_the_old_chain(nats_server: EmbeddedNats) -> None:
     """A redelivery asked while the callback still waits for its next retry: the old job is dropped
     at its turn, and the receiver gets each retry once, up to `max_attempts` for the new round. Both

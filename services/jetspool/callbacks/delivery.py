@@ -295,8 +295,9 @@ class CallbackDelivery:
                 job.kind, job.url, in_round=job.round, state=state, last_status=last_status, at=utcnow()
             )
 
-        await self._status.change(current, attempted)
-        if counted:
+        # Counted only as recorded: on a record retried or gone since, `counted` was worked out on
+        # the one read before, and a callback given up on was counted again (found by a review).
+        if await self._status.change(current, attempted) is not None and counted:
             await count(self._conn, job.function, "callbacks_delivered" if state == "delivered" else "callbacks_failed")
         return taken
 
