@@ -11,13 +11,14 @@ from typing import TYPE_CHECKING, Any
 
 import nats as nats_py
 import pytest
-from nats.js.errors import NotFoundError
+from nats.js.errors import APIError, NotFoundError
 
+import jetspool.worker.main as worker_main
 from jetspool.domain import names
 from jetspool.domain.functions import Function
 from jetspool.domain.names import PRIORITIES
 from jetspool.embedded import EmbeddedNats
-from jetspool.jetstream import ridethrough
+from jetspool.jetstream import provision, ridethrough
 from jetspool.jetstream.registry import FunctionRegistry
 from tests.support.permissions import PASSWORD, as_user, users
 from tests.support.servers import AsgiServer, RecordingApp, Reply, eventually, eventually_true, free_port
@@ -228,6 +229,40 @@ async def test_a_function_deleted_with_a_call_running_holds_up_no_other_function
         await stack.close()
 
     assert deleted.status_code == 204
+    assert "error_type" not in final
+
+
+async def test_a_runner_started_once_its_old_one_stopped_is_tried_again_when_its_start_fails(
+    nats_server: EmbeddedNats, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Registered again while its old runner's call ran, a function's runner starts once that call
+    is over; that start failing once (here a JetStream error on its consumers) left the function
+    registered with no runner, its requests waiting for ever (found by a review)."""
+    ensure = provision.ensure_function_consumers
+    failures = [APIError(code=500, description="insufficient resources", err_code=10023)]
+
+    async def failing_once(*args: Any, **kwargs: Any) -> None:
+        if failures:
+            raise failures.pop()
+        await ensure(*args, **kwargs)
+
+    stack = await start_stack(nats_server, overrides={"worker": {"shutdown_grace": 60.0}})
+    try:
+        await stack.register("old", concurrency=1)
+        stack.functions.hold("/old")
+        await stack.submit("old", content=b"a long call")
+        await stack.functions.wait_for("/old")
+        await stack.client.delete("/system/functions/old")
+        await stack.register("old", concurrency=1)
+        monkeypatch.setattr(worker_main, "ensure_function_consumers", failing_once)  # the new runner's start
+        stack.functions.release("/old", 2)  # the old call ends, and the next one answers at once
+        waiting = await stack.submit("old", content=b"after the old call")
+        final = await stack.wait_for_status("old", waiting, timeout_s=20)
+    finally:
+        stack.functions.release("/old", 5)
+        await stack.close()
+
+    assert failures == [], "the start did fail once"
     assert "error_type" not in final
 
 

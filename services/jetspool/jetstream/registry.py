@@ -26,8 +26,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_APPLY_ATTEMPTS = 5
-_APPLY_BACKOFF_S = 1.0
+APPLY_ATTEMPTS = 5
+APPLY_BACKOFF_S = 1.0
+"""A registry change that fails to apply is tried this often, waiting this long times the attempt."""
 
 OnChange = Callable[[str, Function | None], Awaitable[None]]
 """Called with a function's name and its new entry (None when it was removed)."""
@@ -215,11 +216,11 @@ class RegistryView:
             self._functions[name] = function
         if self.on_change is None:
             return
-        for attempt in range(1, _APPLY_ATTEMPTS + 1):
+        for attempt in range(1, APPLY_ATTEMPTS + 1):
             try:
                 await self.on_change(name, function)
             except Exception:  # the follower must outlive one failed change
                 log.exception("applying the registry change of %s failed (attempt %d)", name, attempt)
-                await asyncio.sleep(_APPLY_BACKOFF_S * attempt)
+                await asyncio.sleep(APPLY_BACKOFF_S * attempt)
             else:
                 return

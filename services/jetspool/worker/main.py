@@ -18,7 +18,7 @@ from jetspool.jetstream.events import EventLog
 from jetspool.jetstream.logs import RequestLogs
 from jetspool.jetstream.provision import ensure_function_consumers
 from jetspool.jetstream.queue import RequestQueue
-from jetspool.jetstream.registry import RegistryView
+from jetspool.jetstream.registry import APPLY_ATTEMPTS, APPLY_BACKOFF_S, RegistryView
 from jetspool.jetstream.results import ResultStore
 from jetspool.jetstream.retention import Retention
 from jetspool.jetstream.startup import open_jetstream
@@ -89,15 +89,25 @@ class RunnerPool:
         log.info("delivering to %s at %s (concurrency %d)", name, shown(function.url), function.concurrency)
 
     async def _start_once_stopped(self, name: str, stopping: asyncio.Task[None]) -> None:
+        """Start the runner of `name` as registered now (changed or gone meanwhile) once its old
+        runner has stopped; a failed start is tried again as the registry view tries a change again
+        (found by a review: tried once, a function was left registered with no runner)."""
         await asyncio.shield(stopping)
-        async with self._lock:
-            function = self._waiting.pop(name, None)  # as registered now: changed or gone meanwhile
-            if function is None or name in self._runners:
-                return
-            try:
-                await self._start(name, function)
-            except Exception:
-                log.exception("starting delivery to %s failed", name)
+        for attempt in range(1, APPLY_ATTEMPTS + 1):
+            async with self._lock:
+                function = self._waiting.get(name)
+                if function is None or name in self._runners:
+                    self._waiting.pop(name, None)
+                    return
+                try:
+                    await self._start(name, function)
+                except Exception:
+                    log.exception("starting delivery to %s failed (attempt %d)", name, attempt)
+                else:
+                    self._waiting.pop(name, None)
+                    return
+            await asyncio.sleep(APPLY_BACKOFF_S * attempt)
+        self._waiting.pop(name, None)
 
     async def _stop_unregistered(self, name: str, runner: FunctionRunner) -> None:
         try:
