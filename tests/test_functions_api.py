@@ -27,6 +27,8 @@ from tests.support.stack import start_stack
 if TYPE_CHECKING:
     from pathlib import Path
 
+    import httpx
+
     from jetspool.jetstream.connection import Nats
     from tests.support.stack import Stack
 
@@ -199,6 +201,15 @@ async def test_a_function_deleted_with_requests_waiting_runs_them_once_registere
     assert [s.body for s in stack.functions.on("/echo")] == [b"waits for a new registration"]
 
 
+async def _deleted_with_a_call_running(stack: Stack, name: str) -> httpx.Response:
+    """Register `name` (concurrency 1), hold a call of it, and delete it; the delete's answer."""
+    await stack.register(name, concurrency=1)
+    stack.functions.hold(f"/{name}")
+    await stack.submit(name, content=b"a long call")
+    await stack.functions.wait_for(f"/{name}")
+    return await stack.client.delete(f"/system/functions/{name}")
+
+
 @pytest.mark.parametrize("again", [False, True], ids=["deleted", "deleted and registered again"])
 async def test_a_function_deleted_with_a_call_running_holds_up_no_other_function(
     nats_server: EmbeddedNats, again: bool
@@ -209,11 +220,7 @@ async def test_a_function_deleted_with_a_call_running_holds_up_no_other_function
     starts once the old one's calls are over (a request waits for that), and holds up no other."""
     stack = await start_stack(nats_server, overrides={"worker": {"shutdown_grace": 60.0}})
     try:
-        await stack.register("old", concurrency=1)
-        stack.functions.hold("/old")
-        await stack.submit("old", content=b"a long call")
-        await stack.functions.wait_for("/old")
-        deleted = await stack.client.delete("/system/functions/old")
+        deleted = await _deleted_with_a_call_running(stack, "old")
         if again:
             await stack.register("old", concurrency=1)
             waiting = await stack.submit("old", content=b"after the old call")
@@ -248,11 +255,7 @@ async def test_a_runner_started_once_its_old_one_stopped_is_tried_again_when_its
 
     stack = await start_stack(nats_server, overrides={"worker": {"shutdown_grace": 60.0}})
     try:
-        await stack.register("old", concurrency=1)
-        stack.functions.hold("/old")
-        await stack.submit("old", content=b"a long call")
-        await stack.functions.wait_for("/old")
-        await stack.client.delete("/system/functions/old")
+        await _deleted_with_a_call_running(stack, "old")
         await stack.register("old", concurrency=1)
         monkeypatch.setattr(worker_main, "ensure_function_consumers", failing_once)  # the new runner's start
         stack.functions.release("/old", 2)  # the old call ends, and the next one answers at once
