@@ -14,12 +14,14 @@ import pytest
 from nats.js.errors import APIError, NotFoundError
 
 import jetspool.worker.main as worker_main
+from jetspool.aio import stop_task
 from jetspool.domain import names
 from jetspool.domain.functions import Function
 from jetspool.domain.names import PRIORITIES
 from jetspool.embedded import EmbeddedNats
 from jetspool.jetstream import provision, ridethrough
-from jetspool.jetstream.registry import FunctionRegistry
+from jetspool.jetstream import registry as registry_module
+from jetspool.jetstream.registry import FunctionRegistry, RegistryView
 from tests.support.permissions import PASSWORD, as_user, users
 from tests.support.servers import AsgiServer, RecordingApp, Reply, eventually, eventually_true, free_port
 from tests.support.stack import start_stack
@@ -245,19 +247,11 @@ async def test_a_runner_started_once_its_old_one_stopped_is_tried_again_when_its
     """Registered again while its old runner's call ran, a function's runner starts once that call
     is over; that start failing once (here a JetStream error on its consumers) left the function
     registered with no runner, its requests waiting for ever (found by a review)."""
-    ensure = provision.ensure_function_consumers
-    failures = [APIError(code=500, description="insufficient resources", err_code=10023)]
-
-    async def failing_once(*args: Any, **kwargs: Any) -> None:
-        if failures:
-            raise failures.pop()
-        await ensure(*args, **kwargs)
-
     stack = await start_stack(nats_server, overrides={"worker": {"shutdown_grace": 60.0}})
     try:
         await _deleted_with_a_call_running(stack, "old")
         await stack.register("old", concurrency=1)
-        monkeypatch.setattr(worker_main, "ensure_function_consumers", failing_once)  # the new runner's start
+        failures = _failing_starts(monkeypatch, 1)  # the new runner's start
         stack.functions.release("/old", 2)  # the old call ends, and the next one answers at once
         waiting = await stack.submit("old", content=b"after the old call")
         final = await stack.wait_for_status("old", waiting, timeout_s=20)
@@ -267,6 +261,56 @@ async def test_a_runner_started_once_its_old_one_stopped_is_tried_again_when_its
 
     assert failures == [], "the start did fail once"
     assert "error_type" not in final
+
+
+async def test_a_start_tried_again_after_a_later_delete_and_registration_runs_beside_no_old_call(
+    nats_server: EmbeddedNats, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Concurrency 1. A start waiting out its backoff after a failure (cycle 1) saw, on waking, the
+    function registered again while a later runner of it still stopped with a call running (B), and
+    started a runner beside that call: C ran while B did (found by a review). It waits for
+    whichever old runner stops last."""
+    monkeypatch.setattr(worker_main, "APPLY_BACKOFF_S", 4.0)  # cycle 1's wait after its failed start
+    stack = await start_stack(nats_server, overrides={"worker": {"shutdown_grace": 60.0}})
+    try:
+        await _deleted_with_a_call_running(stack, "old")  # call A runs on
+        await stack.register("old", concurrency=1)  # cycle 1: its runner starts once A is over
+        failures = _failing_starts(monkeypatch, 1)
+        stack.functions.release("/old", 1)  # A ends; cycle 1's start fails once and waits 4 s
+        await eventually(lambda: not failures)
+        await stack.client.delete("/system/functions/old")
+        await stack.register("old", concurrency=1)  # nothing stopping: a runner starts at once
+        await stack.submit("old", content=b"B")
+        await stack.functions.wait_for("/old", 2)  # B runs, held
+        await stack.client.delete("/system/functions/old")  # that runner stops, B still running
+        await stack.register("old", concurrency=1)
+        waiting = await stack.submit("old", content=b"C")
+        with contextlib.suppress(TimeoutError):  # cycle 1 wakes meanwhile
+            await stack.functions.wait_for("/old", 3, timeout_s=6)
+        while_b_ran = [seen.body for seen in stack.functions.on("/old")]
+        stack.functions.release("/old", 2)  # B ends; then C runs, and answers
+        final = await stack.wait_for_status("old", waiting, timeout_s=15)
+    finally:
+        stack.functions.release("/old", 5)
+        await stack.close()
+
+    assert while_b_ran == [b"a long call", b"B"], "C waited for B's runner to stop (concurrency 1)"
+    assert "error_type" not in final
+
+
+def _failing_starts(monkeypatch: pytest.MonkeyPatch, times: int) -> list[APIError]:
+    """The worker's next `times` starts of a runner fail on its consumers (a JetStream error); the
+    failures left to come."""
+    ensure = provision.ensure_function_consumers
+    failures = [APIError(code=500, description="insufficient resources", err_code=10023) for _ in range(times)]
+
+    async def failing(*args: Any, **kwargs: Any) -> None:
+        if failures:
+            raise failures.pop()
+        await ensure(*args, **kwargs)
+
+    monkeypatch.setattr(worker_main, "ensure_function_consumers", failing)
+    return failures
 
 
 async def test_a_repeated_registration_of_the_same_entry_is_no_conflict(stack: Stack) -> None:
@@ -531,6 +575,41 @@ async def test_a_registry_watch_that_cannot_be_renewed_leaves_the_old_one_follow
         nats.stop()
 
     assert "registry watch not renewed" in caplog.text
+
+
+async def test_a_registry_watch_renewed_as_the_view_stops_follows_nothing_after(
+    nats_server: EmbeddedNats, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A resync (after a reconnect) still renewing its watch when the worker stopped started a
+    follower after the stop: it fed registry changes to a runner pool that had stopped, and was
+    never stopped itself (found by a review)."""
+    nc = await nats_py.connect(nats_server.url)
+    try:
+        kv = await nc.jetstream().create_key_value(bucket="functions")
+        await FunctionRegistry(kv).create(Function(name="f", url="http://127.0.0.1:9/"))
+        view = RegistryView(kv)
+        await view.start()
+        renewing, renewed = asyncio.Event(), asyncio.Event()
+
+        async def slow(*args: Any, **kwargs: Any) -> Any:  # the renewed watch comes slowly
+            renewing.set()
+            await renewed.wait()
+            return await ridethrough.ride_through(*args, **kwargs)
+
+        monkeypatch.setattr(registry_module, "ride_through", slow)
+        resync = asyncio.create_task(view.resync())
+        await asyncio.wait_for(renewing.wait(), 5)
+        await view.stop()
+        renewed.set()
+        await asyncio.wait_for(resync, 10)
+        follower = view._task  # noqa: SLF001 - the view's follower, if any
+        following = follower is not None and not follower.done()
+        if follower is not None:
+            await stop_task(follower)
+    finally:
+        await nc.close()
+
+    assert not following, "no follower runs after the view stopped"
 
 
 async def test_withdrawing_an_entry_written_over_since_it_was_read_leaves_the_new_one(stack: Stack) -> None:

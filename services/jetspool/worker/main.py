@@ -74,7 +74,7 @@ class RunnerPool:
             stopping = self._stopping.get(name)
             if stopping is not None:  # registered again: its old runner's calls end first, within their grace
                 if name not in self._waiting:
-                    start = asyncio.create_task(self._start_once_stopped(name, stopping))
+                    start = asyncio.create_task(self._start_once_stopped(name))
                     self._starts.add(start)
                     start.add_done_callback(self._starts.discard)
                 self._waiting[name] = function
@@ -88,26 +88,38 @@ class RunnerPool:
         self._runners[name] = runner
         log.info("delivering to %s at %s (concurrency %d)", name, shown(function.url), function.concurrency)
 
-    async def _start_once_stopped(self, name: str, stopping: asyncio.Task[None]) -> None:
-        """Start the runner of `name` as registered now (changed or gone meanwhile) once its old
-        runner has stopped; a failed start is tried again as the registry view tries a change again
-        (found by a review: tried once, a function was left registered with no runner)."""
-        await asyncio.shield(stopping)
-        for attempt in range(1, APPLY_ATTEMPTS + 1):
+    async def _start_once_stopped(self, name: str) -> None:
+        """Start the runner of `name` as registered now (changed or gone meanwhile) once no old
+        runner of it is stopping, whichever stops last; a failed start is tried again as the
+        registry view tries a change again (found by a review: tried once, a function was left
+        registered with no runner). Waiting for the one old runner it was made for, a start woke
+        after a later one had begun to stop, and ran beside its calls (found by a review)."""
+        attempt = 0
+        while True:
+            stopping = self._stopping.get(name)
+            if stopping is not None:
+                await asyncio.shield(stopping)
+                attempt = 0  # a new turn: the function as registered after that stop
+                continue
             async with self._lock:
+                if name in self._stopping:
+                    continue
                 function = self._waiting.get(name)
                 if function is None or name in self._runners:
                     self._waiting.pop(name, None)
                     return
+                attempt += 1
                 try:
                     await self._start(name, function)
                 except Exception:
                     log.exception("starting delivery to %s failed (attempt %d)", name, attempt)
+                    if attempt >= APPLY_ATTEMPTS:
+                        self._waiting.pop(name, None)
+                        return
                 else:
                     self._waiting.pop(name, None)
                     return
             await asyncio.sleep(APPLY_BACKOFF_S * attempt)
-        self._waiting.pop(name, None)
 
     async def _stop_unregistered(self, name: str, runner: FunctionRunner) -> None:
         try:
