@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import nats as nats_py
 import pytest
+from nats.errors import OutboundBufferLimitError
 from nats.js.errors import APIError, NotFoundError
 
 import jetspool.worker.main as worker_main
@@ -22,6 +23,7 @@ from jetspool.embedded import EmbeddedNats
 from jetspool.jetstream import provision, ridethrough
 from jetspool.jetstream import registry as registry_module
 from jetspool.jetstream.registry import FunctionRegistry, RegistryView
+from jetspool.worker import puller
 from tests.support.permissions import PASSWORD, as_user, users
 from tests.support.servers import AsgiServer, RecordingApp, Reply, eventually, eventually_true, free_port
 from tests.support.stack import start_stack
@@ -610,6 +612,98 @@ async def test_a_registry_watch_renewed_as_the_view_stops_follows_nothing_after(
         await nc.close()
 
     assert not following, "no follower runs after the view stopped"
+
+
+async def test_a_view_stopped_while_a_resync_replaces_its_follower_follows_nothing_after(
+    nats_server: EmbeddedNats, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As above, with the stop coming while the resync stops the old follower (found by a review)."""
+    nc = await nats_py.connect(nats_server.url)
+    try:
+        kv = await nc.jetstream().create_key_value(bucket="functions")
+        await FunctionRegistry(kv).create(Function(name="f", url="http://127.0.0.1:9/"))
+        view = RegistryView(kv)
+        await view.start()
+        replacing = asyncio.Event()
+
+        async def noting_stop_task(task: asyncio.Task[Any]) -> None:
+            replacing.set()  # the resync has its new watch, and stops the old follower
+            await stop_task(task)
+
+        monkeypatch.setattr(registry_module, "stop_task", noting_stop_task)
+        resync = asyncio.create_task(view.resync())
+        await asyncio.wait_for(replacing.wait(), 5)
+        await view.stop()
+        await asyncio.wait_for(resync, 10)
+        follower = view._task  # noqa: SLF001 - the view's follower, if any
+        following = follower is not None and not follower.done()
+        if follower is not None:
+            await stop_task(follower)
+    finally:
+        await nc.close()
+
+    assert not following, "no follower runs after the view stopped"
+
+
+async def test_a_worker_stopped_while_its_registry_is_replayed_starts_no_runner(
+    nats_server: EmbeddedNats, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A registry change that still reaches the worker's runner pool once it stopped (a replay after
+    a reconnect, overlapping the stop) starts nothing (found by a review)."""
+    pools: list[worker_main.RunnerPool] = []
+
+    class RecordedPool(worker_main.RunnerPool):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            pools.append(self)
+
+    monkeypatch.setattr(worker_main, "RunnerPool", RecordedPool)
+    stack = await start_stack(nats_server)
+    try:
+        await stack.register("echo")
+        await eventually(lambda: bool(pools) and "echo" in pools[0]._runners)  # noqa: SLF001 - its runners
+        pool = pools[0]
+        await pool.stop()
+        await pool.on_change("late", Function(name="late", url=stack.function_url("/late")))
+        started = list(pool._runners)  # noqa: SLF001
+    finally:
+        await stack.close()
+
+    assert started == []
+
+
+async def test_a_runner_whose_stop_fails_lets_no_new_runner_beside_its_calls(
+    nats_server: EmbeddedNats, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A deleted function's runner whose stop raised on the way (its unsubscribe refused) counted as
+    stopped: its call ran on unbounded, and the runner of the function registered again ran beside
+    it (found by a review). Its calls are waited for whatever failed."""
+    real_stop = puller.PriorityPuller.stop
+    fails = [OutboundBufferLimitError()]
+
+    async def failing_stop(self: puller.PriorityPuller) -> Any:
+        if fails:
+            raise fails.pop()
+        return await real_stop(self)
+
+    stack = await start_stack(nats_server, overrides={"worker": {"shutdown_grace": 60.0}})
+    try:
+        monkeypatch.setattr(puller.PriorityPuller, "stop", failing_stop)
+        await _deleted_with_a_call_running(stack, "old")  # its runner's stop fails once; call A runs on
+        await stack.register("old", concurrency=1)
+        waiting = await stack.submit("old", content=b"B")
+        with contextlib.suppress(TimeoutError):
+            await stack.functions.wait_for("/old", 2, timeout_s=4)
+        while_a_ran = [seen.body for seen in stack.functions.on("/old")]
+        stack.functions.release("/old", 2)
+        final = await stack.wait_for_status("old", waiting, timeout_s=15)
+    finally:
+        stack.functions.release("/old", 5)
+        await stack.close()
+
+    assert fails == [], "the stop did fail once"
+    assert while_a_ran == [b"a long call"], "B waited for A (concurrency 1)"
+    assert "error_type" not in final
 
 
 async def test_withdrawing_an_entry_written_over_since_it_was_read_leaves_the_new_one(stack: Stack) -> None:

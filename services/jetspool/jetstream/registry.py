@@ -169,11 +169,12 @@ class RegistryView:
             # views had each change made after the cluster was back within 4 s. So this is no error.
             log.warning("registry watch not renewed (%s); the current one renews itself", type(exc).__name__)
             return
-        if self._stopped:  # stopped while the watch was renewed: no change is followed after a stop
+        if not self._stopped:
+            await stop_task(self._task)
+        if self._stopped:  # stopped meanwhile: no change is followed after a stop (found by reviews)
             with contextlib.suppress(Exception):
                 await watcher.stop()
             return
-        await stop_task(self._task)
         self._task = asyncio.create_task(self._follow(watcher, replay=True), name="registry-view")
         log.info("registry view renewed after a reconnect")
 

@@ -55,12 +55,16 @@ class RunnerPool:
         """Functions registered again while their old runner stops: started once it has."""
         self._starts: set[asyncio.Task[None]] = set()
         self._lock = asyncio.Lock()
+        self._stopped = False
+        """Once stopped, a change that still comes (a registry replay) starts nothing."""
 
     async def on_change(self, name: str, function: Function | None) -> None:
         """Follow one registry change. A runner stopping (its calls may take `shutdown_grace`) is
         waited for in the background: waited for here, it held up every registry change after it,
         and a function registered meanwhile got no runner (found by a review)."""
         async with self._lock:
+            if self._stopped:
+                return
             runner = self._runners.get(name)
             if function is None:
                 self._waiting.pop(name, None)
@@ -104,7 +108,7 @@ class RunnerPool:
             async with self._lock:
                 if name in self._stopping:
                     continue
-                function = self._waiting.get(name)
+                function = None if self._stopped else self._waiting.get(name)
                 if function is None or name in self._runners:
                     self._waiting.pop(name, None)
                     return
@@ -135,6 +139,7 @@ class RunnerPool:
         for start in list(self._starts):
             await stop_task(start)
         async with self._lock:
+            self._stopped = True
             runners, self._runners = list(self._runners.values()), {}
             self._waiting.clear()
         await asyncio.gather(

@@ -66,18 +66,26 @@ class FunctionRunner:
         self._loop_task = asyncio.create_task(self._loop(), name=f"runner-{self._function.name}")
 
     async def stop(self, grace_s: float) -> None:
-        """Stop pulling, let in-flight calls finish for `grace_s`, hand the rest back to the queue."""
-        if self._wake_sub is not None:
-            await self._wake_sub.unsubscribe()
-        if self._loop_task is not None:
-            await stop_task(self._loop_task)
-        for timer in self._due:
-            timer.cancel()
-        for msg in await self._puller.stop():
-            await settle(msg, HAND_BACK)
-        if self._inflight:
-            _, pending = await asyncio.wait(self._inflight, timeout=grace_s)
-            await asyncio.gather(*(stop_task(task) for task in pending))
+        """Stop pulling, let in-flight calls finish for `grace_s`, hand the rest back to the queue.
+
+        The calls are waited for whatever failed before: a stop that raised on the way (an
+        unsubscribe refused by a closing connection) left them running unbounded, while the pool
+        took the runner for stopped and started the next beside them (found by a review)."""
+        try:
+            if self._wake_sub is not None:
+                await self._wake_sub.unsubscribe()
+            if self._loop_task is not None:
+                await stop_task(self._loop_task)
+            for timer in self._due:
+                timer.cancel()
+            for msg in await self._puller.stop():
+                await settle(msg, HAND_BACK)
+        finally:
+            if self._loop_task is not None:
+                await stop_task(self._loop_task)  # no new call starts while these are waited for
+            if self._inflight:
+                _, pending = await asyncio.wait(self._inflight, timeout=grace_s)
+                await asyncio.gather(*(stop_task(task) for task in pending))
 
     async def _on_wake(self, msg: Msg) -> None:
         priority = msg.subject.rpartition(".")[2]
