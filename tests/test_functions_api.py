@@ -579,61 +579,33 @@ async def test_a_registry_watch_that_cannot_be_renewed_leaves_the_old_one_follow
     assert "registry watch not renewed" in caplog.text
 
 
-async def test_a_registry_watch_renewed_as_the_view_stops_follows_nothing_after(
-    nats_server: EmbeddedNats, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("step", ["ride_through", "stop_task"], ids=["renewing its watch", "stopping its old follower"])
+async def test_a_view_stopped_during_a_resync_follows_nothing_after(
+    nats_server: EmbeddedNats, monkeypatch: pytest.MonkeyPatch, step: str
 ) -> None:
-    """A resync (after a reconnect) still renewing its watch when the worker stopped started a
-    follower after the stop: it fed registry changes to a runner pool that had stopped, and was
-    never stopped itself (found by a review)."""
+    """A resync (after a reconnect) under way when the worker stopped started a follower after the
+    stop: it fed registry changes to a runner pool that had stopped, and was never stopped itself
+    (found by two reviews, with the stop at either step of the resync)."""
     nc = await nats_py.connect(nats_server.url)
     try:
         kv = await nc.jetstream().create_key_value(bucket="functions")
         await FunctionRegistry(kv).create(Function(name="f", url="http://127.0.0.1:9/"))
         view = RegistryView(kv)
         await view.start()
-        renewing, renewed = asyncio.Event(), asyncio.Event()
+        reached, go = asyncio.Event(), asyncio.Event()
+        real = getattr(registry_module, step)
 
-        async def slow(*args: Any, **kwargs: Any) -> Any:  # the renewed watch comes slowly
-            renewing.set()
-            await renewed.wait()
-            return await ridethrough.ride_through(*args, **kwargs)
+        async def held(*args: Any, **kwargs: Any) -> Any:  # the resync's step waits for the stop
+            if not reached.is_set():
+                reached.set()
+                await go.wait()
+            return await real(*args, **kwargs)
 
-        monkeypatch.setattr(registry_module, "ride_through", slow)
+        monkeypatch.setattr(registry_module, step, held)
         resync = asyncio.create_task(view.resync())
-        await asyncio.wait_for(renewing.wait(), 5)
+        await asyncio.wait_for(reached.wait(), 5)
         await view.stop()
-        renewed.set()
-        await asyncio.wait_for(resync, 10)
-        follower = view._task  # noqa: SLF001 - the view's follower, if any
-        following = follower is not None and not follower.done()
-        if follower is not None:
-            await stop_task(follower)
-    finally:
-        await nc.close()
-
-    assert not following, "no follower runs after the view stopped"
-
-
-async def test_a_view_stopped_while_a_resync_replaces_its_follower_follows_nothing_after(
-    nats_server: EmbeddedNats, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """As above, with the stop coming while the resync stops the old follower (found by a review)."""
-    nc = await nats_py.connect(nats_server.url)
-    try:
-        kv = await nc.jetstream().create_key_value(bucket="functions")
-        await FunctionRegistry(kv).create(Function(name="f", url="http://127.0.0.1:9/"))
-        view = RegistryView(kv)
-        await view.start()
-        replacing = asyncio.Event()
-
-        async def noting_stop_task(task: asyncio.Task[Any]) -> None:
-            replacing.set()  # the resync has its new watch, and stops the old follower
-            await stop_task(task)
-
-        monkeypatch.setattr(registry_module, "stop_task", noting_stop_task)
-        resync = asyncio.create_task(view.resync())
-        await asyncio.wait_for(replacing.wait(), 5)
-        await view.stop()
+        go.set()
         await asyncio.wait_for(resync, 10)
         follower = view._task  # noqa: SLF001 - the view's follower, if any
         following = follower is not None and not follower.done()
