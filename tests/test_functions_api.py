@@ -617,11 +617,8 @@ async def test_a_view_stopped_during_a_resync_follows_nothing_after(
     assert not following, "no follower runs after the view stopped"
 
 
-async def test_a_worker_stopped_while_its_registry_is_replayed_starts_no_runner(
-    nats_server: EmbeddedNats, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A registry change that still reaches the worker's runner pool once it stopped (a replay after
-    a reconnect, overlapping the stop) starts nothing (found by a review)."""
+def _recorded_pools(monkeypatch: pytest.MonkeyPatch) -> list[worker_main.RunnerPool]:
+    """The runner pools the workers started from now on make, as they make them."""
     pools: list[worker_main.RunnerPool] = []
 
     class RecordedPool(worker_main.RunnerPool):
@@ -630,6 +627,15 @@ async def test_a_worker_stopped_while_its_registry_is_replayed_starts_no_runner(
             pools.append(self)
 
     monkeypatch.setattr(worker_main, "RunnerPool", RecordedPool)
+    return pools
+
+
+async def test_a_worker_stopped_while_its_registry_is_replayed_starts_no_runner(
+    nats_server: EmbeddedNats, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A registry change that still reaches the worker's runner pool once it stopped (a replay after
+    a reconnect, overlapping the stop) starts nothing (found by a review)."""
+    pools = _recorded_pools(monkeypatch)
     stack = await start_stack(nats_server)
     try:
         await stack.register("echo")
@@ -676,6 +682,40 @@ async def test_a_runner_whose_stop_fails_lets_no_new_runner_beside_its_calls(
     assert fails == [], "the stop did fail once"
     assert while_a_ran == [b"a long call"], "B waited for A (concurrency 1)"
     assert "error_type" not in final
+
+
+async def test_a_runner_stop_cancelled_on_its_way_ends_at_once(
+    nats_server: EmbeddedNats, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A runner's stop waits for its calls whatever failed on the way, but not a cancellation: one
+    cancel (as `asyncio.gather` or the event loop's shutdown gives) ends it at once, where it waited
+    out the calls' grace (found by a review)."""
+    pools = _recorded_pools(monkeypatch)
+    stack = await start_stack(nats_server, overrides={"worker": {"shutdown_grace": 30.0}})
+    stopping: asyncio.Task[None] | None = None
+    try:
+        await stack.held_call("slow", b"a long call")
+        await eventually(lambda: bool(pools) and "slow" in pools[0]._runners)  # noqa: SLF001 - its runners
+        runner = pools[0]._runners.pop("slow")  # noqa: SLF001 - stopped here, not by the pool
+        on_its_way, never = asyncio.Event(), asyncio.Event()
+
+        async def held_stop() -> Any:  # the stop is handing back what its puller holds
+            on_its_way.set()
+            await never.wait()
+
+        monkeypatch.setattr(runner._puller, "stop", held_stop)  # noqa: SLF001
+        stopping = asyncio.create_task(runner.stop(30.0))
+        await asyncio.wait_for(on_its_way.wait(), 5)
+        stopping.cancel()
+        done, _ = await asyncio.wait({stopping}, timeout=5)  # the held call would hold it 30 s
+    finally:
+        stack.functions.release("/slow", 5)
+        if stopping is not None:
+            await asyncio.wait({stopping}, timeout=35)
+        await stack.close()
+
+    assert stopping in done, "the cancelled stop waited for the held call"
+    assert stopping.cancelled()
 
 
 async def test_withdrawing_an_entry_written_over_since_it_was_read_leaves_the_new_one(stack: Stack) -> None:

@@ -70,7 +70,8 @@ class FunctionRunner:
 
         The calls are waited for whatever failed before: a stop that raised on the way (an
         unsubscribe refused by a closing connection) left them running unbounded, while the pool
-        took the runner for stopped and started the next beside them (found by a review)."""
+        took the runner for stopped and started the next beside them (found by a review). A stop
+        cancelled on the way ends at once, as before."""
         try:
             if self._wake_sub is not None:
                 await self._wake_sub.unsubscribe()
@@ -80,12 +81,18 @@ class FunctionRunner:
                 timer.cancel()
             for msg in await self._puller.stop():
                 await settle(msg, HAND_BACK)
-        finally:
-            if self._loop_task is not None:
-                await stop_task(self._loop_task)  # no new call starts while these are waited for
-            if self._inflight:
-                _, pending = await asyncio.wait(self._inflight, timeout=grace_s)
-                await asyncio.gather(*(stop_task(task) for task in pending))
+        except Exception:
+            await self._end_calls(grace_s)
+            raise
+        await self._end_calls(grace_s)
+
+    async def _end_calls(self, grace_s: float) -> None:
+        """Let the calls in flight finish for `grace_s`; stop the rest (their messages go back)."""
+        if self._loop_task is not None:
+            await stop_task(self._loop_task)  # no new call starts while these are waited for
+        if self._inflight:
+            _, pending = await asyncio.wait(self._inflight, timeout=grace_s)
+            await asyncio.gather(*(stop_task(task) for task in pending))
 
     async def _on_wake(self, msg: Msg) -> None:
         priority = msg.subject.rpartition(".")[2]
