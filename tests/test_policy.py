@@ -114,6 +114,13 @@ def test_backoff_doubles_from_the_initial_backoff_up_to_the_cap(attempt: int, se
     assert backoff_s(attempt, settings, None, _rng(1)) == seconds
 
 
+@pytest.mark.parametrize("attempt", [1100, 100_000])
+def test_backoff_of_an_attempt_counted_in_thousands_is_the_cap(attempt: int) -> None:
+    """A job tried again without a bound (a timer job) counts thousands of deliveries: the growth
+    overflowed a float, and the error ended the job's handling."""
+    assert backoff_s(attempt, RetrySettings(jitter=0.0), None, _rng(1)) == 60.0
+
+
 def test_backoff_follows_the_configured_initial_multiplier_and_cap() -> None:
     settings = RetrySettings(initial_backoff=0.5, multiplier=3.0, max_backoff=10.0, jitter=0.0)
     delays = [backoff_s(attempt, settings, None, _rng(1)) for attempt in range(1, 6)]

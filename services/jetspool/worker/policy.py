@@ -51,5 +51,9 @@ def backoff_s(attempt: int, settings: RetrySettings, retry_after_s: float | None
     """Delay before attempt `attempt + 1`: the function's Retry-After (capped), else jittered exponential."""
     if retry_after_s is not None:
         return max(SOONEST_S, min(retry_after_s, settings.max_retry_after))
-    base = min(settings.initial_backoff * settings.multiplier ** max(0, attempt - 1), settings.max_backoff)
+    try:
+        grown = settings.initial_backoff * settings.multiplier ** max(0, attempt - 1)
+    except OverflowError:  # a count of thousands (a job tried again without a bound): past any cap
+        grown = settings.max_backoff
+    base = min(grown, settings.max_backoff)
     return base * rng.uniform(1 - settings.jitter, 1 + settings.jitter)

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+import random
+from typing import TYPE_CHECKING, Final
 
 from nats.errors import Error as NatsError
 
@@ -24,7 +25,9 @@ from jetspool.domain.errors import DecodeError
 from jetspool.domain.messages import DeadlineJob, SweepJob, decode
 from jetspool.domain.status import utcnow
 from jetspool.jetstream.pulling import ConnectionGone, fetch, stop_pulling
+from jetspool.settings import RetrySettings
 from jetspool.worker.handler import ACK, TERM, Settle, settle
+from jetspool.worker.policy import backoff_s
 
 if TYPE_CHECKING:
     from nats.aio.msg import Msg
@@ -42,13 +45,9 @@ _BATCH = 256
 _FETCH_TIMEOUT_S = 1.0
 _NAMED_RECHECK_S = 1.0
 """How soon a sweep due while a record still names its object looks again."""
-_FAILED_FIRST_S = 1.0
-_FAILED_MAX_S = 60.0
-
-
-def _failed_backoff_s(delivered: int) -> float:
-    """How long a job whose handling failed waits before it is tried again: doubling, up to a minute."""
-    return min(_FAILED_MAX_S, _FAILED_FIRST_S * 2.0 ** min(delivered - 1, 16))
+_FAILED_BACKOFF: Final = RetrySettings(initial_backoff=1.0, multiplier=2.0, max_backoff=60.0, jitter=0.0)
+"""How long a job whose handling failed waits before it is tried again: doubling, up to a minute."""
+_NO_JITTER: Final = random.Random()  # noqa: S311 - `_FAILED_BACKOFF` has no jitter to draw
 
 
 class Timers:
@@ -94,7 +93,8 @@ class Timers:
                     # on this worker again (found by a review). Tried again later, without a bound:
                     # a job's deliveries also count its turns before it is due.
                     log.exception("a timer job on %s failed; it is tried again", msg.subject)
-                    decision = Settle("nak", _failed_backoff_s(int(msg.metadata.num_delivered)))
+                    delayed = backoff_s(int(msg.metadata.num_delivered), _FAILED_BACKOFF, None, _NO_JITTER)
+                    decision = Settle("nak", delayed)
                 try:
                     await settle(msg, decision)
                 except NatsError:
