@@ -227,7 +227,10 @@ def _counter_stream(replicas: int) -> api.StreamConfig:
         num_replicas=replicas,
         persist_mode=_observational(replicas),
         allow_msg_counter=True,
-        max_msgs_per_subject=1,  # a counter is read from its last message: the earlier ones only grew the stream
+        # Every increment stays for the duplicate window (then `stats.CounterTrim` removes it): after a
+        # restart nats-server knows only the message ids of the messages it still holds, and kept to one
+        # message per subject, a count sent again after a restart counted twice.
+        max_msgs_per_subject=-1,
         duplicate_window=_DUPLICATE_WINDOW_S,
         allow_direct=True,
     )

@@ -1,24 +1,37 @@
 """Live queue figures per function: waiting per priority and in progress from the consumers,
 totals (completed, failed, retried, cancelled, callbacks delivered and failed) from server-side
-counters, one message per counter subject, bumped with `Nats-Incr`."""
+counters bumped with `Nats-Incr`, each total the last message of its subject."""
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import logging
+import time
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import orjson
 from nats.js.errors import NotFoundError
 
+from jetspool.aio import stop_task
 from jetspool.domain import names
 from jetspool.domain.status import ErrorType
 from jetspool.jetstream.positions import consumer_figures
 from jetspool.jetstream.ridethrough import ride_through
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from nats.js.client import JetStreamContext
+
     from jetspool.domain.status import StatusRecord
     from jetspool.jetstream.connection import Nats
+
+log = logging.getLogger(__name__)
+
+_TRIM_RETRY_S: Final = 5.0
+"""How soon a trim that failed (NATS away) is tried again."""
 
 
 async def count(conn: Nats, function: str, counter: names.Counter, msg_id: str | None = None) -> None:
@@ -72,3 +85,64 @@ class StatsReader:
         except NotFoundError:
             return 0
         return int(orjson.loads(msg.data or b"{}").get("val", 0))
+
+
+class CounterTrim:
+    """Trims the counters stream to the increments of the last duplicate window, and each total.
+
+    A count sent twice with one message id counts once only while nats-server knows the id, and
+    after a restart it knows the ids of the messages it still holds. Kept to one message per total,
+    a count sent again after a nats-server restart (a worker finding its request completed cannot
+    tell whether the first count landed) counted twice. So the stream keeps every increment, and
+    every half window this removes those stored a whole window ago, keeping each subject's last
+    message, its total. Several workers trimming at once remove the same messages."""
+
+    def __init__(self, js: JetStreamContext, clock: Callable[[], float] = time.monotonic) -> None:
+        self._js = js
+        self._clock = clock
+        self._marks: collections.deque[tuple[float, int]] = collections.deque()
+        """(when, the stream's last sequence then), oldest first."""
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="counter-trim")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            await stop_task(self._task)
+            self._task = None
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                again_s = await self.trim()
+            except Exception:  # whatever it was, the next turn tries again: the loop must not end
+                log.warning("could not trim the counters stream; trying again", exc_info=True)
+                again_s = _TRIM_RETRY_S
+            await asyncio.sleep(again_s)
+
+    async def trim(self) -> float:
+        """Mark where the stream ends now, remove what was stored by the mark a window old, and
+        say how long to wait before the next turn."""
+        info = await self._js.stream_info(names.COUNTER_STREAM)
+        window_s = info.config.duplicate_window or 0.0
+        now = self._clock()
+        self._marks.append((now, info.state.last_seq))
+        through = None
+        while self._marks and now - self._marks[0][0] >= window_s:
+            through = self._marks.popleft()[1]
+        if through is not None:
+            await trim_counters(self._js, through)
+        return max(window_s / 2, _TRIM_RETRY_S)
+
+
+async def trim_counters(js: JetStreamContext, through_seq: int) -> None:
+    """Remove the counters stream's messages up to `through_seq`, each subject's last one excepted."""
+    subjects = (await js.stream_info(names.COUNTER_STREAM, subjects_filter=">")).state.subjects or {}
+    for subject, kept in subjects.items():
+        if kept <= 1:
+            continue
+        last = await js.get_msg(names.COUNTER_STREAM, subject=subject)
+        upto = min(through_seq + 1, last.seq or 0)  # a purge stops before `seq`
+        if upto > 0:
+            await js.purge_stream(names.COUNTER_STREAM, seq=upto, subject=subject)

@@ -22,6 +22,7 @@ from jetspool.jetstream.registry import APPLY_ATTEMPTS, APPLY_BACKOFF_S, Registr
 from jetspool.jetstream.results import ResultStore
 from jetspool.jetstream.retention import Retention
 from jetspool.jetstream.startup import open_jetstream
+from jetspool.jetstream.stats import CounterTrim
 from jetspool.jetstream.status_store import StatusStore
 from jetspool.worker.handler import RequestHandler, Services
 from jetspool.worker.invoke import function_client
@@ -207,6 +208,9 @@ async def run(settings: Settings, stop: asyncio.Event, ready: asyncio.Event | No
         timers = Timers(conn.js, status, canceller, view, retention=retention, results=results)
         await timers.start()
         started.push_async_callback(timers.stop)
+        trim = CounterTrim(conn.js)
+        await trim.start()
+        started.push_async_callback(trim.stop)
         cancels = await conn.nc.subscribe(names.CANCEL_SUBJECTS, cb=handler.on_cancel)
         started.push_async_callback(cancels.unsubscribe)
         started.push_async_callback(_drain, view, pool, callbacks, settings.worker.shutdown_grace)  # unwinds first
