@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 import orjson
@@ -15,6 +15,7 @@ from nats.js.errors import KeyNotFoundError, NotFoundError
 from jetspool.domain import names
 from jetspool.domain.messages import QueuedRequest, encode
 from jetspool.jetstream.retention import Retention
+from jetspool.jetstream.retry import next_run
 from jetspool.jetstream.status_store import StatusStore
 from tests.support.servers import Reply, eventually_true
 from tests.support.stack import start_stack
@@ -374,3 +375,21 @@ async def test_each_run_backs_off_from_the_initial_delay(nats_server: EmbeddedNa
     assert final["attempts"] == 4
     assert len(calls) == 4
     assert 0.9 < calls[3].at - calls[2].at < 10, "the second run's first backoff is the initial one"
+
+
+def test_each_run_of_the_retry_route_gets_the_first_runs_start_timeout_from_its_retry() -> None:
+    """The second run's deadline was worked out from the first retry's message, whose deadline is
+    fresh but whose `submitted_at` is the submission's: the time from the submission to the first
+    retry was added to it (a 3 s timeout fired 11 s after a second retry; found by a review)."""
+    submitted = datetime(2026, 12, 3, 12, 0, tzinfo=UTC)
+    first = QueuedRequest(function="echo", submitted_at=submitted, start_deadline=submitted + timedelta(seconds=3))
+    first_retry = submitted + timedelta(minutes=10)
+    second_retry = first_retry + timedelta(minutes=5)
+
+    run_1 = next_run(first, 1, first_retry)
+    run_2 = next_run(run_1, 2, second_retry)
+
+    assert (run_1.retry, run_1.start_deadline) == (1, first_retry + timedelta(seconds=3))
+    assert (run_2.retry, run_2.start_deadline) == (2, second_retry + timedelta(seconds=3))
+    assert run_2.submitted_at == submitted
+    assert next_run(QueuedRequest(function="echo", submitted_at=submitted), 1, first_retry).start_deadline is None

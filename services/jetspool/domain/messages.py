@@ -58,6 +58,8 @@ class QueuedRequest(WireMessage, frozen=True, kw_only=True):
     """No attempt may start after this (`X-Request-Timeout`); the request then completes as request_timeout."""
     retry: int = 0
     """Which run of the request this message is: 0 as submitted, n after the n-th use of the retry route."""
+    queued_at: datetime | None = None
+    """When the retry route queued this run; None for the run as submitted, queued at `submitted_at`."""
 
     def identified(self, seq: int) -> QueuedRequest:
         """This request with its id, when it is derived from `seq`, the sequence of its message."""

@@ -67,7 +67,7 @@ class Retrier:
         if envelope is None:
             return RetryAnswer(RetryOutcome.NOT_KEPT, current)
         run = current.record.retries + 1
-        request = msgspec.structs.replace(envelope, retry=run, start_deadline=_fresh_deadline(envelope))
+        request = next_run(envelope, run, utcnow())
         seq = await self._queue.enqueue(request)
         while True:
             record = current.record.retried(seq)
@@ -100,8 +100,11 @@ class Retrier:
         return None
 
 
-def _fresh_deadline(request: QueuedRequest) -> datetime | None:
-    """The start deadline of a new run: as long after now as the first was after the submission."""
-    if request.start_deadline is None:
-        return None
-    return utcnow() + (request.start_deadline - request.submitted_at)
+def next_run(request: QueuedRequest, run: int, now: datetime) -> QueuedRequest:
+    """Run `run` of `request` (the message of its last run), queued `now`. Its start deadline is as
+    long after `now` as the first run's was after the submission: measured from the last run's
+    queueing, not the submission, which would add the time before each retry to the next."""
+    deadline = None
+    if request.start_deadline is not None:
+        deadline = now + (request.start_deadline - (request.queued_at or request.submitted_at))
+    return msgspec.structs.replace(request, retry=run, queued_at=now, start_deadline=deadline)
