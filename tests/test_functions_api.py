@@ -718,6 +718,121 @@ async def test_a_runner_stop_cancelled_on_its_way_ends_at_once(
     assert stopping.cancelled()
 
 
+async def test_a_runner_stop_cancelled_while_its_calls_have_their_grace_ends_them(
+    nats_server: EmbeddedNats, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stop cancelled while it waited out its calls' grace (where a stop spends its time) ended and
+    left its call running, owned by nobody, its message neither settled nor handed back (found by a
+    review). The calls are stopped at once, and their messages go back."""
+    pools = _recorded_pools(monkeypatch)
+    stack = await start_stack(nats_server, overrides={"worker": {"shutdown_grace": 30.0}})
+    stopping: asyncio.Task[None] | None = None
+    try:
+        request_id = await stack.held_call("slow", b"a long call")
+        await eventually(lambda: bool(pools) and "slow" in pools[0]._runners)  # noqa: SLF001 - its runners
+        runner = pools[0]._runners.pop("slow")  # noqa: SLF001 - stopped here, not by the pool
+        stopping = asyncio.create_task(runner.stop(30.0))
+        await eventually(lambda: runner._puller._sub is None)  # noqa: SLF001 - past the hand-backs: the grace
+        stopping.cancel()
+        done, _ = await asyncio.wait({stopping}, timeout=5)
+        await eventually(lambda: runner.in_flight == 0, timeout_s=5)
+        waiting = await stack.wait_for_status("slow", request_id, "IN_QUEUE", timeout_s=5)  # handed back
+    finally:
+        stack.functions.release("/slow", 5)
+        await stack.close()
+
+    assert stopping in done
+    assert stopping.cancelled()
+    assert waiting["status"] == "IN_QUEUE"
+
+
+async def test_a_pool_stop_waits_for_every_runner_when_one_runner_stop_fails(
+    nats_server: EmbeddedNats, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pool's stop gathered its runners' stops, and the first to fail (at once: it had no call)
+    ended it while another runner's call still ran; the worker then closed its connection under the
+    call, whose result was lost and whose request ran again (found by a review)."""
+    pools = _recorded_pools(monkeypatch)
+    stack = await start_stack(nats_server, overrides={"worker": {"shutdown_grace": 30.0}})
+    worker = stack.worker
+    assert worker is not None
+    assert worker.task is not None
+    try:
+        await stack.register("quick")
+        request_id = await stack.held_call("slow", b"a long call")
+        await eventually(lambda: bool(pools) and {"quick", "slow"} <= set(pools[0]._runners))  # noqa: SLF001
+
+        async def refused() -> Any:  # an unsubscribe refused by a closing connection
+            raise OutboundBufferLimitError
+
+        monkeypatch.setattr(pools[0]._runners["quick"]._puller, "stop", refused)  # noqa: SLF001
+        worker.stop_event.set()
+        done, _ = await asyncio.wait({worker.task}, timeout=3)  # the held call keeps the worker 30 s
+        stack.functions.release("/slow")
+        await asyncio.wait({worker.task}, timeout=35)
+        stack.worker = None
+        final = await stack.wait_for_status("slow", request_id, timeout_s=5)
+    finally:
+        stack.functions.release("/slow", 5)
+        await stack.close()
+
+    assert worker.task not in done, "the worker stopped while a call ran"
+    assert isinstance(worker.task.exception(), OutboundBufferLimitError), "the failure is raised, at the end"
+    assert final["status"] == "COMPLETED"
+    assert "error_type" not in final
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["stop succeeds", "unsubscribe refused"])
+async def test_a_runner_stop_hands_back_what_its_puller_holds_whatever_failed(
+    nats_server: EmbeddedNats, monkeypatch: pytest.MonkeyPatch, fails: bool
+) -> None:
+    """A stop whose first step raised (its wake-up unsubscribe refused) handed back none of what its
+    puller held, taken by a pull the stop cut short: those requests waited out the ack wait, with no
+    worker on them (found by a review). Each step runs whatever the one before did."""
+    pools = _recorded_pools(monkeypatch)
+    real_pull_class = puller.PriorityPuller._pull_class  # noqa: SLF001
+    in_second_pull = asyncio.Event()
+
+    async def cut_short(self: puller.PriorityPuller, priority: str, batch: int, wait_s: float = 0.0) -> int:
+        if priority == "normal" and self._ready:
+            in_second_pull.set()
+            await asyncio.Event().wait()
+        return await real_pull_class(self, priority, batch, wait_s)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(puller.PriorityPuller, "_pull_class", cut_short)
+    monkeypatch.setattr(puller.PriorityPuller, "_skip", lambda self, priority: False)
+    stack = await start_stack(nats_server, overrides={"worker": {"ack_wait": 30.0}})
+    try:
+        await stack.register("f", concurrency=2)
+        await eventually(lambda: bool(pools) and "f" in pools[0]._runners)  # noqa: SLF001
+        runner = pools[0]._runners.pop("f")  # noqa: SLF001 - stopped here, not by the pool
+        await stack.submit("f", content=b"high", headers={names.H_QUEUE_PRIORITY: "high"})
+        await asyncio.wait_for(in_second_pull.wait(), 5)  # the high request is in the puller's hands
+
+        async def refused(*_: Any, **__: Any) -> None:
+            raise OutboundBufferLimitError
+
+        if fails:
+            monkeypatch.setattr(runner._wake_sub, "unsubscribe", refused)  # noqa: SLF001
+            with pytest.raises(OutboundBufferLimitError):
+                await runner.stop(2.0)
+        else:
+            await runner.stop(2.0)
+        nc = await nats_py.connect(nats_server.url)
+        try:  # another worker asks for the high class: a request handed back is there at once
+            sub = await nc.jetstream().pull_subscribe_bind(names.queue_consumer("f", "high"), stream=names.QUEUE_STREAM)
+            taken = await sub.fetch(1, timeout=5)
+            for msg in taken:
+                await msg.nak()
+        finally:
+            await nc.close()
+    finally:
+        await stack.close()
+
+    assert stack.functions.on("/f") == [], "the request was never called"
+    assert len(taken) == 1, "handed back at once, not after the ack wait"
+
+
 async def test_withdrawing_an_entry_written_over_since_it_was_read_leaves_the_new_one(stack: Stack) -> None:
     """`up --demo` unregisters its demo functions only as it registered them. An entry written over
     between its read and its delete made the delete raise nats-py's plain BadRequestError, which

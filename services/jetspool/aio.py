@@ -43,6 +43,18 @@ async def run_to_end(work: Coroutine[Any, Any, Any]) -> None:
     task.result()
 
 
+async def gather_all(*work: Awaitable[Any]) -> None:
+    """Await every one of `work` to its end, then raise the first failure, if any.
+
+    `asyncio.gather` raises the first failure at once and leaves the rest running unawaited: a
+    worker's stop went on closing its connection while another runner's calls still ran (found by a
+    review), their results lost and the requests run again."""
+    outcomes = await asyncio.gather(*work, return_exceptions=True)
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            raise outcome
+
+
 async def wait_event(event: asyncio.Event, timeout_s: float) -> bool:
     """Wait for `event` at most `timeout_s`; whether it was set."""
     with contextlib.suppress(TimeoutError):

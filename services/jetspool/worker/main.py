@@ -8,7 +8,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from jetspool import tracing
-from jetspool.aio import stop_task
+from jetspool.aio import gather_all, stop_task
 from jetspool.callbacks.delivery import CallbackDelivery, callback_client
 from jetspool.domain import names
 from jetspool.domain.functions import shown
@@ -143,7 +143,7 @@ class RunnerPool:
             self._stopped = True
             runners, self._runners = list(self._runners.values()), {}
             self._waiting.clear()
-        await asyncio.gather(
+        await gather_all(
             *(r.stop(self._settings.worker.shutdown_grace) for r in runners),
             *(asyncio.shield(task) for task in list(self._stopping.values())),
         )
@@ -157,7 +157,7 @@ async def _drain(view: RegistryView, pool: RunnerPool, callbacks: CallbackDelive
     `terminationGracePeriodSeconds` set from it. Cancel signals are still heard while calls finish.
     """
     await view.stop()  # no runner starts once the pool stopped
-    await asyncio.gather(pool.stop(), callbacks.stop(grace_s))
+    await gather_all(pool.stop(), callbacks.stop(grace_s))
 
 
 async def run(settings: Settings, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:

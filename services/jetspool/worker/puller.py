@@ -89,14 +89,19 @@ class PriorityPuller:
     async def start(self) -> None:
         self._sub = await self._nc.subscribe(f"{self._inbox}.*", cb=self._on_message)
 
-    async def stop(self) -> list[Msg]:
-        """Stop listening; returns deliveries received but never handed out (the caller hands them back)."""
-        if self._sub is not None:
-            await self._sub.unsubscribe()
-            self._sub = None
+    async def stop(self) -> tuple[list[Msg], Exception | None]:
+        """Stop listening. Returns the deliveries received but never handed out (the caller hands
+        them back), also when the unsubscribe failed, and that failure."""
+        sub, self._sub = self._sub, None
+        failure = None
+        try:
+            if sub is not None:
+                await sub.unsubscribe()
+        except Exception as exc:  # noqa: BLE001 - the caller raises it once the deliveries are handed back
+            failure = exc
         left = list(self._ready)
         self._ready.clear()
-        return left
+        return left, failure
 
     def heard(self, priority: str | None, wait_s: float = _WOKEN_WAIT_S) -> None:
         """A wake-up: work of `priority` (None: of any class, none announced) may wait; the class's

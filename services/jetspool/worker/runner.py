@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from nats.errors import ConnectionClosedError
 from nats.errors import Error as NatsError
 
-from jetspool.aio import stop_task, wait_event
+from jetspool.aio import run_to_end, stop_task, wait_event
 from jetspool.domain import names
 from jetspool.worker.handler import HAND_BACK, Lease, settle
 from jetspool.worker.puller import DUE_WAIT_S, PriorityPuller
@@ -68,23 +68,46 @@ class FunctionRunner:
     async def stop(self, grace_s: float) -> None:
         """Stop pulling, let in-flight calls finish for `grace_s`, hand the rest back to the queue.
 
-        The calls are waited for whatever failed before: a stop that raised on the way (an
-        unsubscribe refused by a closing connection) left them running unbounded, while the pool
-        took the runner for stopped and started the next beside them (found by a review). A stop
-        cancelled on the way ends at once, as before."""
+        Each step runs whatever the one before did, and the calls are waited for whatever failed:
+        a stop that raised on the way (an unsubscribe refused by a closing connection) left them
+        running unbounded while the pool took the runner for stopped, and the deliveries its puller
+        held waited out the ack wait (found by reviews). The first failure is raised at the end. A
+        stop cancelled on its way stops the calls at once (their messages go back), and ends."""
         try:
-            if self._wake_sub is not None:
-                await self._wake_sub.unsubscribe()
-            if self._loop_task is not None:
-                await stop_task(self._loop_task)
-            for timer in self._due:
-                timer.cancel()
-            for msg in await self._puller.stop():
-                await settle(msg, HAND_BACK)
-        except Exception:
+            try:
+                failure = await self._stop_taking()
+            except Exception as exc:  # noqa: BLE001 - raised once the calls are over
+                failure = exc
             await self._end_calls(grace_s)
+        except asyncio.CancelledError:
+            await run_to_end(self._end_calls(0.0))
             raise
-        await self._end_calls(grace_s)
+        if failure is not None:
+            raise failure
+
+    async def _stop_taking(self) -> Exception | None:
+        """Take no more requests and hand back those the puller holds; the first failure, if any."""
+        failures: list[Exception] = []
+        if self._wake_sub is not None:
+            try:
+                await self._wake_sub.unsubscribe()
+            except Exception as exc:  # noqa: BLE001 - raised once every step has run
+                failures.append(exc)
+        if self._loop_task is not None:
+            await stop_task(self._loop_task)
+        for timer in self._due:
+            timer.cancel()
+        held, failure = await self._puller.stop()
+        if failure is not None:
+            failures.append(failure)
+        for msg in held:
+            try:
+                await settle(msg, HAND_BACK)
+            except Exception as exc:  # noqa: BLE001 - the next ones are handed back all the same
+                failures.append(exc)
+        for later in failures[1:]:
+            log.warning("stopping delivery to %s: %r as well", self._function.name, later)
+        return failures[0] if failures else None
 
     async def _end_calls(self, grace_s: float) -> None:
         """Let the calls in flight finish for `grace_s`; stop the rest (their messages go back)."""
