@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import orjson
 import pytest
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.errors import KeyNotFoundError, NotFoundError
 
 from jetspool.domain import names
@@ -313,6 +314,34 @@ async def test_a_large_body_is_kept_for_a_retry_and_deleted_after_success(stack:
 
     assert [s.body == _LARGE for s in stack.functions.on("/echo")] == [True, True]
     assert not await _has_object(conn, names.body_object(request_id)), "a succeeded request's body is deleted"
+
+
+async def test_a_succeeded_requests_body_is_deleted_by_the_delivery_that_finds_it_completed(
+    stack: Stack, conn: Nats, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker stopped between the completion and the body's delete (SIGKILLed, or the delete
+    failed) left the body for good: the delivery after it found the request completed and deleted
+    nothing, and no sweep is ever due for a succeeded request's body (found by a review)."""
+    real_release = Retention.release_body
+    failures = [NatsTimeoutError()]
+
+    async def fails_once(self: Retention, request: QueuedRequest) -> None:
+        if failures:
+            raise failures.pop()
+        await real_release(self, request)
+
+    monkeypatch.setattr(Retention, "release_body", fails_once)
+    await stack.register("echo")
+    request_id = await stack.submit("echo", content=_LARGE, headers={"Content-Type": "application/octet-stream"})
+    final = await stack.wait_for_status("echo", request_id, timeout_s=30)
+
+    async def body_gone() -> bool:
+        return not await _has_object(conn, names.body_object(request_id))
+
+    await eventually_true(body_gone, timeout_s=15, interval_s=0.1)
+    assert failures == [], "the first delete failed"
+    assert "error_type" not in final
+    assert len(stack.functions.on("/echo")) == 1
 
 
 async def test_large_bodies_and_results_are_deleted_when_their_time_is_up(stack: Stack, conn: Nats) -> None:

@@ -332,6 +332,8 @@ class RequestHandler:
         carries a message id or is idempotent: a crash may have come between them)."""
         if record.error_type is not None:
             await self._s.retention.keep_for_retry(request, function.result_ttl)
+        else:  # a worker stopped before it deleted the body kept it for good (found by a review)
+            await self._s.retention.release_body(request)
         await self._s.events.publish(record)
         await count_outcome(self._s.conn, record)
         await self._s.callbacks.emit(record)
