@@ -24,7 +24,7 @@ from jetspool.jetstream.connection import connect
 from jetspool.settings import NatsSettings
 from tests.support.permissions import PASSWORD, as_user, users
 from tests.support.servers import eventually_true, free_port
-from tests.support.stack import start_stack
+from tests.support.stack import Worker, start_stack
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -201,6 +201,92 @@ async def test_a_key_whose_submit_died_before_its_status_runs_once(stack_without
     assert waiting == 1, "one message for the key"
     assert done["status"] == "COMPLETED"
     assert [call.body for call in stack.functions.on("/echo")] == [b"first"]
+
+
+async def _died_before_its_status(stack: Stack, key: str, *, message_id: bool = True) -> str:
+    """What a gateway killed between a keyed submit's message and its status record leaves: the
+    key's claim and the message. Without a message id, as once JetStream's two-minute duplicate
+    window is past: a repeat's message is not recognised as the same."""
+    first_id = str(uuid.uuid4())
+    first = QueuedRequest(
+        request_id=first_id, function="echo", priority="normal", method="POST", body=b"first", submitted_at=utcnow()
+    )
+    async with await nats.connect(stack.nats.url) as nc:
+        js = nc.jetstream()
+        claims = await js.key_value(names.IDEMPOTENCY_BUCKET)
+        await claims.create(names.idempotency_key("echo", key), f"{first_id} {time.time():.3f}".encode())
+        headers = {names.NATS_MSG_ID: first_id} if message_id else None
+        await js.publish(names.queue_subject("echo", "normal"), encode(first), headers=headers)
+    return first_id
+
+
+async def _stored(stack: Stack) -> int:
+    """How many messages of echo the queue stream holds, waiting or running."""
+    async with await nats.connect(stack.nats.url) as nc:
+        subject = names.queue_subject("echo", "normal")
+        info = await nc.jetstream().stream_info(names.QUEUE_STREAM, subjects_filter=subject)
+    return int((info.state.subjects or {}).get(subject, 0))
+
+
+async def test_a_key_whose_submit_died_runs_once_when_repeated_past_the_duplicate_window(
+    stack_without_worker: Stack,
+) -> None:
+    """Repeated once JetStream's duplicate window was past, the key's request had two messages, and
+    two workers ran it side by side, each message as the first run (found by a review). A worker
+    runs only the message its status record names, and drops the other."""
+    stack = stack_without_worker
+    await stack.register("echo", concurrency=1)
+    first_id = await _died_before_its_status(stack, "order-9", message_id=False)
+    again = await stack.client.post("/queue/echo", content=b"second", headers={"Idempotency-Key": "order-9"})
+    both_stored = await _stored(stack)
+    stack.functions.hold("/echo")
+    await stack.start_worker()
+    other = Worker(stack.settings)
+    await other.start()
+    try:
+        await stack.functions.wait_for("/echo")
+
+        async def one_left() -> bool:  # the running one; the other is dropped, not run beside it
+            return await _stored(stack) == 1
+
+        await eventually_true(one_left, timeout_s=10)
+        stack.functions.release("/echo")
+        done = await stack.wait_for_status("echo", first_id)
+    finally:
+        stack.functions.release("/echo", 2)
+        await other.stop()
+
+    assert again.json()["request_id"] == first_id
+    assert both_stored == 2, "past the window, the repeat's message is stored too"
+    assert (done["status"], done.get("error_type")) == ("COMPLETED", None)
+    assert len(stack.functions.on("/echo")) == 1
+
+
+async def test_a_repeat_of_a_key_whose_submit_died_is_not_refused_by_its_own_queue_length(
+    stack_without_worker: Stack,
+) -> None:
+    """A repeat returns the first request even where a new submit would be refused now (README). A
+    key whose submit died before its status record names an id with no status yet: a plain repeat
+    queued under that id, but one with `max_queue_length` was refused 429 by the very request it
+    repeats (found by a review)."""
+    stack = stack_without_worker
+    await stack.register("echo")
+    first_id = await _died_before_its_status(stack, "order-8")
+
+    refused = await stack.client.post(  # what it would queue must still pass every other check
+        "/queue/echo",
+        params={"max_queue_length": "1"},
+        content=b"again",
+        headers={"Idempotency-Key": "order-8", "X-Callback-Url": "http://169.254.169.254/"},
+    )
+    again = await stack.client.post(
+        "/queue/echo", params={"max_queue_length": "1"}, content=b"again", headers={"Idempotency-Key": "order-8"}
+    )
+
+    assert again.status_code == 200, again.text
+    assert again.json()["request_id"] == first_id
+    assert await _stored(stack) == 1, "stored once"
+    assert refused.status_code == 422, refused.text
 
 
 async def _waiting(stack: Stack) -> int:

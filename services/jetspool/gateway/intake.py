@@ -495,7 +495,7 @@ class Intake:
         dialect audit). None: go ahead."""
         try:
             await check(submission)
-        except (InvalidInput, QueueFull):
+        except (InvalidInput, QueueFull) as refused:
             key = submission.idempotency_key
             if key is None:
                 raise
@@ -505,6 +505,13 @@ class Intake:
                 log.warning("could not look up an idempotency key; refusing the submit", exc_info=True)
                 first = None
             if first is None:
+                raise
+            if isinstance(first, str):
+                # Its first submit stored no status yet (a gateway died on the way): this one queues
+                # under its id (see `_enqueue`), and was refused 429 by the very request it repeats
+                # (found by a review). What it would queue must still pass every other check.
+                if isinstance(refused, QueueFull):
+                    return None
                 raise
             return first
         return None

@@ -10,7 +10,9 @@ A key whose request has no status yet, though it cannot have expired, names a su
 between its claim and its status record (a gateway killed), one whose queue write timed out (it
 may still land: the key is given back only when JetStream refused the write), or one still under
 way. A second submit then takes that request's id and queues under it: the message id (the request
-id) stores nothing twice if the first message made it, and the request runs once either way.
+id) stores nothing twice if the first message made it within JetStream's duplicate window (two
+minutes). Past it a second message is stored, and workers run only the one the status record names
+(by its stream sequence) and drop the other: the request runs once either way.
 """
 
 from __future__ import annotations
@@ -67,15 +69,15 @@ class IdempotencyKeys:
                 continue  # the record went stale and was removed: claim again
             return None
 
-    async def named(self, function: str, key: str, result_ttl_s: float) -> StatusRecord | None:
-        """The request `key` names, when it names one with a status record; claims nothing."""
+    async def named(self, function: str, key: str, result_ttl_s: float) -> StatusRecord | str | None:
+        """The request `key` names: its record, or its id while it has no record (see `claim`);
+        None when the key names none. Claims nothing."""
         entry = names.idempotency_key(function, key)
         try:
             held = await self._kv.get(entry)
         except KeyNotFoundError:
             return None
-        first = await self._first(entry, held, result_ttl_s)
-        return None if isinstance(first, str) else first
+        return await self._first(entry, held, result_ttl_s)
 
     async def release(self, function: str, key: str) -> None:
         """Give a key back after the message of the request it reserved was refused."""
