@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import orjson
 
 from jetspool.domain import names
+from jetspool.domain.functions import as_utf8
 from jetspool.domain.outcomes import JSON, completed_answer
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -45,7 +46,7 @@ def _openfaas(record: StatusRecord, result: StoredResult | None) -> CallbackRequ
         names.H_START_TIME: str(_unix_ns(started)),
     }
     if answer.content_type:
-        headers["Content-Type"] = answer.content_type
+        headers["Content-Type"] = as_utf8(answer.content_type)  # read off the wire; aiohttp sends UTF-8
     # With the function's own headers, as OpenFaaS's queue-worker sends them (a 3xx its Location).
     return CallbackRequest(answer.body, headers, answer.relayed)
 

@@ -428,7 +428,7 @@ class RequestHandler:
             await self._notify_cancel(function, request)  # after: a slow cancel_path delays no one's answer
         else:
             error_type = None if 200 <= answer.status_code < 300 else ErrorType.FUNCTION_ERROR  # noqa: PLR2004
-            error = None if error_type is None else f"function answered {answer.status_code}"
+            error = None if error_type is None else f"function {answer.invalid or f'answered {answer.status_code}'}"
             recorded = await self._complete(
                 request, function, answer, error_type, error, attempt=attempt, current=call.record
             )

@@ -35,10 +35,23 @@ from jetspool.domain.status import ErrorType, utcnow
 from jetspool.worker.policy import check_response
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from jetspool.domain.functions import Function
     from jetspool.domain.messages import QueuedRequest
 
 log = logging.getLogger(__name__)
+
+
+_MAX_HEADER_LINE: Final = 64 * 1024
+_MAX_HEADERS: Final = 4096
+_DECODED_CODINGS: Final = frozenset({"gzip", "deflate", "br", "zstd"})
+"""The content codings aiohttp decodes (a `Content-Encoding` of exactly one of them, in any case);
+it hands on a body in any other as it came. `br` and `zstd` need packages not installed here: an
+answer in them cannot be read (see `_BAD_ANSWER`)."""
+_BAD_ANSWER: Final = 502
+"""What an answer that cannot stand as sent is taken for, as a gateway takes it (RFC 9110 §15): one
+whose status no final answer can carry (1xx, or outside 100-599), or one that cannot be read."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +62,8 @@ class FunctionAnswer:
     duration_s: float
     headers: list[tuple[str, str]]
     """The answer's headers its result keeps (`kept_headers`)."""
+    invalid: str | None = None
+    """Why the answer could not stand as the function sent it (taken for a 502, `_BAD_ANSWER`)."""
 
 
 def function_client(max_connections: int, connect_timeout_s: float) -> aiohttp.ClientSession:
@@ -67,6 +82,12 @@ def function_client(max_connections: int, connect_timeout_s: float) -> aiohttp.C
         connector=aiohttp.TCPConnector(limit=max_connections, limit_per_host=0, ttl_dns_cache=60),
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s),
         skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+        # aiohttp's defaults (128 fields, 8,190 bytes a line) refused a 200 with more or longer headers,
+        # taken for a function out of reach and called again at every attempt (found by a review);
+        # `kept_headers` bounds what a result keeps.
+        max_field_size=_MAX_HEADER_LINE,
+        max_line_size=_MAX_HEADER_LINE,
+        max_headers=_MAX_HEADERS,
     )
     if not hasattr(session, "_retry_connection"):
         raise RuntimeError(f"aiohttp {aiohttp.__version__} has no switch for its own retries; jetspool needs 3.11+")
@@ -102,6 +123,14 @@ async def invoke(
         headers = call_headers(forwarded, own, function.headers)
         reply = await _call(client, function, request.method, url, body=body, headers=headers)
         span.set_attribute("http.response.status_code", reply.status_code)
+    invalid = reply.invalid
+    if invalid is None and not 200 <= reply.status_code <= 599:  # noqa: PLR2004
+        # Relayed as it came, a 101 switched the result route's client away from HTTP, and a 600
+        # broke its answer (found by a review).
+        invalid = f"answered with status {reply.status_code}, which no answer can carry"
+    if invalid is not None:
+        log.warning("function %s %s; taken for a %d", function.name, invalid, _BAD_ANSWER)
+        return FunctionAnswer(_BAD_ANSWER, reply.content_type, reply.body, time.monotonic() - started, [], invalid)
     check_response(reply.status_code, reply.retry_after, utcnow())
     return FunctionAnswer(
         status_code=reply.status_code,
@@ -150,6 +179,15 @@ class _Reply:
     content_type: str | None
     body: bytes
     headers: list[tuple[str, str]]
+    invalid: str | None = None
+
+
+def _header(raw: Iterable[tuple[bytes, bytes]], name: bytes) -> str | None:
+    """The first value of header `name` (lower case) read off the wire, as the answer's other headers
+    are (`read_off_wire`), so that it goes out as the same bytes. The content type decoded by aiohttp
+    as UTF-8 failed the completion write on a byte that is not UTF-8, and the function was called
+    again at every attempt (found by a review)."""
+    return next((value.decode("latin-1") for key, value in raw if key.lower() == name), None)
 
 
 async def _call(
@@ -167,6 +205,11 @@ async def _call(
             client.request(method, url, data=body_payload(body), headers=headers, allow_redirects=False) as response,
         ):
             kept, left_out = kept_headers(response.raw_headers)
+            coding = _header(response.raw_headers, b"content-encoding")
+            if coding and not (coding.isascii() and coding.lower() in _DECODED_CODINGS):
+                # aiohttp handed the body on as it came: it stays in its coding, and says so (dropped
+                # with the codings aiohttp decodes, it came back as bytes no one could read; a review)
+                kept.append(("Content-Encoding", coding))
             if left_out:
                 log.warning(
                     "function %s answered with %d headers beyond the %d bytes a result keeps; they are left out",
@@ -177,10 +220,14 @@ async def _call(
             return _Reply(
                 response.status,
                 response.headers.get(names.H_RETRY_AFTER),
-                response.headers.get("content-type"),
+                _header(response.raw_headers, b"content-type"),
                 await response.read(),
                 kept,
             )
+    except aiohttp.ClientResponseError as exc:
+        # An answer came, but cannot be read (a malformed head, a coding aiohttp cannot decode): not
+        # a function out of reach, to be called again at every attempt (found by a review).
+        return _Reply(_BAD_ANSWER, None, None, b"", [], f"answered in a form that cannot be read ({exc.message})")
     except aiohttp.ClientError as exc:  # before TimeoutError: a connect time-out is both, and retryable
         raise RetryableDelivery(f"cannot reach function: {exc.__class__.__name__}: {exc}") from exc
     except TimeoutError as exc:
