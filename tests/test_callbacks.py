@@ -13,8 +13,10 @@ from typing import TYPE_CHECKING, Any
 import nats
 import orjson
 import pytest
+from nats.errors import TimeoutError as NatsTimeoutError
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
+from jetspool.callbacks import delivery as delivery_module
 from jetspool.callbacks.addresses import AddressPolicy, RefusedAddress
 from jetspool.callbacks.delivery import CallbackDelivery
 from jetspool.domain import names
@@ -793,3 +795,31 @@ async def _attempts_noted(stack: Stack, request_id: str, attempts: int) -> bool:
 )
 def test_the_status_object_masks_what_a_callback_url_may_hide(url: str, shown_as: str) -> None:
     assert masked(url) == shown_as
+
+
+async def test_a_callback_count_that_failed_is_sent_again_by_the_jobs_next_delivery(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The count of a callback's outcome goes after the status write: one that failed (NATS away)
+    was lost for good, as the job's next delivery found the outcome recorded and counted nothing
+    (found by a review). It counts again under the round's message id, which counts a round once."""
+    real_count = delivery_module.count
+    failures = [NatsTimeoutError()]
+
+    async def fails_once(*args: Any, **kwargs: Any) -> None:
+        if failures:
+            raise failures.pop()
+        await real_count(*args, **kwargs)
+
+    monkeypatch.setattr(delivery_module, "count", fails_once)
+    await stack.register("echo")
+    request_id = await stack.submit("echo", headers={"X-Callback-Url": stack.callback_url("/hook")})
+    await _wait_for_callback_state(stack, "echo", request_id, "delivered")
+    stats = stack.app.state.gateway.stats
+    await eventually_true(lambda: _total_is(stats, "callbacks_delivered", 1), timeout_s=15)
+    await stack.submit("echo", headers={"X-Callback-Url": stack.callback_url("/hook")})  # counted after it
+    await eventually_true(lambda: _total_is(stats, "callbacks_delivered", 2), timeout_s=15)
+
+    assert failures == [], "the first count failed"
+    assert len(stack.receiver.on("/hook")) == 2, "the callback was not sent again"
+    assert (await stats.totals("echo"))["callbacks_delivered"] == 2

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from nats.aio.msg import Msg
     from nats.js.client import JetStreamContext
 
+    from jetspool.domain.names import Counter
     from jetspool.domain.status import DeliveryState, StatusRecord
     from jetspool.jetstream.connection import Nats
     from jetspool.jetstream.results import ResultStore
@@ -208,10 +209,13 @@ class CallbackDelivery:
         # A later round than the record's: a part of the previous version, which knows no rounds,
         # wrote the record since (back to round 0). It is sent (found by a review).
         if target is not None and job.round == target.round and target.state != "pending":
-            # A job redelivered because its ack was lost: what the status recorded stands.
+            # A job redelivered because its ack was lost: what the status recorded stands. Its count
+            # goes again, once more under the round's message id: one that failed after the status
+            # write was lost for good (found by a review); one that landed counts once.
             log.info(
                 "callback for %s to %s is %s already; not sent again", job.request_id, shown(job.url), target.state
             )
+            await self._count(job, target.state)
             return ACK
         return job, current
 
@@ -298,8 +302,15 @@ class CallbackDelivery:
         # Counted only as recorded: on a record retried or gone since, `counted` was worked out on
         # the one read before, and a callback given up on was counted again (found by a review).
         if await self._status.change(current, attempted) is not None and counted:
-            await count(self._conn, job.function, "callbacks_delivered" if state == "delivered" else "callbacks_failed")
+            await self._count(job, state)
         return taken
+
+    async def _count(self, job: CallbackJob, state: DeliveryState) -> None:
+        """Count the final outcome `state` of `job`'s round. The message id is the round's, whatever
+        the outcome: JetStream drops a second message with an id it holds on any subject of the
+        stream, so a round counts once, in the total of its first final outcome."""
+        counter: Counter = "callbacks_delivered" if state == "delivered" else "callbacks_failed"
+        await count(self._conn, job.function, counter, f"{job.request_id}.callback.{job.run}.{job.kind}.{job.round}")
 
 
 def _as_retry(settings: CallbackSettings) -> RetrySettings:
