@@ -48,6 +48,10 @@ ENVELOPE_BUCKET: Final = "jetspool-envelopes"
 """The queued form of each request that ended in an error or was cancelled, kept for the retry route."""
 BLOB_STORE: Final = "jetspool-blobs"
 BLOB_STREAM: Final = f"OBJ_{BLOB_STORE}"
+BLOB_CHUNK_SUBJECTS: Final = f"$O.{BLOB_STORE}.C.>"
+"""The chunks of every object: one subject per upload, named by the random id its meta names."""
+BLOB_META_SUBJECTS: Final = f"$O.{BLOB_STORE}.M.>"
+"""The meta of every object: one subject per object name, written once its last chunk is stored."""
 
 WAKE_SUBJECTS: Final = "jetspool.wake.>"
 STATUS_CHANGE_SUBJECTS: Final = "jetspool.status.>"
@@ -129,6 +133,15 @@ def body_object(request_id: str) -> str:
     return f"body-{request_id}"
 
 
+def request_of_body_object(name: str) -> str | None:
+    """The request id of the body object `name` (`body_object`); None for another object."""
+    found = _BODY_OBJECT.fullmatch(name)
+    return None if found is None else found.group(1)
+
+
+_BODY_OBJECT: Final = re.compile(r"body-([0-9a-f-]{36})")
+
+
 def result_key(request_id: str, attempt: int) -> str:
     """Results-bucket key of the answer of one attempt (only the latest attempt's is ever read)."""
     return f"{request_id}.{attempt}"
@@ -177,3 +190,10 @@ NATS_MSG_ID: Final = "Nats-Msg-Id"
 NATS_EXPECTED_LAST_SUBJECT_SEQ: Final = "Nats-Expected-Last-Subject-Sequence"
 NATS_TTL: Final = "Nats-TTL"
 NATS_INCR: Final = "Nats-Incr"
+
+# --- object meta headers (of a request body in the object store) --------------------------
+
+OBJ_FUNCTION: Final = "Jetspool-Function"
+OBJ_PRIORITY: Final = "Jetspool-Priority"
+OBJ_QUEUED_AFTER: Final = "Jetspool-Queued-After"
+"""The last sequence of the queue stream before the body's upload: its request's message comes later."""

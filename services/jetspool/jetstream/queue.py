@@ -8,11 +8,13 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 import msgspec
+from nats.js.errors import NotFoundError
 
 from jetspool import tracing
 from jetspool.domain import names
 from jetspool.domain.messages import DeadlineJob, QueuedRequest, encode
 from jetspool.jetstream.results import BLOB_READ_S
+from jetspool.jetstream.retention import body_meta
 from jetspool.jetstream.ridethrough import ride_through
 
 if TYPE_CHECKING:
@@ -29,18 +31,18 @@ class RequestQueue:
     async def enqueue(self, request: QueuedRequest) -> int:
         """Store `request` on its function's queue subject; returns once JetStream acknowledged it.
 
-        A body too large for one message is written to the object store first, named after the
-        request id (a request whose id derives from its message has its body inline). The stream
-        sequence is returned. The message id is the request id, or for a derived one its nonce (a
-        run of the retry route adds a nonce), so a repeated publish inside the duplicate window
-        stores nothing twice.
+        A body too large for one message is written to the object store first (`_store_body`),
+        named after the request id (a request whose id derives from its message has its body
+        inline). The stream sequence is returned. The message id is the request id, or for a
+        derived one its nonce (a run of the retry route adds a nonce), so a repeated publish inside
+        the duplicate window stores nothing twice.
         """
         key = request.request_id or f"n{request.id_nonce}"
         if not self.fits(request.body):
             if not request.request_id:
                 raise ValueError("a body stored out of line needs the request id before the message")
             ref = names.body_object(request.request_id)
-            await self._blobs.put(ref, request.body)
+            await self._store_body(ref, request)
             request = msgspec.structs.replace(request, body=b"", body_ref=ref)
         subject, payload = names.queue_subject(request.function, request.priority), encode(request)
         msg_id = key if request.retry == 0 else f"{key}.retry.{uuid.uuid4().hex}"
@@ -48,6 +50,19 @@ class RequestQueue:
         # Stored or not, a repeat with the same message id stores it exactly once.
         ack = await ride_through(partial(self._conn.js.publish, subject, payload, headers=headers), "enqueue")
         return int(ack.seq)
+
+    async def _store_body(self, ref: str, request: QueuedRequest) -> None:
+        """Upload the body of `request` as object `ref`, its meta saying where the request's message
+        goes and after which queue sequence: should the message never be stored (this gateway dies
+        before the publish, or it is refused), a worker's `BlobJanitor` finds the body without a
+        request and removes it. Until then nothing else would: it was there for good (found by a
+        review)."""
+        info = await ride_through(partial(self._conn.js.stream_info, names.QUEUE_STREAM), "queue read")
+        try:  # an Idempotency-Key's repeat stores its body again under the same name
+            earlier = await ride_through(partial(self._blobs.get_info, ref), "object read")
+        except NotFoundError:
+            earlier = None
+        await self._blobs.put(ref, request.body, meta=body_meta(ref, request, int(info.state.last_seq), earlier))
 
     @property
     def envelope_limit(self) -> int:
