@@ -15,11 +15,12 @@ from typing import TYPE_CHECKING, Final
 
 import msgspec
 from nats.js.errors import KeyNotFoundError, NotFoundError
+from nats.js.kv import KV_OP
 
 from jetspool.domain import names
 from jetspool.domain.messages import StoredResult, decode, encode
 from jetspool.domain.status import ttl_seconds
-from jetspool.jetstream.ridethrough import ride_through
+from jetspool.jetstream.ridethrough import RIDE_THROUGH_S, ride_through
 
 if TYPE_CHECKING:
     from nats.js.client import JetStreamContext
@@ -32,10 +33,20 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_OUTLIVES_STATUS_S: Final = 1
-"""Seconds a result record is kept past its TTL: written just before the completed status, it went a
-few milliseconds before it, and a read between found the request COMPLETED and its result gone
-(503; found by a review). The status goes first, and a read then finds no request (404)."""
+_STATUS_LATE_S: Final = RIDE_THROUGH_S + 5.0 + 1.0
+"""The longest a completed status may outlast a record written `result_ttl` before it: the worker's
+closing log line comes between the two (acknowledged within 1 s), and the status write rides
+through a stall or an election for up to `RIDE_THROUGH_S` and its last try's 5 s (nats-py's request
+timeout). The status expires at its `expires_at` however late a try is sent (`StatusStore`), but a
+try held up on its way (by the client through a reconnect, or by a stopped server) is stored late
+with the time to live it was sent with."""
+_OUTLIVES_STATUS_S: Final = ttl_seconds(_STATUS_LATE_S) + 1
+"""Seconds a result record is kept past its TTL, so that it goes after its completed status: kept one
+second past it, it went first when a nats-server stall or election came between the two writes,
+and a read found the request COMPLETED and its result gone (503; found by reviews). The status goes
+first, and a read then finds no request (404). The record's object goes with the status (see
+`names_any`): no read is directed to the record any more."""
+_STATUS_STREAM: Final = f"KV_{names.STATUS_BUCKET}"
 BLOB_READ_S: Final = 60.0
 """The longest a read of one stored object may take (up to 32 MiB; a read took 0.5 s on a 2-core VM)."""
 
@@ -65,7 +76,9 @@ class ResultStore:
     async def _put(self, request_id: str, attempt: int, result: StoredResult, ttl_s: float) -> None:
         if len(result.body) > self._inline_limit:
             ref = names.result_object(request_id, attempt)
-            await self._retention.sweep_later(request_id, [ref], ttl_s)  # first: no object is ever left behind
+            # First: should this worker die uploading, the object is deleted all the same (its
+            # chunks, should it die before the last, by the `BlobJanitor`).
+            await self._retention.sweep_later(request_id, [ref], ttl_s)
             await self._blobs.put(ref, result.body)
             result = msgspec.structs.replace(result, body=b"", body_ref=ref)
         subject, payload = f"{self._prefix}{names.result_key(request_id, attempt)}", encode(result)
@@ -80,10 +93,12 @@ class ResultStore:
         return await self.get(record.request_id, record.attempts)
 
     async def names_any(self, objects: list[str]) -> bool:
-        """Whether a result record still names one of `objects`. The sweep of a result's object is
-        scheduled before the object and its record are written, so a slow upload or write made the
-        record outlive its due time, and a read of the object as it went hung (found by a review):
-        such a sweep waits for the record to go."""
+        """Whether one of `objects` may still be read: a result record names it, and the status record
+        of its request, through which every read of a result goes, is still there. The sweep of a
+        result's object is scheduled before the object and its record are written, so a slow upload
+        or write made the record outlive its due time, and a read of the object as it went hung
+        (found by a review): such a sweep waits for the record to go, or its status (the record is
+        kept `_OUTLIVES_STATUS_S` past it)."""
         for name in objects:
             key = names.result_key_of_object(name)
             if key is None:
@@ -92,8 +107,18 @@ class ResultStore:
                 await ride_through(partial(self._kv.get, key), "result read")
             except KeyNotFoundError:
                 continue
-            return True
+            if await self._has_status(key.partition(".")[0]):
+                return True
         return False
+
+    async def _has_status(self, request_id: str) -> bool:
+        """Whether the status bucket holds a record of `request_id`, read from its stream's leader."""
+        read = partial(self._js.get_msg, _STATUS_STREAM, subject=f"$KV.{names.STATUS_BUCKET}.{request_id}")
+        try:
+            msg = await ride_through(read, "status read")
+        except NotFoundError:
+            return False
+        return (msg.headers or {}).get(KV_OP) is None  # else a delete or purge marker
 
     async def get(self, request_id: str, attempt: int) -> StoredResult | None:
         try:

@@ -37,6 +37,15 @@ if TYPE_CHECKING:
 _WRONG_LAST_SEQUENCE = (10071, 10164)
 
 
+def _time_to_live(record: StatusRecord) -> int | None:
+    """The TTL that has `record` go at its `expires_at`, for a write sent now (at each try: counted
+    once before riding through, it had a record stored late, after a stall, live its whole TTL from
+    then, past its result; found by a review)."""
+    if record.expires_at is None:
+        return None
+    return ttl_seconds((record.expires_at - utcnow()).total_seconds())
+
+
 class StaleStatus(JetspoolError):
     """The record changed since it was read."""
 
@@ -110,14 +119,12 @@ class StatusStore:
         was ours."""
         subject, payload = f"{self._prefix}{record.request_id}", record.encode()
         headers = {names.NATS_EXPECTED_LAST_SUBJECT_SEQ: str(last)}
-        ttl_s = None if record.expires_at is None else (record.expires_at - utcnow()).total_seconds()
-        msg_ttl = None if ttl_s is None else ttl_seconds(ttl_s)
         tries = 0
 
         async def publish() -> int:
             nonlocal tries
             tries += 1
-            ack = await self._js.publish(subject, payload, headers=headers, msg_ttl=msg_ttl)
+            ack = await self._js.publish(subject, payload, headers=headers, msg_ttl=_time_to_live(record))
             return int(ack.seq)
 
         try:
