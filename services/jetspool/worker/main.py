@@ -20,7 +20,7 @@ from jetspool.jetstream.provision import ensure_function_consumers
 from jetspool.jetstream.queue import RequestQueue
 from jetspool.jetstream.registry import APPLY_ATTEMPTS, APPLY_BACKOFF_S, RegistryView
 from jetspool.jetstream.results import ResultStore
-from jetspool.jetstream.retention import Retention
+from jetspool.jetstream.retention import BlobJanitor, Retention
 from jetspool.jetstream.startup import open_jetstream
 from jetspool.jetstream.stats import CounterTrim
 from jetspool.jetstream.status_store import StatusStore
@@ -211,6 +211,9 @@ async def run(settings: Settings, stop: asyncio.Event, ready: asyncio.Event | No
         trim = CounterTrim(conn.js)
         await trim.start()
         started.push_async_callback(trim.stop)
+        janitor = BlobJanitor(conn, stores.status)
+        await janitor.start()
+        started.push_async_callback(janitor.stop)
         cancels = await conn.nc.subscribe(names.CANCEL_SUBJECTS, cb=handler.on_cancel)
         started.push_async_callback(cancels.unsubscribe)
         started.push_async_callback(_drain, view, pool, callbacks, settings.worker.shutdown_grace)  # unwinds first
