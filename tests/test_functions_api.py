@@ -617,6 +617,42 @@ async def test_a_view_stopped_during_a_resync_follows_nothing_after(
     assert not following, "no follower runs after the view stopped"
 
 
+async def test_two_resyncs_at_once_leave_one_follower(
+    nats_server: EmbeddedNats, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two resyncs at once (reconnects in quick succession) each stopped the same old follower and
+    started one of their own: the first one started followed on beside the second, every change
+    applied twice, for the worker's life (found by a review). They take turns."""
+    following: set[asyncio.Task[Any]] = set()
+    real_follow = RegistryView._follow  # noqa: SLF001
+
+    async def counted(self: RegistryView, watcher: Any, *, replay: bool = False) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        following.add(task)
+        try:
+            await real_follow(self, watcher, replay=replay)
+        finally:
+            following.discard(task)
+
+    monkeypatch.setattr(RegistryView, "_follow", counted)
+    nc = await nats_py.connect(nats_server.url)
+    try:
+        kv = await nc.jetstream().create_key_value(bucket="functions")
+        await FunctionRegistry(kv).create(Function(name="f", url="http://127.0.0.1:9/"))
+        view = RegistryView(kv)
+        await view.start()
+        await asyncio.gather(view.resync(), view.resync())
+        await FunctionRegistry(kv).create(Function(name="g", url="http://127.0.0.1:9/"))
+        await eventually(lambda: view.get("g") is not None)
+        alive = [task for task in following if not task.done()]
+        await view.stop()
+    finally:
+        await nc.close()
+
+    assert len(alive) == 1, f"{len(alive)} followers"
+
+
 def _recorded_pools(monkeypatch: pytest.MonkeyPatch) -> list[worker_main.RunnerPool]:
     """The runner pools the workers started from now on make, as they make them."""
     pools: list[worker_main.RunnerPool] = []

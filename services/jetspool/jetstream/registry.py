@@ -129,6 +129,9 @@ class RegistryView:
         self._task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
         self._stopped = False
+        self._resyncing = asyncio.Lock()
+        """Resyncs take turns: two at once (reconnects in quick succession) each stopped the same
+        old follower and started one, and the first one started followed on beside the second."""
 
     def get(self, name: str) -> Function | None:
         return self._functions.get(name)
@@ -156,6 +159,10 @@ class RegistryView:
         """Follow with a new watcher (after a reconnect: the old one's consumer may be gone with the
         server, and nats-py would notice only after missed heartbeats, some 15 s later). The new
         watcher replays every entry; names it does not bring back were deleted meanwhile."""
+        async with self._resyncing:
+            await self._resync()
+
+    async def _resync(self) -> None:
         if self._task is None or self._stopped:
             return
         # The new watcher first (riding through a cluster's election): if it cannot be had, the old one stays.
