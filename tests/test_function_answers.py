@@ -164,3 +164,27 @@ async def test_a_body_left_in_its_coding_keeps_its_content_encoding(stack: Stack
     assert len(heads) == 1
     assert (result.status_code, result.content) == (200, b"abcd")
     assert result.headers.get("content-encoding") == "compress", "the body is still compress-coded"
+
+
+async def test_a_gzip_body_that_is_not_gzip_is_a_bad_gateway_after_one_call(stack: Stack) -> None:
+    """A body aiohttp's gzip decoder refuses comes as another error than a `br` one (a payload
+    error, as for a body cut short), and was still taken for a function out of reach: called at
+    every attempt (found by a review)."""
+    answer = b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: 4\r\n\r\nabcd"
+    async with raw_function(stack, answer) as heads:
+        request_id = await stack.submit("raw", content=b"x")
+        final = await stack.wait_for_status("raw", request_id)
+
+    assert (final["attempts"], final["error_type"], len(heads)) == (1, "function_error", 1)
+    assert "cannot be read" in final["error"]
+
+
+async def test_a_body_cut_short_is_still_a_call_to_make_again(stack: Stack) -> None:
+    """SPEC §4: a connection closed before a complete response is retried, in a coding or not."""
+    answer = b"HTTP/1.1 200 OK\r\nContent-Encoding: deflate\r\nContent-Length: 40\r\n\r\nx\x9c"
+    async with raw_function(stack, answer) as heads:
+        request_id = await stack.submit("raw", content=b"x")
+        final = await stack.wait_for_status("raw", request_id)
+
+    assert (final["attempts"], final["error_type"], len(heads)) == (3, "runner_unavailable", 3)
+    assert "cannot reach function" in final["error"]

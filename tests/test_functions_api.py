@@ -818,14 +818,9 @@ async def test_a_pool_stop_waits_for_every_runner_when_one_runner_stop_fails(
     assert "error_type" not in final
 
 
-@pytest.mark.parametrize("fails", [False, True], ids=["stop succeeds", "unsubscribe refused"])
-async def test_a_runner_stop_hands_back_what_its_puller_holds_whatever_failed(
-    nats_server: EmbeddedNats, monkeypatch: pytest.MonkeyPatch, fails: bool
-) -> None:
-    """A stop whose first step raised (its wake-up unsubscribe refused) handed back none of what its
-    puller held, taken by a pull the stop cut short: those requests waited out the ack wait, with no
-    worker on them (found by a review). Each step runs whatever the one before did."""
-    pools = _recorded_pools(monkeypatch)
+def _cut_pulls_short(monkeypatch: pytest.MonkeyPatch) -> asyncio.Event:
+    """Have each runner's pull round stop for good after the high class gave a delivery, as a stop
+    cuts one short: the delivery stays in the puller's hands. The event is set once one does."""
     real_pull_class = puller.PriorityPuller._pull_class  # noqa: SLF001
     in_second_pull = asyncio.Event()
 
@@ -837,6 +832,36 @@ async def test_a_runner_stop_hands_back_what_its_puller_holds_whatever_failed(
 
     monkeypatch.setattr(puller.PriorityPuller, "_pull_class", cut_short)
     monkeypatch.setattr(puller.PriorityPuller, "_skip", lambda self, priority: False)
+    return in_second_pull
+
+
+async def _taken_by_another_worker(nats_server: EmbeddedNats, function: str) -> list[Any]:
+    """What another worker asking for `function`'s high class gets within 5 s (then handed back):
+    a request handed back is there at once, one left to its ack wait is not."""
+    nc = await nats_py.connect(nats_server.url)
+    try:
+        consumer = names.queue_consumer(function, "high")
+        sub = await nc.jetstream().pull_subscribe_bind(consumer, stream=names.QUEUE_STREAM)
+        try:
+            taken = await sub.fetch(1, timeout=5)
+        except nats_py.errors.TimeoutError:
+            return []
+        for msg in taken:
+            await msg.nak()
+        return taken
+    finally:
+        await nc.close()
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["stop succeeds", "unsubscribe refused"])
+async def test_a_runner_stop_hands_back_what_its_puller_holds_whatever_failed(
+    nats_server: EmbeddedNats, monkeypatch: pytest.MonkeyPatch, fails: bool
+) -> None:
+    """A stop whose first step raised (its wake-up unsubscribe refused) handed back none of what its
+    puller held, taken by a pull the stop cut short: those requests waited out the ack wait, with no
+    worker on them (found by a review). Each step runs whatever the one before did."""
+    pools = _recorded_pools(monkeypatch)
+    in_second_pull = _cut_pulls_short(monkeypatch)
     stack = await start_stack(nats_server, overrides={"worker": {"ack_wait": 30.0}})
     try:
         await stack.register("f", concurrency=2)
@@ -854,19 +879,79 @@ async def test_a_runner_stop_hands_back_what_its_puller_holds_whatever_failed(
                 await runner.stop(2.0)
         else:
             await runner.stop(2.0)
-        nc = await nats_py.connect(nats_server.url)
-        try:  # another worker asks for the high class: a request handed back is there at once
-            sub = await nc.jetstream().pull_subscribe_bind(names.queue_consumer("f", "high"), stream=names.QUEUE_STREAM)
-            taken = await sub.fetch(1, timeout=5)
-            for msg in taken:
-                await msg.nak()
-        finally:
-            await nc.close()
+        taken = await _taken_by_another_worker(nats_server, "f")
     finally:
         await stack.close()
 
     assert stack.functions.on("/f") == [], "the request was never called"
     assert len(taken) == 1, "handed back at once, not after the ack wait"
+
+
+async def test_a_runner_stop_cancelled_before_its_hand_backs_still_makes_them(
+    nats_server: EmbeddedNats, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cancel that landed before the hand-backs (here in a slow wake-up unsubscribe) stopped the
+    calls and left the puller's deliveries to their ack wait, no worker on them (found by a review)."""
+    pools = _recorded_pools(monkeypatch)
+    in_second_pull = _cut_pulls_short(monkeypatch)
+    stack = await start_stack(nats_server, overrides={"worker": {"ack_wait": 30.0}})
+    try:
+        await stack.register("f", concurrency=2)
+        await eventually(lambda: bool(pools) and "f" in pools[0]._runners)  # noqa: SLF001
+        runner = pools[0]._runners.pop("f")  # noqa: SLF001 - stopped here, not by the pool
+        await stack.submit("f", content=b"high", headers={names.H_QUEUE_PRIORITY: "high"})
+        await asyncio.wait_for(in_second_pull.wait(), 5)  # the high request is in the puller's hands
+        unsubscribing = asyncio.Event()
+
+        async def slow(*_: Any, **__: Any) -> None:  # a connection busy flushing, say
+            unsubscribing.set()
+            await asyncio.Event().wait()
+
+        monkeypatch.setattr(runner._wake_sub, "unsubscribe", slow)  # noqa: SLF001
+        stopping = asyncio.create_task(runner.stop(2.0))
+        await asyncio.wait_for(unsubscribing.wait(), 5)
+        stopping.cancel()
+        await asyncio.wait({stopping}, timeout=5)
+        taken = await _taken_by_another_worker(nats_server, "f")
+    finally:
+        await stack.close()
+
+    assert stopping.cancelled()
+    assert stack.functions.on("/f") == [], "the request was never called"
+    assert len(taken) == 1, "handed back at once, not after the ack wait"
+
+
+async def test_a_worker_stop_reports_every_runner_stop_that_failed(
+    nats_server: EmbeddedNats, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The pool's stop raised the first failure of its runners' stops and dropped the others without
+    a trace (found by a review): they are logged."""
+    pools = _recorded_pools(monkeypatch)
+    stack = await start_stack(nats_server)
+    worker = stack.worker
+    assert worker is not None
+    assert worker.task is not None
+    try:
+        await stack.register("a")
+        await stack.register("b")
+        await eventually(lambda: bool(pools) and {"a", "b"} <= set(pools[0]._runners))  # noqa: SLF001
+        for name in ("a", "b"):
+
+            async def refused(name: str = name) -> Any:
+                raise RuntimeError(f"runner {name} could not stop")
+
+            monkeypatch.setattr(pools[0]._runners[name]._puller, "stop", refused)  # noqa: SLF001
+        with caplog.at_level(logging.ERROR, logger="jetspool.aio"):
+            worker.stop_event.set()
+            await asyncio.wait({worker.task}, timeout=10)
+        stack.worker = None
+    finally:
+        await stack.close()
+
+    raised = worker.task.exception()
+    logged = [str(r.exc_info[1]) for r in caplog.records if r.exc_info is not None]
+    assert isinstance(raised, RuntimeError)
+    assert sorted([str(raised), *logged]) == ["runner a could not stop", "runner b could not stop"]
 
 
 async def test_withdrawing_an_entry_written_over_since_it_was_read_leaves_the_new_one(stack: Stack) -> None:

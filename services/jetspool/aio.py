@@ -44,15 +44,18 @@ async def run_to_end(work: Coroutine[Any, Any, Any]) -> None:
 
 
 async def gather_all(*work: Awaitable[Any]) -> None:
-    """Await every one of `work` to its end, then raise the first failure, if any.
+    """Await every one of `work` to its end, then raise the first failure, if any, having logged the
+    others (a piece of work cancelled on its own is no failure of the caller's).
 
     `asyncio.gather` raises the first failure at once and leaves the rest running unawaited: a
     worker's stop went on closing its connection while another runner's calls still ran (found by a
     review), their results lost and the requests run again."""
     outcomes = await asyncio.gather(*work, return_exceptions=True)
-    for outcome in outcomes:
-        if isinstance(outcome, BaseException):
-            raise outcome
+    failures = [o for o in outcomes if isinstance(o, BaseException) and not isinstance(o, asyncio.CancelledError)]
+    for later in failures[1:]:
+        log.error("and another failure while stopping", exc_info=later)
+    if failures:
+        raise failures[0]
 
 
 async def wait_event(event: asyncio.Event, timeout_s: float) -> bool:

@@ -17,6 +17,7 @@ from urllib.parse import quote
 
 import aiohttp
 import yarl
+from aiohttp.http_exceptions import ContentEncodingError
 from opentelemetry.trace import SpanKind
 
 from jetspool import tracing
@@ -182,6 +183,24 @@ class _Reply:
     invalid: str | None = None
 
 
+def _unreadable(exc: aiohttp.ClientError) -> str | None:
+    """Why an answer that came cannot be read, when `exc` says so: a malformed head, or a body in a
+    coding that cannot be decoded (`br` without Brotli; gzip that is not gzip). None for the rest,
+    a body cut short with the connection included: that is a call to make again (SPEC §4)."""
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return exc.message
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, ContentEncodingError) and cause.message.startswith(_UNDECODABLE):
+            return cause.message
+        cause = cause.__cause__
+    return None
+
+
+_UNDECODABLE: Final = "Can not decode"
+"""How aiohttp's `ContentEncodingError` begins for a body its decoder refused (not one cut short)."""
+
+
 def _header(raw: Iterable[tuple[bytes, bytes]], name: bytes) -> str | None:
     """The first value of header `name` (lower case) read off the wire, as the answer's other headers
     are (`read_off_wire`), so that it goes out as the same bytes. The content type decoded by aiohttp
@@ -224,11 +243,12 @@ async def _call(
                 await response.read(),
                 kept,
             )
-    except aiohttp.ClientResponseError as exc:
-        # An answer came, but cannot be read (a malformed head, a coding aiohttp cannot decode): not
-        # a function out of reach, to be called again at every attempt (found by a review).
-        return _Reply(_BAD_ANSWER, None, None, b"", [], f"answered in a form that cannot be read ({exc.message})")
     except aiohttp.ClientError as exc:  # before TimeoutError: a connect time-out is both, and retryable
+        unreadable = _unreadable(exc)
+        if unreadable is not None:
+            # An answer came, but cannot be read: not a function out of reach, to be called again at
+            # every attempt (found by reviews).
+            return _Reply(_BAD_ANSWER, None, None, b"", [], f"answered in a form that cannot be read ({unreadable})")
         raise RetryableDelivery(f"cannot reach function: {exc.__class__.__name__}: {exc}") from exc
     except TimeoutError as exc:
         raise PermanentDelivery(

@@ -11,6 +11,7 @@ message is kept (in-progress acks) from receipt until it is settled.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import TYPE_CHECKING
 
@@ -35,6 +36,8 @@ log = logging.getLogger(__name__)
 _ERROR_BACKOFF_S = 1.0
 _DUE_SLACK_S = 0.02
 """After a handed-back message's delay, before pulling it: JetStream's own timer makes it due."""
+_AT_ONCE_S = 1.0
+"""How long a cancelled stop gives what is left of its hand-backs (each a nak sent without a reply)."""
 
 
 class FunctionRunner:
@@ -50,6 +53,8 @@ class FunctionRunner:
         self._wake_sub: Subscription | None = None
         self._loop_task: asyncio.Task[None] | None = None
         self._due: set[asyncio.TimerHandle] = set()
+        self._handing_back: list[Msg] = []
+        """Deliveries the puller held at the stop, until each is handed back."""
 
     @property
     def in_flight(self) -> int:
@@ -80,17 +85,27 @@ class FunctionRunner:
                 failure = exc
             await self._end_calls(grace_s)
         except asyncio.CancelledError:
-            await run_to_end(self._end_calls(0.0))
+            # Cancelled anywhere, before the hand-backs too (found by a review): what is left of
+            # them is done, and the calls stopped, at once.
+            await run_to_end(self._stop_at_once())
             raise
         if failure is not None:
             raise failure
 
+    async def _stop_at_once(self) -> None:
+        with contextlib.suppress(Exception):  # TimeoutError included: a step hung the first time
+            async with asyncio.timeout(_AT_ONCE_S):
+                await self._stop_taking()  # picks up where the cancelled turn left off (see there)
+        await self._end_calls(0.0)
+
     async def _stop_taking(self) -> Exception | None:
-        """Take no more requests and hand back those the puller holds; the first failure, if any."""
+        """Take no more requests and hand back those the puller holds; the first failure, if any.
+        Each step is done once, so that a second turn after a cancelled one does only what is left."""
         failures: list[Exception] = []
-        if self._wake_sub is not None:
+        wake_sub, self._wake_sub = self._wake_sub, None
+        if wake_sub is not None:
             try:
-                await self._wake_sub.unsubscribe()
+                await wake_sub.unsubscribe()
             except Exception as exc:  # noqa: BLE001 - raised once every step has run
                 failures.append(exc)
         if self._loop_task is not None:
@@ -98,13 +113,15 @@ class FunctionRunner:
         for timer in self._due:
             timer.cancel()
         held, failure = await self._puller.stop()
+        self._handing_back.extend(held)
         if failure is not None:
             failures.append(failure)
-        for msg in held:
+        while self._handing_back:
             try:
-                await settle(msg, HAND_BACK)
+                await settle(self._handing_back[0], HAND_BACK)
             except Exception as exc:  # noqa: BLE001 - the next ones are handed back all the same
                 failures.append(exc)
+            self._handing_back.pop(0)
         for later in failures[1:]:
             log.warning("stopping delivery to %s: %r as well", self._function.name, later)
         return failures[0] if failures else None
