@@ -133,6 +133,28 @@ async def test_a_delete_marker_in_place_of_a_waiting_requests_record_is_written_
     assert (await stack.status("echo", request_id))["error_type"] == "cancelled"
 
 
+async def test_a_delete_marker_in_place_of_a_queued_requests_own_record_is_written_over(
+    stack_without_worker: Stack,
+) -> None:
+    """The same for a request with an id of its own (keyed, here): a worker taking it found no
+    record, could not create one over the marker, and read and tried again without end (found by a
+    review). It runs."""
+    stack = stack_without_worker
+    await stack.register("echo")
+    request_id = await stack.submit("echo", content=b"x", headers={"Idempotency-Key": "marked"})
+    nc, kv = await _status_kv(stack)
+    try:
+        await kv.delete(request_id)
+    finally:
+        await nc.close()
+    await stack.start_worker()
+
+    final = await stack.wait_for_status("echo", request_id, timeout_s=15)
+
+    assert (final["status"], final.get("error_type")) == ("COMPLETED", None)
+    assert [seen.body for seen in stack.functions.on("/echo")] == [b"x"]
+
+
 @pytest.mark.parametrize(
     "submit",
     [{"headers": {"Idempotency-Key": "k-1"}}, {"content": b"x" * (5 * 1024 * 1024)}],

@@ -65,8 +65,18 @@ class StatusStore:
         self._stream = f"KV_{names.STATUS_BUCKET}"
 
     async def create(self, record: StatusRecord) -> int:
-        """Store the first record of a request; StaleStatus if the id is already taken."""
-        return await self._write(record, 0)
+        """Store the first record of a request; StaleStatus if the id is already taken.
+
+        A delete marker in its place (an operator's `nats kv del`) is no record: the write names
+        its revision. Naming revision 0, it was refused for good, and a worker taking the request
+        read and created again without end (found by a review)."""
+        try:
+            return await self._write(record, 0)
+        except StaleStatus:
+            stored, marker = await self._stored(record.request_id)
+            if stored is not None or not marker:
+                raise
+            return await self._write(record, marker)
 
     async def get(self, request_id: str) -> Versioned | None:
         """The request's record; for a derived id without one, the record its waiting message implies."""
