@@ -7,55 +7,15 @@ recording uvicorn app where it can send the answer, a raw asyncio server where u
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from tests.support.raw_functions import raw_function
 from tests.support.servers import Reply
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
-
     from tests.support.stack import Stack
-
-
-@contextlib.asynccontextmanager
-async def raw_function(stack: Stack, answer: bytes, name: str = "raw") -> AsyncIterator[list[bytes]]:
-    """Register `name` (max_attempts 3) served by a raw HTTP/1.1 server that answers every request
-    with the bytes `answer`, then closes the connection; yields the request heads it received."""
-    heads: list[bytes] = []
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            head = await reader.readuntil(b"\r\n\r\n")
-            heads.append(head)
-            length = next(
-                (
-                    int(line.split(b":")[1])
-                    for line in head.split(b"\r\n")
-                    if line.lower().startswith(b"content-length:")
-                ),
-                0,
-            )
-            await reader.readexactly(length)
-            writer.write(answer)
-            await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        entry = {"name": name, "url": f"http://127.0.0.1:{port}/", "max_attempts": 3, "timeout": 5}
-        assert (await stack.client.post("/system/functions", json=entry)).status_code == 201
-        yield heads
-    finally:
-        server.close()
-        await server.wait_closed()
 
 
 def _content_types(headers: Any) -> list[bytes]:

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Annotated, Final
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import msgspec
+import yarl
 
 from jetspool.domain.errors import DecodeError
 
@@ -308,3 +309,24 @@ def decode_function(data: bytes) -> Function:
         raise DecodeError(f"invalid function entry: {exc}") from exc
     except msgspec.DecodeError as exc:
         raise DecodeError(f"function entry is not JSON: {exc}") from exc
+
+
+_QUERY_SAFE: Final = "".join(map(chr, range(0x21, 0x7F)))
+"""Every printable ASCII character: a query keeps them as they came; other bytes are percent-encoded."""
+
+
+_ORIGIN: Final = re.compile(r"(https?://[^/?#]*)(.*)", re.DOTALL)
+"""A function URL's scheme and authority, and the rest (path and query)."""
+
+
+def function_url(function: Function, path: str, query: str = "") -> yarl.URL:
+    """Where a call to `function` at sub-path `path` goes (a request, or its cancel notice): the
+    function's URL as registered, the sub-path percent-encoded again (see `Function.endpoint`), and
+    `query` exactly as the caller sent it, after the URL's own.
+
+    Only the host is normalised (IDNA). Given the rest to parse, yarl normalised it too: `%3A` in a
+    query went out as `:` and `%2F` as `/`, in a caller's query or a key in the function's URL."""
+    origin, rest = _ORIGIN.fullmatch(function.endpoint(path)).groups()  # type: ignore[union-attr]
+    own = quote(rest, safe=_QUERY_SAFE)  # only what a request line cannot carry raw
+    query = quote(query, safe=_QUERY_SAFE, encoding="latin-1")
+    return yarl.URL(with_query(f"{yarl.URL(origin)}{own}", query), encoded=True)

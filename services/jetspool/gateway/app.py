@@ -157,7 +157,13 @@ def create_app(settings: Settings, *, config_errors: list[ConfigError] | None = 
 
 def _proxy_client() -> httpx.AsyncClient:
     """The sync proxy's client. It sends what the caller sent, not httpx's own defaults (SPEC §4)."""
-    client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10.0), follow_redirects=False)
+    # No bound on connections: a call waits for its function, not for a slot another function's
+    # slow calls hold (100 held calls to one made every other's a 504; found by a review).
+    client = httpx.AsyncClient(
+        timeout=httpx.Timeout(None, connect=10.0),
+        follow_redirects=False,
+        limits=httpx.Limits(max_connections=None, max_keepalive_connections=100),
+    )
     for default in _CLIENT_DEFAULTS:
         del client.headers[default]
     return client

@@ -27,12 +27,13 @@ from jetspool import logfmt, tracing
 from jetspool.aio import run_to_end
 from jetspool.domain import names
 from jetspool.domain.errors import DecodeError, PermanentDelivery, RetryableDelivery
+from jetspool.domain.functions import function_url
 from jetspool.domain.messages import QueuedRequest, StoredResult, decode
 from jetspool.domain.status import ErrorType, StatusRecord, start_deadline_missed, utcnow
 from jetspool.jetstream.logs import CLOSING_LINE
 from jetspool.jetstream.stats import count, count_outcome
 from jetspool.jetstream.status_store import StaleStatus, StatusStore, Versioned
-from jetspool.worker.invoke import FunctionAnswer, function_url, invoke
+from jetspool.worker.invoke import FunctionAnswer, invoke
 from jetspool.worker.policy import SOONEST_S, backoff_s
 
 if TYPE_CHECKING:

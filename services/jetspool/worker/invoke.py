@@ -9,14 +9,11 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
-import re
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
-from urllib.parse import quote
 
 import aiohttp
-import yarl
 from aiohttp.http_exceptions import ContentEncodingError
 from opentelemetry.trace import SpanKind
 
@@ -28,15 +25,17 @@ from jetspool.domain.functions import (
     as_utf8,
     call_headers,
     forwardable,
+    function_url,
     kept_headers,
     shown,
-    with_query,
 )
 from jetspool.domain.status import ErrorType, utcnow
 from jetspool.worker.policy import check_response
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
+
+    import yarl
 
     from jetspool.domain.functions import Function
     from jetspool.domain.messages import QueuedRequest
@@ -144,27 +143,6 @@ async def invoke(
 
 _LARGE_BODY = 1 << 20
 """From this size aiohttp wants a file-like body, which it sends without holding up the event loop."""
-
-
-_QUERY_SAFE: Final = "".join(map(chr, range(0x21, 0x7F)))
-"""Every printable ASCII character: a query keeps them as they came; other bytes are percent-encoded."""
-
-
-_ORIGIN: Final = re.compile(r"(https?://[^/?#]*)(.*)", re.DOTALL)
-"""A function URL's scheme and authority, and the rest (path and query)."""
-
-
-def function_url(function: Function, path: str, query: str = "") -> yarl.URL:
-    """Where a call to `function` at sub-path `path` goes (a request, or its cancel notice): the
-    function's URL as registered, the sub-path percent-encoded again (see `Function.endpoint`), and
-    `query` exactly as the caller sent it, after the URL's own.
-
-    Only the host is normalised (IDNA). Given the rest to parse, yarl normalised it too: `%3A` in a
-    query went out as `:` and `%2F` as `/`, in a caller's query or a key in the function's URL."""
-    origin, rest = _ORIGIN.fullmatch(function.endpoint(path)).groups()  # type: ignore[union-attr]
-    own = quote(rest, safe=_QUERY_SAFE)  # only what a request line cannot carry raw
-    query = quote(query, safe=_QUERY_SAFE, encoding="latin-1")
-    return yarl.URL(with_query(f"{yarl.URL(origin)}{own}", query), encoded=True)
 
 
 def body_payload(body: bytes) -> bytes | io.BytesIO | None:

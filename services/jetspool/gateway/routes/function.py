@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import httpx
 import orjson
@@ -13,6 +14,7 @@ from litestar.enums import HttpMethod
 from litestar.params import FromPath
 from litestar.response.base import ASGIResponse
 
+from jetspool.aio import stop_task
 from jetspool.domain import names
 from jetspool.domain.errors import RequestError
 from jetspool.domain.functions import (
@@ -20,9 +22,9 @@ from jetspool.domain.functions import (
     NOT_HANDED_ON,
     call_headers,
     forwardable,
+    function_url,
     read_off_wire,
     to_wire,
-    with_query,
 )
 from jetspool.domain.status import request_urls
 from jetspool.gateway.intake import (
@@ -35,6 +37,11 @@ from jetspool.gateway.intake import (
     sub_path,
 )
 from jetspool.gateway.state import Gateway, GatewayDep
+
+if TYPE_CHECKING:
+    from collections.abc import Coroutine
+
+_T = TypeVar("_T")
 
 _METHODS: Final = [
     HttpMethod.GET,
@@ -52,7 +59,8 @@ _OWN: Final = frozenset(
 _NOT_FORWARDED: Final = NOT_FORWARDED | _OWN | {names.H_ATTEMPT.lower(), names.H_LOGS_URL.lower()}
 """Nor a caller's `X-Attempt` and `X-Logs-Url`: a function reads them as jetspool's (SPEC §4), and a
 synchronous call has neither."""
-_NOT_RELAYED: Final = NOT_HANDED_ON | _OWN
+_NOT_RELAYED: Final = (NOT_HANDED_ON - {"content-encoding"}) | _OWN
+"""A synchronous answer goes with its coding: its body is relayed as it came (`_exchange`)."""
 _ASYNC: Final = frozenset({"async"})
 """The sync route's own query parameter (`?async=true` queues the call), not forwarded."""
 
@@ -105,21 +113,28 @@ async def _call(request: Request[Any, Any, Any], gateway: Gateway, name: str, pa
         return ASGIResponse(
             body=orjson.dumps(body), status_code=202, media_type="application/json", headers=answer_headers
         )
-    url = function.endpoint(sub_path(as_sent(request, path)))
+    url = function_url(function, sub_path(as_sent(request, path)), query)
     call = _call_headers(headers)
     started = time.monotonic()
+    outgoing = gateway.http.build_request(
+        request.method,
+        str(url),
+        content=await request.body(),
+        headers=to_wire(call_headers(forwardable(headers, _NOT_FORWARDED), list(call.items()), function.headers)),
+        # The request line as the worker sends it: httpx percent-encoded `"` in a query (found by a review).
+        extensions={"target": url.raw_path_qs.encode("ascii")},
+    )
     try:
-        answer = await gateway.http.request(
-            request.method,
-            with_query(url, query),
-            content=await request.body(),
-            headers=to_wire(call_headers(forwardable(headers, _NOT_FORWARDED), list(call.items()), function.headers)),
-            timeout=function.timeout,
-        )
-    except httpx.TimeoutException as exc:  # the call's headers too: its X-Call-Id is what the logs know it by
+        async with asyncio.timeout(function.timeout):  # the whole call: httpx's bounds each read alone
+            answer, content = await _until_gone(request, _exchange(gateway.http, outgoing), call, name)
+    except TimeoutError as exc:  # the call's headers too: its X-Call-Id is what the logs know it by
         raise GatewayTimeout(f"function {name!r} did not answer within {function.timeout:g} s", call) from exc
-    except httpx.TransportError as exc:
+    except httpx.TransportError as exc:  # a connect time-out too: a function out of reach
         raise BadGateway(f"cannot reach function {name!r}: {exc.__class__.__name__}", call) from exc
+    if not 200 <= answer.status_code <= 599:  # noqa: PLR2004 - relayed, a 600 dropped the caller's connection
+        raise BadGateway(
+            f"function {name!r} answered with status {answer.status_code}, which no answer can carry", call
+        )
     # A list, not a dict: a header the function repeats (`Set-Cookie`) is relayed as often, where only
     # its last copy was (found by a review).
     # Read off the wire, not as httpx decodes them (UTF-8 when it can), which the server could not encode again.
@@ -128,4 +143,39 @@ async def _call(request: Request[Any, Any, Any], gateway: Gateway, name: str, pa
     if request.method == HttpMethod.HEAD and "content-length" in answer.headers:
         relayed.append(("content-length", answer.headers["content-length"]))  # a GET's body's; none is sent
     content_type = answer.headers.get("content-type", "application/octet-stream")
-    return ASGIResponse(body=answer.content, status_code=answer.status_code, media_type=content_type, headers=relayed)
+    return ASGIResponse(body=content, status_code=answer.status_code, media_type=content_type, headers=relayed)
+
+
+async def _exchange(http: httpx.AsyncClient, outgoing: httpx.Request) -> tuple[httpx.Response, bytes]:
+    """Send `outgoing`; its answer and body as they came, in their coding: decoded by httpx, a body in
+    a coding it does not decode (`br`, `compress`) went out still coded without saying so, and one
+    that did not decode was a bare 500 (found by a review). The `Content-Encoding` is relayed."""
+    answer = await http.send(outgoing, stream=True)
+    try:
+        return answer, b"".join([chunk async for chunk in answer.aiter_raw()])
+    finally:
+        await answer.aclose()
+
+
+async def _until_gone(
+    request: Request[Any, Any, Any], work: Coroutine[Any, Any, _T], call: dict[str, str], name: str
+) -> _T:
+    """`work`, ended when the caller hangs up, as OpenFaaS's gateway ends the call with the caller's
+    request context: a call its caller gave up on ran on, holding a connection, until the function
+    answered or its timeout passed (found by a review)."""
+    doing = asyncio.ensure_future(work)
+
+    async def hung_up() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watching = asyncio.ensure_future(hung_up())
+    try:
+        await asyncio.wait({doing, watching}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (doing, watching):
+            if not task.done():
+                await stop_task(task)
+    if not doing.done() or doing.cancelled():
+        raise BadGateway(f"the caller of {name!r} hung up", call)
+    return doing.result()
