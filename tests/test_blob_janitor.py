@@ -221,7 +221,7 @@ async def test_the_janitor_goes_on_after_a_pass_that_failed(conn: Nats, caplog: 
     """With no object store yet, its passes fail; they go on, and clean once there is one."""
     status = await conn.js.create_key_value(bucket=names.STATUS_BUCKET)
     janitor = BlobJanitor(conn, status, every_s=0.1, orphaned_after_s=0.3)
-    caplog.set_level(logging.WARNING, logger="jetspool.jetstream.retention")
+    caplog.set_level(logging.WARNING, logger="jetspool.aio")
     await janitor.start()
     try:
         await eventually_true(_logged(caplog, "could not clean the object store"), timeout_s=5)

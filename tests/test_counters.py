@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING
 
 from jetspool.domain import names
 from jetspool.embedded import EmbeddedNats
-from jetspool.jetstream import stats
 from jetspool.jetstream.connection import Nats, connect
 from jetspool.jetstream.provision import provision
 from jetspool.jetstream.stats import CounterTrim, StatsReader, count, trim_counters
@@ -144,13 +143,13 @@ async def test_a_failed_trim_turn_does_not_end_the_trimming(
 ) -> None:
     """The loop runs for the worker's life: a turn that raises (here the stream is not there) is
     tried again a little later."""
-    monkeypatch.setattr(stats, "_TRIM_RETRY_S", 0.05)
+    monkeypatch.setattr(CounterTrim, "retry_s", 0.05)
     trim = CounterTrim(conn.js)
 
     def failed_turns() -> int:
         return sum(r.getMessage() == "could not trim the counters stream; trying again" for r in caplog.records)
 
-    with caplog.at_level(logging.WARNING, logger="jetspool.jetstream.stats"):
+    with caplog.at_level(logging.WARNING, logger="jetspool.aio"):
         await trim.start()
         try:
             await eventually(lambda: failed_turns() >= 2, timeout_s=5)

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     import httpx
 
     from jetspool.jetstream.connection import Nats
+    from jetspool.worker.runner import FunctionRunner
     from tests.support.stack import Stack
 
 
@@ -853,6 +854,19 @@ async def _taken_by_another_worker(nats_server: EmbeddedNats, function: str) -> 
         await nc.close()
 
 
+async def _a_runner_holding_a_delivery(
+    stack: Stack, pools: list[worker_main.RunnerPool], in_second_pull: asyncio.Event
+) -> FunctionRunner:
+    """The runner of a function `f`, taken from its pool to be stopped by the test, once its puller
+    holds a delivery of the high class (`_cut_pulls_short`)."""
+    await stack.register("f", concurrency=2)
+    await eventually(lambda: bool(pools) and "f" in pools[0]._runners)  # noqa: SLF001
+    runner = pools[0]._runners.pop("f")  # noqa: SLF001 - stopped by the test, not by the pool
+    await stack.submit("f", content=b"high", headers={names.H_QUEUE_PRIORITY: "high"})
+    await asyncio.wait_for(in_second_pull.wait(), 5)
+    return runner
+
+
 @pytest.mark.parametrize("fails", [False, True], ids=["stop succeeds", "unsubscribe refused"])
 async def test_a_runner_stop_hands_back_what_its_puller_holds_whatever_failed(
     nats_server: EmbeddedNats, monkeypatch: pytest.MonkeyPatch, fails: bool
@@ -864,11 +878,7 @@ async def test_a_runner_stop_hands_back_what_its_puller_holds_whatever_failed(
     in_second_pull = _cut_pulls_short(monkeypatch)
     stack = await start_stack(nats_server, overrides={"worker": {"ack_wait": 30.0}})
     try:
-        await stack.register("f", concurrency=2)
-        await eventually(lambda: bool(pools) and "f" in pools[0]._runners)  # noqa: SLF001
-        runner = pools[0]._runners.pop("f")  # noqa: SLF001 - stopped here, not by the pool
-        await stack.submit("f", content=b"high", headers={names.H_QUEUE_PRIORITY: "high"})
-        await asyncio.wait_for(in_second_pull.wait(), 5)  # the high request is in the puller's hands
+        runner = await _a_runner_holding_a_delivery(stack, pools, in_second_pull)
 
         async def refused(*_: Any, **__: Any) -> None:
             raise OutboundBufferLimitError
@@ -896,11 +906,7 @@ async def test_a_runner_stop_cancelled_before_its_hand_backs_still_makes_them(
     in_second_pull = _cut_pulls_short(monkeypatch)
     stack = await start_stack(nats_server, overrides={"worker": {"ack_wait": 30.0}})
     try:
-        await stack.register("f", concurrency=2)
-        await eventually(lambda: bool(pools) and "f" in pools[0]._runners)  # noqa: SLF001
-        runner = pools[0]._runners.pop("f")  # noqa: SLF001 - stopped here, not by the pool
-        await stack.submit("f", content=b"high", headers={names.H_QUEUE_PRIORITY: "high"})
-        await asyncio.wait_for(in_second_pull.wait(), 5)  # the high request is in the puller's hands
+        runner = await _a_runner_holding_a_delivery(stack, pools, in_second_pull)
         unsubscribing = asyncio.Event()
 
         async def slow(*_: Any, **__: Any) -> None:  # a connection busy flushing, say

@@ -115,3 +115,36 @@ def _retrieved(answer: asyncio.Future[Any]) -> None:
     """Mark a shared read's failure as seen: its callers may all have stopped waiting."""
     if not answer.cancelled():
         answer.exception()
+
+
+class Periodic:
+    """Housekeeping in turns for the process's life: `turn` does one and says how long until the
+    next. A turn that raises is logged, and the next comes `retry_s` later: the loop must not end
+    (a timers loop once ended for good on one unexpected error)."""
+
+    name = "periodic"
+    failed = "a periodic turn failed; trying again"
+    retry_s = 5.0
+
+    def __init__(self) -> None:
+        self._task: asyncio.Task[None] | None = None
+
+    async def turn(self) -> float:
+        raise NotImplementedError
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name=self.name)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            await stop_task(self._task)
+            self._task = None
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                again_s = await self.turn()
+            except Exception:  # whatever it was, the next turn tries again
+                log.warning(self.failed, exc_info=True)
+                again_s = self.retry_s
+            await asyncio.sleep(again_s)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Final
 import orjson
 from nats.js.errors import NotFoundError
 
-from jetspool.aio import stop_task
+from jetspool.aio import Periodic
 from jetspool.domain import names
 from jetspool.domain.status import ErrorType
 from jetspool.jetstream.positions import consumer_figures
@@ -87,7 +87,7 @@ class StatsReader:
         return int(orjson.loads(msg.data or b"{}").get("val", 0))
 
 
-class CounterTrim:
+class CounterTrim(Periodic):
     """Trims the counters stream to the increments of the last duplicate window, and each total.
 
     A count sent twice with one message id counts once only while nats-server knows the id, and
@@ -97,29 +97,19 @@ class CounterTrim:
     every half window this removes those stored a whole window ago, keeping each subject's last
     message, its total. Several workers trimming at once remove the same messages."""
 
+    name = "counter-trim"
+    failed = "could not trim the counters stream; trying again"
+    retry_s = _TRIM_RETRY_S
+
     def __init__(self, js: JetStreamContext, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
         self._js = js
         self._clock = clock
         self._marks: collections.deque[tuple[float, int]] = collections.deque()
         """(when, the stream's last sequence then), oldest first."""
-        self._task: asyncio.Task[None] | None = None
 
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="counter-trim")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            await stop_task(self._task)
-            self._task = None
-
-    async def _loop(self) -> None:
-        while True:
-            try:
-                again_s = await self.trim()
-            except Exception:  # whatever it was, the next turn tries again: the loop must not end
-                log.warning("could not trim the counters stream; trying again", exc_info=True)
-                again_s = _TRIM_RETRY_S
-            await asyncio.sleep(again_s)
+    async def turn(self) -> float:
+        return await self.trim()
 
     async def trim(self) -> float:
         """Mark where the stream ends now, remove what was stored by the mark a window old, and
