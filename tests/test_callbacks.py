@@ -22,6 +22,7 @@ from jetspool.callbacks.delivery import CallbackDelivery
 from jetspool.domain import names
 from jetspool.domain.functions import masked
 from jetspool.domain.messages import CallbackJob, decode, encode
+from jetspool.jetstream import stats as stats_module
 from jetspool.jetstream.results import RECORD_INLINE_BYTES
 from tests.support.servers import AsgiServer, RecordingApp, Reply, eventually, eventually_true, free_port
 from tests.support.stack import start_stack
@@ -803,7 +804,7 @@ async def test_a_callback_count_that_failed_is_sent_again_by_the_jobs_next_deliv
     """The count of a callback's outcome goes after the status write: one that failed (NATS away)
     was lost for good, as the job's next delivery found the outcome recorded and counted nothing
     (found by a review). It counts again under the round's message id, which counts a round once."""
-    real_count = delivery_module.count
+    real_count = stats_module.count
     failures = [NatsTimeoutError()]
 
     async def fails_once(*args: Any, **kwargs: Any) -> None:
