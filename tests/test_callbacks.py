@@ -22,8 +22,11 @@ from jetspool.callbacks.delivery import CallbackDelivery
 from jetspool.domain import names
 from jetspool.domain.functions import masked
 from jetspool.domain.messages import CallbackJob, decode, encode
+from jetspool.jetstream import provision
 from jetspool.jetstream import stats as stats_module
 from jetspool.jetstream.results import RECORD_INLINE_BYTES
+from jetspool.worker import handler as handler_module
+from jetspool.worker import runner as runner_module
 from tests.support.servers import AsgiServer, RecordingApp, Reply, eventually, eventually_true, free_port
 from tests.support.stack import start_stack
 
@@ -798,14 +801,10 @@ def test_the_status_object_masks_what_a_callback_url_may_hide(url: str, shown_as
     assert masked(url) == shown_as
 
 
-async def test_a_callback_count_that_failed_is_sent_again_by_the_jobs_next_delivery(
-    stack: Stack, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The count of a callback's outcome goes after the status write: one that failed (NATS away)
-    was lost for good, as the job's next delivery found the outcome recorded and counted nothing
-    (found by a review). It counts again under the round's message id, which counts a round once."""
+def _count_fails_once(monkeypatch: pytest.MonkeyPatch) -> list[Exception]:
+    """Have the callbacks' first count fail (NATS away past the ride-through); the failures left."""
     real_count = stats_module.count
-    failures = [NatsTimeoutError()]
+    failures: list[Exception] = [NatsTimeoutError()]
 
     async def fails_once(*args: Any, **kwargs: Any) -> None:
         if failures:
@@ -813,14 +812,94 @@ async def test_a_callback_count_that_failed_is_sent_again_by_the_jobs_next_deliv
         await real_count(*args, **kwargs)
 
     monkeypatch.setattr(delivery_module, "count", fails_once)
-    await stack.register("echo")
-    request_id = await stack.submit("echo", headers={"X-Callback-Url": stack.callback_url("/hook")})
-    await _wait_for_callback_state(stack, "echo", request_id, "delivered")
-    stats = stack.app.state.gateway.stats
-    await eventually_true(lambda: _total_is(stats, "callbacks_delivered", 1), timeout_s=15)
-    await stack.submit("echo", headers={"X-Callback-Url": stack.callback_url("/hook")})  # counted after it
-    await eventually_true(lambda: _total_is(stats, "callbacks_delivered", 2), timeout_s=15)
+    return failures
+
+
+@pytest.mark.parametrize(
+    ("max_attempts", "answers", "counter"),
+    [
+        (3, [Reply(200)], "callbacks_delivered"),
+        (1, [Reply(200)], "callbacks_delivered"),
+        (2, [Reply(503)] * 2, "callbacks_failed"),
+    ],
+    ids=["delivered", "delivered on the last attempt", "given up on"],
+)
+async def test_a_callback_count_that_failed_is_sent_again_by_the_jobs_next_delivery(
+    nats_server: EmbeddedNats,
+    monkeypatch: pytest.MonkeyPatch,
+    max_attempts: int,
+    answers: list[Reply],
+    counter: names.Counter,
+) -> None:
+    """The count of a callback's outcome goes after the status write: one that failed (NATS away)
+    was lost for good, as the job's next delivery found the outcome recorded and counted nothing,
+    and on the job's last delivery there was no next one, the job being dropped (found by reviews).
+    The job comes again, and counts under the round's message id, which counts a round once."""
+    failures = _count_fails_once(monkeypatch)
+    stack = await start_stack(nats_server, overrides={"callbacks": {"max_attempts": max_attempts}})
+    try:
+        await stack.register("echo")
+        await stack.register("marker")
+        stack.receiver.script("/hook", answers)
+        request_id = await stack.submit("echo", headers={"X-Callback-Url": stack.callback_url("/hook")})
+        await _wait_for_callback_state(stack, "echo", request_id, counter.removeprefix("callbacks_"))
+        stats = stack.app.state.gateway.stats
+        await eventually_true(lambda: _total_is(stats, counter, 1), timeout_s=15)
+        # Counts go out in order from the one worker: once a later one is in, any repeat is in too.
+        await stack.submit("marker", headers={"X-Callback-Url": stack.callback_url("/marker")})
+        await eventually_true(lambda: _total_is(stats, "callbacks_delivered", 1, function="marker"), timeout_s=15)
+        totals = await stats.totals("echo")
+    finally:
+        await stack.close()
 
     assert failures == [], "the first count failed"
-    assert len(stack.receiver.on("/hook")) == 2, "the callback was not sent again"
-    assert (await stats.totals("echo"))["callbacks_delivered"] == 2
+    assert len(stack.receiver.on("/hook")) == len(answers), "the callback was not sent again"
+    assert (totals["callbacks_delivered"], totals["callbacks_failed"]) == (
+        (1, 0) if counter == "callbacks_delivered" else (0, 1)
+    )
+
+
+async def test_an_outcome_found_recorded_past_the_duplicate_window_is_not_counted_again(
+    nats_server: EmbeddedNats, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request message whose ack was lost comes back after the ack wait, finds its request
+    completed, and queued its callback job again, which found its round delivered and sent the
+    round's count again, as the request's outcome: past the counters' duplicate window, nats-server
+    no longer knew the ids, and one callback counted twice, the request too (found by a review).
+    Counts are sent again only soon after the outcome. (Window scaled from 120 s to 3 s.)"""
+    monkeypatch.setattr(provision, "_DUPLICATE_WINDOW_S", 3.0)
+    monkeypatch.setattr(stats_module, "RECOUNT_WITHIN_S", 2.5)
+    real_settle = handler_module.settle
+    dropped: list[str] = []
+
+    async def loses_first_ack(msg: Any, decision: Any) -> None:
+        if decision.verb == "ack" and not dropped:
+            dropped.append(msg.subject)  # JetStream redelivers it after the ack wait (5 s)
+            return
+        await real_settle(msg, decision)
+
+    monkeypatch.setattr(runner_module, "settle", loses_first_ack)
+    stack = await start_stack(nats_server)
+    try:
+        await stack.register("echo")
+        await stack.register("marker")
+        request_id = await stack.submit("echo", headers={"X-Callback-Url": stack.callback_url("/hook")})
+        await _wait_for_callback_state(stack, "echo", request_id, "delivered")
+        js = stack.app.state.gateway.conn.js
+
+        async def redelivered_and_acknowledged() -> bool:
+            info = await js.consumer_info(names.QUEUE_STREAM, names.queue_consumer("echo", "normal"))
+            delivered = info.delivered.consumer_seq if info.delivered is not None else 0
+            return bool(dropped) and info.num_ack_pending == 0 and (delivered or 0) >= 2
+
+        await eventually_true(redelivered_and_acknowledged, timeout_s=20)
+        await eventually_true(lambda: _callbacks_settled(js), timeout_s=15)
+        stats = stack.app.state.gateway.stats
+        await stack.submit("marker", headers={"X-Callback-Url": stack.callback_url("/marker")})
+        await eventually_true(lambda: _total_is(stats, "callbacks_delivered", 1, function="marker"), timeout_s=15)
+        totals = await stats.totals("echo")
+    finally:
+        await stack.close()
+
+    assert len(stack.receiver.on("/hook")) == 1, "the callback was POSTed once"
+    assert (totals["completed"], totals["callbacks_delivered"]) == (1, 1)

@@ -897,11 +897,18 @@ async def test_a_runner_stop_hands_back_what_its_puller_holds_whatever_failed(
     assert len(taken) == 1, "handed back at once, not after the ack wait"
 
 
+@pytest.mark.parametrize("puller_unsubscribe", ["quick", "hangs", "refused"])
 async def test_a_runner_stop_cancelled_before_its_hand_backs_still_makes_them(
-    nats_server: EmbeddedNats, monkeypatch: pytest.MonkeyPatch
+    nats_server: EmbeddedNats,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    puller_unsubscribe: str,
 ) -> None:
     """A cancel that landed before the hand-backs (here in a slow wake-up unsubscribe) stopped the
-    calls and left the puller's deliveries to their ack wait, no worker on them (found by a review)."""
+    calls and left the puller's deliveries to their ack wait, no worker on them; so did an
+    unsubscribe of the puller's own that hung as well (a connection busy flushing), and one that
+    failed left no trace (found by reviews). The hand-backs come first, each unsubscribe is bounded,
+    and a failure of a cancelled stop is logged."""
     pools = _recorded_pools(monkeypatch)
     in_second_pull = _cut_pulls_short(monkeypatch)
     stack = await start_stack(nats_server, overrides={"worker": {"ack_wait": 30.0}})
@@ -909,15 +916,22 @@ async def test_a_runner_stop_cancelled_before_its_hand_backs_still_makes_them(
         runner = await _a_runner_holding_a_delivery(stack, pools, in_second_pull)
         unsubscribing = asyncio.Event()
 
-        async def slow(*_: Any, **__: Any) -> None:  # a connection busy flushing, say
+        async def hangs(*_: Any, **__: Any) -> None:
             unsubscribing.set()
             await asyncio.Event().wait()
 
-        monkeypatch.setattr(runner._wake_sub, "unsubscribe", slow)  # noqa: SLF001
-        stopping = asyncio.create_task(runner.stop(2.0))
-        await asyncio.wait_for(unsubscribing.wait(), 5)
-        stopping.cancel()
-        await asyncio.wait({stopping}, timeout=5)
+        async def refused(*_: Any, **__: Any) -> None:
+            raise OutboundBufferLimitError
+
+        monkeypatch.setattr(runner._wake_sub, "unsubscribe", hangs)  # noqa: SLF001
+        if puller_unsubscribe != "quick":
+            sub = runner._puller._sub  # noqa: SLF001
+            monkeypatch.setattr(sub, "unsubscribe", hangs if puller_unsubscribe == "hangs" else refused)
+        with caplog.at_level(logging.WARNING, logger="jetspool.worker.runner"):
+            stopping = asyncio.create_task(runner.stop(2.0))
+            await asyncio.wait_for(unsubscribing.wait(), 5)
+            stopping.cancel()
+            await asyncio.wait({stopping}, timeout=5)
         taken = await _taken_by_another_worker(nats_server, "f")
     finally:
         await stack.close()
@@ -925,6 +939,8 @@ async def test_a_runner_stop_cancelled_before_its_hand_backs_still_makes_them(
     assert stopping.cancelled()
     assert stack.functions.on("/f") == [], "the request was never called"
     assert len(taken) == 1, "handed back at once, not after the ack wait"
+    if puller_unsubscribe == "refused":
+        assert "OutboundBufferLimitError" in caplog.text
 
 
 async def test_a_worker_stop_reports_every_runner_stop_that_failed(

@@ -72,8 +72,8 @@ async def test_a_pull_on_a_wake_up_waits_for_the_request_the_wake_up_announced(
             for msg in await pulls.pull(4):  # (the class counts as drained until it is heard of)
                 await msg.ack()
     finally:
-        left, _ = await pulls.stop()
-        for msg in left:
+        await pulls.stop()
+        for msg in pulls.take_held():
             await msg.nak()
 
     assert [msg.subject for msg in delivered] == [names.queue_subject("fn", "normal")]
@@ -117,7 +117,8 @@ async def test_deliveries_no_pull_asked_for_are_handed_back_and_not_kept(
         await conn.nc.flush()  # the naks are in before the pull
         taken = await pulls.pull(2)
     finally:
-        kept, _ = await pulls.stop()
+        await pulls.stop()
+        kept = pulls.take_held()
         for msg in kept:
             await msg.nak()
 

@@ -32,7 +32,7 @@ from jetspool.domain.functions import as_utf8, shown
 from jetspool.domain.messages import CallbackJob, decode
 from jetspool.domain.status import utcnow
 from jetspool.jetstream.pulling import ConnectionGone, fetch, stop_pulling
-from jetspool.jetstream.stats import count
+from jetspool.jetstream.stats import count, may_count_again
 from jetspool.settings import RetrySettings
 from jetspool.worker.handler import ACK, HAND_BACK, TERM, Settle, settle
 from jetspool.worker.invoke import body_payload
@@ -129,6 +129,10 @@ class CallbackDelivery:
         except asyncio.CancelledError:
             await asyncio.shield(settle(msg, HAND_BACK))
             raise
+        except _CountNotSent:
+            delivered = int(msg.metadata.num_delivered)
+            log.warning("a callback's outcome is recorded and its count not sent; the job comes again", exc_info=True)
+            decision = Settle("nak", backoff_s(delivered, self._backoff, None, self._rng))
         except Exception:
             # The request could not be read, or the attempt not recorded: tried again with backoff,
             # and dropped after `max_attempts` deliveries, as for a failing receiver (retried without
@@ -209,13 +213,15 @@ class CallbackDelivery:
         # A later round than the record's: a part of the previous version, which knows no rounds,
         # wrote the record since (back to round 0). It is sent (found by a review).
         if target is not None and job.round == target.round and target.state != "pending":
-            # A job redelivered because its ack was lost: what the status recorded stands. Its count
-            # goes again, once more under the round's message id: one that failed after the status
-            # write was lost for good (found by a review); one that landed counts once.
+            # A job redelivered because its ack was lost, or its count not sent: what the status
+            # recorded stands. Its count goes again, under the round's message id, soon after the
+            # outcome only (`may_count_again`): one that failed after the status write was lost for
+            # good (found by a review); one that landed counts once.
             log.info(
                 "callback for %s to %s is %s already; not sent again", job.request_id, shown(job.url), target.state
             )
-            await self._count(job, target.state)
+            if may_count_again(target.settled_at):
+                await self._count(job, target.state)
             return ACK
         return job, current
 
@@ -310,7 +316,17 @@ class CallbackDelivery:
         the outcome: JetStream drops a second message with an id it holds on any subject of the
         stream, so a round counts once, in the total of its first final outcome."""
         counter: Counter = "callbacks_delivered" if state == "delivered" else "callbacks_failed"
-        await count(self._conn, job.function, counter, f"{job.request_id}.callback.{job.run}.{job.kind}.{job.round}")
+        msg_id = f"{job.request_id}.callback.{job.run}.{job.kind}.{job.round}"
+        try:
+            await count(self._conn, job.function, counter, msg_id)
+        except Exception as exc:
+            raise _CountNotSent from exc
+
+
+class _CountNotSent(Exception):
+    """A callback's outcome is recorded, its count did not go: the job's next delivery sends it.
+    Taken for a failed delivery, the job was dropped after its last attempt, and the count with it
+    (found by a review)."""
 
 
 def _as_retry(settings: CallbackSettings) -> RetrySettings:

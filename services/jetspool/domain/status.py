@@ -79,6 +79,9 @@ class CallbackTarget(msgspec.Struct, frozen=True, kw_only=True):
     last_status: int | None = None
     """HTTP status of the receiver's last answer (none when it could not be reached)."""
     delivered_at: datetime | None = None
+    settled_at: datetime | None = None
+    """When its round's outcome was recorded (delivered or failed): its count is sent again only soon
+    after (`stats.may_count_again`)."""
 
     def takes(self, in_round: int, state: DeliveryState) -> bool:
         """Whether an attempt made in `in_round` that ended in `state` sets this target's state.
@@ -117,6 +120,7 @@ class CallbackTarget(msgspec.Struct, frozen=True, kw_only=True):
             attempts=self.attempts + 1,
             last_status=last_status,
             delivered_at=at if state == "delivered" else self.delivered_at,
+            settled_at=self.settled_at if state == "pending" else at,
             round=in_round,  # a round the route had not recorded yet, or one an older version's write lost
         )
 

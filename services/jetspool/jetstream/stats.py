@@ -16,12 +16,13 @@ from nats.js.errors import NotFoundError
 
 from jetspool.aio import Periodic
 from jetspool.domain import names
-from jetspool.domain.status import ErrorType
+from jetspool.domain.status import ErrorType, utcnow
 from jetspool.jetstream.positions import consumer_figures
 from jetspool.jetstream.ridethrough import ride_through
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from datetime import datetime
 
     from nats.js.client import JetStreamContext
 
@@ -32,6 +33,18 @@ log = logging.getLogger(__name__)
 
 _TRIM_RETRY_S: Final = 5.0
 """How soon a trim that failed (NATS away) is tried again."""
+
+
+RECOUNT_WITHIN_S: Final = 100.0
+"""How long after an outcome its count may be sent again by whoever finds the outcome recorded (its
+first count's fate unknown): inside the counters stream's duplicate window (120 s), where nats-server
+takes a repeat for one. Past it a repeat counted twice (found by a review): a count that never
+landed then stays missing rather than one that did counted twice."""
+
+
+def may_count_again(at: datetime | None) -> bool:
+    """Whether an outcome recorded `at` may be counted again (see `RECOUNT_WITHIN_S`)."""
+    return at is not None and (utcnow() - at).total_seconds() < RECOUNT_WITHIN_S
 
 
 async def count(conn: Nats, function: str, counter: names.Counter, msg_id: str | None = None) -> None:

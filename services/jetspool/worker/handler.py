@@ -31,7 +31,7 @@ from jetspool.domain.functions import function_url
 from jetspool.domain.messages import QueuedRequest, StoredResult, decode
 from jetspool.domain.status import ErrorType, StatusRecord, start_deadline_missed, utcnow
 from jetspool.jetstream.logs import CLOSING_LINE
-from jetspool.jetstream.stats import count, count_outcome
+from jetspool.jetstream.stats import count, count_outcome, may_count_again
 from jetspool.jetstream.status_store import StaleStatus, StatusStore, Versioned
 from jetspool.worker.invoke import FunctionAnswer, invoke
 from jetspool.worker.policy import SOONEST_S, backoff_s
@@ -348,7 +348,8 @@ class RequestHandler:
         else:  # a worker stopped before it deleted the body kept it for good (found by a review)
             await self._s.retention.release_body(request)
         await self._s.events.publish(record)
-        await count_outcome(self._s.conn, record)
+        if may_count_again(record.completed_at):
+            await count_outcome(self._s.conn, record)
         await self._s.callbacks.emit(record)
         return ACK
 

@@ -89,19 +89,22 @@ class PriorityPuller:
     async def start(self) -> None:
         self._sub = await self._nc.subscribe(f"{self._inbox}.*", cb=self._on_message)
 
-    async def stop(self) -> tuple[list[Msg], Exception | None]:
-        """Stop listening. Returns the deliveries received but never handed out (the caller hands
-        them back), also when the unsubscribe failed, and that failure."""
-        sub, self._sub = self._sub, None
-        failure = None
-        try:
-            if sub is not None:
-                await sub.unsubscribe()
-        except Exception as exc:  # noqa: BLE001 - the caller raises it once the deliveries are handed back
-            failure = exc
-        left = list(self._ready)
+    @property
+    def held(self) -> int:
+        return len(self._ready)
+
+    def take_held(self) -> list[Msg]:
+        """The deliveries received but never handed out, now no longer held (the caller hands them back)."""
+        held = list(self._ready)
         self._ready.clear()
-        return left, failure
+        return held
+
+    async def stop(self) -> None:
+        """Stop listening (once: a second stop does nothing). Deliveries may still come until it has
+        (`take_held` after it)."""
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            await sub.unsubscribe()
 
     def heard(self, priority: str | None, wait_s: float = _WOKEN_WAIT_S) -> None:
         """A wake-up: work of `priority` (None: of any class, none announced) may wait; the class's

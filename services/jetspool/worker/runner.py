@@ -11,7 +11,6 @@ message is kept (in-progress acks) from receipt until it is settled.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from typing import TYPE_CHECKING
 
@@ -38,6 +37,8 @@ _DUE_SLACK_S = 0.02
 """After a handed-back message's delay, before pulling it: JetStream's own timer makes it due."""
 _AT_ONCE_S = 1.0
 """How long a cancelled stop gives what is left of its hand-backs (each a nak sent without a reply)."""
+_UNSUBSCRIBE_S = 2.0
+"""How long a stop waits for each unsubscribe (nats-py sends it and returns)."""
 
 
 class FunctionRunner:
@@ -93,38 +94,50 @@ class FunctionRunner:
             raise failure
 
     async def _stop_at_once(self) -> None:
-        with contextlib.suppress(Exception):  # TimeoutError included: a step hung the first time
+        try:
             async with asyncio.timeout(_AT_ONCE_S):
-                await self._stop_taking()  # picks up where the cancelled turn left off (see there)
+                failure = await self._stop_taking()  # picks up where the cancelled turn left off (see there)
+        except Exception as exc:  # noqa: BLE001 - TimeoutError included; logged, the calls end all the same
+            failure = exc
+        if failure is not None:
+            left = len(self._handing_back) + self._puller.held
+            log.warning("stopping delivery to %s at once: %r (%d not handed back)", self._function.name, failure, left)
         await self._end_calls(0.0)
 
     async def _stop_taking(self) -> Exception | None:
         """Take no more requests and hand back those the puller holds; the first failure, if any.
-        Each step is done once, so that a second turn after a cancelled one does only what is left."""
+
+        The hand-backs come first, and again after the unsubscribes, each bounded: behind an
+        unsubscribe that hung (a connection busy flushing), they were never made (found by a
+        review). Each step is done once, so that a turn after a cancelled one does only what is left."""
         failures: list[Exception] = []
-        wake_sub, self._wake_sub = self._wake_sub, None
-        if wake_sub is not None:
-            try:
-                await wake_sub.unsubscribe()
-            except Exception as exc:  # noqa: BLE001 - raised once every step has run
-                failures.append(exc)
         if self._loop_task is not None:
-            await stop_task(self._loop_task)
+            await stop_task(self._loop_task)  # no pull after this one
         for timer in self._due:
             timer.cancel()
-        held, failure = await self._puller.stop()
-        self._handing_back.extend(held)
-        if failure is not None:
-            failures.append(failure)
+        await self._hand_back(failures)
+        wake_sub, self._wake_sub = self._wake_sub, None
+        for unsubscribe in (wake_sub.unsubscribe if wake_sub is not None else None, self._puller.stop):
+            if unsubscribe is None:
+                continue
+            try:
+                async with asyncio.timeout(_UNSUBSCRIBE_S):
+                    await unsubscribe()
+            except Exception as exc:  # noqa: BLE001 - raised once every step has run
+                failures.append(exc)
+        await self._hand_back(failures)  # what the pull in flight brought meanwhile
+        for later in failures[1:]:
+            log.warning("stopping delivery to %s: %r as well", self._function.name, later)
+        return failures[0] if failures else None
+
+    async def _hand_back(self, failures: list[Exception]) -> None:
+        self._handing_back.extend(self._puller.take_held())
         while self._handing_back:
             try:
                 await settle(self._handing_back[0], HAND_BACK)
             except Exception as exc:  # noqa: BLE001 - the next ones are handed back all the same
                 failures.append(exc)
             self._handing_back.pop(0)
-        for later in failures[1:]:
-            log.warning("stopping delivery to %s: %r as well", self._function.name, later)
-        return failures[0] if failures else None
 
     async def _end_calls(self, grace_s: float) -> None:
         """Let the calls in flight finish for `grace_s`; stop the rest (their messages go back)."""
