@@ -23,6 +23,7 @@ from jetspool.domain import names
 from jetspool.domain.messages import QueuedRequest
 from jetspool.domain.status import utcnow
 from jetspool.jetstream.connection import connect
+from jetspool.jetstream.provision import provision
 from jetspool.jetstream.retention import BlobJanitor, body_meta
 from jetspool.settings import NatsSettings
 from tests.support.processes import JetspoolProcess, sigkill, start_part
@@ -260,3 +261,23 @@ def test_a_body_stored_again_under_its_name_keeps_the_earlier_queue_sequence() -
     }
     assert again.headers is not None
     assert again.headers[names.OBJ_QUEUED_AFTER] == ["7"]
+
+
+async def test_no_chunks_are_removed_while_a_meta_cannot_be_read(conn: Nats) -> None:
+    """A meta the janitor cannot read may name any chunks: it was logged as left alone, and its
+    chunks went all the same, as named by none (found by a review). Chunks wait for a pass that
+    reads every meta."""
+    await provision(conn, replicas=1)
+    unnamed = f"$O.{names.BLOB_STORE}.C.an-upload-cut-short"
+    await conn.js.publish(unnamed, b"a chunk")
+    await conn.js.publish(f"$O.{names.BLOB_STORE}.M.bm90LWpzb24", b"not json")
+    await _stale(conn.js, unnamed)
+    janitor = await _janitor(conn)
+
+    await janitor.clean()
+    kept = unnamed in await _subjects(conn.js)
+    await conn.js.purge_stream(names.BLOB_STREAM, subject=f"$O.{names.BLOB_STORE}.M.bm90LWpzb24")
+    await janitor.clean()
+
+    assert kept, "left while a meta could not be read"
+    assert unnamed not in await _subjects(conn.js), "removed once every meta is read"

@@ -903,3 +903,34 @@ async def test_an_outcome_found_recorded_past_the_duplicate_window_is_not_counte
 
     assert len(stack.receiver.on("/hook")) == 1, "the callback was POSTed once"
     assert (totals["completed"], totals["callbacks_delivered"]) == (1, 1)
+
+
+async def test_a_count_that_failed_on_a_late_attempt_is_sent_before_its_window_closes(
+    nats_server: EmbeddedNats, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The job whose count was not sent came back after its own backoff, minutes by its last
+    attempts: past the window in which a count is sent again, it counted nothing (found by a
+    review). It comes back within seconds. (Times scaled by 1/40: window 3 s, backoff 0.125 s x 3^n.)"""
+    monkeypatch.setattr(provision, "_DUPLICATE_WINDOW_S", 3.0)
+    monkeypatch.setattr(stats_module, "RECOUNT_WITHIN_S", 2.5)
+    monkeypatch.setattr(delivery_module, "_COUNT_AGAIN_S", 0.1, raising=False)
+    failures = _count_fails_once(monkeypatch)
+    backoff = {"initial_backoff": 0.125, "multiplier": 3.0, "max_backoff": 45.0}
+    stack = await start_stack(nats_server, overrides={"callbacks": {"max_attempts": 4, **backoff}})
+    try:
+        await stack.register("echo")
+        await stack.register("marker")
+        stack.receiver.script("/hook", [Reply(503)] * 4)
+        request_id = await stack.submit("echo", headers={"X-Callback-Url": stack.callback_url("/hook")})
+        await _wait_for_callback_state(stack, "echo", request_id, "failed", timeout_s=20)
+        stats = stack.app.state.gateway.stats
+        await eventually_true(lambda: _total_is(stats, "callbacks_failed", 1), timeout_s=15)
+        await stack.submit("marker", headers={"X-Callback-Url": stack.callback_url("/marker")})
+        await eventually_true(lambda: _total_is(stats, "callbacks_delivered", 1, function="marker"), timeout_s=15)
+        totals = await stats.totals("echo")
+    finally:
+        await stack.close()
+
+    assert failures == [], "the count failed once"
+    assert len(stack.receiver.on("/hook")) == 4
+    assert (totals["callbacks_failed"], totals["callbacks_delivered"]) == (1, 0)

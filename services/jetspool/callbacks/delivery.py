@@ -14,7 +14,7 @@ import asyncio
 import logging
 import random
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import aiohttp
 import yarl
@@ -130,9 +130,10 @@ class CallbackDelivery:
             await asyncio.shield(settle(msg, HAND_BACK))
             raise
         except _CountNotSent:
-            delivered = int(msg.metadata.num_delivered)
+            # Soon, not after the job's own backoff (minutes by its last attempts): past
+            # `RECOUNT_WITHIN_S` it would count nothing (found by a review).
             log.warning("a callback's outcome is recorded and its count not sent; the job comes again", exc_info=True)
-            decision = Settle("nak", backoff_s(delivered, self._backoff, None, self._rng))
+            decision = Settle("nak", _COUNT_AGAIN_S)
         except Exception:
             # The request could not be read, or the attempt not recorded: tried again with backoff,
             # and dropped after `max_attempts` deliveries, as for a failing receiver (retried without
@@ -321,6 +322,10 @@ class CallbackDelivery:
             await count(self._conn, job.function, counter, msg_id)
         except Exception as exc:
             raise _CountNotSent from exc
+
+
+_COUNT_AGAIN_S: Final = 5.0
+"""How soon a job whose count was not sent comes again to send it (well within `RECOUNT_WITHIN_S`)."""
 
 
 class _CountNotSent(Exception):

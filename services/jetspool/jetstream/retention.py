@@ -233,9 +233,12 @@ class BlobJanitor(Periodic):
         self._every_s = every_s
         self.retry_s = every_s
         self._orphaned_after = timedelta(seconds=orphaned_after_s)
+        self._started = False
 
     async def turn(self) -> float:
-        await self.clean()
+        if self._started:  # not at once: workers started together, or restarting in a loop, read every meta
+            await self.clean()
+        self._started = True
         return self._every_s * _SPREAD.uniform(0.5, 1.5)
 
     async def clean(self) -> int:
@@ -249,9 +252,9 @@ class BlobJanitor(Periodic):
         objects) chunks are left for a later pass; bodies need no such listing (one missed waits)."""
         chunk_subjects, now, _ = await self._listing(names.BLOB_CHUNK_SUBJECTS)  # before the metas
         meta_subjects, _, at_once = await self._listing(names.BLOB_META_SUBJECTS)
-        metas = await self._metas(meta_subjects)
+        metas, readable = await self._metas(meta_subjects)
         removed = 0
-        if at_once:
+        if at_once and readable:
             named = {meta.nuid for meta in metas if not meta.deleted}
             for subject in chunk_subjects:
                 if subject.rpartition(".")[2] not in named and await self._still(subject, now):
@@ -288,9 +291,10 @@ class BlobJanitor(Periodic):
             if not page or len(found) >= int(answer.get("total", 0)):
                 return list(found), now, pages == 1
 
-    async def _metas(self, subjects: list[str]) -> list[_Meta]:
-        """The meta on each of `subjects`, read from the stream's leader."""
-        metas = []
+    async def _metas(self, subjects: list[str]) -> tuple[list[_Meta], bool]:
+        """The meta on each of `subjects`, read from the stream's leader; whether every one could be
+        read (the chunks an unreadable one names cannot be told from an upload cut short)."""
+        metas, readable = [], True
         for subject in subjects:
             try:
                 msg = await self._js.get_msg(names.BLOB_STREAM, subject=subject)
@@ -299,8 +303,9 @@ class BlobJanitor(Periodic):
             try:
                 metas.append(_Meta.of(msg))
             except (ValueError, KeyError, TypeError):
-                log.warning("the object meta on %s cannot be read; its object is left alone", subject)
-        return metas
+                log.warning("the object meta on %s cannot be read; no chunks are removed this pass", subject)
+                readable = False
+        return metas, readable
 
     def _old(self, at: datetime | None, now: datetime) -> bool:
         return at is not None and now - at > self._orphaned_after
