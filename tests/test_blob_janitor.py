@@ -17,7 +17,6 @@ import httpx
 import pytest
 import yaml
 from nats.js.api import ObjectInfo
-from nats.js.errors import NotFoundError
 
 from jetspool.domain import names
 from jetspool.domain.messages import QueuedRequest
@@ -28,6 +27,7 @@ from jetspool.jetstream.retention import BlobJanitor, body_meta
 from jetspool.settings import NatsSettings
 from tests.support.processes import JetspoolProcess, sigkill, start_part
 from tests.support.servers import AsgiServer, RecordingApp, Reply, eventually_true, free_port, wait_until_ready
+from tests.support.stack import has_object
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -71,15 +71,6 @@ async def _kill_once_uploading(js: JetStreamContext, process: JetspoolProcess, t
             return seen
         await asyncio.sleep(0.002)
     raise TimeoutError("no upload seen")
-
-
-async def _has_object(conn: Nats, name: str) -> bool:
-    store = await conn.js.object_store(names.BLOB_STORE)
-    try:
-        await store.get_info(name)
-    except NotFoundError:
-        return False
-    return True
 
 
 async def _stale(js: JetStreamContext, subject: str) -> None:
@@ -180,7 +171,7 @@ async def test_a_body_whose_request_was_refused_is_removed_and_no_waiting_reques
     refused = await stack.client.post("/async-function/echo", content=_LARGE + b"3")
     await conn.js.update_stream(queue)
     refused_body = names.body_object(_only_other(await _bodies(conn), waiting, unrecorded))
-    assert await _has_object(conn, refused_body)
+    assert await has_object(conn, refused_body)
     await asyncio.sleep(_GRACE_S + 0.2)
     in_progress = f"$O.{names.BLOB_STORE}.C.an-upload-in-progress"
     await conn.js.publish(in_progress, b"a chunk")
@@ -189,9 +180,9 @@ async def test_a_body_whose_request_was_refused_is_removed_and_no_waiting_reques
 
     assert refused.status_code == 503
     assert sum(removed) >= 1
-    assert not await _has_object(conn, refused_body)
-    assert await _has_object(conn, names.body_object(waiting))
-    assert await _has_object(conn, names.body_object(unrecorded))
+    assert not await has_object(conn, refused_body)
+    assert await has_object(conn, names.body_object(waiting))
+    assert await has_object(conn, names.body_object(unrecorded))
     assert in_progress in await _subjects(conn.js, names.BLOB_CHUNK_SUBJECTS)
     await stack.start_worker()
 

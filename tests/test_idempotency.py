@@ -182,15 +182,7 @@ async def test_a_key_whose_submit_died_before_its_status_runs_once(stack_without
     (found by a fault probe). It now queues under the first id, which stores nothing twice."""
     stack = stack_without_worker
     await stack.register("echo")
-    first_id = str(uuid.uuid4())
-    first = QueuedRequest(
-        request_id=first_id, function="echo", priority="normal", method="POST", body=b"first", submitted_at=utcnow()
-    )
-    async with await nats.connect(stack.nats.url) as nc:
-        js = nc.jetstream()
-        claims = await js.key_value(names.IDEMPOTENCY_BUCKET)
-        await claims.create(names.idempotency_key("echo", "order-7"), f"{first_id} {time.time():.3f}".encode())
-        await js.publish(names.queue_subject("echo", "normal"), encode(first), headers={names.NATS_MSG_ID: first_id})
+    first_id = await _died_before_its_status(stack, "order-7")
 
     again = await stack.client.post("/queue/echo", content=b"second", headers={"Idempotency-Key": "order-7"})
     waiting = await _waiting(stack)

@@ -19,7 +19,7 @@ from jetspool.jetstream.retention import Retention
 from jetspool.jetstream.retry import next_run
 from jetspool.jetstream.status_store import StatusStore
 from tests.support.servers import Reply, eventually_true
-from tests.support.stack import start_stack
+from tests.support.stack import has_object, start_stack
 
 if TYPE_CHECKING:
     from jetspool.embedded import EmbeddedNats
@@ -35,15 +35,6 @@ async def _retry(stack: Stack, request_id: str, name: str = "echo") -> dict[str,
     assert response.headers["x-request-id"] == request_id
     body: dict[str, object] = response.json()
     return body
-
-
-async def _has_object(conn: Nats, name: str) -> bool:
-    store = await conn.js.object_store(names.BLOB_STORE)
-    try:
-        await store.get_info(name)
-    except NotFoundError:
-        return False
-    return True
 
 
 async def test_a_function_error_runs_again_under_the_same_id(stack: Stack) -> None:
@@ -307,13 +298,13 @@ async def test_a_large_body_is_kept_for_a_retry_and_deleted_after_success(stack:
     stack.functions.script("/echo", [Reply(500, b"boom")])
     request_id = await stack.submit("echo", content=_LARGE, headers={"Content-Type": "application/octet-stream"})
     await stack.wait_for_status("echo", request_id, timeout_s=30)
-    assert await _has_object(conn, names.body_object(request_id))
+    assert await has_object(conn, names.body_object(request_id))
 
     await _retry(stack, request_id)
     await stack.wait_for_status("echo", request_id, timeout_s=30)
 
     assert [s.body == _LARGE for s in stack.functions.on("/echo")] == [True, True]
-    assert not await _has_object(conn, names.body_object(request_id)), "a succeeded request's body is deleted"
+    assert not await has_object(conn, names.body_object(request_id)), "a succeeded request's body is deleted"
 
 
 async def test_a_succeeded_requests_body_is_deleted_by_the_delivery_that_finds_it_completed(
@@ -336,7 +327,7 @@ async def test_a_succeeded_requests_body_is_deleted_by_the_delivery_that_finds_i
     final = await stack.wait_for_status("echo", request_id, timeout_s=30)
 
     async def body_gone() -> bool:
-        return not await _has_object(conn, names.body_object(request_id))
+        return not await has_object(conn, names.body_object(request_id))
 
     await eventually_true(body_gone, timeout_s=15, interval_s=0.1)
     assert failures == [], "the first delete failed"
@@ -352,12 +343,12 @@ async def test_large_bodies_and_results_are_deleted_when_their_time_is_up(stack:
     succeeded = await stack.submit("echo", content=_LARGE)
     await stack.wait_for_status("echo", succeeded, timeout_s=30)
     body, result = names.body_object(failed), names.result_object(succeeded, 1)
-    assert await _has_object(conn, body)
-    assert await _has_object(conn, result)
+    assert await has_object(conn, body)
+    assert await has_object(conn, result)
     assert (await stack.client.get(f"/queue/echo/requests/{succeeded}")).content == _LARGE
 
     async def both_gone() -> bool:
-        return not await _has_object(conn, body) and not await _has_object(conn, result)
+        return not await has_object(conn, body) and not await has_object(conn, result)
 
     await eventually_true(both_gone, timeout_s=15, interval_s=0.2)
 

@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import httpx
+from nats.js.errors import NotFoundError
 
+from jetspool.domain import names
 from jetspool.gateway.app import create_app
 from jetspool.settings import Settings, validate
 from jetspool.worker.main import run as run_worker
@@ -25,6 +27,7 @@ if TYPE_CHECKING:
 
     from jetspool.cluster import LocalCluster
     from jetspool.embedded import EmbeddedNats
+    from jetspool.jetstream.connection import Nats
 
 _WAIT_S = 15.0
 
@@ -215,3 +218,13 @@ async def start_stack(
                 await server.stop()
         raise
     return stack
+
+
+async def has_object(conn: Nats, name: str) -> bool:
+    """Whether the object store holds object `name`."""
+    store = await conn.js.object_store(names.BLOB_STORE)
+    try:
+        await store.get_info(name)
+    except NotFoundError:
+        return False
+    return True
