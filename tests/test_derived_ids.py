@@ -149,6 +149,7 @@ async def test_a_delete_marker_in_place_of_a_queued_requests_own_record_is_writt
         await nc.close()
     await stack.start_worker()
 
+    await stack.functions.wait_for("/echo")  # the worker's record is written before the call
     final = await stack.wait_for_status("echo", request_id, timeout_s=15)
 
     assert (final["status"], final.get("error_type")) == ("COMPLETED", None)
