@@ -121,6 +121,10 @@ CLEAN_EVERY_S: Final = 1800.0
 """How often, on average, each worker looks for what is left over in the object store (a pass reads
 every object's meta: with 100,000 objects, some 40 s of one worker's reads)."""
 _STREAM_INFO: Final = f"$JS.API.STREAM.INFO.{names.BLOB_STREAM}"
+_BODY_METAS: Final = OBJ_META_PRE_TEMPLATE.format(
+    bucket=names.BLOB_STORE, obj=urlsafe_b64encode(names.body_object("").encode()).decode()[:6]
+)
+"""How the meta subject of every request body begins (its name, base64, begins `body-`), with a few more."""
 _API_TIMEOUT_S: Final = 5.0
 _SPREAD: Final = random.Random()  # noqa: S311 - spreads the workers' passes apart; nothing secret
 
@@ -252,6 +256,8 @@ class BlobJanitor(Periodic):
         objects) chunks are left for a later pass; bodies need no such listing (one missed waits)."""
         chunk_subjects, now, _ = await self._listing(names.BLOB_CHUNK_SUBJECTS)  # before the metas
         meta_subjects, _, at_once = await self._listing(names.BLOB_META_SUBJECTS)
+        if not at_once:  # no chunks removed this pass: only the bodies' metas are worth reading
+            meta_subjects = [subject for subject in meta_subjects if subject.startswith(_BODY_METAS)]
         metas, readable = await self._metas(meta_subjects)
         removed = 0
         if at_once and readable:
