@@ -54,7 +54,7 @@ def _config(path: Path, function_url: str) -> Path:
 
 
 async def _janitor(conn: Nats) -> BlobJanitor:
-    return BlobJanitor(conn, await conn.js.key_value(names.STATUS_BUCKET), orphaned_after_s=_GRACE_S)
+    return BlobJanitor(conn, orphaned_after_s=_GRACE_S)
 
 
 async def _subjects(js: JetStreamContext, which: str = ">") -> dict[str, int]:
@@ -211,8 +211,8 @@ def _only_other(request_ids: list[str], *known: str) -> str:
 
 async def test_the_janitor_goes_on_after_a_pass_that_failed(conn: Nats, caplog: pytest.LogCaptureFixture) -> None:
     """With no object store yet, its passes fail; they go on, and clean once there is one."""
-    status = await conn.js.create_key_value(bucket=names.STATUS_BUCKET)
-    janitor = BlobJanitor(conn, status, every_s=0.1, orphaned_after_s=0.3)
+    await conn.js.create_key_value(bucket=names.STATUS_BUCKET)  # the janitor reads it
+    janitor = BlobJanitor(conn, every_s=0.1, orphaned_after_s=0.3)
     caplog.set_level(logging.WARNING, logger="jetspool.aio")
     await janitor.start()
     try:

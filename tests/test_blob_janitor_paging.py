@@ -54,7 +54,7 @@ async def test_a_live_objects_chunks_survive_a_delete_between_the_pages_of_the_m
     server.start()
     conn = await connect(NatsSettings(url=server.url), "test")
     try:
-        status = await conn.js.create_key_value(bucket=names.STATUS_BUCKET)
+        await conn.js.create_key_value(bucket=names.STATUS_BUCKET)  # the janitor reads it
         store = await conn.js.create_object_store(names.BLOB_STORE, config=ObjectStoreConfig(storage=StorageType.FILE))
         # A live result, stored and named by its meta: nothing may remove its chunks.
         live = "result-00000000-0000-4000-8000-000000000000-1"
@@ -73,7 +73,7 @@ async def test_a_live_objects_chunks_survive_a_delete_between_the_pages_of_the_m
         await eventually_true(all_stored, timeout_s=60, interval_s=0.1)
         await asyncio.sleep(_GRACE_S + 0.2)  # the live object's last chunk is older than the grace
 
-        janitor = BlobJanitor(conn, status, orphaned_after_s=_GRACE_S)
+        janitor = BlobJanitor(conn, orphaned_after_s=_GRACE_S)
         hook = _OneDeleteBetweenPages(conn.nc, conn.js, _meta_subject("a-0000000"))
         janitor._nc = hook  # type: ignore[assignment]  # noqa: SLF001 - a concurrent delete, placed
         await janitor.clean()

@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING, Final
 
 import msgspec
 from nats.js.errors import KeyNotFoundError, NotFoundError
-from nats.js.kv import KV_OP
 
 from jetspool.domain import names
 from jetspool.domain.messages import StoredResult, decode, encode
 from jetspool.domain.status import ttl_seconds
 from jetspool.jetstream.ridethrough import RIDE_THROUGH_S, ride_through
+from jetspool.jetstream.status_store import has_record
 
 if TYPE_CHECKING:
     from nats.js.client import JetStreamContext
@@ -46,7 +46,6 @@ second past it, it went first when a nats-server stall or election came between 
 and a read found the request COMPLETED and its result gone (503; found by reviews). The status goes
 first, and a read then finds no request (404). The record's object goes with the status (see
 `names_any`): no read is directed to the record any more."""
-_STATUS_STREAM: Final = f"KV_{names.STATUS_BUCKET}"
 BLOB_READ_S: Final = 60.0
 """The longest a read of one stored object may take (up to 32 MiB; a read took 0.5 s on a 2-core VM)."""
 
@@ -107,18 +106,9 @@ class ResultStore:
                 await ride_through(partial(self._kv.get, key), "result read")
             except KeyNotFoundError:
                 continue
-            if await self._has_status(key.partition(".")[0]):
+            if await has_record(self._js, key.partition(".")[0]):
                 return True
         return False
-
-    async def _has_status(self, request_id: str) -> bool:
-        """Whether the status bucket holds a record of `request_id`, read from its stream's leader."""
-        read = partial(self._js.get_msg, _STATUS_STREAM, subject=f"$KV.{names.STATUS_BUCKET}.{request_id}")
-        try:
-            msg = await ride_through(read, "status read")
-        except NotFoundError:
-            return False
-        return (msg.headers or {}).get(KV_OP) is None  # else a delete or purge marker
 
     async def get(self, request_id: str, attempt: int) -> StoredResult | None:
         try:

@@ -34,6 +34,7 @@ from jetspool.domain.errors import DecodeError
 from jetspool.domain.messages import QueuedRequest, SweepJob, decode, encode
 from jetspool.domain.status import ttl_seconds, utcnow
 from jetspool.jetstream.ridethrough import ride_through
+from jetspool.jetstream.status_store import has_record
 
 if TYPE_CHECKING:
     from nats.js.api import ObjectInfo, RawStreamMsg
@@ -225,7 +226,6 @@ class BlobJanitor(Periodic):
     def __init__(
         self,
         conn: Nats,
-        status: KeyValue,
         *,
         every_s: float = CLEAN_EVERY_S,
         orphaned_after_s: float = ORPHANED_AFTER_S,
@@ -233,7 +233,6 @@ class BlobJanitor(Periodic):
         super().__init__()
         self._nc = conn.nc
         self._js = conn.js
-        self._status = status
         self._every_s = every_s
         self.retry_s = every_s
         self._orphaned_after = timedelta(seconds=orphaned_after_s)
@@ -335,17 +334,10 @@ class BlobJanitor(Periodic):
         # The status is read again after the queue: a worker writes it before it acknowledges (and so
         # removes) the message, and the request might have been taken between the first two reads.
         return not (
-            await self._has_status(request_id)
+            await has_record(self._js, request_id)
             or await self._queued(request_id, meta)
-            or await self._has_status(request_id)
+            or await has_record(self._js, request_id)
         )
-
-    async def _has_status(self, request_id: str) -> bool:
-        try:
-            await self._status.get(request_id)
-        except KeyNotFoundError:
-            return False
-        return True
 
     async def _queued(self, request_id: str, meta: _Meta) -> bool:
         """Whether the queue holds a message of `request_id`: one stored after the body's upload

@@ -19,6 +19,7 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 from nats.js.errors import APIError, KeyNotFoundError, NotFoundError
+from nats.js.kv import KV_OP
 
 from jetspool.domain import ids, names
 from jetspool.domain.errors import DecodeError, JetspoolError
@@ -179,3 +180,14 @@ class StatusStore:
                 current = reread
                 continue
             return Versioned(record, revision)
+
+
+async def has_record(js: JetStreamContext, request_id: str) -> bool:
+    """Whether the status bucket holds a record of `request_id` (a delete marker is none), read from
+    its stream's leader."""
+    read = partial(js.get_msg, f"KV_{names.STATUS_BUCKET}", subject=f"$KV.{names.STATUS_BUCKET}.{request_id}")
+    try:
+        msg = await ride_through(read, "status read")
+    except NotFoundError:
+        return False
+    return (msg.headers or {}).get(KV_OP) is None  # else a delete or purge marker

@@ -211,7 +211,7 @@ async def run(settings: Settings, stop: asyncio.Event, ready: asyncio.Event | No
         trim = CounterTrim(conn.js)
         await trim.start()
         started.push_async_callback(trim.stop)
-        janitor = BlobJanitor(conn, stores.status)
+        janitor = BlobJanitor(conn)
         await janitor.start()
         started.push_async_callback(janitor.stop)
         cancels = await conn.nc.subscribe(names.CANCEL_SUBJECTS, cb=handler.on_cancel)
