@@ -440,6 +440,15 @@ async def test_redeliver_asked_while_the_last_attempt_runs_is_sent(
     assert totals["callbacks_failed"] == 0, "the superseded round's last attempt was not given up on"
 
 
+async def _totals_after_a_marker(stack: Stack, timeout_s: float = 10.0) -> dict[names.Counter, int]:
+    """Echo's totals once every count sent so far is in: counts go out unacknowledged, in order, from
+    the one worker, so once the callback count of a later request of `marker` is in, so is any other."""
+    await stack.submit("marker", headers={"X-Callback-Url": stack.callback_url("/marker")})
+    stats: StatsReader = stack.app.state.gateway.stats
+    await eventually_true(lambda: _total_is(stats, "callbacks_delivered", 1, function="marker"), timeout_s=timeout_s)
+    return await stats.totals("echo")
+
+
 async def _total_is(stats: StatsReader, counter: names.Counter, value: int, function: str = "echo") -> bool:
     return (await stats.totals(function))[counter] == value
 
@@ -580,10 +589,7 @@ async def test_a_late_success_over_a_callback_given_up_on_shows_and_counts_once(
         delivered = await _wait_for_callback_state(stack, "echo", request_id, "delivered")
         # Counts go out unacknowledged, in order, from the one worker: once a later one of another
         # function is in, any count of this callback is in too.
-        await stack.submit("marker", headers={"X-Callback-Url": stack.callback_url("/marker")})
-        stats = stack.app.state.gateway.stats
-        await eventually_true(lambda: _total_is(stats, "callbacks_delivered", 1, function="marker"))
-        totals = await stats.totals("echo")
+        totals = await _totals_after_a_marker(stack)
     finally:
         await nc.close()
         await stack.close()
@@ -614,10 +620,7 @@ async def test_a_late_success_after_a_retry_of_the_request_is_not_counted(nats_s
         retried = await stack.client.post(f"/queue/echo/requests/{request_id}/retry")
         await stack.functions.wait_for("/echo", 2)  # retried before the late 200 comes
         await eventually_true(lambda: _callbacks_settled(js), timeout_s=15)  # the late 200 handled
-        await stack.submit("marker", headers={"X-Callback-Url": stack.callback_url("/marker")})
-        stats = stack.app.state.gateway.stats
-        await eventually_true(lambda: _total_is(stats, "callbacks_delivered", 1, function="marker"))
-        totals = await stats.totals("echo")
+        totals = await _totals_after_a_marker(stack)
     finally:
         stack.functions.release("/echo", 5)
         await nc.close()
@@ -846,9 +849,7 @@ async def test_a_callback_count_that_failed_is_sent_again_by_the_jobs_next_deliv
         stats = stack.app.state.gateway.stats
         await eventually_true(lambda: _total_is(stats, counter, 1), timeout_s=15)
         # Counts go out in order from the one worker: once a later one is in, any repeat is in too.
-        await stack.submit("marker", headers={"X-Callback-Url": stack.callback_url("/marker")})
-        await eventually_true(lambda: _total_is(stats, "callbacks_delivered", 1, function="marker"), timeout_s=15)
-        totals = await stats.totals("echo")
+        totals = await _totals_after_a_marker(stack, timeout_s=15)
     finally:
         await stack.close()
 
@@ -894,10 +895,7 @@ async def test_an_outcome_found_recorded_past_the_duplicate_window_is_not_counte
 
         await eventually_true(redelivered_and_acknowledged, timeout_s=20)
         await eventually_true(lambda: _callbacks_settled(js), timeout_s=15)
-        stats = stack.app.state.gateway.stats
-        await stack.submit("marker", headers={"X-Callback-Url": stack.callback_url("/marker")})
-        await eventually_true(lambda: _total_is(stats, "callbacks_delivered", 1, function="marker"), timeout_s=15)
-        totals = await stats.totals("echo")
+        totals = await _totals_after_a_marker(stack, timeout_s=15)
     finally:
         await stack.close()
 
@@ -925,9 +923,7 @@ async def test_a_count_that_failed_on_a_late_attempt_is_sent_before_its_window_c
         await _wait_for_callback_state(stack, "echo", request_id, "failed", timeout_s=20)
         stats = stack.app.state.gateway.stats
         await eventually_true(lambda: _total_is(stats, "callbacks_failed", 1), timeout_s=15)
-        await stack.submit("marker", headers={"X-Callback-Url": stack.callback_url("/marker")})
-        await eventually_true(lambda: _total_is(stats, "callbacks_delivered", 1, function="marker"), timeout_s=15)
-        totals = await stats.totals("echo")
+        totals = await _totals_after_a_marker(stack, timeout_s=15)
     finally:
         await stack.close()
 
