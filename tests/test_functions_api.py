@@ -32,6 +32,8 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     import httpx
+    from nats.aio.client import Client as NatsClient
+    from nats.js.kv import KeyValue
 
     from jetspool.jetstream.connection import Nats
     from jetspool.worker.runner import FunctionRunner
@@ -580,6 +582,15 @@ async def test_a_registry_watch_that_cannot_be_renewed_leaves_the_old_one_follow
     assert "registry watch not renewed" in caplog.text
 
 
+async def _a_view_of_one_function(nc: NatsClient) -> tuple[KeyValue, RegistryView]:
+    """A registry bucket holding one function, `f`, and a view following it."""
+    kv = await nc.jetstream().create_key_value(bucket="functions")
+    await FunctionRegistry(kv).create(Function(name="f", url="http://127.0.0.1:9/"))
+    view = RegistryView(kv)
+    await view.start()
+    return kv, view
+
+
 @pytest.mark.parametrize("step", ["ride_through", "stop_task"], ids=["renewing its watch", "stopping its old follower"])
 async def test_a_view_stopped_during_a_resync_follows_nothing_after(
     nats_server: EmbeddedNats, monkeypatch: pytest.MonkeyPatch, step: str
@@ -589,10 +600,7 @@ async def test_a_view_stopped_during_a_resync_follows_nothing_after(
     (found by two reviews, with the stop at either step of the resync)."""
     nc = await nats_py.connect(nats_server.url)
     try:
-        kv = await nc.jetstream().create_key_value(bucket="functions")
-        await FunctionRegistry(kv).create(Function(name="f", url="http://127.0.0.1:9/"))
-        view = RegistryView(kv)
-        await view.start()
+        _, view = await _a_view_of_one_function(nc)
         reached, go = asyncio.Event(), asyncio.Event()
         real = getattr(registry_module, step)
 
@@ -639,10 +647,7 @@ async def test_two_resyncs_at_once_leave_one_follower(
     monkeypatch.setattr(RegistryView, "_follow", counted)
     nc = await nats_py.connect(nats_server.url)
     try:
-        kv = await nc.jetstream().create_key_value(bucket="functions")
-        await FunctionRegistry(kv).create(Function(name="f", url="http://127.0.0.1:9/"))
-        view = RegistryView(kv)
-        await view.start()
+        kv, view = await _a_view_of_one_function(nc)
         await asyncio.gather(view.resync(), view.resync())
         await FunctionRegistry(kv).create(Function(name="g", url="http://127.0.0.1:9/"))
         await eventually(lambda: view.get("g") is not None)
