@@ -626,6 +626,37 @@ async def test_a_view_stopped_during_a_resync_follows_nothing_after(
     assert not following, "no follower runs after the view stopped"
 
 
+async def test_a_resync_cancelled_once_its_new_watch_is_made_leaves_no_watch_behind(
+    nats_server: EmbeddedNats, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A resync cancelled while it stopped the old follower (a worker stopping during a reconnect)
+    left the watch it had just made subscribed, its consumer on the server, for the process's life
+    (found by a review)."""
+    nc = await nats_py.connect(nats_server.url)
+    try:
+        _, view = await _a_view_of_one_function(nc)
+        subscribed = len(nc._subs)  # noqa: SLF001 - the connection's subscriptions
+        reached = asyncio.Event()
+
+        async def held(task: asyncio.Task[Any]) -> None:  # stopping the old follower never ends
+            reached.set()
+            await asyncio.Event().wait()
+
+        monkeypatch.setattr(registry_module, "stop_task", held)
+        resync = asyncio.create_task(view.resync())
+        await asyncio.wait_for(reached.wait(), 5)
+        resync.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await resync
+        left = len(nc._subs)  # noqa: SLF001
+        monkeypatch.undo()
+        await view.stop()
+    finally:
+        await nc.close()
+
+    assert left == subscribed, f"{left - subscribed} watch(es) left subscribed"
+
+
 async def test_two_resyncs_at_once_leave_one_follower(
     nats_server: EmbeddedNats, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -176,11 +176,14 @@ class RegistryView:
             # views had each change made after the cluster was back within 4 s. So this is no error.
             log.warning("registry watch not renewed (%s); the current one renews itself", type(exc).__name__)
             return
-        if not self._stopped:
-            await stop_task(self._task)
+        try:
+            if not self._stopped:
+                await stop_task(self._task)
+        except BaseException:  # cancelled on the way (a stop): the new watch must not outlive it
+            await _unwatch(watcher)
+            raise
         if self._stopped:  # stopped meanwhile: no change is followed after a stop (found by reviews)
-            with contextlib.suppress(Exception):
-                await watcher.stop()
+            await _unwatch(watcher)
             return
         self._task = asyncio.create_task(self._follow(watcher, replay=True), name="registry-view")
         log.info("registry view renewed after a reconnect")
@@ -206,8 +209,7 @@ class RegistryView:
                 await self._apply(entry)
         finally:
             self._ready.set()
-            with contextlib.suppress(Exception):
-                await watcher.stop()  # type: ignore[no-untyped-call]
+            await _unwatch(watcher)
 
     async def _apply(self, entry: KeyValue.Entry) -> None:
         name = entry.key
@@ -236,3 +238,9 @@ class RegistryView:
                 await asyncio.sleep(APPLY_BACKOFF_S * attempt)
             else:
                 return
+
+
+async def _unwatch(watcher: KeyValue.KeyWatcher) -> None:
+    """Stop `watcher` (its subscription and consumer), whatever that meets."""
+    with contextlib.suppress(Exception):
+        await watcher.stop()  # type: ignore[no-untyped-call]
