@@ -15,8 +15,14 @@ import httpx
 import pytest
 
 from tests.support.raw_functions import raw_function, raw_server
+from tests.support.servers import AsgiServer, RecordingApp
+from tests.support.stack import start_stack
+from tests.support.tls import self_signed
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
+    from jetspool.embedded import EmbeddedNats
     from tests.support.stack import Stack
 
 
@@ -184,3 +190,57 @@ async def test_the_query_reaches_the_function_byte_for_byte(stack: Stack) -> Non
 
     assert head.startswith(b"HTTP/1.1 200")
     assert [seen.query for seen in stack.functions.on("/echo")] == ['a={"x"}']
+
+
+@pytest.fixture
+def proxy_in_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An HTTP proxy in the environment that nothing answers at, set before the gateway starts."""
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")
+
+
+async def test_a_call_goes_to_its_function_and_not_to_a_proxy_in_the_environment(
+    proxy_in_env: None, stack: Stack
+) -> None:
+    """httpx takes `HTTP_PROXY` from the environment; the proxy then got the call, its target in
+    origin form (the raw query goes as `target`), where the worker's queued calls go straight to the
+    function (aiohttp reads no proxy from the environment; found by a review). Both go straight."""
+    await stack.register("echo")
+    response = await stack.client.get("/function/echo?a=1")
+
+    assert response.status_code == 200, response.text
+    assert [seen.query for seen in stack.functions.on("/echo")] == ["a=1"]
+
+
+async def test_a_function_served_over_https_is_called_with_the_certificates_the_environment_names(
+    nats_server: EmbeddedNats, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no proxy taken from the environment, the proxy's client still takes `SSL_CERT_FILE`, as
+    the worker's does: a function behind a private CA is called by both routes, and a callback
+    reaches a receiver behind it (aiohttp's own default trust is fixed when it is imported)."""
+    tls = self_signed(tmp_path)
+    monkeypatch.setenv("SSL_CERT_FILE", str(tls[0]))
+    app = RecordingApp()
+    function = AsgiServer(app, tls=tls)
+    await function.start()
+    stack = await start_stack(nats_server)
+    try:
+        response = await stack.client.post("/system/functions", json={"name": "secure", "url": function.url})
+        assert response.status_code == 201, response.text
+        called = await stack.client.post("/function/secure", content=b"sync")
+        request_id = await stack.submit(
+            "secure", content=b"queued", headers={"X-Callback-Url": f"{function.url}/callback"}
+        )
+        status = await stack.wait_for_status("secure", request_id)
+        result = await stack.client.get(f"/queue/secure/requests/{request_id}")
+        [callback] = await app.wait_for("/callback")
+    finally:
+        await stack.close()
+        await function.stop()
+
+    assert (called.status_code, called.content) == (200, b"sync")
+    assert status["status"] == "COMPLETED", status
+    assert (result.status_code, result.content) == (200, b"queued"), result.text
+    assert callback.body == b"queued"

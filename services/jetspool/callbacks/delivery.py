@@ -28,7 +28,7 @@ from jetspool.callbacks.payloads import build
 from jetspool.callbacks.signing import Signer
 from jetspool.domain import names
 from jetspool.domain.errors import DecodeError
-from jetspool.domain.functions import as_utf8, shown
+from jetspool.domain.functions import as_utf8, outbound_tls, shown
 from jetspool.domain.messages import CallbackJob, decode
 from jetspool.domain.status import utcnow
 from jetspool.jetstream.pulling import ConnectionGone, fetch, stop_pulling
@@ -67,7 +67,7 @@ def callback_client() -> aiohttp.ClientSession:
     environment). A callback carries the content type it was built with and none of aiohttp's
     (a function's answer without one went out as `application/octet-stream`)."""
     return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=_BATCH, limit_per_host=0),
+        connector=aiohttp.TCPConnector(limit=_BATCH, limit_per_host=0, ssl=outbound_tls()),
         skip_auto_headers=("Content-Type",),
     )
 

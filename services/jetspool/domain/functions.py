@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import ssl
 from typing import TYPE_CHECKING, Annotated, Final
 from urllib.parse import quote, urlsplit, urlunsplit
 
@@ -330,3 +331,11 @@ def function_url(function: Function, path: str, query: str = "") -> yarl.URL:
     own = quote(rest, safe=_QUERY_SAFE)  # only what a request line cannot carry raw
     query = quote(query, safe=_QUERY_SAFE, encoding="latin-1")
     return yarl.URL(with_query(f"{yarl.URL(origin)}{own}", query), encoded=True)
+
+
+def outbound_tls() -> ssl.SSLContext:
+    """The certificates that calls out of jetspool (functions, both routes; callbacks) trust: the
+    system's, and `SSL_CERT_FILE` / `SSL_CERT_DIR` as they stand when a client is made. aiohttp's
+    own default is made at its import, and httpx's is certifi's bundle unless it reads the
+    environment, which would also give it the environment's proxy."""
+    return ssl.create_default_context()

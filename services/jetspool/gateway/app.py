@@ -23,6 +23,7 @@ from jetspool import tracing
 from jetspool.callbacks.addresses import AddressPolicy
 from jetspool.domain import names
 from jetspool.domain.errors import ConfigError, RequestError
+from jetspool.domain.functions import outbound_tls
 from jetspool.gateway.auth import KeyGuard
 from jetspool.gateway.feed import StatusFeed
 from jetspool.gateway.intake import Intake, named_request_id
@@ -159,9 +160,12 @@ def _proxy_client() -> httpx.AsyncClient:
     """The sync proxy's client. It sends what the caller sent, not httpx's own defaults (SPEC §4)."""
     # No bound on connections: a call waits for its function, not for a slot another function's
     # slow calls hold (100 held calls to one made every other's a 504; found by a review).
+    # Straight to the function, as the worker's queued calls go (aiohttp): no proxy from the environment.
     client = httpx.AsyncClient(
         timeout=httpx.Timeout(None, connect=10.0),
         follow_redirects=False,
+        trust_env=False,
+        verify=outbound_tls(),
         limits=httpx.Limits(max_connections=None, max_keepalive_connections=100),
     )
     for default in _CLIENT_DEFAULTS:

@@ -27,6 +27,7 @@ from jetspool.domain.functions import (
     forwardable,
     function_url,
     kept_headers,
+    outbound_tls,
     shown,
 )
 from jetspool.domain.status import ErrorType, utcnow
@@ -79,7 +80,7 @@ def function_client(max_connections: int, connect_timeout_s: float) -> aiohttp.C
     is the worker's, counted and paced. aiohttp has only this private switch for it (its own test
     client turns it off the same way; aio-libs/aiohttp#10790); a release without it fails here."""
     session = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=max_connections, limit_per_host=0, ttl_dns_cache=60),
+        connector=aiohttp.TCPConnector(limit=max_connections, limit_per_host=0, ttl_dns_cache=60, ssl=outbound_tls()),
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s),
         skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
         # aiohttp's defaults (128 fields, 8,190 bytes a line) refused a 200 with more or longer headers,
