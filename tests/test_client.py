@@ -203,18 +203,59 @@ async def test_an_events_wait_gives_up_at_its_timeout_while_the_stream_keeps_ali
     assert (sync_seen, async_seen) == (timed_out, timed_out), "the first event at once, then nothing new"
 
 
+async def test_an_events_wait_gives_up_at_its_timeout_and_not_at_the_next_keep_alive(
+    nats_server: EmbeddedNats,
+) -> None:
+    """`iter_events(timeout=T)` noticed T only when the stream next spoke: with a keep-alive every
+    3 s and T of 3.2 s, it gave up at the second keep-alive, 6 s in. The stream is opened again
+    after the first with what is left as its limit, so both clients give up about T in."""
+    stack = await start_stack(nats_server, overrides={"gateway": {"sse_ping_interval": 3.0}})
+    try:
+        await stack.occupy("busy")
+
+        def sync_wait() -> float:
+            with Client(stack.url) as client:
+                handle = client.submit("busy", json={})
+                began = time.monotonic()
+                with pytest.raises(WaitTimeout):
+                    for _ in handle.iter_events(timeout=3.2):
+                        pass
+                return time.monotonic() - began
+
+        async def async_wait() -> float:
+            async with AsyncClient(stack.url) as client:
+                handle = await client.submit("busy", json={})
+                began = time.monotonic()
+                with pytest.raises(WaitTimeout):
+                    async for _ in handle.iter_events(timeout=3.2):
+                        pass
+                return time.monotonic() - began
+
+        sync_s = await asyncio.wait_for(asyncio.to_thread(sync_wait), 30)
+        async_s = await asyncio.wait_for(async_wait(), 30)
+        stack.functions.release("/busy", 3)
+    finally:
+        await stack.close()
+
+    # The keep-alive after the one at 3 s comes at 6 s: giving up before 5 s is giving up at T.
+    assert sync_s < 5.0, sync_s
+    assert async_s < 5.0, async_s
+
+
 async def test_an_events_wait_resumed_after_news_keeps_its_whole_timeout() -> None:
     """After a resume, each read was limited to what was left of the timeout when the stream was
     opened again, though news came since: a wait of 6 s gave up 4.75 s after the last status
     (found by a review). Here the first stream ends after one status; the second brings news at
-    once, keeps quiet for twice the timeout's leftover, then says COMPLETED."""
+    once, and the request completes 2 s later, after what was left of the timeout when the stream
+    opened (1.25 s). A stream opened after that news tells the state as it stands, as a gateway does."""
     request_id = "00000000-0000-4000-8000-000000000002"
     statuses = [
         {"status": "IN_QUEUE", "request_id": request_id, "queue_position": 3},
         {"status": "IN_QUEUE", "request_id": request_id, "queue_position": 2},
         {"status": "COMPLETED", "request_id": request_id},
     ]
-    opened = []
+    opened: list[float] = []
+    completes_at: list[float] = []
 
     async def gateway(scope: dict[str, object], receive: object, send: Callable[..., Awaitable[None]]) -> None:
         if scope["type"] != "http":
@@ -222,14 +263,19 @@ async def test_an_events_wait_resumed_after_news_keeps_its_whole_timeout() -> No
         opened.append(time.monotonic())
         headers = [(b"content-type", b"text/event-stream"), (b"x-request-id", request_id.encode())]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
-        first = len(opened) == 1
-        for n, status in enumerate(statuses[:1] if first else statuses[1:]):
-            if n == 1:
-                await asyncio.sleep(2.0)  # quiet for longer than the 1.5 s left when it opened
-            event = f"id: {len(opened)}{n}\ndata: {orjson.dumps(status).decode()}\n\n"
-            await send({"type": "http.response.body", "body": event.encode(), "more_body": True})
-        if first:
-            await asyncio.sleep(1.5)  # the first stream: one status, then quiet, then it ends
+
+        async def event(n: int) -> None:
+            data = f"id: {n}\ndata: {orjson.dumps(statuses[n]).decode()}\n\n"
+            await send({"type": "http.response.body", "body": data.encode(), "more_body": True})
+
+        if len(opened) == 1:  # the first stream: one status, then quiet, then it ends
+            await event(0)
+            await asyncio.sleep(1.5)
+        else:
+            completes_at[:] = completes_at or [time.monotonic() + 2.0]
+            await event(1)
+            await asyncio.sleep(max(0.0, completes_at[0] - time.monotonic()))
+            await event(2)
         await send({"type": "http.response.body", "body": b""})
 
     server = AsgiServer(gateway)
@@ -241,7 +287,6 @@ async def test_an_events_wait_resumed_after_news_keeps_its_whole_timeout() -> No
         await server.stop()
 
     assert seen == ["IN_QUEUE", "IN_QUEUE", "COMPLETED"]
-    assert len(opened) == 2
 
 
 async def test_an_unreachable_gateway_is_reported_as_such() -> None:

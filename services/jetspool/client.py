@@ -42,6 +42,8 @@ _MAX_WAIT_S: Final = 600.0
 _TIMEOUT_S: Final = 40.0
 """Longer than a gateway rides through a NATS outage (30 s) before it answers 503: at 30 s the client
 gave up first, and a retry could not tell whether the submit was stored (found by a CLI audit)."""
+_REOPEN_SLACK_S: Final = 0.05
+"""A status stream is opened again when its reads could outlast the wait by more than this."""
 _PROXY_UNAVAILABLE: Final = frozenset({502, 503, 504})
 """Statuses a proxy or load balancer answers, in its own words, when the gateway behind it is down."""
 _QUOTED_CHARS: Final = 80
@@ -394,19 +396,26 @@ def _growing_pause(failed: int) -> float:
 @dataclass
 class _Quiet:
     """How long a status stream has said nothing new, against the caller's `idle_s`: WaitTimeout
-    once it passes. A limit on each read did not do: the gateway's keep-alive comment every 15 s
-    restarted it, so a wait of more than 15 s never gave up (found by an audit). The time is
-    checked whenever the stream speaks (its keep-alive included), and on each read's own limit: a
-    wait ends at most one keep-alive interval after its time is up."""
+    once it passes. A limit on each read did not do alone: the gateway's keep-alive comment every
+    15 s restarted it, so a wait of more than 15 s never gave up (found by an audit). So the time
+    is checked whenever the stream speaks, and a stream whose next read could outlast what is
+    left of it (a keep-alive came, and no news) is opened again with that as its limit, resumed
+    where it was: a wait ended up to one keep-alive late before."""
 
     idle_s: float | None
     since: float = field(default_factory=time.monotonic)
+    limit: float | None = None
+    """The limit on each read of the stream open now."""
 
     def heard(self) -> None:
         self.since = time.monotonic()
 
+    def left(self) -> float | None:
+        return None if self.idle_s is None else self.idle_s - (time.monotonic() - self.since)
+
     def check(self) -> None:
-        if self.idle_s is not None and time.monotonic() - self.since >= self.idle_s:
+        left = self.left()
+        if left is not None and left <= 0:
             raise WaitTimeout(f"no status change within {self.idle_s:g} s")
 
     def source(self, response: httpx.Response) -> EventSource:
@@ -414,14 +423,24 @@ class _Quiet:
         return EventSource(cast("httpx.Response", _Watched(response, self)))
 
     def read_timeout(self) -> httpx.Timeout:
-        """The limit on each read: `idle_s` (no limit on the stream's length). Not what is left of
-        it when the stream opens: a resumed stream's reads stayed that short after news came, and
-        a wait gave up early (found by a review). Nothing read for `idle_s` is that much quiet."""
-        return httpx.Timeout(_TIMEOUT_S, read=self.idle_s)
+        """The limit on each read of a stream opened now: what is left of `idle_s` (no limit on the
+        stream's length). A read that times out early (news came since) opens the stream again."""
+        self.check()
+        self.limit = self.left()
+        return httpx.Timeout(_TIMEOUT_S, read=self.limit)
+
+    def outlasting(self) -> bool:
+        """Whether the open stream's next read could outlast what is left of `idle_s`."""
+        left = self.left()
+        return left is not None and self.limit is not None and self.limit > left + _REOPEN_SLACK_S
+
+
+class _Reopen(Exception):
+    """The status stream is to be opened again (`_Quiet.outlasting`)."""
 
 
 class _Watched:
-    """The part of a response an `EventSource` reads, checking the quiet before each piece of text."""
+    """The part of a response an `EventSource` reads, checking the quiet around each piece of text."""
 
     def __init__(self, response: httpx.Response, quiet: _Quiet) -> None:
         self.headers = response.headers
@@ -432,11 +451,15 @@ class _Watched:
         for text in self._response.iter_text():
             self._quiet.check()
             yield text
+            if self._quiet.outlasting():  # its events taken: the next read is the one to bound
+                raise _Reopen
 
     async def aiter_text(self) -> AsyncIterator[str]:
         async for text in self._response.aiter_text():
             self._quiet.check()
             yield text
+            if self._quiet.outlasting():
+                raise _Reopen
 
 
 @dataclass
@@ -596,8 +619,9 @@ class Client:
                         if status is not None:
                             yield status
                             quiet.heard()
-            except httpx.ReadTimeout as exc:
-                raise WaitTimeout(f"no status change within {idle_s:g} s") from exc
+            except (httpx.ReadTimeout, _Reopen):
+                quiet.check()  # else news came, or a keep-alive: opened again with what is left
+                continue
             except httpx.TransportError as exc:
                 broke = exc
             if resume.done:
@@ -718,8 +742,9 @@ class AsyncClient:
                         if status is not None:
                             yield status
                             quiet.heard()
-            except httpx.ReadTimeout as exc:
-                raise WaitTimeout(f"no status change within {idle_s:g} s") from exc
+            except (httpx.ReadTimeout, _Reopen):
+                quiet.check()  # as in `Client.events`
+                continue
             except httpx.TransportError as exc:
                 broke = exc
             if resume.done:
