@@ -129,3 +129,20 @@ async def test_a_deadline_passed_while_waiting_to_be_retried_says_so(stack: Stac
     assert len(stack.functions.on("/echo")) == 1
     assert final["metrics"]["inference_time"] is not None, "attempt 1 ran: it was null (found by a SPEC audit)"
     assert 0 <= final["metrics"]["inference_time"] < 0.5
+
+
+async def test_a_deadline_passed_during_an_attempt_that_fails_ends_it_without_waiting_out_a_retry(
+    stack: Stack,
+) -> None:
+    """A start deadline that passed while attempt 1 ran, which then failed with a 503 asking for 30 s,
+    was re-queued: the request showed IN_QUEUE for the 30 s of a retry that could never start, and
+    completed only then (found by an audit; SPEC §2: failed attempts count against the deadline)."""
+    await stack.register("flaky")
+    stack.functions.script("/flaky", [Reply(503, b"busy", headers=(("Retry-After", "30"),), delay_s=1.0)])
+
+    submitted = await stack.client.post("/queue/flaky", json={}, headers={"X-Request-Timeout": "0.5"})
+    final = await stack.wait_for_status("flaky", submitted.json()["request_id"], timeout_s=10)
+
+    assert (final["error_type"], final["attempts"]) == ("request_timeout", 1), final
+    assert final["error"].startswith("the request's start deadline passed during attempt 1, which failed: "), final
+    assert len(stack.functions.on("/flaky")) == 1

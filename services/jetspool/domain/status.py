@@ -62,6 +62,12 @@ def start_deadline_missed(attempts: int) -> str:
     return f"the request's start deadline passed while it waited to be retried after attempt {attempts}"
 
 
+def start_deadline_passed_during(attempt: int, failure: object) -> str:
+    """The error of a request whose start deadline passed during `attempt`, which then failed in a
+    way that is retried: no other attempt may start."""
+    return f"the request's start deadline passed during attempt {attempt}, which failed: {failure}"
+
+
 DeliveryState = Literal["pending", "delivered", "failed"]
 
 

@@ -29,7 +29,13 @@ from jetspool.domain import names
 from jetspool.domain.errors import DecodeError, PermanentDelivery, RetryableDelivery
 from jetspool.domain.functions import function_url
 from jetspool.domain.messages import QueuedRequest, StoredResult, decode
-from jetspool.domain.status import ErrorType, StatusRecord, start_deadline_missed, utcnow
+from jetspool.domain.status import (
+    ErrorType,
+    StatusRecord,
+    start_deadline_missed,
+    start_deadline_passed_during,
+    utcnow,
+)
 from jetspool.jetstream.logs import CLOSING_LINE
 from jetspool.jetstream.stats import count, count_outcome, may_count_again
 from jetspool.jetstream.status_store import StaleStatus, StatusStore, Versioned
@@ -379,36 +385,14 @@ class RequestHandler:
             await run_to_end(self._handed_back(request, attempt, call))  # before the nak: events in order
             raise
         except RetryableDelivery as exc:
-            base = call.record.record.attempt_base if call.record else 0  # each run counts and backs off afresh
             ran_s = time.monotonic() - began
-            if attempt < allowed:
-                reason = str(exc)
-                delay = backoff_s(attempt - base, self._retry, exc.retry_after_s, self._rng)
-                cancel_requested = False
-
-                def requeue(record: StatusRecord) -> StatusRecord | None:
-                    # A cancel that came as the function answered: no retry. Requeued over it, the
-                    # request showed IN_QUEUE until its backoff ended, up to 10 minutes with a
-                    # Retry-After (found by a race review).
-                    nonlocal cancel_requested
-                    cancel_requested = record.cancel_requested
-                    return None if cancel_requested else record.requeued(reason, ran_s)
-
-                requeued = await self._update(request, attempt, requeue, call.record)
-                if requeued is not None:
-                    retrying = f"attempt {attempt}: {reason}; retrying in {delay:.1f} s"
-                    log.info("request %s %s", request.request_id, retrying)
-                    await self._s.logs.write(request.request_id, retrying, level="WARN")
-                    await self._s.events.publish(requeued.record)
-                    await count(self._s.conn, request.function, "retried")
-                    return Settle("nak", delay)
-                if not cancel_requested:
-                    return await self._superseded(request, function)
-                outcome: tuple[ErrorType, str] = (ErrorType.CANCELLED, _CANCELLED_RUNNING)
-            else:
-                outcome = (ErrorType.RUNNER_UNAVAILABLE, f"gave up after {_attempts_made(attempt, base)}: {exc}")
+            retried = await self._after_retryable(
+                request, function, exc, call=call, attempt=attempt, allowed=allowed, ran_s=ran_s
+            )
+            if isinstance(retried, Settle):
+                return retried
             recorded = await self._complete(
-                request, function, None, *outcome, attempt=attempt, current=call.record, ran_s=ran_s
+                request, function, None, *retried, attempt=attempt, current=call.record, ran_s=ran_s
             )
         except PermanentDelivery as exc:
             failure, ran_s = ErrorType(exc.error_type), time.monotonic() - began
@@ -435,6 +419,51 @@ class RequestHandler:
                 request, function, answer, error_type, error, attempt=attempt, current=call.record
             )
         return ACK if recorded else await self._superseded(request, function)
+
+    async def _after_retryable(
+        self,
+        request: QueuedRequest,
+        function: Function,
+        exc: RetryableDelivery,
+        *,
+        call: _Call,
+        attempt: int,
+        allowed: int,
+        ran_s: float,
+    ) -> Settle | tuple[ErrorType, str]:
+        """After an attempt that failed in a way that is retried: the request re-queued (its
+        settlement), or the outcome it completes with."""
+        base = call.record.record.attempt_base if call.record else 0  # each run counts and backs off afresh
+        if request.start_deadline is not None and utcnow() >= request.start_deadline and not call.aborted:
+            # No retry may start: re-queued, it waited out its backoff, up to 10 minutes with a
+            # Retry-After, before it completed so (found by an audit). A cancel that came meanwhile
+            # is taken below, as without a deadline.
+            return ErrorType.REQUEST_TIMEOUT, start_deadline_passed_during(attempt, exc)
+        if attempt >= allowed:
+            return ErrorType.RUNNER_UNAVAILABLE, f"gave up after {_attempts_made(attempt, base)}: {exc}"
+        reason = str(exc)
+        delay = backoff_s(attempt - base, self._retry, exc.retry_after_s, self._rng)
+        cancel_requested = False
+
+        def requeue(record: StatusRecord) -> StatusRecord | None:
+            # A cancel that came as the function answered: no retry. Requeued over it, the
+            # request showed IN_QUEUE until its backoff ended, up to 10 minutes with a
+            # Retry-After (found by a race review).
+            nonlocal cancel_requested
+            cancel_requested = record.cancel_requested
+            return None if cancel_requested else record.requeued(reason, ran_s)
+
+        requeued = await self._update(request, attempt, requeue, call.record)
+        if requeued is not None:
+            retrying = f"attempt {attempt}: {reason}; retrying in {delay:.1f} s"
+            log.info("request %s %s", request.request_id, retrying)
+            await self._s.logs.write(request.request_id, retrying, level="WARN")
+            await self._s.events.publish(requeued.record)
+            await count(self._s.conn, request.function, "retried")
+            return Settle("nak", delay)
+        if not cancel_requested:
+            return await self._superseded(request, function)
+        return ErrorType.CANCELLED, _CANCELLED_RUNNING
 
     async def _invoke(self, function: Function, request: QueuedRequest, call: _Call, attempt: int) -> FunctionAnswer:
         """Invoke the function; a cancel signal aborts the call (`Aborted`)."""
