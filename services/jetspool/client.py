@@ -620,6 +620,8 @@ class Client:
                             yield status
                             quiet.heard()
             except (httpx.ReadTimeout, _Reopen):
+                if resume.done:
+                    return
                 quiet.check()  # else news came, or a keep-alive: opened again with what is left
                 continue
             except httpx.TransportError as exc:
@@ -743,6 +745,8 @@ class AsyncClient:
                             yield status
                             quiet.heard()
             except (httpx.ReadTimeout, _Reopen):
+                if resume.done:
+                    return
                 quiet.check()  # as in `Client.events`
                 continue
             except httpx.TransportError as exc:
